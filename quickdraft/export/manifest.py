@@ -1,0 +1,84 @@
+"""The quickdraft manifest: what the ORT backend needs to know about an exported graph.
+
+Written by the exporter next to each ONNX model as ``quickdraft.json``; read by the
+backend instead of guessing from input names. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "ModelManifest", "load_manifest"]
+
+MANIFEST_NAME = "quickdraft.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ModelManifest:
+    """Facts about one exported decoder graph."""
+
+    architecture: str  # Hugging Face model_type, e.g. "llama", "qwen2", "gpt2"
+    num_layers: int  # decoder layers (one past key and value per layer)
+    num_attention_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (GQA when fewer than num_attention_heads)
+    head_dim: int  # size of one attention head
+    hidden_size: int  # model width
+    vocab_size: int  # rows of the LM head = columns of the logits
+    max_length: int  # longest sequence the model was configured for (max positions)
+    dtype: str  # "fp32", "fp16" or "bf16": the dtype of the KV cache and logits
+    kv_layout: str  # "bnsh": past/present are [batch, kv_heads, seq, head_dim]
+    kv_cache: str  # "dynamic" (optimum: present grows) or "static" (preallocated buffer)
+    model_file: str  # the ONNX file inside the folder, e.g. "model.onnx"
+    input_names: list[str]  # graph inputs in order
+    output_names: list[str]  # graph outputs in order
+    past_key_template: str  # input name of layer i's past key, with "{i}"
+    past_value_template: str  # input name of layer i's past value, with "{i}"
+    present_key_template: str  # output name of layer i's present key, with "{i}"
+    present_value_template: str  # output name of layer i's present value, with "{i}"
+    has_position_ids: bool  # whether position_ids is a graph input
+    has_attention_mask: bool  # whether attention_mask is a graph input
+    bos_token_id: int | None = None  # from the model config, if any
+    eos_token_id: int | None = None  # from the model config, if any
+    versions: dict[str, str] = field(default_factory=dict)  # packages used to export
+    validation: dict = field(default_factory=dict)  # max |logit diff| etc. measured at export
+    manifest_version: int = MANIFEST_VERSION  # format version of this file
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def load_manifest(folder: str | Path) -> ModelManifest:
+    """Read ``folder/quickdraft.json``, with clear errors for missing or foreign files."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {folder} is not a quickdraft export. "
+            "Create one with `quickdraft export --target ... --draft ... --out ...`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export the model") from e
+    version = data.get("manifest_version")
+    if version != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path} has manifest_version {version}, this quickdraft reads {MANIFEST_VERSION}; "
+            "re-export the model with this version"
+        )
+    known = {f.name for f in fields(ModelManifest)}
+    missing = [
+        f.name
+        for f in fields(ModelManifest)
+        if f.name not in data and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; re-export the model")
+    return ModelManifest(**{k: v for k, v in data.items() if k in known})

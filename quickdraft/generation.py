@@ -1,0 +1,298 @@
+"""Autoregressive and speculative generation over any :class:`~quickdraft.protocols.LanguageModel`.
+
+NumPy only. The reference models and the ONNX Runtime models both plug in here; the
+acceptance rule itself lives in :mod:`quickdraft.verification`.
+
+One speculative iteration (:func:`speculative_step`) is a pure function of the model
+states and its uniforms; :func:`speculative_generate` draws the uniforms from a
+``numpy.random.Generator`` and does the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quickdraft.protocols import Candidates, DecodeState, LanguageModel, advance
+from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token
+from quickdraft.theory import alpha_from_acceptances, beta
+from quickdraft.verification import verify
+
+__all__ = [
+    "GenerationStats",
+    "GenerationResult",
+    "StepResult",
+    "ModelDrafter",
+    "speculative_step",
+    "speculative_generate",
+    "speculative_stream",
+    "autoregressive_generate",
+    "check_pair",
+]
+
+
+@dataclass
+class GenerationStats:
+    """What happened during one generation."""
+
+    gamma: int = 0  # draft tokens per iteration (0 for autoregressive decoding)
+    new_tokens: int = 0  # tokens returned (after truncation at max_new_tokens / EOS)
+    iterations: int = 0  # speculative iterations (or autoregressive steps)
+    target_calls: int = 0  # target forward calls (prefill included)
+    draft_calls: int = 0  # draft forward calls (prefill included)
+    accepted_per_iteration: list[int] = field(default_factory=list)  # n of each iteration
+    beta_per_position: list[float] = field(default_factory=list)  # beta at each reached draft position
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens over proposed draft tokens."""
+        proposed = self.gamma * len(self.accepted_per_iteration)
+        return sum(self.accepted_per_iteration) / proposed if proposed else float("nan")
+
+    @property
+    def alpha(self) -> float:
+        """Empirical alpha: the mean beta over the draft positions the target reached."""
+        b = self.beta_per_position
+        return float(np.mean(b)) if b else float("nan")
+
+    @property
+    def alpha_mle(self) -> float:
+        """alpha estimated from the accepted counts alone (i.i.d. assumption)."""
+        if not self.accepted_per_iteration:
+            return float("nan")
+        return alpha_from_acceptances(self.accepted_per_iteration, self.gamma)
+
+    @property
+    def tokens_per_iteration(self) -> float:
+        """Mean tokens emitted per iteration (compare with Eq. 1)."""
+        n = self.accepted_per_iteration
+        return (sum(n) + len(n)) / len(n) if n else float("nan")
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+    def as_dict(self) -> dict:
+        return {
+            "gamma": self.gamma,
+            "new_tokens": self.new_tokens,
+            "iterations": self.iterations,
+            "target_calls": self.target_calls,
+            "draft_calls": self.draft_calls,
+            "acceptance_rate": self.acceptance_rate,
+            "alpha": self.alpha,
+            "tokens_per_iteration": self.tokens_per_iteration,
+            "tokens_per_target_call": self.tokens_per_target_call,
+            "accepted_per_iteration": list(self.accepted_per_iteration),
+        }
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # the new tokens (prompt excluded)
+    stats: GenerationStats
+
+
+@dataclass
+class StepResult:
+    """One speculative iteration."""
+
+    tokens: list[int]  # accepted draft tokens followed by the recovered or bonus token
+    n_accepted: int  # n in 0..gamma
+    betas: list[float]  # beta at draft positions 0..min(n, gamma - 1)
+    draft_calls: int  # draft forward calls spent proposing
+
+
+class ModelDrafter:
+    """A :class:`~quickdraft.protocols.Drafter` that samples from a draft model q."""
+
+    def __init__(self, model: LanguageModel, sampling: SamplingConfig = SamplingConfig()):
+        self.model = model
+        self.sampling = sampling
+        self.state: DecodeState = model.new_state()
+
+    def get_candidates(self, ids: Sequence[int], gamma: int, uniforms: np.ndarray) -> Candidates:
+        logits = advance(self.state, ids)[-1]  # [V]
+        tokens, probs = [], []
+        calls = 1
+        for i in range(gamma):
+            q = adjust_logits(logits, self.sampling)  # [V]
+            x = sample_token(q, float(uniforms[i]))
+            tokens.append(x)
+            probs.append(q)
+            if i + 1 < gamma:
+                logits = self.state.append([x])[-1]  # [V]
+                calls += 1
+        return Candidates(np.asarray(tokens, dtype=np.int64), np.stack(probs), model_calls=calls)
+
+    def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
+        """Fixed gamma: nothing to learn. Rejected tokens are rewound lazily."""
+
+
+def check_pair(target: LanguageModel, draft: LanguageModel) -> None:
+    """Refuse a draft whose vocabulary differs from the target's."""
+    if target.vocab_size != draft.vocab_size:
+        raise ValueError(
+            f"draft vocabulary ({draft.vocab_size}) differs from the target's "
+            f"({target.vocab_size}); speculative decoding needs one shared tokenizer"
+        )
+
+
+def _check_request(model: LanguageModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = model.vocab_size
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    limit = model.max_length
+    if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"the model's context of {limit} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
+def speculative_step(
+    target: DecodeState,
+    drafter,
+    ids: Sequence[int],
+    gamma: int,
+    sampling: SamplingConfig,
+    draft_uniforms: np.ndarray,
+    accept_uniforms: np.ndarray,
+    sample_uniform: float,
+    *,
+    lenience: float = 1.0,
+) -> StepResult:
+    """One iteration of Algorithm 1: draft gamma tokens, score them in one target call,
+    verify, and return the output tokens. Pure given the states and uniforms."""
+    cand = drafter.get_candidates(ids, gamma, draft_uniforms)
+    logits = advance(target, list(ids) + cand.tokens.tolist())[-(gamma + 1) :]  # [gamma + 1, V]
+    p = adjust_logits(logits, sampling)  # [gamma + 1, V]
+    n, token = verify(p, cand.probs, cand.tokens, accept_uniforms, sample_uniform, lenience=lenience)
+    reached = min(n + 1, gamma)
+    betas = beta(p[:reached], cand.probs[:reached]).tolist()  # [reached]
+    return StepResult(cand.tokens[:n].tolist() + [token], n, betas, cand.model_calls)
+
+
+def speculative_stream(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompt_ids: Sequence[int],
+    *,
+    gamma: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: np.random.Generator,
+    eos_id: int | None = None,
+    drafter=None,
+    lenience: float = 1.0,
+    stats: GenerationStats | None = None,
+) -> Iterator[list[int]]:
+    """Yield the new tokens of each iteration as soon as they are verified.
+
+    Pass either a draft model (wrapped in :class:`ModelDrafter`) or any ``drafter``.
+    ``stats`` (if given) is filled in as generation proceeds.
+    """
+    if int(gamma) != gamma or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
+    _check_request(target, prompt_ids, max_new_tokens)
+    if drafter is None:
+        if draft is None:
+            raise ValueError("give a draft model or a drafter")
+        check_pair(target, draft)
+        drafter = ModelDrafter(draft, sampling)
+    stats = stats if stats is not None else GenerationStats()
+    stats.gamma = gamma
+    state = target.new_state()
+    ids = list(prompt_ids)
+    produced = 0
+    while produced < max_new_tokens:
+        remaining = max_new_tokens - produced
+        g = max(1, min(gamma, remaining - 1))  # never draft past what is needed
+        u = rng.random(2 * g + 1)  # [2 g + 1] draft, accept and sample uniforms
+        step = speculative_step(
+            state, drafter, ids, g, sampling, u[:g], u[g : 2 * g], float(u[2 * g]),
+            lenience=lenience,
+        )
+        stats.iterations += 1
+        stats.target_calls += 1
+        stats.draft_calls += step.draft_calls
+        stats.accepted_per_iteration.append(step.n_accepted)
+        stats.beta_per_position.extend(step.betas)
+        out = step.tokens[:remaining]
+        if eos_id is not None and eos_id in out:
+            out = out[: out.index(eos_id) + 1]
+        ids.extend(out)
+        produced += len(out)
+        stats.new_tokens = produced
+        drafter.update_candidate_strategy(ids, step.n_accepted)
+        yield out
+        if eos_id is not None and out[-1] == eos_id:
+            break
+
+
+def speculative_generate(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompt_ids: Sequence[int],
+    *,
+    gamma: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: np.random.Generator,
+    eos_id: int | None = None,
+    drafter=None,
+    lenience: float = 1.0,
+) -> GenerationResult:
+    """Speculative sampling (Algorithm 1): the output follows the target's distribution.
+
+    Returns the new tokens and :class:`GenerationStats` (accepted per iteration, beta per
+    position, target and draft calls). ``lenience < 1`` is the lossy rule of appendix A.5.
+    """
+    stats = GenerationStats()
+    tokens: list[int] = []
+    for piece in speculative_stream(
+        target, draft, prompt_ids, gamma=gamma, max_new_tokens=max_new_tokens,
+        sampling=sampling, rng=rng, eos_id=eos_id, drafter=drafter, lenience=lenience,
+        stats=stats,
+    ):
+        tokens.extend(piece)
+    return GenerationResult(tokens, stats)
+
+
+def autoregressive_generate(
+    model: LanguageModel,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: np.random.Generator,
+    eos_id: int | None = None,
+) -> GenerationResult:
+    """The baseline: one model call per token, each token drawn by inverse CDF."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
+    _check_request(model, prompt_ids, max_new_tokens)
+    state = model.new_state()
+    ids = list(prompt_ids)
+    stats = GenerationStats()
+    tokens: list[int] = []
+    logits = state.append(ids)[-1]  # [V]
+    stats.target_calls = 1
+    while True:
+        token = sample_token(adjust_logits(logits, sampling), float(rng.random()))
+        tokens.append(token)
+        stats.iterations += 1
+        if len(tokens) >= max_new_tokens or token == eos_id:
+            break
+        logits = state.append([token])[-1]  # [V]
+        stats.target_calls += 1
+    stats.new_tokens = len(tokens)
+    return GenerationResult(tokens, stats)

@@ -1,0 +1,96 @@
+"""The small protocols every model, drafter and runtime in quickdraft speaks.
+
+A model is used through a :class:`DecodeState`, a cache with an explicit lifecycle:
+``append`` tokens (getting the next-token logits after each of them) and ``rewind`` to a
+shorter length after a rejection. The NumPy reference and the ONNX Runtime backend both
+implement it, so the same generation code drives both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["DecodeState", "LanguageModel", "Candidates", "Drafter", "advance"]
+
+
+@runtime_checkable
+class DecodeState(Protocol):
+    """An incremental (KV-cache style) view of a model over one growing sequence."""
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids consumed so far (a copy)."""
+        ...
+
+    def append(self, tokens: Sequence[int]) -> np.ndarray:
+        """Consume ``tokens``; return logits [len(tokens), V], row t predicting token t + 1."""
+        ...
+
+    def rewind(self, length: int) -> None:
+        """Forget everything after the first ``length`` consumed tokens."""
+        ...
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """Anything that gives next-token logits for a prefix, incrementally."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence the model accepts (None: unbounded)."""
+        ...
+
+    def new_state(self) -> DecodeState: ...
+
+
+@dataclass
+class Candidates:
+    """What a drafter proposes for one speculative iteration."""
+
+    tokens: np.ndarray  # [gamma] int64 proposed token ids
+    probs: np.ndarray  # [gamma, V] q at each proposed position (after sampling adjustments)
+    model_calls: int = 0  # draft forward calls spent on this proposal
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens; told afterwards how many were accepted.
+
+    Two methods, after Hugging Face's candidate generators: ``get_candidates`` and
+    ``update_candidate_strategy``.
+    """
+
+    def get_candidates(
+        self, ids: Sequence[int], gamma: int, uniforms: np.ndarray
+    ) -> Candidates:
+        """Propose ``gamma`` tokens continuing ``ids``, one uniform in [0, 1) per token."""
+        ...
+
+    def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
+        """Learn from the last iteration (``ids`` now includes its output)."""
+        ...
+
+
+def advance(state: DecodeState, ids: Sequence[int]) -> np.ndarray:
+    """Bring ``state`` to exactly ``ids`` and return the logits of the tokens it appended.
+
+    Keeps the longest common prefix already consumed (but always re-appends at least the
+    last token, whose logits the caller needs), rewinds past any divergence and appends
+    the rest. Returns logits [k, V] for the k appended tokens; row -1 predicts the token
+    after ``ids``.
+    """
+    if len(ids) == 0:
+        raise ValueError("cannot advance a model to an empty sequence: the prompt is empty")
+    have = state.tokens
+    limit = min(len(have), len(ids) - 1)
+    common = 0
+    while common < limit and have[common] == ids[common]:
+        common += 1
+    state.rewind(common)
+    return state.append(list(ids[common:]))

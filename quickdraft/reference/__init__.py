@@ -1,0 +1,26 @@
+"""The NumPy reference: speculative sampling and its baseline on tiny models.
+
+Everything here imports only NumPy, so it can be read top to bottom to learn the method.
+"""
+
+from quickdraft.generation import (
+    GenerationResult,
+    GenerationStats,
+    ModelDrafter,
+    autoregressive_generate,
+    speculative_generate,
+    speculative_step,
+)
+from quickdraft.reference.models import CharTokenizer, NgramModel, TableModel
+
+__all__ = [
+    "GenerationResult",
+    "GenerationStats",
+    "ModelDrafter",
+    "autoregressive_generate",
+    "speculative_generate",
+    "speculative_step",
+    "CharTokenizer",
+    "NgramModel",
+    "TableModel",
+]

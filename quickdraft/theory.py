@@ -1,0 +1,121 @@
+"""The analysis of Leviathan et al. (2023), section 3, as small functions.
+
+alpha is the expected acceptance rate E[beta], beta = sum_x min(p(x), q(x)); gamma the
+number of draft tokens per iteration; c the cost of one draft call relative to one
+target call; c_hat the ratio of arithmetic operations per token (draft over target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "beta",
+    "alpha_from_distributions",
+    "alpha_from_acceptances",
+    "expected_tokens",
+    "walltime_improvement",
+    "best_gamma",
+    "operations_factor",
+    "improvement_lower_bound",
+    "lenient_alpha",
+]
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _check_gamma(gamma: int) -> None:
+    if int(gamma) != gamma or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+
+
+def beta(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Acceptance probability of one draft token: sum_x min(p(x), q(x)).
+
+    p, q [..., V] -> [...]. Equals 1 - TV(p, q) (paper, Definition 3.2 and Lemma 3.3).
+    """
+    return np.minimum(np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)).sum(-1)
+
+
+def alpha_from_distributions(p: np.ndarray, q: np.ndarray) -> float:
+    """alpha = E[beta] estimated as the mean beta over rows p, q [N, V]."""
+    return float(np.mean(beta(p, q)))
+
+
+def alpha_from_acceptances(accepted_per_iteration: Sequence[int], gamma: int) -> float:
+    """Maximum-likelihood alpha from accepted counts, assuming i.i.d. beta = alpha.
+
+    An iteration that accepted n < gamma tokens saw n successes and one failure; one that
+    accepted all gamma saw gamma successes. alpha = successes / trials.
+    """
+    _check_gamma(gamma)
+    n = np.asarray(accepted_per_iteration, dtype=np.int64)  # [iterations]
+    if n.size == 0:
+        raise ValueError("no iterations to estimate alpha from")
+    if np.any(n < 0) or np.any(n > gamma):
+        raise ValueError(f"accepted counts must be in [0, {gamma}]")
+    trials = n.sum() + np.sum(n < gamma)
+    return float(n.sum() / trials)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Expected tokens per iteration, Eq. (1): (1 - alpha^(gamma + 1)) / (1 - alpha)."""
+    _check_alpha(alpha)
+    _check_gamma(gamma)
+    if alpha == 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def walltime_improvement(alpha: float, gamma: int, c: float) -> float:
+    """Expected walltime improvement over autoregressive decoding, Theorem 3.8.
+
+    (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + 1)).
+    """
+    if c < 0:
+        raise ValueError(f"c must be >= 0, got {c}")
+    return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
+
+
+def best_gamma(alpha: float, c: float, max_gamma: int = 64) -> int:
+    """The integer gamma in [1, max_gamma] that maximises :func:`walltime_improvement`."""
+    _check_gamma(max_gamma)
+    gammas = range(1, max_gamma + 1)
+    return max(gammas, key=lambda g: walltime_improvement(alpha, g, c))
+
+
+def operations_factor(alpha: float, gamma: int, c_hat: float = 0.0) -> float:
+    """Expected factor of extra arithmetic operations, Theorem 3.11.
+
+    (1 - alpha)(gamma c_hat + gamma + 1) / (1 - alpha^(gamma + 1)).
+    """
+    if c_hat < 0:
+        raise ValueError(f"c_hat must be >= 0, got {c_hat}")
+    return (gamma * c_hat + gamma + 1.0) / expected_tokens(alpha, gamma)
+
+
+def improvement_lower_bound(alpha: float, c: float) -> float:
+    """(1 + alpha) / (1 + c): the improvement gamma = 1 already guarantees (Corollary 3.9).
+
+    Speculative decoding helps whenever alpha > c.
+    """
+    _check_alpha(alpha)
+    return (1.0 + alpha) / (1.0 + c)
+
+
+def lenient_alpha(p: np.ndarray, q: np.ndarray, lenience: float) -> np.ndarray:
+    """Acceptance rate of the lossy rule with lenience l (appendix A.5).
+
+    A draft token x ~ q is accepted with probability min(1, p(x) / (l q(x))), so
+    beta_l = sum_x min(q(x), p(x) / l). p, q [..., V] -> [...]; l = 1 gives :func:`beta`.
+    """
+    if not 0.0 < lenience <= 1.0:
+        raise ValueError(f"lenience must be in (0, 1], got {lenience}")
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    return np.minimum(q, p / lenience).sum(-1)

@@ -1,0 +1,227 @@
+"""The acceptance rule of speculative sampling (Leviathan et al., 2023, Algorithm 1).
+
+This module is the only implementation of the rule in quickdraft: the NumPy reference
+and the ONNX Runtime backend both call :func:`verify` (or its batched form), so the fast
+path and the reference cannot disagree.
+
+Notation follows the paper: ``p`` is the target distribution, ``q`` the draft
+distribution, ``gamma`` the number of draft tokens, ``n`` the number accepted.
+Every random choice enters as a uniform in ``[0, 1)``, so the functions here are pure
+and deterministic: the same inputs and uniforms give the same decision on any backend.
+
+Output tokens are called *accepted* (draft tokens kept), *recovered* (resampled from
+``norm(max(0, p_n - q_n))`` after a rejection) and *bonus* (sampled from ``p_gamma`` when
+every draft token was accepted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "PROB_SUM_ATOL",
+    "verify",
+    "verify_batch",
+    "residual_distribution",
+    "inverse_cdf",
+]
+
+# How far a probability row may sum from 1 before it is refused.
+PROB_SUM_ATOL = 1e-4
+# Residual masses at or below this are treated as zero (p == q up to rounding).
+RESIDUAL_EPS = 1e-12
+
+
+def _check_probs(name: str, probs: np.ndarray) -> None:
+    if not np.all(np.isfinite(probs)):
+        raise ValueError(
+            f"{name} contains NaN or infinite values; check the model's logits "
+            "(a NaN logit usually means an fp16 overflow in the model)"
+        )
+    if np.any(probs < 0):
+        raise ValueError(f"{name} has negative entries; pass probabilities, not logits")
+    sums = probs.sum(axis=-1)
+    if np.any(np.abs(sums - 1.0) > PROB_SUM_ATOL):
+        worst = float(sums.flat[np.argmax(np.abs(sums - 1.0))])
+        raise ValueError(
+            f"{name} rows must sum to 1 (within {PROB_SUM_ATOL}); one sums to {worst:.6g}. "
+            "Apply softmax (quickdraft.sampling.adjust_logits) before verification"
+        )
+
+
+def _check_uniforms(name: str, u: np.ndarray) -> None:
+    if not np.all(np.isfinite(u)) or np.any(u < 0) or np.any(u >= 1):
+        raise ValueError(f"{name} must be finite and in [0, 1)")
+
+
+def inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Sample indices by inverse CDF from unnormalised non-negative ``weights``.
+
+    weights [B, V] with a positive sum per row; u [B] in [0, 1)  ->  [B] int64.
+    The token chosen is the first whose cumulative weight exceeds ``u * total``; it always
+    has positive weight, also when rounding puts ``u * total`` on the last step.
+    """
+    cdf = np.cumsum(weights, axis=-1)  # [B, V]
+    total = cdf[:, -1]  # [B]
+    idx = np.sum(cdf <= (u * total)[:, None], axis=-1)  # [B]
+    last_positive = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)  # [B]
+    return np.minimum(idx, last_positive).astype(np.int64)
+
+
+def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """norm(max(0, p - q)) row-wise, falling back to ``p`` where the residual is zero.
+
+    p, q [..., V] -> [..., V]. The residual is empty only when p == q (up to rounding),
+    and then a rejection has probability zero; the fallback keeps the result finite.
+    """
+    r = np.maximum(p - q, 0.0)  # [..., V]
+    total = r.sum(axis=-1, keepdims=True)  # [..., 1]
+    empty = total <= RESIDUAL_EPS
+    safe_total = np.where(empty, 1.0, total)
+    return np.where(empty, p, r / safe_total)
+
+
+def verify_batch(
+    target_probs: np.ndarray,
+    draft_probs: np.ndarray,
+    draft_tokens: np.ndarray,
+    accept_uniforms: np.ndarray,
+    sample_uniforms: np.ndarray,
+    *,
+    lenience: float = 1.0,
+    validate: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batched :func:`verify`: B independent verifications at once.
+
+    Args:
+        target_probs: [B, gamma + 1, V] p at each draft position and one more.
+        draft_probs: [B, gamma, V] q at each draft position.
+        draft_tokens: [B, gamma] tokens the draft proposed.
+        accept_uniforms: [B, gamma] u_i in [0, 1).
+        sample_uniforms: [B] uniform in [0, 1) for the recovered or bonus token.
+        lenience: l in (0, 1]. 1 is exact speculative sampling. Below 1 the rule is
+            LOSSY (paper appendix A.5): token i is accepted while u_i < p_i(x) / (l q_i(x))
+            and a rejection resamples from norm(max(0, p - l q)); the output no longer
+            follows p.
+        validate: check shapes, probabilities, token ids and uniforms first.
+
+    Returns:
+        n [B] accepted draft tokens (0..gamma) and next_token [B]: the recovered token
+        when n < gamma, else the bonus token.
+    """
+    p = np.asarray(target_probs, dtype=np.float64)  # [B, gamma + 1, V]
+    q = np.asarray(draft_probs, dtype=np.float64)  # [B, gamma, V]
+    x = np.asarray(draft_tokens)  # [B, gamma]
+    u = np.asarray(accept_uniforms, dtype=np.float64)  # [B, gamma]
+    s = np.asarray(sample_uniforms, dtype=np.float64)  # [B]
+    if validate:
+        _validate(p, q, x, u, s, lenience)
+    x = x.astype(np.int64)
+    batch, gamma = x.shape
+    b = np.arange(batch)[:, None]  # [B, 1]
+    i = np.arange(gamma)[None, :]  # [1, gamma]
+    p_x = p[b, i, x]  # [B, gamma]
+    q_x = q[b, i, x]  # [B, gamma]
+    if validate and np.any(q_x <= 0):
+        raise ValueError(
+            "a draft token has zero probability under draft_probs; draft_tokens must be "
+            "sampled from (or be supported by) the draft distribution"
+        )
+    accepted = u * (lenience * q_x) < p_x  # [B, gamma]   u < p / (l q) without a division
+    n = np.where(accepted.all(axis=-1), gamma, np.argmin(accepted, axis=-1))  # [B]
+    # q padded with a zero row at position gamma: the residual there is p_gamma (bonus).
+    q_pad = np.concatenate([q, np.zeros_like(p[:, :1])], axis=1)  # [B, gamma + 1, V]
+    p_n = p[np.arange(batch), n]  # [B, V]
+    q_n = q_pad[np.arange(batch), n]  # [B, V]
+    weights = residual_distribution(p_n, lenience * q_n)  # [B, V]
+    next_token = inverse_cdf(weights, s)  # [B]
+    return n.astype(np.int64), next_token
+
+
+def verify(
+    target_probs: np.ndarray,
+    draft_probs: np.ndarray,
+    draft_tokens: np.ndarray,
+    accept_uniforms: np.ndarray,
+    sample_uniform: float,
+    *,
+    lenience: float = 1.0,
+    validate: bool = True,
+) -> tuple[int, int]:
+    """Decide how many draft tokens to accept and which token comes next.
+
+    Args:
+        target_probs: [gamma + 1, V] p at each draft position and one more, already
+            adjusted by the sampling settings (temperature, top-k, top-p).
+        draft_probs: [gamma, V] q at each draft position, adjusted the same way.
+        draft_tokens: [gamma] the tokens the draft sampled from q.
+        accept_uniforms: [gamma] u_i in [0, 1): token i is accepted while
+            u_i < p_i(x_i) / q_i(x_i).
+        sample_uniform: float in [0, 1): inverse-CDF draw of the recovered token from
+            norm(max(0, p_n - q_n)) when n < gamma, or of the bonus token from p_gamma
+            when every draft token was accepted.
+        lenience: 1 (exact). Values below 1 select the lossy rule of appendix A.5.
+        validate: check the inputs first (raises ``ValueError`` on bad input).
+
+    Returns:
+        (n, next_token): the number of accepted draft tokens and the recovered or bonus
+        token. The output of the iteration is ``draft_tokens[:n] + [next_token]``.
+
+    Greedy decoding is this rule on one-hot (argmax) distributions: it accepts exactly
+    the draft tokens equal to the target's argmax and then emits the target's argmax.
+    """
+    p = np.asarray(target_probs)
+    q = np.asarray(draft_probs)
+    x = np.asarray(draft_tokens)
+    u = np.asarray(accept_uniforms)
+    if p.ndim != 2 or q.ndim != 2 or x.ndim != 1 or u.ndim != 1:
+        raise ValueError(
+            "verify expects target_probs [gamma + 1, V], draft_probs [gamma, V], "
+            f"draft_tokens [gamma], accept_uniforms [gamma]; got shapes {p.shape}, "
+            f"{q.shape}, {x.shape}, {u.shape} (use verify_batch for batches)"
+        )
+    n, token = verify_batch(
+        p[None],
+        q[None],
+        x[None],
+        u[None],
+        np.asarray([sample_uniform], dtype=np.float64),
+        lenience=lenience,
+        validate=validate,
+    )
+    return int(n[0]), int(token[0])
+
+
+def _validate(p, q, x, u, s, lenience) -> None:
+    if p.ndim != 3 or q.ndim != 3 or x.ndim != 2 or u.ndim != 2 or s.ndim != 1:
+        raise ValueError(
+            "verify_batch expects target_probs [B, gamma + 1, V], draft_probs [B, gamma, V], "
+            "draft_tokens [B, gamma], accept_uniforms [B, gamma], sample_uniforms [B]; got "
+            f"{p.shape}, {q.shape}, {x.shape}, {u.shape}, {s.shape}"
+        )
+    batch, gamma = x.shape
+    vocab = p.shape[-1]
+    if gamma < 1:
+        raise ValueError("gamma must be at least 1 (no draft tokens to verify)")
+    if p.shape != (batch, gamma + 1, vocab):
+        raise ValueError(
+            f"target_probs must have shape [B, gamma + 1, V] = {(batch, gamma + 1, vocab)}, "
+            f"got {p.shape}: the target scores every draft position and one more"
+        )
+    if q.shape != (batch, gamma, vocab):
+        raise ValueError(
+            f"draft_probs must have shape [B, gamma, V] = {(batch, gamma, vocab)}, got {q.shape}; "
+            "a different last dimension means the draft and target vocabularies differ"
+        )
+    if u.shape != (batch, gamma) or s.shape != (batch,):
+        raise ValueError("need one accept uniform per draft token and one sample uniform")
+    if not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"draft_tokens must be integer token ids, got dtype {x.dtype}")
+    if np.any(x < 0) or np.any(x >= vocab):
+        raise ValueError(f"draft_tokens must be in [0, {vocab}), got {x.min()}..{x.max()}")
+    _check_probs("target_probs", p)
+    _check_probs("draft_probs", q)
+    _check_uniforms("accept_uniforms", u)
+    _check_uniforms("sample_uniform", s)
+    if not (0.0 < lenience <= 1.0):
+        raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
