@@ -30,6 +30,7 @@ __all__ = [
     "speculative_stream",
     "autoregressive_generate",
     "check_pair",
+    "draft_length",
 ]
 
 
@@ -140,6 +141,15 @@ def check_pair(target: LanguageModel, draft: LanguageModel) -> None:
         )
 
 
+def draft_length(gamma: int, remaining: int) -> int:
+    """Draft tokens to propose when ``remaining`` output tokens are still wanted.
+
+    An iteration emits at most gamma + 1 tokens, so drafting more than remaining - 1 is
+    wasted work; at least one token is always drafted.
+    """
+    return max(1, min(gamma, remaining - 1))
+
+
 def _check_request(model: LanguageModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
@@ -215,7 +225,7 @@ def speculative_stream(
     produced = 0
     while produced < max_new_tokens:
         remaining = max_new_tokens - produced
-        g = max(1, min(gamma, remaining - 1))  # never draft past what is needed
+        g = draft_length(gamma, remaining)
         u = rng.random(2 * g + 1)  # [2 g + 1] draft, accept and sample uniforms
         step = speculative_step(
             state, drafter, ids, g, sampling, u[:g], u[g : 2 * g], float(u[2 * g]),
