@@ -44,7 +44,8 @@ class GenerationStats:
     target_calls: int = 0  # target forward calls (prefill included)
     draft_calls: int = 0  # draft forward calls (prefill included)
     accepted_per_iteration: list[int] = field(default_factory=list)  # n of each iteration
-    beta_per_position: list[float] = field(default_factory=list)  # beta at each reached draft position
+    # beta at each draft position the target reached
+    beta_per_position: list[float] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -183,7 +184,8 @@ def speculative_step(
     cand = drafter.get_candidates(ids, gamma, draft_uniforms)
     logits = advance(target, list(ids) + cand.tokens.tolist())[-(gamma + 1) :]  # [gamma + 1, V]
     p = adjust_logits(logits, sampling)  # [gamma + 1, V]
-    n, token = verify(p, cand.probs, cand.tokens, accept_uniforms, sample_uniform, lenience=lenience)
+    n, token = verify(p, cand.probs, cand.tokens, accept_uniforms, sample_uniform,
+                      lenience=lenience)
     reached = min(n + 1, gamma)
     betas = beta(p[:reached], cand.probs[:reached]).tolist()  # [reached]
     return StepResult(cand.tokens[:n].tolist() + [token], n, betas, cand.model_calls)

@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from exact import exact_speculative_sequences, exact_target_sequences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exact import exact_speculative_sequences, exact_target_sequences
 from quickdraft.generation import autoregressive_generate, speculative_generate
 from quickdraft.reference import NgramModel, TableModel
 from quickdraft.sampling import SamplingConfig
@@ -85,7 +85,8 @@ def test_draft_equal_to_target_accepts_everything():
     target, _ = random_tables(6, 1, "random")
     res = speculative_generate(target, target, [0], gamma=4, max_new_tokens=50,
                                rng=np.random.default_rng(0))
-    assert res.stats.accepted_per_iteration[:-1] == [4] * (len(res.stats.accepted_per_iteration) - 1)
+    accepted = res.stats.accepted_per_iteration
+    assert accepted[:-1] == [4] * (len(accepted) - 1)
     assert res.stats.alpha == pytest.approx(1.0)
     assert res.stats.target_calls == math.ceil(50 / 5)
 

@@ -7,10 +7,10 @@ import itertools
 
 import numpy as np
 import pytest
+from exact import accept_cells, cells, sample_breakpoints
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from exact import accept_cells, cells, sample_breakpoints
 from quickdraft.verification import inverse_cdf, residual_distribution, verify, verify_batch
 
 KINDS = ["random", "equal", "disjoint", "one_hot", "sparse"]

@@ -9,9 +9,10 @@ Needs the ``export`` extra (torch, transformers, tokenizers).
 from __future__ import annotations
 
 import os
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+from quickdraft.corpus import stdlib_files, stdlib_text
 
 __all__ = ["stdlib_files", "stdlib_text", "train_tokenizer", "make_random_model", "TINY_SHAPES"]
 
@@ -22,32 +23,6 @@ TINY_SHAPES = {
     "draft": dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=64),
 }
-
-
-def stdlib_files(limit: int | None = None, skip: int = 0) -> list[Path]:
-    """Python files of the standard library, sorted by path (deterministic)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
-    )
-    files = files[skip:]
-    return files[:limit] if limit is not None else files
-
-
-def stdlib_text(max_chars: int = 2_000_000, skip_files: int = 0) -> str:
-    """Concatenated standard-library sources, up to ``max_chars`` characters."""
-    parts, size = [], 0
-    for path in stdlib_files(skip=skip_files):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        parts.append(text)
-        size += len(text)
-        if size >= max_chars:
-            break
-    return "\n".join(parts)[:max_chars]
 
 
 def _chunks(text: str, size: int = 4096) -> Iterator[str]:

@@ -1,0 +1,99 @@
+"""The analysis of section 3: the paper's Table 1, the expected column of its T5 results,
+and the relations between the quantities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quickdraft import theory
+from quickdraft.cli import main
+
+# Table 1 (alpha, gamma -> operations, speed), computed with c = c_hat = 0
+TABLE_1 = [
+    (0.6, 2, 1.53, 1.96),
+    (0.7, 3, 1.58, 2.53),
+    (0.8, 2, 1.23, 2.44),
+    (0.8, 5, 1.63, 3.69),
+    (0.9, 2, 1.11, 2.71),
+    (0.9, 10, 1.60, 6.86),
+]
+
+
+@pytest.mark.parametrize("alpha,gamma,operations,speed", TABLE_1)
+def test_table_1(alpha, gamma, operations, speed):
+    assert round(theory.operations_factor(alpha, gamma, c_hat=0.0), 2) == operations
+    assert round(theory.walltime_improvement(alpha, gamma, c=0.0), 2) == speed
+
+
+# The T5 "expected" speedup: alpha and gamma from the T5-XXL experiments, c measured per
+# draft size (T5-small 0.02, base 0.04, large 0.11). EnDe / T5-small / T=0 is 3.2X.
+C_T5 = {"small": 0.02, "base": 0.04, "large": 0.11}
+
+
+def test_t5_expected_speedup():
+    assert round(theory.walltime_improvement(0.75, 7, C_T5["small"]), 1) == 3.2
+
+
+def test_expected_tokens_edge_cases():
+    assert theory.expected_tokens(0.0, 5) == 1.0  # only the recovered token
+    assert theory.expected_tokens(1.0, 5) == 6.0  # gamma accepted + bonus
+    assert theory.expected_tokens(0.5, 1) == pytest.approx(1.5)
+
+
+@given(st.floats(0.01, 0.99), st.integers(1, 20))
+def test_expected_tokens_is_the_truncated_geometric_mean(alpha, gamma):
+    # sum over k of P(at least k + 1 tokens) = sum_{k=0..gamma} alpha^k
+    assert theory.expected_tokens(alpha, gamma) == pytest.approx(
+        sum(alpha**k for k in range(gamma + 1)))
+
+
+@given(st.floats(0.0, 0.99), st.floats(0.0, 1.0))
+def test_best_gamma_is_the_argmax_and_beats_the_bound(alpha, c):
+    g = theory.best_gamma(alpha, c, 40)
+    best = theory.walltime_improvement(alpha, g, c)
+    assert all(best >= theory.walltime_improvement(alpha, k, c) for k in range(1, 41))
+    if alpha > c:  # Corollary 3.9
+        assert best >= theory.improvement_lower_bound(alpha, c) - 1e-12
+
+
+def test_beta_and_alpha():
+    p = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    q = np.array([[0.25, 0.25, 0.5], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(theory.beta(p, q), [0.5, 0.0])
+    assert theory.alpha_from_distributions(p, q) == pytest.approx(0.25)
+    np.testing.assert_allclose(theory.lenient_alpha(p, q, 1.0), theory.beta(p, q))
+    assert np.all(theory.lenient_alpha(p, q, 0.5) >= theory.beta(p, q))
+
+
+def test_alpha_from_acceptances():
+    # 3 of gamma = 3 accepted (3 successes), 1 accepted (1 success, 1 failure)
+    assert theory.alpha_from_acceptances([3, 1], 3) == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match="accepted counts"):
+        theory.alpha_from_acceptances([4], 3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: theory.expected_tokens(1.2, 3),
+    lambda: theory.expected_tokens(0.5, 0),
+    lambda: theory.walltime_improvement(0.5, 3, -1),
+    lambda: theory.lenient_alpha(np.ones(2) / 2, np.ones(2) / 2, 0.0),
+])
+def test_bad_arguments(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_theory_cli_prints_table_1_row(capsys):
+    assert main(["theory", "--alpha", "0.8", "--c", "0", "--max-gamma", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "3.69X" in out and "1.63X" in out  # alpha 0.8, gamma 5
+    assert main(["theory", "--alpha", "1.5"]) == 1
+
+
+def test_demo_cli_runs_on_ngram_models(capsys):
+    assert main(["demo", "--max-new-tokens", "40", "--chars", "50000", "--gamma", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per target call" in out and "acceptance rate" in out
