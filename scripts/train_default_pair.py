@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Train quickdraft's bundled default draft/target pair on the Python standard library.
+
+One command reruns the whole recipe, deterministically from a fixed seed:
+
+    python scripts/train_default_pair.py                      # train + evaluate (CPU)
+    python scripts/train_default_pair.py --export             # ... and ship it as ONNX
+
+What it does:
+
+1. Corpus: the ``*.py`` files of the running interpreter's standard library
+   (``quickdraft.export.toy.stdlib_files``: sorted by path, ``test``/``tests`` folders and
+   site-packages excluded), minus ``encodings/`` (codec tables) and ``pydoc_data/`` (one
+   large generated docstring). Every 10th file of that sorted list (index % 10 == 9) is
+   held out for evaluation; the rest is training data. The corpus depends on the Python
+   version, so the summary prints it with a SHA-256 of the file list and contents.
+2. Tokenizer: a byte-level BPE (``tokenizers``) trained on the training files only;
+   ``<|endoftext|>`` (id 0) separates files and is BOS/EOS/PAD.
+3. Models: two Llama decoders (``transformers.LlamaForCausalLM``, tied embeddings), the
+   target (~4M parameters) and the draft (~0.6M), trained from the same seed on the same
+   sequence of random windows of the training token stream (AdamW, warmup + cosine).
+4. Evaluation on the held-out files: loss of each model and the acceptance rate
+   alpha = E[sum_x min(p(x), q(x))] at T=0 and T=1 (``quickdraft.theory.beta``).
+5. ``--export``: quickdraft's own exporter (``quickdraft.export.export_pair``) writes the
+   ONNX pair into ``quickdraft/models/default/`` (what the package ships).
+
+Hugging Face folders, the tokenizer and ``summary.json`` go to ``--out``
+(``runs/default_pair`` by default, git-ignored). Needs the ``export`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "runs" / "default_pair"
+SHIPPED = REPO / "quickdraft" / "models" / "default"
+EXCLUDED_DIRS = ("encodings", "pydoc_data")
+HELDOUT_EVERY = 10  # file i (in sorted order) is held out when i % 10 == 9
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+TARGET = Shape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=640)
+DRAFT = Shape(hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, intermediate_size=384)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def corpus_files() -> tuple[list[Path], list[Path], Path]:
+    """(train files, held-out files, stdlib root): deterministic, sorted by path."""
+    import sysconfig
+
+    from quickdraft.export.toy import stdlib_files
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for p in stdlib_files():
+        rel = p.relative_to(root)
+        if rel.parts[0] in EXCLUDED_DIRS:
+            continue
+        try:
+            p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        files.append(p)
+    train = [p for i, p in enumerate(files) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    heldout = [p for i, p in enumerate(files) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return train, heldout, root
+
+
+def corpus_digest(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def encode_files(tokenizer, files: list[Path]) -> list[int]:
+    """One token stream: each file's tokens followed by <|endoftext|>."""
+    eos = tokenizer.eos_token_id
+    texts = [p.read_text(encoding="utf-8") for p in files]
+    stream: list[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream.extend(enc.ids)
+        stream.append(eos)
+    return stream
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_model(shape: Shape, vocab_size: int, ctx: int, tokenizer, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=ctx,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        attention_dropout=0.0,
+        **asdict(shape),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return model
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def batches(stream, steps: int, batch: int, ctx: int, seed: int):
+    """The same random windows for every model: a seeded generator picks the offsets."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    high = len(stream) - ctx - 1
+    for _ in range(steps):
+        starts = torch.randint(0, high, (batch,), generator=g)
+        idx = starts[:, None] + torch.arange(ctx + 1)[None, :]
+        yield stream[idx]  # [batch, ctx + 1]
+
+
+def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, lr: float,
+                seed: int, device: str, log_every: int) -> dict:
+    import torch
+
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    warmup = max(1, min(100, steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    t0 = time.perf_counter()
+    smooth = None
+    for step, chunk in enumerate(batches(stream, steps, batch, ctx, seed)):
+        chunk = chunk.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        logits = model(input_ids=chunk[:, :-1]).logits  # [B, ctx, V]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - t0
+            log(f"{name} step {step + 1}/{steps} loss {value:.3f} (smoothed {smooth:.3f}) "
+                f"{elapsed:.0f}s")
+    model.eval()
+    return {"steps": steps, "final_loss_smoothed": smooth,
+            "train_seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def heldout_windows(stream, ctx: int, n: int):
+    """n evenly spaced, non-overlapping windows of ctx + 1 tokens (deterministic)."""
+    import torch
+
+    total = len(stream) // (ctx + 1)
+    n = min(n, total)
+    picks = [int(i * total / n) for i in range(n)]
+    return torch.stack([stream[k * (ctx + 1): (k + 1) * (ctx + 1)] for k in picks])
+
+
+def evaluate(target, draft, windows, device: str, batch: int = 8) -> dict:
+    """Held-out loss of both models and alpha at T=0 and T=1 over every position."""
+    import numpy as np
+    import torch
+
+    from quickdraft.sampling import SamplingConfig, adjust_logits
+    from quickdraft.theory import alpha_from_distributions
+
+    nll = {"target": [], "draft": []}
+    betas = {0.0: [], 1.0: []}
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            chunk = windows[i: i + batch].to(device)
+            inputs, labels = chunk[:, :-1], chunk[:, 1:]
+            lp = target(input_ids=inputs).logits.float()  # [B, ctx, V]
+            lq = draft(input_ids=inputs).logits.float()  # [B, ctx, V]
+            for name, lg in (("target", lp), ("draft", lq)):
+                nll[name].append(torch.nn.functional.cross_entropy(
+                    lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), reduction="none"
+                ).cpu().numpy())
+            zp = lp.reshape(-1, lp.shape[-1]).cpu().numpy()  # [B*ctx, V]
+            zq = lq.reshape(-1, lq.shape[-1]).cpu().numpy()  # [B*ctx, V]
+            for t in betas:
+                cfg = SamplingConfig(temperature=t)
+                p, q = adjust_logits(zp, cfg), adjust_logits(zq, cfg)  # [B*ctx, V]
+                betas[t].append(alpha_from_distributions(p, q) * len(zp))
+    positions = sum(len(x) for x in nll["target"])
+    out = {"positions": positions}
+    for name in nll:
+        loss = float(np.concatenate(nll[name]).mean())
+        out[f"{name}_loss"] = loss
+        out[f"{name}_ppl"] = math.exp(loss)
+    out["alpha_T0"] = float(sum(betas[0.0]) / positions)
+    out["alpha_T1"] = float(sum(betas[1.0]) / positions)
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(out: Path, dest: Path) -> dict:
+    from quickdraft.export import export_pair
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = export_pair(out / "target", out / "draft", dest)
+    sizes = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*"))
+             if p.is_file()}
+    return {"seconds": time.perf_counter() - t0, "bytes": sum(sizes.values()), "files": sizes,
+            "result": repr(result)[:2000]}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="training outputs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--ctx", type=int, default=512, help="training window (tokens)")
+    ap.add_argument("--batch", type=int, default=8, help="windows per step")
+    ap.add_argument("--target-steps", type=int, default=1000)
+    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--target-lr", type=float, default=3e-3)
+    ap.add_argument("--draft-lr", type=float, default=5e-3)
+    ap.add_argument("--eval-windows", type=int, default=64,
+                    help="held-out windows of --ctx tokens for loss and alpha")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--export", action="store_true",
+                    help=f"export the trained pair to ONNX in {SHIPPED.relative_to(REPO)}")
+    ap.add_argument("--export-only", action="store_true",
+                    help="skip training: export the pair already in --out")
+    ap.add_argument("--export-dir", type=Path, default=SHIPPED)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import numpy as np
+    import tokenizers
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quickdraft.export.toy import train_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out: Path = args.out.resolve()
+    summary_path = out / "summary.json"
+
+    if args.export_only:
+        summary = json.loads(summary_path.read_text())
+        summary["export"] = export(out, args.export_dir.resolve())
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary["export"], indent=2))
+        return 0
+
+    t_start = time.perf_counter()
+    train_files, heldout_files, root = corpus_files()
+    train_text = "\n".join(p.read_text(encoding="utf-8") for p in train_files)
+    log(f"corpus: {len(train_files)} training files ({len(train_text) / 1e6:.1f}M chars), "
+        f"{len(heldout_files)} held-out files, from {root}")
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tok_dir = out / "tokenizer"
+    tokenizer = train_tokenizer(tok_dir, vocab_size=args.vocab_size, text=train_text,
+                                model_max_length=args.ctx)
+    vocab = len(tokenizer)
+    train_stream = torch.tensor(encode_files(tokenizer, train_files), dtype=torch.long)
+    heldout_stream = torch.tensor(encode_files(tokenizer, heldout_files), dtype=torch.long)
+    log(f"tokenizer: {vocab} tokens; {len(train_stream)} training tokens "
+        f"({len(train_text) / len(train_stream):.2f} chars/token), "
+        f"{len(heldout_stream)} held-out tokens")
+
+    results = {}
+    for role, shape, steps, lr in (("target", TARGET, args.target_steps, args.target_lr),
+                                   ("draft", DRAFT, args.draft_steps, args.draft_lr)):
+        model = build_model(shape, vocab, args.ctx, tokenizer, args.seed)
+        params = count_params(model)
+        log(f"{role}: {params:,} parameters {asdict(shape)}")
+        info = train_model(role, model, train_stream, steps=steps, batch=args.batch,
+                           ctx=args.ctx, lr=lr, seed=args.seed, device=args.device,
+                           log_every=args.log_every)
+        model.to("cpu").save_pretrained(out / role, safe_serialization=True)
+        tokenizer.save_pretrained(out / role)
+        results[role] = {"parameters": params, "shape": asdict(shape), "lr": lr, **info}
+        del model
+
+    # evaluate from the saved folders (what the exporter reads), on CPU in fp32
+    target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
+    draft = AutoModelForCausalLM.from_pretrained(out / "draft").eval()
+    windows = heldout_windows(heldout_stream, args.ctx, args.eval_windows)
+    t0 = time.perf_counter()
+    ev = evaluate(target, draft, windows, "cpu")
+    log(f"held-out: target loss {ev['target_loss']:.3f}, draft loss {ev['draft_loss']:.3f}, "
+        f"alpha T=0 {ev['alpha_T0']:.3f}, alpha T=1 {ev['alpha_T1']:.3f} "
+        f"over {ev['positions']} positions ({time.perf_counter() - t0:.0f}s)")
+
+    tok_hash = hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()
+    summary = {
+        "command": "python scripts/train_default_pair.py " + " ".join(argv or sys.argv[1:]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "corpus": {
+            "python": platform.python_version(),
+            "stdlib_root": str(root),
+            "excluded_dirs": list(EXCLUDED_DIRS),
+            "heldout_rule": f"index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1} in sorted order",
+            "train_files": len(train_files),
+            "heldout_files": len(heldout_files),
+            "train_chars": len(train_text),
+            "train_tokens": len(train_stream),
+            "heldout_tokens": len(heldout_stream),
+            "sha256": corpus_digest(train_files + heldout_files, root),
+            "heldout_examples": [str(p.relative_to(root)) for p in heldout_files[:8]],
+        },
+        "tokenizer": {"vocab_size": vocab, "tokenizer_json_sha256": tok_hash},
+        "models": results,
+        "heldout": {**ev, "windows": len(windows), "ctx": args.ctx},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "tokenizers": tokenizers.__version__, "numpy": np.__version__},
+        "threads": args.threads,
+        "device": args.device,
+        "total_seconds": None,
+    }
+    if args.export:
+        summary["export"] = export(out, args.export_dir.resolve())
+        log(f"exported to {args.export_dir}: {summary['export']['bytes'] / 1e6:.2f} MB")
+    summary["total_seconds"] = time.perf_counter() - t_start
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("corpus", "tokenizer", "models", "heldout")},
+                     indent=2))
+    log(f"done in {summary['total_seconds']:.0f}s; summary in {summary_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
