@@ -42,6 +42,9 @@ class ModelManifest:
     has_attention_mask: bool  # whether attention_mask is a graph input
     bos_token_id: int | None = None  # from the model config, if any
     eos_token_id: int | None = None  # from the model config, if any
+    eos_token_ids: list[int] = field(default_factory=list)  # every EOS id of the config
+    external_data: list[str] = field(default_factory=list)  # files next to model_file with weights
+    source: str = ""  # the folder or hub id the model was exported from
     versions: dict[str, str] = field(default_factory=dict)  # packages used to export
     validation: dict = field(default_factory=dict)  # max |logit diff| etc. measured at export
     manifest_version: int = MANIFEST_VERSION  # format version of this file

@@ -1,0 +1,228 @@
+"""Checks made before any heavy work: the sources exist, are causal LMs that optimum can
+export with a KV cache, and (for a pair) share one vocabulary."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ExportError",
+    "UnsupportedModelError",
+    "VocabularyMismatchError",
+    "SourceInfo",
+    "resolve_source",
+    "check_model",
+    "check_pair",
+]
+
+TASK = "text-generation-with-past"
+
+# small files that hold the config and the tokenizer (fetched alone for a hub id)
+_LIGHT_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "*.tiktoken",
+]
+
+
+class ExportError(ValueError):
+    """A source that cannot be exported, with the reason."""
+
+
+class UnsupportedModelError(ExportError):
+    """Not a decoder-only causal LM that quickdraft can export and run."""
+
+
+class VocabularyMismatchError(ExportError):
+    """Draft and target do not share one vocabulary."""
+
+
+@dataclass
+class SourceInfo:
+    """A model source resolved to a local folder holding (at least) its config and tokenizer."""
+
+    source: str  # what the user gave: a folder or a hub id
+    folder: Path  # local folder with config.json and the tokenizer files
+    is_local: bool  # the source is a local folder (False: a hub id, weights fetched later)
+    config: object  # transformers PretrainedConfig
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """"name" or "owner/name" (what the hub accepts), not a path like ./x, /x, ~/x or a/b/c."""
+    return re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?", text) is not None
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[Path, bool]:
+    """A local folder, or the snapshot folder of a hub id with its small files fetched.
+
+    Raises FileNotFoundError for a missing folder, or a hub id that cannot be fetched
+    (offline and not cached, or no such repository).
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json: not a Hugging Face model folder"
+            )
+        return path.resolve(), True
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file, not a model folder")
+    if not _looks_like_hub_id(text):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    # a hub id "owner/name": fetch only the small files now; the weights come with the export
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(text, allow_patterns=_LIGHT_FILES)
+    except Exception as e:  # offline, unknown repository, gated, network
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise FileNotFoundError(
+            f"{text!r} is neither a local folder nor a reachable hub model{hint}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"hub model {text!r} has no config.json")
+    return folder, False
+
+
+def _load_config(folder: Path, source: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except ValueError as e:
+        # unknown model_type: only loadable with remote code, which quickdraft does not run
+        raise UnsupportedModelError(
+            f"{source}: transformers cannot read its config ({e}); models that need "
+            "trust_remote_code are not supported"
+        ) from e
+    except OSError as e:
+        raise FileNotFoundError(f"{source}: cannot read config.json ({e})") from e
+
+
+def check_model(source: str | os.PathLike) -> SourceInfo:
+    """Resolve ``source`` and check it is a decoder-only causal LM exportable with a KV cache.
+
+    Raises FileNotFoundError or UnsupportedModelError with the reason.
+    """
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text = os.fspath(source)
+    folder, is_local = resolve_source(text)
+    config = _load_config(folder, text)
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{text}: {model_type} is an encoder-decoder model; quickdraft exports "
+            "decoder-only causal LMs"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"{text}: {model_type} is not a causal language model (transformers has no "
+            f"ForCausalLM class for it); quickdraft needs a decoder-only causal LM"
+        )
+    archs = getattr(config, "architectures", None) or []
+    heads = [a for a in archs if not a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if archs and len(heads) == len(archs):
+        raise UnsupportedModelError(
+            f"{text}: its weights are for {', '.join(archs)}, not a causal LM head"
+        )
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(
+            model_type, "onnx", library_name="transformers"
+        )
+    except KeyError:
+        tasks = {}
+    if TASK not in tasks:
+        raise UnsupportedModelError(
+            f"{text}: architecture {model_type!r} is not supported by optimum-onnx for "
+            f"{TASK} (ONNX export with a KV cache)"
+        )
+    return SourceInfo(source=text, folder=folder, is_local=is_local, config=config)
+
+
+def logits_width(config) -> int:
+    """Columns of the logits: the config's vocabulary size."""
+    return int(config.vocab_size)
+
+
+def _tokenizer_vocab(folder: Path, source: str) -> dict[str, int]:
+    """token -> id over the whole tokenizer (base vocabulary and added tokens)."""
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        model = data.get("model") or {}
+        vocab = model.get("vocab")
+        if isinstance(vocab, dict):
+            mapping = dict(vocab)
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            mapping = {entry[0]: i for i, entry in enumerate(vocab)}
+        else:
+            mapping = None
+        if mapping is not None:
+            for tok in data.get("added_tokens") or []:
+                mapping[tok["content"]] = tok["id"]
+            return mapping
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise FileNotFoundError(f"{source}: no usable tokenizer files ({e})") from e
+    return dict(tok.get_vocab())
+
+
+def check_pair(
+    target: str | os.PathLike, draft: str | os.PathLike
+) -> tuple[SourceInfo, SourceInfo]:
+    """Check both sources and that they share a vocabulary: the same logits width and the
+    same token <-> id mapping, read from their tokenizer files."""
+    t = check_model(target)
+    d = check_model(draft)
+    tw, dw = logits_width(t.config), logits_width(d.config)
+    if tw != dw:
+        raise VocabularyMismatchError(
+            f"vocabulary sizes differ: target {t.source} has {tw} logits, draft {d.source} "
+            f"has {dw}; speculative decoding needs one vocabulary"
+        )
+    tv = _tokenizer_vocab(t.folder, t.source)
+    dv = _tokenizer_vocab(d.folder, d.source)
+    if tv != dv:
+        if len(tv) != len(dv):
+            detail = f"target tokenizer has {len(tv)} tokens, draft has {len(dv)}"
+        else:
+            diff = sorted(
+                (i, tok) for tok, i in tv.items() if dv.get(tok) != i
+            )
+            shown = ", ".join(f"{tok!r}={i}" for i, tok in diff[:3])
+            detail = f"{len(diff)} tokens map to different ids (target: {shown}, ...)"
+        raise VocabularyMismatchError(
+            f"draft and target tokenizers differ: {detail}; speculative decoding needs the "
+            "same token <-> id mapping"
+        )
+    if len(tv) > tw:
+        raise VocabularyMismatchError(
+            f"the tokenizer has {len(tv)} tokens but the models have only {tw} logits"
+        )
+    return t, d

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny local models and their ONNX exports, built once per session.
+
+Everything runs offline: the hub is switched off and caches go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# before anything imports transformers or huggingface_hub (they read these at import time)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+_CACHE = tempfile.mkdtemp(prefix="quickdraft-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+os.environ["HF_HOME"] = os.path.join(_CACHE, "huggingface")
+
+import pytest  # noqa: E402
+
+try:
+    from hypothesis import settings
+
+    settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
+    settings.register_profile("dev", deadline=None)
+except ImportError:  # hypothesis is in the test extra
+    pass
+
+
+def _needs_export_stack():
+    for name in ("torch", "transformers", "optimum.exporters.onnx", "onnxruntime", "onnx"):
+        pytest.importorskip(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer (512 tokens) trained on standard-library sources."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    from quickdraft.export.toy import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(path, vocab_size=512)
+    return path
+
+
+def _make_pair(tmp_path_factory, tokenizer_dir, arch: str):
+    from quickdraft.export.toy import make_random_model
+
+    root = tmp_path_factory.mktemp(f"hf-{arch}")
+    dirs = {}
+    for role, seed in (("target", 0), ("draft", 1)):
+        dirs[role] = root / role
+        make_random_model(arch, dirs[role], tokenizer_dir, role=role, seed=seed)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def hf_pair_factory(tmp_path_factory, tiny_tokenizer_dir):
+    """hf_pair_factory(arch) -> {"target": Path, "draft": Path}: local Hugging Face folders
+    of a random pair ("llama", "qwen2" or "gpt2"; target 2 layers, draft 1), built once."""
+    _needs_export_stack()
+    built = {}
+
+    def make(arch: str):
+        if arch not in built:
+            built[arch] = _make_pair(tmp_path_factory, tiny_tokenizer_dir, arch)
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_pair_dirs(hf_pair_factory):
+    """Local Hugging Face folders of a random Llama pair: {"target": Path, "draft": Path}."""
+    return hf_pair_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def exported_llama_pair(tmp_path_factory, hf_pair_dirs):
+    """OUT folder of the exported (and validated) tiny Llama pair: OUT/target, OUT/draft."""
+    from quickdraft.export import export_pair
+
+    out = tmp_path_factory.mktemp("onnx-llama") / "pair"
+    export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], out)
+    return out
