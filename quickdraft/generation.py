@@ -10,7 +10,7 @@ states and its uniforms; :func:`speculative_generate` draws the uniforms from a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "speculative_generate",
     "speculative_stream",
     "autoregressive_generate",
+    "autoregressive_stream",
     "check_pair",
     "draft_length",
 ]
@@ -151,6 +152,25 @@ def draft_length(gamma: int, remaining: int) -> int:
     return max(1, min(gamma, remaining - 1))
 
 
+EosIds = int | Collection[int] | None  # one end-of-sequence id, several, or none
+
+
+def _eos_set(eos_id: EosIds) -> frozenset[int]:
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, (int, np.integer)):
+        return frozenset([int(eos_id)])
+    return frozenset(int(e) for e in eos_id)
+
+
+def _truncate_at_eos(out: list[int], eos: frozenset[int]) -> list[int]:
+    """``out`` up to and including its first end-of-sequence token."""
+    for i, token in enumerate(out):
+        if token in eos:
+            return out[: i + 1]
+    return out
+
+
 def _check_request(model: LanguageModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
@@ -200,15 +220,19 @@ def speculative_stream(
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     rng: np.random.Generator,
-    eos_id: int | None = None,
+    eos_id: EosIds = None,
     drafter=None,
     lenience: float = 1.0,
     stats: GenerationStats | None = None,
+    state: DecodeState | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each iteration as soon as they are verified.
 
     Pass either a draft model (wrapped in :class:`ModelDrafter`) or any ``drafter``.
-    ``stats`` (if given) is filled in as generation proceeds.
+    ``stats`` (if given) is filled in as generation proceeds. ``eos_id`` may be one id or
+    several. ``state`` is a target state to continue from (for example one already
+    prefilled with ``prompt_ids[:-1]``); it must hold fewer tokens than ``prompt_ids``,
+    because the first target call needs the logits of the last prompt token.
     """
     if int(gamma) != gamma or gamma < 1:
         raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
@@ -220,9 +244,16 @@ def speculative_stream(
             raise ValueError("give a draft model or a drafter")
         check_pair(target, draft)
         drafter = ModelDrafter(draft, sampling)
+    if state is None:
+        state = target.new_state()
+    elif len(state.tokens) >= len(prompt_ids):
+        raise ValueError(
+            f"the target state holds {len(state.tokens)} tokens; to continue a prompt of "
+            f"{len(prompt_ids)} it may hold at most {len(prompt_ids) - 1} (rewind it first)"
+        )
+    eos = _eos_set(eos_id)
     stats = stats if stats is not None else GenerationStats()
     stats.gamma = gamma
-    state = target.new_state()
     ids = list(prompt_ids)
     produced = 0
     while produced < max_new_tokens:
@@ -238,15 +269,13 @@ def speculative_stream(
         stats.draft_calls += step.draft_calls
         stats.accepted_per_iteration.append(step.n_accepted)
         stats.beta_per_position.extend(step.betas)
-        out = step.tokens[:remaining]
-        if eos_id is not None and eos_id in out:
-            out = out[: out.index(eos_id) + 1]
+        out = _truncate_at_eos(step.tokens[:remaining], eos)
         ids.extend(out)
         produced += len(out)
         stats.new_tokens = produced
         drafter.update_candidate_strategy(ids, step.n_accepted)
         yield out
-        if eos_id is not None and out[-1] == eos_id:
+        if out[-1] in eos:
             break
 
 
@@ -259,7 +288,7 @@ def speculative_generate(
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     rng: np.random.Generator,
-    eos_id: int | None = None,
+    eos_id: EosIds = None,
     drafter=None,
     lenience: float = 1.0,
 ) -> GenerationResult:
@@ -279,6 +308,43 @@ def speculative_generate(
     return GenerationResult(tokens, stats)
 
 
+def autoregressive_stream(
+    model: LanguageModel,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: np.random.Generator,
+    eos_id: EosIds = None,
+    stats: GenerationStats | None = None,
+    state: DecodeState | None = None,
+) -> Iterator[list[int]]:
+    """The baseline, one token at a time: yields ``[token]`` after each model call.
+
+    ``state`` is a model state to continue from (any prefix of ``prompt_ids`` it holds is
+    reused); ``stats`` (if given) is filled in as generation proceeds.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
+    _check_request(model, prompt_ids, max_new_tokens)
+    eos = _eos_set(eos_id)
+    state = model.new_state() if state is None else state
+    stats = stats if stats is not None else GenerationStats()
+    logits = advance(state, list(prompt_ids))[-1]  # [V]
+    stats.target_calls += 1
+    produced = 0
+    while True:
+        token = sample_token(adjust_logits(logits, sampling), float(rng.random()))
+        produced += 1
+        stats.iterations += 1
+        stats.new_tokens = produced
+        yield [token]
+        if produced >= max_new_tokens or token in eos:
+            break
+        logits = state.append([token])[-1]  # [V]
+        stats.target_calls += 1
+
+
 def autoregressive_generate(
     model: LanguageModel,
     prompt_ids: Sequence[int],
@@ -286,25 +352,12 @@ def autoregressive_generate(
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     rng: np.random.Generator,
-    eos_id: int | None = None,
+    eos_id: EosIds = None,
 ) -> GenerationResult:
     """The baseline: one model call per token, each token drawn by inverse CDF."""
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
-    _check_request(model, prompt_ids, max_new_tokens)
-    state = model.new_state()
-    ids = list(prompt_ids)
     stats = GenerationStats()
     tokens: list[int] = []
-    logits = state.append(ids)[-1]  # [V]
-    stats.target_calls = 1
-    while True:
-        token = sample_token(adjust_logits(logits, sampling), float(rng.random()))
-        tokens.append(token)
-        stats.iterations += 1
-        if len(tokens) >= max_new_tokens or token == eos_id:
-            break
-        logits = state.append([token])[-1]  # [V]
-        stats.target_calls += 1
-    stats.new_tokens = len(tokens)
+    for piece in autoregressive_stream(model, prompt_ids, max_new_tokens=max_new_tokens,
+                                       sampling=sampling, rng=rng, eos_id=eos_id, stats=stats):
+        tokens.extend(piece)
     return GenerationResult(tokens, stats)
