@@ -12,6 +12,8 @@ from quickdraft.generation import (
     speculative_step,
 )
 from quickdraft.reference.models import CharTokenizer, NgramModel, TableModel
+from quickdraft.reference.safetensors_np import load_checkpoint, load_safetensors
+from quickdraft.reference.transformer import NumpyTransformer, TransformerConfig
 
 __all__ = [
     "GenerationResult",
@@ -23,4 +25,8 @@ __all__ = [
     "CharTokenizer",
     "NgramModel",
     "TableModel",
+    "NumpyTransformer",
+    "TransformerConfig",
+    "load_checkpoint",
+    "load_safetensors",
 ]
