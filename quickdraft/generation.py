@@ -45,13 +45,14 @@ class GenerationStats:
     target_calls: int = 0  # target forward calls (prefill included)
     draft_calls: int = 0  # draft forward calls (prefill included)
     accepted_per_iteration: list[int] = field(default_factory=list)  # n of each iteration
+    drafted_per_iteration: list[int] = field(default_factory=list)  # draft tokens proposed
     # beta at each draft position the target reached
     beta_per_position: list[float] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
         """Accepted draft tokens over proposed draft tokens."""
-        proposed = self.gamma * len(self.accepted_per_iteration)
+        proposed = sum(self.drafted_per_iteration)
         return sum(self.accepted_per_iteration) / proposed if proposed else float("nan")
 
     @property
@@ -65,7 +66,7 @@ class GenerationStats:
         """alpha estimated from the accepted counts alone (i.i.d. assumption)."""
         if not self.accepted_per_iteration:
             return float("nan")
-        return alpha_from_acceptances(self.accepted_per_iteration, self.gamma)
+        return alpha_from_acceptances(self.accepted_per_iteration, self.drafted_per_iteration)
 
     @property
     def tokens_per_iteration(self) -> float:
@@ -268,6 +269,7 @@ def speculative_stream(
         stats.target_calls += 1
         stats.draft_calls += step.draft_calls
         stats.accepted_per_iteration.append(step.n_accepted)
+        stats.drafted_per_iteration.append(g)
         stats.beta_per_position.extend(step.betas)
         out = _truncate_at_eos(step.tokens[:remaining], eos)
         ids.extend(out)

@@ -47,19 +47,23 @@ def alpha_from_distributions(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.mean(beta(p, q)))
 
 
-def alpha_from_acceptances(accepted_per_iteration: Sequence[int], gamma: int) -> float:
+def alpha_from_acceptances(accepted_per_iteration: Sequence[int],
+                           gamma: int | Sequence[int]) -> float:
     """Maximum-likelihood alpha from accepted counts, assuming i.i.d. beta = alpha.
 
     An iteration that accepted n < gamma tokens saw n successes and one failure; one that
-    accepted all gamma saw gamma successes. alpha = successes / trials.
+    accepted all gamma saw gamma successes. alpha = successes / trials. ``gamma`` is one
+    draft length for all iterations or one per iteration.
     """
-    _check_gamma(gamma)
     n = np.asarray(accepted_per_iteration, dtype=np.int64)  # [iterations]
+    g = np.broadcast_to(np.asarray(gamma, dtype=np.int64), n.shape)  # [iterations]
+    for gi in np.unique(g):
+        _check_gamma(int(gi))
     if n.size == 0:
         raise ValueError("no iterations to estimate alpha from")
-    if np.any(n < 0) or np.any(n > gamma):
-        raise ValueError(f"accepted counts must be in [0, {gamma}]")
-    trials = n.sum() + np.sum(n < gamma)
+    if np.any(n < 0) or np.any(n > g):
+        raise ValueError(f"accepted counts must be in [0, gamma]; got {n.tolist()}")
+    trials = n.sum() + np.sum(n < g)
     return float(n.sum() / trials)
 
 

@@ -229,3 +229,13 @@ def test_generate_is_the_chain_of_steps_the_exact_test_integrates(gamma, length,
         if eos in piece:
             break
     assert got.tokens == out
+
+
+def test_acceptance_rate_counts_shortened_final_drafts():
+    """Near max_new_tokens fewer tokens are drafted; the rate divides by what was drafted."""
+    target, _ = random_tables(5, 8, "random")
+    res = speculative_generate(target, target, [0], gamma=4, max_new_tokens=17,
+                               rng=np.random.default_rng(0))
+    assert res.stats.acceptance_rate == 1.0
+    assert res.stats.alpha_mle == 1.0
+    assert sum(res.stats.drafted_per_iteration) < 4 * res.stats.iterations

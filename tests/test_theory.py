@@ -73,6 +73,7 @@ def test_alpha_from_acceptances():
     assert theory.alpha_from_acceptances([3, 1], 3) == pytest.approx(4 / 5)
     with pytest.raises(ValueError, match="accepted counts"):
         theory.alpha_from_acceptances([4], 3)
+    assert theory.alpha_from_acceptances([2, 1], [2, 3]) == pytest.approx(3 / 4)
 
 
 @pytest.mark.parametrize("call", [
