@@ -1,0 +1,110 @@
+"""``quickdraft generate``: run an exported pair with ONNX Runtime.
+
+The CLI owns all output: the generated text goes to stdout (piece by piece with
+``--stream``), notes and a statistics line to stderr; ``--json`` prints one JSON object
+(with ``--stream``: one JSON line per step, then the result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with an exported draft/target pair (ONNX Runtime)",
+        description=(
+            "Generate with an exported pair on ONNX Runtime: speculative decoding (the "
+            "draft proposes --gamma tokens, the target verifies them in one call) or, with "
+            "--autoregressive, the target alone. The output follows the target's "
+            "distribution either way."
+        ),
+    )
+    p.add_argument("--model-dir", metavar="OUT_DIR",
+                   help="folder written by `quickdraft export` (holds target/ and draft/)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--gamma", type=int, default=5, help="draft tokens per iteration (default 5)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="keep the k most likely tokens (0: all; with --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass (1: all; with --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="stop after this many new tokens (default 64)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed: the same seed gives the same output")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto (default) uses CUDA when available, else the CPU")
+    p.add_argument("--autoregressive", action="store_true",
+                   help="decode with the target alone, one token per call (the baseline)")
+    p.add_argument("--stream", action="store_true", help="print text as tokens are accepted")
+    p.add_argument("--json", action="store_true", help="print JSON (one line per step with "
+                   "--stream, then the result)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _summary(stats) -> str:
+    d = stats.as_dict()
+
+    def num(key: str, fmt: str) -> str:
+        v = d.get(key)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    line = (f"{d['mode']} on {d['device']}: {d['new_tokens']} tokens in {d['decode_s']:.3f} s "
+            f"({num('tokens_per_s', '.1f')} tok/s), target calls {d['target_calls']}")
+    if d["mode"] == "speculative":
+        line += (f", draft calls {d['draft_calls']}, gamma {d['gamma']}, "
+                 f"alpha {num('alpha', '.3f')}, tokens/iteration "
+                 f"{num('tokens_per_iteration', '.2f')}, c {num('cost_ratio_c', '.3f')}")
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    from quickdraft.ort_backend.generator import DecodeConfig, Generator
+    from quickdraft.sampling import SamplingConfig
+
+    if not args.model_dir:
+        raise ValueError("--model-dir is required: give a folder written by `quickdraft export`")
+    # check every setting before loading anything
+    config = DecodeConfig(
+        max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p),
+        seed=args.seed,
+        autoregressive=args.autoregressive,
+    )
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give some text to continue")
+    generator = Generator.load(args.model_dir, device=args.device, draft=not args.autoregressive)
+    if generator.device_note:
+        print(f"quickdraft generate: {generator.device_note}", file=sys.stderr)
+    out = sys.stdout
+    if args.stream:
+        for piece in generator.pieces(args.prompt, config):
+            if args.json:
+                out.write(json.dumps({"tokens": piece.tokens, "text": piece.text}) + "\n")
+            elif piece.text:
+                out.write(piece.text)
+            out.flush()
+        result = generator.result
+        if not args.json:
+            out.write("\n")
+    else:
+        result = generator.generate(args.prompt, config)
+        if not args.json:
+            out.write(result.text + "\n")
+    if args.json:
+        out.write(json.dumps({"done": True, **result.as_dict()}) + "\n")
+    else:
+        print(_summary(result.stats), file=sys.stderr)
+    out.flush()
+    return 0

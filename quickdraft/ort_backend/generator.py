@@ -1,0 +1,444 @@
+"""Generation over an exported draft/target pair on ONNX Runtime.
+
+:class:`Generator` has an explicit lifecycle:
+
+* ``load`` (:meth:`Generator.load`): sessions for the target and the draft on one device,
+  the tokenizer, and the checks that they belong together;
+* ``prefill`` (:meth:`Generator.prefill`): encode and check the prompt, fill both KV
+  caches with all of it but its last token (the first iteration feeds that one, because
+  it needs its logits);
+* ``step`` (:meth:`Generator.step`): one iteration of the generic loop of
+  :mod:`quickdraft.generation`: the draft proposes gamma tokens, the target scores gamma + 1
+  positions in one call, :func:`quickdraft.verification.verify` decides, and both caches
+  roll back to what was accepted (or one autoregressive token);
+* ``rewind`` (:meth:`Generator.rewind`): cut the sequence back and roll the caches back
+  on the device; ``step`` continues from there.
+
+The acceptance rule and the loop are the NumPy ones; this module adds only the ORT models,
+the timing around their calls (:mod:`quickdraft.ort_backend.timing`) and text.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from quickdraft.generation import (
+    GenerationStats,
+    ModelDrafter,
+    autoregressive_stream,
+    check_pair,
+    speculative_stream,
+)
+from quickdraft.ort_backend.device import CudaUnavailableError, Device, resolve_device
+from quickdraft.ort_backend.model import OrtModel
+from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
+from quickdraft.ort_backend.timing import ModelTimes, TimedModel
+from quickdraft.sampling import SamplingConfig
+
+__all__ = ["DecodeConfig", "OrtStats", "Generation", "Piece", "Generator", "SpeculativeGenerator"]
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one generation runs."""
+
+    max_new_tokens: int = 64
+    gamma: int = 5  # draft tokens per iteration (ignored when autoregressive)
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int | None = None  # None: fresh entropy; an int: the same output every time
+    autoregressive: bool = False  # the baseline: target only, one token per call
+
+    def __post_init__(self) -> None:
+        def is_int(x) -> bool:
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        if not is_int(self.gamma) or self.gamma < 1:
+            raise ValueError(f"gamma must be an integer >= 1, got {self.gamma!r}")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.sampling, SamplingConfig):
+            raise TypeError("sampling must be a quickdraft.SamplingConfig")
+
+    @property
+    def mode(self) -> str:
+        return "autoregressive" if self.autoregressive else "speculative"
+
+
+@dataclass
+class OrtStats:
+    """Statistics of one generation: the loop's counts and the measured times."""
+
+    mode: str
+    device: str
+    prompt_tokens: int
+    generation: GenerationStats = field(default_factory=GenerationStats)
+    target: ModelTimes = field(default_factory=ModelTimes)
+    draft: ModelTimes | None = None
+    prefill_s: float = 0.0  # filling the caches with the prompt (both models)
+    decode_s: float = 0.0  # wall time of all steps
+
+    @property
+    def new_tokens(self) -> int:
+        return self.generation.new_tokens
+
+    @property
+    def target_calls(self) -> int:
+        """Target forward calls, prefill included."""
+        return self.target.prefill_calls + self.target.calls
+
+    @property
+    def draft_calls(self) -> int:
+        """Draft forward calls, prefill included."""
+        return 0 if self.draft is None else self.draft.prefill_calls + self.draft.calls
+
+    @property
+    def target_s(self) -> float:
+        """Decode-phase time in the target: forward calls and cache roll-backs."""
+        return self.target.decode_s
+
+    @property
+    def draft_s(self) -> float:
+        return 0.0 if self.draft is None else self.draft.decode_s
+
+    @property
+    def verify_s(self) -> float:
+        """Decode-phase time outside the models: sampling adjustments, verification and
+        the loop's bookkeeping, on the host."""
+        return max(0.0, self.decode_s - self.target_s - self.draft_s)
+
+    @property
+    def cost_ratio(self) -> float:
+        """Measured c: mean draft call time over mean target call time (decode phase)."""
+        if self.draft is None or not self.draft.calls or not self.target.calls:
+            return float("nan")
+        return self.draft.mean_call_s / self.target.mean_call_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second of decoding (prefill excluded)."""
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        g = self.generation
+        out = {
+            "mode": self.mode,
+            "device": self.device,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "gamma": g.gamma,
+            "iterations": g.iterations,
+            "target_calls": self.target_calls,
+            "draft_calls": self.draft_calls,
+            "accepted_per_iteration": list(g.accepted_per_iteration),
+            "acceptance_rate": g.acceptance_rate,
+            "alpha": g.alpha,
+            "tokens_per_iteration": g.tokens_per_iteration,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "target_s": self.target_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "cost_ratio_c": self.cost_ratio,
+            "tokens_per_s": self.tokens_per_s,
+            "target": self.target.as_dict(),
+        }
+        if self.draft is not None:
+            out["draft"] = self.draft.as_dict()
+        return _no_nan(out)
+
+
+def _no_nan(value):
+    """NaN (an undefined rate) -> None, so the dict is valid JSON."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+@dataclass
+class Generation:
+    """What one generation produced."""
+
+    prompt_ids: list[int]
+    tokens: list[int]  # the new token ids (an EOS token, if reached, included)
+    text: str  # the new tokens decoded (special tokens skipped)
+    finish_reason: str  # "eos" or "length"
+    stats: OrtStats
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "tokens": list(self.tokens),
+            "prompt_tokens": len(self.prompt_ids),
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.as_dict(),
+        }
+
+
+class Piece(NamedTuple):
+    """One step's output: its token ids and the text they completed (may be '')."""
+
+    tokens: list[int]
+    text: str
+
+
+class Generator:
+    """Autoregressive or speculative generation with an exported pair on ONNX Runtime.
+
+    ``Generator.load(model_dir)`` for a ``quickdraft export`` folder; or build one from
+    :class:`OrtModel` objects (``draft`` None: autoregressive only; ``tokenizer`` None:
+    token ids only).
+    """
+
+    def __init__(self, target: OrtModel, draft: OrtModel | None = None, tokenizer=None):
+        if draft is not None:
+            check_pair(target, draft)
+            if draft.device != target.device:
+                raise ValueError(f"draft on {draft.device} but target on {target.device}")
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        m = target.manifest
+        eos = list(m.eos_token_ids) or ([m.eos_token_id] if m.eos_token_id is not None else [])
+        self.eos_ids: frozenset[int] = frozenset(int(e) for e in eos)
+        self.device_note: str | None = None  # set by load() when "auto" fell back to the CPU
+        self.config: DecodeConfig | None = None
+        self.prompt_ids: list[int] = []
+        self.ids: list[int] = []  # prompt and generated tokens
+        self.stats: OrtStats | None = None
+        self.result: Generation | None = None  # of the last stream() / generate()
+        self._engine: Iterator[list[int]] | None = None
+        self._done = True
+
+    # -- load ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, *, device: str = "auto", device_id: int = 0,
+             draft: bool = True) -> Generator:
+        """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``.
+
+        ``device`` "cuda" fails when CUDA cannot be used; "auto" falls back to the CPU and
+        leaves the reason in ``device_note``.
+        """
+        root = Path(model_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model folder {root} does not exist")
+        roles = ["target", "draft"] if draft else ["target"]
+        missing = [r for r in roles if not (root / r).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{root} has no {' or '.join(missing)} folder: not a quickdraft export of a "
+                "pair (make one with `quickdraft export --target ... --draft ... --out ...`)"
+            )
+        resolved, note = resolve_device(device, device_id)
+        try:
+            target = OrtModel(root / "target", resolved)
+        except CudaUnavailableError as e:
+            if device != "auto":
+                raise
+            resolved, note = Device("cpu"), f"CUDA could not be used ({e}); running on the CPU"
+            target = OrtModel(root / "target", resolved)
+        tokenizer = load_tokenizer(root / "target")
+        draft_model = None
+        if draft:
+            draft_model = OrtModel(root / "draft", resolved)
+            if vocabulary(load_tokenizer(root / "draft")) != vocabulary(tokenizer):
+                raise ValueError(
+                    f"{root}: the draft's tokenizer differs from the target's (token <-> id "
+                    "mapping); speculative decoding needs one shared vocabulary"
+                )
+        generator = cls(target, draft_model, tokenizer)
+        generator.device_note = note
+        return generator
+
+    @property
+    def device(self) -> Device:
+        return self.target.device
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence both models accept."""
+        lengths = [self.target.max_length]
+        if self.draft is not None and not (self.config and self.config.autoregressive):
+            lengths.append(self.draft.max_length)
+        return min(lengths)
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer: pass token ids")
+        if not prompt:
+            raise ValueError("the prompt is empty: give some text to continue")
+        return list(self.tokenizer.encode(prompt).ids)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    # -- prefill, step, rewind -------------------------------------------------------------
+
+    def prefill(self, prompt: str | Sequence[int], config: DecodeConfig = DecodeConfig()
+                ) -> list[int]:
+        """Start a generation: check the prompt, fill the caches; return the prompt's ids."""
+        if not isinstance(config, DecodeConfig):
+            raise TypeError("config must be a DecodeConfig")
+        if not config.autoregressive and self.draft is None:
+            raise ValueError("no draft model is loaded: use autoregressive decoding")
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.config = config
+        limit = self.max_length
+        if len(ids) >= limit:
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens but the model's context is {limit}: "
+                "no room to generate; shorten the prompt"
+            )
+        if len(ids) + config.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds "
+                f"the model's context of {limit} tokens; use max_new_tokens <= {limit - len(ids)}"
+            )
+        vocab = self.target.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self._close_engine()
+        speculative = not config.autoregressive
+        stats = OrtStats(mode=config.mode, device=str(self.device), prompt_tokens=len(ids),
+                         draft=ModelTimes() if speculative else None)
+        stats.generation.gamma = config.gamma if speculative else 0
+        self._target = TimedModel(self.target, stats.target)
+        self._target_state = self._target.new_state()
+        self._drafter = None
+        t0 = time.perf_counter()
+        self._target_state.prefill(ids[:-1])
+        if speculative:
+            self._drafter = ModelDrafter(TimedModel(self.draft, stats.draft), config.sampling)
+            self._drafter.state.prefill(ids[:-1])
+        stats.prefill_s = time.perf_counter() - t0
+        self.stats = stats
+        self._rng = np.random.default_rng(config.seed)
+        self.prompt_ids = list(ids)
+        self.ids = list(ids)
+        self._done = False
+        return list(ids)
+
+    @property
+    def done(self) -> bool:
+        """True once EOS or max_new_tokens ended the generation (or before any prefill)."""
+        return self._done
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.ids[len(self.prompt_ids) :]
+
+    def step(self) -> list[int]:
+        """One iteration: the tokens it added ([] once the generation is done)."""
+        if self._done:
+            return []
+        if self._engine is None:
+            self._engine = self._start_engine()
+        t0 = time.perf_counter()
+        piece = next(self._engine, None)
+        self.stats.decode_s += time.perf_counter() - t0
+        if piece is None:  # cannot happen before the stop conditions below; kept safe
+            self._finish()
+            return []
+        self.ids.extend(piece)
+        self.stats.generation.new_tokens = len(self.new_tokens)
+        if len(self.new_tokens) >= self.config.max_new_tokens or piece[-1] in self.eos_ids:
+            self._finish()
+        return piece
+
+    def rewind(self, length: int) -> None:
+        """Cut the sequence (prompt and generated tokens) to its first ``length`` tokens and
+        roll both caches back on the device; ``step`` continues from there."""
+        if self.config is None:
+            raise ValueError("nothing to rewind: call prefill first")
+        if not 1 <= length <= len(self.ids):
+            raise ValueError(f"cannot rewind to {length}: the sequence has {len(self.ids)} tokens")
+        self._close_engine()
+        self.ids = self.ids[:length]
+        self.prompt_ids = self.prompt_ids[:length]
+        t0 = time.perf_counter()
+        states = [self._target_state] + ([self._drafter.state] if self._drafter else [])
+        for state in states:  # keep at most length - 1: the next call needs the last logits
+            state.rewind(min(len(state.tokens), length - 1))
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.generation.new_tokens = len(self.new_tokens)
+        self._done = len(self.new_tokens) >= self.config.max_new_tokens
+
+    def _start_engine(self) -> Iterator[list[int]]:
+        c = self.config
+        remaining = c.max_new_tokens - len(self.new_tokens)
+        common = dict(max_new_tokens=remaining, sampling=c.sampling, rng=self._rng,
+                      eos_id=self.eos_ids, stats=self.stats.generation,
+                      state=self._target_state)
+        if c.autoregressive:
+            return autoregressive_stream(self._target, self.ids, **common)
+        return speculative_stream(self._target, None, self.ids, gamma=c.gamma,
+                                  drafter=self._drafter, **common)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._close_engine()
+
+    def _close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    # -- whole generations -----------------------------------------------------------------
+
+    def pieces(self, prompt: str | Sequence[int], config: DecodeConfig = DecodeConfig()
+               ) -> Iterator[Piece]:
+        """Prefill, then one :class:`Piece` per step until EOS or max_new_tokens; the last
+        piece carries any text held back. ``result`` holds the :class:`Generation` after."""
+        self.result = None
+        self.prefill(prompt, config)
+        decoder = StreamDecoder(self.tokenizer, self.prompt_ids) if self.tokenizer else None
+        text = []
+        while not self._done:
+            tokens = self.step()
+            piece = decoder.push(tokens) if decoder else ""
+            if self._done and decoder:
+                piece += decoder.flush()
+            text.append(piece)
+            yield Piece(tokens, piece)
+        last = self.new_tokens[-1:]
+        self.result = Generation(
+            prompt_ids=list(self.prompt_ids),
+            tokens=list(self.new_tokens),
+            text="".join(text),
+            finish_reason="eos" if last and last[0] in self.eos_ids else "length",
+            stats=self.stats,
+        )
+
+    def stream(self, prompt: str | Sequence[int], config: DecodeConfig = DecodeConfig()
+               ) -> Iterator[str]:
+        """Yield text pieces as tokens are accepted (``result`` holds the Generation after)."""
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer: use pieces() or generate()")
+        for piece in self.pieces(prompt, config):
+            if piece.text:
+                yield piece.text
+
+    def generate(self, prompt: str | Sequence[int], config: DecodeConfig = DecodeConfig()
+                 ) -> Generation:
+        """Generate to EOS or max_new_tokens; the tokens, text and statistics."""
+        for _ in self.pieces(prompt, config):
+            pass
+        return self.result
+
+
+SpeculativeGenerator = Generator  # the same object: speculative unless asked otherwise

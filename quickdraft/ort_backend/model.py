@@ -1,0 +1,298 @@
+"""One exported decoder graph on ONNX Runtime, and its KV-cache state.
+
+:class:`OrtModel` loads a folder written by ``quickdraft export`` (``model.onnx``, the
+tokenizer and the ``quickdraft.json`` manifest), checks the manifest against the graph and
+runs it with every input and output bound through IOBinding:
+
+* ``input_ids`` go in from the host (a few int64s per call);
+* ``attention_mask`` and ``position_ids`` are views into two int64 buffers made once on
+  the device (all ones and ``0 .. max_length - 1``): a call binds a pointer and a shape,
+  and copies nothing;
+* ``past`` inputs are the previous call's ``present`` outputs, kept as OrtValues on the
+  device: no cache byte crosses to the host;
+* ``logits`` is the one output bound to host memory: verification reads it.
+
+:class:`OrtState` is a :class:`quickdraft.protocols.DecodeState`, so the generic loops in
+:mod:`quickdraft.generation` drive it. ``rewind`` slices the caches on the device (see
+:mod:`quickdraft.ort_backend.slicer`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from quickdraft.export.manifest import ModelManifest, load_manifest
+from quickdraft.ort_backend.device import Device, session_options
+from quickdraft.ort_backend.slicer import CacheSlicer
+
+__all__ = ["OrtModel", "OrtState", "ModelFolderError"]
+
+# manifest dtype -> (ONNX element type, ORT type string)
+_DTYPES = {
+    "fp32": (1, "tensor(float)"),
+    "fp16": (10, "tensor(float16)"),
+    "bf16": (16, "tensor(bfloat16)"),
+}
+_INPUT_IDS, _MASK, _POSITIONS, _LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+
+
+class ModelFolderError(ValueError):
+    """An exported model folder whose manifest and graph do not fit together."""
+
+
+def _logits_to_numpy(value) -> np.ndarray:
+    """A host OrtValue of logits [1, k, V] (fp32, fp16 or bf16) -> float32 [k, V] (a copy)."""
+    if value.element_type() == 16:  # bfloat16: no NumPy type; widen the raw bits
+        count = int(np.prod(value.shape()))
+        raw = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(value.shape())[0]
+    return np.array(value.numpy()[0], dtype=np.float32)  # copy: ORT owns that buffer
+
+
+class OrtModel:
+    """One exported decoder graph on a CPU or CUDA ``InferenceSession``.
+
+    A :class:`quickdraft.protocols.LanguageModel`: ``vocab_size``, ``max_length`` and
+    ``new_state()``. ``folder`` holds ``quickdraft.json``; ``device`` is a resolved
+    :class:`~quickdraft.ort_backend.device.Device` (see ``resolve_device``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
+                 options=None):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest: ModelManifest = load_manifest(self.folder)
+        m = self.manifest
+        self.device = device
+        _check_manifest(m, self.folder)
+        path = self.folder / m.model_file
+        options = options if options is not None else session_options()
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=device.providers)
+        except Exception as e:  # ORT raises its own exception types
+            raise RuntimeError(
+                f"onnxruntime could not load {path} on {device}: {type(e).__name__}: {e}"
+            ) from e
+        if device.kind == "cuda" and self.session.get_providers()[0] != device.provider:
+            from quickdraft.ort_backend.device import CudaUnavailableError
+
+            raise CudaUnavailableError(
+                f"the CUDA execution provider did not start for {path} (providers in use: "
+                f"{self.session.get_providers()}); check the CUDA and cuDNN libraries"
+            )
+        _check_graph(m, self.session, self.folder)
+        self._elem_type = _DTYPES[m.dtype][0]
+        self._past_names = [t.format(i=i) for i in range(m.num_layers)
+                            for t in (m.past_key_template, m.past_value_template)]
+        self._present_names = [t.format(i=i) for i in range(m.num_layers)
+                               for t in (m.present_key_template, m.present_value_template)]
+        self._binding = self.session.io_binding()
+        kind, dev_id = device.kind, device.device_id
+        # device-resident int64 buffers, bound by pointer: ones (mask) and 0..max-1 (positions)
+        self._ones = ort.OrtValue.ortvalue_from_numpy(
+            np.ones((1, m.max_length), dtype=np.int64), kind, dev_id)
+        self._positions = ort.OrtValue.ortvalue_from_numpy(
+            np.arange(m.max_length, dtype=np.int64)[None], kind, dev_id)
+        empty_shape = [1, m.num_kv_heads, 0, m.head_dim]
+        self._empty = [
+            ort.OrtValue.ortvalue_from_shape_and_type(empty_shape, self._elem_type, kind, dev_id)
+            for _ in self._past_names
+        ]
+        self._slicer = CacheSlicer(len(self._past_names), self._elem_type, device.providers,
+                                   kind, dev_id, options)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"OrtModel({str(self.folder)!r}, {m.architecture}, {m.num_layers} layers, "
+                f"{m.dtype}, {self.device})")
+
+    # -- LanguageModel -------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.max_length
+
+    def new_state(self) -> OrtState:
+        return OrtState(self)
+
+    # -- running the graph ---------------------------------------------------------------
+
+    def empty_cache(self) -> list:
+        """Caches of zero length, [1, kv_heads, 0, head_dim] each (shared, never written)."""
+        return list(self._empty)
+
+    def run(self, tokens: Sequence[int], past: Sequence, past_length: int) -> tuple:
+        """One forward call: ``tokens`` after ``past_length`` cached positions.
+
+        Returns (logits float32 [len(tokens), V] on the host, present OrtValues on the
+        device in past order).
+        """
+        m = self.manifest
+        k = len(tokens)
+        total = past_length + k
+        if total > m.max_length:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds the model's context of {m.max_length}"
+            )
+        kind, dev_id = self.device.kind, self.device.device_id
+        io = self._binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, k)
+        io.bind_cpu_input(_INPUT_IDS, ids)
+        if m.has_attention_mask:
+            io.bind_input(_MASK, kind, dev_id, np.int64, [1, total], self._ones.data_ptr())
+        if m.has_position_ids:
+            io.bind_input(_POSITIONS, kind, dev_id, np.int64, [1, k],
+                          self._positions.data_ptr() + 8 * past_length)
+        for name, value in zip(self._past_names, past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output(_LOGITS, "cpu")
+        for name in self._present_names:
+            io.bind_output(name, kind, dev_id)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        return _logits_to_numpy(outputs[0]), list(outputs[1:])
+
+    def slice_cache(self, cache: Sequence, length: int) -> list:
+        """The first ``length`` positions of every cache tensor, cut on the device."""
+        if length == 0:
+            return self.empty_cache()
+        return self._slicer(cache, length)
+
+
+class OrtState:
+    """A :class:`~quickdraft.protocols.DecodeState` over one :class:`OrtModel`.
+
+    Holds the consumed token ids and the KV caches as device OrtValues.
+    """
+
+    def __init__(self, model: OrtModel):
+        self.model = model
+        self._tokens: list[int] = []
+        self._cache = model.empty_cache()
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def cache(self) -> list:
+        """The current present/past OrtValues (key, value per layer)."""
+        return list(self._cache)
+
+    def append(self, tokens: Sequence[int]) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        vocab = self.model.vocab_size
+        if not tokens:
+            return np.zeros((0, vocab), dtype=np.float32)
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        logits, self._cache = self.model.run(tokens, self._cache, len(self._tokens))
+        self._tokens.extend(tokens)
+        return logits  # [len(tokens), V]
+
+    def rewind(self, length: int) -> None:
+        if not 0 <= length <= len(self._tokens):
+            raise ValueError(f"cannot rewind to {length}: state holds {len(self._tokens)} tokens")
+        if length == len(self._tokens):
+            return
+        self._cache = self.model.slice_cache(self._cache, length)
+        del self._tokens[length:]
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def _check_manifest(m: ModelManifest, folder: Path) -> None:
+    if m.kv_layout != "bnsh":
+        raise ModelFolderError(
+            f"{folder}: kv_layout {m.kv_layout!r} is not supported; the backend binds "
+            "caches as [batch, kv_heads, seq, head_dim] ('bnsh')"
+        )
+    if m.kv_cache != "dynamic":
+        raise ModelFolderError(
+            f"{folder}: kv_cache {m.kv_cache!r} is not supported by this backend yet; "
+            "export with the default dynamic (optimum) cache"
+        )
+    if m.dtype not in _DTYPES:
+        raise ModelFolderError(f"{folder}: unknown dtype {m.dtype!r} in the manifest")
+    if m.num_layers < 1 or m.max_length < 1 or m.vocab_size < 1:
+        raise ModelFolderError(
+            f"{folder}: the manifest needs num_layers, max_length and vocab_size >= 1 "
+            f"(got {m.num_layers}, {m.max_length}, {m.vocab_size})"
+        )
+    missing = [name for name in [m.model_file, *m.external_data]
+               if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is incomplete: {', '.join(missing)} missing; re-export the model"
+        )
+
+
+def _check_graph(m: ModelManifest, session, folder: Path) -> None:
+    """The manifest must describe the graph the session loaded."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+
+    def fail(what: str) -> None:
+        raise ModelFolderError(
+            f"{folder}: the manifest (quickdraft.json) and {m.model_file} disagree: {what}; "
+            "re-export the model"
+        )
+
+    if list(inputs) != list(m.input_names):
+        fail(f"graph inputs {list(inputs)} != manifest input_names {list(m.input_names)}")
+    if list(outputs) != list(m.output_names):
+        fail(f"graph outputs {list(outputs)} != manifest output_names {list(m.output_names)}")
+    if _INPUT_IDS not in inputs or _LOGITS not in outputs:
+        fail(f"the graph needs an {_INPUT_IDS!r} input and a {_LOGITS!r} output")
+    if (_MASK in inputs) != m.has_attention_mask:
+        fail(f"has_attention_mask is {m.has_attention_mask}")
+    if (_POSITIONS in inputs) != m.has_position_ids:
+        fail(f"has_position_ids is {m.has_position_ids}")
+    past = [t.format(i=i) for i in range(m.num_layers)
+            for t in (m.past_key_template, m.past_value_template)]
+    present = [t.format(i=i) for i in range(m.num_layers)
+               for t in (m.present_key_template, m.present_value_template)]
+    known = {_INPUT_IDS, _MASK, _POSITIONS, *past}
+    extra = [name for name in inputs if name not in known]
+    if extra:
+        fail(f"inputs {extra} are not token ids, mask, positions or the "
+             f"{m.num_layers} layers' past keys and values")
+    for name in past:
+        if name not in inputs:
+            fail(f"no input {name!r} for num_layers={m.num_layers}")
+    for name in present:
+        if name not in outputs:
+            fail(f"no output {name!r} for num_layers={m.num_layers}")
+    type_name = _DTYPES[m.dtype][1]
+    for name in past:
+        arg = inputs[name]
+        if arg.type != type_name:
+            fail(f"{name} is {arg.type}, the manifest says dtype {m.dtype}")
+        shape = arg.shape
+        if len(shape) != 4:
+            fail(f"{name} has rank {len(shape)}, not [batch, kv_heads, seq, head_dim]")
+        for axis, value, field in ((1, m.num_kv_heads, "num_kv_heads"),
+                                   (3, m.head_dim, "head_dim")):
+            if isinstance(shape[axis], int) and shape[axis] != value:
+                fail(f"{name} has shape {shape}, the manifest says {field}={value}")
+    vocab = outputs[_LOGITS].shape[-1]
+    if isinstance(vocab, int) and vocab != m.vocab_size:
+        fail(f"logits have {vocab} columns, the manifest says vocab_size={m.vocab_size}")
