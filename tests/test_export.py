@@ -213,6 +213,20 @@ def test_ort_greedy_with_kv_cache_equals_pytorch(arch, exported_pairs, tiny_toke
             ), (arch, role, prompt)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_several_tokens_on_a_past_equal_one_full_pass(arch, exported_pairs):
+    # the target scores gamma + 1 draft tokens at once on top of its cache
+    _, out, _ = exported_pairs(arch)
+    m, sess = _session(out / "target")
+    ids = [3, 17, 250, 9, 31, 77, 5, 400, 12]
+    full, _ = _run(m, sess, ids, None)
+    first, past = _run(m, sess, ids[:3], None)
+    second, past = _run(m, sess, ids[3:8], past)
+    third, past = _run(m, sess, ids[8:], past)
+    np.testing.assert_allclose(np.concatenate([first, second, third]), full, atol=1e-5)
+    assert past[0].shape == (1, m.num_kv_heads, len(ids), m.head_dim)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_numpy_reference_transformer_matches_onnx(arch, exported_pairs, tiny_tokenizer_dir):
     ref = pytest.importorskip("quickdraft.reference.transformer")
