@@ -119,7 +119,8 @@ def _check_manifest_against_graph(folder: Path, arch: str, dtype: str = "fp32"):
     assert m.has_position_ids == ("position_ids" in inputs)
     assert m.has_attention_mask == ("attention_mask" in inputs)
     assert m.kv_layout == "bnsh" and m.kv_cache == "dynamic" and m.dtype == dtype
-    onnx_type = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16}[dtype]
+    onnx_type = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16,
+                 "bf16": onnx.TensorProto.BFLOAT16}[dtype]
     for i in range(m.num_layers):
         for name, table in (
             (m.past_key_template.format(i=i), inputs),
@@ -255,17 +256,55 @@ def test_fp16_export_is_checked_for_finite_values(hf_pair_dirs, tmp_path):
     assert logits.dtype == np.float16 and np.isfinite(logits).all()
 
 
-def test_bf16_export_succeeds_or_fails_cleanly(hf_pair_dirs, tmp_path):
+def test_bf16_is_refused_with_validation_and_fails_cleanly_without(hf_pair_dirs, tmp_path,
+                                                                    monkeypatch):
+    with monkeypatch.context() as mp:
+        _no_export(mp)
+        with pytest.raises(ExportError, match="cannot be validated"):
+            export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], tmp_path / "a",
+                        dtype="bf16")
     # optimum-onnx 0.1.0 with torch 2.13 cannot trace Llama in bf16 on CPU; whatever the
-    # stack does, the outcome is a validated bf16 folder or a clear error and no folder.
+    # stack does, the outcome is a bf16 folder or a clear error and no folder
     out = tmp_path / "bf16"
     try:
-        report = export_model(hf_pair_dirs["draft"], out, dtype="bf16")
-    except (ExportError, ExportValidationError) as e:
+        report = export_model(hf_pair_dirs["draft"], out, dtype="bf16", validate=False)
+    except ExportError as e:
         assert "bf16" in str(e)
         assert not out.exists() and list(tmp_path.iterdir()) == []
     else:
-        assert report.manifest.dtype == "bf16" and report.manifest.validation["finite"]
+        _check_manifest_against_graph(report.path, "llama", dtype="bf16")
+
+
+def test_hub_id_from_the_local_cache(hf_pair_dirs, tmp_path):
+    # a hub id resolves through the Hugging Face cache (the hub itself is off in the tests)
+    from huggingface_hub import constants
+
+    ids = {}
+    for role in ("target", "draft"):
+        repo = Path(constants.HF_HUB_CACHE) / f"models--quickdraft-tests--tiny-{role}"
+        commit = "0" * 39 + ("1" if role == "target" else "2")
+        shutil.copytree(hf_pair_dirs[role], repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        ids[role] = f"quickdraft-tests/tiny-{role}"
+    report = export_pair(ids["target"], ids["draft"], tmp_path / "hub", steps=20)
+    assert report.target.manifest.source == ids["target"]
+    assert report.draft.manifest.num_layers == 1
+    _check_validation(report.target.manifest)
+
+
+def test_eos_ids_merge_config_and_generation_config(exported_llama_pair, tmp_path):
+    from transformers import AutoConfig
+
+    folder = tmp_path / "t"
+    shutil.copytree(exported_llama_pair / "target", folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen["eos_token_id"] = [7, 0, 9]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    m = api.build_manifest(folder, AutoConfig.from_pretrained(folder), "fp32")
+    assert m.eos_token_id == 0 and m.eos_token_ids == [0, 7, 9]
+    with pytest.raises(UnsupportedModelError, match="fp16"):
+        api.build_manifest(folder, AutoConfig.from_pretrained(folder), "fp16")
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import platform
@@ -30,7 +31,7 @@ from quickdraft.export.checks import (
     check_pair,
 )
 from quickdraft.export.manifest import ModelManifest, load_manifest
-from quickdraft.export.validate import validate_export
+from quickdraft.export.validate import VALIDATED_DTYPES, validate_export
 
 __all__ = ["ModelReport", "ExportReport", "export_model", "export_pair", "DTYPES", "DEVICES"]
 
@@ -135,9 +136,15 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _check_options(dtype: str, device: str) -> None:
+def _check_options(dtype: str, device: str, validate: bool) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype not in VALIDATED_DTYPES and validate:
+        raise ExportError(
+            f"{dtype} exports cannot be validated (ONNX Runtime's Python API and NumPy have no "
+            f"{dtype} arrays); export fp16 or fp32, or skip validation (--no-validate) to "
+            f"export {dtype} unchecked"
+        )
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
     if device == "cuda":
@@ -210,6 +217,20 @@ def _int_or_first(value) -> int | None:
     if isinstance(value, (list, tuple)):
         return int(value[0]) if value else None
     return None if value is None else int(value)
+
+
+def _eos_ids(config, folder: Path) -> list[int]:
+    """EOS ids of the config, then any more that generation_config.json lists."""
+    ids: list[int] = []
+    sources = [getattr(config, "eos_token_id", None)]
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for eos in sources:
+        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if e is not None and int(e) not in ids:
+                ids.append(int(e))
+    return ids
 
 
 def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
@@ -287,8 +308,7 @@ def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
         or getattr(config, "max_sequence_length", None)
         or 0
     )
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    eos_ids = _eos_ids(config, folder)
     return ModelManifest(
         architecture=arch,
         num_layers=num_layers,
@@ -413,7 +433,7 @@ def export_model(
     interrupted export leaves nothing at ``out_dir``.
     """
     start = time.perf_counter()
-    _check_options(dtype, device)
+    _check_options(dtype, device, validate)
     out = Path(out_dir).expanduser().resolve()
     _check_destination(out, overwrite)
     info = check_model(src)
@@ -448,7 +468,7 @@ def export_pair(
     validations succeeded; on failure nothing is left behind.
     """
     start = time.perf_counter()
-    _check_options(dtype, device)
+    _check_options(dtype, device, validate)
     out_path = Path(out).expanduser().resolve()
     _check_destination(out_path, overwrite)
     _emit(progress, "checking the pair")

@@ -16,7 +16,14 @@ import numpy as np
 
 from quickdraft.export.manifest import ModelManifest
 
-__all__ = ["ExportValidationError", "TOLERANCES", "PROMPTS", "OrtDecoder", "validate_export"]
+__all__ = [
+    "ExportValidationError",
+    "TOLERANCES",
+    "PROMPTS",
+    "VALIDATED_DTYPES",
+    "OrtDecoder",
+    "validate_export",
+]
 
 # (atol, rtol): fail when max |onnx - torch| > atol + rtol * max |torch logits|
 TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (1e-1, 4e-2)}
@@ -28,6 +35,7 @@ PROMPTS = [
 ]
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+VALIDATED_DTYPES = tuple(_NP_DTYPES)
 
 
 class ExportValidationError(RuntimeError):
@@ -60,7 +68,7 @@ class OrtDecoder:
         if manifest.dtype not in _NP_DTYPES:
             raise ExportValidationError(
                 f"validation of {manifest.dtype} graphs is not supported (NumPy has no "
-                f"{manifest.dtype}); export with --dtype fp32 or fp16"
+                f"{manifest.dtype}); validate fp32 or fp16 exports"
             )
         self.m = manifest
         self.np_dtype = _NP_DTYPES[manifest.dtype]
