@@ -1,0 +1,304 @@
+"""Verification on the device: speculative sampling's acceptance rule as an ONNX graph.
+
+:func:`build_verify_graph` writes :func:`quickdraft.verification.verify` (exact rule,
+lenience 1) with standard ONNX operators, after the same sampling adjustments as
+:func:`quickdraft.sampling.adjust_logits` (temperature, then top-k, then top-p; temperature
+0 is greedy). Run next to the models, it reads the target's logits where the target wrote
+them, so only two integers, n and the next token, come back to the host per iteration.
+
+Inputs (``compute`` is the graph's float type, float32 or float64):
+
+* ``target_logits`` [1, S, V] (the model's ``logits`` output as is, any S >= gamma + 1;
+  the last gamma + 1 rows are used) in the model's dtype, or ``target_probs``
+  [gamma + 1, V] in ``compute`` when built with ``target_input="probs"``;
+* ``draft_probs`` [gamma, V], ``accept_uniforms`` [gamma], ``sample_uniform`` [1] in
+  ``compute``; ``draft_tokens`` [gamma] int64.
+
+Outputs: ``n`` [1] int64 (accepted draft tokens) and ``next_token`` [1] int64.
+
+The decisions are those of ``verify``, step for step: token i is accepted while
+``u_i * q_i(x_i) < p_i(x_i)``; n is the first rejection (gamma if none); the next token is
+drawn from ``norm(max(0, p_n - q_n))`` with q padded by a zero row at gamma (so the bonus
+comes from p_gamma), falling back to p_n when that residual sums to at most 1e-12, by
+inverse CDF: the count of cdf entries <= u * total, clamped to the last index of positive
+weight. Only rounding differs (float32 against NumPy's float64), so the two agree except
+where a uniform lies within rounding of a decision boundary (tests/test_verify_graph.py
+states the margin it keeps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from quickdraft.ort_backend.device import Device, session_options
+from quickdraft.protocols import advance
+from quickdraft.sampling import SamplingConfig
+
+__all__ = ["build_verify_graph", "DeviceVerifier", "device_speculative_step", "RESIDUAL_EPS"]
+
+RESIDUAL_EPS = 1e-12  # as quickdraft.verification.RESIDUAL_EPS
+_INT64_MAX = np.iinfo(np.int64).max
+_COMPUTE = {"float32": (np.float32, 1), "float64": (np.float64, 11)}
+_LOGITS_TYPES = {"fp32": 1, "fp16": 10, "fp64": 11}
+OPSET = 17
+
+
+class _Builder:
+    """A tiny helper over onnx.helper: unique names, constants, one node per call."""
+
+    def __init__(self, np_type):
+        self.nodes: list = []
+        self.inits: list = []
+        self.np_type = np_type
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value, dtype=None, hint="c") -> str:
+        from onnx import numpy_helper
+
+        arr = np.asarray(value, dtype=dtype if dtype is not None else self.np_type)
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def fill_like(self, x: str, value: float) -> str:
+        """A tensor shaped like ``x`` filled with ``value`` (in the compute type)."""
+        from onnx import numpy_helper
+
+        fill = numpy_helper.from_array(np.asarray([value], dtype=self.np_type))
+        return self.op("ConstantOfShape", [self.op("Shape", [x])], value=fill)
+
+    def zeros_like(self, x: str) -> str:
+        return self.fill_like(x, 0.0)
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs):
+        from onnx import helper
+
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _adjust(b: _Builder, z: str, vocab: int, sampling: SamplingConfig) -> str:
+    """adjust_logits for sampling (temperature > 0): logits z [R, V] -> probs [R, V]."""
+    if sampling.temperature != 1.0:
+        z = b.op("Div", [z, b.const(sampling.temperature)])
+    if 0 < sampling.top_k < vocab:
+        # keep exactly k: TopK breaks ties towards the lower index, like NumPy's stable sort
+        _, idx = b.op("TopK", [z, b.const([sampling.top_k], np.int64)], n_out=2,
+                      axis=-1, largest=1, sorted=1)
+        keep = b.op("ScatterElements", [b.zeros_like(z), idx, b.fill_like(idx, 1.0)], axis=-1)
+        z = b.op("Where", [b.op("Greater", [keep, b.const(0.5)]), z, b.const(-np.inf)])
+    probs = b.op("Softmax", [z], axis=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = b.op("TopK", [probs, b.const([vocab], np.int64)], n_out=2,
+                               axis=-1, largest=1, sorted=1)
+        cum = b.op("CumSum", [sorted_p, b.const(-1, np.int64)])
+        before = b.op("Sub", [cum, sorted_p])  # mass of the more likely tokens
+        keep_sorted = b.op("Cast", [b.op("Less", [before, b.const(sampling.top_p)])],
+                           to=_COMPUTE[np.dtype(b.np_type).name][1])
+        keep = b.op("ScatterElements", [b.zeros_like(probs), order, keep_sorted], axis=-1)
+        kept = b.op("Where", [b.op("Greater", [keep, b.const(0.5)]), probs, b.const(0.0)])
+        total = b.op("ReduceSum", [kept, b.const([-1], np.int64)], keepdims=1)
+        probs = b.op("Div", [kept, total])
+    return probs
+
+
+def build_verify_graph(
+    gamma: int,
+    vocab: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    logits_dtype: str = "fp32",
+    compute: str = "float32",
+    target_input: str = "logits",
+):
+    """The verification graph for ``gamma`` draft tokens over a vocabulary of ``vocab``.
+
+    ``sampling`` must be the settings the draft probabilities were adjusted with
+    (greedy when its temperature is 0). ``logits_dtype`` ("fp32", "fp16" or "fp64") is the
+    type of ``target_logits``; ``compute`` ("float32" or "float64") the type everything
+    else is computed in. Returns an ``onnx.ModelProto``.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    if int(gamma) != gamma or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    if vocab < 1:
+        raise ValueError(f"vocab must be >= 1, got {vocab}")
+    if compute not in _COMPUTE:
+        raise ValueError(f"compute must be float32 or float64, got {compute!r}")
+    if logits_dtype not in _LOGITS_TYPES:
+        raise ValueError(f"logits_dtype must be fp32, fp16 or fp64, got {logits_dtype!r}")
+    if target_input not in ("logits", "probs"):
+        raise ValueError(f"target_input must be 'logits' or 'probs', got {target_input!r}")
+    np_type, onnx_type = _COMPUTE[compute]
+    b = _Builder(np_type)
+    g1 = gamma + 1
+    inputs = []
+    if target_input == "logits":
+        inputs.append(helper.make_tensor_value_info(
+            "target_logits", _LOGITS_TYPES[logits_dtype], [1, "S", vocab]))
+        z = b.op("Squeeze", ["target_logits", b.const([0], np.int64)])  # [S, V]
+        z = b.op("Slice", [z, b.const([-g1], np.int64), b.const([_INT64_MAX], np.int64),
+                           b.const([0], np.int64)])  # the last gamma + 1 rows
+        z = b.op("Cast", [z], to=onnx_type)
+        target = None
+    else:
+        inputs.append(helper.make_tensor_value_info("target_probs", onnx_type, [g1, vocab]))
+        target = "target_probs"
+    inputs += [
+        helper.make_tensor_value_info("draft_probs", onnx_type, [gamma, vocab]),
+        helper.make_tensor_value_info("draft_tokens", TensorProto.INT64, [gamma]),
+        helper.make_tensor_value_info("accept_uniforms", onnx_type, [gamma]),
+        helper.make_tensor_value_info("sample_uniform", onnx_type, [1]),
+    ]
+    x = "draft_tokens"
+    x_col = b.op("Unsqueeze", [x, b.const([1], np.int64)])  # [gamma, 1]
+    f32 = TensorProto.FLOAT
+    if sampling.greedy and target is None:
+        # one-hot p: accept x_i iff it is the target's argmax; the next token is the argmax
+        # at n (what verify gives for one-hot p and any q supporting the draft tokens)
+        best = b.op("ArgMax", [z], axis=-1, keepdims=0)  # [gamma + 1] int64
+        best_g = b.op("Slice", [best, b.const([0], np.int64), b.const([gamma], np.int64),
+                                b.const([0], np.int64)])
+        rejected = b.op("Cast", [b.op("Not", [b.op("Equal", [best_g, x])])], to=f32)
+        padded = b.op("Concat", [rejected, b.const([1.0], np.float32)], axis=0)
+        n = b.op("ArgMax", [padded], axis=0, keepdims=1)  # first rejection, or gamma
+        b.nodes.append(helper.make_node("Identity", [n], ["n"]))
+        b.nodes.append(helper.make_node("Gather", [best, n], ["next_token"], axis=0))
+    else:
+        if target is None:
+            target = _adjust(b, z, vocab, sampling)  # p [gamma + 1, V]
+        p = target
+        q = "draft_probs"
+        p_g = b.op("Slice", [p, b.const([0], np.int64), b.const([gamma], np.int64),
+                             b.const([0], np.int64)])  # [gamma, V]
+        p_x = b.op("Squeeze", [b.op("GatherElements", [p_g, x_col], axis=1),
+                               b.const([1], np.int64)])  # [gamma]
+        q_x = b.op("Squeeze", [b.op("GatherElements", [q, x_col], axis=1),
+                               b.const([1], np.int64)])
+        accepted = b.op("Less", [b.op("Mul", ["accept_uniforms", q_x]), p_x])  # u q < p
+        rejected = b.op("Cast", [b.op("Not", [accepted])], to=f32)
+        padded = b.op("Concat", [rejected, b.const([1.0], np.float32)], axis=0)
+        n = b.op("ArgMax", [padded], axis=0, keepdims=1)  # [1]: first rejection, or gamma
+        b.nodes.append(helper.make_node("Identity", [n], ["n"]))
+        zero_row = b.const(np.zeros((1, vocab)))
+        q_pad = b.op("Concat", [q, zero_row], axis=0)  # [gamma + 1, V]
+        p_n = b.op("Gather", [p, n], axis=0)  # [1, V]
+        q_n = b.op("Gather", [q_pad, n], axis=0)
+        r = b.op("Max", [b.op("Sub", [p_n, q_n]), b.const(0.0)])
+        total = b.op("ReduceSum", [r, b.const([-1], np.int64)], keepdims=1)  # [1, 1]
+        empty = b.op("LessOrEqual", [total, b.const(RESIDUAL_EPS)])
+        safe = b.op("Where", [empty, b.const(1.0), total])
+        w = b.op("Where", [empty, p_n, b.op("Div", [r, safe])])  # [1, V]
+        cdf = b.op("CumSum", [w, b.const(-1, np.int64)])
+        cdf_total = b.op("Slice", [cdf, b.const([-1], np.int64),
+                                   b.const([_INT64_MAX], np.int64), b.const([1], np.int64)])
+        threshold = b.op("Mul", [b.op("Unsqueeze", ["sample_uniform", b.const([0], np.int64)]),
+                                 cdf_total])  # [1, 1]
+        below = b.op("Cast", [b.op("LessOrEqual", [cdf, threshold])], to=f32)
+        count = b.op("ReduceSum", [below, b.const([-1], np.int64)], keepdims=0)  # [1]
+        index = b.const(np.arange(vocab, dtype=np.float32)[None], np.float32)
+        positive = b.op("Where", [b.op("Greater", [w, b.const(0.0)]), index,
+                                  b.const(-1.0, np.float32)])
+        last_positive = b.op("ReduceMax", [positive], axes=[-1], keepdims=0)  # [1]
+        b.nodes.append(helper.make_node("Cast", [b.op("Min", [count, last_positive])],
+                                        ["next_token"], to=TensorProto.INT64))
+    outputs = [helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
+               helper.make_tensor_value_info("next_token", TensorProto.INT64, [1])]
+    graph = helper.make_graph(b.nodes, "quickdraft_verify", inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="quickdraft")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+class DeviceVerifier:
+    """Runs a verification graph on a device; ``verifier(...) -> (n, next_token)``.
+
+    The target logits may be a NumPy array ([S, V] or [1, S, V]) or an OrtValue
+    [1, S, V] on the same device (the static model's ``append_device`` output), which is
+    bound without a copy. The other inputs come from the host; n and the next token are
+    the only outputs read back.
+    """
+
+    def __init__(self, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
+                 device: Device = Device("cpu"), logits_dtype: str = "fp32",
+                 compute: str = "float32", target_input: str = "logits", options=None):
+        import onnxruntime as ort
+
+        self.gamma, self.vocab, self.sampling = int(gamma), int(vocab), sampling
+        self.device = device
+        self.compute = np.dtype(compute).type
+        self.logits_np = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64}[logits_dtype]
+        self.target_input = target_input
+        self.model = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
+                                        compute=compute, target_input=target_input)
+        options = options if options is not None else session_options()
+        self.session = ort.InferenceSession(self.model.SerializeToString(), options,
+                                            providers=device.providers)
+        self.binding = self.session.io_binding()
+
+    def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
+                 sample_uniform) -> tuple[int, int]:
+        import onnxruntime as ort
+
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        name = "target_logits" if self.target_input == "logits" else "target_probs"
+        if isinstance(target, ort.OrtValue):
+            io.bind_ortvalue_input(name, target)
+        else:
+            arr = np.asarray(target)
+            if self.target_input == "logits":
+                arr = arr.reshape(1, -1, self.vocab).astype(self.logits_np, copy=False)
+            else:
+                arr = arr.astype(self.compute, copy=False)
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        g = self.gamma
+        io.bind_cpu_input("draft_probs", np.ascontiguousarray(
+            np.asarray(draft_probs, dtype=self.compute).reshape(g, self.vocab)))
+        io.bind_cpu_input("draft_tokens", np.asarray(draft_tokens, dtype=np.int64).reshape(g))
+        io.bind_cpu_input("accept_uniforms", np.asarray(accept_uniforms, self.compute).reshape(g))
+        io.bind_cpu_input("sample_uniform", np.asarray([sample_uniform], self.compute))
+        io.bind_output("n", "cpu")
+        io.bind_output("next_token", "cpu")
+        self.session.run_with_iobinding(io)
+        n, token = io.copy_outputs_to_cpu()
+        return int(n[0]), int(token[0])
+
+
+def device_speculative_step(target_state, drafter, ids: Sequence[int], gamma: int,
+                            sampling: SamplingConfig, draft_uniforms, accept_uniforms,
+                            sample_uniform: float, verifier: DeviceVerifier):
+    """:func:`quickdraft.generation.speculative_step` with the verification graph.
+
+    ``target_state`` is a :class:`~quickdraft.ort_backend.static.StaticDecodeState` (its
+    logits stay on the device) or any DecodeState (its logits go through the host).
+    Returns (output tokens, n, draft calls).
+    """
+    if verifier.gamma != gamma or verifier.sampling != sampling:
+        raise ValueError("the verifier was built for another gamma or other sampling settings")
+    cand = drafter.get_candidates(ids, gamma, draft_uniforms)
+    want = list(ids) + cand.tokens.tolist()
+    if hasattr(target_state, "append_device"):
+        have = target_state.tokens
+        common = 0
+        limit = min(len(have), len(want) - 1)
+        while common < limit and have[common] == want[common]:
+            common += 1
+        target_state.rewind(common)
+        logits = target_state.append_device(want[common:])  # [1, k, V] with k >= gamma + 1
+    else:
+        logits = advance(target_state, want)
+    n, token = verifier(logits, cand.probs, cand.tokens, accept_uniforms, sample_uniform)
+    return cand.tokens[:n].tolist() + [token], n, cand.model_calls
