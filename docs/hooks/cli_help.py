@@ -3,6 +3,9 @@
 - ``<!-- quickdraft-cli-help -->`` becomes the live ``--help`` text of the ``quickdraft``
   command and of every verb that ``quickdraft.cli.build_parser`` registers. Verbs whose
   part of the package is not present are simply absent (``build_parser`` skips them).
+- Sphinx roles left in docstrings (``:func:`x```, ``:class:`~a.B```, ...) become
+  cross-references to the API pages where the name resolves, and plain code otherwise,
+  instead of showing the role's text.
 - ``<!-- quickdraft-benchmark-plots -->`` becomes the benchmark plots that
   ``scripts/make_plots.py`` drew into ``docs/assets/benchmark_*.png``, or a note that
   there are none yet.
@@ -11,7 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import html
 import os
+import re
 from pathlib import Path
 
 CLI_MARKER = "<!-- quickdraft-cli-help -->"
@@ -22,7 +27,7 @@ def _fence(text: str) -> str:
     return "```text\n" + text.rstrip() + "\n```\n"
 
 
-def cli_help_markdown(width: int = 96) -> str:
+def cli_help_markdown(width: int = 80) -> str:
     """The help of ``quickdraft`` and of each verb, as Markdown sections."""
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = str(width)  # argparse wraps help to the terminal width
@@ -60,6 +65,23 @@ def benchmark_plots_markdown(docs_dir: Path, page_dir: Path) -> str:
         title = png.stem.removeprefix("benchmark_").replace("_", " ")
         parts.append(f"### {title}\n\n![{title}]({rel})\n")
     return "\n".join(parts)
+
+
+# ":func:" then the name as rendered: <code>~pkg.mod.name</code> (Google-style docstrings
+# with reST roles, as griffe renders them)
+ROLE_RE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|py:\w+):<code>(~?)([\w.]+)</code>")
+
+
+def _role_to_autoref(match: re.Match) -> str:
+    short, name = match.group(1), match.group(2)
+    title = name.rsplit(".", 1)[-1] if short else name
+    # "optional": mkdocs-autorefs links it when the name is documented, else leaves code
+    return (f'<autoref identifier="{html.escape(name)}" optional>'
+            f"<code>{html.escape(title)}</code></autoref>")
+
+
+def on_page_content(content: str, **kwargs) -> str:
+    return ROLE_RE.sub(_role_to_autoref, content)
 
 
 def on_page_markdown(markdown: str, page, config, **kwargs) -> str:
