@@ -1,0 +1,522 @@
+"""The ONNX Runtime backend on the CPU EP, on tiny exported Llama pairs (offline).
+
+Pairs: the shared ``exported_llama_pair`` (independent random target and draft: greedy
+acceptance is near zero, sampled acceptance partial), a "close" pair whose draft is the
+target with its weights perturbed (mixed acceptance counts under greedy decoding) and a
+"self" pair whose draft is the target itself (everything accepted: the bonus-token path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("tokenizers")
+
+from quickdraft.cli import main as cli_main  # noqa: E402
+from quickdraft.generation import speculative_generate  # noqa: E402
+from quickdraft.ort_backend import (  # noqa: E402
+    CudaUnavailableError,
+    DecodeConfig,
+    Generator,
+    ModelFolderError,
+    OrtModel,
+    StreamDecoder,
+)
+from quickdraft.ort_backend.slicer import CacheSlicer, slice_model_bytes  # noqa: E402
+from quickdraft.sampling import SamplingConfig, adjust_logits  # noqa: E402
+
+GREEDY = SamplingConfig(temperature=0)
+TOL = 1e-4  # max |logit difference| between fp32 runtimes
+PROMPTS = [
+    "def main(",
+    "import os\nimport sys\n",
+    "x",
+    "class Foo(object):\n    def __init__(self",
+    "    return self._",
+    "# Copyright (c) 2001",
+    "for i in range(10):\n",
+    "é ü ∑ 中文",
+]
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(exported_llama_pair) -> Path:
+    return Path(exported_llama_pair)
+
+
+@pytest.fixture(scope="module")
+def gen(pair) -> Generator:
+    return Generator.load(pair, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def close_pair(tmp_path_factory, hf_pair_dirs, pair) -> Path:
+    """The target, and as draft the target's weights plus 5% noise."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from quickdraft.export import export_model
+
+    src = Path(hf_pair_dirs["target"])
+    root = tmp_path_factory.mktemp("close-pair")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * p.std() * 0.05)
+    model.save_pretrained(root / "hf-draft")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(src / name, root / "hf-draft" / name)
+    out = root / "pair"
+    export_model(root / "hf-draft", out / "draft", validate=False)
+    shutil.copytree(pair / "target", out / "target")
+    return out
+
+
+@pytest.fixture(scope="module")
+def self_pair(tmp_path_factory, pair) -> Path:
+    out = tmp_path_factory.mktemp("self-pair") / "pair"
+    shutil.copytree(pair / "target", out / "target")
+    shutil.copytree(pair / "target", out / "draft")
+    return out
+
+
+def _copy(pair: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "pair"
+    shutil.copytree(pair, out)
+    return out
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    path = folder / "quickdraft.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+# -- the model: logits, cache, rollback -------------------------------------------------------
+
+
+def test_logits_equal_pytorch_and_the_numpy_reference(gen, hf_pair_dirs):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from quickdraft.reference.transformer import NumpyTransformer
+
+    for role, model in (("target", gen.target), ("draft", gen.draft)):
+        hf = AutoModelForCausalLM.from_pretrained(hf_pair_dirs[role]).eval()
+        ref = NumpyTransformer.from_pretrained(hf_pair_dirs[role])
+        for text in PROMPTS[:4]:
+            ids = gen.encode(text)
+            with torch.no_grad():
+                want = hf(torch.tensor([ids])).logits[0].numpy()  # [T, V]
+            got = model.new_state().append(ids)  # [T, V]
+            assert got.shape == want.shape == (len(ids), model.vocab_size)
+            assert np.abs(got - want).max() < TOL, role
+            ours = ref.new_state().append(ids)
+            assert np.abs(got - ours).max() < TOL, role
+
+
+def test_cached_steps_equal_one_full_forward(gen):
+    ids = gen.encode(PROMPTS[3])
+    full = gen.target.new_state().append(ids)
+    state = gen.target.new_state()
+    parts = [state.append(ids[:1]), state.append(ids[1:4]), state.append(ids[4:])]
+    assert np.abs(np.concatenate(parts) - full).max() < TOL
+    assert state.tokens == ids
+    assert state.append([]).shape == (0, gen.target.vocab_size)
+
+
+def test_rewind_then_append_equals_a_fresh_forward(gen):
+    model = gen.target
+    ids = gen.encode(PROMPTS[1])
+    rng = np.random.default_rng(0)
+    state = model.new_state()
+    state.append(ids)
+    for _ in range(10):
+        # grow by a few random tokens, cut back somewhere, grow again: like draft + reject
+        state.append(rng.integers(0, model.vocab_size, size=int(rng.integers(1, 6))).tolist())
+        keep = int(rng.integers(0, len(state.tokens) + 1))
+        state.rewind(keep)
+        assert len(state.tokens) == keep
+        assert all(c.shape()[2] == keep for c in state.cache)
+        new = rng.integers(0, model.vocab_size, size=int(rng.integers(1, 5))).tolist()
+        got = state.append(new)
+        fresh = model.new_state().append(state.tokens)[-len(new):]
+        assert np.abs(got - fresh).max() < TOL
+    with pytest.raises(ValueError, match="cannot rewind"):
+        state.rewind(len(state.tokens) + 1)
+
+
+class _CheckedModel:
+    """Wraps a model; after every rewind, checks the next logits against a fresh forward."""
+
+    def __init__(self, model):
+        self.model = model
+        self.checked = 0
+
+    vocab_size = property(lambda self: self.model.vocab_size)
+    max_length = property(lambda self: self.model.max_length)
+
+    def new_state(self):
+        outer, inner = self, self.model.new_state()
+
+        class State:
+            rewound = False
+            tokens = property(lambda s: inner.tokens)
+
+            def rewind(s, length):
+                s.rewound = s.rewound or length < len(inner.tokens)
+                inner.rewind(length)
+
+            def append(s, tokens):
+                got = inner.append(tokens)
+                if s.rewound:
+                    fresh = outer.model.new_state().append(inner.tokens)[-len(tokens):]
+                    assert np.abs(got - fresh).max() < TOL
+                    outer.checked += 1
+                    s.rewound = False
+                return got
+
+        return State()
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0)])
+def test_rollback_inside_the_speculative_loop(gen, sampling):
+    """After each rejection, the next target (and draft) logits equal a fresh full forward."""
+    target, draft = _CheckedModel(gen.target), _CheckedModel(gen.draft)
+    res = speculative_generate(target, draft, gen.encode(PROMPTS[0]), gamma=4,
+                               max_new_tokens=40, sampling=sampling,
+                               rng=np.random.default_rng(1))
+    assert len(res.tokens) == 40
+    assert min(res.stats.accepted_per_iteration) < 4  # there were rejections
+    assert target.checked >= 5 and draft.checked >= 5
+
+
+def test_cache_slicer_graph_is_valid_onnx_and_slices():
+    onnx = pytest.importorskip("onnx")
+    for elem, dtype in ((1, np.float32), (10, np.float16)):
+        onnx.checker.check_model(onnx.load_from_string(slice_model_bytes(3, elem)),
+                                 full_check=True)
+        slicer = CacheSlicer(3, elem, ["CPUExecutionProvider"], "cpu")
+        xs = [np.random.default_rng(j).random((1, 2, 7, 4)).astype(dtype) for j in range(3)]
+        for length in (1, 5, 7):
+            out = slicer([ort.OrtValue.ortvalue_from_numpy(x) for x in xs], length)
+            for o, x in zip(out, xs):
+                np.testing.assert_array_equal(o.numpy(), x[:, :, :length])
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, prompts", [("pair", 3), ("close_pair", 8), ("self_pair", 3)])
+def test_greedy_speculative_equals_greedy_autoregressive(which, prompts, request):
+    g = Generator.load(request.getfixturevalue(which), device="cpu")
+    accepted = set()
+    for text in PROMPTS[:prompts]:
+        want = g.generate(text, DecodeConfig(max_new_tokens=24, sampling=GREEDY,
+                                             autoregressive=True))
+        assert len(want.tokens) == 24
+        for gamma in range(1, 7):
+            got = g.generate(text, DecodeConfig(max_new_tokens=24, gamma=gamma, sampling=GREEDY))
+            assert got.tokens == want.tokens, (text, gamma)
+            assert got.text == want.text
+            accepted.update(got.stats.generation.accepted_per_iteration)
+    if which == "close_pair":
+        assert {0, 1, 2} <= accepted  # partial acceptance was exercised
+    if which == "self_pair":
+        assert 0 not in accepted and 6 in accepted  # everything accepted: bonus tokens
+
+
+def test_same_seed_same_output(gen):
+    cfg = DecodeConfig(max_new_tokens=30, gamma=3, sampling=SamplingConfig(temperature=1.0),
+                       seed=123)
+    a, b = gen.generate(PROMPTS[0], cfg), gen.generate(PROMPTS[0], cfg)
+    assert a.tokens == b.tokens and a.text == b.text
+    assert a.stats.generation.accepted_per_iteration == b.stats.generation.accepted_per_iteration
+    c = gen.generate(PROMPTS[0], DecodeConfig(max_new_tokens=30, gamma=3,
+                                              sampling=SamplingConfig(temperature=1.0), seed=124))
+    assert c.tokens != a.tokens
+
+
+def _chi2_quantile(df: int, alpha: float) -> float:
+    """Upper-alpha quantile of chi-square(df), Wilson-Hilferty (within ~1% for df >= 3)."""
+    z = {1e-3: 3.0902323}[alpha]
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi2(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic of ``counts`` against ``p`` over the tokens with an expected count
+    of 5 or more (the others pooled into one cell), and its degrees of freedom."""
+    expected = counts.sum() * p
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep])), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
+                                      SamplingConfig(temperature=0.8, top_p=0.9)])
+def test_sampled_first_token_follows_the_target(gen, sampling):
+    """First token of a speculative iteration (gamma 3) vs the exact target distribution.
+
+    1000 seeded runs from one prefill (rewind to the prompt, one step). Chi-square goodness
+    of fit at a false-alarm rate of 1e-3; the same test applied to draws from the draft's q
+    must fail, so it has the power to see a sampler that ignores the target.
+    """
+    runs = 1000
+    prompt = gen.encode(PROMPTS[0])
+    p = adjust_logits(gen.target.new_state().append(prompt)[-1], sampling)  # [V] exact
+    q = adjust_logits(gen.draft.new_state().append(prompt)[-1], sampling)  # [V]
+    counts = np.zeros_like(p)
+    gen.prefill(prompt, DecodeConfig(max_new_tokens=8, gamma=3, sampling=sampling, seed=2024))
+    rejected_first = 0
+    for _ in range(runs):
+        gen.rewind(len(prompt))
+        tokens = gen.step()
+        counts[tokens[0]] += 1
+        rejected_first += gen.stats.generation.accepted_per_iteration[-1] == 0
+    assert 0.1 * runs < rejected_first < 0.9 * runs  # accepted and recovered tokens both seen
+    assert counts[p == 0].sum() == 0  # never a token the target cannot produce
+    chi2, df = _chi2(counts, p)
+    assert df >= 5
+    assert chi2 < _chi2_quantile(df, 1e-3), (chi2, df)
+    from_q = np.bincount(np.random.default_rng(0).choice(len(q), size=runs, p=q),
+                         minlength=len(q)).astype(float)
+    chi2_q, df_q = _chi2(from_q, p)
+    assert chi2_q > _chi2_quantile(df_q, 1e-3)
+
+
+def test_eos_stops_generation(gen):
+    base = gen.generate(PROMPTS[2], DecodeConfig(max_new_tokens=20, sampling=GREEDY,
+                                                 autoregressive=True))
+    stop = base.tokens[6]
+    saved = gen.eos_ids
+    try:
+        gen.eos_ids = frozenset({stop})
+        for cfg in (DecodeConfig(max_new_tokens=20, sampling=GREEDY, autoregressive=True),
+                    DecodeConfig(max_new_tokens=20, gamma=4, sampling=GREEDY)):
+            res = gen.generate(PROMPTS[2], cfg)
+            assert res.tokens == base.tokens[: base.tokens.index(stop) + 1]
+            assert res.finish_reason == "eos"
+    finally:
+        gen.eos_ids = saved
+    assert base.finish_reason == "length"
+
+
+def test_statistics_are_consistent(gen):
+    res = gen.generate(PROMPTS[1], DecodeConfig(max_new_tokens=25, gamma=4, seed=0,
+                                                sampling=SamplingConfig(temperature=1.0)))
+    s, g = res.stats, res.stats.generation
+    assert s.new_tokens == len(res.tokens) == 25
+    assert s.target.calls == g.target_calls == g.iterations  # one target call per iteration
+    assert s.draft.calls == g.draft_calls
+    assert s.target_calls == s.target.calls + 1 and s.draft_calls == s.draft.calls + 1  # prefill
+    assert sum(g.accepted_per_iteration) + g.iterations >= 25  # the last may be cut short
+    assert 0 <= g.alpha <= 1
+    assert s.cost_ratio > 0 and s.decode_s >= s.target_s + s.draft_s
+    d = res.as_dict()
+    json.dumps(d, allow_nan=False)
+    for key in ("alpha", "cost_ratio_c", "target_s", "draft_s", "verify_s", "target_calls",
+                "draft_calls", "accepted_per_iteration", "tokens_per_s"):
+        assert key in d["stats"]
+    ar = gen.generate(PROMPTS[1], DecodeConfig(max_new_tokens=5, autoregressive=True, seed=0))
+    assert ar.stats.draft is None and ar.as_dict()["stats"]["cost_ratio_c"] is None
+    assert ar.stats.target_calls == 1 + 5  # prefill of prompt[:-1], then one call per token
+
+
+def test_lifecycle_prefill_step_rewind(gen):
+    prompt = gen.encode(PROMPTS[4])
+    cfg = DecodeConfig(max_new_tokens=12, gamma=3, sampling=GREEDY)
+    want = gen.generate(prompt, cfg).tokens
+    gen.prefill(prompt, cfg)
+    assert len(gen._target_state.tokens) == len(prompt) - 1  # the last token is fed by step
+    got = []
+    while not gen.done:
+        got += gen.step()
+    assert got == want and gen.step() == []
+    gen.rewind(len(prompt) + 4)  # drop 8 tokens and continue: greedy gives them again
+    assert gen.new_tokens == want[:4] and not gen.done
+    while not gen.done:
+        gen.step()
+    assert gen.new_tokens == want
+    with pytest.raises(ValueError, match="cannot rewind"):
+        gen.rewind(0)
+
+
+def test_stream_decoder_pieces_join_to_the_decoded_text(gen):
+    tok = gen.tokenizer
+    rng = np.random.default_rng(0)
+    context = tok.encode("héllo wörld ").ids
+    for _ in range(50):  # random ids: byte tokens that split characters, specials included
+        ids = rng.integers(0, tok.get_vocab_size(), size=30).tolist()
+        for ctx in ([], context):
+            dec = StreamDecoder(tok, ctx)
+            pieces = [dec.push([t]) for t in ids] + [dec.flush()]
+            whole = tok.decode(ctx + ids, skip_special_tokens=True)
+            assert "".join(pieces) == whole[len(tok.decode(ctx, skip_special_tokens=True)):]
+            # a piece never ends in a half character (only the final flush may)
+            assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+
+
+def test_stream_yields_the_generated_text(gen):
+    cfg = DecodeConfig(max_new_tokens=25, gamma=3, sampling=SamplingConfig(temperature=1.0),
+                       seed=5)
+    pieces = list(gen.stream(PROMPTS[7], cfg))
+    assert gen.result.text == "".join(pieces)
+    assert gen.result.tokens == gen.generate(PROMPTS[7], cfg).tokens
+    assert gen.result.text == gen.decode(gen.result.tokens)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_missing_and_partial_folders(pair, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Generator.load(tmp_path / "nowhere", device="cpu")
+    half = tmp_path / "half"
+    shutil.copytree(pair / "target", half / "target")
+    with pytest.raises(FileNotFoundError, match="no draft folder"):
+        Generator.load(half, device="cpu")
+    assert Generator.load(half, device="cpu", draft=False).draft is None
+    for missing, message in (("model.onnx", "incomplete"), ("tokenizer.json", "tokenizer.json"),
+                             ("quickdraft.json", "not a quickdraft export")):
+        broken = _copy(pair, tmp_path / missing)
+        (broken / "draft" / missing).unlink()
+        with pytest.raises(FileNotFoundError, match=message):
+            Generator.load(broken, device="cpu")
+    corrupt = _copy(pair, tmp_path / "corrupt")
+    (corrupt / "target" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match="could not load"):
+        Generator.load(corrupt, device="cpu")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"input_names": ["input_ids", "attention_mask"]}, "input_names"),
+    ({"num_kv_heads": 3}, "num_kv_heads"),
+    ({"num_layers": 3}, "num_layers"),
+    ({"vocab_size": 100}, "vocab_size"),
+    ({"dtype": "fp16"}, "dtype"),
+    ({"has_position_ids": False}, "has_position_ids"),
+    ({"kv_cache": "static"}, "static"),
+])
+def test_manifest_disagreeing_with_the_graph(pair, tmp_path, changes, message):
+    broken = _copy(pair, tmp_path)
+    _edit_manifest(broken / "target", **changes)
+    with pytest.raises(ModelFolderError, match=message):
+        OrtModel(broken / "target")
+
+
+def test_vocabulary_mismatch(pair, tmp_path):
+    broken = _copy(pair, tmp_path)
+    path = broken / "draft" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        Generator.load(broken, device="cpu")
+    wider = _copy(pair, tmp_path / "wider")
+    _edit_manifest(wider / "draft", vocab_size=1024)
+    with pytest.raises(ValueError, match="vocab"):
+        Generator.load(wider, device="cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+def test_cuda_requested_but_unavailable(pair):
+    with pytest.raises(CudaUnavailableError, match="CUDA was requested"):
+        Generator.load(pair, device="cuda")
+    g = Generator.load(pair, device="auto")
+    assert str(g.device) == "cpu" and "running on the CPU" in g.device_note
+
+
+def test_bad_requests(gen):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        gen.generate("", DecodeConfig())
+    with pytest.raises(ValueError, match="prompt is empty"):
+        gen.generate([], DecodeConfig())
+    long_prompt = "x = 1\n" * 200
+    with pytest.raises(ValueError, match="no room to generate"):
+        gen.generate(long_prompt, DecodeConfig())
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        gen.generate(PROMPTS[0], DecodeConfig(max_new_tokens=255))
+    with pytest.raises(ValueError, match="token ids"):
+        gen.generate([5, 10_000], DecodeConfig())
+    for kwargs in (dict(gamma=0), dict(gamma=1.5), dict(max_new_tokens=0), dict(seed=-1)):
+        with pytest.raises(ValueError):
+            DecodeConfig(**kwargs)
+    for kwargs in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**kwargs)
+    target_only = Generator(gen.target, None, gen.tokenizer)
+    with pytest.raises(ValueError, match="no draft model"):
+        target_only.generate(PROMPTS[0], DecodeConfig())
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args):
+    rc = cli_main(["generate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_json_and_stream(pair, capsys):
+    base = ["--model-dir", pair, "--prompt", "def main(", "--max-new-tokens", 12,
+            "--device", "cpu"]
+    rc, out, err = _cli(capsys, *base, "--json", "--gamma", 3)
+    assert rc == 0
+    res = json.loads(out)
+    assert len(res["tokens"]) == 12 and res["stats"]["mode"] == "speculative"
+    assert res["stats"]["gamma"] == 3 and res["stats"]["target_calls"] >= 1
+    rc, out_ar, _ = _cli(capsys, *base, "--json", "--autoregressive")
+    assert rc == 0 and json.loads(out_ar)["tokens"] == res["tokens"]  # greedy: the same
+    rc, out, err = _cli(capsys, *base, "--stream")
+    assert rc == 0 and out == res["text"] + "\n"
+    assert "speculative on cpu" in err and "tok/s" in err
+    rc, out, _ = _cli(capsys, *base, "--stream", "--json", "--temperature", 0.9, "--top-k", 20,
+                      "--seed", 3)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[-1]["done"] is True
+    assert sum((line["tokens"] for line in lines[:-1]), []) == lines[-1]["tokens"]
+    assert "".join(line["text"] for line in lines[:-1]) == lines[-1]["text"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gamma", 0], "gamma"),
+    (["--temperature", -1], "temperature"),
+    (["--top-p", 2], "top_p"),
+    (["--max-new-tokens", 0], "max_new_tokens"),
+])
+def test_cli_bad_values(pair, capsys, args, message):
+    rc, out, err = _cli(capsys, "--model-dir", pair, "--prompt", "x", "--device", "cpu", *args)
+    assert rc == 1 and message in err and out == ""
+
+
+def test_cli_errors(pair, tmp_path, capsys):
+    rc, _, err = _cli(capsys, "--model-dir", tmp_path / "nope", "--prompt", "x")
+    assert rc == 1 and "does not exist" in err
+    rc, _, err = _cli(capsys, "--prompt", "x")
+    assert rc == 1 and "--model-dir" in err
+    rc, _, err = _cli(capsys, "--model-dir", pair, "--prompt", "")
+    assert rc == 1 and "prompt is empty" in err
+    if not HAS_CUDA:
+        rc, _, err = _cli(capsys, "--model-dir", pair, "--prompt", "x", "--device", "cuda")
+        assert rc == 1 and "CUDA was requested" in err
+        rc, out, err = _cli(capsys, "--model-dir", pair, "--prompt", "x", "--device", "auto",
+                            "--max-new-tokens", 3)
+        assert rc == 0 and "running on the CPU" in err
