@@ -89,7 +89,9 @@ class GenerationStats:
             "alpha": self.alpha,
             "tokens_per_iteration": self.tokens_per_iteration,
             "tokens_per_target_call": self.tokens_per_target_call,
+            "alpha_mle": self.alpha_mle,
             "accepted_per_iteration": list(self.accepted_per_iteration),
+            "drafted_per_iteration": list(self.drafted_per_iteration),
         }
 
 

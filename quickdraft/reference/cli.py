@@ -20,13 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="speculative vs autoregressive sampling on n-gram models "
                        "fit on the Python standard library (NumPy reference)")
-    d.add_argument("--prompt", default="def __init__(self")
-    d.add_argument("--gamma", type=int, default=4)
-    d.add_argument("--max-new-tokens", type=int, default=200)
-    d.add_argument("--temperature", type=float, default=1.0)
-    d.add_argument("--top-k", type=int, default=0)
-    d.add_argument("--top-p", type=float, default=1.0)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--prompt", default="def __init__(self", help="text to continue")
+    d.add_argument("--gamma", type=int, default=4, help="draft tokens per iteration")
+    d.add_argument("--max-new-tokens", type=int, default=200, help="characters to generate")
+    d.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    d.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0: all)")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: all)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random generator")
     d.add_argument("--chars", type=int, default=300_000, help="training characters")
     d.set_defaults(func=_demo)
 
