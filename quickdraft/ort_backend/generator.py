@@ -235,6 +235,11 @@ class Generator:
             raise FileNotFoundError(f"model folder {root} does not exist")
         roles = ["target", "draft"] if draft else ["target"]
         missing = [r for r in roles if not (root / r).is_dir()]
+        if missing and (root / "quickdraft.json").is_file():
+            raise FileNotFoundError(
+                f"{root} is one exported model, not a pair: give the folder that holds "
+                "target/ and draft/ (the --out of `quickdraft export`)"
+            )
         if missing:
             raise FileNotFoundError(
                 f"{root} has no {' or '.join(missing)} folder: not a quickdraft export of a "
@@ -265,13 +270,11 @@ class Generator:
     def device(self) -> Device:
         return self.target.device
 
-    @property
-    def max_length(self) -> int:
-        """The longest sequence both models accept."""
-        lengths = [self.target.max_length]
-        if self.draft is not None and not (self.config and self.config.autoregressive):
-            lengths.append(self.draft.max_length)
-        return min(lengths)
+    def max_length(self, autoregressive: bool = False) -> int:
+        """The longest sequence the models in use accept."""
+        if autoregressive or self.draft is None:
+            return self.target.max_length
+        return min(self.target.max_length, self.draft.max_length)
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -297,8 +300,7 @@ class Generator:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        self.config = config
-        limit = self.max_length
+        limit = self.max_length(config.autoregressive)
         if len(ids) >= limit:
             raise ValueError(
                 f"the prompt is {len(ids)} tokens but the model's context is {limit}: "
@@ -313,6 +315,7 @@ class Generator:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         self._close_engine()
+        self.config = config
         speculative = not config.autoregressive
         stats = OrtStats(mode=config.mode, device=str(self.device), prompt_tokens=len(ids),
                          draft=ModelTimes() if speculative else None)
