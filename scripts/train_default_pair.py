@@ -39,7 +39,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ class Shape:
 
 
 TARGET = Shape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, intermediate_size=640)
+               num_key_value_heads=2, intermediate_size=512)
 DRAFT = Shape(hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, intermediate_size=384)
 
@@ -71,23 +71,32 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- corpus
 
 
-def corpus_files() -> tuple[list[Path], list[Path], Path]:
-    """(train files, held-out files, stdlib root): deterministic, sorted by path."""
+def stdlib_root() -> Path:
     import sysconfig
 
-    from quickdraft.export.toy import stdlib_files
+    return Path(sysconfig.get_paths()["stdlib"])
 
-    root = Path(sysconfig.get_paths()["stdlib"])
+
+def corpus_files(root: Path | None = None) -> tuple[list[Path], list[Path], Path]:
+    """(train files, held-out files, stdlib root): deterministic, sorted by path.
+
+    The same rule as ``quickdraft.export.toy.stdlib_files`` (``*.py``, no ``test``/``tests``
+    folders, no site-packages), applied to ``root`` (the running interpreter's standard
+    library by default), minus ``EXCLUDED_DIRS`` and files that are not UTF-8.
+    """
+    root = (root or stdlib_root()).resolve()
     files = []
-    for p in stdlib_files():
+    for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root)
-        if rel.parts[0] in EXCLUDED_DIRS:
+        if set(rel.parts) & {"site-packages", "test", "tests"} or rel.parts[0] in EXCLUDED_DIRS:
             continue
         try:
             p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
         files.append(p)
+    if not files:
+        raise SystemExit(f"no Python sources under {root}")
     train = [p for i, p in enumerate(files) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     heldout = [p for i, p in enumerate(files) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     return train, heldout, root
@@ -151,8 +160,30 @@ def batches(stream, steps: int, batch: int, ctx: int, seed: int):
         yield stream[idx]  # [batch, ctx + 1]
 
 
+def heldout_loss(model, windows, device: str, batch: int = 16) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            chunk = windows[i: i + batch].to(device)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()  # [B, ctx, V]
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += chunk[:, 1:].numel()
+    return total / count
+
+
 def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, lr: float,
-                seed: int, device: str, log_every: int) -> dict:
+                seed: int, device: str, log_every: int, eval_windows=None,
+                eval_every: int = 0, teacher=None, distill: float = 0.0) -> dict:
+    """AdamW with linear warmup and cosine decay to 10% of ``lr``.
+
+    With a ``teacher`` and ``distill`` = w > 0 the loss is (1 - w) * cross-entropy +
+    w * KL(teacher || model) at temperature 1: the draft learns the target's whole
+    next-token distribution, which is what the acceptance rate 1 - TV(p, q) rewards.
+    """
     import torch
 
     model.to(device).train()
@@ -172,14 +203,21 @@ def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, l
 
     t0 = time.perf_counter()
     smooth = None
+    curve = []
     for step, chunk in enumerate(batches(stream, steps, batch, ctx, seed)):
         chunk = chunk.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         logits = model(input_ids=chunk[:, :-1]).logits  # [B, ctx, V]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1)
-        )
+        flat = logits.reshape(-1, logits.shape[-1]).float()  # [B*ctx, V]
+        loss = torch.nn.functional.cross_entropy(flat, chunk[:, 1:].reshape(-1))
+        if teacher is not None and distill > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=chunk[:, :-1]).logits  # [B, ctx, V]
+                log_p = torch.log_softmax(t_logits.reshape(flat.shape).float(), dim=-1)
+            kl = torch.nn.functional.kl_div(torch.log_softmax(flat, dim=-1), log_p,
+                                            log_target=True, reduction="batchmean")
+            loss = (1 - distill) * loss + distill * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,8 +228,15 @@ def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, l
             elapsed = time.perf_counter() - t0
             log(f"{name} step {step + 1}/{steps} loss {value:.3f} (smoothed {smooth:.3f}) "
                 f"{elapsed:.0f}s")
+        if eval_windows is not None and eval_every and (
+                (step + 1) % eval_every == 0 or step + 1 == steps):
+            model.eval()
+            held = heldout_loss(model, eval_windows, device)
+            model.train()
+            curve.append([step + 1, round(held, 4)])
+            log(f"{name} step {step + 1}: held-out loss {held:.3f}")
     model.eval()
-    return {"steps": steps, "final_loss_smoothed": smooth,
+    return {"steps": steps, "final_loss_smoothed": smooth, "heldout_curve": curve,
             "train_seconds": time.perf_counter() - t0}
 
 
@@ -273,12 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512, help="training window (tokens)")
     ap.add_argument("--batch", type=int, default=8, help="windows per step")
-    ap.add_argument("--target-steps", type=int, default=1000)
+    ap.add_argument("--target-steps", type=int, default=1500)
     ap.add_argument("--draft-steps", type=int, default=1500)
     ap.add_argument("--target-lr", type=float, default=3e-3)
     ap.add_argument("--draft-lr", type=float, default=5e-3)
+    ap.add_argument("--draft-layers", type=int, default=DRAFT.num_hidden_layers,
+                    help="decoder layers of the draft")
+    ap.add_argument("--draft-distill", type=float, default=1.0,
+                    help="weight of KL(target || draft) in the draft's loss (0: plain LM)")
     ap.add_argument("--eval-windows", type=int, default=64,
                     help="held-out windows of --ctx tokens for loss and alpha")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="held-out loss every N training steps (0: only at the end)")
+    ap.add_argument("--stdlib-root", type=Path, default=None,
+                    help="standard library folder to read (default: this interpreter's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--log-every", type=int, default=50)
@@ -296,12 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     import tokenizers
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from quickdraft.export.toy import train_tokenizer
 
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     out: Path = args.out.resolve()
     summary_path = out / "summary.json"
 
@@ -313,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    train_files, heldout_files, root = corpus_files()
+    train_files, heldout_files, root = corpus_files(args.stdlib_root)
     train_text = "\n".join(p.read_text(encoding="utf-8") for p in train_files)
     log(f"corpus: {len(train_files)} training files ({len(train_text) / 1e6:.1f}M chars), "
         f"{len(heldout_files)} held-out files, from {root}")
@@ -331,24 +387,33 @@ def main(argv: list[str] | None = None) -> int:
         f"({len(train_text) / len(train_stream):.2f} chars/token), "
         f"{len(heldout_stream)} held-out tokens")
 
+    windows = heldout_windows(heldout_stream, args.ctx, args.eval_windows)
     results = {}
+    teacher = None
+    draft_shape = replace(DRAFT, num_hidden_layers=args.draft_layers)
     for role, shape, steps, lr in (("target", TARGET, args.target_steps, args.target_lr),
-                                   ("draft", DRAFT, args.draft_steps, args.draft_lr)):
+                                   ("draft", draft_shape, args.draft_steps, args.draft_lr)):
         model = build_model(shape, vocab, args.ctx, tokenizer, args.seed)
         params = count_params(model)
         log(f"{role}: {params:,} parameters {asdict(shape)}")
         info = train_model(role, model, train_stream, steps=steps, batch=args.batch,
                            ctx=args.ctx, lr=lr, seed=args.seed, device=args.device,
-                           log_every=args.log_every)
+                           log_every=args.log_every, eval_windows=windows,
+                           eval_every=args.eval_every,
+                           teacher=teacher, distill=args.draft_distill if teacher else 0.0)
         model.to("cpu").save_pretrained(out / role, safe_serialization=True)
         tokenizer.save_pretrained(out / role)
         results[role] = {"parameters": params, "shape": asdict(shape), "lr": lr, **info}
+        if role == "target" and args.draft_distill > 0:
+            teacher = model.to(args.device).eval()
+            for prm in teacher.parameters():
+                prm.requires_grad_(False)
         del model
+    del teacher
 
     # evaluate from the saved folders (what the exporter reads), on CPU in fp32
     target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
     draft = AutoModelForCausalLM.from_pretrained(out / "draft").eval()
-    windows = heldout_windows(heldout_stream, args.ctx, args.eval_windows)
     t0 = time.perf_counter()
     ev = evaluate(target, draft, windows, "cpu")
     log(f"held-out: target loss {ev['target_loss']:.3f}, draft loss {ev['draft_loss']:.3f}, "
@@ -360,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python scripts/train_default_pair.py " + " ".join(argv or sys.argv[1:]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "corpus": {
-            "python": platform.python_version(),
+            "python": platform.python_version(),  # of the interpreter that trained
+            "stdlib": root.name,  # e.g. python3.11: the sources' version
             "stdlib_root": str(root),
             "excluded_dirs": list(EXCLUDED_DIRS),
             "heldout_rule": f"index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1} in sorted order",
@@ -379,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                      "tokenizers": tokenizers.__version__, "numpy": np.__version__},
         "threads": args.threads,
         "device": args.device,
+        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                        else platform.processor() or platform.machine()),
         "total_seconds": None,
     }
     if args.export:
