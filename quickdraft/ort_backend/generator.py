@@ -77,12 +77,12 @@ class DecodeConfig:
 class OrtStats:
     """Statistics of one generation: the loop's counts and the measured times."""
 
-    mode: str
-    device: str
-    prompt_tokens: int
-    generation: GenerationStats = field(default_factory=GenerationStats)
-    target: ModelTimes = field(default_factory=ModelTimes)
-    draft: ModelTimes | None = None
+    mode: str  # "speculative" or "autoregressive"
+    device: str  # where the models ran: "cpu" or "cuda:N"
+    prompt_tokens: int  # length of the prompt in tokens
+    generation: GenerationStats = field(default_factory=GenerationStats)  # the loop's counts
+    target: ModelTimes = field(default_factory=ModelTimes)  # calls into the target
+    draft: ModelTimes | None = None  # calls into the draft (None when autoregressive)
     prefill_s: float = 0.0  # filling the caches with the prompt (both models)
     decode_s: float = 0.0  # wall time of all steps
 

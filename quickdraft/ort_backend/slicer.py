@@ -12,7 +12,7 @@ the model, with every input and output bound through IOBinding. No cache byte cr
 the host; only ``length`` (one int64, read on the host by Slice's CPU-side ``ends`` input)
 goes in. The same code runs on the CPU EP, so CI exercises the path the GPU takes. Its cost
 is one device copy of the kept prefix, the same order as the ``concat`` every decoder step
-already does; the static-cache fast path (issue 5) removes both.
+already does; graphs with static (preallocated) caches need neither.
 
 The graph is written here as ONNX protobuf bytes by a small encoder, so the runtime needs
 ``onnxruntime`` alone (not the ``onnx`` package).

@@ -21,14 +21,14 @@ __all__ = ["ModelTimes", "TimedModel", "TimedState"]
 class ModelTimes:
     """Calls into one model during one generation."""
 
-    prefill_calls: int = 0
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
+    prefill_calls: int = 0  # forward calls that filled the cache with the prompt
+    prefill_tokens: int = 0  # prompt tokens those calls consumed
+    prefill_s: float = 0.0  # seconds in those calls
     calls: int = 0  # decode-phase forward calls (``append`` after the prefill)
     tokens: int = 0  # tokens those calls consumed
-    call_s: float = 0.0
+    call_s: float = 0.0  # seconds in those calls
     rewinds: int = 0  # cache roll-backs that cut something
-    rewind_s: float = 0.0
+    rewind_s: float = 0.0  # seconds in those roll-backs
 
     @property
     def decode_s(self) -> float:
