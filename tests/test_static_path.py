@@ -222,3 +222,30 @@ def test_static_export_refusals(hf_pair_factory, hf_pair_dirs, tmp_path):
                             validate=False)
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.partial-")]
+
+
+def test_fast_generator(static_pair):
+    """FastGenerator (device verification, time breakdown): greedy speculative equals
+    greedy autoregressive; seeded sampling repeats and equals the NumPy loop's output."""
+    from quickdraft.ort_backend.static import FastGenerator
+
+    gamma = 3
+    target = load(static_pair / "target", steps=range(1, gamma + 2))
+    draft = load(static_pair / "draft", steps=(1, 2))
+    greedy = FastGenerator(target, draft, sampling=SamplingConfig(temperature=0))
+    greedy.eos_ids = frozenset()
+    for prompt in PROMPTS:
+        ar, ar_stats = greedy.autoregressive(prompt, 20)
+        sp, stats = greedy.speculative(prompt, 20, gamma)
+        assert sp == ar and len(sp) == 20
+        assert stats["iterations"] == stats["target_calls"] == len(stats["accepted_per_iteration"])
+        assert stats["host_s"] >= 0 and stats["tokens_per_s"] > 0
+        assert ar_stats["new_tokens"] == 20
+    sampling = SamplingConfig(temperature=1.0)
+    gen = FastGenerator(target, draft, sampling=sampling)
+    gen.eos_ids = frozenset()
+    first, _ = gen.speculative(PROMPTS[1], 25, gamma, seed=3)
+    assert gen.speculative(PROMPTS[1], 25, gamma, seed=3)[0] == first
+    ref = speculative_generate(target, draft, PROMPTS[1], gamma=gamma, max_new_tokens=25,
+                               sampling=sampling, rng=np.random.default_rng(3))
+    assert first == ref.tokens

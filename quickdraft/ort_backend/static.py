@@ -43,7 +43,13 @@ import numpy as np
 from quickdraft.export.manifest import ModelManifest, load_manifest
 from quickdraft.ort_backend.device import Device, session_options
 
-__all__ = ["StaticOrtModel", "StaticDecodeState", "StaticModelError", "STATIC_INPUTS"]
+__all__ = [
+    "StaticOrtModel",
+    "StaticDecodeState",
+    "StaticModelError",
+    "FastGenerator",
+    "STATIC_INPUTS",
+]
 
 _INPUT_IDS, _MASK, _LOGITS = "input_ids", "attention_mask", "logits"
 STATIC_INPUTS = (_INPUT_IDS, _MASK)  # besides the per-layer past keys and values
@@ -356,3 +362,199 @@ def _check_graph(m: ModelManifest, session, folder: Path) -> None:
         shape = inputs[name].shape
         if len(shape) != 4 or shape[1] != m.num_kv_heads:
             fail(f"{name} has shape {shape}, expected [1, {m.num_kv_heads}, seq, head_dim]")
+
+
+# -- a generator for the fast path --------------------------------------------------------
+
+
+class FastGenerator:
+    """Autoregressive and speculative generation on static models, verification on the
+    device (:mod:`quickdraft.ort_backend.verify_graph`), with a time breakdown.
+
+    The loop is :func:`quickdraft.generation.speculative_stream`'s: the same uniforms per
+    iteration (``rng.random(2 g + 1)``, g = ``draft_length(gamma, remaining)``) and the
+    same draft (:class:`~quickdraft.generation.ModelDrafter`), so with a seed it gives the
+    NumPy path's tokens (up to rounding at a decision boundary); only the verification runs
+    as a graph next to the target's logits, which never cross to the host.
+
+    ``target`` should have ``graph_steps`` covering 1 and every g + 1 used (then each
+    iteration's target call has a fixed shape); ``draft`` (1, 2).
+    """
+
+    def __init__(self, target: StaticOrtModel, draft: StaticOrtModel | None = None, *,
+                 sampling=None, compute: str = "float32"):
+        from quickdraft.sampling import SamplingConfig
+
+        self.target, self.draft = target, draft
+        self.sampling = sampling if sampling is not None else SamplingConfig()
+        self.compute = compute
+        self.eos_ids: frozenset[int] = frozenset(target.manifest.eos_token_ids or [])
+        self._verifiers: dict = {}
+        if draft is not None and draft.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"draft vocabulary ({draft.vocab_size}) differs from the target's "
+                f"({target.vocab_size})"
+            )
+
+    def verifier(self, gamma: int):
+        from quickdraft.ort_backend.verify_graph import DeviceVerifier
+
+        if gamma not in self._verifiers:
+            self._verifiers[gamma] = DeviceVerifier(
+                gamma, self.target.vocab_size, self.sampling, device=self.target.device,
+                logits_dtype=self.target.manifest.dtype, compute=self.compute)
+        return self._verifiers[gamma]
+
+    def _check(self, prompt_ids, max_new_tokens) -> list[int]:
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(ids) + max_new_tokens > self.target.max_length:
+            raise ValueError(
+                f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the static "
+                f"cache of {self.target.max_length} tokens"
+            )
+        return ids
+
+    def _truncate(self, out: list[int]) -> tuple[list[int], bool]:
+        for i, t in enumerate(out):
+            if t in self.eos_ids:
+                return out[: i + 1], True
+        return out, False
+
+    def autoregressive(self, prompt_ids, max_new_tokens: int, *, seed: int | None = None):
+        """One target call per token. Returns (tokens, stats dict)."""
+        import time
+
+        from quickdraft.sampling import adjust_logits, sample_token
+
+        ids = self._check(prompt_ids, max_new_tokens)
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        state = self.target.new_state()
+        logits = state.append(ids)[-1]
+        prefill_s = time.perf_counter() - start
+        target_s, tokens = 0.0, []
+        while True:
+            token = sample_token(adjust_logits(logits, self.sampling), float(rng.random()))
+            tokens.append(token)
+            if len(tokens) >= max_new_tokens or token in self.eos_ids:
+                break
+            t0 = time.perf_counter()
+            logits = state.append([token])[-1]
+            target_s += time.perf_counter() - t0
+        total = time.perf_counter() - start
+        steps = len(tokens) - 1
+        return tokens, {
+            "mode": "autoregressive", "new_tokens": len(tokens), "target_calls": steps + 1,
+            "prefill_s": prefill_s, "target_s": target_s, "total_s": total,
+            "host_s": total - prefill_s - target_s,
+            "target_ms_per_step": 1e3 * target_s / steps if steps else float("nan"),
+            "tokens_per_s": len(tokens) / total,
+        }
+
+    def speculative(self, prompt_ids, max_new_tokens: int, gamma: int, *,
+                    seed: int | None = None):
+        """Speculative sampling with verification on the device. Returns (tokens, stats)."""
+        import time
+
+        from quickdraft.generation import ModelDrafter, draft_length
+
+        if self.draft is None:
+            raise ValueError("speculative decoding needs a draft model")
+        if int(gamma) != gamma or gamma < 1:
+            raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+        ids = self._check(prompt_ids, max_new_tokens)
+        prompt_len = len(ids)
+        rng = np.random.default_rng(seed)
+        times = {"draft_s": 0.0, "target_s": 0.0, "verify_s": 0.0}
+        start = time.perf_counter()
+        state = self.target.new_state()
+        drafter = ModelDrafter(_Timed(self.draft, times, "draft_s"), self.sampling)
+        if len(ids) > 1:  # prefill both caches with all but the last prompt token
+            state.append_device(ids[:-1])
+            drafter.state.append(ids[:-1])
+        prefill_s = time.perf_counter() - start
+        times["draft_s"] = 0.0
+        accepted, iterations, draft_calls = [], 0, 0
+        while len(ids) - prompt_len < max_new_tokens:
+            remaining = max_new_tokens - (len(ids) - prompt_len)
+            g = draft_length(gamma, remaining)
+            u = rng.random(2 * g + 1)
+            cand = drafter.get_candidates(ids, g, u[:g])
+            t0 = time.perf_counter()
+            have = state.tokens
+            want = ids + cand.tokens.tolist()
+            common = 0
+            limit = min(len(have), len(want) - 1)
+            while common < limit and have[common] == want[common]:
+                common += 1
+            state.rewind(common)
+            logits = state.append_device(want[common:])
+            t1 = time.perf_counter()
+            n, token = self.verifier(g)(logits, cand.probs, cand.tokens, u[g: 2 * g],
+                                        float(u[2 * g]))
+            t2 = time.perf_counter()
+            times["target_s"] += t1 - t0
+            times["verify_s"] += t2 - t1
+            out, stop = self._truncate((cand.tokens[:n].tolist() + [token])[:remaining])
+            ids += out
+            iterations += 1
+            draft_calls += cand.model_calls
+            accepted.append(n)
+            if stop:
+                break
+        total = time.perf_counter() - start
+        new = ids[prompt_len:]
+        decode = total - prefill_s
+        return new, {
+            "mode": "speculative", "gamma": gamma, "new_tokens": len(new),
+            "iterations": iterations, "target_calls": iterations, "draft_calls": draft_calls,
+            "accepted_per_iteration": accepted,
+            "acceptance_rate": sum(accepted) / max(1, gamma * iterations),
+            "tokens_per_iteration": len(new) / max(1, iterations),
+            "prefill_s": prefill_s, **times, "total_s": total,
+            "host_s": decode - sum(times.values()),
+            "host_ms_per_iteration": 1e3 * (decode - sum(times.values())) / max(1, iterations),
+            "tokens_per_s": len(new) / total,
+        }
+
+
+class _Timed:
+    """A LanguageModel whose states add their ``append`` time to ``times[key]``."""
+
+    def __init__(self, model, times: dict, key: str):
+        self.model, self.times, self.key = model, times, key
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.model.max_length
+
+    def new_state(self):
+        return _TimedState(self.model.new_state(), self.times, self.key)
+
+
+class _TimedState:
+    def __init__(self, inner, times: dict, key: str):
+        self.inner, self.times, self.key = inner, times, key
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.inner.tokens
+
+    def append(self, tokens):
+        import time
+
+        t0 = time.perf_counter()
+        out = self.inner.append(tokens)
+        self.times[self.key] += time.perf_counter() - t0
+        return out
+
+    def rewind(self, length: int) -> None:
+        self.inner.rewind(length)
