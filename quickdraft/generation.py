@@ -205,7 +205,8 @@ def speculative_step(
     """One iteration of Algorithm 1: draft gamma tokens, score them in one target call,
     verify, and return the output tokens. Pure given the states and uniforms."""
     cand = drafter.get_candidates(ids, gamma, draft_uniforms)
-    logits = advance(target, list(ids) + cand.tokens.tolist())[-(gamma + 1) :]  # [gamma + 1, V]
+    scored = list(ids) + cand.tokens.tolist()
+    logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
     p = adjust_logits(logits, sampling)  # [gamma + 1, V]
     n, token = verify(p, cand.probs, cand.tokens, accept_uniforms, sample_uniform,
                       lenience=lenience)

@@ -77,18 +77,20 @@ class Drafter(Protocol):
         ...
 
 
-def advance(state: DecodeState, ids: Sequence[int]) -> np.ndarray:
+def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:
     """Bring ``state`` to exactly ``ids`` and return the logits of the tokens it appended.
 
-    Keeps the longest common prefix already consumed (but always re-appends at least the
-    last token, whose logits the caller needs), rewinds past any divergence and appends
-    the rest. Returns logits [k, V] for the k appended tokens; row -1 predicts the token
-    after ``ids``.
+    Keeps the longest common prefix already consumed, but always re-appends at least the
+    last ``min_new`` tokens (the caller needs their logits), rewinds past any divergence
+    and appends the rest. Returns logits [k, V] for the k >= min_new appended tokens; row -1
+    predicts the token after ``ids``.
     """
     if len(ids) == 0:
         raise ValueError("cannot advance a model to an empty sequence: the prompt is empty")
+    if not 1 <= min_new <= len(ids):
+        raise ValueError(f"min_new must be in [1, {len(ids)}], got {min_new}")
     have = state.tokens
-    limit = min(len(have), len(ids) - 1)
+    limit = min(len(have), len(ids) - min_new)
     common = 0
     while common < limit and have[common] == ids[common]:
         common += 1

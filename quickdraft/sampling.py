@@ -59,7 +59,9 @@ def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig())
         raise ValueError("a logits row is entirely -inf: no token can be sampled")
     vocab = z.shape[-1]
     if config.greedy:
-        return np.eye(vocab, dtype=np.float64)[np.argmax(z, axis=-1)]  # [..., V]
+        one_hot = np.zeros(z.shape, dtype=np.float64)  # [..., V]
+        np.put_along_axis(one_hot, np.argmax(z, axis=-1)[..., None], 1.0, axis=-1)
+        return one_hot
     z = z / config.temperature
     if 0 < config.top_k < vocab:
         # keep exactly k on ties: rank tokens by (logit desc, index asc)

@@ -239,3 +239,26 @@ def test_acceptance_rate_counts_shortened_final_drafts():
     assert res.stats.acceptance_rate == 1.0
     assert res.stats.alpha_mle == 1.0
     assert sum(res.stats.drafted_per_iteration) < 4 * res.stats.iterations
+
+
+def test_advance_reappends_what_the_caller_needs():
+    """A state that already holds the whole sequence still returns the requested rows."""
+    from quickdraft.protocols import advance
+
+    target, _ = random_tables(4, 2, "random")
+    state = target.new_state()
+    state.append([0, 1, 2, 3])
+    rows = advance(state, [0, 1, 2, 3], min_new=3)  # [3, V]
+    assert rows.shape == (3, 4) and state.tokens == [0, 1, 2, 3]
+    np.testing.assert_allclose(rows[-1], target.score([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="min_new"):
+        advance(state, [0, 1], min_new=3)
+
+
+def test_greedy_adjust_is_one_hot_without_a_vocab_square():
+    from quickdraft.sampling import adjust_logits
+
+    z = np.random.default_rng(0).normal(size=(3, 50_000))  # V x V would be 20 GB
+    p = adjust_logits(z, SamplingConfig(temperature=0))
+    assert p.shape == z.shape and np.all(p.sum(-1) == 1)
+    assert np.all(p[np.arange(3), z.argmax(-1)] == 1)
