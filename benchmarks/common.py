@@ -1,0 +1,336 @@
+"""Small shared pieces of the benchmark harness: logging, JSON files written atomically,
+timing, GPU memory, environment facts and errors recorded instead of raised.
+
+Standard library only at import time (NumPy, torch and ONNX Runtime load where used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = 1
+
+# The paper's Table 3 acceptance rates for its 97M target / 6M draft pair (LM1B).
+PAPER_ALPHA = {"T0": 0.88, "T1": 0.89}
+
+
+class Unavailable(RuntimeError):
+    """A system or stage that cannot run here (API not written yet, no CUDA, ...):
+    recorded as "unavailable", which a smoke run accepts, unlike an error."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _clean(value):
+    """NaN / inf -> None, tuples -> lists, Paths -> str: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return _clean(value.item())  # NumPy scalars
+    return value
+
+
+def dump_json(path: str | os.PathLike, data) -> None:
+    """Write ``data`` as JSON atomically (a kill mid-write leaves the old file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_clean(data), indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_json(path: str | os.PathLike, default=None):
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return default
+
+
+def error_record(exc: BaseException, **where) -> dict:
+    kind = "unavailable" if isinstance(exc, Unavailable) else "error"
+    return {
+        **where,
+        "kind": kind,
+        "type": type(exc).__name__,
+        "message": str(exc)[:2000],
+        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+class Record:
+    """A result dict saved to ``path`` after every change, so that a process killed at its
+    time limit still leaves what it measured."""
+
+    def __init__(self, path: str | os.PathLike, initial: dict | None = None):
+        self.path = Path(path)
+        self.data: dict = dict(initial or {})
+        self.data.setdefault("errors", [])
+        self.save()
+
+    def save(self) -> None:
+        dump_json(self.path, self.data)
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.save()
+
+    def add_error(self, exc: BaseException, **where) -> dict:
+        rec = error_record(exc, **where)
+        self.data["errors"].append(rec)
+        self.save()
+        log(f"{rec['kind'].upper()} in {where}: {rec['type']}: {rec['message'][:500]}")
+        return rec
+
+    @contextlib.contextmanager
+    def step(self, name: str, **where) -> Iterator[None]:
+        """Run a block; an exception is recorded under ``name`` and swallowed."""
+        t0 = time.perf_counter()
+        log(f"-- {name}")
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
+            self.add_error(e, step=name, **where)
+        finally:
+            self.data.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t0, 3)
+            self.save()
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def timed_runs(fn: Callable[[], object], *, warmup: int, repeats: int,
+               sync: Callable[[], None] | None = None) -> tuple[object, list[float]]:
+    """Call ``fn`` warmup + repeats times; return the last output and the timed seconds."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        out = fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def rate(new_tokens: int, times: list[float]) -> dict:
+    """tokens/s and ms/token from the median of ``times`` (seconds for ``new_tokens``)."""
+    m = median(times)
+    if not m:
+        return {"tokens_per_s": None, "ms_per_token": None, "median_s": m, "times_s": times}
+    return {
+        "tokens_per_s": new_tokens / m,
+        "ms_per_token": 1e3 * m / new_tokens,
+        "median_s": m,
+        "times_s": [round(t, 6) for t in times],
+        "new_tokens": new_tokens,
+    }
+
+
+# ----------------------------------------------------------------------------- GPU memory
+
+
+def _nvidia_smi_used_mib(index: int = 0) -> float | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+             "-i", str(index)], capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return float(out.splitlines()[0])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class GpuMemory:
+    """Device memory in use (nvidia-smi ``memory.used``), polled in a thread.
+
+    ``baseline`` is read when the monitor starts (before this process touches CUDA), so
+    ``peak - baseline`` is what this process added: its CUDA context, weights, caches and
+    allocator pools. Nothing else may use the GPU meanwhile (the orchestrator never does).
+    On a machine without nvidia-smi every value is None.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.baseline = _nvidia_smi_used_mib()
+        self.peak = self.baseline
+        self._marks: dict[str, float | None] = {}
+        self._stop = threading.Event()
+        self._thread = None
+        if self.baseline is not None:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> float | None:
+        used = _nvidia_smi_used_mib()
+        if used is not None and (self.peak is None or used > self.peak):
+            self.peak = used
+        return used
+
+    def mark(self, name: str) -> dict:
+        """The peak so far (since the start) under ``name``."""
+        self.sample()
+        self._marks[name] = self.peak
+        return self.summary()
+
+    def summary(self) -> dict:
+        base = self.baseline
+        out = {"baseline_mib": base, "peak_mib": self.peak, "method": "nvidia-smi memory.used"}
+        out["peak_delta_mib"] = None if base is None or self.peak is None else self.peak - base
+        out["marks_delta_mib"] = {
+            k: (None if v is None or base is None else v - base) for k, v in self._marks.items()
+        }
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions and machine facts (no CUDA initialisation: nvidia-smi only)."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "packages": {n: _version(n) for n in (
+            "torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "onnx",
+            "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda",
+            "numpy", "safetensors")},
+    }
+    if shutil.which("nvidia-smi"):
+        try:
+            env["gpu"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,"
+                 "clocks.max.mem", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception as e:  # noqa: BLE001
+            env["gpu"] = f"nvidia-smi failed: {e}"
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
+            timeout=10).stdout.strip() or None
+        env["git_dirty"] = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, cwd=REPO, timeout=10).stdout.strip())
+    except Exception:  # noqa: BLE001
+        env["git_commit"] = None
+    return env
+
+
+def worker_env(extra: dict | None = None, *, pythonpath: str | None = None) -> dict:
+    """The environment for a worker subprocess: unbuffered, offline, the repo importable.
+
+    ``pythonpath`` None keeps the current PYTHONPATH (e.g. /tmp/site first on the GPU
+    machine) with the repository appended; a string replaces it (the repository is
+    still appended).
+    """
+    env = dict(os.environ)
+    base = env.get("PYTHONPATH", "") if pythonpath is None else pythonpath
+    parts = [p for p in base.split(os.pathsep) if p]
+    if str(REPO) not in parts:
+        parts.append(str(REPO))
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_logged(cmd: list[str], *, timeout: float, env: dict | None = None, prefix: str = "",
+               cwd: str | os.PathLike | None = None) -> int:
+    """Run ``cmd`` with its output streamed into our stdout, each line prefixed; kill its
+    whole process group at ``timeout`` seconds. Returns the exit code (124 on timeout)."""
+    import signal
+
+    log(f"$ {' '.join(str(c) for c in cmd)}  (timeout {timeout:.0f}s)")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            cwd=cwd, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+    deadline = time.monotonic() + max(1.0, timeout)
+    timed_out = threading.Event()
+
+    def watchdog() -> None:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                timed_out.set()
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    time.sleep(5)
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(f"{prefix}{line}" if prefix else line)
+        sys.stdout.flush()
+    proc.wait()
+    if timed_out.is_set():
+        log(f"{prefix.strip()} killed at its time limit ({timeout:.0f}s)")
+        return 124
+    return proc.returncode

@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Render benchmark results (the JSON ``benchmarks/bench.py`` writes) as tables.
+
+    python benchmarks/report.py benchmarks/results/h100.json            # Markdown on stdout
+    python benchmarks/report.py benchmarks/results/h100.json --docs     # refresh docs/benchmarks.md
+
+``render(results)`` gives Markdown (pipe tables, also readable as plain text: bench.py
+prints it last). ``--docs`` replaces the part of ``docs/benchmarks.md`` between the
+``<!-- results:start -->`` and ``<!-- results:end -->`` markers. ``records(results)`` is the
+flat list (one entry per measured gamma) that ``scripts/make_plots.py`` and
+``benchmarks/plots.py`` read. Standard library only (plus quickdraft.theory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import PAPER_ALPHA, REPO  # noqa: E402
+
+DOCS_PAGE = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+# issue 7's goals
+GOALS = {
+    "ar_floor_7b": 1.28,  # quickdraft AR ms/token <= 1.28 x the weight floor at 7B
+    "spec_trained": 2.0,  # speculative over quickdraft's fastest AR, trained pair, T=0
+    "spec_7b_alpha08": 2.5,  # controlled alpha 0.8 on the 7B target
+    "realized": 0.85,  # realized / theoretical walltime improvement
+    "vs_genai": 1.3,  # quickdraft speculative / genai speculative, same pair
+    "vs_hf": 3.0,  # quickdraft speculative / HF assisted generation, same pair
+}
+
+SYSTEM_ORDER = ["qd-fast", "qd-generic", "genai", "genai-graph", "genai-spec",
+                "genai-spec-graph", "hf"]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt(x, spec: str = ".2f", dash: str = "-") -> str:
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    if not _ok(x):
+        return dash
+    return format(x, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown pipe table with padded columns."""
+    if not rows:
+        return ""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _equal(values) -> bool | None:
+    """A list of per-prompt booleans (or a bool) -> one bool (None if unknown)."""
+    if values is None:
+        return None
+    if isinstance(values, bool):
+        return values
+    if isinstance(values, list) and values:
+        return all(bool(v) for v in values)
+    return None
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _pairs(results: dict) -> dict:
+    return results.get("pairs") or {}
+
+
+def bandwidth_gbps(results: dict) -> float | None:
+    return ((results.get("bandwidth") or {}).get("gbps_median"))
+
+
+def floor_ms(results: dict, pair: dict) -> float | None:
+    bw = bandwidth_gbps(results)
+    wb = ((pair.get("info") or {}).get("target") or {}).get("weight_bytes")
+    if not (_ok(bw) and _ok(wb)):
+        return None
+    return 1e3 * wb / (bw * 1e9)
+
+
+def _peak(res: dict) -> float | None:
+    mem = res.get("memory") or {}
+    return mem.get("peak_delta_mib")
+
+
+def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
+    """One dict per reported line (system and mode) of a pair."""
+    rows = []
+    systems = pair.get("systems") or {}
+    floor = floor_ms(results, pair)
+    for sysname in SYSTEM_ORDER + [s for s in systems if s not in SYSTEM_ORDER]:
+        res = systems.get(sysname)
+        if not res:
+            continue
+        status = res.get("status")
+        ar, sp, best = res.get("ar"), res.get("spec"), res.get("best_gamma") or {}
+        label = {"qd-fast": "quickdraft fast", "qd-generic": "quickdraft generic",
+                 "genai": "onnxruntime-genai", "genai-graph": "onnxruntime-genai, CUDA graph",
+                 "genai-spec": "onnxruntime-genai", "genai-spec-graph":
+                 "onnxruntime-genai, CUDA graph", "hf": "HF transformers"}.get(sysname, sysname)
+        if ar and sysname not in ("genai-spec", "genai-spec-graph"):
+            rows.append({
+                "pair": name, "system": sysname, "label": label,
+                "mode": "greedy generate()" if sysname == "hf" else "autoregressive",
+                "gamma": None, "tokens_per_s": ar.get("tokens_per_s"),
+                "ms_per_token": ar.get("ms_per_token"),
+                "x_floor": (ar["ms_per_token"] / floor) if floor and _ok(ar.get("ms_per_token"))
+                else None,
+                "peak_mib": _peak(res) if sysname != "hf" else (
+                    ar.get("torch_max_allocated_mib") or _peak(res)),
+                "greedy_equal": _equal(ar.get("equal_to_qd_reference")),
+                "status": status})
+        if sp:
+            rows.append({
+                "pair": name, "system": sysname, "label": label,
+                "mode": "assisted generation" if sysname == "hf" else "speculative",
+                "gamma": sp.get("gamma"), "tokens_per_s": sp.get("tokens_per_s"),
+                "ms_per_token": sp.get("ms_per_token"),
+                "x_floor": None,
+                "speedup": sp.get("speedup"), "alpha": sp.get("alpha"),
+                "c": sp.get("cost_ratio_c"),
+                "tpi": sp.get("tokens_per_iteration"), "eq1": sp.get("expected_tokens_eq1"),
+                "theory": sp.get("theoretical_improvement"),
+                "realized": sp.get("realized_over_theoretical"),
+                "best_gamma": best.get("measured"), "best_gamma_theory": sp.get(
+                    "best_gamma_theory"),
+                "best_tokens_per_s": best.get("tokens_per_s"),
+                "peak_mib": _peak(res) if sysname != "hf" else (
+                    sp.get("torch_max_allocated_mib") or _peak(res)),
+                "greedy_equal": _equal(sp.get("greedy_equal", sp.get(
+                    "equal_to_qd_reference", sp.get("equal_to_greedy")))),
+                "status": status})
+        if not ar and not sp:
+            errs = res.get("errors") or []
+            rows.append({"pair": name, "system": sysname, "label": label,
+                         "mode": status or "no result",
+                         "note": (errs[-1]["message"][:80] if errs else "")})
+    return rows
+
+
+def _genai_ar(pair: dict) -> float | None:
+    """The speed the genai speculative variants are compared with: plain genai AR."""
+    ar = ((pair.get("systems") or {}).get("genai") or {}).get("ar") or {}
+    return ar.get("tokens_per_s")
+
+
+# ----------------------------------------------------------------------------- goals
+
+
+def goals(results: dict) -> list[dict]:
+    """issue 7's targets: value reached, goal, pass / fail / not measured."""
+    out = []
+
+    def add(what, value, goal, op=">="):
+        passed = None
+        if _ok(value):
+            passed = value <= goal if op == "<=" else value >= goal
+        out.append({"goal": what, "value": value, "target": f"{op} {goal}", "passed": passed})
+
+    pairs = _pairs(results)
+
+    def sysres(pair, s):
+        return ((pairs.get(pair) or {}).get("systems") or {}).get(s) or {}
+
+    def best_ar(pair):
+        vals = [(sysres(pair, s).get("ar") or {}).get("tokens_per_s")
+                for s in ("qd-fast", "qd-generic")]
+        vals = [v for v in vals if _ok(v)]
+        return max(vals) if vals else None
+
+    def best_spec(pair):
+        vals = []
+        for s in ("qd-fast", "qd-generic"):
+            r = sysres(pair, s)
+            for v in ((r.get("spec") or {}).get("tokens_per_s"),
+                      (r.get("best_gamma") or {}).get("tokens_per_s")):
+                if _ok(v):
+                    vals.append(v)
+        return max(vals) if vals else None
+
+    # 1. AR at 7B within 1.28x the floor (and no slower than genai's CUDA graph)
+    p7 = pairs.get("7b") or {}
+    fl = floor_ms(results, p7)
+    qd_ar_tps = best_ar("7b")
+    add("quickdraft AR ms/token / weight floor, 7B", (1e3 / qd_ar_tps) / fl
+        if _ok(qd_ar_tps) and _ok(fl) else None, GOALS["ar_floor_7b"], "<=")
+    g_graph = (sysres("7b", "genai-graph").get("ar") or {}).get("tokens_per_s")
+    add("quickdraft AR tok/s / genai CUDA-graph AR tok/s, 7B",
+        qd_ar_tps / g_graph if _ok(qd_ar_tps) and _ok(g_graph) else None, 1.0)
+    # 2. speculative over the fastest quickdraft AR, trained pair
+    s, a = best_spec("trained"), best_ar("trained")
+    add("quickdraft speculative / fastest quickdraft AR, trained pair, T=0",
+        s / a if _ok(s) and _ok(a) else None, GOALS["spec_trained"])
+    # 3. controlled alpha 0.8 at 7B
+    best = None
+    for sname in ("qd-fast", "qd-generic"):
+        for r in sysres("7b", sname).get("controlled") or []:
+            if r.get("alpha_nominal") == 0.8 and _ok(r.get("tokens_per_s")):
+                a = best_ar("7b")
+                v = r["tokens_per_s"] / a if _ok(a) else None
+                if _ok(v) and (best is None or v > best):
+                    best = v
+    add("quickdraft speculative at alpha 0.8 / fastest quickdraft AR, 7B", best,
+        GOALS["spec_7b_alpha08"])
+    # 4. realized / theoretical (worst over the controlled and speculative runs)
+    ratios = []
+    for pair in pairs.values():
+        for sname in ("qd-fast", "qd-generic"):
+            r = (pair.get("systems") or {}).get(sname) or {}
+            for run in [r.get("spec") or {}] + list(r.get("controlled") or []):
+                if _ok(run.get("realized_over_theoretical")):
+                    ratios.append(run["realized_over_theoretical"])
+    add("realized / theoretical walltime improvement (worst quickdraft run)",
+        min(ratios) if ratios else None, GOALS["realized"])
+    # 5. vs genai speculative and HF assisted, same pair (each pair where both ran)
+    for pname in pairs:
+        s = best_spec(pname)
+        g = [(sysres(pname, v).get("best_gamma") or {}).get("tokens_per_s")
+             for v in ("genai-spec", "genai-spec-graph")]
+        g = [x for x in g if _ok(x)]
+        if _ok(s) and g:
+            add(f"quickdraft speculative / genai speculative (best K), {pname}", s / max(g),
+                GOALS["vs_genai"])
+        h = [(sysres(pname, "hf").get("spec") or {}).get("tokens_per_s"),
+             (sysres(pname, "hf").get("best_gamma") or {}).get("tokens_per_s")]
+        h = [x for x in h if _ok(x)]
+        if _ok(s) and h:
+            add(f"quickdraft speculative / HF assisted generation, {pname}", s / max(h),
+                GOALS["vs_hf"])
+    return out
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def records(results: dict) -> list[dict]:
+    """One flat record per measured (pair, system, gamma): what the plot scripts read."""
+    out = []
+    for pname, pair in _pairs(results).items():
+        for sname, res in (pair.get("systems") or {}).items():
+            ar = (res.get("ar") or {}).get("tokens_per_s")
+            for r in res.get("sweep") or []:
+                if r.get("gamma") is None:
+                    continue
+                out.append({"label": f"{pname} {sname}", "pair": pname, "system": sname,
+                            "gamma": r["gamma"], "tokens_per_second": r.get("tokens_per_s"),
+                            "speedup": r.get("speedup"), "alpha": r.get("alpha"),
+                            "c": r.get("cost_ratio_c"), "ar_tokens_per_second": ar})
+            for r in res.get("controlled") or []:
+                out.append({"label": f"{pname} {sname} alpha {r.get('alpha_nominal')}",
+                            "pair": pname, "system": sname, "kind": "controlled",
+                            "alpha_nominal": r.get("alpha_nominal"), "gamma": r.get("gamma"),
+                            "tokens_per_second": r.get("tokens_per_s"),
+                            "speedup": r.get("speedup"), "alpha": r.get("alpha"),
+                            "c": r.get("cost_ratio_c"),
+                            "theoretical": r.get("theoretical_improvement")})
+    return out
+
+
+# ----------------------------------------------------------------------------- render
+
+
+def render(results: dict) -> str:
+    parts = []
+    env = results.get("environment") or {}
+    pk = env.get("packages") or {}
+    genai_version = pk.get("onnxruntime-genai-cuda") or pk.get("onnxruntime-genai") or "-"
+    bw = results.get("bandwidth") or {}
+    parts.append(
+        f"Device: {env.get('gpu') or 'cpu'}; memory bandwidth (device copy) "
+        f"{fmt(bw.get('gbps_median'), '.0f')} GB/s. torch {pk.get('torch') or '-'}, "
+        f"onnxruntime {pk.get('onnxruntime-gpu') or pk.get('onnxruntime') or '-'}, "
+        f"onnxruntime-genai {genai_version}, transformers {pk.get('transformers') or '-'}. "
+        f"Batch 1, greedy, "
+        f"{results.get('settings', {}).get('prompt_len', '?')}-token prompts, "
+        f"{results.get('settings', {}).get('new_tokens', '?')} new tokens, median of "
+        f"{results.get('settings', {}).get('repeats', '?')} runs after warm-up.")
+
+    rows = []
+    for pname, pair in _pairs(results).items():
+        info = pair.get("info") or {}
+        t, d = info.get("target") or {}, info.get("draft") or {}
+        h = info.get("heldout") or {}
+        alpha = "-"
+        if h:
+            alpha = (f"T=0 {fmt(h.get('alpha_T0'), '.3f')} / T=1 {fmt(h.get('alpha_T1'), '.3f')}"
+                     f" (paper {PAPER_ALPHA['T0']} / {PAPER_ALPHA['T1']})")
+        elif info.get("draft_agreement") is not None:
+            alpha = f"by construction ~{info['draft_agreement']}"
+        rows.append([pname, fmt((t.get("parameters") or 0) / 1e6, ".1f") + "M",
+                     fmt((d.get("parameters") or 0) / 1e6, ".1f") + "M"
+                     + (f" ({100 * info['draft_fraction']:.1f}%)" if _ok(
+                         info.get("draft_fraction")) else ""),
+                     fmt((t.get("weight_bytes") or 0) / 1e9, ".2f"),
+                     fmt(floor_ms(results, pair), ".3f"), alpha])
+    if rows:
+        parts.append("### Pairs\n\n" + table(
+            ["pair", "target", "draft", "target GB (fp16)", "floor ms/token", "alpha"], rows))
+
+    for pname, pair in _pairs(results).items():
+        rs = system_rows(results, pname, pair)
+        if not rs:
+            continue
+        body = []
+        for r in rs:
+            if "note" in r:
+                body.append([r["label"], r["mode"], "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                             "-", r["note"]])
+                continue
+            body.append([
+                r["label"], r["mode"], fmt(r.get("gamma"), "d"),
+                fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("ms_per_token"), ".3f"),
+                fmt(r.get("x_floor"), ".2f"), fmt(r.get("speedup"), ".2f"),
+                fmt(r.get("alpha"), ".3f"), fmt(r.get("c"), ".3f"),
+                (f"{fmt(r.get('tpi'), '.2f')} / {fmt(r.get('eq1'), '.2f')}"
+                 if r.get("tpi") is not None else "-"),
+                (f"{fmt(r.get('speedup'), '.2f')} / {fmt(r.get('theory'), '.2f')} = "
+                 f"{fmt(r.get('realized'), '.2f')}" if r.get("theory") is not None else "-"),
+                (f"{fmt(r.get('best_gamma'), 'd')} / {fmt(r.get('best_gamma_theory'), 'd')}"
+                 if r.get("best_gamma") is not None or r.get("best_gamma_theory") is not None
+                 else "-"),
+                fmt(r.get("peak_mib"), ".0f") + (
+                    "" if r.get("greedy_equal") is None else
+                    ("" if r["greedy_equal"] else " (output differs)")),
+            ])
+        parts.append(f"### {pname}: systems\n\n" + table(
+            ["system", "mode", "gamma", "tok/s", "ms/token", "x floor", "speedup", "alpha",
+             "c", "tokens/iter (meas / Eq. 1)", "realized / theory", "best gamma (meas / theory)",
+             "peak MiB"], body))
+
+        cost_rows = []
+        for sname in ("qd-fast", "qd-generic"):
+            c = ((pair.get("systems") or {}).get(sname) or {}).get("costs")
+            if not c:
+                continue
+            t_ms = {int(k): v for k, v in (c.get("target_step_ms") or {}).items()}
+            ratios = {int(k): v for k, v in (c.get("verify_over_step") or {}).items()}
+            cost_rows.append([sname, fmt(t_ms.get(1), ".3f"),
+                              fmt(((c.get("draft_step_ms") or {}).get("1")
+                                   or (c.get("draft_step_ms") or {}).get(1)), ".3f"),
+                              fmt(c.get("cost_ratio_c"), ".3f"),
+                              " ".join(f"{g}:{fmt(v, '.2f')}" for g, v in sorted(ratios.items()))])
+        if cost_rows:
+            parts.append(f"### {pname}: per-call costs (DecodeState protocol, cache at the "
+                         "prompt)\n\n" + table(
+                             ["path", "target ms/step", "draft ms/step", "c",
+                              "verify cost of gamma+1 tokens / 1 token (gamma:ratio)"],
+                             cost_rows))
+
+        ctl = []
+        for sname in ("qd-fast", "qd-generic"):
+            for r in ((pair.get("systems") or {}).get(sname) or {}).get("controlled") or []:
+                ctl.append([sname, fmt(r.get("alpha_nominal"), ".2f"), fmt(r.get("alpha"), ".3f"),
+                            fmt(r.get("gamma"), "d"), fmt(r.get("cost_ratio_c"), ".3f"),
+                            fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("speedup"), ".2f"),
+                            fmt(r.get("theoretical_improvement"), ".2f"),
+                            fmt(r.get("realized_over_theoretical"), ".2f"),
+                            fmt(r.get("tokens_per_iteration"), ".2f") + " / "
+                            + fmt(r.get("expected_tokens_eq1"), ".2f"),
+                            fmt(r.get("greedy_equal"))])
+        if ctl:
+            parts.append(f"### {pname}: controlled alpha (the draft runs; the target's greedy "
+                         "tokens are proposed, each corrupted with probability 1 - alpha)\n\n"
+                         + table(["path", "alpha", "measured alpha", "gamma", "c", "tok/s",
+                                  "speedup", "theory", "realized / theory",
+                                  "tokens/iter (meas / Eq. 1)", "greedy equal"], ctl))
+
+    gl = goals(results)
+    if gl:
+        parts.append("### Goals (issue 7)\n\n" + table(
+            ["goal", "reached", "target", "met"],
+            [[g["goal"], fmt(g["value"], ".2f"), g["target"],
+              {True: "yes", False: "no", None: "not measured"}[g["passed"]]] for g in gl]))
+
+    errs = results.get("errors") or []
+    if errs:
+        lines = [f"- {e.get('kind', 'error')}: {e.get('where', '')} {e.get('type', '')}: "
+                 f"{(e.get('message') or '').splitlines()[0][:160] if e.get('message') else ''}"
+                 for e in errs[-30:]]
+        parts.append(f"### Errors and unavailable stages ({len(errs)})\n\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def update_docs(results_paths: list[Path], page: Path = DOCS_PAGE) -> None:
+    text = page.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{page} lacks the {START} / {END} markers")
+    blocks = []
+    for p in results_paths:
+        results = json.loads(p.read_text())
+        calls = results.get("calls") or []
+        cmds = "\n".join(c.get("command", "") for c in calls)
+        where = p.relative_to(REPO) if p.is_relative_to(REPO) else p
+        blocks.append(f"## {p.stem}\n\nFrom `{where}`"
+                      + (f", made by:\n\n```bash\n{cmds}\n```" if cmds else ".")
+                      + "\n\n" + render(results))
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    page.write_text(head + START + "\n\n" + "\n\n".join(blocks) + "\n" + END + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", type=Path, help="results JSON files")
+    ap.add_argument("--docs", action="store_true", help=f"rewrite the results part of {DOCS_PAGE}")
+    args = ap.parse_args(argv)
+    if args.docs:
+        update_docs([p.resolve() for p in args.results])
+        print(f"updated {DOCS_PAGE}")
+        return 0
+    for p in args.results:
+        print(render(json.loads(p.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
