@@ -215,7 +215,10 @@ class StaticOrtModel:
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         kind, dev = self.device.kind, self.device.device_id
-        io.bind_cpu_input(_INPUT_IDS, np.asarray(tokens, dtype=np.int64).reshape(1, k))
+        import onnxruntime as ort
+
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, k)
+        io.bind_ortvalue_input(_INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids, kind, dev))
         self._bind_common(io)
         io.bind_output(_LOGITS, kind, dev)
         self.session.run_with_iobinding(io, self._generic_options)
