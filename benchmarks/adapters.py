@@ -8,9 +8,9 @@ is here, in small functions, so that an API change is fixed in one place:
   quickdraft.generation);
 * fast path (issue 5): ``quickdraft.export.static.export_static_pair`` (onnxruntime-genai's
   builder, GroupQueryAttention, static caches) and ``quickdraft.ort_backend.static.
-  StaticOrtModel`` (shared past/present buffers, per-step bindings, CUDA graphs). Until a
-  fast-path generator exists (verification on the device), the fast models run in the generic
-  loop of :mod:`quickdraft.generation`; :func:`fast_generator` is the hook to plug it in.
+  StaticOrtModel`` (shared past/present buffers, per-step bindings, CUDA graphs) driven by
+  ``quickdraft.ort_backend.static.FastGenerator`` (verification on the device); without
+  it the fast models run in the generic loop of :mod:`quickdraft.generation`.
 
 Generation is greedy, exactly ``max_new_tokens`` long (EOS ignored everywhere, so all
 systems produce the same number of tokens).
@@ -125,51 +125,82 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
         fg = fast_generator(pair)
         if fg is not None:
             pair.generator = fg
-            pair.info["loop"] = type(fg).__name__
+            pair.info["loop"] = "FastGenerator (verification on the device)"
         return pair
     raise ValueError(f"unknown path {path!r}")
 
 
 def fast_generator(pair: LoadedPair):
-    """The fast path's own generator (device-side verification), once it exists.
-
-    Returns None to run the fast models in quickdraft.generation's loop. Plug it in here:
-    an object with ``autoregressive(prompt_ids, n) -> (tokens, stats dict)`` and
-    ``speculative(prompt_ids, n, gamma) -> (tokens, stats dict)``.
-    """
+    """The fast path's own generator (``quickdraft.ort_backend.static.FastGenerator``:
+    verification on the device), wrapped; None to run the fast models in
+    quickdraft.generation's loop instead."""
     try:
-        import quickdraft.ort_backend as ob
+        from quickdraft.ort_backend.static import FastGenerator
     except ImportError:
         return None
-    for name in ("FastGenerator", "StaticGenerator"):
-        cls = getattr(ob, name, None)
-        if cls is not None:
-            return _FastGeneratorAdapter(cls, pair)
-    return None
+    return _FastGeneratorAdapter(FastGenerator, pair)
 
 
 class _FastGeneratorAdapter:
-    """Best guess at a fast-path generator shaped like ``Generator`` (issue 5); adjust to
-    its real API when it lands."""
+    """``FastGenerator(target, draft, sampling=)`` with ``autoregressive(prompt, n)`` and
+    ``speculative(prompt, n, gamma)`` -> (tokens, stats); stats normalized to the keys the
+    benchmark reads (per-call ms of each model, c, drafted tokens per iteration)."""
 
     def __init__(self, cls, pair: LoadedPair):
-        self.gen = cls(pair.target, pair.draft)
-        if hasattr(self.gen, "eos_ids"):
-            self.gen.eos_ids = frozenset()
-
-    def _run(self, prompt, n, gamma, autoregressive):
-        from quickdraft.ort_backend import DecodeConfig
-
-        cfg = DecodeConfig(max_new_tokens=n, gamma=max(1, gamma), sampling=greedy(), seed=0,
-                           autoregressive=autoregressive)
-        res = self.gen.generate(list(prompt), cfg)
-        return list(res.tokens), _generator_stats(res)
+        self.gen = cls(pair.target, pair.draft, sampling=greedy())
+        self.gen.eos_ids = frozenset()  # exactly max_new_tokens
 
     def autoregressive(self, prompt, n):
-        return self._run(prompt, n, 1, True)
+        tokens, st = self.gen.autoregressive(list(prompt), n, seed=0)
+        st = dict(st)
+        calls = max(1, (st.get("target_calls") or 1) - 1)
+        st["target"] = {"mean_call_ms": 1e3 * st.get("target_s", 0.0) / calls}
+        return list(tokens), st
 
-    def speculative(self, prompt, n, gamma):
-        return self._run(prompt, n, gamma, False)
+    def speculative(self, prompt, n, gamma, drafter_factory=None):
+        import inspect
+
+        kwargs = {}
+        params = inspect.signature(self.gen.speculative).parameters
+        if drafter_factory is not None:
+            if "drafter_factory" in params:
+                kwargs["drafter_factory"] = drafter_factory
+            elif "drafter" in params:
+                kwargs["drafter"] = drafter_factory(self.gen.draft)
+        if drafter_factory is not None and not kwargs:
+            # FastGenerator builds quickdraft.generation.ModelDrafter(draft, sampling) inside
+            # speculative(); swap that name for the call (no drafter parameter yet)
+            import quickdraft.generation as qg
+
+            original = qg.ModelDrafter
+            qg.ModelDrafter = lambda model, sampling=None: drafter_factory(model)
+            try:
+                tokens, st = self.gen.speculative(list(prompt), n, gamma, seed=0)
+            finally:
+                qg.ModelDrafter = original
+        else:
+            tokens, st = self.gen.speculative(list(prompt), n, gamma, seed=0, **kwargs)
+        return list(tokens), _normalize_fast_stats(dict(st), n, gamma)
+
+
+def _normalize_fast_stats(st: dict, n: int, gamma: int) -> dict:
+    from quickdraft.generation import draft_length
+
+    acc = list(st.get("accepted_per_iteration") or [])
+    drafted, produced = [], 0
+    for a in acc:  # the loop's draft lengths, replayed
+        g = draft_length(gamma, n - produced)
+        drafted.append(g)
+        produced += min(a + 1, n - produced)
+    st["drafted_per_iteration"] = drafted
+    tc, dc = st.get("target_calls") or 0, st.get("draft_calls") or 0
+    if tc:
+        st["target"] = {"mean_call_ms": 1e3 * st.get("target_s", 0.0) / tc}
+    if dc:
+        st["draft"] = {"mean_call_ms": 1e3 * st.get("draft_s", 0.0) / dc}
+    if tc and dc and st.get("target_s"):
+        st["cost_ratio_c"] = (st["draft_s"] / dc) / (st["target_s"] / tc)
+    return st
 
 
 # ----------------------------------------------------------------------------- generation
@@ -228,18 +259,20 @@ def speculative(pair: LoadedPair, prompt: list[int], n: int, gamma: int,
     """Greedy speculative decoding: (tokens, statistics).
 
     ``drafter_factory(draft_model) -> Drafter`` replaces the draft model's own proposals
-    (the controlled-alpha drafter); such runs always use quickdraft.generation's loop.
+    (the controlled-alpha drafter). On the fast path it goes into FastGenerator's loop; on
+    the generic path such runs use quickdraft.generation's loop over the same models (the
+    loop the generic Generator runs).
     """
     import numpy as np
 
+    if pair.path == "fast" and pair.generator is not None:
+        return pair.generator.speculative(prompt, n, gamma, drafter_factory=drafter_factory)
     if drafter_factory is None and pair.generator is not None:
-        if pair.path == "generic":
-            from quickdraft.ort_backend import DecodeConfig
+        from quickdraft.ort_backend import DecodeConfig
 
-            res = pair.generator.generate(list(prompt), DecodeConfig(
-                max_new_tokens=n, gamma=gamma, sampling=greedy(), seed=0))
-            return list(res.tokens), _generator_stats(res)
-        return pair.generator.speculative(prompt, n, gamma)
+        res = pair.generator.generate(list(prompt), DecodeConfig(
+            max_new_tokens=n, gamma=gamma, sampling=greedy(), seed=0))
+        return list(res.tokens), _generator_stats(res)
     from quickdraft.generation import ModelDrafter, speculative_generate
     from quickdraft.ort_backend.timing import ModelTimes, TimedModel
 

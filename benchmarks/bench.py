@@ -131,6 +131,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-repeats", type=int, default=1)
+    ap.add_argument("--hf-repeats", type=int, default=None,
+                    help="timed runs for Hugging Face (slow on a busy host; default --repeats)")
     ap.add_argument("--cost-reps", type=int, default=10)
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast path without CUDA graphs")
@@ -291,6 +293,7 @@ class Bench:
         else:
             if d.exists():
                 shutil.rmtree(d)
+            entry["systems"] = {}  # measured on the old weights
             if name == "trained":
                 overrides = {"target_seconds": a.target_seconds, "draft_seconds": a.draft_seconds,
                              "target_steps": a.target_steps, "draft_steps": a.draft_steps,
@@ -360,6 +363,12 @@ class Bench:
         reference = None
         for system in a.systems:
             key = f"{name}/{system}"
+            old = entry["systems"].get(system) or {}
+            if old.get("status") == "ok" and "systems" not in a.force:
+                log(f"{key}: measured earlier in this work folder (--force systems to redo)")
+                if system.startswith("qd-") and reference is None:
+                    reference = old.get("reference_tokens")
+                continue
             if system.endswith("-graph") and a.device != "cuda":
                 entry["systems"][system] = {"status": "unavailable", "errors": [{
                     "kind": "unavailable", "message": "CUDA graphs need CUDA"}]}
@@ -380,7 +389,8 @@ class Bench:
                     **common, "variant": variant, "reference_tokens": reference,
                     "ar_ms_per_token": ar.get("ms_per_token")})
             else:  # hf
-                spec = {**common, "hf_gammas": a.hf_gammas, "reference_tokens": reference}
+                spec = {**common, "hf_gammas": a.hf_gammas, "reference_tokens": reference,
+                        "repeats": a.hf_repeats or a.repeats}
                 res = None
                 if a.hf_env in ("auto", "keep"):
                     res = self.run_task("hf", key, spec)

@@ -49,8 +49,8 @@ SHAPES = {
     "tiny": {
         "target": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=256),
-        "draft": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=64),
+        "draft": dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=128),
     },
 }
 VOCAB = {"1b": 32000, "7b": 32000, "tiny": 1000}

@@ -3,6 +3,7 @@
 
     python benchmarks/report.py benchmarks/results/h100.json            # Markdown on stdout
     python benchmarks/report.py benchmarks/results/h100.json --docs     # refresh docs/benchmarks.md
+    python benchmarks/report.py --merge all.json a.json b.json         # calls -> one file
 
 ``render(results)`` gives Markdown (pipe tables, also readable as plain text: bench.py
 prints it last). ``--docs`` replaces the part of ``docs/benchmarks.md`` between the
@@ -400,6 +401,30 @@ def render(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def merge(parts: list[dict]) -> dict:
+    """Several results files (e.g. calls on machines that were not kept warm in between)
+    as one: later files win for the same pair and system; calls and errors add up."""
+    out: dict = {"schema": None, "calls": [], "pairs": {}, "errors": []}
+    for r in parts:
+        out["schema"] = r.get("schema", out["schema"])
+        out["calls"] += r.get("calls") or []
+        out["errors"] += r.get("errors") or []
+        for key in ("environment", "settings", "bandwidth"):
+            if r.get(key):
+                out[key] = r[key]
+        for name, pair in (r.get("pairs") or {}).items():
+            dst = out["pairs"].setdefault(name, {"tasks": {}, "systems": {}})
+            if pair.get("info"):
+                dst["info"] = pair["info"]
+            dst["tasks"].update(pair.get("tasks") or {})
+            for sname, res in (pair.get("systems") or {}).items():
+                if res.get("ar") or res.get("spec") or sname not in dst["systems"]:
+                    dst["systems"][sname] = res
+    out["records"] = records(out)
+    out["goals"] = goals(out)
+    return out
+
+
 def update_docs(results_paths: list[Path], page: Path = DOCS_PAGE) -> None:
     text = page.read_text()
     if START not in text or END not in text:
@@ -422,7 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", type=Path, help="results JSON files")
     ap.add_argument("--docs", action="store_true", help=f"rewrite the results part of {DOCS_PAGE}")
+    ap.add_argument("--merge", type=Path, metavar="OUT_JSON",
+                    help="merge the results files into one (later files win) and write it")
     args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge([json.loads(p.read_text()) for p in args.results])
+        args.merge.write_text(json.dumps(merged, indent=1) + "\n")
+        print(f"wrote {args.merge}")
+        return 0
     if args.docs:
         update_docs([p.resolve() for p in args.results])
         print(f"updated {DOCS_PAGE}")

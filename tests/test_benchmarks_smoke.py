@@ -1,0 +1,278 @@
+"""The cheap pieces of the benchmark harness (benchmarks/), on the CPU.
+
+The controlled-alpha drafter keeps greedy speculative output equal to the target's greedy
+output and is accepted at the rate it is told; the structured random pairs have wide
+greedy margins and the draft agreement asked for; the analysis, the results table and the
+onnxruntime-genai configs are right. The whole pipeline runs with
+``python benchmarks/bench.py --smoke`` (minutes; not part of the test suite).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import analysis, report
+from benchmarks.controlled import (
+    ControlledAlphaDrafter,
+    alpha_from_tokens_per_iteration,
+    check_greedy_equal,
+)
+from quickdraft import theory
+from quickdraft.generation import autoregressive_generate, speculative_generate
+from quickdraft.reference import TableModel
+from quickdraft.sampling import SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def _pair(vocab: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    target = TableModel(rng.normal(size=(vocab, vocab, vocab)) * 3)  # a trigram
+    draft = TableModel(rng.normal(size=(vocab, vocab)))  # a bigram
+    return target, draft
+
+
+def _greedy(target, prompt, n):
+    return autoregressive_generate(target, prompt, max_new_tokens=n, sampling=GREEDY,
+                                   rng=np.random.default_rng(0)).tokens
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_controlled_drafter_keeps_greedy_output(alpha, gamma):
+    target, draft = _pair()
+    prompt, n = [1, 2, 3], 40
+    ref = _greedy(target, prompt, n)
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, alpha, np.random.default_rng(7))
+    res = speculative_generate(target, None, prompt, gamma=gamma, max_new_tokens=n,
+                               sampling=GREEDY, rng=np.random.default_rng(1), drafter=drafter)
+    assert res.tokens == ref
+    check_greedy_equal(res.tokens, ref)
+    if alpha == 1.0:  # every proposal is the target's token: all accepted
+        assert all(a == d for a, d in zip(res.stats.accepted_per_iteration,
+                                           res.stats.drafted_per_iteration))
+    if alpha == 0.0:  # every proposal corrupted: nothing accepted
+        assert sum(res.stats.accepted_per_iteration) == 0
+
+
+def test_controlled_drafter_runs_the_draft_like_model_drafter():
+    target, draft = _pair()
+    prompt, n, gamma = [4, 5], 30, 4
+    ref = _greedy(target, prompt, n)
+    natural = speculative_generate(target, draft, prompt, gamma=gamma, max_new_tokens=n,
+                                   sampling=GREEDY, rng=np.random.default_rng(1))
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.0, np.random.default_rng(0))
+    ctl = speculative_generate(target, None, prompt, gamma=gamma, max_new_tokens=n,
+                               sampling=GREEDY, rng=np.random.default_rng(1), drafter=drafter)
+    # the same number of draft calls per drafted token as the real draft (one per token)
+    assert ctl.stats.draft_calls == sum(ctl.stats.drafted_per_iteration)
+    assert natural.stats.draft_calls == sum(natural.stats.drafted_per_iteration)
+
+
+def test_controlled_drafter_acceptance_rate_is_alpha():
+    target, draft = _pair(vocab=20, seed=3)
+    prompt, n = [1], 400
+    ref = _greedy(target, prompt, n)
+    accepted, drafted = [], []
+    for alpha in (0.6, 0.9):
+        drafter = ControlledAlphaDrafter(draft, prompt, ref, alpha, np.random.default_rng(11),
+                                         run_draft=False, vocab_size=20)
+        res = speculative_generate(target, None, prompt, gamma=4, max_new_tokens=n,
+                                   sampling=GREEDY, rng=np.random.default_rng(2),
+                                   drafter=drafter)
+        assert res.tokens == ref
+        est = theory.alpha_from_acceptances(res.stats.accepted_per_iteration,
+                                            res.stats.drafted_per_iteration)
+        assert abs(est - alpha) < 0.08, (alpha, est)
+        accepted.append(est)
+        drafted.append(drafter.proposed)
+    assert accepted[0] < accepted[1]
+
+
+def test_controlled_drafter_refuses_a_diverged_sequence():
+    target, draft = _pair()
+    prompt = [1, 2]
+    ref = _greedy(target, prompt, 10)
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.5, np.random.default_rng(0))
+    wrong = (ref[0] + 1) % 12
+    with pytest.raises(AssertionError, match="greedy"):
+        drafter.get_candidates(prompt + [wrong], 2, np.zeros(2))
+    with pytest.raises(ValueError):
+        ControlledAlphaDrafter(draft, prompt, ref, 1.5, np.random.default_rng(0))
+    with pytest.raises(AssertionError):
+        check_greedy_equal([1, 2, 3], [1, 2, 4])
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.8, 0.95])
+def test_alpha_from_tokens_per_iteration_inverts_eq1(alpha, gamma):
+    t = theory.expected_tokens(alpha, gamma)
+    assert alpha_from_tokens_per_iteration(t, gamma) == pytest.approx(alpha, abs=1e-9)
+    assert alpha_from_tokens_per_iteration(1.0, gamma) == 0.0
+    assert alpha_from_tokens_per_iteration(gamma + 1, gamma) == 1.0
+
+
+def test_summarize_and_compare():
+    stats = [{"accepted_per_iteration": [4, 4, 2], "drafted_per_iteration": [4, 4, 3],
+              "beta_sum": 9.0, "beta_count": 11, "cost_ratio_c": 0.05,
+              "target": {"mean_call_ms": 2.0}, "draft": {"mean_call_ms": 0.1}},
+             {"accepted_per_iteration": [0, 4], "cost_ratio_c": 0.07}]
+    s = analysis.summarize_spec(stats, 4)
+    assert s["iterations"] == 5
+    assert s["alpha"] == pytest.approx(theory.alpha_from_acceptances(
+        [4, 4, 2, 0, 4], [4, 4, 3, 4, 4]))
+    assert s["tokens_per_iteration"] == pytest.approx((14 + 5) / 5)
+    assert s["cost_ratio_c"] == pytest.approx(0.06)
+    c = analysis.compare(100.0, 250.0, 0.8, 4, 0.05)
+    assert c["speedup"] == pytest.approx(2.5)
+    assert c["theoretical_improvement"] == pytest.approx(theory.walltime_improvement(0.8, 4, 0.05))
+    assert c["realized_over_theoretical"] == pytest.approx(2.5 / c["theoretical_improvement"])
+    assert analysis.floor_ms(2.2e9, 3000.0) == pytest.approx(0.7333, rel=1e-3)
+    assert analysis.compare(None, 1.0, None, 4, None) == {}
+
+
+def _results() -> dict:
+    qd = {"status": "ok", "ar": {"tokens_per_s": 200.0, "ms_per_token": 5.0},
+          "spec": {"gamma": 4, "tokens_per_s": 500.0, "ms_per_token": 2.0, "speedup": 2.5,
+                   "alpha": 0.8, "cost_ratio_c": 0.05, "tokens_per_iteration": 3.3,
+                   "expected_tokens_eq1": 3.36, "theoretical_improvement": 2.8,
+                   "realized_over_theoretical": 0.89, "best_gamma_theory": 5,
+                   "greedy_equal": True},
+          "sweep": [{"gamma": 2, "tokens_per_s": 400.0, "speedup": 2.0, "alpha": 0.8,
+                     "cost_ratio_c": 0.05}],
+          "best_gamma": {"measured": 4, "tokens_per_s": 500.0},
+          "costs": {"target_step_ms": {"1": 5.0, "5": 5.5}, "draft_step_ms": {"1": 0.25},
+                    "verify_over_step": {"4": 1.1}, "cost_ratio_c": 0.05},
+          "controlled": [{"alpha_nominal": 0.8, "alpha": 0.79, "gamma": 5, "tokens_per_s": 560.0,
+                          "speedup": 2.8, "theoretical_improvement": 3.0,
+                          "realized_over_theoretical": 0.93, "cost_ratio_c": 0.05,
+                          "greedy_equal": True}],
+          "memory": {"peak_delta_mib": 15000.0}}
+    genai = {"status": "ok", "ar": {"tokens_per_s": 180.0, "ms_per_token": 5.5}}
+    gspec = {"status": "ok", "spec": {"gamma": 4, "tokens_per_s": 300.0, "alpha": 0.78},
+             "best_gamma": {"measured": 3, "tokens_per_s": 320.0}}
+    hf = {"status": "error", "errors": [{"message": "no CUDA"}]}
+    return {"schema": 1, "bandwidth": {"gbps_median": 3000.0},
+            "settings": {"prompt_len": 32, "new_tokens": 128, "repeats": 3},
+            "environment": {"gpu": "H100", "packages": {"torch": "2.11"}},
+            "pairs": {"7b": {"info": {"target": {"parameters": 6.7e9, "weight_bytes": 13.5e9},
+                                      "draft": {"parameters": 7.7e7}, "draft_fraction": 0.0115,
+                                      "draft_agreement": 0.8},
+                             "systems": {"qd-fast": qd, "genai": genai, "genai-spec": gspec,
+                                         "hf": hf}}},
+            "errors": [{"kind": "unavailable", "message": "CUDA graphs need CUDA"}]}
+
+
+def test_report_renders_tables_goals_and_records():
+    r = _results()
+    text = report.render(r)
+    assert "### 7b: systems" in text and "quickdraft fast" in text
+    assert "| onnxruntime-genai" in text and "no CUDA" in text
+    assert "4.500" in text  # the 7B floor: 13.5 GB / 3000 GB/s
+    assert "controlled alpha" in text and "0.93" in text
+    goals = {g["goal"]: g for g in report.goals(r)}
+    floor = goals["quickdraft AR ms/token / weight floor, 7B"]
+    assert floor["value"] == pytest.approx(5.0 / 4.5) and floor["passed"] is True
+    assert goals["quickdraft speculative at alpha 0.8 / fastest quickdraft AR, 7B"]["value"] \
+        == pytest.approx(2.8)
+    vs = goals["quickdraft speculative / genai speculative (best K), 7b"]
+    assert vs["value"] == pytest.approx(500 / 320) and vs["passed"] is True
+    recs = report.records(r)
+    assert {x["gamma"] for x in recs} == {2, 5}
+    json.dumps(r)  # plain JSON
+    assert report.fmt(None) == "-" and report.fmt(float("nan")) == "-"
+    assert report.fmt(True) == "yes"
+    empty = report.render({})
+    assert isinstance(empty, str)
+
+
+def test_report_merge_later_wins():
+    a, b = _results(), _results()
+    b["pairs"]["7b"]["systems"]["qd-fast"]["ar"]["tokens_per_s"] = 222.0
+    b["pairs"]["1b"] = {"systems": {"genai": {"status": "ok", "ar": {"tokens_per_s": 1.0}}}}
+    m = report.merge([a, b])
+    assert m["pairs"]["7b"]["systems"]["qd-fast"]["ar"]["tokens_per_s"] == 222.0
+    assert "1b" in m["pairs"] and len(m["errors"]) == 2
+
+
+def test_genai_configs(tmp_path):
+    from benchmarks import genai
+
+    def folder(name, layers):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"x")
+        (d / "model.onnx.data").write_bytes(b"y")
+        cfg = {"model": {"type": "llama", "vocab_size": 10, "decoder": {
+            "filename": "model.onnx", "num_hidden_layers": layers,
+            "session_options": {"provider_options": [{"cuda": {"enable_cuda_graph": "0"}}]}}},
+            "search": {"max_length": 64}}
+        (d / "genai_config.json").write_text(json.dumps(cfg))
+        return d
+
+    t, d = folder("target", 4), folder("draft", 1)
+    spec = json.loads((genai.prepare("spec", t, d, tmp_path / "v") / "genai_config.json")
+                      .read_text())
+    assert spec["model"]["type"] == "speculative"
+    assert spec["model"]["decoder"]["filename"] == "target/model.onnx"
+    assert spec["model"]["draft"]["filename"] == "draft/model.onnx"
+    assert spec["model"]["draft"]["num_hidden_layers"] == 1
+    assert (tmp_path / "v" / "spec" / "draft" / "model.onnx.data").is_file()
+    graph = genai.prepare("ar-graph", t, d, tmp_path / "v")
+    cfg = json.loads((graph / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"][0]["cuda"][
+        "enable_cuda_graph"] == "1"
+    assert (graph / "model.onnx.data").is_file()
+    # the source folder's config is untouched
+    src = json.loads((t / "genai_config.json").read_text())
+    assert src["model"]["decoder"]["session_options"]["provider_options"][0]["cuda"][
+        "enable_cuda_graph"] == "0"
+    stats = genai.spec_summary({"rounds": 10, "draft_tokens_evaluated": 40,
+                                "draft_tokens_accepted": 30, "tokens_emitted": 40,
+                                "draft_forward_passes": 40, "total_draft_ms": 4.0,
+                                "total_target_verify_ms": 60.0,
+                                "target_verify_forward_passes": 10}, 4, 5.0)
+    assert stats["alpha"] == 0.75 and stats["tokens_per_iteration"] == 4.0
+    assert stats["cost_ratio_c"] == pytest.approx(0.1 / 5.0)
+    assert stats["verify_over_ar_step"] == pytest.approx(1.2)
+
+
+def test_structured_random_pair_has_margins_and_agreement(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.models import SPECIALS, make_random_pair
+
+    info = make_random_pair("tiny", tmp_path, device="cpu", agreement=0.7)
+    assert info["draft_agreement"] == 0.7
+    n = len(SPECIALS)
+    ids = torch.arange(n, info["vocab_size"])[:, None]  # every ordinary token alone
+    out = {}
+    for role in ("target", "draft"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / role).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -1]  # [V - n, V]
+        top2 = logits.topk(2, dim=-1).values
+        out[role] = (logits.argmax(-1), (top2[:, 0] - top2[:, 1]).min().item())
+    nxt, margin = out["target"]
+    assert margin > 1.0  # fp16 rounding cannot flip these greedy choices
+    assert len(set(nxt.tolist())) == len(nxt) and int(nxt.min()) >= n  # a permutation
+    agree = (out["draft"][0] == nxt).float().mean().item()
+    assert 0.6 < agree < 0.8
+    prompts = json.loads((tmp_path / "prompts.json").read_text())["prompts"]
+    assert len(prompts[0]) == 32 and min(prompts[0]) >= n
+
+
+def test_train_pair_helpers():
+    from benchmarks.train_pair import heldout_windows, prompts_from
+
+    stream = np.arange(1000, dtype=np.int32) % 97 + 1
+    stream[500] = 0  # an end-of-file token
+    w = heldout_windows(stream, 16, 5)
+    assert w.shape == (5, 17)
+    ps = prompts_from(stream, 3, 8, eos=0)
+    assert len(ps) == 3 and all(len(p) == 8 and 0 not in p for p in ps)
