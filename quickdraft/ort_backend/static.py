@@ -465,6 +465,7 @@ class FastGenerator:
         import time
 
         from quickdraft.generation import ModelDrafter, draft_length
+        from quickdraft.ort_backend.verify_graph import advance_device
 
         if self.draft is None:
             raise ValueError("speculative decoding needs a draft model")
@@ -490,14 +491,7 @@ class FastGenerator:
             verify = self.verifier(g)  # built once per g, outside the timed calls
             cand = drafter.get_candidates(ids, g, u[:g])
             t0 = time.perf_counter()
-            have = state.tokens
-            want = ids + cand.tokens.tolist()
-            common = 0
-            limit = min(len(have), len(want) - 1)
-            while common < limit and have[common] == want[common]:
-                common += 1
-            state.rewind(common)
-            logits = state.append_device(want[common:])
+            logits = advance_device(state, ids + cand.tokens.tolist(), g + 1)
             t1 = time.perf_counter()
             n, token = verify(logits, cand.probs, cand.tokens, u[g: 2 * g], float(u[2 * g]))
             t2 = time.perf_counter()

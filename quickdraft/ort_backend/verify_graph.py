@@ -36,7 +36,13 @@ from quickdraft.ort_backend.device import Device, session_options
 from quickdraft.protocols import advance
 from quickdraft.sampling import SamplingConfig
 
-__all__ = ["build_verify_graph", "DeviceVerifier", "device_speculative_step", "RESIDUAL_EPS"]
+__all__ = [
+    "build_verify_graph",
+    "DeviceVerifier",
+    "advance_device",
+    "device_speculative_step",
+    "RESIDUAL_EPS",
+]
 
 RESIDUAL_EPS = 1e-12  # as quickdraft.verification.RESIDUAL_EPS
 _INT64_MAX = np.iinfo(np.int64).max
@@ -277,6 +283,21 @@ class DeviceVerifier:
         return int(n[0]), int(token[0])
 
 
+def advance_device(state, ids: Sequence[int], min_new: int):
+    """:func:`quickdraft.protocols.advance` returning the logits as the state has them:
+    a device OrtValue [1, k, V] from a static state (no copy), else host rows [k, V]; at
+    least the last ``min_new`` tokens are (re-)appended."""
+    if not hasattr(state, "append_device"):
+        return advance(state, ids, min_new)
+    have = state.tokens
+    limit = min(len(have), len(ids) - min_new)
+    common = 0
+    while common < limit and have[common] == ids[common]:
+        common += 1
+    state.rewind(common)
+    return state.append_device(list(ids[common:]))
+
+
 def device_speculative_step(target_state, drafter, ids: Sequence[int], gamma: int,
                             sampling: SamplingConfig, draft_uniforms, accept_uniforms,
                             sample_uniform: float, verifier: DeviceVerifier):
@@ -289,16 +310,6 @@ def device_speculative_step(target_state, drafter, ids: Sequence[int], gamma: in
     if verifier.gamma != gamma or verifier.sampling != sampling:
         raise ValueError("the verifier was built for another gamma or other sampling settings")
     cand = drafter.get_candidates(ids, gamma, draft_uniforms)
-    want = list(ids) + cand.tokens.tolist()
-    if hasattr(target_state, "append_device"):
-        have = target_state.tokens
-        common = 0
-        limit = min(len(have), len(want) - 1)
-        while common < limit and have[common] == want[common]:
-            common += 1
-        target_state.rewind(common)
-        logits = target_state.append_device(want[common:])  # [1, k, V] with k >= gamma + 1
-    else:
-        logits = advance(target_state, want)
+    logits = advance_device(target_state, list(ids) + cand.tokens.tolist(), gamma + 1)
     n, token = verifier(logits, cand.probs, cand.tokens, accept_uniforms, sample_uniform)
     return cand.tokens[:n].tolist() + [token], n, cand.model_calls
