@@ -260,20 +260,20 @@ def run_child(args) -> dict:
                               "tokens_per_s": len(r.tokens) / total}
         return go
 
-    for _ in range(2 if args.device == "cuda" else 1):  # the first round warms up (captures)
+    if config != "optimum":
+        from quickdraft.ort_backend.static import FastGenerator
+
+        fg = FastGenerator(target, draft, sampling=greedy)
+        fs = FastGenerator(target, draft, sampling=sampled)
+        fg.eos_ids = fs.eos_ids = frozenset()
+    for _ in range(2):  # the first round warms up (sessions, arenas, CUDA graph captures)
         timed("ar_greedy_generic_loop", generic((target, draft), "ar", greedy))
         timed("spec_greedy_numpy_verify", generic((target, draft), "spec", greedy))
         timed("spec_t1_numpy_verify", generic((target, draft), "spec", sampled, seed=1))
         if config != "optimum":
-            from quickdraft.ort_backend.static import FastGenerator
-
-            fg = FastGenerator(target, draft, sampling=greedy)
-            fg.eos_ids = frozenset()
-            timed("ar_greedy_fast", lambda fg=fg: fg.autoregressive(prompt, n))
-            timed("spec_greedy_device_verify", lambda fg=fg: fg.speculative(prompt, n, gamma))
-            fs = FastGenerator(target, draft, sampling=sampled)
-            fs.eos_ids = frozenset()
-            timed("spec_t1_device_verify", lambda fs=fs: fs.speculative(prompt, n, gamma, seed=1))
+            timed("ar_greedy_fast", lambda: fg.autoregressive(prompt, n))
+            timed("spec_greedy_device_verify", lambda: fg.speculative(prompt, n, gamma))
+            timed("spec_t1_device_verify", lambda: fs.speculative(prompt, n, gamma, seed=1))
     res["generation"] = gens
     res["tokens"] = {k: v for k, v in tokens.items()}
     ar = tokens.get("ar_greedy_generic_loop")
