@@ -290,7 +290,7 @@ def worker_env(extra: dict | None = None, *, pythonpath: str | None = None) -> d
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["TOKENIZERS_PARALLELISM"] = "false"
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if extra:
         env.update(extra)

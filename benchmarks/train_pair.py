@@ -65,7 +65,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     seed: int = 0
-    corpus_mb: float = 150.0  # characters of source kept (in millions)
+    corpus_mb: float = 100.0  # characters of source kept (in millions)
     tokenizer_mb: float = 40.0  # characters the tokenizer trains on (in millions)
     eval_windows: int = 32
     num_prompts: int = 4
