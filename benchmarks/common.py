@@ -189,7 +189,7 @@ class GpuMemory:
     On a machine without nvidia-smi every value is None.
     """
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 1.0):
         self.interval = interval
         self.baseline = _nvidia_smi_used_mib()
         self.peak = self.baseline
