@@ -5,7 +5,11 @@ acceptance rule itself lives in :mod:`quickdraft.verification`.
 
 One speculative iteration (:func:`speculative_step`) is a pure function of the model
 states and its uniforms; :func:`speculative_generate` draws the uniforms from a
-``numpy.random.Generator`` and does the bookkeeping.
+``numpy.random.Generator`` and does the bookkeeping. An iteration has two halves: a
+:class:`~quickdraft.protocols.Drafter` proposes, a :class:`~quickdraft.protocols.Verifier`
+scores the proposal with the target and decides. :func:`host_verify` is the default
+verifier; the ONNX Runtime fast path plugs in one that verifies on the device
+(:class:`quickdraft.ort_backend.verify_graph.GraphVerifier`) and reuses these loops.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quickdraft.protocols import Candidates, DecodeState, LanguageModel, advance
+from quickdraft.protocols import (
+    Candidates,
+    DecodeState,
+    LanguageModel,
+    Verdict,
+    Verifier,
+    advance,
+)
 from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token
 from quickdraft.theory import alpha_from_acceptances, beta
 from quickdraft.verification import verify
@@ -25,6 +36,7 @@ __all__ = [
     "GenerationResult",
     "StepResult",
     "ModelDrafter",
+    "host_verify",
     "speculative_step",
     "speculative_generate",
     "speculative_stream",
@@ -190,6 +202,29 @@ def _check_request(model: LanguageModel, prompt_ids: Sequence[int], max_new_toke
         )
 
 
+def host_verify(
+    target: DecodeState,
+    scored: Sequence[int],
+    candidates: Candidates,
+    sampling: SamplingConfig,
+    accept_uniforms: np.ndarray,
+    sample_uniform: float,
+    *,
+    lenience: float = 1.0,
+) -> Verdict:
+    """The reference :class:`~quickdraft.protocols.Verifier`: the target's logits come to
+    the host, :func:`~quickdraft.sampling.adjust_logits` shapes them into p and
+    :func:`quickdraft.verification.verify` decides."""
+    gamma = len(candidates.tokens)
+    logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
+    p = adjust_logits(logits, sampling)  # [gamma + 1, V]
+    n, token = verify(p, candidates.probs, candidates.tokens, accept_uniforms, sample_uniform,
+                      lenience=lenience)
+    reached = min(n + 1, gamma)
+    betas = beta(p[:reached], candidates.probs[:reached]).tolist()  # [reached]
+    return Verdict(n, token, betas)
+
+
 def speculative_step(
     target: DecodeState,
     drafter,
@@ -201,18 +236,18 @@ def speculative_step(
     sample_uniform: float,
     *,
     lenience: float = 1.0,
+    verifier: Verifier | None = None,
 ) -> StepResult:
     """One iteration of Algorithm 1: draft gamma tokens, score them in one target call,
-    verify, and return the output tokens. Pure given the states and uniforms."""
+    verify, and return the output tokens. Pure given the states and uniforms.
+
+    ``verifier`` scores and decides (default :func:`host_verify`)."""
     cand = drafter.get_candidates(ids, gamma, draft_uniforms)
     scored = list(ids) + cand.tokens.tolist()
-    logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
-    p = adjust_logits(logits, sampling)  # [gamma + 1, V]
-    n, token = verify(p, cand.probs, cand.tokens, accept_uniforms, sample_uniform,
-                      lenience=lenience)
-    reached = min(n + 1, gamma)
-    betas = beta(p[:reached], cand.probs[:reached]).tolist()  # [reached]
-    return StepResult(cand.tokens[:n].tolist() + [token], n, betas, cand.model_calls)
+    verify_with = host_verify if verifier is None else verifier
+    n, token, betas = verify_with(target, scored, cand, sampling, accept_uniforms,
+                                  sample_uniform, lenience=lenience)
+    return StepResult(cand.tokens[:n].tolist() + [token], n, list(betas), cand.model_calls)
 
 
 def speculative_stream(
@@ -229,10 +264,12 @@ def speculative_stream(
     lenience: float = 1.0,
     stats: GenerationStats | None = None,
     state: DecodeState | None = None,
+    verifier: Verifier | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each iteration as soon as they are verified.
 
-    Pass either a draft model (wrapped in :class:`ModelDrafter`) or any ``drafter``.
+    Pass either a draft model (wrapped in :class:`ModelDrafter`) or any ``drafter``;
+    ``verifier`` scores and decides each proposal (default :func:`host_verify`).
     ``stats`` (if given) is filled in as generation proceeds. ``eos_id`` may be one id or
     several. ``state`` is a target state to continue from (for example one already
     prefilled with ``prompt_ids[:-1]``); it must hold fewer tokens than ``prompt_ids``,
@@ -266,7 +303,7 @@ def speculative_stream(
         u = rng.random(2 * g + 1)  # [2 g + 1] draft, accept and sample uniforms
         step = speculative_step(
             state, drafter, ids, g, sampling, u[:g], u[g : 2 * g], float(u[2 * g]),
-            lenience=lenience,
+            lenience=lenience, verifier=verifier,
         )
         stats.iterations += 1
         stats.target_calls += 1
@@ -296,18 +333,20 @@ def speculative_generate(
     eos_id: EosIds = None,
     drafter=None,
     lenience: float = 1.0,
+    verifier: Verifier | None = None,
 ) -> GenerationResult:
     """Speculative sampling (Algorithm 1): the output follows the target's distribution.
 
     Returns the new tokens and :class:`GenerationStats` (accepted per iteration, beta per
     position, target and draft calls). ``lenience < 1`` is the lossy rule of appendix A.5.
+    ``verifier`` scores and decides each proposal (default :func:`host_verify`).
     """
     stats = GenerationStats()
     tokens: list[int] = []
     for piece in speculative_stream(
         target, draft, prompt_ids, gamma=gamma, max_new_tokens=max_new_tokens,
         sampling=sampling, rng=rng, eos_id=eos_id, drafter=drafter, lenience=lenience,
-        stats=stats,
+        stats=stats, verifier=verifier,
     ):
         tokens.extend(piece)
     return GenerationResult(tokens, stats)

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["DecodeState", "LanguageModel", "Candidates", "Drafter", "advance"]
+if TYPE_CHECKING:
+    from quickdraft.sampling import SamplingConfig
+
+__all__ = [
+    "DecodeState",
+    "LanguageModel",
+    "Candidates",
+    "Drafter",
+    "Verdict",
+    "Verifier",
+    "advance",
+    "rewind_to_common_prefix",
+]
 
 
 @runtime_checkable
@@ -77,14 +89,43 @@ class Drafter(Protocol):
         ...
 
 
-def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:
-    """Bring ``state`` to exactly ``ids`` and return the logits of the tokens it appended.
+class Verdict(NamedTuple):
+    """What a :class:`Verifier` decided for one speculative iteration."""
 
-    Keeps the longest common prefix already consumed, but always re-appends at least the
-    last ``min_new`` tokens (the caller needs their logits), rewinds past any divergence
-    and appends the rest. Returns logits [k, V] for the k >= min_new appended tokens; row -1
-    predicts the token after ``ids``.
+    n_accepted: int  # n in 0..gamma: draft tokens accepted
+    next_token: int  # the recovered token (n < gamma) or the bonus token (n == gamma)
+    betas: list[float]  # beta at draft positions 0..min(n, gamma - 1), the ones reached
+
+
+class Verifier(Protocol):
+    """The second half of a speculative iteration: score the proposal, then decide.
+
+    Brings ``target`` to ``scored`` (the sequence so far followed by the gamma candidate
+    tokens) in one target call that (re-)appends at least the last gamma + 1 tokens, shapes
+    the target's logits with ``sampling`` exactly as the candidates' q were shaped, and
+    applies the acceptance rule with the given uniforms. Where the logits go (to the host,
+    or nowhere: verification next to them on the device) is the verifier's business;
+    :func:`quickdraft.generation.host_verify` is the reference one.
     """
+
+    def __call__(
+        self,
+        target: DecodeState,
+        scored: Sequence[int],
+        candidates: Candidates,
+        sampling: SamplingConfig,
+        accept_uniforms: np.ndarray,
+        sample_uniform: float,
+        *,
+        lenience: float = 1.0,
+    ) -> Verdict:
+        """accept_uniforms [gamma] and sample_uniform in [0, 1) -> the :class:`Verdict`."""
+        ...
+
+
+def rewind_to_common_prefix(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> int:
+    """Rewind ``state`` to the longest prefix it shares with ``ids``, leaving at least the
+    last ``min_new`` tokens of ``ids`` to append; return that prefix's length."""
     if len(ids) == 0:
         raise ValueError("cannot advance a model to an empty sequence: the prompt is empty")
     if not 1 <= min_new <= len(ids):
@@ -95,4 +136,16 @@ def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndar
     while common < limit and have[common] == ids[common]:
         common += 1
     state.rewind(common)
+    return common
+
+
+def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:
+    """Bring ``state`` to exactly ``ids`` and return the logits of the tokens it appended.
+
+    Keeps the longest common prefix already consumed, but always re-appends at least the
+    last ``min_new`` tokens (the caller needs their logits), rewinds past any divergence
+    and appends the rest. Returns logits [k, V] for the k >= min_new appended tokens; row -1
+    predicts the token after ``ids``.
+    """
+    common = rewind_to_common_prefix(state, ids, min_new)
     return state.append(list(ids[common:]))
