@@ -459,6 +459,10 @@ def test_bad_options_and_existing_destination(hf_pair_dirs, tmp_path, monkeypatc
         export_pair(t, d, tmp_path / "a", dtype="int8")
     with pytest.raises(ValueError, match="device"):
         export_pair(t, d, tmp_path / "a", device="tpu")
+    with pytest.raises(ValueError, match="kv_cache"):
+        export_pair(t, d, tmp_path / "a", kv_cache="paged")
+    with pytest.raises(ValueError, match="static caches"):
+        export_pair(t, d, tmp_path / "a", max_length=64)  # only static caches have one
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists"):

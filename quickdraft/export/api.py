@@ -1,5 +1,8 @@
-"""Export Hugging Face causal LMs to ONNX decoders with KV caches (optimum-onnx,
-task ``text-generation-with-past``), one model or a draft/target pair.
+"""Export Hugging Face causal LMs to ONNX decoders with KV caches, one model or a
+draft/target pair: dynamic caches with optimum-onnx (task ``text-generation-with-past``),
+or static caches with onnxruntime-genai's model builder (:mod:`quickdraft.export.static`,
+which supplies only the graph-building step; checks, files, manifest facts and the atomic
+output are shared here).
 
 The library is silent: progress goes to an optional ``progress(message)`` callback, and
 the warnings and logs of torch, transformers and optimum are muted while exporting.
@@ -8,6 +11,7 @@ the warnings and logs of torch, transformers and optimum are muted while exporti
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -17,8 +21,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -30,10 +34,25 @@ from quickdraft.export.checks import (
     check_model,
     check_pair,
 )
-from quickdraft.export.manifest import ModelManifest, load_manifest
+from quickdraft.export.manifest import (
+    KV_CACHES,
+    ONNX_ELEMENT_TYPES,
+    ModelManifest,
+    load_manifest,
+)
 from quickdraft.export.validate import VALIDATED_DTYPES, validate_export
 
-__all__ = ["ModelReport", "ExportReport", "export_model", "export_pair", "DTYPES", "DEVICES"]
+__all__ = [
+    "ModelReport",
+    "ExportReport",
+    "GraphIO",
+    "export_model",
+    "export_pair",
+    "graph_io",
+    "context_length",
+    "DTYPES",
+    "DEVICES",
+]
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
@@ -60,9 +79,19 @@ _VERSIONED = (
     "tokenizers",
     "numpy",
 )
-_ONNX_DTYPES = {1: "fp32", 10: "fp16", 16: "bf16"}
+_ONNX_DTYPES = {elem: name for name, elem in ONNX_ELEMENT_TYPES.items()}
+EXPORTER = "optimum-onnx"
+# graph names of the per-layer caches, the same for optimum's and the model builder's graphs
+CACHE_TEMPLATES = {
+    "past_key_template": "past_key_values.{i}.key",
+    "past_value_template": "past_key_values.{i}.value",
+    "present_key_template": "present.{i}.key",
+    "present_value_template": "present.{i}.value",
+}
 
 Progress = Callable[[str], None]
+# export_into(info, folder, label=...) -> manifest: one source into an existing empty folder
+ExportInto = Callable[..., ModelManifest]
 
 
 @dataclass
@@ -107,10 +136,10 @@ class ExportReport:
         }
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that took part in an export."""
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of the packages that took part in an export (and of ``extra`` ones)."""
     found = {"python": platform.python_version()}
-    for name in _VERSIONED:
+    for name in (*_VERSIONED, *extra):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -194,7 +223,26 @@ def _move_into_place(temp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _graph_io(model_path: Path):
+@dataclass
+class GraphIO:
+    """The interface of an ONNX graph, read without its weights."""
+
+    inputs: list[tuple[str, int, list]]  # (name, ONNX element type, dims) of each input
+    outputs: list[tuple[str, int, list]]  # the same for each output
+    ops: dict[str, int] = field(default_factory=dict)  # op_type -> number of nodes
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _, _ in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for name, _, _ in self.outputs]
+
+
+def graph_io(model_path: Path) -> GraphIO:
+    """Inputs (initializers excluded), outputs and op counts of ``model_path``; a dim is an
+    int, or its symbolic name."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -210,7 +258,20 @@ def _graph_io(model_path: Path):
             out.append((v.name, t.elem_type, dims))
         return out
 
-    return info(graph.input), info(graph.output)
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return GraphIO(info(graph.input), info(graph.output), ops)
+
+
+def context_length(config) -> int:
+    """The longest sequence the model was configured for (0 when the config does not say)."""
+    return int(
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or getattr(config, "max_sequence_length", None)
+        or 0
+    )
 
 
 def _int_or_first(value) -> int | None:
@@ -233,22 +294,34 @@ def _eos_ids(config, folder: Path) -> list[int]:
     return ids
 
 
+def manifest_facts(folder: Path, config, packages: tuple[str, ...] = ()) -> dict:
+    """The manifest fields every exporter fills in the same way: special token ids, weight
+    files, package versions (``packages`` besides the usual ones) and the cache names."""
+    eos_ids = _eos_ids(config, folder)
+    return dict(
+        bos_token_id=_int_or_first(getattr(config, "bos_token_id", None)),
+        eos_token_id=eos_ids[0] if eos_ids else None,
+        eos_token_ids=eos_ids,
+        external_data=sorted(
+            p.name for p in folder.iterdir()
+            if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE
+        ),
+        versions=versions(*packages),
+        **CACHE_TEMPLATES,
+    )
+
+
 def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
     """Read the exported graph's inputs and outputs and describe them for the backend.
 
     Raises UnsupportedModelError when the graph is not a decoder with per-layer
     past/present key and value tensors in [batch, kv_heads, seq, head_dim] layout.
     """
-    inputs, outputs = _graph_io(folder / MODEL_FILE)
-    in_names = [n for n, _, _ in inputs]
-    out_names = [n for n, _, _ in outputs]
+    io_ = graph_io(folder / MODEL_FILE)
+    inputs, outputs = io_.inputs, io_.outputs
+    in_names, out_names = io_.input_names, io_.output_names
     arch = config.model_type
-    templates = {
-        "past_key_template": "past_key_values.{i}.key",
-        "past_value_template": "past_key_values.{i}.value",
-        "present_key_template": "present.{i}.key",
-        "present_value_template": "present.{i}.value",
-    }
+    templates = CACHE_TEMPLATES
     past = [n for n in in_names if n.startswith("past_key_values.")]
     num_layers = len(past) // 2
     expected_past = [
@@ -302,13 +375,6 @@ def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
         )
     logits_dims = dict((n, d) for n, _, d in outputs)["logits"]
     vocab = logits_dims[-1] if isinstance(logits_dims[-1], int) else int(config.vocab_size)
-    max_len = (
-        getattr(config, "max_position_embeddings", None)
-        or getattr(config, "n_positions", None)
-        or getattr(config, "max_sequence_length", None)
-        or 0
-    )
-    eos_ids = _eos_ids(config, folder)
     return ModelManifest(
         architecture=arch,
         num_layers=num_layers,
@@ -317,7 +383,7 @@ def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
         head_dim=int(head_dim),
         hidden_size=int(config.hidden_size),
         vocab_size=int(vocab),
-        max_length=int(max_len),
+        max_length=context_length(config),
         dtype=dtype,
         kv_layout="bnsh",
         kv_cache="dynamic",
@@ -326,15 +392,8 @@ def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
         output_names=out_names,
         has_position_ids="position_ids" in in_names,
         has_attention_mask="attention_mask" in in_names,
-        bos_token_id=_int_or_first(getattr(config, "bos_token_id", None)),
-        eos_token_id=eos_ids[0] if eos_ids else None,
-        eos_token_ids=eos_ids,
-        external_data=sorted(
-            p.name for p in folder.iterdir()
-            if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE
-        ),
-        versions=versions(),
-        **templates,
+        exporter=EXPORTER,
+        **manifest_facts(folder, config),
     )
 
 
@@ -415,32 +474,13 @@ def _export_into(
     return manifest
 
 
-def export_model(
-    src: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    validate: bool = True,
-    steps: int = 24,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    role: str = "model",
-) -> ModelReport:
-    """Export one causal LM to ``out_dir`` (model.onnx, tokenizer files, quickdraft.json).
-
-    Written to a temporary folder next to ``out_dir`` and renamed into place, so a failed or
-    interrupted export leaves nothing at ``out_dir``.
-    """
-    start = time.perf_counter()
-    _check_options(dtype, device, validate)
-    out = Path(out_dir).expanduser().resolve()
-    _check_destination(out, overwrite)
-    info = check_model(src)
+def write_model(info: SourceInfo, out: Path, export_into: ExportInto, role: str,
+                start: float) -> ModelReport:
+    """Run ``export_into`` in a temporary folder next to ``out`` and rename it into place:
+    a failed or interrupted export leaves nothing at ``out``."""
     temp = _new_temp(out)
     try:
-        _export_into(info, temp, dtype=dtype, device=device, validate=validate, steps=steps,
-                     progress=progress, label=role)
+        export_into(info, temp, label=role)
         _move_into_place(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -449,40 +489,19 @@ def export_model(
                        round(time.perf_counter() - start, 3))
 
 
-def export_pair(
-    target: str | os.PathLike,
-    draft: str | os.PathLike,
-    out: str | os.PathLike,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    *,
-    validate: bool = True,
-    steps: int = 24,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> ExportReport:
-    """Export a target and a draft model to ``out/target`` and ``out/draft``.
-
-    Checks first (before any export) that both are exportable causal LMs sharing one
-    vocabulary. The whole of ``out`` appears at once when both exports and their
-    validations succeeded; on failure nothing is left behind.
-    """
-    start = time.perf_counter()
-    _check_options(dtype, device, validate)
-    out_path = Path(out).expanduser().resolve()
-    _check_destination(out_path, overwrite)
-    _emit(progress, "checking the pair")
-    with _quiet():
-        t_info, d_info = check_pair(target, draft)
+def write_pair(infos: Mapping[str, SourceInfo], out_path: Path, export_into: ExportInto,
+               progress: Progress | None, start: float) -> ExportReport:
+    """Export ``infos["target"]`` and ``infos["draft"]`` into ``out_path/target`` and
+    ``out_path/draft`` of a temporary folder, renamed into place once both succeeded."""
     temp = _new_temp(out_path)
     reports = {}
     try:
-        for role, info in (("target", t_info), ("draft", d_info)):
+        for role in ("target", "draft"):
+            info = infos[role]
             t0 = time.perf_counter()
             folder = temp / role
             folder.mkdir()
-            manifest = _export_into(info, folder, dtype=dtype, device=device, validate=validate,
-                                    steps=steps, progress=progress, label=role)
+            manifest = export_into(info, folder, label=role)
             reports[role] = ModelReport(role, info.source, out_path / role, manifest,
                                         round(time.perf_counter() - t0, 3))
         _move_into_place(temp, out_path)
@@ -492,3 +511,106 @@ def export_pair(
     _emit(progress, f"done: {out_path}")
     return ExportReport(out_path, reports["target"], reports["draft"],
                         round(time.perf_counter() - start, 3))
+
+
+def _export_function(kv_cache: str, infos: list[SourceInfo], *, dtype: str, device: str,
+                     max_length: int | None, validate: bool, steps: int,
+                     progress: Progress | None) -> ExportInto:
+    """``export_into`` for ``kv_cache``, once ``infos`` passed that kind's checks."""
+    if kv_cache == "static":
+        from quickdraft.export import static
+
+        for info in infos:
+            static.check_source(info)
+        length = static.cache_length(infos, max_length)  # refused before the builder runs
+        return functools.partial(static.export_into, dtype=dtype, device=device,
+                                 cache_length=length, validate=validate, steps=steps,
+                                 progress=progress)
+    return functools.partial(_export_into, dtype=dtype, device=device, validate=validate,
+                             steps=steps, progress=progress)
+
+
+def _check_kind(kv_cache: str, dtype: str, device: str, validate: bool,
+                max_length: int | None) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, not {kv_cache!r}")
+    if kv_cache == "static":
+        from quickdraft.export.static import check_options
+
+        check_options(dtype, device)
+        return
+    if max_length is not None:
+        raise ValueError(
+            "max_length sets the length of static caches; a dynamic cache grows up to the "
+            "model's context (export with kv_cache static, or leave max_length out)"
+        )
+    _check_options(dtype, device, validate)
+
+
+def export_model(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    kv_cache: str = "dynamic",
+    max_length: int | None = None,
+    validate: bool = True,
+    steps: int = 24,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    role: str = "model",
+) -> ModelReport:
+    """Export one causal LM to ``out_dir`` (model.onnx, tokenizer files, quickdraft.json).
+
+    ``kv_cache`` "dynamic" exports with optimum-onnx; "static" builds a GroupQueryAttention
+    graph for preallocated caches of ``max_length`` tokens (default: the model's context;
+    see :mod:`quickdraft.export.static`). Written to a temporary folder next to ``out_dir``
+    and renamed into place, so a failed or interrupted export leaves nothing at ``out_dir``.
+    """
+    start = time.perf_counter()
+    _check_kind(kv_cache, dtype, device, validate, max_length)
+    out = Path(out_dir).expanduser().resolve()
+    _check_destination(out, overwrite)
+    with _quiet():
+        info = check_model(src)
+    export_into = _export_function(kv_cache, [info], dtype=dtype, device=device,
+                                   max_length=max_length, validate=validate, steps=steps,
+                                   progress=progress)
+    return write_model(info, out, export_into, role, start)
+
+
+def export_pair(
+    target: str | os.PathLike,
+    draft: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    *,
+    kv_cache: str = "dynamic",
+    max_length: int | None = None,
+    validate: bool = True,
+    steps: int = 24,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """Export a target and a draft model to ``out/target`` and ``out/draft``.
+
+    ``kv_cache`` and ``max_length`` as for :func:`export_model` (a static pair shares one
+    cache length, by default the smaller context). Checks first (before any export) that
+    both are exportable causal LMs sharing one vocabulary. The whole of ``out`` appears at
+    once when both exports and their validations succeeded; on failure nothing is left
+    behind.
+    """
+    start = time.perf_counter()
+    _check_kind(kv_cache, dtype, device, validate, max_length)
+    out_path = Path(out).expanduser().resolve()
+    _check_destination(out_path, overwrite)
+    _emit(progress, "checking the pair")
+    with _quiet():
+        t_info, d_info = check_pair(target, draft)
+    export_into = _export_function(kv_cache, [t_info, d_info], dtype=dtype, device=device,
+                                   max_length=max_length, validate=validate, steps=steps,
+                                   progress=progress)
+    return write_pair({"target": t_info, "draft": d_info}, out_path, export_into, progress,
+                      start)

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from quickdraft.export.manifest import KV_CACHES
+
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
 
@@ -19,7 +21,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Export a target and a draft causal LM (local folders, or hub ids where a hub is "
             "reachable) to OUT/target and OUT/draft: model.onnx with past/present KV caches, "
             "the tokenizer files and a quickdraft.json manifest. Each graph is validated "
-            "against PyTorch. Nothing is left at OUT if anything fails."
+            "against PyTorch. Nothing is left at OUT if anything fails. --kv-cache dynamic "
+            "(default) exports with optimum-onnx (any architecture it covers); --kv-cache "
+            "static builds GroupQueryAttention graphs with onnxruntime-genai's model builder "
+            "(llama, qwen2, mistral, qwen3; --dtype fp32 --device cpu or --dtype fp16 "
+            "--device cuda) for preallocated caches and CUDA graphs."
         ),
     )
     p.add_argument("--target", required=True, metavar="HF_DIR_OR_ID", help="the target model")
@@ -27,6 +33,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights, logits and KV cache")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to export and validate")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
+                   help="dynamic: the cache grows per call (optimum-onnx, default); static: "
+                   "one preallocated buffer per layer (onnxruntime-genai's builder)")
+    p.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                   help="static caches: tokens each cache holds (default: the models' context)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--steps", type=int, default=24, help="greedy steps compared (default 24)")
@@ -51,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         dtype=args.dtype,
         device=args.device,
+        kv_cache=args.kv_cache,
+        max_length=args.max_length,
         validate=not args.no_validate,
         steps=args.steps,
         overwrite=args.overwrite,
@@ -59,12 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    print(f"exported to {report.out} in {report.seconds:.1f} s")
+    print(f"exported to {report.out} ({args.kv_cache} KV cache) in {report.seconds:.1f} s")
     header = f"{'role':<7} {'arch':<10} {'layers':>6} {'kv heads':>8} {'vocab':>7} {'dtype':<5} "
     print(header + f"{'max |diff|':>11} {'greedy':>9}  path")
     for r in (report.target, report.draft):
         m, v = r.manifest, r.manifest.validation
-        diff = f"{max(v['max_abs_diff'], v['max_abs_diff_cached']):.2e}" if v else "-"
+        diffs = [v[k] for k in ("max_abs_diff", "max_abs_diff_cached", "static_max_abs_diff")
+                 if k in v]
+        diff = f"{max(diffs):.2e}" if diffs else "-"
         greedy = f"{min(v['greedy_equal_steps'])}/{v['greedy_steps']}" if v else "-"
         print(
             f"{r.role:<7} {m.architecture:<10} {m.num_layers:>6} {m.num_kv_heads:>8} "

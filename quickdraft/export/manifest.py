@@ -10,10 +10,23 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "ModelManifest", "load_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "ONNX_ELEMENT_TYPES",
+    "KV_CACHES",
+    "ModelManifest",
+    "load_manifest",
+]
 
 MANIFEST_NAME = "quickdraft.json"
-MANIFEST_VERSION = 1
+# 2: max_cache_length, exporter and attention fields; max_length is the model's context
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# manifest dtype -> ONNX TensorProto element type of the KV cache and logits
+ONNX_ELEMENT_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}
+# kv_cache values: how the exported graph keeps its KV cache
+KV_CACHES = ("dynamic", "static")
 
 
 @dataclass
@@ -47,7 +60,30 @@ class ModelManifest:
     source: str = ""  # the folder or hub id the model was exported from
     versions: dict[str, str] = field(default_factory=dict)  # packages used to export
     validation: dict = field(default_factory=dict)  # max |logit diff| etc. measured at export
+    # tokens the KV cache holds. static: the length of the preallocated buffers the backend
+    # makes by default (at most max_length); dynamic: max_length (0 when written means that)
+    max_cache_length: int = 0
+    exporter: str = ""  # what wrote the graph: "optimum-onnx" or "onnxruntime-genai builder"
+    # the attention operator the cache is used through. "GroupQueryAttention" (static): the
+    # valid cache length is sum(attention_mask) (the op's seqlens_k = sum - 1) and the mask's
+    # width is the total length, so one buffer serves as both past and present; "" when the
+    # graph uses the model's own attention ops (dynamic: present = concat(past, new))
+    attention: str = ""
     manifest_version: int = MANIFEST_VERSION  # format version of this file
+
+    def __post_init__(self) -> None:
+        if not self.max_cache_length:
+            self.max_cache_length = self.max_length
+
+    def past_names(self) -> list[str]:
+        """Graph inputs of the past caches: layer 0 key, layer 0 value, layer 1 key, ..."""
+        return [t.format(i=i) for i in range(self.num_layers)
+                for t in (self.past_key_template, self.past_value_template)]
+
+    def present_names(self) -> list[str]:
+        """Graph outputs of the present caches, in the order of :meth:`past_names`."""
+        return [t.format(i=i) for i in range(self.num_layers)
+                for t in (self.present_key_template, self.present_value_template)]
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -71,11 +107,17 @@ def load_manifest(folder: str | Path) -> ModelManifest:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-export the model") from e
     version = data.get("manifest_version")
-    if version != MANIFEST_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} has manifest_version {version}, this quickdraft reads {MANIFEST_VERSION}; "
-            "re-export the model with this version"
+            f"{path} has manifest_version {version}, this quickdraft reads "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; re-export the model with this version"
         )
+    static = data.pop("static", None)
+    if version == 1 and isinstance(static, dict):  # version 1 kept these facts in a block
+        data["max_cache_length"] = static.get("max_cache_length", data.get("max_length"))
+        data["max_length"] = static.get("max_position_embeddings", data.get("max_length"))
+        data["attention"] = "GroupQueryAttention"
+    data["manifest_version"] = MANIFEST_VERSION
     known = {f.name for f in fields(ModelManifest)}
     missing = [
         f.name

@@ -2,8 +2,11 @@
 
 ``export_static_model`` / ``export_static_pair`` write the same layout as the generic
 exporter (``OUT/target`` and ``OUT/draft``, each with ``model.onnx`` and its external data,
-the tokenizer files and a ``quickdraft.json`` manifest with ``kv_cache: "static"``), plus
+the tokenizer files and a ``quickdraft.json`` manifest with ``kv_cache: "static"``,
+``attention: "GroupQueryAttention"`` and the cache length in ``max_cache_length``), plus
 the builder's ``genai_config.json``, so the same folder also loads in onnxruntime-genai.
+Everything but building the graph is shared with :mod:`quickdraft.export.api` (checks,
+tokenizer files, manifest facts, the temporary folder renamed into place).
 
 The graph (see :mod:`quickdraft.ort_backend.static` for how it is run): inputs
 ``input_ids`` [B, S] int64, ``attention_mask`` [B, T] int64 and ``past_key_values.{i}.key``
@@ -33,18 +36,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
-from importlib import metadata
+from collections.abc import Sequence
 from pathlib import Path
 
 from quickdraft.export.checks import ExportError, SourceInfo, UnsupportedModelError
-from quickdraft.export.manifest import MANIFEST_NAME, ModelManifest, load_manifest
+from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest
 
 __all__ = [
     "STATIC_ARCHITECTURES",
     "TESTED_ARCHITECTURES",
     "STATIC_DTYPES",
     "builder_problem",
+    "check_options",
+    "check_source",
+    "cache_length",
+    "export_into",
     "run_builder",
     "export_static_model",
     "export_static_pair",
@@ -61,6 +67,9 @@ TESTED_ARCHITECTURES = ("llama", "qwen2")
 STATIC_DTYPES = {"fp32": "cpu", "fp16": "cuda"}
 MODEL_FILE = "model.onnx"
 BUILDER_TIMEOUT_S = 3600
+EXPORTER = "onnxruntime-genai model builder"
+ATTENTION = "GroupQueryAttention"
+BUILDER_PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnx-ir")
 
 
 def builder_problem() -> str | None:
@@ -76,7 +85,8 @@ def builder_problem() -> str | None:
     return None
 
 
-def _check_options(dtype: str, device: str) -> None:
+def check_options(dtype: str, device: str) -> None:
+    """Refuse a dtype/device pair the builder makes no GroupQueryAttention graph for."""
     if dtype not in STATIC_DTYPES:
         raise ValueError(
             f"static export supports dtype {' or '.join(STATIC_DTYPES)}, not {dtype!r} "
@@ -134,67 +144,20 @@ def run_builder(
 # -- manifest ------------------------------------------------------------------------------
 
 
-def _graph_facts(path: Path) -> tuple[list[str], list[str], dict, dict]:
-    import onnx
+def static_manifest(folder: Path, config, dtype: str, cache_length: int) -> ModelManifest:
+    """Describe the builder's graph in ``folder``; refuse one that is not the static kind.
 
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    inits = {t.name for t in graph.initializer}
-    ins = [v for v in graph.input if v.name not in inits]
-
-    def dims(v):
-        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-
-    in_types = {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in ins}
-    ops: dict[str, int] = {}
-    for node in graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return [v.name for v in ins], [v.name for v in graph.output], in_types, ops
-
-
-def static_manifest(folder: Path, config, dtype: str, max_length: int) -> ModelManifest:
-    """Describe the builder's graph in ``folder``; refuse one that is not the static kind."""
-    from quickdraft.export.api import _int_or_first, versions
+    ``cache_length`` is the static cache length the backend allocates by default."""
+    from quickdraft.export.api import context_length, graph_io, manifest_facts
 
     arch = config.model_type
     genai = json.loads((folder / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
     layers = int(dec["num_hidden_layers"])
-    in_names, out_names, in_types, ops = _graph_facts(folder / MODEL_FILE)
-    templates = {
-        "past_key_template": "past_key_values.{i}.key",
-        "past_value_template": "past_key_values.{i}.value",
-        "present_key_template": "present.{i}.key",
-        "present_value_template": "present.{i}.value",
-    }
-    past = [templates[t].format(i=i) for i in range(layers)
-            for t in ("past_key_template", "past_value_template")]
-    present = [templates[t].format(i=i) for i in range(layers)
-               for t in ("present_key_template", "present_value_template")]
-    if set(in_names) != {"input_ids", "attention_mask", *past}:
-        raise UnsupportedModelError(
-            f"{arch}: the builder's graph takes {in_names}, not input_ids, attention_mask and "
-            "the past keys and values; the static path cannot run it"
-        )
-    if not {"logits", *present} <= set(out_names):
-        raise UnsupportedModelError(f"{arch}: the builder's graph outputs {out_names}")
-    if ops.get("GroupQueryAttention", 0) != layers:
-        raise UnsupportedModelError(
-            f"{arch}: the builder did not use GroupQueryAttention in every layer "
-            f"({ops.get('GroupQueryAttention', 0)} of {layers}); no shared static cache"
-        )
-    elem = {1: "fp32", 10: "fp16", 16: "bf16"}.get(in_types[past[0]][0])
-    if elem != dtype:
-        raise UnsupportedModelError(f"{arch}: asked for {dtype}, the graph's cache is {elem}")
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-    found = versions()
-    for name in ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnx-ir"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return ModelManifest(
+    io_ = graph_io(folder / MODEL_FILE)
+    in_names, out_names, ops = io_.input_names, io_.output_names, io_.ops
+    facts = manifest_facts(folder, config, BUILDER_PACKAGES)
+    manifest = ModelManifest(
         architecture=arch,
         num_layers=layers,
         num_attention_heads=int(dec["num_attention_heads"]),
@@ -202,7 +165,8 @@ def static_manifest(folder: Path, config, dtype: str, max_length: int) -> ModelM
         head_dim=int(dec["head_size"]),
         hidden_size=int(dec["hidden_size"]),
         vocab_size=int(genai["model"]["vocab_size"]),
-        max_length=int(max_length),
+        max_length=context_length(config),
+        max_cache_length=int(cache_length),
         dtype=dtype,
         kv_layout="bnsh",
         kv_cache="static",
@@ -211,28 +175,29 @@ def static_manifest(folder: Path, config, dtype: str, max_length: int) -> ModelM
         output_names=out_names,
         has_position_ids=False,
         has_attention_mask=True,
-        bos_token_id=_int_or_first(getattr(config, "bos_token_id", None)),
-        eos_token_id=eos_ids[0] if eos_ids else None,
-        eos_token_ids=eos_ids,
-        external_data=sorted(p.name for p in folder.iterdir()
-                             if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE),
-        versions=found,
-        **templates,
+        exporter=EXPORTER,
+        attention=ATTENTION,
+        **facts,
     )
-
-
-def _save(manifest: ModelManifest, folder: Path, context_length: int) -> None:
-    data = asdict(manifest)
-    # extra facts (load_manifest ignores keys it does not know)
-    data["static"] = {
-        "builder": "onnxruntime-genai model builder",
-        "attention": "GroupQueryAttention, shared past/present buffer",
-        "max_cache_length": manifest.max_length,
-        "max_position_embeddings": context_length,
-        "seqlens_k": "sum(attention_mask) - 1",
-        "total_sequence_length": "attention_mask.shape[1]",
-    }
-    (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    past, present = manifest.past_names(), manifest.present_names()
+    if set(in_names) != {"input_ids", "attention_mask", *past}:
+        raise UnsupportedModelError(
+            f"{arch}: the builder's graph takes {in_names}, not input_ids, attention_mask and "
+            "the past keys and values; the static path cannot run it"
+        )
+    if not {"logits", *present} <= set(out_names):
+        raise UnsupportedModelError(f"{arch}: the builder's graph outputs {out_names}")
+    if ops.get(ATTENTION, 0) != layers:
+        raise UnsupportedModelError(
+            f"{arch}: the builder did not use {ATTENTION} in every layer "
+            f"({ops.get(ATTENTION, 0)} of {layers}); no shared static cache"
+        )
+    elem = dict((name, et) for name, et, _ in io_.inputs)[past[0]]
+    if elem != ONNX_ELEMENT_TYPES[dtype]:
+        raise UnsupportedModelError(
+            f"{arch}: asked for {dtype}, the graph's cache has ONNX element type {elem}"
+        )
+    return manifest
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -261,8 +226,8 @@ def validate_static(folder: Path, manifest: ModelManifest, src, *, device: str =
     atol, rtol = TOLERANCES[manifest.dtype]
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     torch_model = _torch_model(src, manifest.dtype, device)
-    model = StaticOrtModel(folder, Device(device), max_length=min(manifest.max_length, 128),
-                           graph_steps=(1,))
+    model = StaticOrtModel(folder, Device(device),
+                           max_length=min(manifest.max_cache_length, 128), graph_steps=(1,))
     worst = worst_ratio = 0.0
     for prompt in PROMPTS:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [0]
@@ -293,35 +258,39 @@ def validate_static(folder: Path, manifest: ModelManifest, src, *, device: str =
 # -- export --------------------------------------------------------------------------------
 
 
-def _check_source(source) -> SourceInfo:
-    from quickdraft.export.checks import check_model
-
-    info = check_model(source)
+def check_source(info: SourceInfo) -> None:
+    """Refuse an architecture the static path does not cover."""
     if info.model_type not in STATIC_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{info.source}: architecture {info.model_type!r} is not covered by the static "
             f"path ({', '.join(STATIC_ARCHITECTURES)}); export it with the default dynamic "
             "cache (kv_cache dynamic, optimum-onnx)"
         )
-    return info
 
 
-def _context_length(config) -> int:
-    return int(getattr(config, "max_position_embeddings", 0) or 0)
+def cache_length(infos: Sequence[SourceInfo], max_length: int | None) -> int:
+    """The static cache length of ``infos``: ``max_length``, which must fit every model's
+    context (the rotary tables end there), or by default the smallest context."""
+    from quickdraft.export.api import context_length
+
+    contexts = [context_length(info.config) for info in infos]
+    length = min(contexts) if max_length is None else int(max_length)
+    for info, context in zip(infos, contexts):
+        if not 1 <= length <= context:
+            raise ValueError(
+                f"{info.source}: max_length must be in [1, {context}] (the model's "
+                f"max_position_embeddings: the rotary tables end there), got {max_length}"
+            )
+    return length
 
 
-def _export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
-                 max_length: int | None, validate: bool, steps: int, progress,
-                 label: str) -> ModelManifest:
-    from quickdraft.export.api import _emit, _ensure_tokenizer
+def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
+                cache_length: int, validate: bool, steps: int, progress,
+                label: str) -> ModelManifest:
+    """Build, describe and validate the static graph of ``info`` in the empty ``folder``."""
+    from quickdraft.export.api import _emit, _ensure_tokenizer, _quiet
 
-    context = _context_length(info.config)
-    length = context if max_length is None else int(max_length)
-    if not 1 <= length <= context:
-        raise ValueError(
-            f"{info.source}: max_length must be in [1, {context}] (the model's "
-            f"max_position_embeddings: the rotary tables end there), got {max_length}"
-        )
+    length = cache_length
     _emit(progress, f"{label}: building a static {dtype} graph of {info.source} "
                     f"({info.model_type}) with onnxruntime-genai's model builder")
     t0 = time.perf_counter()
@@ -337,11 +306,9 @@ def _export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     _ensure_tokenizer(info, folder)
     manifest = static_manifest(folder, info.config, dtype, length)
     manifest.source = info.source
-    _save(manifest, folder, context)  # validation loads the folder
+    manifest.save(folder)  # validation loads the folder
     if validate:
         _emit(progress, f"{label}: validating against PyTorch ({steps} greedy steps)")
-        from quickdraft.export.api import _quiet
-
         src = str(info.folder) if info.is_local else info.source
         with _quiet():
             manifest.validation = validate_static(folder, manifest, src, device=device,
@@ -350,7 +317,7 @@ def _export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
         _emit(progress, f"{label}: max |logit diff| {v['max_abs_diff']:.2e}, static path "
                         f"{v['static_max_abs_diff']:.2e}, greedy equal "
                         f"{min(v['greedy_equal_steps'])}/{steps} steps")
-    _save(manifest, folder, context)
+    manifest.save(folder)
     return manifest
 
 
@@ -360,42 +327,14 @@ def export_static_model(
     dtype: str = "fp32",
     device: str = "cpu",
     max_length: int | None = None,
-    *,
-    validate: bool = True,
-    steps: int = 24,
-    overwrite: bool = False,
-    progress=None,
-    role: str = "model",
+    **options,
 ):
-    """Export one causal LM as a static-cache graph to ``out_dir``; return a ModelReport.
+    """:func:`quickdraft.export.export_model` with ``kv_cache="static"``: one causal LM as
+    a static-cache graph; ``max_length`` is its cache length (default: its context)."""
+    from quickdraft.export.api import export_model
 
-    ``max_length`` is the cache length written to the manifest (default: the model's
-    max_position_embeddings). Written to a temporary folder and renamed into place.
-    """
-    from quickdraft.export.api import (
-        ModelReport,
-        _check_destination,
-        _move_into_place,
-        _new_temp,
-        _quiet,
-    )
-
-    start = time.perf_counter()
-    _check_options(dtype, device)
-    out = Path(out_dir).expanduser().resolve()
-    _check_destination(out, overwrite)
-    with _quiet():
-        info = _check_source(hf_dir)
-    temp = _new_temp(out)
-    try:
-        _export_into(info, temp, dtype=dtype, device=device, max_length=max_length,
-                     validate=validate, steps=steps, progress=progress, label=role)
-        _move_into_place(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return ModelReport(role, info.source, out, load_manifest(out),
-                       round(time.perf_counter() - start, 3))
+    return export_model(hf_dir, out_dir, dtype=dtype, device=device, kv_cache="static",
+                        max_length=max_length, **options)
 
 
 def export_static_pair(
@@ -405,57 +344,14 @@ def export_static_pair(
     dtype: str = "fp32",
     device: str = "cpu",
     max_length: int | None = None,
-    *,
-    validate: bool = True,
-    steps: int = 24,
-    overwrite: bool = False,
-    progress=None,
+    **options,
 ):
-    """Export a target and a draft as static-cache graphs to ``out/target`` and
-    ``out/draft``; return an ExportReport. Both share one ``max_length`` (default: the
-    smaller max_position_embeddings). The pair is checked first (one vocabulary), and
-    ``out`` appears whole or not at all."""
-    from quickdraft.export.api import (
-        ExportReport,
-        ModelReport,
-        _check_destination,
-        _emit,
-        _move_into_place,
-        _new_temp,
-        _quiet,
-    )
-    from quickdraft.export.checks import check_pair
+    """:func:`quickdraft.export.export_pair` with ``kv_cache="static"``: both models share
+    one cache length ``max_length`` (default: the smaller context)."""
+    from quickdraft.export.api import export_pair
 
-    start = time.perf_counter()
-    _check_options(dtype, device)
-    out_path = Path(out).expanduser().resolve()
-    _check_destination(out_path, overwrite)
-    _emit(progress, "checking the pair")
-    with _quiet():
-        t_info, d_info = check_pair(target, draft)
-        for info in (t_info, d_info):
-            _check_source(info.source)
-    if max_length is None:
-        max_length = min(_context_length(t_info.config), _context_length(d_info.config))
-    temp = _new_temp(out_path)
-    reports = {}
-    try:
-        for role, info in (("target", t_info), ("draft", d_info)):
-            t0 = time.perf_counter()
-            folder = temp / role
-            folder.mkdir()
-            manifest = _export_into(info, folder, dtype=dtype, device=device,
-                                    max_length=max_length, validate=validate, steps=steps,
-                                    progress=progress, label=role)
-            reports[role] = ModelReport(role, info.source, out_path / role, manifest,
-                                        round(time.perf_counter() - t0, 3))
-        _move_into_place(temp, out_path)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    _emit(progress, f"done: {out_path}")
-    return ExportReport(out_path, reports["target"], reports["draft"],
-                        round(time.perf_counter() - start, 3))
+    return export_pair(target, draft, out, dtype, device, kv_cache="static",
+                       max_length=max_length, **options)
 
 
 # -- the child process that runs the builder -----------------------------------------------
