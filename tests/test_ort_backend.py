@@ -24,6 +24,7 @@ from quickdraft.generation import speculative_generate  # noqa: E402
 from quickdraft.ort_backend import (  # noqa: E402
     CudaUnavailableError,
     DecodeConfig,
+    Device,
     Generator,
     ModelFolderError,
     OrtModel,
@@ -209,7 +210,7 @@ def test_cache_slicer_graph_is_valid_onnx_and_slices():
     for elem, dtype in ((1, np.float32), (10, np.float16)):
         onnx.checker.check_model(onnx.load_from_string(slice_model_bytes(3, elem)),
                                  full_check=True)
-        slicer = CacheSlicer(3, elem, ["CPUExecutionProvider"], "cpu")
+        slicer = CacheSlicer(3, elem, Device("cpu"))
         xs = [np.random.default_rng(j).random((1, 2, 7, 4)).astype(dtype) for j in range(3)]
         for length in (1, 5, 7):
             out = slicer([ort.OrtValue.ortvalue_from_numpy(x) for x in xs], length)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEVICES", "CudaUnavailableError", "Device", "resolve_device", "session_options"]
+__all__ = [
+    "DEVICES",
+    "CudaUnavailableError",
+    "Device",
+    "resolve_device",
+    "session_options",
+    "create_session",
+]
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -28,9 +35,15 @@ class Device:
 
     @property
     def providers(self) -> list:
+        return self.provider_list()
+
+    def provider_list(self, cuda_options: dict | None = None) -> list:
+        """Execution providers for a session here; ``cuda_options`` are extra CUDA provider
+        options (e.g. ``enable_cuda_graph``), merged over ``device_id``."""
         if self.kind == "cuda":
-            return [("CUDAExecutionProvider", {"device_id": self.device_id}),
-                    "CPUExecutionProvider"]
+            options = {"device_id": str(self.device_id)}
+            options.update({k: str(v) for k, v in (cuda_options or {}).items()})
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     @property
@@ -96,3 +109,35 @@ def session_options():
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: the library does not print
     return options
+
+
+def create_session(model, device: Device, options=None, cuda_options: dict | None = None,
+                   name: str | None = None):
+    """An ``InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
+
+    Raises :class:`CudaUnavailableError` when CUDA is asked for but its execution provider
+    is missing or does not start, and RuntimeError (naming ``name`` or the path) when ONNX
+    Runtime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    what = name or (str(model) if not isinstance(model, bytes) else "the model")
+    if device.kind == "cuda":
+        problem = cuda_problem()
+        if problem is not None:
+            raise CudaUnavailableError(f"CUDA was requested but {problem}")
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        session = ort.InferenceSession(
+            source, sess_options=options if options is not None else session_options(),
+            providers=device.provider_list(cuda_options))
+    except Exception as e:  # ORT raises its own exception types
+        raise RuntimeError(
+            f"onnxruntime could not load {what} on {device}: {type(e).__name__}: {e}"
+        ) from e
+    if session.get_providers()[0] != device.provider:
+        raise CudaUnavailableError(
+            f"the CUDA execution provider did not start for {what} (providers in use: "
+            f"{session.get_providers()}); check the CUDA and cuDNN libraries"
+        )
+    return session

@@ -15,6 +15,10 @@ runs it with every input and output bound through IOBinding:
 :class:`OrtState` is a :class:`quickdraft.protocols.DecodeState`, so the generic loops in
 :mod:`quickdraft.generation` drive it. ``rewind`` slices the caches on the device (see
 :mod:`quickdraft.ort_backend.slicer`).
+
+:class:`ExportedModel` is what this wrapper shares with the static-cache one
+(:class:`quickdraft.ort_backend.static.StaticOrtModel`): the manifest checked against the
+folder and the graph, and the session on the device.
 """
 
 from __future__ import annotations
@@ -26,18 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from quickdraft.export.manifest import ModelManifest, load_manifest
-from quickdraft.ort_backend.device import Device, session_options
+from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_manifest
+from quickdraft.ort_backend.device import Device, create_session, session_options
 from quickdraft.ort_backend.slicer import CacheSlicer
 
-__all__ = ["OrtModel", "OrtState", "ModelFolderError"]
+__all__ = ["OrtModel", "OrtState", "ExportedModel", "ModelFolderError"]
 
-# manifest dtype -> (ONNX element type, ORT type string)
-_DTYPES = {
-    "fp32": (1, "tensor(float)"),
-    "fp16": (10, "tensor(float16)"),
-    "bf16": (16, "tensor(bfloat16)"),
-}
+# manifest dtype -> the type ONNX Runtime reports for the caches and logits
+ORT_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
 _INPUT_IDS, _MASK, _POSITIONS, _LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 
 
@@ -47,7 +47,7 @@ class ModelFolderError(ValueError):
 
 def _logits_to_numpy(value) -> np.ndarray:
     """A host OrtValue of logits [1, k, V] (fp32, fp16 or bf16) -> float32 [k, V] (a copy)."""
-    if value.element_type() == 16:  # bfloat16: no NumPy type; widen the raw bits
+    if value.element_type() == ONNX_ELEMENT_TYPES["bf16"]:  # no NumPy type: widen the bits
         count = int(np.prod(value.shape()))
         raw = (ctypes.c_uint16 * count).from_address(value.data_ptr())
         bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
@@ -55,8 +55,70 @@ def _logits_to_numpy(value) -> np.ndarray:
     return np.array(value.numpy()[0], dtype=np.float32)  # copy: ORT owns that buffer
 
 
-class OrtModel:
-    """One exported decoder graph on a CPU or CUDA ``InferenceSession``.
+class ExportedModel:
+    """What every exported graph shares: its folder and manifest, checked against each
+    other, and one ``InferenceSession`` on ``device``.
+
+    Subclasses name the ``kv_cache`` kind they run (``KV_CACHE``), the dtypes they read
+    (``DTYPES``) and the error they raise (``ERROR``).
+    """
+
+    KV_CACHE = "dynamic"
+    DTYPES: tuple[str, ...] = tuple(ORT_TYPES)
+    ERROR: type[ModelFolderError] = ModelFolderError
+
+    def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
+                 options=None, cuda_options: dict | None = None):
+        self.folder = Path(folder)
+        self.manifest: ModelManifest = load_manifest(self.folder)
+        self.device = device
+        self._check_manifest()
+        self.options = options if options is not None else session_options()
+        path = self.folder / self.manifest.model_file
+        self.session = create_session(path, device, self.options, cuda_options)
+        _check_graph(self.manifest, self.session, self.folder, self.ERROR)
+        self.past_names = self.manifest.past_names()
+        self.present_names = self.manifest.present_names()
+
+    def _check_manifest(self) -> None:
+        m, folder, error = self.manifest, self.folder, self.ERROR
+        if m.kv_cache != self.KV_CACHE:
+            raise error(
+                f"{folder}: kv_cache is {m.kv_cache!r}; {type(self).__name__} runs "
+                f"{self.KV_CACHE!r} exports (quickdraft.ort_backend.load_model picks the "
+                "class from the manifest)"
+            )
+        if m.kv_layout != "bnsh":
+            raise error(
+                f"{folder}: kv_layout {m.kv_layout!r} is not supported; the backend binds "
+                "caches as [batch, kv_heads, seq, head_dim] ('bnsh')"
+            )
+        if m.dtype not in self.DTYPES:
+            raise error(
+                f"{folder}: dtype {m.dtype!r} in the manifest is not one "
+                f"{type(self).__name__} runs ({', '.join(self.DTYPES)})"
+            )
+        if m.num_layers < 1 or m.max_cache_length < 1 or m.vocab_size < 1:
+            raise error(
+                f"{folder}: the manifest needs num_layers, max_cache_length and vocab_size "
+                f">= 1 (got {m.num_layers}, {m.max_cache_length}, {m.vocab_size})"
+            )
+        missing = [name for name in [m.model_file, *m.external_data]
+                   if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} is incomplete: {', '.join(missing)} missing; re-export the model"
+            )
+
+    # -- LanguageModel -------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+
+class OrtModel(ExportedModel):
+    """One exported decoder graph with a dynamic cache on a CPU or CUDA ``InferenceSession``.
 
     A :class:`quickdraft.protocols.LanguageModel`: ``vocab_size``, ``max_length`` and
     ``new_state()``. ``folder`` holds ``quickdraft.json``; ``device`` is a resolved
@@ -67,47 +129,23 @@ class OrtModel:
                  options=None):
         import onnxruntime as ort
 
-        self.folder = Path(folder)
-        self.manifest: ModelManifest = load_manifest(self.folder)
+        super().__init__(folder, device, options)
         m = self.manifest
-        self.device = device
-        _check_manifest(m, self.folder)
-        path = self.folder / m.model_file
-        options = options if options is not None else session_options()
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=device.providers)
-        except Exception as e:  # ORT raises its own exception types
-            raise RuntimeError(
-                f"onnxruntime could not load {path} on {device}: {type(e).__name__}: {e}"
-            ) from e
-        if device.kind == "cuda" and self.session.get_providers()[0] != device.provider:
-            from quickdraft.ort_backend.device import CudaUnavailableError
-
-            raise CudaUnavailableError(
-                f"the CUDA execution provider did not start for {path} (providers in use: "
-                f"{self.session.get_providers()}); check the CUDA and cuDNN libraries"
-            )
-        _check_graph(m, self.session, self.folder)
-        self._elem_type = _DTYPES[m.dtype][0]
-        self._past_names = [t.format(i=i) for i in range(m.num_layers)
-                            for t in (m.past_key_template, m.past_value_template)]
-        self._present_names = [t.format(i=i) for i in range(m.num_layers)
-                               for t in (m.present_key_template, m.present_value_template)]
+        self._elem_type = ONNX_ELEMENT_TYPES[m.dtype]
         self._binding = self.session.io_binding()
         kind, dev_id = device.kind, device.device_id
         # device-resident int64 buffers, bound by pointer: ones (mask) and 0..max-1 (positions)
         self._ones = ort.OrtValue.ortvalue_from_numpy(
-            np.ones((1, m.max_length), dtype=np.int64), kind, dev_id)
+            np.ones((1, self.max_length), dtype=np.int64), kind, dev_id)
         self._positions = ort.OrtValue.ortvalue_from_numpy(
-            np.arange(m.max_length, dtype=np.int64)[None], kind, dev_id)
+            np.arange(self.max_length, dtype=np.int64)[None], kind, dev_id)
         empty_shape = [1, m.num_kv_heads, 0, m.head_dim]
         self._empty = [
             ort.OrtValue.ortvalue_from_shape_and_type(empty_shape, self._elem_type, kind, dev_id)
-            for _ in self._past_names
+            for _ in self.past_names
         ]
-        self._slicer = CacheSlicer(len(self._past_names), self._elem_type, device.providers,
-                                   kind, dev_id, options)
+        self._slicer = CacheSlicer(len(self.past_names), self._elem_type, device,
+                                   self.options)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -117,12 +155,8 @@ class OrtModel:
     # -- LanguageModel -------------------------------------------------------------------
 
     @property
-    def vocab_size(self) -> int:
-        return self.manifest.vocab_size
-
-    @property
     def max_length(self) -> int:
-        return self.manifest.max_length
+        return self.manifest.max_cache_length
 
     def new_state(self) -> OrtState:
         return OrtState(self)
@@ -142,9 +176,9 @@ class OrtModel:
         m = self.manifest
         k = len(tokens)
         total = past_length + k
-        if total > m.max_length:
+        if total > self.max_length:
             raise ValueError(
-                f"sequence of {total} tokens exceeds the model's context of {m.max_length}"
+                f"sequence of {total} tokens exceeds the model's context of {self.max_length}"
             )
         kind, dev_id = self.device.kind, self.device.device_id
         io = self._binding
@@ -157,10 +191,10 @@ class OrtModel:
         if m.has_position_ids:
             io.bind_input(_POSITIONS, kind, dev_id, np.int64, [1, k],
                           self._positions.data_ptr() + 8 * past_length)
-        for name, value in zip(self._past_names, past):
+        for name, value in zip(self.past_names, past):
             io.bind_ortvalue_input(name, value)
         io.bind_output(_LOGITS, "cpu")
-        for name in self._present_names:
+        for name in self.present_names:
             io.bind_output(name, kind, dev_id)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
@@ -219,39 +253,13 @@ class OrtState:
 # -- checks --------------------------------------------------------------------------------
 
 
-def _check_manifest(m: ModelManifest, folder: Path) -> None:
-    if m.kv_layout != "bnsh":
-        raise ModelFolderError(
-            f"{folder}: kv_layout {m.kv_layout!r} is not supported; the backend binds "
-            "caches as [batch, kv_heads, seq, head_dim] ('bnsh')"
-        )
-    if m.kv_cache != "dynamic":
-        raise ModelFolderError(
-            f"{folder}: kv_cache {m.kv_cache!r} is not supported by this backend yet; "
-            "export with the default dynamic (optimum) cache"
-        )
-    if m.dtype not in _DTYPES:
-        raise ModelFolderError(f"{folder}: unknown dtype {m.dtype!r} in the manifest")
-    if m.num_layers < 1 or m.max_length < 1 or m.vocab_size < 1:
-        raise ModelFolderError(
-            f"{folder}: the manifest needs num_layers, max_length and vocab_size >= 1 "
-            f"(got {m.num_layers}, {m.max_length}, {m.vocab_size})"
-        )
-    missing = [name for name in [m.model_file, *m.external_data]
-               if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{folder} is incomplete: {', '.join(missing)} missing; re-export the model"
-        )
-
-
-def _check_graph(m: ModelManifest, session, folder: Path) -> None:
+def _check_graph(m: ModelManifest, session, folder: Path, error=ModelFolderError) -> None:
     """The manifest must describe the graph the session loaded."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
 
     def fail(what: str) -> None:
-        raise ModelFolderError(
+        raise error(
             f"{folder}: the manifest (quickdraft.json) and {m.model_file} disagree: {what}; "
             "re-export the model"
         )
@@ -266,10 +274,7 @@ def _check_graph(m: ModelManifest, session, folder: Path) -> None:
         fail(f"has_attention_mask is {m.has_attention_mask}")
     if (_POSITIONS in inputs) != m.has_position_ids:
         fail(f"has_position_ids is {m.has_position_ids}")
-    past = [t.format(i=i) for i in range(m.num_layers)
-            for t in (m.past_key_template, m.past_value_template)]
-    present = [t.format(i=i) for i in range(m.num_layers)
-               for t in (m.present_key_template, m.present_value_template)]
+    past, present = m.past_names(), m.present_names()
     known = {_INPUT_IDS, _MASK, _POSITIONS, *past}
     extra = [name for name in inputs if name not in known]
     if extra:
@@ -281,7 +286,7 @@ def _check_graph(m: ModelManifest, session, folder: Path) -> None:
     for name in present:
         if name not in outputs:
             fail(f"no output {name!r} for num_layers={m.num_layers}")
-    type_name = _DTYPES[m.dtype][1]
+    type_name = ORT_TYPES[m.dtype]
     for name in past:
         arg = inputs[name]
         if arg.type != type_name:

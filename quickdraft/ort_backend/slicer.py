@@ -114,17 +114,13 @@ def slice_model_bytes(count: int, elem_type: int, rank: int = 4, axis: int = 2) 
 class CacheSlicer:
     """Keep the first ``length`` positions of a list of cache tensors, on their device."""
 
-    def __init__(self, count: int, elem_type: int, providers: list, device_type: str,
-                 device_id: int = 0, session_options=None):
-        import onnxruntime as ort
+    def __init__(self, count: int, elem_type: int, device, session_options=None):
+        from quickdraft.ort_backend.device import create_session
 
         self.count = count
-        self.device_type = device_type
-        self.device_id = device_id
-        self.session = ort.InferenceSession(
-            slice_model_bytes(count, elem_type), sess_options=session_options,
-            providers=providers,
-        )
+        self.device = device  # a quickdraft.ort_backend.device.Device
+        self.session = create_session(slice_model_bytes(count, elem_type), device,
+                                      session_options, name="the cache slicing graph")
         self._binding = self.session.io_binding()
         self._outputs = [f"y{j}" for j in range(count)]
 
@@ -140,6 +136,6 @@ class CacheSlicer:
         for j, value in enumerate(values):
             io.bind_ortvalue_input(f"x{j}", value)
         for name in self._outputs:
-            io.bind_output(name, self.device_type, self.device_id)
+            io.bind_output(name, self.device.kind, self.device.device_id)
         self.session.run_with_iobinding(io)
         return list(io.get_outputs())

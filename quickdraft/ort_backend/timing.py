@@ -3,7 +3,8 @@
 :class:`TimedModel` wraps any :class:`~quickdraft.protocols.LanguageModel` and its states so
 that every ``append`` and ``rewind`` the generic loops make is timed and counted into a
 :class:`ModelTimes`. ORT calls are synchronous at their end (the logits are on the host
-when ``append`` returns), so these are real device times.
+when ``append`` returns; ``append_device`` returns once the call has finished, its logits
+left on the device), so these are real device times.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ModelTimes", "TimedModel", "TimedState"]
+__all__ = ["ModelTimes", "TimedModel", "TimedState", "TimedDeviceState"]
 
 
 @dataclass
@@ -64,20 +65,24 @@ class TimedState:
     def tokens(self) -> list[int]:
         return self.inner.tokens
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """``append`` counted as prefill (nothing runs for no tokens)."""
+    def prefill(self, tokens: Sequence[int]):
+        """``append`` counted as prefill (nothing runs for no tokens). A state that can leave
+        its logits on the device (``append_device``) does so: nobody reads them."""
         if len(tokens) == 0:
             return self.inner.append(tokens)
         t0 = time.perf_counter()
-        logits = self.inner.append(tokens)
+        logits = getattr(self.inner, "append_device", self.inner.append)(tokens)
         self.times.prefill_s += time.perf_counter() - t0
         self.times.prefill_calls += 1
         self.times.prefill_tokens += len(tokens)
         return logits
 
     def append(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._call(self.inner.append, tokens)
+
+    def _call(self, run, tokens: Sequence[int]):
         t0 = time.perf_counter()
-        logits = self.inner.append(tokens)
+        logits = run(tokens)
         self.times.call_s += time.perf_counter() - t0
         self.times.calls += 1
         self.times.tokens += len(tokens)
@@ -91,6 +96,13 @@ class TimedState:
         self.inner.rewind(length)
         self.times.rewind_s += time.perf_counter() - t0
         self.times.rewinds += 1
+
+
+class TimedDeviceState(TimedState):
+    """A :class:`TimedState` over a state that can keep its logits on the device."""
+
+    def append_device(self, tokens: Sequence[int]):
+        return self._call(self.inner.append_device, tokens)
 
 
 class TimedModel:
@@ -109,4 +121,6 @@ class TimedModel:
         return self.inner.max_length
 
     def new_state(self) -> TimedState:
-        return TimedState(self.inner.new_state(), self.times)
+        state = self.inner.new_state()
+        timed = TimedDeviceState if hasattr(state, "append_device") else TimedState
+        return timed(state, self.times)
