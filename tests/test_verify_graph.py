@@ -34,6 +34,7 @@ from quickdraft.ort_backend.verify_graph import (  # noqa: E402
     build_verify_graph,
 )
 from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token  # noqa: E402
+from quickdraft.theory import beta  # noqa: E402
 from quickdraft.verification import residual_distribution, verify  # noqa: E402
 
 REL = {"float32": 1e-5, "float64": 1e-10}
@@ -120,8 +121,11 @@ def test_logits_graph_matches_verify(compute, case):
     n, token = verify(p, q, x, u, s)
     assume_clear_of_boundaries(p, q, x, u, s, n, compute, cfg.top_p,
                                _softmax_tempered_topk(rows, cfg))
-    got = verifier(gamma, target.shape[1], cfg, compute)(target, q, x, u, s)
-    assert got == (n, token)
+    got_n, got_token, got_beta = verifier(gamma, target.shape[1], cfg, compute).run(
+        target, q, x, u, s)
+    assert (got_n, got_token) == (n, token)
+    # beta output: sum_x min(p_i(x), q_i(x)) at every draft position, for the statistics
+    np.testing.assert_allclose(got_beta, beta(p[:gamma], q), atol=1e-5)
 
 
 @st.composite
@@ -185,8 +189,10 @@ def test_greedy_graph_matches_verify_exactly(logits_dtype, data):
     u, s = rng.random(gamma), float(rng.random())
     p = adjust_logits(target[-(gamma + 1):], cfg)
     expected = verify(p, q, x, u, s)
-    got = verifier(gamma, vocab, cfg, logits_dtype=logits_dtype)(target, q, x, u, s)
-    assert got == expected
+    got_n, got_token, got_beta = verifier(gamma, vocab, cfg, logits_dtype=logits_dtype).run(
+        target, q, x, u, s)
+    assert (got_n, got_token) == expected
+    np.testing.assert_array_equal(got_beta, beta(p[:gamma], q))  # one-hot rows: exact
 
 
 def test_graph_uses_standard_operators_only():
@@ -194,7 +200,7 @@ def test_graph_uses_standard_operators_only():
         model = build_verify_graph(4, 100, cfg)
         assert {op.domain for op in model.opset_import} == {""}
         assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
-        assert [o.name for o in model.graph.output] == ["n", "next_token"]
+        assert [o.name for o in model.graph.output] == ["n", "next_token", "beta"]
 
 
 def test_bonus_token_and_full_acceptance():

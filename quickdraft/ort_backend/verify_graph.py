@@ -14,7 +14,9 @@ Inputs (``compute`` is the graph's float type, float32 or float64):
 * ``draft_probs`` [gamma, V], ``accept_uniforms`` [gamma], ``sample_uniform`` [1] in
   ``compute``; ``draft_tokens`` [gamma] int64.
 
-Outputs: ``n`` [1] int64 (accepted draft tokens) and ``next_token`` [1] int64.
+Outputs: ``n`` [1] int64 (accepted draft tokens), ``next_token`` [1] int64 and ``beta``
+[gamma] in ``compute``: beta_i = sum_x min(p_i(x), q_i(x)), the acceptance probability at
+each draft position (:func:`quickdraft.theory.beta`), for the statistics.
 
 The decisions are those of ``verify``, step for step: token i is accepted while
 ``u_i * q_i(x_i) < p_i(x_i)``; n is the first rejection (gamma if none); the next token is
@@ -24,6 +26,10 @@ inverse CDF: the count of cdf entries <= u * total, clamped to the last index of
 weight. Only rounding differs (float32 against NumPy's float64), so the two agree except
 where a uniform lies within rounding of a decision boundary (tests/test_verify_graph.py
 states the margin it keeps).
+
+:class:`GraphVerifier` is the :class:`quickdraft.protocols.Verifier` built on it: plugged
+into :func:`quickdraft.generation.speculative_stream` (``verifier=``), it replaces
+:func:`quickdraft.generation.host_verify` and nothing else of the loop.
 """
 
 from __future__ import annotations
@@ -32,22 +38,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quickdraft.ort_backend.device import Device, session_options
-from quickdraft.protocols import advance
+from quickdraft.export.manifest import ONNX_ELEMENT_TYPES
+from quickdraft.ort_backend.device import Device, create_session
+from quickdraft.protocols import (
+    Candidates,
+    DecodeState,
+    Verdict,
+    advance,
+    rewind_to_common_prefix,
+)
 from quickdraft.sampling import SamplingConfig
+from quickdraft.verification import RESIDUAL_EPS
 
 __all__ = [
     "build_verify_graph",
     "DeviceVerifier",
+    "GraphVerifier",
     "advance_device",
-    "device_speculative_step",
     "RESIDUAL_EPS",
 ]
 
-RESIDUAL_EPS = 1e-12  # as quickdraft.verification.RESIDUAL_EPS
 _INT64_MAX = np.iinfo(np.int64).max
 _COMPUTE = {"float32": (np.float32, 1), "float64": (np.float64, 11)}
-_LOGITS_TYPES = {"fp32": 1, "fp16": 10, "fp64": 11}
+# target_logits types: the models' logits (fp16 and fp32; bf16 has no NumPy type) and fp64
+_LOGITS_TYPES = {"fp32": ONNX_ELEMENT_TYPES["fp32"], "fp16": ONNX_ELEMENT_TYPES["fp16"],
+                 "fp64": 11}
+_LOGITS_NP = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64}
 OPSET = 17
 
 
@@ -179,6 +195,11 @@ def build_verify_graph(
         n = b.op("ArgMax", [padded], axis=0, keepdims=1)  # first rejection, or gamma
         b.nodes.append(helper.make_node("Identity", [n], ["n"]))
         b.nodes.append(helper.make_node("Gather", [best, n], ["next_token"], axis=0))
+        # p_i is one-hot on best_i, so beta_i = sum_x min(p_i(x), q_i(x)) = q_i(best_i)
+        best_col = b.op("Unsqueeze", [best_g, b.const([1], np.int64)])  # [gamma, 1]
+        b.nodes.append(helper.make_node(
+            "Squeeze", [b.op("GatherElements", ["draft_probs", best_col], axis=1),
+                        b.const([1], np.int64)], ["beta"]))
     else:
         if target is None:
             target = _adjust(b, z, vocab, sampling)  # p [gamma + 1, V]
@@ -195,6 +216,9 @@ def build_verify_graph(
         padded = b.op("Concat", [rejected, b.const([1.0], np.float32)], axis=0)
         n = b.op("ArgMax", [padded], axis=0, keepdims=1)  # [1]: first rejection, or gamma
         b.nodes.append(helper.make_node("Identity", [n], ["n"]))
+        b.nodes.append(helper.make_node(
+            "ReduceSum", [b.op("Min", [p_g, q]), b.const([-1], np.int64)], ["beta"],
+            keepdims=0))  # [gamma]
         zero_row = b.const(np.zeros((1, vocab)))
         q_pad = b.op("Concat", [q, zero_row], axis=0)  # [gamma + 1, V]
         p_n = b.op("Gather", [p, n], axis=0)  # [1, V]
@@ -218,7 +242,8 @@ def build_verify_graph(
         b.nodes.append(helper.make_node("Cast", [b.op("Min", [count, last_positive])],
                                         ["next_token"], to=TensorProto.INT64))
     outputs = [helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
-               helper.make_tensor_value_info("next_token", TensorProto.INT64, [1])]
+               helper.make_tensor_value_info("next_token", TensorProto.INT64, [1]),
+               helper.make_tensor_value_info("beta", onnx_type, [gamma])]
     graph = helper.make_graph(b.nodes, "quickdraft_verify", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="quickdraft")
@@ -232,29 +257,27 @@ class DeviceVerifier:
 
     The target logits may be a NumPy array ([S, V] or [1, S, V]) or an OrtValue
     [1, S, V] on the same device (the static model's ``append_device`` output), which is
-    bound without a copy. The other inputs come from the host; n and the next token are
-    the only outputs read back.
+    bound without a copy. The other inputs come from the host; n, the next token and the
+    gamma betas are the only outputs read back (:meth:`run` returns all three).
     """
 
     def __init__(self, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
                  device: Device = Device("cpu"), logits_dtype: str = "fp32",
                  compute: str = "float32", target_input: str = "logits", options=None):
-        import onnxruntime as ort
-
         self.gamma, self.vocab, self.sampling = int(gamma), int(vocab), sampling
         self.device = device
         self.compute = np.dtype(compute).type
-        self.logits_np = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64}[logits_dtype]
+        self.logits_np = _LOGITS_NP[logits_dtype] if logits_dtype in _LOGITS_NP else None
         self.target_input = target_input
         self.model = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
                                         compute=compute, target_input=target_input)
-        options = options if options is not None else session_options()
-        self.session = ort.InferenceSession(self.model.SerializeToString(), options,
-                                            providers=device.providers)
+        self.session = create_session(self.model.SerializeToString(), device, options,
+                                      name="the verification graph")
         self.binding = self.session.io_binding()
 
-    def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
-                 sample_uniform) -> tuple[int, int]:
+    def run(self, target, draft_probs, draft_tokens, accept_uniforms,
+            sample_uniform) -> tuple[int, int, np.ndarray]:
+        """(n, next_token, beta [gamma]) for one iteration."""
         import onnxruntime as ort
 
         io = self.binding
@@ -276,11 +299,17 @@ class DeviceVerifier:
         io.bind_cpu_input("draft_tokens", np.asarray(draft_tokens, dtype=np.int64).reshape(g))
         io.bind_cpu_input("accept_uniforms", np.asarray(accept_uniforms, self.compute).reshape(g))
         io.bind_cpu_input("sample_uniform", np.asarray([sample_uniform], self.compute))
-        io.bind_output("n", "cpu")
-        io.bind_output("next_token", "cpu")
+        for output in ("n", "next_token", "beta"):
+            io.bind_output(output, "cpu")
         self.session.run_with_iobinding(io)
-        n, token = io.copy_outputs_to_cpu()
-        return int(n[0]), int(token[0])
+        n, token, beta = io.copy_outputs_to_cpu()
+        return int(n[0]), int(token[0]), beta
+
+    def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
+                 sample_uniform) -> tuple[int, int]:
+        n, token, _ = self.run(target, draft_probs, draft_tokens, accept_uniforms,
+                               sample_uniform)
+        return n, token
 
 
 def advance_device(state, ids: Sequence[int], min_new: int):
@@ -289,27 +318,64 @@ def advance_device(state, ids: Sequence[int], min_new: int):
     least the last ``min_new`` tokens are (re-)appended."""
     if not hasattr(state, "append_device"):
         return advance(state, ids, min_new)
-    have = state.tokens
-    limit = min(len(have), len(ids) - min_new)
-    common = 0
-    while common < limit and have[common] == ids[common]:
-        common += 1
-    state.rewind(common)
+    common = rewind_to_common_prefix(state, ids, min_new)
     return state.append_device(list(ids[common:]))
 
 
-def device_speculative_step(target_state, drafter, ids: Sequence[int], gamma: int,
-                            sampling: SamplingConfig, draft_uniforms, accept_uniforms,
-                            sample_uniform: float, verifier: DeviceVerifier):
-    """:func:`quickdraft.generation.speculative_step` with the verification graph.
+class GraphVerifier:
+    """A :class:`quickdraft.protocols.Verifier` that decides with the verification graph.
 
-    ``target_state`` is a :class:`~quickdraft.ort_backend.static.StaticDecodeState` (its
-    logits stay on the device) or any DecodeState (its logits go through the host).
-    Returns (output tokens, n, draft calls).
+    The target's logits stay where the target wrote them when its state can hand them over
+    on the device (``append_device``: static models); other states give host logits, which
+    the graph reads from the host. One :class:`DeviceVerifier` per (gamma, sampling) is
+    built on first use (or ahead of time with :meth:`prepare`) and kept.
+
+    Args:
+        vocab: the vocabulary size.
+        device: where the graph runs (the target's device).
+        logits_dtype: the type of the logits the target's state returns ("fp32" for host
+            logits of any model, the model's dtype for device logits).
+        compute: "float32" or "float64", the graph's arithmetic.
     """
-    if verifier.gamma != gamma or verifier.sampling != sampling:
-        raise ValueError("the verifier was built for another gamma or other sampling settings")
-    cand = drafter.get_candidates(ids, gamma, draft_uniforms)
-    logits = advance_device(target_state, list(ids) + cand.tokens.tolist(), gamma + 1)
-    n, token = verifier(logits, cand.probs, cand.tokens, accept_uniforms, sample_uniform)
-    return cand.tokens[:n].tolist() + [token], n, cand.model_calls
+
+    def __init__(self, vocab: int, *, device: Device = Device("cpu"),
+                 logits_dtype: str = "fp32", compute: str = "float32", options=None):
+        self.vocab, self.device = int(vocab), device
+        self.logits_dtype, self.compute, self.options = logits_dtype, compute, options
+        self._verifiers: dict[tuple[int, SamplingConfig], DeviceVerifier] = {}
+
+    @classmethod
+    def for_model(cls, model, *, compute: str = "float32", options=None) -> GraphVerifier:
+        """The verifier for ``model``'s logits (a StaticOrtModel's on its device, an
+        OrtModel's float32 host logits)."""
+        static = model.manifest.kv_cache == "static"
+        return cls(model.vocab_size, device=model.device, compute=compute, options=options,
+                   logits_dtype=model.manifest.dtype if static else "fp32")
+
+    def get(self, gamma: int, sampling: SamplingConfig) -> DeviceVerifier:
+        key = (int(gamma), sampling)
+        if key not in self._verifiers:
+            self._verifiers[key] = DeviceVerifier(
+                gamma, self.vocab, sampling, device=self.device, logits_dtype=self.logits_dtype,
+                compute=self.compute, options=self.options)
+        return self._verifiers[key]
+
+    def prepare(self, gamma: int, sampling: SamplingConfig) -> None:
+        """Build the graphs for every draft length 1..gamma now (outside timed code)."""
+        for g in range(1, int(gamma) + 1):
+            self.get(g, sampling)
+
+    def __call__(self, target: DecodeState, scored: Sequence[int], candidates: Candidates,
+                 sampling: SamplingConfig, accept_uniforms: np.ndarray, sample_uniform: float,
+                 *, lenience: float = 1.0) -> Verdict:
+        if lenience != 1.0:
+            raise ValueError(
+                f"the verification graph applies the exact rule (lenience 1), not {lenience}; "
+                "verify on the host for the lossy rule"
+            )
+        gamma = len(candidates.tokens)
+        logits = advance_device(target, scored, gamma + 1)  # [1, k, V] or [k, V], k >= g + 1
+        n, token, beta = self.get(gamma, sampling).run(
+            logits, candidates.probs, candidates.tokens, accept_uniforms, sample_uniform)
+        reached = min(n + 1, gamma)
+        return Verdict(n, token, beta[:reached].astype(float).tolist())
