@@ -1,10 +1,12 @@
 """The fast path on the CPU: static-cache graphs (onnxruntime-genai's builder) run with
 shared past/present buffers, driven by the generic generation loop, and verification on
-the device as an ONNX graph."""
+the device as an ONNX graph plugged into that loop as its verifier; the CLI verbs and the
+Generator on static exports."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,30 +14,34 @@ import pytest
 for _name in ("onnxruntime_genai", "onnx_ir", "torch", "transformers", "onnxruntime", "onnx"):
     pytest.importorskip(_name)
 
+from quickdraft.cli import main as cli_main  # noqa: E402
 from quickdraft.export import load_manifest  # noqa: E402
 from quickdraft.export.checks import UnsupportedModelError  # noqa: E402
-from quickdraft.export.static import export_static_model, export_static_pair  # noqa: E402
+from quickdraft.export.static import export_static_model  # noqa: E402
 from quickdraft.generation import (  # noqa: E402
     ModelDrafter,
     autoregressive_generate,
     speculative_generate,
     speculative_step,
 )
+from quickdraft.ort_backend import DecodeConfig, Generator, OrtModel  # noqa: E402
 from quickdraft.ort_backend.static import StaticModelError, StaticOrtModel  # noqa: E402
-from quickdraft.ort_backend.verify_graph import (  # noqa: E402
-    DeviceVerifier,
-    device_speculative_step,
-)
+from quickdraft.ort_backend.verify_graph import GraphVerifier  # noqa: E402
 from quickdraft.sampling import SamplingConfig  # noqa: E402
 
 CACHE = 96  # tokens per static cache in these tests (the models allow 256)
+EXPORT_CACHE = 200  # the cache length the export writes (--max-length)
 PROMPTS = [[5], [17, 300, 41, 9], list(range(40, 52)), [0, 511, 256, 3, 3, 3, 3, 80]]
 
 
 @pytest.fixture(scope="module")
 def static_pair(tmp_path_factory, hf_pair_dirs):
+    """The tiny Llama pair exported by the CLI verb with --kv-cache static."""
     out = tmp_path_factory.mktemp("static") / "pair"
-    export_static_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], out, steps=8)
+    rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
+                   str(hf_pair_dirs["draft"]), "--out", str(out), "--kv-cache", "static",
+                   "--max-length", str(EXPORT_CACHE), "--steps", "8"])
+    assert rc == 0
     return out
 
 
@@ -59,22 +65,38 @@ def test_static_export_layout(static_pair):
             assert (folder / name).is_file(), name
         m = load_manifest(folder)
         assert m.kv_cache == "static" and m.kv_layout == "bnsh" and m.dtype == "fp32"
-        assert m.architecture == "llama" and m.vocab_size == 512 and m.max_length == 256
+        assert m.architecture == "llama" and m.vocab_size == 512
+        assert m.max_length == 256 and m.max_cache_length == EXPORT_CACHE  # context, cache
+        assert m.attention == "GroupQueryAttention" and "builder" in m.exporter
         assert not m.has_position_ids and m.has_attention_mask
         assert set(m.input_names) == {"input_ids", "attention_mask"} | {
             f"past_key_values.{i}.{kv}" for i in range(m.num_layers) for kv in ("key", "value")}
         v = m.validation
         assert v["static_diff_over_tolerance"] < 1 and v["diff_over_tolerance"] < 1
         assert min(v["greedy_equal_steps"]) == 8
-        extra = json.loads((folder / "quickdraft.json").read_text())["static"]
-        assert extra["max_cache_length"] == 256
+        assert "static" not in json.loads((folder / "quickdraft.json").read_text())
+        assert StaticOrtModel(folder).max_length == EXPORT_CACHE  # the default cache
     assert not list(static_pair.parent.glob(".pair.partial-*"))
+
+
+def test_version_1_manifest_is_read(static_pair, tmp_path):
+    """Version 1 kept the cache length in max_length and the context in a "static" block."""
+    folder = tmp_path / "v1"
+    shutil.copytree(static_pair / "target", folder)
+    data = json.loads((folder / "quickdraft.json").read_text())
+    for key in ("max_cache_length", "exporter", "attention"):
+        del data[key]
+    data.update(manifest_version=1, max_length=EXPORT_CACHE, static={
+        "max_cache_length": EXPORT_CACHE, "max_position_embeddings": 256})
+    (folder / "quickdraft.json").write_text(json.dumps(data))
+    m = load_manifest(folder)
+    assert (m.max_length, m.max_cache_length, m.attention) == (256, EXPORT_CACHE,
+                                                               "GroupQueryAttention")
+    assert m.manifest_version == 2
 
 
 def test_static_logits_equal_pytorch_and_optimum(static_pair, hf_pair_dirs,
                                                  exported_llama_pair):
-    from quickdraft.ort_backend import OrtModel
-
     ids = [int(t) for t in np.random.default_rng(0).integers(0, 512, 30)]
     ref = torch_logits(hf_pair_dirs["target"], ids)
     model = load(static_pair / "target", steps=(1, 6))
@@ -139,8 +161,7 @@ def test_verify_graph_iteration_equals_numpy_iteration(static_pair, sampling, dr
         t = load(static_pair / "target", steps=(1, gamma + 1))
         d = load(static_pair / draft_role, steps=(1, 2))
         paths.append((t.new_state(), ModelDrafter(d, sampling)))
-    vocab = paths[0][0].model.vocab_size
-    verifier = DeviceVerifier(gamma, vocab, sampling)
+    verifier = GraphVerifier.for_model(paths[1][0].model)
     rng = np.random.default_rng(7)
     accepted = []
     for prompt in PROMPTS[1:3]:
@@ -149,32 +170,31 @@ def test_verify_graph_iteration_equals_numpy_iteration(static_pair, sampling, dr
             u = rng.random(2 * gamma + 1)
             ref = speculative_step(paths[0][0], paths[0][1], ids_np, gamma, sampling,
                                    u[:gamma], u[gamma:2 * gamma], float(u[-1]))
-            tokens, n, _ = device_speculative_step(
-                paths[1][0], paths[1][1], ids_dev, gamma, sampling, u[:gamma],
-                u[gamma:2 * gamma], float(u[-1]), verifier)
-            assert (tokens, n) == (ref.tokens, ref.n_accepted)
+            dev = speculative_step(paths[1][0], paths[1][1], ids_dev, gamma, sampling,
+                                   u[:gamma], u[gamma:2 * gamma], float(u[-1]),
+                                   verifier=verifier)
+            assert (dev.tokens, dev.n_accepted) == (ref.tokens, ref.n_accepted)
+            assert np.allclose(dev.betas, ref.betas, atol=1e-5)  # the graph's beta output
             ids_np += ref.tokens
-            ids_dev += tokens
-            accepted.append(n)
+            ids_dev += dev.tokens
+            accepted.append(dev.n_accepted)
     print(sampling, draft_role, "accepted per iteration", accepted)
 
 
 def test_greedy_device_loop_equals_autoregressive(static_pair):
-    """A generation loop with verification on the device equals greedy decoding."""
+    """The generic loop with verification on the device equals greedy decoding."""
     gamma, greedy = 3, SamplingConfig(temperature=0)
     target = load(static_pair / "target", steps=(1, gamma + 1))
     draft = load(static_pair / "draft", steps=(1, 2))
-    verifier = DeviceVerifier(gamma, target.vocab_size, greedy)
+    verifier = GraphVerifier.for_model(target)
     for prompt in PROMPTS:
         ar = autoregressive_generate(target, prompt, max_new_tokens=24, sampling=greedy,
                                      rng=np.random.default_rng(0)).tokens
-        state, drafter, ids = target.new_state(), ModelDrafter(draft, greedy), list(prompt)
-        while len(ids) - len(prompt) < 24:
-            zeros = np.zeros(gamma)
-            tokens, _, _ = device_speculative_step(state, drafter, ids, gamma, greedy, zeros,
-                                                   zeros, 0.0, verifier)
-            ids += tokens
-        assert ids[len(prompt):len(prompt) + 24] == ar
+        sp = speculative_generate(target, draft, prompt, gamma=gamma, max_new_tokens=24,
+                                  sampling=greedy, rng=np.random.default_rng(0),
+                                  verifier=verifier)
+        assert sp.tokens == ar
+        assert 0 <= sp.stats.alpha <= 1  # betas came back from the graph
 
 
 def test_state_errors(static_pair, exported_llama_pair):
@@ -202,7 +222,7 @@ def test_qwen2_static_export(hf_pair_factory, tmp_path):
     dirs = hf_pair_factory("qwen2")
     report = export_static_model(dirs["draft"], tmp_path / "draft", max_length=128, steps=4)
     m = report.manifest
-    assert m.architecture == "qwen2" and m.kv_cache == "static" and m.max_length == 128
+    assert m.architecture == "qwen2" and m.kv_cache == "static" and m.max_cache_length == 128
     assert m.validation["static_diff_over_tolerance"] < 1
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     got = StaticOrtModel(tmp_path / "draft", graph_steps=(1,)).new_state().append(ids)
@@ -249,3 +269,123 @@ def test_fast_generator(static_pair):
     ref = speculative_generate(target, draft, PROMPTS[1], gamma=gamma, max_new_tokens=25,
                                sampling=sampling, rng=np.random.default_rng(3))
     assert first == ref.tokens
+    made = []
+
+    def factory(model):  # what the benchmarks' controlled drafter plugs in
+        made.append(ModelDrafter(model, greedy.sampling))
+        return made[-1]
+
+    tokens, _ = greedy.speculative(PROMPTS[2], 20, gamma, drafter_factory=factory)
+    assert len(made) == 1 and len(made[0].state.tokens) > len(PROMPTS[2])
+    assert tokens == greedy.autoregressive(PROMPTS[2], 20)[0]
+    assert greedy.drafter_factory is None  # for that call only
+
+
+# -- one Generator for both kinds of export ----------------------------------------------------
+
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def test_generator_load_dispatches_on_kv_cache(static_pair, exported_llama_pair, tmp_path):
+    fast = Generator.load(static_pair, device="cpu", max_gamma=4)
+    assert isinstance(fast.target, StaticOrtModel) and isinstance(fast.draft, StaticOrtModel)
+    assert fast.verify == "device" and not fast.target.cuda_graph  # no CUDA graphs on the CPU
+    assert fast.target.graph_steps == (1, 2, 3, 4, 5) and fast.draft.graph_steps == (1, 2)
+    assert fast.target.max_length == EXPORT_CACHE
+    generic = Generator.load(exported_llama_pair, device="cpu")
+    assert isinstance(generic.target, OrtModel) and generic.verify == "host"
+    for prompt in ("def main(", "import os\n"):
+        ar = fast.generate(prompt, DecodeConfig(max_new_tokens=16, sampling=GREEDY,
+                                                autoregressive=True))
+        sp = fast.generate(prompt, DecodeConfig(max_new_tokens=16, gamma=4, sampling=GREEDY))
+        assert sp.tokens == ar.tokens and len(sp.tokens) == 16
+        # the same weights exported the other way decode the same
+        assert generic.generate(prompt, DecodeConfig(max_new_tokens=16, gamma=4,
+                                                     sampling=GREEDY)).tokens == ar.tokens
+        s = sp.stats
+        assert (s.kv_cache, s.verifier) == ("static", "device")
+        assert s.target.calls == s.generation.iterations and s.verify_s > 0
+        assert s.decode_s >= s.target_s + s.draft_s + s.verify_s
+        assert 0 <= s.generation.alpha <= 1
+        assert ar.stats.verifier is None and ar.stats.verify_s == 0
+    mixed = tmp_path / "mixed"
+    shutil.copytree(static_pair / "target", mixed / "target")
+    shutil.copytree(exported_llama_pair / "draft", mixed / "draft")
+    with pytest.raises(ValueError, match="export the pair together"):
+        Generator.load(mixed, device="cpu")
+    target = fast.target
+    with pytest.raises(ValueError, match="own draft"):
+        Generator(target, target)
+    with pytest.raises(ValueError, match="verify"):
+        Generator(target, verify="gpu")
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_host_and_device_verifiers_agree(kind, static_pair, exported_llama_pair):
+    """The verifier seam: with one seed, verification on the host (NumPy) and on the device
+    (the graph) take the same decisions in the same loop, on either kind of model."""
+    folder = static_pair if kind == "static" else exported_llama_pair
+    host = Generator.load(folder, device="cpu", verify="host", max_gamma=3)
+    device = Generator.load(folder, device="cpu", verify="device", max_gamma=3)
+    accepted = set()
+    for sampling in (SamplingConfig(temperature=1.0), SamplingConfig(0.8, top_k=20, top_p=0.9)):
+        for seed in range(3):
+            cfg = DecodeConfig(max_new_tokens=20, gamma=3, sampling=sampling, seed=seed)
+            a, b = host.generate("def main(", cfg), device.generate("def main(", cfg)
+            assert a.tokens == b.tokens
+            ga, gb = a.stats.generation, b.stats.generation
+            assert ga.accepted_per_iteration == gb.accepted_per_iteration
+            assert np.allclose(ga.beta_per_position, gb.beta_per_position, atol=1e-5)
+            assert (a.stats.verifier, b.stats.verifier) == ("host", "device")
+            accepted.update(ga.accepted_per_iteration)
+    assert len(accepted) >= 2  # rejections and acceptances both decided
+
+
+def test_graph_verifier_refuses_the_lossy_rule(static_pair):
+    target = load(static_pair / "target", steps=(1, 3))
+    draft = load(static_pair / "draft", steps=(1, 2))
+    with pytest.raises(ValueError, match="lenience"):
+        speculative_generate(target, draft, PROMPTS[1], gamma=2, max_new_tokens=4,
+                             rng=np.random.default_rng(0), lenience=0.5,
+                             verifier=GraphVerifier.for_model(target))
+
+
+def _cli(capsys, *args):
+    rc = cli_main([*map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_cli_on_a_static_export(static_pair, capsys):
+    base = ["generate", "--model-dir", static_pair, "--prompt", "def main(",
+            "--max-new-tokens", 12, "--device", "cpu", "--gamma", 3]
+    rc, out, _ = _cli(capsys, *base, "--json")
+    assert rc == 0
+    res = json.loads(out)
+    assert len(res["tokens"]) == 12
+    assert (res["stats"]["kv_cache"], res["stats"]["verifier"]) == ("static", "device")
+    assert res["stats"]["alpha"] is not None
+    rc, out, _ = _cli(capsys, *base, "--json", "--host-verify")
+    host = json.loads(out)
+    assert rc == 0 and host["tokens"] == res["tokens"] and host["stats"]["verifier"] == "host"
+    rc, out, _ = _cli(capsys, *base, "--json", "--autoregressive")
+    assert rc == 0 and json.loads(out)["tokens"] == res["tokens"]  # greedy: the same
+    rc, out, err = _cli(capsys, *base, "--stream", "--no-cuda-graph")
+    assert rc == 0 and out == res["text"] + "\n"
+    assert "static cache" in err and "verified on the device" in err
+    with pytest.raises(SystemExit):
+        _cli(capsys, *base, "--device-verify", "--host-verify")
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_export_cli_kv_cache_errors(hf_pair_dirs, tmp_path, capsys):
+    base = ["export", "--target", hf_pair_dirs["target"], "--draft", hf_pair_dirs["draft"],
+            "--out", tmp_path / "out"]
+    rc, _, err = _cli(capsys, *base, "--max-length", 64)
+    assert rc == 1 and "max_length sets the length of static caches" in err
+    rc, _, err = _cli(capsys, *base, "--kv-cache", "static", "--device", "cuda")
+    assert rc == 1 and "runs on cpu" in err
+    rc, _, err = _cli(capsys, *base, "--kv-cache", "static", "--max-length", 10_000)
+    assert rc == 1 and "max_length must be in [1, 256]" in err
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""``quickdraft generate``: run an exported pair with ONNX Runtime.
+"""``quickdraft generate``: run an exported pair with ONNX Runtime (either cache kind).
 
 The CLI owns all output: the generated text goes to stdout (piece by piece with
 ``--stream``), notes and a statistics line to stderr; ``--json`` prints one JSON object
@@ -23,7 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Generate with an exported pair on ONNX Runtime: speculative decoding (the "
             "draft proposes --gamma tokens, the target verifies them in one call) or, with "
             "--autoregressive, the target alone. The output follows the target's "
-            "distribution either way."
+            "distribution either way. Both kinds of export run: dynamic caches (the default "
+            "export) and static caches (--kv-cache static: CUDA graphs on CUDA, verification "
+            "on the device)."
         ),
     )
     p.add_argument("--model-dir", metavar="OUT_DIR",
@@ -44,6 +46,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="auto (default) uses CUDA when available, else the CPU")
     p.add_argument("--autoregressive", action="store_true",
                    help="decode with the target alone, one token per call (the baseline)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device-verify", dest="verify", action="store_const", const="device",
+                       help="verify with an ONNX graph next to the target's logits (default "
+                       "for static-cache exports)")
+    where.add_argument("--host-verify", dest="verify", action="store_const", const="host",
+                       help="verify in NumPy on the host (default for dynamic-cache exports)")
+    p.set_defaults(verify="auto")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="static caches on CUDA: run the steps without capturing CUDA graphs")
     p.add_argument("--stream", action="store_true", help="print text as tokens are accepted")
     p.add_argument("--json", action="store_true", help="print JSON (one line per step with "
                    "--stream, then the result)")
@@ -58,10 +69,12 @@ def _summary(stats) -> str:
         v = d.get(key)
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-    line = (f"{d['mode']} on {d['device']}: {d['new_tokens']} tokens in {d['decode_s']:.3f} s "
-            f"({num('tokens_per_s', '.1f')} tok/s), target calls {d['target_calls']}")
+    line = (f"{d['mode']} on {d['device']} ({d['kv_cache']} cache): {d['new_tokens']} tokens "
+            f"in {d['decode_s']:.3f} s ({num('tokens_per_s', '.1f')} tok/s), target calls "
+            f"{d['target_calls']}")
     if d["mode"] == "speculative":
-        line += (f", draft calls {d['draft_calls']}, gamma {d['gamma']}, "
+        line += (f", verified on the {d['verifier']}, draft calls {d['draft_calls']}, "
+                 f"gamma {d['gamma']}, "
                  f"alpha {num('alpha', '.3f')}, tokens/iteration "
                  f"{num('tokens_per_iteration', '.2f')}, c {num('cost_ratio_c', '.3f')}")
     return line
@@ -84,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text to continue")
-    generator = Generator.load(args.model_dir, device=args.device, draft=not args.autoregressive)
+    generator = Generator.load(args.model_dir, device=args.device, draft=not args.autoregressive,
+                               verify=args.verify, cuda_graph=args.cuda_graph,
+                               max_gamma=args.gamma)
     if generator.device_note:
         print(f"quickdraft generate: {generator.device_note}", file=sys.stderr)
     out = sys.stdout

@@ -1,6 +1,12 @@
 """Generation over an exported draft/target pair on ONNX Runtime.
 
-:class:`Generator` has an explicit lifecycle:
+:class:`Generator` runs both kinds of export: dynamic caches (optimum graphs,
+:class:`~quickdraft.ort_backend.model.OrtModel`) and static caches (GroupQueryAttention
+graphs, :class:`~quickdraft.ort_backend.static.StaticOrtModel`, with CUDA graphs on CUDA);
+:func:`load_model` picks the class from the manifest's ``kv_cache``. Verification runs on
+the host (:func:`quickdraft.generation.host_verify`) or as an ONNX graph next to the
+target's logits (:class:`~quickdraft.ort_backend.verify_graph.GraphVerifier`, the default
+on static graphs). Its lifecycle:
 
 * ``load`` (:meth:`Generator.load`): sessions for the target and the draft on one device,
   the tokenizer, and the checks that they belong together;
@@ -15,11 +21,12 @@
   on the device; ``step`` continues from there.
 
 The acceptance rule and the loop are the NumPy ones; this module adds only the ORT models,
-the timing around their calls (:mod:`quickdraft.ort_backend.timing`) and text.
+the verifier, the timing around their calls (:mod:`quickdraft.ort_backend.timing`) and text.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -29,20 +36,62 @@ from typing import NamedTuple
 
 import numpy as np
 
+from quickdraft.export.manifest import KV_CACHES, load_manifest
 from quickdraft.generation import (
     GenerationStats,
     ModelDrafter,
     autoregressive_stream,
     check_pair,
+    host_verify,
     speculative_stream,
 )
 from quickdraft.ort_backend.device import CudaUnavailableError, Device, resolve_device
-from quickdraft.ort_backend.model import OrtModel
+from quickdraft.ort_backend.model import ModelFolderError, OrtModel
+from quickdraft.ort_backend.static import StaticOrtModel
 from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
-from quickdraft.ort_backend.timing import ModelTimes, TimedModel
+from quickdraft.ort_backend.timing import ModelTimes, TimedModel, TimedState
+from quickdraft.ort_backend.verify_graph import GraphVerifier
 from quickdraft.sampling import SamplingConfig
 
-__all__ = ["DecodeConfig", "OrtStats", "Generation", "Piece", "Generator", "SpeculativeGenerator"]
+__all__ = [
+    "DecodeConfig",
+    "OrtStats",
+    "Generation",
+    "Piece",
+    "Generator",
+    "SpeculativeGenerator",
+    "FastGenerator",
+    "load_model",
+    "VERIFY_MODES",
+]
+
+VERIFY_MODES = ("auto", "host", "device")  # where verification runs; auto: device on static
+DEFAULT_MAX_GAMMA = 8  # Generator.load: step lengths 1 .. max_gamma + 1 get fixed bindings
+
+
+def _check_verify(verify: str) -> None:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+
+
+def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
+               graph_steps: Sequence[int] = (1,), cuda_graph: bool = False):
+    """The model wrapper for an exported folder, chosen by its manifest's ``kv_cache``:
+    :class:`OrtModel` for "dynamic", :class:`StaticOrtModel` for "static".
+
+    ``graph_steps`` (the step lengths with fixed bindings) and ``cuda_graph`` (capture them
+    as CUDA graphs; only on CUDA) apply to static caches; a dynamic graph has neither.
+    """
+    kind = load_manifest(folder).kv_cache
+    if kind == "static":
+        return StaticOrtModel(folder, device, graph_steps=graph_steps,
+                              cuda_graph=bool(cuda_graph and device.kind == "cuda"))
+    if kind == "dynamic":
+        return OrtModel(folder, device)
+    raise ModelFolderError(
+        f"{folder}: kv_cache {kind!r} in the manifest is none of {', '.join(KV_CACHES)}; "
+        "re-export the model"
+    )
 
 
 @dataclass(frozen=True)
@@ -80,11 +129,16 @@ class OrtStats:
     mode: str  # "speculative" or "autoregressive"
     device: str  # where the models ran: "cpu" or "cuda:N"
     prompt_tokens: int  # length of the prompt in tokens
+    kv_cache: str = "dynamic"  # the target's cache: "dynamic" or "static"
+    verifier: str | None = None  # where verification ran: "host" or "device" (None: AR)
     generation: GenerationStats = field(default_factory=GenerationStats)  # the loop's counts
     target: ModelTimes = field(default_factory=ModelTimes)  # calls into the target
     draft: ModelTimes | None = None  # calls into the draft (None when autoregressive)
     prefill_s: float = 0.0  # filling the caches with the prompt (both models)
     decode_s: float = 0.0  # wall time of all steps
+    # verification: time in the verifier less the target calls it made (sampling
+    # adjustments of p, the rule and beta on the host, or the verification graph)
+    verify_s: float = 0.0
 
     @property
     def new_tokens(self) -> int:
@@ -110,10 +164,10 @@ class OrtStats:
         return 0.0 if self.draft is None else self.draft.decode_s
 
     @property
-    def verify_s(self) -> float:
-        """Decode-phase time outside the models: sampling adjustments, verification and
-        the loop's bookkeeping, on the host."""
-        return max(0.0, self.decode_s - self.target_s - self.draft_s)
+    def host_s(self) -> float:
+        """Decode-phase time outside the models and the verification: the draft's sampling,
+        the autoregressive sampling and the loop's bookkeeping, on the host."""
+        return max(0.0, self.decode_s - self.target_s - self.draft_s - self.verify_s)
 
     @property
     def cost_ratio(self) -> float:
@@ -132,6 +186,8 @@ class OrtStats:
         out = {
             "mode": self.mode,
             "device": self.device,
+            "kv_cache": self.kv_cache,
+            "verifier": self.verifier,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "gamma": g.gamma,
@@ -147,6 +203,7 @@ class OrtStats:
             "target_s": self.target_s,
             "draft_s": self.draft_s,
             "verify_s": self.verify_s,
+            "host_s": self.host_s,
             "cost_ratio_c": self.cost_ratio,
             "tokens_per_s": self.tokens_per_s,
             "target": self.target.as_dict(),
@@ -195,22 +252,49 @@ class Piece(NamedTuple):
 class Generator:
     """Autoregressive or speculative generation with an exported pair on ONNX Runtime.
 
-    ``Generator.load(model_dir)`` for a ``quickdraft export`` folder; or build one from
-    :class:`OrtModel` objects (``draft`` None: autoregressive only; ``tokenizer`` None:
-    token ids only).
+    ``Generator.load(model_dir)`` for a ``quickdraft export`` folder (either cache kind);
+    or build one from :class:`OrtModel` / :class:`StaticOrtModel` objects (``draft`` None:
+    autoregressive only; ``tokenizer`` None: token ids only).
+
+    ``verify``: "host" (logits to the host, :func:`quickdraft.generation.host_verify`),
+    "device" (the verification graph on the target's device, computing in ``compute``) or
+    "auto" (device for a static target, whose logits can stay on the device; host
+    otherwise). Either way the loop, the uniforms and so the tokens for a seed are those of
+    :func:`quickdraft.generation.speculative_stream`. ``drafter_factory`` (optional) makes
+    the :class:`~quickdraft.protocols.Drafter` from the (timed) draft model in place of
+    :class:`~quickdraft.generation.ModelDrafter`.
     """
 
-    def __init__(self, target: OrtModel, draft: OrtModel | None = None, tokenizer=None):
+    def __init__(self, target, draft=None, tokenizer=None, *, verify: str = "auto",
+                 compute: str = "float32"):
+        _check_verify(verify)
         if draft is not None:
             check_pair(target, draft)
             if draft.device != target.device:
                 raise ValueError(f"draft on {draft.device} but target on {target.device}")
+            if draft is target and isinstance(target, StaticOrtModel):
+                raise ValueError(
+                    "a static model owns one cache, so it cannot be its own draft: load the "
+                    "folder twice (one StaticOrtModel each)"
+                )
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
         m = target.manifest
         eos = list(m.eos_token_ids) or ([m.eos_token_id] if m.eos_token_id is not None else [])
         self.eos_ids: frozenset[int] = frozenset(int(e) for e in eos)
+        has_onnx = importlib.util.find_spec("onnx") is not None
+        if verify == "auto":  # the device when the logits can stay there and onnx is here
+            verify = "device" if m.kv_cache == "static" and has_onnx else "host"
+        if verify == "device" and not has_onnx:
+            raise ValueError(
+                "verification on the device builds an ONNX graph and needs the onnx package "
+                "(pip install onnx); or verify on the host"
+            )
+        self.verify = verify  # "host" or "device"
+        self._verifier = (GraphVerifier.for_model(target, compute=compute)
+                          if verify == "device" else host_verify)
+        self.drafter_factory = None  # draft LanguageModel -> Drafter; None: ModelDrafter
         self.device_note: str | None = None  # set by load() when "auto" fell back to the CPU
         self.config: DecodeConfig | None = None
         self.prompt_ids: list[int] = []
@@ -224,12 +308,20 @@ class Generator:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, device: str = "auto", device_id: int = 0,
-             draft: bool = True) -> Generator:
-        """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``.
+             draft: bool = True, verify: str = "auto", cuda_graph: bool = True,
+             max_gamma: int = DEFAULT_MAX_GAMMA, compute: str = "float32") -> Generator:
+        """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``,
+        dynamic or static caches alike (:func:`load_model`).
 
         ``device`` "cuda" fails when CUDA cannot be used; "auto" falls back to the CPU and
-        leaves the reason in ``device_note``.
+        leaves the reason in ``device_note``. For static caches, step lengths 1 ..
+        ``max_gamma`` + 1 of the target (1 and 2 of the draft) get fixed bindings, captured
+        as CUDA graphs on CUDA unless ``cuda_graph`` is False. ``verify`` and ``compute``
+        are the constructor's.
         """
+        _check_verify(verify)  # before anything loads
+        if int(max_gamma) != max_gamma or max_gamma < 1:
+            raise ValueError(f"max_gamma must be an integer >= 1, got {max_gamma!r}")
         root = Path(model_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"model folder {root} does not exist")
@@ -245,24 +337,34 @@ class Generator:
                 f"{root} has no {' or '.join(missing)} folder: not a quickdraft export of a "
                 "pair (make one with `quickdraft export --target ... --draft ... --out ...`)"
             )
+        target_steps = range(1, max_gamma + 2) if draft else (1,)
+
+        def load(role: str, where: Device, steps):
+            return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph)
+
         resolved, note = resolve_device(device, device_id)
         try:
-            target = OrtModel(root / "target", resolved)
+            target = load("target", resolved, target_steps)
         except CudaUnavailableError as e:
             if device != "auto":
                 raise
             resolved, note = Device("cpu"), f"CUDA could not be used ({e}); running on the CPU"
-            target = OrtModel(root / "target", resolved)
+            target = load("target", resolved, target_steps)
         tokenizer = load_tokenizer(root / "target")
         draft_model = None
         if draft:
-            draft_model = OrtModel(root / "draft", resolved)
+            draft_model = load("draft", resolved, (1, 2))
+            if draft_model.manifest.kv_cache != target.manifest.kv_cache:
+                raise ModelFolderError(
+                    f"{root}: the target's cache is {target.manifest.kv_cache} but the "
+                    f"draft's is {draft_model.manifest.kv_cache}; export the pair together"
+                )
             if vocabulary(load_tokenizer(root / "draft")) != vocabulary(tokenizer):
                 raise ValueError(
                     f"{root}: the draft's tokenizer differs from the target's (token <-> id "
                     "mapping); speculative decoding needs one shared vocabulary"
                 )
-        generator = cls(target, draft_model, tokenizer)
+        generator = cls(target, draft_model, tokenizer, verify=verify, compute=compute)
         generator.device_note = note
         return generator
 
@@ -317,7 +419,11 @@ class Generator:
         self._close_engine()
         self.config = config
         speculative = not config.autoregressive
+        if speculative and isinstance(self._verifier, GraphVerifier):
+            self._verifier.prepare(config.gamma, config.sampling)  # sessions made up front
         stats = OrtStats(mode=config.mode, device=str(self.device), prompt_tokens=len(ids),
+                         kv_cache=self.target.manifest.kv_cache,
+                         verifier=self.verify if speculative else None,
                          draft=ModelTimes() if speculative else None)
         stats.generation.gamma = config.gamma if speculative else 0
         self._target = TimedModel(self.target, stats.target)
@@ -326,8 +432,12 @@ class Generator:
         t0 = time.perf_counter()
         self._target_state.prefill(ids[:-1])
         if speculative:
-            self._drafter = ModelDrafter(TimedModel(self.draft, stats.draft), config.sampling)
-            self._drafter.state.prefill(ids[:-1])
+            draft = TimedModel(self.draft, stats.draft)
+            self._drafter = (ModelDrafter(draft, config.sampling) if self.drafter_factory is None
+                             else self.drafter_factory(draft))
+            state = getattr(self._drafter, "state", None)
+            if isinstance(state, TimedState):
+                state.prefill(ids[:-1])
         stats.prefill_s = time.perf_counter() - t0
         self.stats = stats
         self._rng = np.random.default_rng(config.seed)
@@ -374,8 +484,8 @@ class Generator:
         self.ids = self.ids[:length]
         self.prompt_ids = self.prompt_ids[:length]
         t0 = time.perf_counter()
-        states = [self._target_state] + ([self._drafter.state] if self._drafter else [])
-        for state in states:  # keep at most length - 1: the next call needs the last logits
+        states = [self._target_state, getattr(self._drafter, "state", None)]
+        for state in filter(None, states):  # at most length - 1: the next call needs the last
             state.rewind(min(len(state.tokens), length - 1))
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.generation.new_tokens = len(self.new_tokens)
@@ -390,7 +500,23 @@ class Generator:
         if c.autoregressive:
             return autoregressive_stream(self._target, self.ids, **common)
         return speculative_stream(self._target, None, self.ids, gamma=c.gamma,
-                                  drafter=self._drafter, **common)
+                                  drafter=self._drafter, verifier=self._timed_verifier(),
+                                  **common)
+
+    def _timed_verifier(self):
+        """The verifier, adding its time less the target calls inside it to ``verify_s``."""
+        verifier, stats = self._verifier, self.stats
+
+        def timed(*args, **kwargs):
+            target_before = stats.target.decode_s
+            t0 = time.perf_counter()
+            try:
+                return verifier(*args, **kwargs)
+            finally:
+                inside = stats.target.decode_s - target_before
+                stats.verify_s += time.perf_counter() - t0 - inside
+
+        return timed
 
     def _finish(self) -> None:
         self._done = True
@@ -445,3 +571,78 @@ class Generator:
 
 
 SpeculativeGenerator = Generator  # the same object: speculative unless asked otherwise
+
+
+class FastGenerator(Generator):
+    """A :class:`Generator` verifying on the device, with whole-generation calls that take
+    token ids and return ``(tokens, statistics dict)``: for measurements.
+
+    ``FastGenerator(target, draft, sampling=...)`` fixes the sampling settings;
+    :meth:`autoregressive` and :meth:`speculative` run :meth:`Generator.generate` and
+    flatten its :class:`OrtStats` into the dict (see :meth:`speculative` for its keys).
+    """
+
+    def __init__(self, target, draft=None, *, sampling: SamplingConfig | None = None,
+                 compute: str = "float32", tokenizer=None):
+        super().__init__(target, draft, tokenizer, verify="device", compute=compute)
+        self.sampling = sampling if sampling is not None else SamplingConfig()
+
+    def autoregressive(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                       seed: int | None = None) -> tuple[list[int], dict]:
+        """One target call per token. Returns (tokens, stats): the keys of
+        :meth:`speculative` that apply, and ``target_ms_per_step``."""
+        res = self.generate(list(prompt_ids), DecodeConfig(
+            max_new_tokens=max_new_tokens, sampling=self.sampling, seed=seed,
+            autoregressive=True))
+        s = res.stats
+        return list(res.tokens), {
+            **self._common(res),
+            "target_calls": s.target_calls,
+            "target_ms_per_step": 1e3 * s.target.mean_call_s,
+        }
+
+    def speculative(self, prompt_ids: Sequence[int], max_new_tokens: int, gamma: int, *,
+                    seed: int | None = None, drafter_factory=None) -> tuple[list[int], dict]:
+        """Speculative sampling, verification on the device. Returns (tokens, stats).
+
+        stats: ``mode``, ``gamma``, ``new_tokens``, ``iterations``, ``target_calls`` and
+        ``draft_calls`` (decode phase: one target call per iteration), the accepted and
+        drafted counts per iteration, ``acceptance_rate``, ``alpha``,
+        ``tokens_per_iteration``, and seconds: ``prefill_s``, ``draft_s``, ``target_s``,
+        ``verify_s``, ``host_s`` (the rest of decoding), ``total_s`` (prefill included),
+        with ``host_ms_per_iteration`` and ``tokens_per_s`` (over ``total_s``).
+        ``drafter_factory`` replaces the draft's own proposals for this call.
+        """
+        self.drafter_factory = drafter_factory
+        try:
+            res = self.generate(list(prompt_ids), DecodeConfig(
+                max_new_tokens=max_new_tokens, gamma=gamma, sampling=self.sampling, seed=seed))
+        finally:
+            self.drafter_factory = None
+        s, g = res.stats, res.stats.generation
+        return list(res.tokens), {
+            **self._common(res),
+            "gamma": gamma,
+            "iterations": g.iterations,
+            "target_calls": s.target.calls,
+            "draft_calls": s.draft.calls,
+            "accepted_per_iteration": list(g.accepted_per_iteration),
+            "drafted_per_iteration": list(g.drafted_per_iteration),
+            "acceptance_rate": g.acceptance_rate,
+            "alpha": g.alpha,
+            "tokens_per_iteration": g.tokens_per_iteration,
+            "draft_s": s.draft_s,
+            "verify_s": s.verify_s,
+            "host_ms_per_iteration": 1e3 * s.host_s / max(1, g.iterations),
+            "cost_ratio_c": s.cost_ratio,
+        }
+
+    @staticmethod
+    def _common(res: Generation) -> dict:
+        s = res.stats
+        total = s.prefill_s + s.decode_s
+        return {
+            "mode": s.mode, "new_tokens": s.new_tokens, "prefill_s": s.prefill_s,
+            "target_s": s.target_s, "host_s": s.host_s, "total_s": total,
+            "tokens_per_s": s.new_tokens / total if total > 0 else float("nan"),
+        }
