@@ -28,6 +28,7 @@ from pathlib import Path
 
 from quickdraft.export.checks import (
     TASK,
+    TOKENIZER_FILES,
     ExportError,
     SourceInfo,
     UnsupportedModelError,
@@ -57,16 +58,6 @@ __all__ = [
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
 MODEL_FILE = "model.onnx"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-)
 _VERSIONED = (
     "quickdraft",
     "torch",

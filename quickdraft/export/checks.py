@@ -21,20 +21,19 @@ __all__ = [
 
 TASK = "text-generation-with-past"
 
-# small files that hold the config and the tokenizer (fetched alone for a hub id)
-_LIGHT_FILES = [
-    "config.json",
-    "generation_config.json",
+# the tokenizer's files (and generation_config.json), copied into every export
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
-    "vocab.txt",
     "tokenizer.model",
-    "*.tiktoken",
-]
+    "generation_config.json",
+)
+# small files that hold the config and the tokenizer (fetched alone for a hub id)
+_LIGHT_FILES = ["config.json", *TOKENIZER_FILES, "vocab.txt", "*.tiktoken"]
 
 
 class ExportError(ValueError):

@@ -34,7 +34,7 @@ from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_m
 from quickdraft.ort_backend.device import Device, create_session, session_options
 from quickdraft.ort_backend.slicer import CacheSlicer
 
-__all__ = ["OrtModel", "OrtState", "ExportedModel", "ModelFolderError"]
+__all__ = ["OrtModel", "OrtState", "ExportedModel", "TokenState", "ModelFolderError"]
 
 # manifest dtype -> the type ONNX Runtime reports for the caches and logits
 ORT_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
@@ -207,16 +207,13 @@ class OrtModel(ExportedModel):
         return self._slicer(cache, length)
 
 
-class OrtState:
-    """A :class:`~quickdraft.protocols.DecodeState` over one :class:`OrtModel`.
+class TokenState:
+    """The token bookkeeping every decode state over an exported model shares: the ids
+    consumed so far and the checks of what is appended or rewound to."""
 
-    Holds the consumed token ids and the KV caches as device OrtValues.
-    """
-
-    def __init__(self, model: OrtModel):
+    def __init__(self, model):
         self.model = model
         self._tokens: list[int] = []
-        self._cache = model.empty_cache()
 
     @property
     def tokens(self) -> list[int]:
@@ -225,25 +222,44 @@ class OrtState:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    def _checked(self, tokens: Sequence[int]) -> list[int]:
+        """``tokens`` as ints, refused unless every one is in the vocabulary."""
+        tokens = [int(t) for t in tokens]
+        vocab = self.model.vocab_size
+        if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return tokens
+
+    def _check_rewind(self, length: int) -> None:
+        if not 0 <= length <= len(self._tokens):
+            raise ValueError(f"cannot rewind to {length}: state holds {len(self._tokens)} tokens")
+
+
+class OrtState(TokenState):
+    """A :class:`~quickdraft.protocols.DecodeState` over one :class:`OrtModel`.
+
+    Holds the consumed token ids and the KV caches as device OrtValues.
+    """
+
+    def __init__(self, model: OrtModel):
+        super().__init__(model)
+        self._cache = model.empty_cache()
+
     @property
     def cache(self) -> list:
         """The current present/past OrtValues (key, value per layer)."""
         return list(self._cache)
 
     def append(self, tokens: Sequence[int]) -> np.ndarray:
-        tokens = [int(t) for t in tokens]
-        vocab = self.model.vocab_size
+        tokens = self._checked(tokens)
         if not tokens:
-            return np.zeros((0, vocab), dtype=np.float32)
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
+            return np.zeros((0, self.model.vocab_size), dtype=np.float32)
         logits, self._cache = self.model.run(tokens, self._cache, len(self._tokens))
         self._tokens.extend(tokens)
         return logits  # [len(tokens), V]
 
     def rewind(self, length: int) -> None:
-        if not 0 <= length <= len(self._tokens):
-            raise ValueError(f"cannot rewind to {length}: state holds {len(self._tokens)} tokens")
+        self._check_rewind(length)
         if length == len(self._tokens):
             return
         self._cache = self.model.slice_cache(self._cache, length)

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from quickdraft.ort_backend.device import Device
-from quickdraft.ort_backend.model import ExportedModel, ModelFolderError
+from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 
 __all__ = [
     "StaticOrtModel",
@@ -247,23 +247,12 @@ class _StepBinding:
         return self.logits
 
 
-class StaticDecodeState:
+class StaticDecodeState(TokenState):
     """A :class:`~quickdraft.protocols.DecodeState` over a :class:`StaticOrtModel`.
 
     ``rewind`` only shortens the valid length: positions past it are overwritten by the
     next ``append``.
     """
-
-    def __init__(self, model: StaticOrtModel):
-        self.model = model
-        self._tokens: list[int] = []
-
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._tokens)
-
-    def __len__(self) -> int:
-        return len(self._tokens)
 
     def _check_owner(self) -> None:
         if self.model._owner is not self:
@@ -275,12 +264,9 @@ class StaticDecodeState:
     def append_device(self, tokens: Sequence[int]):
         """Consume ``tokens``; return the logits OrtValue [1, len(tokens), V] on the device."""
         self._check_owner()
-        tokens = [int(t) for t in tokens]
-        vocab = self.model.vocab_size
+        tokens = self._checked(tokens)
         if not tokens:
             raise ValueError("append_device needs at least one token")
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
         value = self.model.run(tokens, len(self._tokens))
         self._tokens.extend(tokens)
         return value
@@ -294,8 +280,7 @@ class StaticDecodeState:
 
     def rewind(self, length: int) -> None:
         self._check_owner()
-        if not 0 <= length <= len(self._tokens):
-            raise ValueError(f"cannot rewind to {length}: state holds {len(self._tokens)} tokens")
+        self._check_rewind(length)
         del self._tokens[length:]
 
 
