@@ -295,6 +295,8 @@ def test_generator_load_dispatches_on_kv_cache(static_pair, exported_llama_pair,
     assert fast.target.max_length == EXPORT_CACHE
     generic = Generator.load(exported_llama_pair, device="cpu")
     assert isinstance(generic.target, OrtModel) and generic.verify == "host"
+    auto = Generator.load(static_pair, draft=False)  # an fp32 static graph is for the CPU
+    assert str(auto.device) == "cpu" and "built for the CPU" in auto.device_note
     for prompt in ("def main(", "import os\n"):
         ar = fast.generate(prompt, DecodeConfig(max_new_tokens=16, sampling=GREEDY,
                                                 autoregressive=True))

@@ -314,7 +314,8 @@ class Generator:
         dynamic or static caches alike (:func:`load_model`).
 
         ``device`` "cuda" fails when CUDA cannot be used; "auto" falls back to the CPU and
-        leaves the reason in ``device_note``. For static caches, step lengths 1 ..
+        leaves the reason in ``device_note`` (also for a static fp32 export, which the model
+        builder makes for the CPU execution provider). For static caches, step lengths 1 ..
         ``max_gamma`` + 1 of the target (1 and 2 of the draft) get fixed bindings, captured
         as CUDA graphs on CUDA unless ``cuda_graph`` is False. ``verify`` and ``compute``
         are the constructor's.
@@ -342,7 +343,17 @@ class Generator:
         def load(role: str, where: Device, steps):
             return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph)
 
-        resolved, note = resolve_device(device, device_id)
+        note = None
+        manifest = load_manifest(root / "target")
+        if device == "auto" and manifest.kv_cache == "static":
+            from quickdraft.export.static import STATIC_DTYPES
+
+            if STATIC_DTYPES.get(manifest.dtype) == "cpu":
+                device, note = "cpu", (
+                    f"this static {manifest.dtype} export is built for the CPU execution "
+                    "provider (export --dtype fp16 --device cuda for CUDA); running on the CPU")
+        resolved, cuda_note = resolve_device(device, device_id)
+        note = note or cuda_note
         try:
             target = load("target", resolved, target_steps)
         except CudaUnavailableError as e:
