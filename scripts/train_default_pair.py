@@ -304,18 +304,37 @@ def evaluate(target, draft, windows, device: str, batch: int = 8) -> dict:
 # ----------------------------------------------------------------------------- export
 
 
-def export(out: Path, dest: Path) -> dict:
+def export(out: Path, dest: Path, summary: dict, stdlib: Path | None) -> dict:
+    """Export ``out/{target,draft}`` to ``dest`` with quickdraft's exporter, then write
+    ``training.json`` and ``MODEL_CARD.md`` there (scripts/default_pair_card.py)."""
+    import default_pair_card
+
     from quickdraft.export import export_pair
 
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = export_pair(out / "target", out / "draft", dest)
+    cwd = Path.cwd()
+    os.chdir(REPO)  # the manifests record the sources as given: keep them repo-relative
+    try:
+        sources = [Path(os.path.relpath(out / role, REPO)) for role in ("target", "draft")]
+        export_pair(*sources, dest)
+    finally:
+        os.chdir(cwd)
+    seconds = time.perf_counter() - t0
     sizes = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*"))
              if p.is_file()}
-    return {"seconds": time.perf_counter() - t0, "bytes": sum(sizes.values()), "files": sizes,
-            "result": repr(result)[:2000]}
+    info = {"seconds": seconds, "bytes": sum(sizes.values()), "files": sizes}
+    # the held-out file list, when this machine has the corpus the pair was trained on
+    train_files, heldout_files, root = corpus_files(stdlib)
+    heldout = None
+    if corpus_digest(train_files + heldout_files, root) == summary["corpus"]["sha256"]:
+        heldout = [str(p.relative_to(root)) for p in heldout_files]
+    rec = default_pair_card.write(dest, summary, info, REPO, heldout,
+                                 stdlib or stdlib_root())
+    total = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    return {**info, "bytes_with_card": total, "cpu_latency": rec["cpu_latency"]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -362,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(on CPU) and print them")
     args = ap.parse_args(argv)
 
+    if str(REPO) not in sys.path:  # quickdraft from this checkout when not installed
+        sys.path.append(str(REPO))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -375,9 +396,14 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # bit-reproducible training: refuse nondeterministic kernels, and on CUDA use the plain
+    # ("math") attention, whose backward is deterministic (flash / memory-efficient are not)
+    torch.use_deterministic_algorithms(True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     out: Path = args.out.resolve()
     summary_path = out / "summary.json"
 
@@ -393,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.export_only:
         summary = json.loads(summary_path.read_text())
-        summary["export"] = export(out, args.export_dir.resolve())
+        summary.pop("export", None)
+        summary["export"] = export(out, args.export_dir.resolve(), summary, args.stdlib_root)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary["export"], indent=2))
         return 0
@@ -491,10 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                         else platform.processor() or platform.machine()),
         "total_seconds": None,
     }
-    if args.export:
-        summary["export"] = export(out, args.export_dir.resolve())
-        log(f"exported to {args.export_dir}: {summary['export']['bytes'] / 1e6:.2f} MB")
     summary["total_seconds"] = time.perf_counter() - t_start
+    if args.export:
+        summary["export"] = export(out, args.export_dir.resolve(), summary, args.stdlib_root)
+        log(f"exported to {args.export_dir}: {summary['export']['bytes'] / 1e6:.2f} MB")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("corpus", "tokenizer", "models", "heldout")},
                      indent=2))
