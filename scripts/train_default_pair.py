@@ -14,12 +14,13 @@ GPU's. The same device, library versions and ``--seed`` give the same weights.
 
 What it does:
 
-1. Corpus: the ``*.py`` files of the running interpreter's standard library
-   (``quickdraft.export.toy.stdlib_files``: sorted by path, ``test``/``tests`` folders and
-   site-packages excluded), minus ``encodings/`` (codec tables) and ``pydoc_data/`` (one
-   large generated docstring). Every 10th file of that sorted list (index % 10 == 9) is
-   held out for evaluation; the rest is training data. The corpus depends on the Python
-   version, so the summary prints it with a SHA-256 of the file list and contents.
+1. Corpus: the ``*.py`` files of the running interpreter's standard library (or of
+   ``--stdlib-root``), by the rule of ``quickdraft.export.toy.stdlib_files`` (sorted by
+   path, ``test``/``tests`` folders and site-packages excluded), minus ``encodings/``
+   (codec tables) and ``pydoc_data/`` (one large generated docstring). Every 10th file
+   of that sorted list (index % 10 == 9) is held out for evaluation; the rest is training
+   data. The corpus depends on the Python version, so the summary records a SHA-256 of the
+   file list and contents.
 2. Tokenizer: a byte-level BPE (``tokenizers``) trained on the training files only;
    ``<|endoftext|>`` (id 0) separates files and is BOS/EOS/PAD.
 3. Models: two Llama decoders (``transformers.LlamaForCausalLM``, tied embeddings), the
@@ -28,8 +29,11 @@ What it does:
    draft is distilled from the target (KL(target || draft), ``--draft-distill``).
 4. Evaluation on the held-out files: loss of each model and the acceptance rate
    alpha = E[sum_x min(p(x), q(x))] at T=0 and T=1 (``quickdraft.theory.beta``).
-5. ``--export``: quickdraft's own exporter (``quickdraft.export.export_pair``) writes the
-   ONNX pair into ``quickdraft/models/default/`` (what the package ships).
+5. ``--export`` / ``--export-only``: quickdraft's own exporter
+   (``quickdraft.export.export_pair``) writes the ONNX pair into
+   ``quickdraft/models/default/`` (what the package ships), and
+   ``scripts/default_pair_card.py`` adds ``training.json``, ``MODEL_CARD.md`` and the
+   Python license file (``LICENSE-PYTHON.txt``) beside it.
 
 Hugging Face folders, the tokenizer and ``summary.json`` go to ``--out``
 (``runs/default_pair`` by default, git-ignored). Needs the ``export`` extra.
