@@ -8,9 +8,11 @@ The CLI owns all output: the generated text goes to stdout (piece by piece with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 __all__ = ["add_parser", "run"]
 
@@ -29,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model-dir", metavar="OUT_DIR",
-                   help="folder written by `quickdraft export` (holds target/ and draft/)")
+                   help="folder written by `quickdraft export` (holds target/ and draft/); "
+                   "default: the bundled pair of small Python code models, on the CPU, "
+                   "compared with autoregressive decoding")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per iteration (default 5)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -55,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(verify="auto")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="static caches on CUDA: run the steps without capturing CUDA graphs")
+    p.add_argument("--compare", action="store_true",
+                   help="also run autoregressive decoding with the same settings and report "
+                   "the speedup (on by default for the bundled pair)")
     p.add_argument("--stream", action="store_true", help="print text as tokens are accepted")
     p.add_argument("--json", action="store_true", help="print JSON (one line per step with "
                    "--stream, then the result)")
@@ -80,12 +87,36 @@ def _summary(stats) -> str:
     return line
 
 
+def default_model_dir() -> Path:
+    """The bundled pair: small Llama-style Python code models shipped in the package."""
+    return Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def _speedup_report(generator, prompt: str, config, spec) -> dict:
+    """Autoregressive decoding of the same prompt with the same settings, after a short
+    warm-up of both modes, and the speedup of ``spec`` over it."""
+    warm = dataclasses.replace(config, max_new_tokens=min(8, config.max_new_tokens))
+    generator.generate(prompt, warm)
+    generator.generate(prompt, dataclasses.replace(warm, autoregressive=True))
+    auto = generator.generate(prompt, dataclasses.replace(config, autoregressive=True))
+    s, a = spec.stats.as_dict(), auto.stats.as_dict()
+    return {
+        "autoregressive_tokens_per_s": a["tokens_per_s"],
+        "speculative_tokens_per_s": s["tokens_per_s"],
+        "speedup": s["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else math.nan,
+        "acceptance_rate": s.get("acceptance_rate", math.nan),
+        "same_tokens": auto.tokens == spec.tokens,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from quickdraft.ort_backend.generator import DecodeConfig, Generator
     from quickdraft.sampling import SamplingConfig
 
-    if not args.model_dir:
-        raise ValueError("--model-dir is required: give a folder written by `quickdraft export`")
+    bundled = not args.model_dir
+    model_dir = default_model_dir() if bundled else Path(args.model_dir)
+    device = "cpu" if bundled and args.device == "auto" else args.device
+    compare = (args.compare or bundled) and not args.autoregressive
     # check every setting before loading anything
     config = DecodeConfig(
         max_new_tokens=args.max_new_tokens,
@@ -97,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text to continue")
-    generator = Generator.load(args.model_dir, device=args.device, draft=not args.autoregressive,
+    generator = Generator.load(model_dir, device=device, draft=not args.autoregressive,
                                verify=args.verify, cuda_graph=args.cuda_graph,
                                max_gamma=args.gamma)
     if generator.device_note:
@@ -117,9 +148,19 @@ def run(args: argparse.Namespace) -> int:
         result = generator.generate(args.prompt, config)
         if not args.json:
             out.write(result.text + "\n")
+    out.flush()
+    report = _speedup_report(generator, args.prompt, config, result) if compare else None
     if args.json:
-        out.write(json.dumps({"done": True, **result.as_dict()}) + "\n")
+        extra = {"comparison": report} if report else {}
+        out.write(json.dumps({"done": True, **result.as_dict(), **extra}) + "\n")
     else:
         print(_summary(result.stats), file=sys.stderr)
+        if report:
+            print(f"acceptance rate {report['acceptance_rate']:.3f}; speedup over "
+                  f"autoregressive decoding {report['speedup']:.2f}x "
+                  f"({report['speculative_tokens_per_s']:.0f} vs "
+                  f"{report['autoregressive_tokens_per_s']:.0f} tok/s, same settings"
+                  + (", same tokens" if report["same_tokens"] else "") + ")",
+                  file=sys.stderr)
     out.flush()
     return 0

@@ -1,0 +1,33 @@
+"""`quickdraft generate` with no model arguments runs the bundled pair on the CPU and
+compares speculative with autoregressive decoding."""
+
+from __future__ import annotations
+
+import json
+
+from quickdraft.cli import main
+from quickdraft.ort_backend.cli import default_model_dir
+
+
+def test_default_model_dir_is_the_bundled_pair():
+    folder = default_model_dir()
+    assert (folder / "target" / "quickdraft.json").is_file()
+    assert (folder / "draft" / "quickdraft.json").is_file()
+
+
+def test_generate_without_model_dir_reports_acceptance_and_speedup(capsys):
+    assert main(["generate", "--prompt", "def quicksort(arr):", "--max-new-tokens", "24",
+                 "--gamma", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip()  # the completion
+    assert "acceptance rate" in captured.err
+    assert "speedup over autoregressive decoding" in captured.err
+    assert "same tokens" in captured.err  # greedy: both modes give the target's tokens
+
+
+def test_generate_json_carries_the_comparison(capsys):
+    assert main(["generate", "--prompt", "import os\n", "--max-new-tokens", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    comparison = result["comparison"]
+    assert comparison["same_tokens"] is True
+    assert comparison["speedup"] > 0 and 0 <= comparison["acceptance_rate"] <= 1
