@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SamplingConfig", "adjust_logits", "sample_token"]
+__all__ = ["SamplingConfig", "adjust_logits", "greedy_tokens", "sample_token"]
 
 
 @dataclass(frozen=True)
@@ -41,35 +41,77 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+_INVALID = (
+    "logits contain NaN or +inf; the model produced invalid scores "
+    "(with fp16 weights this is usually an overflow: try fp32 or bf16)"
+)
+_ALL_MINUS_INF = "a logits row is entirely -inf: no token can be sampled"
+
+
+def _check_maxima(m: np.ndarray) -> None:
+    """Refuse logits by their row maxima m [...]: NaN where a row holds a NaN, +inf where
+    it holds +inf (and no NaN), -inf where every entry is -inf."""
+    if m.ndim == 0:  # one row: Python floats are the cheapest test
+        v = float(m)
+        if not math.isfinite(v):
+            raise ValueError(_ALL_MINUS_INF if v == -math.inf else _INVALID)
+        return
+    if not np.all(np.isfinite(m)):
+        if np.any(np.isnan(m)) or np.any(m == np.inf):
+            raise ValueError(_INVALID)
+        raise ValueError(_ALL_MINUS_INF)
+
+
+def _as_logits(logits) -> np.ndarray:
+    z = np.asarray(logits)
+    if z.ndim == 0 or z.shape[-1] == 0:
+        raise ValueError("logits must have a vocabulary axis of length >= 1")
+    return z
+
+
+def greedy_tokens(logits: np.ndarray) -> np.ndarray:
+    """The tokens temperature 0 picks: the argmax of each row (the first one on ties).
+
+    logits [..., V] -> [...] int64, refused as :func:`adjust_logits` refuses them.
+    ``adjust_logits(logits, SamplingConfig(temperature=0))`` is one-hot on exactly these,
+    and :func:`sample_token` draws them from those rows whatever the uniform.
+    """
+    z = _as_logits(logits)
+    best = np.argmax(z, axis=-1)  # [...]; the first NaN if a row holds one
+    # the entry argmax picked is the row's maximum, or its first NaN: what the checks need
+    if z.ndim == 1:
+        _check_maxima(z[best])
+    else:
+        _check_maxima(np.take_along_axis(z, best[..., None], axis=-1)[..., 0])
+    return best
+
+
 def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig()) -> np.ndarray:
     """Turn logits into the sampling distribution: temperature, then top-k, then top-p.
 
     logits [..., V] -> probs [..., V] float64, each row summing to 1.
     Temperature 0 gives a one-hot row on the argmax (the first one on ties).
     """
-    z = np.asarray(logits, dtype=np.float64)  # [..., V]
-    if z.ndim == 0 or z.shape[-1] == 0:
-        raise ValueError("logits must have a vocabulary axis of length >= 1")
-    if np.any(np.isnan(z)) or np.any(z == np.inf):
-        raise ValueError(
-            "logits contain NaN or +inf; the model produced invalid scores "
-            "(with fp16 weights this is usually an overflow: try fp32 or bf16)"
-        )
-    if np.any(np.all(z == -np.inf, axis=-1)):
-        raise ValueError("a logits row is entirely -inf: no token can be sampled")
-    vocab = z.shape[-1]
     if config.greedy:
-        one_hot = np.zeros(z.shape, dtype=np.float64)  # [..., V]
-        np.put_along_axis(one_hot, np.argmax(z, axis=-1)[..., None], 1.0, axis=-1)
-        return one_hot
-    z = z / config.temperature
+        best = greedy_tokens(logits)  # [...]
+        vocab = np.shape(logits)[-1]
+        one_hot = np.zeros((best.size, vocab), dtype=np.float64)  # [rows, V]
+        one_hot[np.arange(best.size), best.reshape(-1)] = 1.0
+        return one_hot.reshape(*best.shape, vocab)
+    z = np.array(_as_logits(logits), dtype=np.float64)  # [..., V] a copy: worked in place
+    m = np.max(z, axis=-1, keepdims=True)  # [..., 1]
+    _check_maxima(m[..., 0])
+    vocab = z.shape[-1]
+    if config.temperature != 1.0:
+        z /= config.temperature
+        m = m / config.temperature  # = the max of z / T: dividing by T > 0 keeps the order
     if 0 < config.top_k < vocab:
         # keep exactly k on ties: rank tokens by (logit desc, index asc)
         order = np.argsort(-z, axis=-1, kind="stable")  # [..., V]
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(vocab), axis=-1)
-        z = np.where(rank < config.top_k, z, -np.inf)
-    probs = _softmax(z)  # [..., V]
+        z = np.where(rank < config.top_k, z, -np.inf)  # keeps the max (rank 0)
+    probs = _softmax_(z, m)  # [..., V]
     if config.top_p < 1.0:
         order = np.argsort(-probs, axis=-1, kind="stable")  # [..., V]
         sorted_p = np.take_along_axis(probs, order, axis=-1)  # [..., V]
@@ -84,14 +126,16 @@ def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig())
 
 def sample_token(probs: np.ndarray, u: float) -> int:
     """Inverse-CDF draw of one token from probs [V] with a uniform u in [0, 1)."""
-    from quickdraft.verification import inverse_cdf
+    from quickdraft.verification import inverse_cdf_row
 
     if not (0.0 <= u < 1.0):
         raise ValueError(f"uniform must be in [0, 1), got {u}")
-    return int(inverse_cdf(np.asarray(probs, dtype=np.float64)[None], np.asarray([u]))[0])
+    return inverse_cdf_row(np.asarray(probs, dtype=np.float64), u)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - np.max(z, axis=-1, keepdims=True)  # [..., V]
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def _softmax_(z: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """softmax of z [..., V] with row maxima m [..., 1], computed in z's memory."""
+    z -= m
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z

@@ -24,6 +24,8 @@ __all__ = [
     "verify_batch",
     "residual_distribution",
     "inverse_cdf",
+    "inverse_cdf_row",
+    "verify_greedy",
 ]
 
 # How far a probability row may sum from 1 before it is refused.
@@ -61,11 +63,31 @@ def inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     The token chosen is the first whose cumulative weight exceeds ``u * total``; it always
     has positive weight, also when rounding puts ``u * total`` on the last step.
     """
-    cdf = np.cumsum(weights, axis=-1)  # [B, V]
+    cdf = np.cumsum(weights, axis=-1)  # [B, V] non-decreasing: the weights are >= 0
     total = cdf[:, -1]  # [B]
-    idx = np.sum(cdf <= (u * total)[:, None], axis=-1)  # [B]
-    last_positive = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)  # [B]
-    return np.minimum(idx, last_positive).astype(np.int64)
+    threshold = u * total  # [B]
+    idx = np.count_nonzero(cdf <= threshold[:, None], axis=-1)  # [B]
+    # Below V, idx has positive weight (cdf rises there). idx == V (u * total rounded up to
+    # total) falls back to the last token of positive weight.
+    over = np.flatnonzero(idx >= weights.shape[-1])
+    if over.size:
+        idx = idx.copy()
+        w = weights[over]  # [O, V]
+        idx[over] = weights.shape[-1] - 1 - np.argmax(w[:, ::-1] > 0, axis=-1)
+    return idx.astype(np.int64)
+
+
+def inverse_cdf_row(weights: np.ndarray, u: float) -> int:
+    """:func:`inverse_cdf` of one row: weights [V], u in [0, 1) -> the index."""
+    cdf = np.cumsum(weights)  # [V] non-decreasing
+    threshold = u * cdf[-1]
+    if threshold != threshold:  # NaN: no entry is <= it
+        return 0
+    # the count of entries <= threshold, by bisection of the non-decreasing cdf
+    idx = int(np.searchsorted(cdf, threshold, side="right"))
+    if idx < cdf.shape[0]:
+        return idx
+    return cdf.shape[0] - 1 - int(np.argmax(weights[::-1] > 0))
 
 
 def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -74,11 +96,36 @@ def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     p, q [..., V] -> [..., V]. The residual is empty only when p == q (up to rounding),
     and then a rejection has probability zero; the fallback keeps the result finite.
     """
-    r = np.maximum(p - q, 0.0)  # [..., V]
+    r = np.subtract(p, q)  # [..., V]
+    if not np.issubdtype(r.dtype, np.floating):
+        r = r.astype(np.float64)
+    np.maximum(r, 0.0, out=r)
     total = r.sum(axis=-1, keepdims=True)  # [..., 1]
     empty = total <= RESIDUAL_EPS
+    if not np.any(empty):
+        r /= total
+        return r
     safe_total = np.where(empty, 1.0, total)
     return np.where(empty, p, r / safe_total)
+
+
+def verify_greedy(target_choices: np.ndarray, draft_tokens: np.ndarray) -> tuple[int, int]:
+    """:func:`verify` for greedy target rows, without the rows.
+
+    When ``target_probs`` is one-hot on ``target_choices`` [gamma + 1] (temperature 0:
+    :func:`quickdraft.sampling.greedy_tokens` of the logits) and every draft token has a
+    draft probability in (0, 1], :func:`verify` returns this for every uniform and every
+    lenience: draft token i is accepted (u_i l q_i(x_i) < 1 = p_i(x_i)) exactly when it is
+    the target's choice (else p_i(x_i) = 0), and the residual norm(max(0, p_n - l q_n)) is
+    one-hot on the target's choice at n (or p_n itself when empty), so the next token is
+    that choice. Returns (n, next_token).
+    """
+    choices = np.asarray(target_choices)  # [gamma + 1]
+    x = np.asarray(draft_tokens)  # [gamma]
+    gamma = x.shape[0]
+    rejected = np.flatnonzero(choices[:gamma] != x)
+    n = int(rejected[0]) if rejected.size else gamma
+    return n, int(choices[n])
 
 
 def verify_batch(
@@ -129,12 +176,20 @@ def verify_batch(
         )
     accepted = u * (lenience * q_x) < p_x  # [B, gamma]   u < p / (l q) without a division
     n = np.where(accepted.all(axis=-1), gamma, np.argmin(accepted, axis=-1))  # [B]
-    # q padded with a zero row at position gamma: the residual there is p_gamma (bonus).
-    q_pad = np.concatenate([q, np.zeros_like(p[:, :1])], axis=1)  # [B, gamma + 1, V]
-    p_n = p[np.arange(batch), n]  # [B, V]
-    q_n = q_pad[np.arange(batch), n]  # [B, V]
-    weights = residual_distribution(p_n, lenience * q_n)  # [B, V]
-    next_token = inverse_cdf(weights, s)  # [B]
+    # q_n is q at the first rejection, and a zero row at gamma: the residual there is
+    # p_gamma (bonus).
+    rows = np.arange(batch)
+    p_n = p[rows, n]  # [B, V]
+    rejected = n < gamma  # [B]
+    q_n = np.zeros_like(p_n)  # [B, V]
+    q_n[rejected] = q[rows[rejected], n[rejected]]
+    if lenience != 1.0:
+        q_n *= lenience
+    weights = residual_distribution(p_n, q_n)  # [B, V]
+    if batch == 1:
+        next_token = np.asarray([inverse_cdf_row(weights[0], float(s[0]))], dtype=np.int64)
+    else:
+        next_token = inverse_cdf(weights, s)  # [B]
     return n.astype(np.int64), next_token
 
 

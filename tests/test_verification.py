@@ -196,3 +196,67 @@ def test_bad_input_is_refused_with_a_clear_error(override, message):
     args.update(override)
     with pytest.raises(ValueError, match=message):
         verify(**args)
+
+
+def plain_residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    r = np.maximum(p - q, 0.0)
+    total = r.sum(axis=-1, keepdims=True)
+    empty = total <= 1e-12
+    return np.where(empty, p, r / np.where(empty, 1.0, total))
+
+
+@settings(max_examples=150)
+@given(pq_rows())
+def test_residual_is_the_plain_formula_bit_for_bit(rows):
+    p, q = rows
+    gamma = q.shape[0]
+    np.testing.assert_array_equal(residual_distribution(p[:gamma], q), plain_residual(p[:gamma], q))
+    np.testing.assert_array_equal(residual_distribution(p[0], p[0]), p[0])  # empty: p itself
+
+
+@st.composite
+def greedy_cases(draw):
+    """Target logits (ties included), valid draft rows q with q_i(x_i) in (0, 1], draft
+    tokens that often match the target's argmax, uniforms and a lenience."""
+    vocab = draw(st.integers(2, 30))
+    gamma = draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    logits = rng.normal(size=(gamma + 1, vocab))
+    if draw(st.booleans()):
+        logits = np.round(logits)  # ties: the first argmax
+    logits = logits.astype(draw(st.sampled_from([np.float32, np.float64])))
+    best = logits.astype(np.float64).argmax(-1)
+    kind = draw(st.sampled_from(["one_hot", "dirichlet", "sparse", "peaked"]))
+    agree = draw(st.integers(0, gamma))
+    x = np.where(np.arange(gamma) < agree, best[:gamma], rng.integers(vocab, size=gamma))
+    if kind == "one_hot":
+        q = np.eye(vocab)[x]
+    else:
+        q = rng.dirichlet(np.ones(vocab) * (0.1 if kind == "peaked" else 1.0), size=gamma)
+        if kind == "sparse":
+            q = q * (rng.random(q.shape) < 0.4)
+        q[np.arange(gamma), x] += 1e-3  # every draft token is supported
+        q /= q.sum(-1, keepdims=True)
+    u = np.asarray([draw(st.floats(0.0, 1.0, exclude_max=True)) for _ in range(gamma)])
+    s = draw(st.floats(0.0, 1.0, exclude_max=True))
+    lenience = draw(st.sampled_from([1.0, 1.0, 0.5, 0.01]))
+    return logits, q, x, u, s, lenience
+
+
+@settings(max_examples=400)
+@given(greedy_cases())
+def test_greedy_decision_is_verify_on_one_hot_rows(case):
+    """verify_greedy(argmax tokens, x) == verify(one-hot p, q, x, u, s) for every q that
+    supports the draft tokens with probability <= 1, every uniform and every lenience; and
+    beta on one-hot p is q at the target's choice."""
+    from quickdraft.sampling import SamplingConfig, adjust_logits, greedy_tokens
+    from quickdraft.theory import beta
+    from quickdraft.verification import verify_greedy
+
+    logits, q, x, u, s, lenience = case
+    p = adjust_logits(logits, SamplingConfig(temperature=0))
+    choices = greedy_tokens(logits)
+    assert np.all((q[np.arange(len(x)), x] > 0) & (q[np.arange(len(x)), x] <= 1))
+    assert verify_greedy(choices, x) == verify(p, q, x, u, s, lenience=lenience)
+    gamma = len(x)
+    np.testing.assert_array_equal(q[np.arange(gamma), choices[:gamma]], beta(p[:gamma], q))
