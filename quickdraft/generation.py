@@ -27,9 +27,9 @@ from quickdraft.protocols import (
     Verifier,
     advance,
 )
-from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token
+from quickdraft.sampling import SamplingConfig, adjust_logits, greedy_tokens, sample_token
 from quickdraft.theory import alpha_from_acceptances, beta
-from quickdraft.verification import verify
+from quickdraft.verification import verify, verify_greedy
 
 __all__ = [
     "GenerationStats",
@@ -133,17 +133,29 @@ class ModelDrafter:
 
     def get_candidates(self, ids: Sequence[int], gamma: int, uniforms: np.ndarray) -> Candidates:
         logits = advance(self.state, ids)[-1]  # [V]
-        tokens, probs = [], []
+        greedy = self.sampling.greedy
+        if greedy:  # the uniforms go unused (one-hot q), but must still be uniforms
+            _check_uniforms(uniforms[:gamma])
+        tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
+        # q rows: one-hot on the argmax when greedy (adjust_logits' rows, built in place)
+        probs = np.zeros((gamma, logits.shape[-1])) if greedy else None  # [gamma, V]
+        rows = []
         calls = 1
         for i in range(gamma):
-            q = adjust_logits(logits, self.sampling)  # [V]
-            x = sample_token(q, float(uniforms[i]))
-            tokens.append(x)
-            probs.append(q)
+            if greedy:
+                x = int(greedy_tokens(logits))  # what sample_token draws from the one-hot row
+                probs[i, x] = 1.0
+            else:
+                q = adjust_logits(logits, self.sampling)  # [V]
+                x = sample_token(q, float(uniforms[i]))
+                rows.append(q)
+            tokens[i] = x
             if i + 1 < gamma:
                 logits = self.state.append([x])[-1]  # [V]
                 calls += 1
-        return Candidates(np.asarray(tokens, dtype=np.int64), np.stack(probs), model_calls=calls)
+        if not greedy:
+            probs = np.stack(rows)
+        return Candidates(tokens, probs, model_calls=calls, checked=True)
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Fixed gamma: nothing to learn. Rejected tokens are rewound lazily."""
@@ -214,15 +226,44 @@ def host_verify(
 ) -> Verdict:
     """The reference :class:`~quickdraft.protocols.Verifier`: the target's logits come to
     the host, :func:`~quickdraft.sampling.adjust_logits` shapes them into p and
-    :func:`quickdraft.verification.verify` decides."""
-    gamma = len(candidates.tokens)
+    :func:`quickdraft.verification.verify` decides.
+
+    Candidates marked ``checked`` (q rows from ``adjust_logits``, tokens drawn from them)
+    skip verify's input checks. Greedy sampling with such candidates decides with
+    :func:`quickdraft.verification.verify_greedy` on the target's argmax tokens, which is
+    what ``verify`` returns on the one-hot rows (tests/test_verification.py proves it).
+    """
+    if not 0.0 < lenience <= 1.0:
+        raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
+    x, q = candidates.tokens, candidates.probs  # [gamma], [gamma, V]
+    gamma = len(x)
     logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
+    if candidates.checked:
+        _check_uniforms(accept_uniforms, sample_uniform)
+        if sampling.greedy:
+            choices = greedy_tokens(logits)  # [gamma + 1]: p is one-hot on these
+            q_x = q[np.arange(gamma), x]  # [gamma]
+            if np.all((q_x > 0) & (q_x <= 1)):
+                n, token = verify_greedy(choices, x)
+                reached = min(n + 1, gamma)
+                # beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choice_i) on one-hot p_i
+                return Verdict(n, token, q[np.arange(reached), choices[:reached]].tolist())
     p = adjust_logits(logits, sampling)  # [gamma + 1, V]
-    n, token = verify(p, candidates.probs, candidates.tokens, accept_uniforms, sample_uniform,
-                      lenience=lenience)
+    n, token = verify(p, q, x, accept_uniforms, sample_uniform, lenience=lenience,
+                      validate=not candidates.checked)
     reached = min(n + 1, gamma)
-    betas = beta(p[:reached], candidates.probs[:reached]).tolist()  # [reached]
+    betas = beta(p[:reached], q[:reached]).tolist()  # [reached]
     return Verdict(n, token, betas)
+
+
+def _check_uniforms(uniforms: np.ndarray, *more: float) -> None:
+    """Refuse uniforms outside [0, 1) (the checks verify and sample_token make)."""
+    u = np.asarray(uniforms)
+    if u.size and not (u.min() >= 0.0 and u.max() < 1.0):
+        raise ValueError(f"uniforms must be in [0, 1), got {u.tolist()}")
+    for v in more:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"uniform must be in [0, 1), got {v}")
 
 
 def speculative_step(
@@ -377,8 +418,12 @@ def autoregressive_stream(
     logits = advance(state, list(prompt_ids))[-1]  # [V]
     stats.target_calls += 1
     produced = 0
+    greedy = sampling.greedy
     while True:
-        token = sample_token(adjust_logits(logits, sampling), float(rng.random()))
+        u = float(rng.random())  # drawn when greedy too: the same stream either way
+        # greedy: the argmax, what sample_token draws from the one-hot row for any u
+        token = (int(greedy_tokens(logits)) if greedy
+                 else sample_token(adjust_logits(logits, sampling), u))
         produced += 1
         stats.iterations += 1
         stats.new_tokens = produced

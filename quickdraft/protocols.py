@@ -69,6 +69,9 @@ class Candidates:
     tokens: np.ndarray  # [gamma] int64 proposed token ids
     probs: np.ndarray  # [gamma, V] q at each proposed position (after sampling adjustments)
     model_calls: int = 0  # draft forward calls spent on this proposal
+    # probs are rows of quickdraft.sampling.adjust_logits and each token was drawn from its
+    # row (so q_i(x_i) > 0): verifiers may skip their input checks
+    checked: bool = False
 
 
 class Drafter(Protocol):
@@ -131,12 +134,27 @@ def rewind_to_common_prefix(state: DecodeState, ids: Sequence[int], min_new: int
     if not 1 <= min_new <= len(ids):
         raise ValueError(f"min_new must be in [1, {len(ids)}], got {min_new}")
     have = state.tokens
+    have = have if isinstance(have, list) else list(have)
     limit = min(len(have), len(ids) - min_new)
-    common = 0
-    while common < limit and have[common] == ids[common]:
-        common += 1
-    state.rewind(common)
+    common = _common_prefix(have, ids if isinstance(ids, list) else list(ids), limit)
+    if common < len(have):
+        state.rewind(common)
     return common
+
+
+def _common_prefix(a: list, b: list, limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most ``limit``: list slices are
+    compared (in C), by bisection when the first ``limit`` items differ somewhere."""
+    if a[:limit] == b[:limit]:
+        return limit
+    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:

@@ -262,3 +262,76 @@ def test_greedy_adjust_is_one_hot_without_a_vocab_square():
     p = adjust_logits(z, SamplingConfig(temperature=0))
     assert p.shape == z.shape and np.all(p.sum(-1) == 1)
     assert np.all(p[np.arange(3), z.argmax(-1)] == 1)
+
+
+@settings(max_examples=60)
+@given(
+    vocab=st.integers(2, 6),
+    gamma=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    sampling=st.sampled_from(sorted(SAMPLINGS)),
+    lenience=st.sampled_from([1.0, 0.5]),
+)
+def test_checked_candidates_get_the_verdict_of_the_full_check(vocab, gamma, seed, sampling,
+                                                             lenience):
+    """host_verify on candidates marked checked (no input checks; the greedy decision on
+    argmax tokens) decides exactly as on the same candidates unmarked (adjust_logits and
+    verify with every check), betas included."""
+    from dataclasses import replace
+
+    from quickdraft.generation import ModelDrafter, host_verify
+
+    rng = np.random.default_rng(seed)
+    target, draft = random_tables(vocab, seed, "random")
+    cfg = SAMPLINGS[sampling]
+    ids = [int(t) for t in rng.integers(vocab, size=3)]
+    cand = ModelDrafter(draft, cfg).get_candidates(ids, gamma, rng.random(gamma))
+    assert cand.checked
+    u, s = rng.random(gamma), float(rng.random())
+    scored = ids + cand.tokens.tolist()
+    fast = host_verify(target.new_state(), scored, cand, cfg, u, s, lenience=lenience)
+    full = host_verify(target.new_state(), scored, replace(cand, checked=False), cfg, u, s,
+                       lenience=lenience)
+    assert fast == full
+
+
+def test_checked_candidates_still_refuse_bad_uniforms_and_lenience():
+    from quickdraft.generation import ModelDrafter, host_verify
+
+    target, draft = random_tables(4, 0, "random")
+    for cfg in (SamplingConfig(), SamplingConfig(temperature=0)):
+        cand = ModelDrafter(draft, cfg).get_candidates([1, 2], 2, np.array([0.2, 0.3]))
+        with pytest.raises(ValueError, match="uniform"):
+            host_verify(target.new_state(), [1, 2, *cand.tokens], cand, cfg,
+                        np.array([0.1, 1.0]), 0.5)
+        with pytest.raises(ValueError, match="uniform"):
+            host_verify(target.new_state(), [1, 2, *cand.tokens], cand, cfg,
+                        np.array([0.1, 0.2]), -0.1)
+        with pytest.raises(ValueError, match="lenience"):
+            host_verify(target.new_state(), [1, 2, *cand.tokens], cand, cfg,
+                        np.array([0.1, 0.2]), 0.5, lenience=1.5)
+        with pytest.raises(ValueError, match="uniform"):
+            ModelDrafter(draft, cfg).get_candidates([1, 2], 2, np.array([0.2, 1.3]))
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), min_size=1,
+                                                          max_size=40), st.integers(1, 5))
+def test_rewind_keeps_the_longest_common_prefix(have, ids, min_new):
+    """rewind_to_common_prefix (slice comparisons, bisection) keeps exactly the longest
+    common prefix, at most len(ids) - min_new tokens long."""
+    from hypothesis import assume
+
+    from quickdraft.protocols import rewind_to_common_prefix
+    from quickdraft.reference import TableModel
+
+    assume(min_new <= len(ids))
+    state = TableModel(np.zeros((4, 4))).new_state()
+    if have:
+        state.append(have)
+    limit = min(len(have), len(ids) - min_new)
+    want = 0
+    while want < limit and have[want] == ids[want]:
+        want += 1
+    assert rewind_to_common_prefix(state, ids, min_new) == want
+    assert state.tokens == have[:want]
