@@ -295,6 +295,9 @@ def test_generator_load_dispatches_on_kv_cache(static_pair, exported_llama_pair,
     assert fast.target.max_length == EXPORT_CACHE
     generic = Generator.load(exported_llama_pair, device="cpu")
     assert isinstance(generic.target, OrtModel) and generic.verify == "host"
+    # no RunOptions without a CUDA graph id (an empty one costs an exception per call)
+    assert all(step.options is None for step in fast.target._steps.values())
+    assert fast.target._generic_options is None
     auto = Generator.load(static_pair, draft=False)  # an fp32 static graph is for the CPU
     assert str(auto.device) == "cpu" and "built for the CPU" in auto.device_note
     for prompt in ("def main(", "import os\n"):

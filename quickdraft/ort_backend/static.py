@@ -129,13 +129,12 @@ class StaticOrtModel(ExportedModel):
                       for _ in self.past_names]
         self._mask_host = np.zeros((1, self.max_cache), dtype=np.int64)
         self._mask = ort.OrtValue.ortvalue_from_numpy(self._mask_host, kind, dev)
+        self._on_device = kind != "cpu"  # host arrays must be copied into device buffers
         self._steps: dict[int, _StepBinding] = {}
         for graph_id, s in enumerate(self.graph_steps, start=1):
             self._steps[s] = _StepBinding(self, s, graph_id)
         self._generic = self.session.io_binding()
-        self._generic_options = ort.RunOptions()
-        if self.cuda_graph:
-            self._generic_options.add_run_config_entry("gpu_graph_id", "-1")
+        self._generic_options = _run_options(-1 if self.cuda_graph else None)
         self._owner: StaticDecodeState | None = None
         self.calls = {"captured_steps": 0, "generic_steps": 0}
 
@@ -190,7 +189,8 @@ class StaticOrtModel(ExportedModel):
         mask = self._mask_host
         mask[0, :total] = 1
         mask[0, total:] = 0
-        self._mask.update_inplace(mask)  # the mask buffer is bound by every binding
+        if self._on_device:  # on the CPU the bound buffer is the host array itself
+            self._mask.update_inplace(mask)  # the mask buffer is bound by every binding
         step = self._steps.get(k)
         if step is not None:
             self.calls["captured_steps"] += 1
@@ -216,6 +216,19 @@ class StaticOrtModel(ExportedModel):
             io.bind_ortvalue_output(present, value)
 
 
+def _run_options(graph_id: int | None):
+    """RunOptions carrying ``gpu_graph_id``, or None without one: a RunOptions without the
+    entry makes ONNX Runtime's Python ``run_with_iobinding`` look it up through a raised
+    and caught exception on every call (tens of microseconds)."""
+    if graph_id is None:
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
 class _StepBinding:
     """A fixed-length step: its own input_ids and logits buffers, binding and graph id."""
 
@@ -234,14 +247,13 @@ class _StepBinding:
         self.binding.bind_ortvalue_input(_INPUT_IDS, self.ids)
         model._bind_common(self.binding)
         self.binding.bind_ortvalue_output(_LOGITS, self.logits)
-        self.options = ort.RunOptions()
-        if model.cuda_graph:
-            self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.options = _run_options(graph_id if model.cuda_graph else None)
         self.runs = 0
 
     def run(self, tokens: Sequence[int]):
         self.ids_host[0, :] = tokens
-        self.ids.update_inplace(self.ids_host)  # same device address: what a graph replays
+        if self.model._on_device:  # on the CPU the bound buffer is ids_host itself
+            self.ids.update_inplace(self.ids_host)  # same device address: what graphs replay
         self.model.session.run_with_iobinding(self.binding, self.options)
         self.runs += 1
         return self.logits
