@@ -218,6 +218,27 @@ def test_cache_slicer_graph_is_valid_onnx_and_slices():
                 np.testing.assert_array_equal(o.numpy(), x[:, :, :length])
 
 
+def test_session_threads(pair):
+    """The draft (on the CPU) and the helper graphs run one intra-op thread: their idle
+    workers would otherwise spin on the cores the target's next call needs."""
+    from quickdraft.ort_backend.device import session_options
+
+    gen = Generator.load(pair, device="cpu")
+    assert gen.draft.options.intra_op_num_threads == 1
+    assert gen.target.options.intra_op_num_threads == 0  # ONNX Runtime's default
+    for model in (gen.target, gen.draft):
+        slicer_options = model._slicer.session.get_session_options()
+        assert slicer_options.intra_op_num_threads == 1
+    assert Generator.load(pair, device="cpu",
+                          draft_threads=None).draft.options.intra_op_num_threads == 0
+    assert Generator.load(pair, device="cpu",
+                          draft_threads=2).draft.options.intra_op_num_threads == 2
+    with pytest.raises(ValueError, match="threads"):
+        Generator.load(pair, device="cpu", draft_threads=0)
+    with pytest.raises(ValueError, match="threads"):
+        session_options(threads=1.5)
+
+
 # -- generation -------------------------------------------------------------------------------
 
 

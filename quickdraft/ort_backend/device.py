@@ -14,6 +14,7 @@ __all__ = [
     "Device",
     "resolve_device",
     "session_options",
+    "helper_options",
     "create_session",
 ]
 
@@ -101,14 +102,29 @@ def resolve_device(device: str = "auto", device_id: int = 0) -> tuple[Device, st
     return Device("cpu"), f"CUDA is not available ({problem}); running on the CPU"
 
 
-def session_options():
-    """Session options shared by quickdraft's sessions: full graph optimisation, quiet logs."""
+def session_options(threads: int | None = None):
+    """Session options shared by quickdraft's sessions: full graph optimisation, quiet logs.
+
+    ``threads``: intra-op threads of a CPU session (None: ONNX Runtime's default, one per
+    physical core).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: the library does not print
+    if threads is not None:
+        if int(threads) != threads or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        options.intra_op_num_threads = int(threads)
     return options
+
+
+def helper_options():
+    """Options for the small helper graphs (cache slicing, verification): one intra-op
+    thread. Their operators are too small to split, and a session's idle worker threads
+    spin for a while after each run, on the cores the next model call needs."""
+    return session_options(threads=1)
 
 
 def create_session(model, device: Device, options=None, cuda_options: dict | None = None,

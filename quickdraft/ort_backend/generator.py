@@ -45,7 +45,12 @@ from quickdraft.generation import (
     host_verify,
     speculative_stream,
 )
-from quickdraft.ort_backend.device import CudaUnavailableError, Device, resolve_device
+from quickdraft.ort_backend.device import (
+    CudaUnavailableError,
+    Device,
+    resolve_device,
+    session_options,
+)
 from quickdraft.ort_backend.model import ModelFolderError, OrtModel
 from quickdraft.ort_backend.static import StaticOrtModel
 from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
@@ -67,6 +72,7 @@ __all__ = [
 
 VERIFY_MODES = ("auto", "host", "device")  # where verification runs; auto: device on static
 DEFAULT_MAX_GAMMA = 8  # Generator.load: step lengths 1 .. max_gamma + 1 get fixed bindings
+DEFAULT_DRAFT_THREADS = 1  # Generator.load: intra-op threads of a draft on the CPU
 
 
 def _check_verify(verify: str) -> None:
@@ -75,19 +81,21 @@ def _check_verify(verify: str) -> None:
 
 
 def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
-               graph_steps: Sequence[int] = (1,), cuda_graph: bool = False):
+               graph_steps: Sequence[int] = (1,), cuda_graph: bool = False, options=None):
     """The model wrapper for an exported folder, chosen by its manifest's ``kv_cache``:
     :class:`OrtModel` for "dynamic", :class:`StaticOrtModel` for "static".
 
     ``graph_steps`` (the step lengths with fixed bindings) and ``cuda_graph`` (capture them
     as CUDA graphs; only on CUDA) apply to static caches; a dynamic graph has neither.
+    ``options``: the ``onnxruntime.SessionOptions`` (default: ``session_options()``).
     """
     kind = load_manifest(folder).kv_cache
     if kind == "static":
         return StaticOrtModel(folder, device, graph_steps=graph_steps,
-                              cuda_graph=bool(cuda_graph and device.kind == "cuda"))
+                              cuda_graph=bool(cuda_graph and device.kind == "cuda"),
+                              options=options)
     if kind == "dynamic":
-        return OrtModel(folder, device)
+        return OrtModel(folder, device, options=options)
     raise ModelFolderError(
         f"{folder}: kv_cache {kind!r} in the manifest is none of {', '.join(KV_CACHES)}; "
         "re-export the model"
@@ -309,7 +317,8 @@ class Generator:
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, device: str = "auto", device_id: int = 0,
              draft: bool = True, verify: str = "auto", cuda_graph: bool = True,
-             max_gamma: int = DEFAULT_MAX_GAMMA, compute: str = "float32") -> Generator:
+             max_gamma: int = DEFAULT_MAX_GAMMA, compute: str = "float32",
+             draft_threads: int | None = DEFAULT_DRAFT_THREADS) -> Generator:
         """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``,
         dynamic or static caches alike (:func:`load_model`).
 
@@ -318,7 +327,10 @@ class Generator:
         builder makes for the CPU execution provider). For static caches, step lengths 1 ..
         ``max_gamma`` + 1 of the target (1 and 2 of the draft) get fixed bindings, captured
         as CUDA graphs on CUDA unless ``cuda_graph`` is False. ``verify`` and ``compute``
-        are the constructor's.
+        are the constructor's. ``draft_threads``: intra-op threads of the draft's session
+        on the CPU (None: ONNX Runtime's default, one per core). One by default: a draft
+        step is too small to split, and a session's idle worker threads spin for a while
+        after each run, on the cores the target's next call needs.
         """
         _check_verify(verify)  # before anything loads
         if int(max_gamma) != max_gamma or max_gamma < 1:
@@ -340,8 +352,12 @@ class Generator:
             )
         target_steps = range(1, max_gamma + 2) if draft else (1,)
 
+        draft_options = session_options(threads=draft_threads)  # checks draft_threads
+
         def load(role: str, where: Device, steps):
-            return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph)
+            options = draft_options if role == "draft" and where.kind == "cpu" else None
+            return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph,
+                              options=options)
 
         note = None
         manifest = load_manifest(root / "target")
@@ -479,8 +495,9 @@ class Generator:
             self._finish()
             return []
         self.ids.extend(piece)
-        self.stats.generation.new_tokens = len(self.new_tokens)
-        if len(self.new_tokens) >= self.config.max_new_tokens or piece[-1] in self.eos_ids:
+        produced = len(self.ids) - len(self.prompt_ids)  # no copy of the new tokens
+        self.stats.generation.new_tokens = produced
+        if produced >= self.config.max_new_tokens or piece[-1] in self.eos_ids:
             self._finish()
         return piece
 

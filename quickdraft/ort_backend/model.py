@@ -31,7 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_manifest
-from quickdraft.ort_backend.device import Device, create_session, session_options
+from quickdraft.ort_backend.device import (
+    Device,
+    create_session,
+    helper_options,
+    session_options,
+)
 from quickdraft.ort_backend.slicer import CacheSlicer
 
 __all__ = ["OrtModel", "OrtState", "ExportedModel", "TokenState", "ModelFolderError"]
@@ -145,7 +150,7 @@ class OrtModel(ExportedModel):
             for _ in self.past_names
         ]
         self._slicer = CacheSlicer(len(self.past_names), self._elem_type, device,
-                                   self.options)
+                                   helper_options())
 
     def __repr__(self) -> str:
         m = self.manifest
