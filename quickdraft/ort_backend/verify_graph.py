@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from quickdraft.export.manifest import ONNX_ELEMENT_TYPES
-from quickdraft.ort_backend.device import Device, create_session
+from quickdraft.ort_backend.device import Device, create_session, helper_options
 from quickdraft.protocols import (
     Candidates,
     DecodeState,
@@ -259,11 +259,17 @@ class DeviceVerifier:
     [1, S, V] on the same device (the static model's ``append_device`` output), which is
     bound without a copy. The other inputs come from the host; n, the next token and the
     gamma betas are the only outputs read back (:meth:`run` returns all three).
+
+    The host inputs and the outputs live in buffers made once and bound once: a call
+    writes the draft's q, tokens and uniforms into them in place and rebinds only a new
+    target (a static model hands over the same logits OrtValue for every step of a length).
     """
 
     def __init__(self, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
                  device: Device = Device("cpu"), logits_dtype: str = "fp32",
                  compute: str = "float32", target_input: str = "logits", options=None):
+        import onnxruntime as ort
+
         self.gamma, self.vocab, self.sampling = int(gamma), int(vocab), sampling
         self.device = device
         self.compute = np.dtype(compute).type
@@ -271,9 +277,31 @@ class DeviceVerifier:
         self.target_input = target_input
         self.model = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
                                         compute=compute, target_input=target_input)
-        self.session = create_session(self.model.SerializeToString(), device, options,
+        self.session = create_session(self.model.SerializeToString(), device,
+                                      options if options is not None else helper_options(),
                                       name="the verification graph")
         self.binding = self.session.io_binding()
+        g = self.gamma
+        # host buffers (an OrtValue made from a NumPy array on the CPU uses its memory)
+        self._inputs = {
+            "draft_probs": np.zeros((g, self.vocab), self.compute),  # [gamma, V]
+            "draft_tokens": np.zeros(g, np.int64),  # [gamma]
+            "accept_uniforms": np.zeros(g, self.compute),  # [gamma]
+            "sample_uniform": np.zeros(1, self.compute),  # [1]
+        }
+        self._outputs = {"n": np.zeros(1, np.int64), "next_token": np.zeros(1, np.int64),
+                         "beta": np.zeros(g, self.compute)}
+        self._values = []  # the OrtValues over those buffers, kept alive with the binding
+        for name, arr in self._inputs.items():
+            value = ort.OrtValue.ortvalue_from_numpy(arr)
+            self._values.append(value)
+            self.binding.bind_ortvalue_input(name, value)
+        for name, arr in self._outputs.items():
+            value = ort.OrtValue.ortvalue_from_numpy(arr)
+            self._values.append(value)
+            self.binding.bind_ortvalue_output(name, value)
+        self._target_name = "target_logits" if target_input == "logits" else "target_probs"
+        self._bound_target = None  # the OrtValue bound as the target, if one is
 
     def run(self, target, draft_probs, draft_tokens, accept_uniforms,
             sample_uniform) -> tuple[int, int, np.ndarray]:
@@ -281,29 +309,26 @@ class DeviceVerifier:
         import onnxruntime as ort
 
         io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        name = "target_logits" if self.target_input == "logits" else "target_probs"
         if isinstance(target, ort.OrtValue):
-            io.bind_ortvalue_input(name, target)
+            if target is not self._bound_target:
+                io.bind_ortvalue_input(self._target_name, target)
+                self._bound_target = target
         else:
             arr = np.asarray(target)
             if self.target_input == "logits":
                 arr = arr.reshape(1, -1, self.vocab).astype(self.logits_np, copy=False)
             else:
                 arr = arr.astype(self.compute, copy=False)
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        g = self.gamma
-        io.bind_cpu_input("draft_probs", np.ascontiguousarray(
-            np.asarray(draft_probs, dtype=self.compute).reshape(g, self.vocab)))
-        io.bind_cpu_input("draft_tokens", np.asarray(draft_tokens, dtype=np.int64).reshape(g))
-        io.bind_cpu_input("accept_uniforms", np.asarray(accept_uniforms, self.compute).reshape(g))
-        io.bind_cpu_input("sample_uniform", np.asarray([sample_uniform], self.compute))
-        for output in ("n", "next_token", "beta"):
-            io.bind_output(output, "cpu")
+            io.bind_cpu_input(self._target_name, np.ascontiguousarray(arr))
+            self._bound_target = None
+        g, inputs = self.gamma, self._inputs
+        inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
+        inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
+        inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
+        inputs["sample_uniform"][0] = sample_uniform
         self.session.run_with_iobinding(io)
-        n, token, beta = io.copy_outputs_to_cpu()
-        return int(n[0]), int(token[0]), beta
+        out = self._outputs
+        return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
 
     def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
                  sample_uniform) -> tuple[int, int]:
