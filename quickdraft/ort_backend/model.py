@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_manifest
+from quickdraft.ort_backend.binding import Binder, python_ortvalue
 from quickdraft.ort_backend.device import (
     Device,
     create_session,
@@ -137,13 +138,14 @@ class OrtModel(ExportedModel):
         super().__init__(folder, device, options)
         m = self.manifest
         self._elem_type = ONNX_ELEMENT_TYPES[m.dtype]
-        self._binding = self.session.io_binding()
+        self._binder = Binder(self.session, device)  # rebinds everything on every call
         kind, dev_id = device.kind, device.device_id
         # device-resident int64 buffers, bound by pointer: ones (mask) and 0..max-1 (positions)
         self._ones = ort.OrtValue.ortvalue_from_numpy(
             np.ones((1, self.max_length), dtype=np.int64), kind, dev_id)
         self._positions = ort.OrtValue.ortvalue_from_numpy(
             np.arange(self.max_length, dtype=np.int64)[None], kind, dev_id)
+        self._ones_ptr, self._positions_ptr = self._ones.data_ptr(), self._positions.data_ptr()
         empty_shape = [1, m.num_kv_heads, 0, m.head_dim]
         self._empty = [
             ort.OrtValue.ortvalue_from_shape_and_type(empty_shape, self._elem_type, kind, dev_id)
@@ -176,7 +178,8 @@ class OrtModel(ExportedModel):
         """One forward call: ``tokens`` after ``past_length`` cached positions.
 
         Returns (logits float32 [len(tokens), V] on the host, present OrtValues on the
-        device in past order).
+        device in past order; ONNX Runtime's compiled OrtValues where the
+        :class:`~quickdraft.ort_backend.binding.Binder` binds natively).
         """
         m = self.manifest
         k = len(tokens)
@@ -185,25 +188,21 @@ class OrtModel(ExportedModel):
             raise ValueError(
                 f"sequence of {total} tokens exceeds the model's context of {self.max_length}"
             )
-        kind, dev_id = self.device.kind, self.device.device_id
-        io = self._binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        ids = np.asarray(tokens, dtype=np.int64).reshape(1, k)
-        io.bind_cpu_input(_INPUT_IDS, ids)
+        b = self._binder
+        b.clear_outputs()  # fresh outputs: the last call's presents are this call's past
+        b.bind_array(_INPUT_IDS, np.asarray(tokens, dtype=np.int64).reshape(1, k))
         if m.has_attention_mask:
-            io.bind_input(_MASK, kind, dev_id, np.int64, [1, total], self._ones.data_ptr())
+            b.bind_pointer(_MASK, np.int64, [1, total], self._ones_ptr)
         if m.has_position_ids:
-            io.bind_input(_POSITIONS, kind, dev_id, np.int64, [1, k],
-                          self._positions.data_ptr() + 8 * past_length)
+            b.bind_pointer(_POSITIONS, np.int64, [1, k], self._positions_ptr + 8 * past_length)
         for name, value in zip(self.past_names, past):
-            io.bind_ortvalue_input(name, value)
-        io.bind_output(_LOGITS, "cpu")
+            b.bind_value(name, value)
+        b.bind_output(_LOGITS, host=True)
         for name in self.present_names:
-            io.bind_output(name, kind, dev_id)
-        self.session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        return _logits_to_numpy(outputs[0]), list(outputs[1:])
+            b.bind_output(name)
+        b.run()
+        outputs = b.outputs()
+        return _logits_to_numpy(outputs[0]), outputs[1:]
 
     def slice_cache(self, cache: Sequence, length: int) -> list:
         """The first ``length`` positions of every cache tensor, cut on the device."""
@@ -253,7 +252,7 @@ class OrtState(TokenState):
     @property
     def cache(self) -> list:
         """The current present/past OrtValues (key, value per layer)."""
-        return list(self._cache)
+        return [python_ortvalue(v) for v in self._cache]
 
     def append(self, tokens: Sequence[int]) -> np.ndarray:
         tokens = self._checked(tokens)

@@ -119,8 +119,7 @@ class CacheSlicer:
     """
 
     def __init__(self, count: int, elem_type: int, device, session_options=None):
-        import onnxruntime as ort
-
+        from quickdraft.ort_backend.binding import Binder
         from quickdraft.ort_backend.device import create_session, helper_options
 
         self.count = count
@@ -128,26 +127,24 @@ class CacheSlicer:
         options = session_options if session_options is not None else helper_options()
         self.session = create_session(slice_model_bytes(count, elem_type), device, options,
                                       name="the cache slicing graph")
-        self._binding = self.session.io_binding()
+        self._binder = Binder(self.session, device)
         self._inputs = [f"x{j}" for j in range(count)]
         self._outputs = [f"y{j}" for j in range(count)]
         # Slice reads ends on the host on every EP: one host buffer, bound once, written
-        # in place (an OrtValue made from a NumPy array on the CPU uses its memory)
+        # in place (bound by reference)
         self._ends = np.zeros(1, dtype=np.int64)
-        self._ends_value = ort.OrtValue.ortvalue_from_numpy(self._ends)
-        self._binding.bind_ortvalue_input("ends", self._ends_value)
+        self._binder.bind_array("ends", self._ends)
 
     def __call__(self, values: Sequence, length: int) -> list:
         """values: ``count`` OrtValues [b, h, S, d] -> OrtValues [b, h, length, d]."""
         if len(values) != self.count:
             raise ValueError(f"expected {self.count} cache tensors, got {len(values)}")
-        io = self._binding
-        io.clear_binding_outputs()  # fresh outputs: the last call's are caches in use
+        b = self._binder
+        b.clear_outputs()  # fresh outputs: the last call's are caches in use
         self._ends[0] = length
         for name, value in zip(self._inputs, values):
-            io.bind_ortvalue_input(name, value)
-        kind, dev = self.device.kind, self.device.device_id
+            b.bind_value(name, value)
         for name in self._outputs:
-            io.bind_output(name, kind, dev)
-        self.session.run_with_iobinding(io)
-        return list(io.get_outputs())
+            b.bind_output(name)
+        b.run()
+        return b.outputs()
