@@ -186,13 +186,15 @@ def test_greedy_graph_matches_verify_exactly(logits_dtype, data):
     agree = data.draw(st.integers(0, gamma))
     x = np.where(np.arange(gamma) < agree, best[:gamma], rng.integers(0, vocab, gamma))
     q = np.eye(vocab)[x]
+    if data.draw(st.booleans()):  # q need not be one-hot: any q supporting x
+        q = 0.5 * q + 0.5 * rng.dirichlet(np.ones(vocab), size=gamma)
     u, s = rng.random(gamma), float(rng.random())
     p = adjust_logits(target[-(gamma + 1):], cfg)
     expected = verify(p, q, x, u, s)
     got_n, got_token, got_beta = verifier(gamma, vocab, cfg, logits_dtype=logits_dtype).run(
         target, q, x, u, s)
     assert (got_n, got_token) == expected
-    np.testing.assert_array_equal(got_beta, beta(p[:gamma], q))  # one-hot rows: exact
+    np.testing.assert_array_equal(got_beta, beta(p[:gamma], q).astype(np.float32))  # exact
 
 
 def test_graph_uses_standard_operators_only():
@@ -200,7 +202,17 @@ def test_graph_uses_standard_operators_only():
         model = build_verify_graph(4, 100, cfg)
         assert {op.domain for op in model.opset_import} == {""}
         assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
-        assert [o.name for o in model.graph.output] == ["n", "next_token", "beta"]
+        inputs = [i.name for i in model.graph.input]
+        outputs = [o.name for o in model.graph.output]
+        if cfg.greedy:  # the argmax decision: no q or uniforms go to the device
+            assert inputs == ["target_logits", "draft_tokens"]
+            assert outputs == ["n", "next_token", "choices"]
+        else:
+            assert inputs == ["target_logits", "draft_probs", "draft_tokens",
+                              "accept_uniforms", "sample_uniform"]
+            assert outputs == ["n", "next_token", "beta"]
+    probs_greedy = build_verify_graph(4, 100, SamplingConfig(0), target_input="probs")
+    assert [o.name for o in probs_greedy.graph.output][-1] == "beta"
 
 
 def test_bonus_token_and_full_acceptance():

@@ -18,6 +18,12 @@ Outputs: ``n`` [1] int64 (accepted draft tokens), ``next_token`` [1] int64 and `
 [gamma] in ``compute``: beta_i = sum_x min(p_i(x), q_i(x)), the acceptance probability at
 each draft position (:func:`quickdraft.theory.beta`), for the statistics.
 
+Greedy graphs (temperature 0, from logits) decide on the target's argmax tokens alone, so
+they take only ``target_logits`` and ``draft_tokens`` and return ``choices`` [gamma] int64
+(the target's argmax at each draft position) in place of ``beta``: beta_i is then
+q_i(choices_i), which :class:`DeviceVerifier` reads from the host's q. No q row crosses to
+the device.
+
 The decisions are those of ``verify``, step for step: token i is accepted while
 ``u_i * q_i(x_i) < p_i(x_i)``; n is the first rejection (gamma if none); the next token is
 drawn from ``norm(max(0, p_n - q_n))`` with q padded by a zero row at gamma (so the bonus
@@ -175,31 +181,32 @@ def build_verify_graph(
     else:
         inputs.append(helper.make_tensor_value_info("target_probs", onnx_type, [g1, vocab]))
         target = "target_probs"
-    inputs += [
-        helper.make_tensor_value_info("draft_probs", onnx_type, [gamma, vocab]),
-        helper.make_tensor_value_info("draft_tokens", TensorProto.INT64, [gamma]),
-        helper.make_tensor_value_info("accept_uniforms", onnx_type, [gamma]),
-        helper.make_tensor_value_info("sample_uniform", onnx_type, [1]),
-    ]
+    greedy = sampling.greedy and target is None
+    if greedy:  # the decision needs only the draft tokens (see below)
+        inputs.append(helper.make_tensor_value_info("draft_tokens", TensorProto.INT64, [gamma]))
+    else:
+        inputs += [
+            helper.make_tensor_value_info("draft_probs", onnx_type, [gamma, vocab]),
+            helper.make_tensor_value_info("draft_tokens", TensorProto.INT64, [gamma]),
+            helper.make_tensor_value_info("accept_uniforms", onnx_type, [gamma]),
+            helper.make_tensor_value_info("sample_uniform", onnx_type, [1]),
+        ]
     x = "draft_tokens"
     x_col = b.op("Unsqueeze", [x, b.const([1], np.int64)])  # [gamma, 1]
     f32 = TensorProto.FLOAT
-    if sampling.greedy and target is None:
+    if greedy:
         # one-hot p: accept x_i iff it is the target's argmax; the next token is the argmax
-        # at n (what verify gives for one-hot p and any q supporting the draft tokens)
+        # at n (what verify gives for one-hot p, any q supporting the draft tokens with
+        # probability <= 1 and any uniforms: quickdraft.verification.verify_greedy)
         best = b.op("ArgMax", [z], axis=-1, keepdims=0)  # [gamma + 1] int64
-        best_g = b.op("Slice", [best, b.const([0], np.int64), b.const([gamma], np.int64),
-                                b.const([0], np.int64)])
-        rejected = b.op("Cast", [b.op("Not", [b.op("Equal", [best_g, x])])], to=f32)
+        b.nodes.append(helper.make_node(
+            "Slice", [best, b.const([0], np.int64), b.const([gamma], np.int64),
+                      b.const([0], np.int64)], ["choices"]))  # [gamma]
+        rejected = b.op("Cast", [b.op("Not", [b.op("Equal", ["choices", x])])], to=f32)
         padded = b.op("Concat", [rejected, b.const([1.0], np.float32)], axis=0)
         n = b.op("ArgMax", [padded], axis=0, keepdims=1)  # first rejection, or gamma
         b.nodes.append(helper.make_node("Identity", [n], ["n"]))
         b.nodes.append(helper.make_node("Gather", [best, n], ["next_token"], axis=0))
-        # p_i is one-hot on best_i, so beta_i = sum_x min(p_i(x), q_i(x)) = q_i(best_i)
-        best_col = b.op("Unsqueeze", [best_g, b.const([1], np.int64)])  # [gamma, 1]
-        b.nodes.append(helper.make_node(
-            "Squeeze", [b.op("GatherElements", ["draft_probs", best_col], axis=1),
-                        b.const([1], np.int64)], ["beta"]))
     else:
         if target is None:
             target = _adjust(b, z, vocab, sampling)  # p [gamma + 1, V]
@@ -243,7 +250,8 @@ def build_verify_graph(
                                         ["next_token"], to=TensorProto.INT64))
     outputs = [helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
                helper.make_tensor_value_info("next_token", TensorProto.INT64, [1]),
-               helper.make_tensor_value_info("beta", onnx_type, [gamma])]
+               helper.make_tensor_value_info("choices", TensorProto.INT64, [gamma]) if greedy
+               else helper.make_tensor_value_info("beta", onnx_type, [gamma])]
     graph = helper.make_graph(b.nodes, "quickdraft_verify", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="quickdraft")
@@ -282,15 +290,21 @@ class DeviceVerifier:
                                       name="the verification graph")
         self.binding = self.session.io_binding()
         g = self.gamma
+        # the greedy graph reads the draft tokens alone and returns the target's choices
+        self.greedy = [o.name for o in self.model.graph.output][-1] == "choices"
         # host buffers (an OrtValue made from a NumPy array on the CPU uses its memory)
-        self._inputs = {
-            "draft_probs": np.zeros((g, self.vocab), self.compute),  # [gamma, V]
-            "draft_tokens": np.zeros(g, np.int64),  # [gamma]
-            "accept_uniforms": np.zeros(g, self.compute),  # [gamma]
-            "sample_uniform": np.zeros(1, self.compute),  # [1]
-        }
-        self._outputs = {"n": np.zeros(1, np.int64), "next_token": np.zeros(1, np.int64),
-                         "beta": np.zeros(g, self.compute)}
+        self._inputs = {"draft_tokens": np.zeros(g, np.int64)}  # [gamma]
+        if not self.greedy:
+            self._inputs.update({
+                "draft_probs": np.zeros((g, self.vocab), self.compute),  # [gamma, V]
+                "accept_uniforms": np.zeros(g, self.compute),  # [gamma]
+                "sample_uniform": np.zeros(1, self.compute),  # [1]
+            })
+        self._outputs = {"n": np.zeros(1, np.int64), "next_token": np.zeros(1, np.int64)}
+        if self.greedy:
+            self._outputs["choices"] = np.zeros(g, np.int64)  # [gamma]
+        else:
+            self._outputs["beta"] = np.zeros(g, self.compute)  # [gamma]
         self._values = []  # the OrtValues over those buffers, kept alive with the binding
         for name, arr in self._inputs.items():
             value = ort.OrtValue.ortvalue_from_numpy(arr)
@@ -321,13 +335,18 @@ class DeviceVerifier:
                 arr = arr.astype(self.compute, copy=False)
             io.bind_cpu_input(self._target_name, np.ascontiguousarray(arr))
             self._bound_target = None
-        g, inputs = self.gamma, self._inputs
-        inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
+        g, inputs, out = self.gamma, self._inputs, self._outputs
         inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
+        if self.greedy:
+            self.session.run_with_iobinding(io)
+            # p_i is one-hot on choices_i: beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choices_i)
+            q = np.reshape(draft_probs, (g, self.vocab))
+            beta = q[np.arange(g), out["choices"]].astype(self.compute)
+            return int(out["n"][0]), int(out["next_token"][0]), beta
+        inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
         inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
         inputs["sample_uniform"][0] = sample_uniform
         self.session.run_with_iobinding(io)
-        out = self._outputs
         return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
 
     def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
