@@ -130,10 +130,7 @@ class CacheSlicer:
         self._binder = Binder(self.session, device)
         self._inputs = [f"x{j}" for j in range(count)]
         self._outputs = [f"y{j}" for j in range(count)]
-        # Slice reads ends on the host on every EP: one host buffer, bound once, written
-        # in place (bound by reference)
-        self._ends = np.zeros(1, dtype=np.int64)
-        self._binder.bind_array("ends", self._ends)
+        self._ends = np.zeros(1, dtype=np.int64)  # Slice reads ends on the host on every EP
 
     def __call__(self, values: Sequence, length: int) -> list:
         """values: ``count`` OrtValues [b, h, S, d] -> OrtValues [b, h, length, d]."""
@@ -142,6 +139,7 @@ class CacheSlicer:
         b = self._binder
         b.clear_outputs()  # fresh outputs: the last call's are caches in use
         self._ends[0] = length
+        b.bind_array("ends", self._ends)  # rebound: a binding may copy what it binds
         for name, value in zip(self._inputs, values):
             b.bind_value(name, value)
         for name in self._outputs:

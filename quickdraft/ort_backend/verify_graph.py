@@ -268,9 +268,11 @@ class DeviceVerifier:
     bound without a copy. The other inputs come from the host; n, the next token and the
     gamma betas are the only outputs read back (:meth:`run` returns all three).
 
-    The host inputs and the outputs live in buffers made once and bound once: a call
-    writes the draft's q, tokens and uniforms into them in place and rebinds only a new
-    target (a static model hands over the same logits OrtValue for every step of a length).
+    The inputs and the outputs live in buffers made once and bound once: a call writes the
+    draft's tokens (and q and the uniforms, unless greedy) into host arrays, copies them
+    into their device buffers (on the CPU they are the same memory), and rebinds only a new
+    target (a static model hands over the same logits OrtValue for every step of a length);
+    n, the next token and beta come back in host buffers.
     """
 
     def __init__(self, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
@@ -292,7 +294,7 @@ class DeviceVerifier:
         g = self.gamma
         # the greedy graph reads the draft tokens alone and returns the target's choices
         self.greedy = [o.name for o in self.model.graph.output][-1] == "choices"
-        # host buffers (an OrtValue made from a NumPy array on the CPU uses its memory)
+        # host arrays of the inputs
         self._inputs = {"draft_tokens": np.zeros(g, np.int64)}  # [gamma]
         if not self.greedy:
             self._inputs.update({
@@ -305,11 +307,17 @@ class DeviceVerifier:
             self._outputs["choices"] = np.zeros(g, np.int64)  # [gamma]
         else:
             self._outputs["beta"] = np.zeros(g, self.compute)  # [gamma]
-        self._values = []  # the OrtValues over those buffers, kept alive with the binding
+        # Inputs live on the graph's device, bound once: binding a host value to a CUDA
+        # session copies it at bind time, so later writes would not be seen. A call writes
+        # the host array and copies it into its device buffer (on the CPU the OrtValue is
+        # the host array's memory: nothing to copy).
+        self._on_device = device.kind != "cpu"
+        self._in_values = {}
         for name, arr in self._inputs.items():
-            value = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._values.append(value)
+            value = ort.OrtValue.ortvalue_from_numpy(arr, device.kind, device.device_id)
+            self._in_values[name] = value
             self.binding.bind_ortvalue_input(name, value)
+        self._values = []  # host OrtValues of the outputs (written by every run)
         for name, arr in self._outputs.items():
             value = ort.OrtValue.ortvalue_from_numpy(arr)
             self._values.append(value)
@@ -338,6 +346,7 @@ class DeviceVerifier:
         g, inputs, out = self.gamma, self._inputs, self._outputs
         inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
         if self.greedy:
+            self._upload()
             self.session.run_with_iobinding(io)
             # p_i is one-hot on choices_i: beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choices_i)
             q = np.reshape(draft_probs, (g, self.vocab))
@@ -346,8 +355,15 @@ class DeviceVerifier:
         inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
         inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
         inputs["sample_uniform"][0] = sample_uniform
+        self._upload()
         self.session.run_with_iobinding(io)
         return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
+
+    def _upload(self) -> None:
+        """Copy the host inputs into their device buffers (nothing to do on the CPU)."""
+        if self._on_device:
+            for name, value in self._in_values.items():
+                value.update_inplace(self._inputs[name])
 
     def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
                  sample_uniform) -> tuple[int, int]:
