@@ -3,7 +3,7 @@
 Runs quickdraft's ONNX Runtime generator on two pairs, autoregressive and speculative, and
 splits every decode step's wall time into time inside ONNX Runtime (every run call of the
 target, the draft, the cache slicer and the verification graph: the session's
-``run_with_iobinding``, or the compiled one a native ``Binder`` calls) and the rest, host
+``run_with_iobinding``) and the rest, host
 time: Python and NumPy between the calls (sampling, verification on the host,
 bookkeeping, binding inputs and outputs).
 
@@ -74,8 +74,7 @@ class OrtClock:
 
     def wrap_all(self, root, depth: int = 5) -> None:
         """Wrap every InferenceSession reachable from ``root`` through attributes, lists
-        and dicts (the models, their cache slicers, the verifier's graphs), and the
-        compiled run of every native Binder (which bypasses the session's Python method)."""
+        and dicts (the models, their cache slicers, the verifier's graphs)."""
         import onnxruntime as ort
 
         seen: set[int] = set()
@@ -87,8 +86,6 @@ class OrtClock:
             if isinstance(obj, ort.InferenceSession):
                 self.wrap(obj)
                 return
-            if type(obj).__name__ == "Binder" and getattr(obj, "native", False):
-                self.wrap(obj, "_run")
             if isinstance(obj, dict):
                 children = list(obj.values())
             elif isinstance(obj, (list, tuple)):

@@ -239,31 +239,6 @@ def test_session_threads(pair):
         session_options(threads=1.5)
 
 
-def test_native_and_public_bindings_agree(pair):
-    """The Binder's calls on ONNX Runtime's compiled binding object and its fallback on the
-    public IOBinding give the same logits, caches and rollbacks."""
-    from quickdraft.ort_backend.binding import Binder
-
-    models = {}
-    for native in (True, False):
-        model = OrtModel(pair / "target")
-        model._binder = Binder(model.session, model.device, native=native)
-        slicer = model._slicer
-        slicer._binder = Binder(slicer.session, slicer.device, native=native)
-        assert model._binder.native is native  # this onnxruntime has the compiled object
-        models[native] = model
-    ids = [int(t) for t in np.random.default_rng(3).integers(0, 512, 20)]
-    got = {}
-    for native, model in models.items():
-        state = model.new_state()
-        rows = [state.append(ids[:12]), state.append(ids[12:15])]
-        state.rewind(13)  # through the slicer
-        rows.append(state.append(ids[13:]))
-        assert all(c.shape()[2] == len(ids) for c in state.cache)
-        got[native] = np.concatenate(rows)
-    np.testing.assert_array_equal(got[True], got[False])
-
-
 # -- generation -------------------------------------------------------------------------------
 
 

@@ -178,8 +178,7 @@ class OrtModel(ExportedModel):
         """One forward call: ``tokens`` after ``past_length`` cached positions.
 
         Returns (logits float32 [len(tokens), V] on the host, present OrtValues on the
-        device in past order; ONNX Runtime's compiled OrtValues where the
-        :class:`~quickdraft.ort_backend.binding.Binder` binds natively).
+        device in past order).
         """
         m = self.manifest
         k = len(tokens)
