@@ -19,14 +19,7 @@ os.environ["HF_HOME"] = os.path.join(_CACHE, "huggingface")
 
 import pytest  # noqa: E402
 
-try:
-    from hypothesis import settings
-
-    settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
-    settings.register_profile("dev", deadline=None)
-except ImportError:  # hypothesis is in the test extra
-    pass
-
+# the hypothesis profiles ("ci": derandomized) are registered in the repository's conftest.py
 
 def _needs_export_stack():
     for name in ("torch", "transformers", "optimum.exporters.onnx", "onnxruntime", "onnx"):
