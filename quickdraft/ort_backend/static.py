@@ -33,8 +33,8 @@ thread: call a model from the thread that captured it.
 
 Loading, the manifest checks and the session are shared with the dynamic-cache wrapper
 (:class:`quickdraft.ort_backend.model.ExportedModel`); generation on these models is
-:class:`quickdraft.ort_backend.Generator`'s (``FastGenerator`` here is a name for it with
-verification on the device).
+:class:`quickdraft.ort_backend.Generator`'s (``FastGenerator``, importable from here too, is
+a ``Generator`` verifying on the device with whole-generation calls for measurements).
 """
 
 from __future__ import annotations
