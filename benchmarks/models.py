@@ -174,10 +174,6 @@ def random_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]
     return [rng.integers(len(SPECIALS), vocab, size=length).tolist() for _ in range(n)]
 
 
-def pair_info(pair_dir: Path) -> dict | None:
-    return load_json(pair_dir / "pair.json")
-
-
 def prompts_of(pair_dir: Path) -> list[list[int]]:
     data = load_json(pair_dir / "prompts.json")
     if not data or not data.get("prompts"):

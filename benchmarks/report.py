@@ -158,12 +158,6 @@ def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
     return rows
 
 
-def _genai_ar(pair: dict) -> float | None:
-    """The speed the genai speculative variants are compared with: plain genai AR."""
-    ar = ((pair.get("systems") or {}).get("genai") or {}).get("ar") or {}
-    return ar.get("tokens_per_s")
-
-
 # ----------------------------------------------------------------------------- goals
 
 
