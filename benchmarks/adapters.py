@@ -158,28 +158,8 @@ class _FastGeneratorAdapter:
         return list(tokens), st
 
     def speculative(self, prompt, n, gamma, drafter_factory=None):
-        import inspect
-
-        kwargs = {}
-        params = inspect.signature(self.gen.speculative).parameters
-        if drafter_factory is not None:
-            if "drafter_factory" in params:
-                kwargs["drafter_factory"] = drafter_factory
-            elif "drafter" in params:
-                kwargs["drafter"] = drafter_factory(self.gen.draft)
-        if drafter_factory is not None and not kwargs:
-            # FastGenerator builds quickdraft.generation.ModelDrafter(draft, sampling) inside
-            # speculative(); swap that name for the call (no drafter parameter yet)
-            import quickdraft.generation as qg
-
-            original = qg.ModelDrafter
-            qg.ModelDrafter = lambda model, sampling=None: drafter_factory(model)
-            try:
-                tokens, st = self.gen.speculative(list(prompt), n, gamma, seed=0)
-            finally:
-                qg.ModelDrafter = original
-        else:
-            tokens, st = self.gen.speculative(list(prompt), n, gamma, seed=0, **kwargs)
+        tokens, st = self.gen.speculative(list(prompt), n, gamma, seed=0,
+                                          drafter_factory=drafter_factory)
         return list(tokens), _normalize_fast_stats(dict(st), n, gamma)
 
 
