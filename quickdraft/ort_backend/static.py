@@ -78,7 +78,8 @@ class StaticOrtModel(ExportedModel):
         cuda_graph: capture and replay CUDA graphs for ``graph_steps`` (CUDA only).
         provider_options: extra CUDA execution provider options (strings), merged over
             ``device_id`` and ``enable_cuda_graph``.
-        options: ``onnxruntime.SessionOptions`` (default: quickdraft's).
+        options (onnxruntime.SessionOptions | None): the session's options (default:
+            quickdraft's).
 
     The model owns one set of cache buffers (so nothing is duplicated): ``new_state()``
     starts a new sequence in them and makes any earlier state of this model unusable.
