@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """quickdraft's benchmark (issue 7): pairs, stages and systems, side by side in one run.
 
-    # on the GPU machine (see benchmarks/README.md for the planned calls)
-    source /tmp/ortgpu.env && python3 benchmarks/bench.py --pairs 1b --out $OUT
+    # on a GPU machine (see benchmarks/README.md for what to install and the runs)
+    python3 benchmarks/bench.py --pairs 1b --out results/
     # on a CPU, tiny everything, to check the pipeline end to end
     python benchmarks/bench.py --smoke
 
 Pairs: ``trained`` (the 97M / 6M pair trained on this machine's Python sources),
 ``1b`` and ``7b`` (random-weight Llama targets with a ~1-2% draft), ``tiny`` (smoke).
-Stages, each skipped when its output is already in the work folder (a warm machine keeps
-it between calls): ``bandwidth``, ``train`` / ``make`` (the pair), ``export`` (quickdraft's
+Stages, each skipped when its output is already in the work folder: ``bandwidth``,
+``train`` / ``make`` (the pair), ``export`` (quickdraft's
 ONNX folders), ``build`` (onnxruntime-genai's, when the fast path's export does not
 provide them) and ``systems``. Systems: ``qd-fast``, ``qd-generic``, ``genai``,
 ``genai-graph``, ``genai-spec``, ``genai-spec-graph``, ``hf``.

@@ -1,6 +1,6 @@
 """The fast path on a GPU (issue 5): build, export, check and time, in one call.
 
-    source /tmp/ortgpu.env && python benchmarks/fast_path_gpu.py --size 1b
+    python benchmarks/fast_path_gpu.py --size 1b                    # on a GPU machine
     python benchmarks/fast_path_gpu.py --size tiny --device cpu     # smoke test on a CPU
 
 1. A random Llama pair of the named size (``benchmarks.models.make_random_pair``: Llama
