@@ -45,22 +45,16 @@ def export(path: str, hf_target: Path, hf_draft: Path, out: Path, *, device: str
     """Export the pair for ``path`` into ``out`` (replaced if present); a summary dict."""
     t0 = time.perf_counter()
     dtype = dtype_for(device)
-    if path == "generic":
-        try:
-            from quickdraft.export import export_pair
-        except ImportError as e:
-            raise Unavailable(f"quickdraft.export.export_pair: {e}") from e
-        report = export_pair(hf_target, hf_draft, out, dtype=dtype, device=device,
-                             validate=validate, overwrite=True)
-    elif path == "fast":
-        try:
-            from quickdraft.export.static import export_static_pair
-        except ImportError as e:
-            raise Unavailable(f"quickdraft.export.static.export_static_pair: {e}") from e
-        report = export_static_pair(hf_target, hf_draft, out, dtype=dtype, device=device,
-                                    validate=validate, overwrite=True)
-    else:
+    if path not in ("generic", "fast"):
         raise ValueError(f"unknown path {path!r}")
+    try:
+        from quickdraft.export import export_pair
+    except ImportError as e:
+        raise Unavailable(f"quickdraft.export.export_pair: {e}") from e
+    # the fast path is the static-cache export of the same weights
+    report = export_pair(hf_target, hf_draft, out, dtype=dtype, device=device,
+                         kv_cache="static" if path == "fast" else "dynamic",
+                         validate=validate, overwrite=True)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
              if p.is_file()}
     return {"path": path, "dtype": dtype, "device": device, "validated": validate,

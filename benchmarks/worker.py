@@ -32,6 +32,16 @@ from benchmarks.common import (  # noqa: E402
 # ----------------------------------------------------------------------------- helpers
 
 
+
+def _record_best_gamma(rec, sweep: list[dict]) -> None:
+    """The fastest gamma of a sweep (and Theorem 3.8's best, where the run gave it)."""
+    if not sweep:
+        return
+    best = max(sweep, key=lambda r: r["tokens_per_s"] or 0)
+    rec.set("best_gamma", {"measured": best["gamma"], "tokens_per_s": best["tokens_per_s"],
+                           "speedup": best.get("speedup"),
+                           "theory": best.get("best_gamma_theory")})
+
 def _f(x) -> float:
     """A number for a format string: None -> nan."""
     return float("nan") if x is None else float(x)
@@ -300,11 +310,7 @@ def task_qd(spec: dict, rec: Record) -> None:
             except Exception as e:  # noqa: BLE001
                 rec.add_error(e, step="sweep", gamma=g)
             rec.set("sweep", sweep)
-        if sweep:
-            best = max(sweep, key=lambda r: r["tokens_per_s"] or 0)
-            rec.set("best_gamma", {"measured": best["gamma"], "tokens_per_s": best["tokens_per_s"],
-                                   "speedup": best.get("speedup"),
-                                   "theory": best.get("best_gamma_theory")})
+        _record_best_gamma(rec, sweep)
 
     if spec.get("controlled") and spec.get("alphas"):
         c_for_gamma = (rec.data.get("spec") or {}).get("cost_ratio_c") or c_protocol or 0.0
@@ -406,10 +412,7 @@ def task_genai(spec: dict, rec: Record) -> None:
             except Exception as e:  # noqa: BLE001
                 rec.add_error(e, step="spec", gamma=k)
             rec.set("sweep", sweep)
-        if sweep:
-            best = max(sweep, key=lambda r: r["tokens_per_s"] or 0)
-            rec.set("best_gamma", {"measured": best["gamma"], "tokens_per_s": best["tokens_per_s"],
-                                   "speedup": best.get("speedup")})
+        _record_best_gamma(rec, sweep)
     rec.set("memory", mem.mark("end"))
     mem.stop()
 
