@@ -100,9 +100,9 @@ class ControlledAlphaDrafter:
             for x in tokens[:-1]:  # then one call per proposed token but the last
                 self.state.append([x])
                 calls += 1
-        probs = np.zeros((gamma, self.vocab), dtype=np.float64)  # [gamma, V] one-hot q
-        probs[np.arange(gamma), tokens] = 1.0
-        return Candidates(np.asarray(tokens, dtype=np.int64), probs, model_calls=calls)
+        # q is one-hot on the proposed tokens: no [gamma, V] rows unless a verifier reads them
+        return Candidates(np.asarray(tokens, dtype=np.int64), None, model_calls=calls,
+                          vocab_size=self.vocab)
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Fixed gamma and alpha: nothing to learn."""

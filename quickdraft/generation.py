@@ -137,14 +137,11 @@ class ModelDrafter:
         if greedy:  # the uniforms go unused (one-hot q), but must still be uniforms
             _check_uniforms(uniforms[:gamma])
         tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
-        # q rows: one-hot on the argmax when greedy (adjust_logits' rows, built in place)
-        probs = np.zeros((gamma, logits.shape[-1])) if greedy else None  # [gamma, V]
-        rows = []
+        rows = []  # q rows [V] (greedy: none, q is one-hot on the tokens: adjust_logits' rows)
         calls = 1
         for i in range(gamma):
             if greedy:
                 x = int(greedy_tokens(logits))  # what sample_token draws from the one-hot row
-                probs[i, x] = 1.0
             else:
                 q = adjust_logits(logits, self.sampling)  # [V]
                 x = sample_token(q, float(uniforms[i]))
@@ -153,9 +150,10 @@ class ModelDrafter:
             if i + 1 < gamma:
                 logits = self.state.append([x])[-1]  # [V]
                 calls += 1
-        if not greedy:
-            probs = np.stack(rows)
-        return Candidates(tokens, probs, model_calls=calls, checked=True)
+        if greedy:
+            return Candidates(tokens, None, model_calls=calls, checked=True,
+                              vocab_size=logits.shape[-1])
+        return Candidates(tokens, np.stack(rows), model_calls=calls, checked=True)
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Fixed gamma: nothing to learn. Rejected tokens are rewound lazily."""
@@ -235,19 +233,20 @@ def host_verify(
     """
     if not 0.0 < lenience <= 1.0:
         raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
-    x, q = candidates.tokens, candidates.probs  # [gamma], [gamma, V]
+    x = candidates.tokens  # [gamma]
     gamma = len(x)
     logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
     if candidates.checked:
         _check_uniforms(accept_uniforms, sample_uniform)
         if sampling.greedy:
             choices = greedy_tokens(logits)  # [gamma + 1]: p is one-hot on these
-            q_x = q[np.arange(gamma), x]  # [gamma]
+            q_x = candidates.q_at(x)  # [gamma]
             if np.all((q_x > 0) & (q_x <= 1)):
                 n, token = verify_greedy(choices, x)
                 reached = min(n + 1, gamma)
                 # beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choice_i) on one-hot p_i
-                return Verdict(n, token, q[np.arange(reached), choices[:reached]].tolist())
+                return Verdict(n, token, candidates.q_at(choices[:reached]).tolist())
+    q = candidates.probs  # [gamma, V]
     p = adjust_logits(logits, sampling)  # [gamma + 1, V]
     n, token = verify(p, q, x, accept_uniforms, sample_uniform, lenience=lenience,
                       validate=not candidates.checked)

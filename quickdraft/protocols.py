@@ -9,7 +9,6 @@ implement it, so the same generation code drives both.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -62,16 +61,55 @@ class LanguageModel(Protocol):
     def new_state(self) -> DecodeState: ...
 
 
-@dataclass
 class Candidates:
-    """What a drafter proposes for one speculative iteration."""
+    """What a drafter proposes for one speculative iteration.
 
-    tokens: np.ndarray  # [gamma] int64 proposed token ids
-    probs: np.ndarray  # [gamma, V] q at each proposed position (after sampling adjustments)
-    model_calls: int = 0  # draft forward calls spent on this proposal
-    # probs are rows of quickdraft.sampling.adjust_logits and each token was drawn from its
-    # row (so q_i(x_i) > 0): verifiers may skip their input checks
-    checked: bool = False
+    Args:
+        tokens: [gamma] int64 proposed token ids.
+        probs: [gamma, V] q at each proposed position (after sampling adjustments), or
+            None for one-hot rows on ``tokens`` (greedy drafting), which are then built
+            only if someone reads :attr:`probs`; :meth:`q_at` reads them without building.
+        model_calls: draft forward calls spent on this proposal.
+        checked: the rows are those of :func:`quickdraft.sampling.adjust_logits` and each
+            token was drawn from its row (so q_i(x_i) > 0): verifiers may skip their input
+            checks.
+        vocab_size: V, needed when ``probs`` is None.
+    """
+
+    def __init__(self, tokens: np.ndarray, probs: np.ndarray | None = None,
+                 model_calls: int = 0, checked: bool = False, *,
+                 vocab_size: int | None = None):
+        if probs is None and vocab_size is None:
+            raise ValueError("one-hot candidates (probs None) need vocab_size")
+        self.tokens = tokens  # [gamma] int64
+        self.model_calls = model_calls
+        self.checked = checked
+        self.vocab_size = int(vocab_size if probs is None else np.shape(probs)[-1])
+        self.one_hot = probs is None  # q_i is one-hot on tokens_i
+        self._probs = probs  # [gamma, V] or None until built
+
+    @property
+    def probs(self) -> np.ndarray:
+        """q rows [gamma, V] float (one-hot rows are built on first read)."""
+        if self._probs is None:
+            gamma = len(self.tokens)
+            rows = np.zeros((gamma, self.vocab_size))  # [gamma, V]
+            rows[np.arange(gamma), self.tokens] = 1.0
+            self._probs = rows
+        return self._probs
+
+    def q_at(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """q_i(y_i) for i = 0 .. k - 1: tokens y [k] (k <= gamma) -> [k] float64."""
+        y = np.asarray(tokens, dtype=np.int64)  # [k]
+        k = len(y)
+        if self.one_hot:
+            return (np.asarray(self.tokens[:k]) == y).astype(np.float64)  # [k]
+        return np.asarray(self._probs[np.arange(k), y], dtype=np.float64)  # [k]
+
+    def __repr__(self) -> str:
+        rows = "one-hot" if self.one_hot else "probs"
+        return (f"Candidates(tokens={np.asarray(self.tokens).tolist()}, {rows}, "
+                f"model_calls={self.model_calls}, checked={self.checked})")
 
 
 class Drafter(Protocol):

@@ -275,24 +275,44 @@ def test_greedy_adjust_is_one_hot_without_a_vocab_square():
 def test_checked_candidates_get_the_verdict_of_the_full_check(vocab, gamma, seed, sampling,
                                                              lenience):
     """host_verify on candidates marked checked (no input checks; the greedy decision on
-    argmax tokens) decides exactly as on the same candidates unmarked (adjust_logits and
-    verify with every check), betas included."""
-    from dataclasses import replace
-
+    argmax tokens; greedy q rows one-hot and never built) decides exactly as on the same
+    candidates unmarked, with dense q rows (adjust_logits and verify with every check),
+    betas included."""
     from quickdraft.generation import ModelDrafter, host_verify
+    from quickdraft.protocols import Candidates
 
     rng = np.random.default_rng(seed)
     target, draft = random_tables(vocab, seed, "random")
     cfg = SAMPLINGS[sampling]
     ids = [int(t) for t in rng.integers(vocab, size=3)]
     cand = ModelDrafter(draft, cfg).get_candidates(ids, gamma, rng.random(gamma))
-    assert cand.checked
+    assert cand.checked and cand.one_hot == cfg.greedy
     u, s = rng.random(gamma), float(rng.random())
     scored = ids + cand.tokens.tolist()
     fast = host_verify(target.new_state(), scored, cand, cfg, u, s, lenience=lenience)
-    full = host_verify(target.new_state(), scored, replace(cand, checked=False), cfg, u, s,
-                       lenience=lenience)
+    assert cand.one_hot == cfg.greedy  # reading q at tokens did not need the rows
+    dense = Candidates(cand.tokens, np.array(cand.probs), cand.model_calls)
+    full = host_verify(target.new_state(), scored, dense, cfg, u, s, lenience=lenience)
     assert fast == full
+
+
+def test_one_hot_candidates_read_as_their_dense_rows():
+    from quickdraft.protocols import Candidates
+
+    tokens = np.array([3, 0, 3], dtype=np.int64)
+    one_hot = Candidates(tokens, None, model_calls=2, vocab_size=5)
+    assert one_hot.one_hot and one_hot.vocab_size == 5
+    y = np.array([3, 1, 3])
+    np.testing.assert_array_equal(one_hot.q_at(y), [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(one_hot.q_at(y[:2]), [1.0, 0.0])
+    rows = one_hot.probs  # [3, 5], built on this first read
+    assert rows.shape == (3, 5) and np.all(rows.sum(-1) == 1)
+    np.testing.assert_array_equal(rows.argmax(-1), tokens)
+    dense = Candidates(tokens, rows)
+    assert not dense.one_hot and dense.vocab_size == 5
+    np.testing.assert_array_equal(dense.q_at(y), one_hot.q_at(y))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Candidates(tokens, None)
 
 
 def test_checked_candidates_still_refuse_bad_uniforms_and_lenience():

@@ -180,3 +180,42 @@ def test_inverse_cdf_clamps_a_threshold_rounded_up_to_the_total():
     assert plain_inverse_cdf(w[None], np.array([0.9]))[0] == 1
     assert inverse_cdf_row(w, 0.9) == 1
     assert inverse_cdf(w[None], np.array([0.9]))[0] == 1
+
+
+@st.composite
+def float16_rows(draw):
+    """float16 logits [B, V] or [V] from arbitrary bit patterns (so NaNs of both signs,
+    +-inf, +-0 and subnormals), mixed with ordinary values and repeated entries (ties)."""
+    vocab = draw(st.integers(1, 40))
+    shape = (vocab,) if draw(st.booleans()) else (draw(st.integers(1, 4)), vocab)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    bits = rng.integers(0, 2**16, size=shape, dtype=np.uint16).view(np.float16)
+    kind = draw(st.sampled_from(["bits", "normal", "mixed", "specials", "negative", "zeros"]))
+    normal = rng.normal(scale=5.0, size=shape).astype(np.float16)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 6e-8, -6e-8, 65504,
+                         -65504, 1.0, -1.0], dtype=np.float16)
+    z = {"bits": bits, "normal": normal,
+         "mixed": np.where(rng.random(shape) < 0.1, bits, normal),
+         "specials": rng.choice(specials, size=shape),
+         "negative": -np.abs(normal),
+         "zeros": rng.choice(np.array([0.0, -0.0, -1.0], dtype=np.float16), size=shape)}[kind]
+    return np.ascontiguousarray(z if draw(st.booleans()) else z[..., ::-1])
+
+
+@settings(max_examples=500)
+@given(z=float16_rows())
+def test_float16_greedy_tokens_are_numpys_argmax(z):
+    """greedy_tokens on float16 (compared on the bits, not by NumPy's float16 loop) picks the
+    first maximum of each row, as on the exact float32 copy; rows with a NaN are refused
+    with the same message."""
+    wide = z.astype(np.float32)  # exact: every float16 is a float32
+    try:
+        want = greedy_tokens(wide)
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            greedy_tokens(z)
+        assert str(got.value) == str(e)
+        return
+    got = greedy_tokens(z)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.argmax(z, axis=-1))  # NumPy's own float16 loop

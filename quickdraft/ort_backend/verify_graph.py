@@ -328,6 +328,37 @@ class DeviceVerifier:
     def run(self, target, draft_probs, draft_tokens, accept_uniforms,
             sample_uniform) -> tuple[int, int, np.ndarray]:
         """(n, next_token, beta [gamma]) for one iteration."""
+        g = self.gamma
+        if self.greedy:
+            n, token, choices = self.run_greedy(target, draft_tokens)
+            # p_i is one-hot on choices_i: beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choices_i)
+            q = np.reshape(draft_probs, (g, self.vocab))
+            return n, token, q[np.arange(g), choices].astype(self.compute)
+        self._bind_target(target)
+        inputs, out = self._inputs, self._outputs
+        inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
+        inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
+        inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
+        inputs["sample_uniform"][0] = sample_uniform
+        self._upload()
+        self.session.run_with_iobinding(self.binding)
+        return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
+
+    def run_greedy(self, target, draft_tokens) -> tuple[int, int, np.ndarray]:
+        """A greedy graph's (n, next_token, choices [gamma]): no q is needed, since the
+        decision depends on the draft tokens and the target's argmax tokens alone."""
+        if not self.greedy:
+            raise ValueError("run_greedy needs a greedy verification graph (temperature 0)")
+        self._bind_target(target)
+        out = self._outputs
+        self._inputs["draft_tokens"][...] = np.reshape(draft_tokens, self.gamma)
+        self._upload()
+        self.session.run_with_iobinding(self.binding)
+        return int(out["n"][0]), int(out["next_token"][0]), out["choices"].copy()
+
+    def _bind_target(self, target) -> None:
+        """Bind the target's logits: a device OrtValue as is (rebound only when it is a new
+        one), host arrays through a copy."""
         import onnxruntime as ort
 
         io = self.binding
@@ -343,21 +374,6 @@ class DeviceVerifier:
                 arr = arr.astype(self.compute, copy=False)
             io.bind_cpu_input(self._target_name, np.ascontiguousarray(arr))
             self._bound_target = None
-        g, inputs, out = self.gamma, self._inputs, self._outputs
-        inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
-        if self.greedy:
-            self._upload()
-            self.session.run_with_iobinding(io)
-            # p_i is one-hot on choices_i: beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choices_i)
-            q = np.reshape(draft_probs, (g, self.vocab))
-            beta = q[np.arange(g), out["choices"]].astype(self.compute)
-            return int(out["n"][0]), int(out["next_token"][0]), beta
-        inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
-        inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
-        inputs["sample_uniform"][0] = sample_uniform
-        self._upload()
-        self.session.run_with_iobinding(io)
-        return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
 
     def _upload(self) -> None:
         """Copy the host inputs into their device buffers (nothing to do on the CPU)."""
@@ -435,7 +451,12 @@ class GraphVerifier:
             )
         gamma = len(candidates.tokens)
         logits = advance_device(target, scored, gamma + 1)  # [1, k, V] or [k, V], k >= g + 1
-        n, token, beta = self.get(gamma, sampling).run(
+        verifier = self.get(gamma, sampling)
+        if verifier.greedy:  # q is read at the target's choices only (no rows are built)
+            n, token, choices = verifier.run_greedy(logits, candidates.tokens)
+            reached = min(n + 1, gamma)
+            return Verdict(n, token, candidates.q_at(choices[:reached]).tolist())
+        n, token, beta = verifier.run(
             logits, candidates.probs, candidates.tokens, accept_uniforms, sample_uniform)
         reached = min(n + 1, gamma)
         return Verdict(n, token, beta[:reached].astype(float).tolist())
