@@ -124,15 +124,15 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
     raise ValueError(f"unknown path {path!r}")
 
 
-def fast_generator(pair: LoadedPair):
+def fast_generator(pair: LoadedPair, verify: str = "device"):
     """The fast path's own generator (``quickdraft.ort_backend.static.FastGenerator``:
-    verification on the device), wrapped; None to run the fast models in
-    quickdraft.generation's loop instead."""
+    verification on the device, or on the host with ``verify="host"``), wrapped; None to
+    run the fast models in quickdraft.generation's loop instead."""
     try:
         from quickdraft.ort_backend.static import FastGenerator
     except ImportError:
         return None
-    return _FastGeneratorAdapter(FastGenerator, pair)
+    return _FastGeneratorAdapter(FastGenerator, pair, verify)
 
 
 class _FastGeneratorAdapter:
@@ -140,8 +140,8 @@ class _FastGeneratorAdapter:
     ``speculative(prompt, n, gamma)`` -> (tokens, stats); stats normalized to the keys the
     benchmark reads (per-call ms of each model, c, drafted tokens per iteration)."""
 
-    def __init__(self, cls, pair: LoadedPair):
-        self.gen = cls(pair.target, pair.draft, sampling=greedy())
+    def __init__(self, cls, pair: LoadedPair, verify: str = "device"):
+        self.gen = cls(pair.target, pair.draft, sampling=greedy(), verify=verify)
         self.gen.eos_ids = frozenset()  # exactly max_new_tokens
 
     def autoregressive(self, prompt, n):

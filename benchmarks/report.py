@@ -150,6 +150,19 @@ def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
                 "greedy_equal": _equal(sp.get("greedy_equal", sp.get(
                     "equal_to_qd_reference", sp.get("equal_to_greedy")))),
                 "status": status})
+        sh = res.get("spec_host_verify")
+        if sh:
+            rows.append({
+                "pair": name, "system": sysname, "label": f"{label}, host verification",
+                "mode": "speculative", "gamma": sh.get("gamma"),
+                "tokens_per_s": sh.get("tokens_per_s"), "ms_per_token": sh.get("ms_per_token"),
+                "x_floor": None, "speedup": sh.get("speedup"), "alpha": sh.get("alpha"),
+                "c": sh.get("cost_ratio_c"), "tpi": sh.get("tokens_per_iteration"),
+                "eq1": sh.get("expected_tokens_eq1"),
+                "theory": sh.get("theoretical_improvement"),
+                "realized": sh.get("realized_over_theoretical"),
+                "peak_mib": _peak(res),
+                "greedy_equal": _equal(sh.get("greedy_equal")), "status": status})
         if not ar and not sp:
             errs = res.get("errors") or []
             rows.append({"pair": name, "system": sysname, "label": label,
@@ -187,6 +200,7 @@ def goals(results: dict) -> list[dict]:
         for s in ("qd-fast", "qd-generic"):
             r = sysres(pair, s)
             for v in ((r.get("spec") or {}).get("tokens_per_s"),
+                      (r.get("spec_host_verify") or {}).get("tokens_per_s"),
                       (r.get("best_gamma") or {}).get("tokens_per_s")):
                 if _ok(v):
                     vals.append(v)
@@ -221,7 +235,8 @@ def goals(results: dict) -> list[dict]:
     for pair in pairs.values():
         for sname in ("qd-fast", "qd-generic"):
             r = (pair.get("systems") or {}).get(sname) or {}
-            for run in [r.get("spec") or {}] + list(r.get("controlled") or []):
+            for run in ([r.get("spec") or {}, r.get("spec_host_verify") or {}]
+                        + list(r.get("controlled") or [])):
                 if _ok(run.get("realized_over_theoretical")):
                     ratios.append(run["realized_over_theoretical"])
     add("realized / theoretical walltime improvement (worst quickdraft run)",

@@ -299,6 +299,20 @@ def task_qd(spec: dict, rec: Record) -> None:
             f"{_f(sp.get('expected_tokens_eq1')):.2f}), greedy equal {sp['greedy_equal']}")
         rec.set("memory", mem.mark("spec"))
 
+    if path == "fast" and pair.generator is not None:
+        # the same speculative run, verifying on the host: the gamma + 1 logits rows are
+        # copied there and compared (greedy) or verified (sampling) by NumPy
+        with rec.step("spec-host-verify"):
+            device_generator = pair.generator
+            pair.generator = adapters.fast_generator(pair, verify="host")
+            try:
+                sh = spec_runs(gamma, repeats, warm=warmup)
+            finally:
+                pair.generator = device_generator
+            rec.set("spec_host_verify", sh)
+            log(f"qd-{path} spec gamma {gamma}, host verification: "
+                f"{sh['tokens_per_s']:.0f} tok/s, speedup {_f(sh.get('speedup')):.2f}")
+
     with rec.step("sweep"):
         sweep = []
         for g in gammas:

@@ -602,17 +602,19 @@ SpeculativeGenerator = Generator  # the same object: speculative unless asked ot
 
 
 class FastGenerator(Generator):
-    """A :class:`Generator` verifying on the device, with whole-generation calls that take
-    token ids and return ``(tokens, statistics dict)``: for measurements.
+    """A :class:`Generator` verifying on the device (by default), with whole-generation
+    calls that take token ids and return ``(tokens, statistics dict)``: for measurements.
 
     ``FastGenerator(target, draft, sampling=...)`` fixes the sampling settings;
     :meth:`autoregressive` and :meth:`speculative` run :meth:`Generator.generate` and
     flatten its :class:`OrtStats` into the dict (see :meth:`speculative` for its keys).
+    ``verify="host"`` verifies on the host instead (the logits of the gamma + 1 positions
+    are copied there), to measure one against the other.
     """
 
     def __init__(self, target, draft=None, *, sampling: SamplingConfig | None = None,
-                 compute: str = "float32", tokenizer=None):
-        super().__init__(target, draft, tokenizer, verify="device", compute=compute)
+                 compute: str = "float32", tokenizer=None, verify: str = "device"):
+        super().__init__(target, draft, tokenizer, verify=verify, compute=compute)
         self.sampling = sampling if sampling is not None else SamplingConfig()
 
     def autoregressive(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
