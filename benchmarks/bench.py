@@ -144,6 +144,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--draft-seconds", type=float, default=None, help="train: draft budget")
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
+    ap.add_argument("--distill-weight", type=float, default=None,
+                    help="train: draft loss w * KL(target || draft) + (1 - w) * CE "
+                         "(default 0.9; 0 = cross entropy alone)")
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--corpus-mb", type=float, default=None)
     ap.add_argument("--compile", action="store_true", help="train: torch.compile")
@@ -298,6 +301,7 @@ class Bench:
             if name == "trained":
                 overrides = {"target_seconds": a.target_seconds, "draft_seconds": a.draft_seconds,
                              "target_steps": a.target_steps, "draft_steps": a.draft_steps,
+                             "distill_weight": a.distill_weight,
                              "batch": a.train_batch, "corpus_mb": a.corpus_mb,
                              "prompt_len": a.prompt_len, "num_prompts": a.num_prompts,
                              "compile": a.compile or None}

@@ -5,10 +5,18 @@ The paper's Table 3 shapes in a Llama-style architecture: a target of ~97M param
 (d 768, 12 layers, 12 heads) and a draft of ~6M (d 256, 2 layers, 4 heads), over a
 byte-level BPE vocabulary of 8192 tokens trained with ``tokenizers``. Each model trains
 for a fixed time budget from a fixed seed (bf16 autocast, fused AdamW, warmup + cosine,
-windows of 512 tokens), then both are saved as Hugging Face folders (safetensors and the
-tokenizer) and evaluated on held-out files: loss, and the acceptance rate alpha at T=0
-and T=1 (mean over held-out positions of sum_x min(p(x), q(x)), quickdraft.theory.beta),
-beside the paper's 0.88 / 0.89 for its 97M / 6M pair.
+windows of 512 tokens): the target first, on next-token cross entropy; then the draft,
+distilled from the trained target on the same windows. The draft's loss per batch is
+
+    w * KL(p || q) + (1 - w) * CE,    w = --distill-weight (0.9; 0 = cross entropy alone)
+
+with p and q the target's and the draft's next-token distributions at temperature 1 (the
+frozen target's forward on the batch, under the same autocast, is part of every draft step
+and of its time budget), KL and CE averaged over the tokens. Matching p as a whole is what
+alpha = 1 - TV(p, q) rewards. Both models are then saved as Hugging Face folders
+(safetensors and the tokenizer) and evaluated on held-out files: loss, and the acceptance
+rate alpha at T=0 and T=1 (mean over held-out positions of sum_x min(p(x), q(x)),
+quickdraft.theory.beta), beside the paper's 0.88 / 0.89 for its 97M / 6M pair.
 
 Corpus: the ``*.py`` files of the running interpreter's standard library and its
 site-packages (not the folders on PYTHONPATH, not this repository), deduplicated, sorted by
@@ -26,6 +34,7 @@ The time budget fixes the number of steps once, from the measured time of the fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -62,6 +71,8 @@ class TrainConfig:
     batch: int = 32
     target_lr: float = 1e-3
     draft_lr: float = 3e-3
+    # draft loss: distill_weight * KL(p || q) + (1 - distill_weight) * CE; 0 = CE alone
+    distill_weight: float = 0.9
     weight_decay: float = 0.1
     warmup_steps: int = 100
     seed: int = 0
@@ -185,13 +196,55 @@ def build_model(shape: dict, cfg: TrainConfig, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
+def distill_loss(q_logits, p_logits, labels, weight: float, chunk_rows: int = 2048):
+    """``weight * KL(p || q) + (1 - weight) * CE(labels)``, each the mean over tokens.
+
+    ``q_logits`` (the student's, with grad) and ``p_logits`` (the teacher's) are [N, V],
+    ``labels`` [N]; temperature 1. The softmaxes are taken in fp32, ``chunk_rows`` rows at
+    a time, so no fp32 copy of a whole batch's logits is made at once beyond what autograd
+    keeps. Returns (loss, kl, ce), the last two detached.
+    """
+    import torch
+
+    n = q_logits.shape[0]
+    kl_sum = q_logits.new_zeros((), dtype=torch.float32)
+    ce_sum = q_logits.new_zeros((), dtype=torch.float32)
+    for r in range(0, n, chunk_rows):
+        log_q = torch.log_softmax(q_logits[r: r + chunk_rows].float(), dim=-1)  # [rows, V]
+        with torch.no_grad():
+            log_p = torch.log_softmax(p_logits[r: r + chunk_rows].float(), dim=-1)
+            p = log_p.exp()
+            neg_entropy = (p * log_p).sum()  # sum_x p log p: constant for the student
+        kl_sum = kl_sum + neg_entropy - (p * log_q).sum()
+        ce_sum = ce_sum - log_q.gather(1, labels[r: r + chunk_rows, None]).sum()
+    kl, ce = kl_sum / n, ce_sum / n
+    return weight * kl + (1.0 - weight) * ce, kl.detach(), ce.detach()
+
+
 def train_model(name: str, model, stream, *, seconds: float, steps: int | None, batch: int,
-                ctx: int, lr: float, cfg: TrainConfig, device: str, seed: int) -> dict:
+                ctx: int, lr: float, cfg: TrainConfig, device: str, seed: int,
+                teacher=None, distill_weight: float = 0.0) -> dict:
     """Train on random windows of ``stream`` (seeded); steps fixed up front or from the
-    time budget, measured on the first steps."""
+    time budget, measured on the first steps.
+
+    With a ``teacher`` and ``distill_weight`` w > 0 the loss is w * KL(teacher || model) +
+    (1 - w) * cross entropy (``distill_loss``); the teacher's forward on each batch (frozen,
+    eval mode, no grad, the same autocast) is part of the step, so of its measured time."""
     import numpy as np
     import torch
 
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"{name}: distill_weight must lie in [0, 1], got {distill_weight}; "
+                         "pass --distill-weight between 0 (cross entropy alone) and 1")
+    distill = teacher is not None and distill_weight > 0
+    if distill_weight > 0 and teacher is None:
+        raise ValueError(f"{name}: distill_weight {distill_weight} needs a teacher model; "
+                         "pass teacher= or distill_weight=0")
+    if distill:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teach = torch.compile(teacher) if cfg.compile else teacher
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -220,18 +273,25 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
         starts = torch.from_numpy(g.integers(0, high, size=batch))
         idx = starts[:, None] + torch.arange(ctx + 1)[None, :]
         chunk = data[idx].to(device, non_blocking=True)  # [B, ctx + 1]
-        if autocast is not None:
-            with autocast:
-                logits = fwd(input_ids=chunk[:, :-1]).logits
+        x, y = chunk[:, :-1], chunk[:, 1:].reshape(-1)  # [B, ctx], [B*ctx]
+        with autocast if autocast is not None else contextlib.nullcontext():
+            logits = fwd(input_ids=x).logits  # [B, ctx, V]
+            if distill:
+                with torch.no_grad():
+                    t_logits = teach(input_ids=x).logits  # [B, ctx, V]
+        logits = logits.reshape(-1, logits.shape[-1])  # [B*ctx, V]
+        if distill:
+            loss, kl, ce = distill_loss(logits, t_logits.reshape(logits.shape), y,
+                                        distill_weight)
+            del t_logits
         else:
-            logits = fwd(input_ids=chunk[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1))
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            kl, ce = None, loss.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return loss
+        return loss, kl, ce
 
     def sync():
         if device == "cuda":
@@ -244,11 +304,11 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
         # the first steps (warmup LR, part of training) measure the step time
         provisional = 10_000
         for s in range(3):
-            losses.append(float(one_step(s, provisional)))
+            losses.append(float(one_step(s, provisional)[0]))
         sync()
         t0 = time.perf_counter()
-        for s in range(3, 8):
-            losses.append(float(one_step(s, provisional)))
+        for s in range(3, 8):  # teacher forward included when distilling
+            losses.append(float(one_step(s, provisional)[0]))
         sync()
         per_step = (time.perf_counter() - t0) / 5
         spent = time.perf_counter() - t_start
@@ -257,19 +317,31 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
         log(f"{name}: {per_step * 1e3:.1f} ms/step -> {steps} steps in ~{seconds:.0f}s")
     smooth = losses[-1] if losses else None
     log_every = max(1, steps // 10)
+    smooth_ce = smooth_kl = None
     for s in range(calib, steps):
-        loss = one_step(s, steps)
+        loss, kl, ce = one_step(s, steps)
         if (s + 1) % log_every == 0 or s + 1 == steps:
-            value = float(loss)
+            value, ce_value = float(loss), float(ce)
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-            log(f"{name} step {s + 1}/{steps} loss {value:.3f} "
+            smooth_ce = ce_value if smooth_ce is None else 0.9 * smooth_ce + 0.1 * ce_value
+            parts = ""
+            if kl is not None:
+                kl_value = float(kl)
+                smooth_kl = kl_value if smooth_kl is None else 0.9 * smooth_kl + 0.1 * kl_value
+                parts = f" (KL {kl_value:.3f}, CE {ce_value:.3f})"
+            log(f"{name} step {s + 1}/{steps} loss {value:.3f}{parts} "
                 f"({time.perf_counter() - t_start:.0f}s)")
     sync()
     elapsed = time.perf_counter() - t_start
     model.eval()
+    objective = (f"{distill_weight:g} * KL(target || {name}) + {1 - distill_weight:g} * CE"
+                 if distill else "CE")
     return {"steps": steps, "batch": batch, "ctx": ctx, "lr": lr, "seconds": round(elapsed, 2),
             "tokens_seen": steps * batch * ctx,
             "tokens_per_s": steps * batch * ctx / elapsed, "final_loss": smooth,
+            "final_ce": smooth_ce, "final_kl": smooth_kl, "objective": objective,
+            "distill_weight": distill_weight if distill else 0.0,
+            "teacher": "target" if distill else None,
             "budget_seconds": seconds, "compiled": cfg.compile}
 
 
@@ -350,6 +422,9 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
 
     from quickdraft.export.toy import train_tokenizer
 
+    if not 0.0 <= cfg.distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must lie in [0, 1], got {cfg.distill_weight}; pass "
+                         "--distill-weight between 0 (cross entropy alone) and 1 (KL alone)")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -399,9 +474,11 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
         model = build_model(shape, cfg, tokenizer, cfg.seed)
         params = sum(p.numel() for p in model.parameters())
         log(f"{role}: {params / 1e6:.2f}M parameters {shape}")
+        distilled = role == "draft" and cfg.distill_weight > 0
         tr = train_model(role, model, train_stream, seconds=seconds, steps=steps,
                          batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg, device=device,
-                         seed=cfg.seed)
+                         seed=cfg.seed, teacher=models["target"] if distilled else None,
+                         distill_weight=cfg.distill_weight if distilled else 0.0)
         model.generation_config.eos_token_id = None  # benchmarks generate the full length
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.to("cpu").save_pretrained(out / "hf" / role, safe_serialization=True)
@@ -410,6 +487,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
                       "shape": shape, "training": tr}
         models[role] = model
     info["draft_fraction"] = info["draft"]["parameters"] / info["target"]["parameters"]
+    info["distill_weight"] = cfg.distill_weight  # how the draft was trained (0: CE alone)
 
     t0 = time.perf_counter()
     windows = heldout_windows(held_stream, cfg.ctx, cfg.eval_windows)
@@ -440,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps (CPU)")
     for name in ("target_seconds", "draft_seconds", "corpus_mb", "tokenizer_mb"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
+    ap.add_argument("--distill-weight", type=float,
+                    help="draft loss: w * KL(target || draft) + (1 - w) * CE (default 0.9; "
+                         "0 = cross entropy alone)")
     for name in ("target_steps", "draft_steps", "batch", "seed", "vocab_size", "eval_windows",
                  "num_prompts"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
@@ -447,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = TrainConfig(**(SMOKE if args.smoke else {}))
     for k, v in vars(args).items():
-        if k in TrainConfig.__dataclass_fields__ and v not in (None, False):
+        if k in TrainConfig.__dataclass_fields__ and v is not None and v is not False:
             setattr(cfg, k, v)
     info = train_pair(args.out, cfg, args.device)
     log(f"done in {info['total_seconds']}s: {args.out}")
