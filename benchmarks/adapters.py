@@ -124,10 +124,11 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
     raise ValueError(f"unknown path {path!r}")
 
 
-def fast_generator(pair: LoadedPair, verify: str = "device"):
-    """The fast path's own generator (``quickdraft.ort_backend.static.FastGenerator``:
-    verification on the device, or on the host with ``verify="host"``), wrapped; None to
-    run the fast models in quickdraft.generation's loop instead."""
+def fast_generator(pair: LoadedPair, verify: str = "auto"):
+    """The fast path's own generator (``quickdraft.ort_backend.static.FastGenerator``;
+    ``verify`` as its: "auto" verifies greedy runs on the target's argmax ids, "device"
+    with the verification graph), wrapped; None to run the fast models in
+    quickdraft.generation's loop instead."""
     try:
         from quickdraft.ort_backend.static import FastGenerator
     except ImportError:
@@ -140,7 +141,7 @@ class _FastGeneratorAdapter:
     ``speculative(prompt, n, gamma)`` -> (tokens, stats); stats normalized to the keys the
     benchmark reads (per-call ms of each model, c, drafted tokens per iteration)."""
 
-    def __init__(self, cls, pair: LoadedPair, verify: str = "device"):
+    def __init__(self, cls, pair: LoadedPair, verify: str = "auto"):
         self.gen = cls(pair.target, pair.draft, sampling=greedy(), verify=verify)
         self.gen.eos_ids = frozenset()  # exactly max_new_tokens
 

@@ -150,10 +150,13 @@ def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
                 "greedy_equal": _equal(sp.get("greedy_equal", sp.get(
                     "equal_to_qd_reference", sp.get("equal_to_greedy")))),
                 "status": status})
-        sh = res.get("spec_host_verify")
-        if sh:
+        for key, variant in (("spec_verify_graph", "verification graph"),
+                             ("spec_host_verify", "host verification")):
+            sh = res.get(key)
+            if not sh:
+                continue
             rows.append({
-                "pair": name, "system": sysname, "label": f"{label}, host verification",
+                "pair": name, "system": sysname, "label": f"{label}, {variant}",
                 "mode": "speculative", "gamma": sh.get("gamma"),
                 "tokens_per_s": sh.get("tokens_per_s"), "ms_per_token": sh.get("ms_per_token"),
                 "x_floor": None, "speedup": sh.get("speedup"), "alpha": sh.get("alpha"),
@@ -201,6 +204,7 @@ def goals(results: dict) -> list[dict]:
             r = sysres(pair, s)
             for v in ((r.get("spec") or {}).get("tokens_per_s"),
                       (r.get("spec_host_verify") or {}).get("tokens_per_s"),
+                      (r.get("spec_verify_graph") or {}).get("tokens_per_s"),
                       (r.get("best_gamma") or {}).get("tokens_per_s")):
                 if _ok(v):
                     vals.append(v)
@@ -235,8 +239,8 @@ def goals(results: dict) -> list[dict]:
     for pair in pairs.values():
         for sname in ("qd-fast", "qd-generic"):
             r = (pair.get("systems") or {}).get(sname) or {}
-            for run in ([r.get("spec") or {}, r.get("spec_host_verify") or {}]
-                        + list(r.get("controlled") or [])):
+            for run in ([r.get("spec") or {}, r.get("spec_host_verify") or {},
+                         r.get("spec_verify_graph") or {}] + list(r.get("controlled") or [])):
                 if _ok(run.get("realized_over_theoretical")):
                     ratios.append(run["realized_over_theoretical"])
     add("realized / theoretical walltime improvement (worst quickdraft run)",

@@ -26,8 +26,10 @@ from quickdraft.protocols import (
     Verdict,
     Verifier,
     advance,
+    advance_greedy,
+    greedy_append,
 )
-from quickdraft.sampling import SamplingConfig, adjust_logits, greedy_tokens, sample_token
+from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token
 from quickdraft.theory import alpha_from_acceptances, beta
 from quickdraft.verification import verify, verify_greedy
 
@@ -132,28 +134,31 @@ class ModelDrafter:
         self.state: DecodeState = model.new_state()
 
     def get_candidates(self, ids: Sequence[int], gamma: int, uniforms: np.ndarray) -> Candidates:
+        if self.sampling.greedy:
+            return self._greedy_candidates(ids, gamma, uniforms)
         logits = advance(self.state, ids)[-1]  # [V]
-        greedy = self.sampling.greedy
-        if greedy:  # the uniforms go unused (one-hot q), but must still be uniforms
-            _check_uniforms(uniforms[:gamma])
         tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
-        rows = []  # q rows [V] (greedy: none, q is one-hot on the tokens: adjust_logits' rows)
-        calls = 1
+        rows = []  # q rows, each [V]
         for i in range(gamma):
-            if greedy:
-                x = int(greedy_tokens(logits))  # what sample_token draws from the one-hot row
-            else:
-                q = adjust_logits(logits, self.sampling)  # [V]
-                x = sample_token(q, float(uniforms[i]))
-                rows.append(q)
-            tokens[i] = x
+            q = adjust_logits(logits, self.sampling)  # [V]
+            tokens[i] = sample_token(q, float(uniforms[i]))
+            rows.append(q)
             if i + 1 < gamma:
-                logits = self.state.append([x])[-1]  # [V]
-                calls += 1
-        if greedy:
-            return Candidates(tokens, None, model_calls=calls, checked=True,
-                              vocab_size=logits.shape[-1])
-        return Candidates(tokens, np.stack(rows), model_calls=calls, checked=True)
+                logits = self.state.append([int(tokens[i])])[-1]  # [V]
+        return Candidates(tokens, np.stack(rows), model_calls=gamma, checked=True)
+
+    def _greedy_candidates(self, ids: Sequence[int], gamma: int,
+                           uniforms: np.ndarray) -> Candidates:
+        """Temperature 0: each token is the argmax (what sample_token draws from the one-hot
+        row whatever the uniform), so only argmax ids are needed (``greedy_append``: on the
+        device for a model that computes them there) and q stays one-hot on the tokens."""
+        _check_uniforms(uniforms[:gamma])  # unused, but must still be uniforms
+        tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
+        tokens[0] = advance_greedy(self.state, ids)[-1]
+        for i in range(1, gamma):
+            tokens[i] = greedy_append(self.state, [int(tokens[i - 1])])[-1]
+        return Candidates(tokens, None, model_calls=gamma, checked=True,
+                          vocab_size=self.model.vocab_size)
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Fixed gamma: nothing to learn. Rejected tokens are rewound lazily."""
@@ -235,17 +240,16 @@ def host_verify(
         raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
     x = candidates.tokens  # [gamma]
     gamma = len(x)
-    logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
     if candidates.checked:
         _check_uniforms(accept_uniforms, sample_uniform)
-        if sampling.greedy:
-            choices = greedy_tokens(logits)  # [gamma + 1]: p is one-hot on these
-            q_x = candidates.q_at(x)  # [gamma]
-            if np.all((q_x > 0) & (q_x <= 1)):
-                n, token = verify_greedy(choices, x)
-                reached = min(n + 1, gamma)
-                # beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choice_i) on one-hot p_i
-                return Verdict(n, token, candidates.q_at(choices[:reached]).tolist())
+        if sampling.greedy and np.all((q_x := candidates.q_at(x)) > 0) and np.all(q_x <= 1):
+            # p is one-hot on the target's argmax tokens: only those are needed
+            choices = advance_greedy(target, scored, gamma + 1)[-(gamma + 1) :]  # [gamma + 1]
+            n, token = verify_greedy(choices, x)
+            reached = min(n + 1, gamma)
+            # beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choice_i) on one-hot p_i
+            return Verdict(n, token, candidates.q_at(choices[:reached]).tolist())
+    logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
     q = candidates.probs  # [gamma, V]
     p = adjust_logits(logits, sampling)  # [gamma + 1, V]
     n, token = verify(p, q, x, accept_uniforms, sample_uniform, lenience=lenience,
@@ -414,22 +418,23 @@ def autoregressive_stream(
     eos = _eos_set(eos_id)
     state = model.new_state() if state is None else state
     stats = stats if stats is not None else GenerationStats()
-    logits = advance(state, list(prompt_ids))[-1]  # [V]
+    # greedy: the argmax, what sample_token draws from the one-hot row for any u; only the
+    # argmax ids are needed (greedy_append: on the device for a model that computes them)
+    greedy = sampling.greedy
+    step = advance_greedy if greedy else advance
+    out = step(state, list(prompt_ids))[-1]  # greedy: the next token; else logits [V]
     stats.target_calls += 1
     produced = 0
-    greedy = sampling.greedy
     while True:
         u = float(rng.random())  # drawn when greedy too: the same stream either way
-        # greedy: the argmax, what sample_token draws from the one-hot row for any u
-        token = (int(greedy_tokens(logits)) if greedy
-                 else sample_token(adjust_logits(logits, sampling), u))
+        token = int(out) if greedy else sample_token(adjust_logits(out, sampling), u)
         produced += 1
         stats.iterations += 1
         stats.new_tokens = produced
         yield [token]
         if produced >= max_new_tokens or token in eos:
             break
-        logits = state.append([token])[-1]  # [V]
+        out = (greedy_append(state, [token]) if greedy else state.append([token]))[-1]
         stats.target_calls += 1
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "Verdict",
     "Verifier",
     "advance",
+    "advance_greedy",
+    "greedy_append",
     "rewind_to_common_prefix",
 ]
 
@@ -205,3 +207,26 @@ def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndar
     """
     common = rewind_to_common_prefix(state, ids, min_new)
     return state.append(list(ids[common:]))
+
+
+def greedy_append(state: DecodeState, tokens: Sequence[int]) -> np.ndarray:
+    """Append ``tokens`` and return the greedy token after each [len(tokens)] int64: the
+    argmax of each logits row (the first on ties), as
+    :func:`quickdraft.sampling.greedy_tokens` picks it.
+
+    A state with an ``append_greedy`` method (a model that computes the argmax next to its
+    logits, on its device) answers itself; any other state's logits come to the host.
+    """
+    own = getattr(state, "append_greedy", None)
+    if own is not None:
+        return own(tokens)
+    from quickdraft.sampling import greedy_tokens
+
+    return greedy_tokens(state.append(tokens))
+
+
+def advance_greedy(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:
+    """:func:`advance` returning the greedy token after each appended token [k] int64 (k >=
+    ``min_new``) in place of the logits rows; the last one follows ``ids``."""
+    common = rewind_to_common_prefix(state, ids, min_new)
+    return greedy_append(state, list(ids[common:]))

@@ -71,6 +71,7 @@ def test_static_export_layout(static_pair):
         assert not m.has_position_ids and m.has_attention_mask
         assert set(m.input_names) == {"input_ids", "attention_mask"} | {
             f"past_key_values.{i}.{kv}" for i in range(m.num_layers) for kv in ("key", "value")}
+        assert m.output_names[0] == "logits" and m.output_names[-1] == "greedy_tokens"
         v = m.validation
         assert v["static_diff_over_tolerance"] < 1 and v["diff_over_tolerance"] < 1
         assert min(v["greedy_equal_steps"]) == 8
@@ -123,6 +124,38 @@ def test_rewind_gives_a_fresh_forward(static_pair):
     assert state.tokens == ids[:6]
     rows = [state.append(ids[6:10]), state.append([ids[10]]), state.append(ids[11:])]
     assert np.abs(np.concatenate(rows) - fresh[6:]).max() < 1e-5
+
+
+def test_greedy_output_is_the_argmax_of_the_logits(static_pair):
+    """append_greedy (the graph's greedy_tokens, read as ids) picks what greedy_tokens picks
+    on append's logits, for every step length and through rollbacks; a 1-token step writes
+    its argmax over its own input, and the next call with another token is not confused."""
+    from quickdraft.protocols import advance_greedy, greedy_append
+    from quickdraft.sampling import greedy_tokens
+
+    greedy_model = load(static_pair / "target", steps=(1, 4))
+    logits_model = load(static_pair / "target", steps=(1, 4))
+    assert greedy_model.has_greedy
+    g, lg = greedy_model.new_state(), logits_model.new_state()
+    rng = np.random.default_rng(5)
+    ids = [int(t) for t in rng.integers(0, 512, 9)]
+    chunks = [ids, [3], [4, 5, 6, 7], [8, 9], [1]]
+    for chunk in chunks:
+        want = greedy_tokens(lg.append(chunk))  # [k]
+        got = g.append_greedy(chunk)  # [k] int64
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+    chain = [int(got[-1])]
+    for _ in range(6):  # a greedy chain: each step feeds the last argmax
+        a = greedy_append(g, chain[-1:])  # [1]
+        assert a.tolist() == greedy_tokens(lg.append(chain[-1:])).tolist()
+        chain.append(int(a[-1]))
+    assert greedy_append(g, [0]).tolist() == greedy_tokens(lg.append([0])).tolist()
+    back = len(ids) + 2
+    g.rewind(back)
+    lg.rewind(back)
+    assert advance_greedy(g, g.tokens + [11, 12], 2).tolist() == \
+        greedy_tokens(lg.append([11, 12])).tolist()
+    assert g.append_greedy([]).shape == (0,)
 
 
 @pytest.mark.parametrize("draft_role", ["draft", "target"])
@@ -311,7 +344,11 @@ def test_generator_load_dispatches_on_kv_cache(static_pair, exported_llama_pair,
         assert generic.generate(prompt, DecodeConfig(max_new_tokens=16, gamma=4,
                                                      sampling=GREEDY)).tokens == ar.tokens
         s = sp.stats
-        assert (s.kv_cache, s.verifier) == ("static", "device")
+        # greedy: the rule on the target's argmax ids (the graph computes them); sampling:
+        # the verification graph
+        assert (s.kv_cache, s.verifier) == ("static", "host")
+        sampled = fast.generate(prompt, DecodeConfig(max_new_tokens=8, gamma=4, seed=0))
+        assert sampled.stats.verifier == "device" and sampled.stats.verify_s > 0
         assert s.target.calls == s.generation.iterations and s.verify_s > 0
         assert s.decode_s >= s.target_s + s.draft_s + s.verify_s
         assert 0 <= s.generation.alpha <= 1
@@ -371,16 +408,17 @@ def test_generate_cli_on_a_static_export(static_pair, capsys):
     assert rc == 0
     res = json.loads(out)
     assert len(res["tokens"]) == 12
-    assert (res["stats"]["kv_cache"], res["stats"]["verifier"]) == ("static", "device")
+    # greedy: the rule on the target's argmax ids, on the host
+    assert (res["stats"]["kv_cache"], res["stats"]["verifier"]) == ("static", "host")
     assert 0 <= res["stats"]["alpha"] <= 1
-    rc, out, _ = _cli(capsys, *base, "--json", "--host-verify")
-    host = json.loads(out)
-    assert rc == 0 and host["tokens"] == res["tokens"] and host["stats"]["verifier"] == "host"
+    rc, out, _ = _cli(capsys, *base, "--json", "--device-verify")
+    graph = json.loads(out)
+    assert rc == 0 and graph["tokens"] == res["tokens"] and graph["stats"]["verifier"] == "device"
     rc, out, _ = _cli(capsys, *base, "--json", "--autoregressive")
     assert rc == 0 and json.loads(out)["tokens"] == res["tokens"]  # greedy: the same
     rc, out, err = _cli(capsys, *base, "--stream", "--no-cuda-graph")
     assert rc == 0 and out == res["text"] + "\n"
-    assert "static cache" in err and "verified on the device" in err
+    assert "static cache" in err and "verified on the host" in err
     with pytest.raises(SystemExit):
         _cli(capsys, *base, "--device-verify", "--host-verify")
     assert "not allowed with" in capsys.readouterr().err

@@ -10,8 +10,10 @@ tokenizer files, manifest facts, the temporary folder renamed into place).
 
 The graph (see :mod:`quickdraft.ort_backend.static` for how it is run): inputs
 ``input_ids`` [B, S] int64, ``attention_mask`` [B, T] int64 and ``past_key_values.{i}.key``
-/ ``.value`` [B, kv_heads, P, head_dim]; outputs ``logits`` [B, S, V] and
-``present.{i}.key`` / ``.value``. GroupQueryAttention reads ``seqlens_k = sum(mask) - 1``
+/ ``.value`` [B, kv_heads, P, head_dim]; outputs ``logits`` [B, S, V],
+``present.{i}.key`` / ``.value`` and, added after the builder, ``greedy_tokens`` [B, S]
+int64 (the argmax of each position's logits, :mod:`quickdraft.export.greedy`).
+GroupQueryAttention reads ``seqlens_k = sum(mask) - 1``
 and ``total_sequence_length = T`` and applies the rotary embedding inside, so one buffer of
 [1, kv_heads, max_length, head_dim] per cache tensor can be both past and present.
 
@@ -40,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quickdraft.export.checks import ExportError, SourceInfo, UnsupportedModelError
+from quickdraft.export.greedy import add_greedy_output
 from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest
 
 __all__ = [
@@ -303,6 +306,8 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     if not (folder / MODEL_FILE).is_file() or not (folder / "genai_config.json").is_file():
         raise ExportError(f"{info.source}: the model builder wrote no {MODEL_FILE}")
     _emit(progress, f"{label}: graph written in {time.perf_counter() - t0:.1f} s")
+    vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
+    add_greedy_output(folder / MODEL_FILE, vocab)  # greedy decoding reads argmax ids only
     _ensure_tokenizer(info, folder)
     manifest = static_manifest(folder, info.config, dtype, length)
     manifest.source = info.source

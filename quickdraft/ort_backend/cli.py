@@ -55,9 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device-verify", dest="verify", action="store_const", const="device",
                        help="verify with an ONNX graph next to the target's logits (default "
-                       "for static-cache exports)")
+                       "for static-cache exports when sampling)")
     where.add_argument("--host-verify", dest="verify", action="store_const", const="host",
-                       help="verify in NumPy on the host (default for dynamic-cache exports)")
+                       help="verify in NumPy on the host (default for dynamic-cache exports, "
+                       "and for static ones when greedy: the target's argmax ids only)")
     p.set_defaults(verify="auto")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="static caches on CUDA: run the steps without capturing CUDA graphs")

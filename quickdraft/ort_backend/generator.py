@@ -266,8 +266,11 @@ class Generator:
 
     ``verify``: "host" (logits to the host, :func:`quickdraft.generation.host_verify`),
     "device" (the verification graph on the target's device, computing in ``compute``) or
-    "auto" (device for a static target, whose logits can stay on the device; host
-    otherwise). Either way the loop, the uniforms and so the tokens for a seed are those of
+    "auto": for a static target, the device when sampling (the logits stay there) and the
+    host when greedy (the rule then needs only the target's argmax ids, which a static
+    graph computes on the device: gamma + 1 integers cross, and no verification graph
+    runs; measured faster on the H100, docs/benchmarks.md); host otherwise. Either way the
+    loop, the uniforms and so the tokens for a seed are those of
     :func:`quickdraft.generation.speculative_stream`. ``drafter_factory`` (optional) makes
     the :class:`~quickdraft.protocols.Drafter` from the (timed) draft model in place of
     :class:`~quickdraft.generation.ModelDrafter`.
@@ -292,6 +295,8 @@ class Generator:
         eos = list(m.eos_token_ids) or ([m.eos_token_id] if m.eos_token_id is not None else [])
         self.eos_ids: frozenset[int] = frozenset(int(e) for e in eos)
         has_onnx = importlib.util.find_spec("onnx") is not None
+        # auto: greedy generations verify on the host (prefill picks per generation)
+        self._greedy_on_host = verify == "auto"
         if verify == "auto":  # the device when the logits can stay there and onnx is here
             verify = "device" if m.kv_cache == "static" and has_onnx else "host"
         if verify == "device" and not has_onnx:
@@ -299,9 +304,10 @@ class Generator:
                 "verification on the device builds an ONNX graph and needs the onnx package "
                 "(pip install onnx); or verify on the host"
             )
-        self.verify = verify  # "host" or "device"
+        self.verify = verify  # "host" or "device": where sampled generations verify
         self._verifier = (GraphVerifier.for_model(target, compute=compute)
                           if verify == "device" else host_verify)
+        self._active_verifier = self._verifier  # this generation's (set by prefill)
         self.drafter_factory = None  # draft LanguageModel -> Drafter; None: ModelDrafter
         self.device_note: str | None = None  # set by load() when "auto" fell back to the CPU
         self.config: DecodeConfig | None = None
@@ -446,11 +452,14 @@ class Generator:
         self._close_engine()
         self.config = config
         speculative = not config.autoregressive
-        if speculative and isinstance(self._verifier, GraphVerifier):
-            self._verifier.prepare(config.gamma, config.sampling)  # sessions made up front
+        self._active_verifier = (host_verify if self._greedy_on_host and config.sampling.greedy
+                                 else self._verifier)
+        if speculative and isinstance(self._active_verifier, GraphVerifier):
+            self._active_verifier.prepare(config.gamma, config.sampling)  # sessions up front
+        where = "device" if isinstance(self._active_verifier, GraphVerifier) else "host"
         stats = OrtStats(mode=config.mode, device=str(self.device), prompt_tokens=len(ids),
                          kv_cache=self.target.manifest.kv_cache,
-                         verifier=self.verify if speculative else None,
+                         verifier=where if speculative else None,
                          draft=ModelTimes() if speculative else None)
         stats.generation.gamma = config.gamma if speculative else 0
         self._target = TimedModel(self.target, stats.target)
@@ -533,7 +542,7 @@ class Generator:
 
     def _timed_verifier(self):
         """The verifier, adding its time less the target calls inside it to ``verify_s``."""
-        verifier, stats = self._verifier, self.stats
+        verifier, stats = self._active_verifier, self.stats
 
         def timed(*args, **kwargs):
             target_before = stats.target.decode_s
@@ -602,18 +611,19 @@ SpeculativeGenerator = Generator  # the same object: speculative unless asked ot
 
 
 class FastGenerator(Generator):
-    """A :class:`Generator` verifying on the device (by default), with whole-generation
-    calls that take token ids and return ``(tokens, statistics dict)``: for measurements.
+    """A :class:`Generator` with whole-generation calls that take token ids and return
+    ``(tokens, statistics dict)``: for measurements.
 
     ``FastGenerator(target, draft, sampling=...)`` fixes the sampling settings;
     :meth:`autoregressive` and :meth:`speculative` run :meth:`Generator.generate` and
     flatten its :class:`OrtStats` into the dict (see :meth:`speculative` for its keys).
-    ``verify="host"`` verifies on the host instead (the logits of the gamma + 1 positions
-    are copied there), to measure one against the other.
+    ``verify`` is the :class:`Generator`'s ("auto": the verification graph when sampling,
+    the host rule on the target's argmax ids when greedy); "device" or "host" forces one,
+    to measure one against the other.
     """
 
     def __init__(self, target, draft=None, *, sampling: SamplingConfig | None = None,
-                 compute: str = "float32", tokenizer=None, verify: str = "device"):
+                 compute: str = "float32", tokenizer=None, verify: str = "auto"):
         super().__init__(target, draft, tokenizer, verify=verify, compute=compute)
         self.sampling = sampling if sampling is not None else SamplingConfig()
 

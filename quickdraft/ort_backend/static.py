@@ -44,6 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from quickdraft.export.greedy import GREEDY_OUTPUT
 from quickdraft.ort_backend.device import Device
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 
@@ -131,13 +132,17 @@ class StaticOrtModel(ExportedModel):
         self._mask_host = np.zeros((1, self.max_cache), dtype=np.int64)
         self._mask = ort.OrtValue.ortvalue_from_numpy(self._mask_host, kind, dev)
         self._on_device = kind != "cpu"  # host arrays must be copied into device buffers
+        # the graph's greedy_tokens output (quickdraft.export.greedy), when it has one
+        self.has_greedy = GREEDY_OUTPUT in m.output_names
         self._steps: dict[int, _StepBinding] = {}
         for graph_id, s in enumerate(self.graph_steps, start=1):
             self._steps[s] = _StepBinding(self, s, graph_id)
         self._generic = self.session.io_binding()
         self._generic_options = _run_options(-1 if self.cuda_graph else None)
+        self._generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
+        self._last_step: _StepBinding | None = None  # which binding ran last
         self._owner: StaticDecodeState | None = None
-        self.calls = {"captured_steps": 0, "generic_steps": 0}
+        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
 
     def _check_manifest(self) -> None:
         super()._check_manifest()
@@ -193,6 +198,7 @@ class StaticOrtModel(ExportedModel):
         if self._on_device:  # on the CPU the bound buffer is the host array itself
             self._mask.update_inplace(mask)  # the mask buffer is bound by every binding
         step = self._steps.get(k)
+        self._last_step = step
         if step is not None:
             self.calls["captured_steps"] += 1
             return step.run(tokens)
@@ -207,8 +213,27 @@ class StaticOrtModel(ExportedModel):
         io.bind_ortvalue_input(_INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids, kind, dev))
         self._bind_common(io)
         io.bind_output(_LOGITS, kind, dev)
+        if self.has_greedy:
+            io.bind_output(GREEDY_OUTPUT, kind, dev)
         self.session.run_with_iobinding(io, self._generic_options)
-        return io.get_outputs()[-1]
+        outputs = io.get_outputs()  # presents (the cache buffers), logits, greedy tokens
+        self._generic_greedy = outputs[-1] if self.has_greedy else None
+        return outputs[-2] if self.has_greedy else outputs[-1]
+
+    def run_greedy(self, tokens: Sequence[int], past_length: int) -> np.ndarray:
+        """As :meth:`run`, returning the greedy token after each of ``tokens`` [k] int64 on
+        the host: the graph's ``greedy_tokens`` (the argmax of each row, ``vocab_size``
+        for a row that is not finite), only k integers copied from the device."""
+        if not self.has_greedy:
+            raise ValueError(
+                f"{self.folder}: this graph has no {GREEDY_OUTPUT} output (an export from "
+                "before it was added); re-export it, or take the argmax of run()'s logits"
+            )
+        self.run(tokens, past_length)
+        step = self._last_step
+        if step is not None:
+            return step.read_greedy()
+        return np.array(self._generic_greedy.numpy()[0])
 
     def _bind_common(self, io) -> None:
         io.bind_ortvalue_input(_MASK, self._mask)
@@ -231,7 +256,14 @@ def _run_options(graph_id: int | None):
 
 
 class _StepBinding:
-    """A fixed-length step: its own input_ids and logits buffers, binding and graph id."""
+    """A fixed-length step: its own input_ids, logits (and greedy tokens) buffers, binding
+    and graph id.
+
+    A 1-token step of a graph with ``greedy_tokens`` writes that output over its own
+    ``input_ids`` buffer (the id is read by the embedding before the argmax is written), so
+    in a greedy chain (draft tokens, autoregressive decoding) the next call's input is
+    already on the device: its upload is skipped when the host knows the buffer holds it.
+    """
 
     def __init__(self, model: StaticOrtModel, length: int, graph_id: int):
         import onnxruntime as ort
@@ -248,16 +280,37 @@ class _StepBinding:
         self.binding.bind_ortvalue_input(_INPUT_IDS, self.ids)
         model._bind_common(self.binding)
         self.binding.bind_ortvalue_output(_LOGITS, self.logits)
+        self.greedy = None  # the greedy_tokens buffer [1, length] int64
+        self.chained = model.has_greedy and length == 1  # greedy output over input_ids
+        if model.has_greedy:
+            self.greedy = self.ids if self.chained else ort.OrtValue.ortvalue_from_shape_and_type(
+                (1, length), np.int64, kind, dev)
+            self.binding.bind_ortvalue_output(GREEDY_OUTPUT, self.greedy)
         self.options = _run_options(graph_id if model.cuda_graph else None)
         self.runs = 0
+        self._on_device: list[int] | None = None  # the ids in the device buffer, if known
 
     def run(self, tokens: Sequence[int]):
-        self.ids_host[0, :] = tokens
-        if self.model._on_device:  # on the CPU the bound buffer is ids_host itself
+        tokens = list(tokens)
+        if not self.model._on_device:  # on the CPU the bound buffer is ids_host itself
+            self.ids_host[0, :] = tokens
+        elif tokens == self._on_device:  # a greedy chain: the last argmax is the input
+            self.model.calls["uploads_skipped"] += 1
+        else:
+            self.ids_host[0, :] = tokens
             self.ids.update_inplace(self.ids_host)  # same device address: what graphs replay
         self.model.session.run_with_iobinding(self.binding, self.options)
         self.runs += 1
+        # a chained step overwrote its input with the argmax, unknown until read
+        self._on_device = None if self.chained else tokens
         return self.logits
+
+    def read_greedy(self) -> np.ndarray:
+        """The greedy tokens of the last run, [length] int64 on the host (a copy)."""
+        out = np.array(self.greedy.numpy()[0])  # [length]
+        if self.chained:
+            self._on_device = out.tolist()
+        return out
 
 
 class StaticDecodeState(TokenState):
@@ -290,6 +343,29 @@ class StaticDecodeState(TokenState):
             self._check_owner()
             return np.zeros((0, self.model.vocab_size), dtype=self.model.np_dtype)
         return np.array(self.append_device(tokens).numpy()[0])
+
+    def append_greedy(self, tokens: Sequence[int]) -> np.ndarray:
+        """Consume ``tokens``; return the greedy token after each of them [len(tokens)]
+        int64: the argmax of each row's logits (the first on ties), computed on the device
+        by the graph's ``greedy_tokens`` output, so only the token ids reach the host
+        (``quickdraft.sampling.greedy_tokens`` of :meth:`append`'s logits for a graph
+        without it). Refuses logits with a NaN or an infinity, as ``greedy_tokens`` does."""
+        self._check_owner()
+        tokens = self._checked(tokens)
+        if not tokens:
+            return np.zeros(0, dtype=np.int64)
+        if not self.model.has_greedy:
+            from quickdraft.sampling import greedy_tokens
+
+            return greedy_tokens(self.append(tokens))
+        choices = self.model.run_greedy(tokens, len(self._tokens))  # [k]
+        self._tokens.extend(tokens)
+        if choices.max() >= self.model.vocab_size:
+            raise ValueError(
+                "logits contain NaN or an infinity; the model produced invalid scores (with "
+                "fp16 weights this is usually an overflow: try fp32)"
+            )
+        return choices
 
     def rewind(self, length: int) -> None:
         self._check_owner()

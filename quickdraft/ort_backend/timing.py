@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quickdraft.protocols import greedy_append
+
 __all__ = ["ModelTimes", "TimedModel", "TimedState", "TimedDeviceState"]
 
 
@@ -79,6 +81,11 @@ class TimedState:
 
     def append(self, tokens: Sequence[int]) -> np.ndarray:
         return self._call(self.inner.append, tokens)
+
+    def append_greedy(self, tokens: Sequence[int]) -> np.ndarray:
+        """The greedy token after each of ``tokens`` (``quickdraft.protocols.greedy_append``
+        of the wrapped state: on the device when it can), timed as a call."""
+        return self._call(lambda t: greedy_append(self.inner, t), tokens)
 
     def _call(self, run, tokens: Sequence[int]):
         t0 = time.perf_counter()

@@ -1,0 +1,79 @@
+"""A greedy-token output added to an exported decoder graph.
+
+Greedy decoding (temperature 0) needs only the argmax of each position's logits. A graph
+that computes it next to the logits lets the runtime copy one int64 per position to the
+host instead of a row of V logits, and keeps the argmax inside a captured CUDA graph.
+:func:`add_greedy_output` appends to a graph with a ``logits`` output [B, S, V]:
+
+* ``greedy_tokens`` [B, S] int64: ``ArgMax(logits, axis=-1)`` (the first maximum on ties,
+  as ONNX's ArgMax with ``select_last_index=0`` specifies), or ``V`` (an id no token has)
+  where the row holds a NaN or an infinity. The check costs one multiply and one sum per
+  row: ``ReduceSum(logits * 0)`` is 0 for a finite row and NaN otherwise, whatever the
+  order of the additions, so no rounding or overflow can flag a finite row.
+
+A model's raw logits are finite; a non-finite one means an overflow (typically fp16), which
+:meth:`quickdraft.ort_backend.static.StaticDecodeState.append_greedy` refuses with an error
+that says so, as :func:`quickdraft.sampling.greedy_tokens` does for host logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["GREEDY_OUTPUT", "add_greedy_output", "greedy_nodes"]
+
+GREEDY_OUTPUT = "greedy_tokens"  # [B, S] int64: argmax per position, V for a non-finite row
+_LOGITS = "logits"
+
+
+def greedy_nodes(graph, vocab_size: int, logits: str = _LOGITS, prefix: str = "qd_greedy"):
+    """Append the nodes, constants and output of ``greedy_tokens`` to ``graph`` (an
+    ``onnx.GraphProto`` with output ``logits`` [B, S, V]); returns the graph."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    outputs = {o.name: o for o in graph.output}
+    if logits not in outputs:
+        raise ValueError(f"the graph has no {logits!r} output to take the argmax of")
+    if GREEDY_OUTPUT in outputs:
+        raise ValueError(f"the graph already has a {GREEDY_OUTPUT!r} output")
+    elem = outputs[logits].type.tensor_type.elem_type
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    zero, axes, vocab = f"{prefix}_zero", f"{prefix}_axes", f"{prefix}_vocab"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.zeros((), dtype=np_type), zero),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
+        numpy_helper.from_array(np.array(vocab_size, dtype=np.int64), vocab),
+    ])
+    t = {name: f"{prefix}_{name}" for name in ("argmax", "zeroed", "sum", "bad", "bad64",
+                                                 "penalty")}
+    graph.node.extend([
+        helper.make_node("ArgMax", [logits], [t["argmax"]], name=f"{prefix}_ArgMax",
+                         axis=-1, keepdims=0, select_last_index=0),  # [B, S]
+        helper.make_node("Mul", [logits, zero], [t["zeroed"]], name=f"{prefix}_Mul0"),
+        helper.make_node("ReduceSum", [t["zeroed"], axes], [t["sum"]],
+                         name=f"{prefix}_ReduceSum", keepdims=0),  # [B, S]: 0 or NaN
+        helper.make_node("IsNaN", [t["sum"]], [t["bad"]], name=f"{prefix}_IsNaN"),
+        helper.make_node("Cast", [t["bad"]], [t["bad64"]], name=f"{prefix}_Cast",
+                         to=TensorProto.INT64),
+        helper.make_node("Mul", [t["bad64"], vocab], [t["penalty"]], name=f"{prefix}_MulV"),
+        helper.make_node("Add", [t["argmax"], t["penalty"]], [GREEDY_OUTPUT],
+                         name=f"{prefix}_Add"),
+    ])
+    dims = outputs[logits].type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value for d in list(dims)[:2]] if len(dims) >= 2 else None
+    graph.output.append(helper.make_tensor_value_info(GREEDY_OUTPUT, TensorProto.INT64, shape))
+    return graph
+
+
+def add_greedy_output(model_path: str | Path, vocab_size: int) -> None:
+    """Add ``greedy_tokens`` to the ONNX file at ``model_path`` in place. Weights in external
+    data files stay where they are (only the graph is rewritten)."""
+    import onnx
+
+    path = Path(model_path)
+    model = onnx.load(str(path), load_external_data=False)
+    greedy_nodes(model.graph, vocab_size)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
