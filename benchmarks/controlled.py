@@ -100,9 +100,10 @@ class ControlledAlphaDrafter:
             for x in tokens[:-1]:  # then one call per proposed token but the last
                 self.state.append([x])
                 calls += 1
-        # q is one-hot on the proposed tokens: no [gamma, V] rows unless a verifier reads them
+        # q is one-hot on the proposed tokens (no [gamma, V] rows unless a verifier reads
+        # them): valid rows with q_i(x_i) = 1, so verifiers may skip their input checks
         return Candidates(np.asarray(tokens, dtype=np.int64), None, model_calls=calls,
-                          vocab_size=self.vocab)
+                          checked=True, vocab_size=self.vocab)
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Fixed gamma and alpha: nothing to learn."""
