@@ -438,6 +438,19 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
+def _note(results_path: Path) -> tuple[str, str]:
+    """The heading and the prose for a results file: from ``NAME.md`` next to ``NAME.json``
+    when it exists (its first line ``# Title`` is the heading, the rest the prose), else
+    the file's name and nothing."""
+    note = results_path.with_suffix(".md")
+    if not note.is_file():
+        return results_path.stem, ""
+    lines = note.read_text().strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        return lines[0][2:].strip(), "\n".join(lines[1:]).strip()
+    return results_path.stem, "\n".join(lines).strip()
+
+
 def update_docs(results_paths: list[Path], page: Path = DOCS_PAGE) -> None:
     text = page.read_text()
     if START not in text or END not in text:
@@ -448,8 +461,10 @@ def update_docs(results_paths: list[Path], page: Path = DOCS_PAGE) -> None:
         calls = results.get("calls") or []
         cmds = "\n".join(c.get("command", "") for c in calls)
         where = p.relative_to(REPO) if p.is_relative_to(REPO) else p
-        blocks.append(f"## {p.stem}\n\nFrom `{where}`"
+        title, note = _note(p)
+        blocks.append(f"## {title}\n\nFrom `{where}`"
                       + (f", made by:\n\n```bash\n{cmds}\n```" if cmds else ".")
+                      + (f"\n\n{note}" if note else "")
                       + "\n\n" + render(results))
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
