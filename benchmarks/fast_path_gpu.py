@@ -263,7 +263,7 @@ def run_child(args) -> dict:
     if config != "optimum":
         from quickdraft.ort_backend.static import FastGenerator
 
-        fg = FastGenerator(target, draft, sampling=greedy)
+        fg = FastGenerator(target, draft, sampling=greedy, verify="device")
         fs = FastGenerator(target, draft, sampling=sampled)
         fg.eos_ids = fs.eos_ids = frozenset()
     for _ in range(2):  # the first round warms up (sessions, arenas, CUDA graph captures)

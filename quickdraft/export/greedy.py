@@ -6,10 +6,11 @@ host instead of a row of V logits, and keeps the argmax inside a captured CUDA g
 :func:`add_greedy_output` appends to a graph with a ``logits`` output [B, S, V]:
 
 * ``greedy_tokens`` [B, S] int64: ``ArgMax(logits, axis=-1)`` (the first maximum on ties,
-  as ONNX's ArgMax with ``select_last_index=0`` specifies), or ``V`` (an id no token has)
-  where the row holds a NaN or an infinity. The check costs one multiply and one sum per
-  row: ``ReduceSum(logits * 0)`` is 0 for a finite row and NaN otherwise, whatever the
-  order of the additions, so no rounding or overflow can flag a finite row.
+  as ONNX's ArgMax with ``select_last_index=0`` specifies), plus ``V`` where the row holds
+  a NaN or an infinity (an id of V or more, which no token has). The check costs one
+  multiply and one sum per row: ``ReduceSum(logits * 0)`` is 0 for a finite row and NaN
+  otherwise, whatever the order of the additions, so no rounding or overflow can flag a
+  finite row.
 
 A model's raw logits are finite; a non-finite one means an overflow (typically fp16), which
 :meth:`quickdraft.ort_backend.static.StaticDecodeState.append_greedy` refuses with an error
@@ -22,7 +23,7 @@ from pathlib import Path
 
 __all__ = ["GREEDY_OUTPUT", "add_greedy_output", "greedy_nodes"]
 
-GREEDY_OUTPUT = "greedy_tokens"  # [B, S] int64: argmax per position, V for a non-finite row
+GREEDY_OUTPUT = "greedy_tokens"  # [B, S] int64: argmax per position, + V for a non-finite row
 _LOGITS = "logits"
 
 

@@ -6,7 +6,8 @@ graphs, :class:`~quickdraft.ort_backend.static.StaticOrtModel`, with CUDA graphs
 :func:`load_model` picks the class from the manifest's ``kv_cache``. Verification runs on
 the host (:func:`quickdraft.generation.host_verify`) or as an ONNX graph next to the
 target's logits (:class:`~quickdraft.ort_backend.verify_graph.GraphVerifier`, the default
-on static graphs). Its lifecycle:
+on static graphs when sampling; greedy generations on static graphs compare the target's
+argmax ids, computed in its graph, on the host). Its lifecycle:
 
 * ``load`` (:meth:`Generator.load`): sessions for the target and the draft on one device,
   the tokenizer, and the checks that they belong together;
@@ -643,7 +644,7 @@ class FastGenerator(Generator):
 
     def speculative(self, prompt_ids: Sequence[int], max_new_tokens: int, gamma: int, *,
                     seed: int | None = None, drafter_factory=None) -> tuple[list[int], dict]:
-        """Speculative sampling, verification on the device. Returns (tokens, stats).
+        """Speculative sampling, verified as ``verify`` says. Returns (tokens, stats).
 
         stats: ``mode``, ``gamma``, ``new_tokens``, ``iterations``, ``target_calls`` and
         ``draft_calls`` (decode phase: one target call per iteration), the accepted and

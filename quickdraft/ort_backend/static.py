@@ -34,7 +34,7 @@ thread: call a model from the thread that captured it.
 Loading, the manifest checks and the session are shared with the dynamic-cache wrapper
 (:class:`quickdraft.ort_backend.model.ExportedModel`); generation on these models is
 :class:`quickdraft.ort_backend.Generator`'s (``FastGenerator``, importable from here too, is
-a ``Generator`` verifying on the device with whole-generation calls for measurements).
+a ``Generator`` with whole-generation calls for measurements).
 """
 
 from __future__ import annotations
@@ -222,8 +222,9 @@ class StaticOrtModel(ExportedModel):
 
     def run_greedy(self, tokens: Sequence[int], past_length: int) -> np.ndarray:
         """As :meth:`run`, returning the greedy token after each of ``tokens`` [k] int64 on
-        the host: the graph's ``greedy_tokens`` (the argmax of each row, ``vocab_size``
-        for a row that is not finite), only k integers copied from the device."""
+        the host: the graph's ``greedy_tokens`` (the argmax of each row, plus
+        ``vocab_size`` for a row that is not finite), only k integers copied from the
+        device."""
         if not self.has_greedy:
             raise ValueError(
                 f"{self.folder}: this graph has no {GREEDY_OUTPUT} output (an export from "
