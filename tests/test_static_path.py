@@ -158,6 +158,35 @@ def test_greedy_output_is_the_argmax_of_the_logits(static_pair):
     assert g.append_greedy([]).shape == (0,)
 
 
+def test_greedy_chain_skips_uploads_and_decodes_the_same(static_pair):
+    """On a device, a 1-token step whose input is the argmax it just wrote skips the upload.
+    Run here with the model set to copy its inputs as a device model does (on the CPU the
+    bound buffers are the host arrays, so both ways see the same memory): greedy speculative
+    and autoregressive decoding give the same tokens as the plain CPU model, and uploads
+    were skipped only for chained calls."""
+    from quickdraft.ort_backend.generator import FastGenerator
+
+    def generator(device_like: bool):
+        target = load(static_pair / "target", steps=(1, 2, 3, 4, 5))
+        draft = load(static_pair / "draft", steps=(1, 2))
+        for m in (target, draft):
+            m._on_device = device_like  # copy inputs with update_inplace, as on CUDA
+        g = FastGenerator(target, draft, sampling=SamplingConfig(temperature=0))
+        g.eos_ids = frozenset()
+        return g
+
+    plain, chained = generator(False), generator(True)
+    for prompt in PROMPTS[1:3]:
+        want_ar, _ = plain.autoregressive(prompt, 24)
+        want_sp, _ = plain.speculative(prompt, 24, 3)
+        assert chained.autoregressive(prompt, 24)[0] == want_ar
+        assert chained.speculative(prompt, 24, 3)[0] == want_sp == want_ar
+    skipped_target = chained.target.calls["uploads_skipped"]
+    skipped_draft = chained.draft.calls["uploads_skipped"]
+    assert skipped_target > 0 and skipped_draft > 0  # the AR chain and the draft chains
+    assert plain.target.calls["uploads_skipped"] == plain.draft.calls["uploads_skipped"] == 0
+
+
 @pytest.mark.parametrize("draft_role", ["draft", "target"])
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_greedy_speculative_equals_autoregressive(static_pair, gamma, draft_role):
