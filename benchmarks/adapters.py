@@ -85,8 +85,10 @@ def _device(device: str):
 
 
 def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
-         cuda_graph: bool = True, with_draft: bool = True) -> LoadedPair:
-    """Load an exported pair for ``path``."""
+         cuda_graph: bool = True, with_draft: bool = True,
+         cache_length: int | None = None) -> LoadedPair:
+    """Load an exported pair for ``path``. ``cache_length``: tokens the fast path's static
+    caches hold (None: the export's default, its ``max_cache_length``)."""
     dev, note = _device(device)
     if path == "generic":
         try:
@@ -107,19 +109,20 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
         graphs = bool(cuda_graph and dev.kind == "cuda")
         # the target's fixed step lengths: 1 (autoregressive) and gamma + 1 for every gamma
         # of the sweep; the draft's: 1, and 2 after an iteration that accepted everything
-        target = StaticOrtModel(model_dir / "target", dev,
+        target = StaticOrtModel(model_dir / "target", dev, max_length=cache_length,
                                 graph_steps=tuple(range(1, max_gamma + 2)), cuda_graph=graphs)
         draft = None
         if with_draft:
-            draft = StaticOrtModel(model_dir / "draft", dev, graph_steps=(1, 2),
-                                   cuda_graph=graphs)
+            draft = StaticOrtModel(model_dir / "draft", dev, max_length=cache_length,
+                                   graph_steps=(1, 2), cuda_graph=graphs)
         pair = LoadedPair(path, str(dev), target, draft, None,
                           {"device_note": note, "cuda_graph": graphs,
+                           "cache_length": target.max_length,
                            "loop": "quickdraft.generation"})
         fg = fast_generator(pair)
         if fg is not None:
             pair.generator = fg
-            pair.info["loop"] = "FastGenerator (verification on the device)"
+            pair.info["loop"] = "FastGenerator (verify auto: argmax ids when greedy)"
         return pair
     raise ValueError(f"unknown path {path!r}")
 

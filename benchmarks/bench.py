@@ -134,6 +134,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hf-repeats", type=int, default=None,
                     help="timed runs for Hugging Face (slow on a busy host; default --repeats)")
     ap.add_argument("--cost-reps", type=int, default=10)
+    ap.add_argument("--cache", default="run", choices=["run", "export"],
+                    help="quickdraft's static cache length: sized to the run (prompt + new "
+                         "tokens + a verify step, as onnxruntime-genai sizes its own; the "
+                         "default) or the export's default (its max_cache_length)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast path without CUDA graphs")
     ap.add_argument("--export-validate", action="store_true",
@@ -365,7 +369,7 @@ class Bench:
         controlled = a.controlled == "all" or (a.controlled == "random" and name != "trained")
         common = {"pair_dir": str(d), "device": a.device, "new_tokens": a.new_tokens,
                   "gamma": a.gamma, "gammas": a.gammas, "warmup": a.warmup,
-                  "repeats": a.repeats, "sweep_repeats": a.sweep_repeats}
+                  "repeats": a.repeats, "sweep_repeats": a.sweep_repeats, "cache": a.cache}
         reference = None
         for system in a.systems:
             key = f"{name}/{system}"

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--top", type=int, default=25, help="functions listed per mode")
+    ap.add_argument("--cache-length", type=int, default=None,
+                    help="tokens the static caches hold (default: the export's)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "."))
     args = ap.parse_args(argv)
 
@@ -139,15 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, prompt = _model_dir_and_prompt(args.folder, args.prompt_ids)
     device, _ = resolve_device(args.device)
     graphs = device.kind == "cuda"
-    target = StaticOrtModel(model_dir / "target", device,
+    target = StaticOrtModel(model_dir / "target", device, max_length=args.cache_length,
                             graph_steps=(1, args.gamma + 1), cuda_graph=graphs)
-    draft = StaticOrtModel(model_dir / "draft", device, graph_steps=(1, 2), cuda_graph=graphs)
+    draft = StaticOrtModel(model_dir / "draft", device, max_length=args.cache_length,
+                           graph_steps=(1, 2), cuda_graph=graphs)
     gen = FastGenerator(target, draft, sampling=SamplingConfig(temperature=0.0))
     gen.eos_ids = frozenset()  # exactly new_tokens
     modes = [profile_mode(gen, prompt, args.new_tokens, g, args.repeats, args.top)
              for g in (None, args.gamma)]
     report = {"device": str(device), "model_dir": str(model_dir), "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "cuda_graphs": graphs, "modes": modes}
+              "repeats": args.repeats, "cuda_graphs": graphs, "cache_length": target.max_length,
+              "modes": modes}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_fast.json").write_text(json.dumps(report, indent=1))
     print(render(report))

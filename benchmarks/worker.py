@@ -211,14 +211,25 @@ def task_qd(spec: dict, rec: Record) -> None:
     warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
     sweep_repeats = int(spec.get("sweep_repeats", max(1, repeats - 1)))
     rec.set("config", {k: spec[k] for k in ("path", "device", "new_tokens", "gamma", "gammas",
-                                              "alphas", "warmup", "repeats") if k in spec})
+                                              "alphas", "warmup", "repeats", "cache")
+                       if k in spec})
     vocab = int((load_json(pair_dir / "pair.json") or {}).get("vocab_size") or 0)
     if vocab:
         rec.set("preflight", {"greedy_adjust_logits_ms": _preflight_sampling(vocab)})
 
+    # static caches sized to the run (the longest prompt, the new tokens and a verify step
+    # past them), as onnxruntime-genai sizes its own (max_length = prompt + new tokens);
+    # "export": the export's default length
+    cache_length = None
+    if spec.get("cache", "run") == "run":
+        cache_length = max(len(p) for p in prompts) + n + 2 * (max_gamma + 1)
+        limit = int((load_json(model_dir / "target" / "quickdraft.json") or {}).get(
+            "max_length") or cache_length)
+        cache_length = min(cache_length, limit)
     t0 = time.perf_counter()
     pair = adapters.load(path, model_dir, device=device, max_gamma=max_gamma,
-                         cuda_graph=bool(spec.get("cuda_graph", True)))
+                         cuda_graph=bool(spec.get("cuda_graph", True)),
+                         cache_length=cache_length)
     rec.set("load", {"seconds": round(time.perf_counter() - t0, 2), **pair.info,
                      "device": pair.device})
     rec.set("memory", mem.mark("loaded"))
