@@ -136,7 +136,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cost-reps", type=int, default=10)
     ap.add_argument("--cache", default="run", choices=["run", "export"],
                     help="quickdraft's static cache length: sized to the run (prompt + new "
-                         "tokens + a verify step, as onnxruntime-genai sizes its own; the "
+                         "tokens + two verify steps, as onnxruntime-genai sizes its own; the "
                          "default) or the export's default (its max_cache_length)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast path without CUDA graphs")

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quickdraft.protocols import Candidates, DecodeState, LanguageModel, advance
+from quickdraft.protocols import (
+    Candidates,
+    DecodeState,
+    LanguageModel,
+    advance_greedy,
+    greedy_append,
+)
 
 __all__ = [
     "ControlledAlphaDrafter",
@@ -95,10 +101,12 @@ class ControlledAlphaDrafter:
         tokens = [self._propose(start + i) for i in range(gamma)]
         calls = 0
         if self.run_draft:
-            advance(self.state, ids)  # what ModelDrafter does: one call for the new prefix,
+            # the calls ModelDrafter makes when greedy (argmax ids only, so a model that
+            # computes them on its device copies one id per call): one for the new prefix,
+            advance_greedy(self.state, ids)
             calls = 1
-            for x in tokens[:-1]:  # then one call per proposed token but the last
-                self.state.append([x])
+            for x in tokens[:-1]:  # then one per proposed token but the last
+                greedy_append(self.state, [x])
                 calls += 1
         # q is one-hot on the proposed tokens (no [gamma, V] rows unless a verifier reads
         # them): valid rows with q_i(x_i) = 1, so verifiers may skip their input checks

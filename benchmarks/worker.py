@@ -217,8 +217,8 @@ def task_qd(spec: dict, rec: Record) -> None:
     if vocab:
         rec.set("preflight", {"greedy_adjust_logits_ms": _preflight_sampling(vocab)})
 
-    # static caches sized to the run (the longest prompt, the new tokens and a verify step
-    # past them), as onnxruntime-genai sizes its own (max_length = prompt + new tokens);
+    # static caches sized to the run (the longest prompt, the new tokens and two verify
+    # steps past them), as onnxruntime-genai sizes its own (max_length = prompt + new);
     # "export": the export's default length
     cache_length = None
     if spec.get("cache", "run") == "run":

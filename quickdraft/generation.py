@@ -229,7 +229,8 @@ def host_verify(
 ) -> Verdict:
     """The reference :class:`~quickdraft.protocols.Verifier`: the target's logits come to
     the host, :func:`~quickdraft.sampling.adjust_logits` shapes them into p and
-    :func:`quickdraft.verification.verify` decides.
+    :func:`quickdraft.verification.verify` decides (greedy, with checked candidates: only
+    the target's argmax ids come to the host, :func:`~quickdraft.protocols.advance_greedy`).
 
     Candidates marked ``checked`` (q rows from ``adjust_logits``, tokens drawn from them)
     skip verify's input checks. Greedy sampling with such candidates decides with

@@ -100,6 +100,11 @@ class Candidates:
             self._probs = rows
         return self._probs
 
+    @property
+    def has_rows(self) -> bool:
+        """Whether the [gamma, V] rows exist (given, or built by a read of :attr:`probs`)."""
+        return self._probs is not None
+
     def q_at(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """q_i(y_i) for i = 0 .. k - 1: tokens y [k] (k <= gamma) -> [k] float64."""
         y = np.asarray(tokens, dtype=np.int64)  # [k]

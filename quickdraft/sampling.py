@@ -118,7 +118,7 @@ def _argmax_float16(z: np.ndarray) -> np.ndarray:
     key = ((bits & 0x7FFF) ^ sign) - sign  # [..., V] magnitude, negated where negative
     ranked = np.argmax(key, axis=-1)  # [...]
     low = np.argmin(key, axis=-1)  # [...] a negative NaN has the smallest key
-    return np.where(negative_nan, low, ranked)
+    return np.where(negative_nan, low, ranked)[()]  # a scalar for one row, as argmax gives
 
 
 def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig()) -> np.ndarray:

@@ -290,7 +290,7 @@ def test_checked_candidates_get_the_verdict_of_the_full_check(vocab, gamma, seed
     u, s = rng.random(gamma), float(rng.random())
     scored = ids + cand.tokens.tolist()
     fast = host_verify(target.new_state(), scored, cand, cfg, u, s, lenience=lenience)
-    assert cand.one_hot == cfg.greedy  # reading q at tokens did not need the rows
+    assert cand.has_rows != cfg.greedy  # greedy: reading q at tokens did not build the rows
     dense = Candidates(cand.tokens, np.array(cand.probs), cand.model_calls)
     full = host_verify(target.new_state(), scored, dense, cfg, u, s, lenience=lenience)
     assert fast == full
@@ -305,7 +305,9 @@ def test_one_hot_candidates_read_as_their_dense_rows():
     y = np.array([3, 1, 3])
     np.testing.assert_array_equal(one_hot.q_at(y), [1.0, 0.0, 1.0])
     np.testing.assert_array_equal(one_hot.q_at(y[:2]), [1.0, 0.0])
+    assert not one_hot.has_rows  # q_at reads the one-hot rows without building them
     rows = one_hot.probs  # [3, 5], built on this first read
+    assert one_hot.has_rows
     assert rows.shape == (3, 5) and np.all(rows.sum(-1) == 1)
     np.testing.assert_array_equal(rows.argmax(-1), tokens)
     dense = Candidates(tokens, rows)

@@ -6,7 +6,8 @@ host instead of a row of V logits, and keeps the argmax inside a captured CUDA g
 :func:`add_greedy_output` appends to a graph with a ``logits`` output [B, S, V]:
 
 * ``greedy_tokens`` [B, S] int64: ``ArgMax(logits, axis=-1)`` (the first maximum on ties,
-  as ONNX's ArgMax with ``select_last_index=0`` specifies), plus ``V`` where the row holds
+  as ONNX's ArgMax with ``select_last_index=0`` specifies; the CPU provider is tested for
+  it, CUDA's kernel is not), plus ``V`` where the row holds
   a NaN or an infinity (an id of V or more, which no token has). The check costs one
   multiply and one sum per row: ``ReduceSum(logits * 0)`` is 0 for a finite row and NaN
   otherwise, whatever the order of the additions, so no rounding or overflow can flag a
@@ -62,7 +63,8 @@ def greedy_nodes(graph, vocab_size: int, logits: str = _LOGITS, prefix: str = "q
                          name=f"{prefix}_Add"),
     ])
     dims = outputs[logits].type.tensor_type.shape.dim
-    shape = [d.dim_param or d.dim_value for d in list(dims)[:2]] if len(dims) >= 2 else None
+    shape = ([d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+              for d in list(dims)[:2]] if len(dims) >= 2 else None)
     graph.output.append(helper.make_tensor_value_info(GREEDY_OUTPUT, TensorProto.INT64, shape))
     return graph
 

@@ -8,8 +8,9 @@ graph also needs onnx).
     result = gen.generate("def main(", DecodeConfig(max_new_tokens=32, gamma=4, seed=0))
 
 ``Generator.load`` runs either kind of ``quickdraft export`` folder: dynamic caches
-(:class:`OrtModel`) or static caches (:class:`StaticOrtModel`, CUDA graphs on CUDA, and
-verification on the device by default).
+(:class:`OrtModel`) or static caches (:class:`StaticOrtModel`, CUDA graphs on CUDA; by
+default sampled generations verify on the device, greedy ones compare the target's argmax
+ids, computed in its graph, on the host).
 """
 
 from quickdraft.ort_backend.device import CudaUnavailableError, Device, resolve_device

@@ -270,7 +270,8 @@ class Generator:
     "auto": for a static target, the device when sampling (the logits stay there) and the
     host when greedy (the rule then needs only the target's argmax ids, which a static
     graph computes on the device: gamma + 1 integers cross, and no verification graph
-    runs; measured faster on the H100, docs/benchmarks.md); host otherwise. Either way the
+    runs; measured faster on the H100 for the 1.1B and trained pairs, within noise at 7B,
+    docs/benchmarks.md); host otherwise. Either way the
     loop, the uniforms and so the tokens for a seed are those of
     :func:`quickdraft.generation.speculative_stream`. ``drafter_factory`` (optional) makes
     the :class:`~quickdraft.protocols.Drafter` from the (timed) draft model in place of

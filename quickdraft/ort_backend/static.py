@@ -350,7 +350,8 @@ class StaticDecodeState(TokenState):
         int64: the argmax of each row's logits (the first on ties), computed on the device
         by the graph's ``greedy_tokens`` output, so only the token ids reach the host
         (``quickdraft.sampling.greedy_tokens`` of :meth:`append`'s logits for a graph
-        without it). Refuses logits with a NaN or an infinity, as ``greedy_tokens`` does."""
+        without it). Refuses a row with a NaN or an infinity anywhere in it (stricter than
+        ``greedy_tokens``, which looks at the row's maximum: raw model logits are finite)."""
         self._check_owner()
         tokens = self._checked(tokens)
         if not tokens:
@@ -364,7 +365,8 @@ class StaticDecodeState(TokenState):
         if choices.max() >= self.model.vocab_size:
             raise ValueError(
                 "logits contain NaN or an infinity; the model produced invalid scores (with "
-                "fp16 weights this is usually an overflow: try fp32)"
+                "fp16 weights this is usually an overflow: export it in fp32, on the CPU "
+                "with --kv-cache static or anywhere with the default dynamic cache)"
             )
         return choices
 
