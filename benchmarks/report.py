@@ -103,6 +103,23 @@ def _peak(res: dict) -> float | None:
     return mem.get("peak_delta_mib")
 
 
+def _spec_row(sp: dict, sysname: str, res: dict) -> dict:
+    """The columns of one speculative run of a system."""
+    return {
+        "mode": "assisted generation" if sysname == "hf" else "speculative",
+        "gamma": sp.get("gamma"), "tokens_per_s": sp.get("tokens_per_s"),
+        "ms_per_token": sp.get("ms_per_token"), "x_floor": None,
+        "speedup": sp.get("speedup"), "alpha": sp.get("alpha"), "c": sp.get("cost_ratio_c"),
+        "tpi": sp.get("tokens_per_iteration"), "eq1": sp.get("expected_tokens_eq1"),
+        "theory": sp.get("theoretical_improvement"),
+        "realized": sp.get("realized_over_theoretical"),
+        "peak_mib": _peak(res) if sysname != "hf" else (
+            sp.get("torch_max_allocated_mib") or _peak(res)),
+        "greedy_equal": _equal(sp.get("greedy_equal", sp.get(
+            "equal_to_qd_reference", sp.get("equal_to_greedy")))),
+    }
+
+
 def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
     """One dict per reported line (system and mode) of a pair."""
     rows = []
@@ -130,42 +147,15 @@ def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
                     ar.get("torch_max_allocated_mib") or _peak(res)),
                 "greedy_equal": _equal(ar.get("equal_to_qd_reference")),
                 "status": status})
-        if sp:
-            rows.append({
-                "pair": name, "system": sysname, "label": label,
-                "mode": "assisted generation" if sysname == "hf" else "speculative",
-                "gamma": sp.get("gamma"), "tokens_per_s": sp.get("tokens_per_s"),
-                "ms_per_token": sp.get("ms_per_token"),
-                "x_floor": None,
-                "speedup": sp.get("speedup"), "alpha": sp.get("alpha"),
-                "c": sp.get("cost_ratio_c"),
-                "tpi": sp.get("tokens_per_iteration"), "eq1": sp.get("expected_tokens_eq1"),
-                "theory": sp.get("theoretical_improvement"),
-                "realized": sp.get("realized_over_theoretical"),
-                "best_gamma": best.get("measured"), "best_gamma_theory": sp.get(
-                    "best_gamma_theory"),
-                "best_tokens_per_s": best.get("tokens_per_s"),
-                "peak_mib": _peak(res) if sysname != "hf" else (
-                    sp.get("torch_max_allocated_mib") or _peak(res)),
-                "greedy_equal": _equal(sp.get("greedy_equal", sp.get(
-                    "equal_to_qd_reference", sp.get("equal_to_greedy")))),
-                "status": status})
-        for key, variant in (("spec_verify_graph", "verification graph"),
-                             ("spec_host_verify", "host verification")):
-            sh = res.get(key)
-            if not sh:
-                continue
-            rows.append({
-                "pair": name, "system": sysname, "label": f"{label}, {variant}",
-                "mode": "speculative", "gamma": sh.get("gamma"),
-                "tokens_per_s": sh.get("tokens_per_s"), "ms_per_token": sh.get("ms_per_token"),
-                "x_floor": None, "speedup": sh.get("speedup"), "alpha": sh.get("alpha"),
-                "c": sh.get("cost_ratio_c"), "tpi": sh.get("tokens_per_iteration"),
-                "eq1": sh.get("expected_tokens_eq1"),
-                "theory": sh.get("theoretical_improvement"),
-                "realized": sh.get("realized_over_theoretical"),
-                "peak_mib": _peak(res),
-                "greedy_equal": _equal(sh.get("greedy_equal")), "status": status})
+        variants = [(sp, label, {"best_gamma": best.get("measured"),
+                                 "best_gamma_theory": (sp or {}).get("best_gamma_theory"),
+                                 "best_tokens_per_s": best.get("tokens_per_s")})]
+        variants += [(res.get(key), f"{label}, {variant}", {}) for key, variant in (
+            ("spec_verify_graph", "verification graph"), ("spec_host_verify", "host verification"))]
+        for run, run_label, extra in variants:
+            if run:
+                rows.append({"pair": name, "system": sysname, "label": run_label, "status": status,
+                             **_spec_row(run, sysname, res), **extra})
         if not ar and not sp:
             errs = res.get("errors") or []
             rows.append({"pair": name, "system": sysname, "label": label,

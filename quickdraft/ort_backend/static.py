@@ -140,7 +140,6 @@ class StaticOrtModel(ExportedModel):
         self._generic = self.session.io_binding()
         self._generic_options = _run_options(-1 if self.cuda_graph else None)
         self._generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
-        self._last_step: _StepBinding | None = None  # which binding ran last
         self._owner: StaticDecodeState | None = None
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
 
@@ -198,7 +197,6 @@ class StaticOrtModel(ExportedModel):
         if self._on_device:  # on the CPU the bound buffer is the host array itself
             self._mask.update_inplace(mask)  # the mask buffer is bound by every binding
         step = self._steps.get(k)
-        self._last_step = step
         if step is not None:
             self.calls["captured_steps"] += 1
             return step.run(tokens)
@@ -231,7 +229,7 @@ class StaticOrtModel(ExportedModel):
                 "before it was added); re-export it, or take the argmax of run()'s logits"
             )
         self.run(tokens, past_length)
-        step = self._last_step
+        step = self._steps.get(len(tokens))
         if step is not None:
             return step.read_greedy()
         return np.array(self._generic_greedy.numpy()[0])
