@@ -26,6 +26,7 @@ __all__ = [
     "inverse_cdf",
     "inverse_cdf_row",
     "verify_greedy",
+    "greedy_applies",
 ]
 
 # How far a probability row may sum from 1 before it is refused.
@@ -107,6 +108,13 @@ def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         return r
     safe_total = np.where(empty, 1.0, total)
     return np.where(empty, p, r / safe_total)
+
+
+def greedy_applies(greedy: bool, checked: bool) -> bool:
+    """Whether :func:`verify_greedy` decides an iteration: the target is greedy (p one-hot on
+    its argmax) and the candidates are checked (each q_i(x_i) in (0, 1], drawn from their
+    rows). Every verifier asks this one question, so the greedy case is decided once."""
+    return bool(greedy and checked)
 
 
 def verify_greedy(target_choices: np.ndarray, draft_tokens: np.ndarray) -> tuple[int, int]:

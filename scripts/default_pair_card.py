@@ -24,7 +24,7 @@ def onnx_latency(folder: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from quickdraft.export.manifest import load_manifest
+    from quickdraft.manifest import load_manifest
 
     m = load_manifest(folder)
     options = ort.SessionOptions()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from quickdraft.export.manifest import MANIFEST_NAME, load_manifest
+from quickdraft.manifest import MANIFEST_NAME, load_manifest
 
 ROOT = Path(str(files("quickdraft") / "models" / "default"))
 ROLES = ("target", "draft")

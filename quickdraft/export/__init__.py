@@ -4,7 +4,7 @@ Importing this package is light; the heavy dependencies (torch, transformers, op
 load when an export runs.
 """
 
-from quickdraft.export.manifest import MANIFEST_NAME, ModelManifest, load_manifest
+from quickdraft.manifest import MANIFEST_NAME, ModelManifest, load_manifest
 
 __all__ = [
     "MANIFEST_NAME",

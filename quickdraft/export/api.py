@@ -35,13 +35,13 @@ from quickdraft.export.checks import (
     check_model,
     check_pair,
 )
-from quickdraft.export.manifest import (
+from quickdraft.export.validate import VALIDATED_DTYPES, validate_export
+from quickdraft.manifest import (
     KV_CACHES,
     ONNX_ELEMENT_TYPES,
     ModelManifest,
     load_manifest,
 )
-from quickdraft.export.validate import VALIDATED_DTYPES, validate_export
 
 __all__ = [
     "ModelReport",

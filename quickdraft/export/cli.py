@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from quickdraft.export.manifest import KV_CACHES
+from quickdraft.manifest import KV_CACHES
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quickdraft.manifest import GREEDY_OUTPUT
+
 __all__ = ["GREEDY_OUTPUT", "add_greedy_output", "greedy_nodes"]
 
-GREEDY_OUTPUT = "greedy_tokens"  # [B, S] int64: argmax per position, + V for a non-finite row
 _LOGITS = "logits"
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from quickdraft.export.checks import ExportError, SourceInfo, UnsupportedModelError
 from quickdraft.export.greedy import add_greedy_output
-from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest
+from quickdraft.manifest import ONNX_ELEMENT_TYPES, ModelManifest
 
 __all__ = [
     "STATIC_ARCHITECTURES",
@@ -180,6 +180,7 @@ def static_manifest(folder: Path, config, dtype: str, cache_length: int) -> Mode
         has_attention_mask=True,
         exporter=EXPORTER,
         attention=ATTENTION,
+        execution_provider=STATIC_DTYPES[dtype],
         **facts,
     )
     past, present = manifest.past_names(), manifest.present_names()

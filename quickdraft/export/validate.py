@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quickdraft.export.manifest import ModelManifest
+from quickdraft.manifest import ModelManifest
 
 __all__ = [
     "ExportValidationError",

@@ -37,7 +37,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from quickdraft.export.manifest import KV_CACHES, load_manifest
 from quickdraft.generation import (
     GenerationStats,
     ModelDrafter,
@@ -46,6 +45,7 @@ from quickdraft.generation import (
     host_verify,
     speculative_stream,
 )
+from quickdraft.manifest import KV_CACHES, load_manifest
 from quickdraft.ort_backend.device import (
     CudaUnavailableError,
     Device,
@@ -369,13 +369,11 @@ class Generator:
 
         note = None
         manifest = load_manifest(root / "target")
-        if device == "auto" and manifest.kv_cache == "static":
-            from quickdraft.export.static import STATIC_DTYPES
-
-            if STATIC_DTYPES.get(manifest.dtype) == "cpu":
-                device, note = "cpu", (
-                    f"this static {manifest.dtype} export is built for the CPU execution "
-                    "provider (export --dtype fp16 --device cuda for CUDA); running on the CPU")
+        if device == "auto" and manifest.execution_provider == "cpu":
+            device, note = "cpu", (
+                f"this {manifest.kv_cache} {manifest.dtype} export is built for the CPU "
+                "execution provider (export --dtype fp16 --device cuda for CUDA); running on "
+                "the CPU")
         resolved, cuda_note = resolve_device(device, device_id)
         note = note or cuda_note
         try:

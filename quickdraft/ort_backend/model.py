@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quickdraft.export.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_manifest
+from quickdraft.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_manifest
 from quickdraft.ort_backend.binding import Binder, python_ortvalue
 from quickdraft.ort_backend.device import (
     Device,

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quickdraft.export.greedy import GREEDY_OUTPUT
+from quickdraft.manifest import GREEDY_OUTPUT
 from quickdraft.ort_backend.device import Device
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quickdraft.export.manifest import ONNX_ELEMENT_TYPES
+from quickdraft.manifest import ONNX_ELEMENT_TYPES
 from quickdraft.ort_backend.device import Device, create_session, helper_options
 from quickdraft.protocols import (
     Candidates,

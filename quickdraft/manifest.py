@@ -1,7 +1,8 @@
-"""The quickdraft manifest: what the ORT backend needs to know about an exported graph.
+"""The manifest: the contract between export and the runtime.
 
 Written by the exporter next to each ONNX model as ``quickdraft.json``; read by the
-backend instead of guessing from input names. Standard library only.
+runtime instead of guessing from input names, so the runtime never imports export code.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ __all__ = [
     "MANIFEST_VERSION",
     "ONNX_ELEMENT_TYPES",
     "KV_CACHES",
+    "GREEDY_OUTPUT",
+    "EXECUTION_PROVIDERS",
     "ModelManifest",
     "load_manifest",
 ]
@@ -27,6 +30,11 @@ READABLE_VERSIONS = (1, 2)
 ONNX_ELEMENT_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}
 # kv_cache values: how the exported graph keeps its KV cache
 KV_CACHES = ("dynamic", "static")
+# the optional graph output with the argmax id of each position's logits [B, S] int64
+# (plus V for a row that is not finite); written by export, read by the runtime
+GREEDY_OUTPUT = "greedy_tokens"
+# execution_provider values: "" runs anywhere; "cpu" / "cuda": the graph was built for one
+EXECUTION_PROVIDERS = ("", "cpu", "cuda")
 
 
 @dataclass
@@ -69,6 +77,9 @@ class ModelManifest:
     # width is the total length, so one buffer serves as both past and present; "" when the
     # graph uses the model's own attention ops (dynamic: present = concat(past, new))
     attention: str = ""
+    # the execution provider the graph was built for: "cpu" or "cuda" (static exports, whose
+    # builder specialises the graph to one), "" when it runs on either (dynamic exports)
+    execution_provider: str = ""
     manifest_version: int = MANIFEST_VERSION  # format version of this file
 
     def __post_init__(self) -> None:
@@ -117,6 +128,9 @@ def load_manifest(folder: str | Path) -> ModelManifest:
         data["max_cache_length"] = static.get("max_cache_length", data.get("max_length"))
         data["max_length"] = static.get("max_position_embeddings", data.get("max_length"))
         data["attention"] = "GroupQueryAttention"
+    if data.get("kv_cache") == "static" and not data.get("execution_provider"):
+        # before the field existed the builder's target followed the dtype
+        data["execution_provider"] = {"fp32": "cpu", "fp16": "cuda"}.get(data.get("dtype"), "")
     data["manifest_version"] = MANIFEST_VERSION
     known = {f.name for f in fields(ModelManifest)}
     missing = [
