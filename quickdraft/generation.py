@@ -22,16 +22,19 @@ import numpy as np
 from quickdraft.protocols import (
     Candidates,
     DecodeState,
+    Drafter,
     LanguageModel,
+    SamplingDrafter,
     Verdict,
     Verifier,
     advance,
     advance_greedy,
     greedy_append,
+    supports,
 )
 from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token
 from quickdraft.theory import alpha_from_acceptances, beta
-from quickdraft.verification import verify, verify_greedy
+from quickdraft.verification import greedy_applies, verify, verify_greedy
 
 __all__ = [
     "GenerationStats",
@@ -45,7 +48,7 @@ __all__ = [
     "autoregressive_generate",
     "autoregressive_stream",
     "check_pair",
-    "draft_length",
+    "draft_budget",
 ]
 
 
@@ -53,7 +56,7 @@ __all__ = [
 class GenerationStats:
     """What happened during one generation."""
 
-    gamma: int = 0  # draft tokens per iteration (0 for autoregressive decoding)
+    gamma: int = 0  # the most draft tokens proposed in one iteration (0: autoregressive)
     new_tokens: int = 0  # tokens returned (after truncation at max_new_tokens / EOS)
     iterations: int = 0  # speculative iterations (or autoregressive steps)
     target_calls: int = 0  # target forward calls (prefill included)
@@ -62,6 +65,17 @@ class GenerationStats:
     drafted_per_iteration: list[int] = field(default_factory=list)  # draft tokens proposed
     # beta at each draft position the target reached
     beta_per_position: list[float] = field(default_factory=list)
+
+    def record(self, step: StepResult, produced: int) -> None:
+        """Count one speculative iteration; ``produced``: new tokens so far."""
+        self.iterations += 1
+        self.gamma = max(self.gamma, step.drafted)
+        self.target_calls += 1
+        self.draft_calls += step.draft_calls
+        self.accepted_per_iteration.append(step.n_accepted)
+        self.drafted_per_iteration.append(step.drafted)
+        self.beta_per_position.extend(step.betas)
+        self.new_tokens = produced
 
     @property
     def acceptance_rate(self) -> float:
@@ -123,17 +137,40 @@ class StepResult:
     n_accepted: int  # n in 0..gamma
     betas: list[float]  # beta at draft positions 0..min(n, gamma - 1)
     draft_calls: int  # draft forward calls spent proposing
+    drafted: int  # draft tokens proposed (n_accepted <= drafted)
 
 
 class ModelDrafter:
-    """A :class:`~quickdraft.protocols.Drafter` that samples from a draft model q."""
+    """A :class:`~quickdraft.protocols.Drafter` that samples ``gamma`` tokens from a draft
+    model q (fewer when the loop's cap is lower)."""
 
-    def __init__(self, model: LanguageModel, sampling: SamplingConfig = SamplingConfig()):
+    def __init__(self, model: LanguageModel, sampling: SamplingConfig = SamplingConfig(),
+                 gamma: int = 4):
+        if int(gamma) != gamma or gamma < 1:
+            raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
         self.model = model
-        self.sampling = sampling
+        self._sampling = sampling
+        self.gamma = int(gamma)
         self.state: DecodeState = model.new_state()
 
-    def get_candidates(self, ids: Sequence[int], gamma: int, uniforms: np.ndarray) -> Candidates:
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self._sampling
+
+    @property
+    def states(self) -> list[DecodeState]:
+        return [self.state]
+
+    @property
+    def max_length(self) -> int | None:
+        return self.model.max_length
+
+    def get_candidates(self, ids: Sequence[int], max_tokens: int,
+                       uniforms: np.ndarray) -> Candidates:
+        gamma = min(self.gamma, int(max_tokens))
+        if gamma < 1:
+            return Candidates(np.zeros(0, dtype=np.int64), None, vocab_size=self.model.vocab_size,
+                              checked=True)
         if self.sampling.greedy:
             return self._greedy_candidates(ids, gamma, uniforms)
         logits = advance(self.state, ids)[-1]  # [V]
@@ -173,13 +210,12 @@ def check_pair(target: LanguageModel, draft: LanguageModel) -> None:
         )
 
 
-def draft_length(gamma: int, remaining: int) -> int:
-    """Draft tokens to propose when ``remaining`` output tokens are still wanted.
-
-    An iteration emits at most gamma + 1 tokens, so drafting more than remaining - 1 is
-    wasted work; at least one token is always drafted.
-    """
-    return max(1, min(gamma, remaining - 1))
+def draft_budget(remaining: int, limit: int | None = None) -> int:
+    """The most draft tokens worth proposing when ``remaining`` output tokens are still
+    wanted: an iteration emits at most n + 1 tokens, so at most remaining - 1, and at most
+    ``limit`` (a compiled maximum; None: no limit). 0 makes the iteration one target step."""
+    cap = max(0, remaining - 1)
+    return cap if limit is None else min(cap, int(limit))
 
 
 EosIds = int | Collection[int] | None  # one end-of-sequence id, several, or none
@@ -243,7 +279,7 @@ def host_verify(
     gamma = len(x)
     if candidates.checked:
         _check_uniforms(accept_uniforms, sample_uniform)
-        if sampling.greedy and np.all((q_x := candidates.q_at(x)) > 0) and np.all(q_x <= 1):
+        if greedy_applies(sampling.greedy, candidates.checked):
             # p is one-hot on the target's argmax tokens: only those are needed
             choices = advance_greedy(target, scored, gamma + 1)[-(gamma + 1) :]  # [gamma + 1]
             n, token = verify_greedy(choices, x)
@@ -272,9 +308,8 @@ def _check_uniforms(uniforms: np.ndarray, *more: float) -> None:
 
 def speculative_step(
     target: DecodeState,
-    drafter,
+    drafter: Drafter,
     ids: Sequence[int],
-    gamma: int,
     sampling: SamplingConfig,
     draft_uniforms: np.ndarray,
     accept_uniforms: np.ndarray,
@@ -283,16 +318,42 @@ def speculative_step(
     lenience: float = 1.0,
     verifier: Verifier | None = None,
 ) -> StepResult:
-    """One iteration of Algorithm 1: draft gamma tokens, score them in one target call,
-    verify, and return the output tokens. Pure given the states and uniforms.
+    """One iteration of Algorithm 1: the drafter proposes n_draft <= len(draft_uniforms)
+    tokens, the target scores them in one call, the verifier decides. Pure given the states
+    and the uniforms (draft [m], accept [m] of which the first n_draft are used, sample).
 
     ``verifier`` scores and decides (default :func:`host_verify`)."""
-    cand = drafter.get_candidates(ids, gamma, draft_uniforms)
+    cand = drafter.get_candidates(ids, len(draft_uniforms), draft_uniforms)
+    k = len(cand.tokens)
+    if k > len(draft_uniforms):
+        raise ValueError(f"the drafter proposed {k} tokens, more than the {len(draft_uniforms)} "
+                         "it was allowed (get_candidates must respect max_tokens)")
     scored = list(ids) + cand.tokens.tolist()
     verify_with = host_verify if verifier is None else verifier
-    n, token, betas = verify_with(target, scored, cand, sampling, accept_uniforms,
+    n, token, betas = verify_with(target, scored, cand, sampling, accept_uniforms[:k],
                                   sample_uniform, lenience=lenience)
-    return StepResult(cand.tokens[:n].tolist() + [token], n, list(betas), cand.model_calls)
+    return StepResult(cand.tokens[:n].tolist() + [token], n, list(betas), cand.model_calls, k)
+
+
+def _drafter_for(draft: LanguageModel | None, drafter: Drafter | None, gamma: int | None,
+                 target: LanguageModel, sampling: SamplingConfig) -> Drafter:
+    """The drafter of a generation: ``drafter`` as given, or a :class:`ModelDrafter` over the
+    ``draft`` model proposing ``gamma`` tokens."""
+    if drafter is not None:
+        if draft is not None or gamma is not None:
+            raise ValueError("give a drafter, or a draft model and gamma, not both: a drafter "
+                             "decides its own proposal length")
+        if supports(drafter, SamplingDrafter) and drafter.sampling != sampling:
+            raise ValueError(
+                f"the drafter shapes q with {drafter.sampling} but the target is sampled with "
+                f"{sampling}; speculative sampling needs the same settings on both")
+        return drafter
+    if draft is None:
+        raise ValueError("give a draft model (with gamma) or a drafter")
+    if gamma is None:
+        raise ValueError("gamma is needed with a draft model: how many tokens it proposes")
+    check_pair(target, draft)
+    return ModelDrafter(draft, sampling, gamma)
 
 
 def speculative_stream(
@@ -300,36 +361,36 @@ def speculative_stream(
     draft: LanguageModel | None,
     prompt_ids: Sequence[int],
     *,
-    gamma: int,
+    gamma: int | None = None,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     rng: np.random.Generator,
     eos_id: EosIds = None,
-    drafter=None,
+    drafter: Drafter | None = None,
     lenience: float = 1.0,
     stats: GenerationStats | None = None,
     state: DecodeState | None = None,
     verifier: Verifier | None = None,
+    max_draft: int | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each iteration as soon as they are verified.
 
-    Pass either a draft model (wrapped in :class:`ModelDrafter`) or any ``drafter``;
-    ``verifier`` scores and decides each proposal (default :func:`host_verify`).
-    ``stats`` (if given) is filled in as generation proceeds. ``eos_id`` may be one id or
-    several. ``state`` is a target state to continue from (for example one already
-    prefilled with ``prompt_ids[:-1]``); it must hold fewer tokens than ``prompt_ids``,
-    because the first target call needs the logits of the last prompt token.
+    Pass a draft model and ``gamma`` (a :class:`ModelDrafter`), or any ``drafter``, which
+    decides each proposal's length; the loop caps it at the remaining budget and at
+    ``max_draft`` (a compiled maximum). ``verifier`` scores and decides each proposal
+    (default :func:`host_verify`). ``stats`` (if given) is filled in as generation proceeds.
+    ``eos_id`` may be one id or several. ``state`` is a target state to continue from (for
+    example one already prefilled with ``prompt_ids[:-1]``); it must hold fewer tokens
+    than ``prompt_ids``, because the first target call needs the last prompt token's logits.
     """
-    if int(gamma) != gamma or gamma < 1:
-        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
+    if gamma is not None and (int(gamma) != gamma or gamma < 1):
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    if max_draft is not None and (int(max_draft) != max_draft or max_draft < 1):
+        raise ValueError(f"max_draft must be an integer >= 1 or None, got {max_draft}")
     _check_request(target, prompt_ids, max_new_tokens)
-    if drafter is None:
-        if draft is None:
-            raise ValueError("give a draft model or a drafter")
-        check_pair(target, draft)
-        drafter = ModelDrafter(draft, sampling)
+    drafter = _drafter_for(draft, drafter, gamma, target, sampling)
     if state is None:
         state = target.new_state()
     elif len(state.tokens) >= len(prompt_ids):
@@ -339,27 +400,20 @@ def speculative_stream(
         )
     eos = _eos_set(eos_id)
     stats = stats if stats is not None else GenerationStats()
-    stats.gamma = gamma
     ids = list(prompt_ids)
     produced = 0
     while produced < max_new_tokens:
         remaining = max_new_tokens - produced
-        g = draft_length(gamma, remaining)
-        u = rng.random(2 * g + 1)  # [2 g + 1] draft, accept and sample uniforms
+        m = draft_budget(remaining, max_draft)
+        u = rng.random(2 * m + 1)  # [2 m + 1] draft, accept and sample uniforms
         step = speculative_step(
-            state, drafter, ids, g, sampling, u[:g], u[g : 2 * g], float(u[2 * g]),
+            state, drafter, ids, sampling, u[:m], u[m : 2 * m], float(u[2 * m]),
             lenience=lenience, verifier=verifier,
         )
-        stats.iterations += 1
-        stats.target_calls += 1
-        stats.draft_calls += step.draft_calls
-        stats.accepted_per_iteration.append(step.n_accepted)
-        stats.drafted_per_iteration.append(g)
-        stats.beta_per_position.extend(step.betas)
         out = _truncate_at_eos(step.tokens[:remaining], eos)
         ids.extend(out)
         produced += len(out)
-        stats.new_tokens = produced
+        stats.record(step, produced)
         drafter.update_candidate_strategy(ids, step.n_accepted)
         yield out
         if out[-1] in eos:
@@ -371,27 +425,28 @@ def speculative_generate(
     draft: LanguageModel | None,
     prompt_ids: Sequence[int],
     *,
-    gamma: int,
+    gamma: int | None = None,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     rng: np.random.Generator,
     eos_id: EosIds = None,
-    drafter=None,
+    drafter: Drafter | None = None,
     lenience: float = 1.0,
     verifier: Verifier | None = None,
+    max_draft: int | None = None,
 ) -> GenerationResult:
     """Speculative sampling (Algorithm 1): the output follows the target's distribution.
 
     Returns the new tokens and :class:`GenerationStats` (accepted per iteration, beta per
     position, target and draft calls). ``lenience < 1`` is the lossy rule of appendix A.5.
-    ``verifier`` scores and decides each proposal (default :func:`host_verify`).
+    The other arguments are :func:`speculative_stream`'s.
     """
     stats = GenerationStats()
     tokens: list[int] = []
     for piece in speculative_stream(
         target, draft, prompt_ids, gamma=gamma, max_new_tokens=max_new_tokens,
         sampling=sampling, rng=rng, eos_id=eos_id, drafter=drafter, lenience=lenience,
-        stats=stats, verifier=verifier,
+        stats=stats, verifier=verifier, max_draft=max_draft,
     ):
         tokens.extend(piece)
     return GenerationResult(tokens, stats)

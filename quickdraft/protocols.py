@@ -1,9 +1,10 @@
 """The small protocols every model, drafter and runtime in quickdraft speaks.
 
-A model is used through a :class:`DecodeState`, a cache with an explicit lifecycle:
-``append`` tokens (getting the next-token logits after each of them) and ``rewind`` to a
-shorter length after a rejection. The NumPy reference and the ONNX Runtime backend both
-implement it, so the same generation code drives both.
+A model (:class:`LanguageModel`) makes sequence states (:class:`DecodeState`): ``append``
+tokens, getting the logits after each, and ``rewind`` after a rejection. Optional
+capabilities are small protocols of their own (:class:`GreedyState`, :class:`DeviceState`,
+:class:`MeasuredState`, :class:`ClosableState`; :class:`StatefulDrafter`,
+:class:`SamplingDrafter`), checked with ``isinstance``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ import numpy as np
 
 if TYPE_CHECKING:
     from quickdraft.sampling import SamplingConfig
+    from quickdraft.timing import ModelTimes
 
 __all__ = [
     "DecodeState",
     "LanguageModel",
     "Candidates",
     "Drafter",
+    "StatefulDrafter",
+    "SamplingDrafter",
+    "GreedyState",
+    "DeviceState",
+    "MeasuredState",
+    "ClosableState",
     "Verdict",
     "Verifier",
+    "supports",
     "advance",
     "advance_greedy",
     "greedy_append",
@@ -120,21 +129,80 @@ class Candidates:
 
 
 class Drafter(Protocol):
-    """Proposes draft tokens; told afterwards how many were accepted.
+    """Proposes draft tokens and decides how many; told afterwards how many were accepted.
 
-    Two methods, after Hugging Face's candidate generators: ``get_candidates`` and
-    ``update_candidate_strategy``.
+    After Hugging Face's candidate generators: ``get_candidates`` and
+    ``update_candidate_strategy``. The drafter owns its proposal length (fixed, adaptive
+    or whatever its rule is); the loop only caps it.
     """
 
     def get_candidates(
-        self, ids: Sequence[int], gamma: int, uniforms: np.ndarray
+        self, ids: Sequence[int], max_tokens: int, uniforms: np.ndarray
     ) -> Candidates:
-        """Propose ``gamma`` tokens continuing ``ids``, one uniform in [0, 1) per token."""
+        """Propose at most ``max_tokens`` tokens continuing ``ids``; ``uniforms`` [max_tokens]
+        in [0, 1), one per token it may draw (by inverse CDF). Zero tokens is allowed: the
+        iteration is then one target step."""
         ...
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Learn from the last iteration (``ids`` now includes its output)."""
         ...
+
+
+@runtime_checkable
+class StatefulDrafter(Protocol):
+    """A drafter that drives model states (a draft model's KV cache, or several): the
+    generator prefills them with the prompt, rewinds them with the sequence, reads their
+    call times and closes them."""
+
+    @property
+    def states(self) -> Sequence[DecodeState]: ...
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence its models accept (None: unbounded)."""
+        ...
+
+
+@runtime_checkable
+class SamplingDrafter(Protocol):
+    """A drafter whose q is shaped by sampling settings, which must be the target's."""
+
+    @property
+    def sampling(self) -> SamplingConfig: ...
+
+
+@runtime_checkable
+class GreedyState(Protocol):
+    """A state that computes the argmax next to its logits (on its device)."""
+
+    def append_greedy(self, tokens: Sequence[int]) -> np.ndarray:
+        """Consume ``tokens``; return the greedy token after each [len(tokens)] int64."""
+        ...
+
+
+@runtime_checkable
+class DeviceState(Protocol):
+    """A state that can leave its logits on its device."""
+
+    def append_device(self, tokens: Sequence[int]):
+        """Consume ``tokens``; return the logits [1, len(tokens), V] as a device value."""
+        ...
+
+
+@runtime_checkable
+class MeasuredState(Protocol):
+    """A state that times and counts its own model calls."""
+
+    @property
+    def times(self) -> ModelTimes: ...
+
+
+@runtime_checkable
+class ClosableState(Protocol):
+    """A state holding resources (cache buffers) to give back when its sequence ends."""
+
+    def close(self) -> None: ...
 
 
 class Verdict(NamedTuple):
@@ -169,6 +237,19 @@ class Verifier(Protocol):
     ) -> Verdict:
         """accept_uniforms [gamma] and sample_uniform in [0, 1) -> the :class:`Verdict`."""
         ...
+
+
+_SUPPORTS: dict[tuple[type, type], bool] = {}
+
+
+def supports(obj, capability: type) -> bool:
+    """``isinstance(obj, capability)`` for a capability protocol, decided once per type (the
+    decode loop asks on every call)."""
+    key = (type(obj), capability)
+    known = _SUPPORTS.get(key)
+    if known is None:
+        known = _SUPPORTS[key] = isinstance(obj, capability)
+    return known
 
 
 def rewind_to_common_prefix(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> int:
@@ -217,14 +298,10 @@ def advance(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndar
 def greedy_append(state: DecodeState, tokens: Sequence[int]) -> np.ndarray:
     """Append ``tokens`` and return the greedy token after each [len(tokens)] int64: the
     argmax of each logits row (the first on ties), as
-    :func:`quickdraft.sampling.greedy_tokens` picks it.
-
-    A state with an ``append_greedy`` method (a model that computes the argmax next to its
-    logits, on its device) answers itself; any other state's logits come to the host.
-    """
-    own = getattr(state, "append_greedy", None)
-    if own is not None:
-        return own(tokens)
+    :func:`quickdraft.sampling.greedy_tokens` picks it. A :class:`GreedyState` answers
+    itself (on its device); any other state's logits come to the host."""
+    if supports(state, GreedyState):
+        return state.append_greedy(tokens)
     from quickdraft.sampling import greedy_tokens
 
     return greedy_tokens(state.append(tokens))

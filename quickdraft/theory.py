@@ -53,18 +53,21 @@ def alpha_from_acceptances(accepted_per_iteration: Sequence[int],
 
     An iteration that accepted n < gamma tokens saw n successes and one failure; one that
     accepted all gamma saw gamma successes. alpha = successes / trials. ``gamma`` is one
-    draft length for all iterations or one per iteration.
+    draft length for all iterations or one per iteration (0: an iteration that drafted
+    nothing, no trial; NaN when no iteration drafted).
     """
     n = np.asarray(accepted_per_iteration, dtype=np.int64)  # [iterations]
     g = np.broadcast_to(np.asarray(gamma, dtype=np.int64), n.shape)  # [iterations]
-    for gi in np.unique(g):
-        _check_gamma(int(gi))
+    if np.ndim(gamma) == 0:
+        _check_gamma(int(gamma))
+    elif np.any(g < 0):
+        raise ValueError(f"draft lengths must be >= 0, got {np.asarray(gamma).tolist()}")
     if n.size == 0:
         raise ValueError("no iterations to estimate alpha from")
     if np.any(n < 0) or np.any(n > g):
         raise ValueError(f"accepted counts must be in [0, gamma]; got {n.tolist()}")
     trials = n.sum() + np.sum(n < g)
-    return float(n.sum() / trials)
+    return float(n.sum() / trials) if trials else float("nan")
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:

@@ -16,7 +16,7 @@ import itertools
 
 import numpy as np
 
-from quickdraft.generation import ModelDrafter, draft_length, speculative_step
+from quickdraft.generation import ModelDrafter, draft_budget, speculative_step
 from quickdraft.sampling import SamplingConfig, adjust_logits
 from quickdraft.verification import residual_distribution
 
@@ -47,13 +47,21 @@ def sample_breakpoints(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.concatenate([cdf_breakpoints(residuals), cdf_breakpoints(p)])
 
 
-def exact_step_distribution(target, draft, ids, gamma, sampling: SamplingConfig):
-    """Exact distribution of the output tokens of one :func:`speculative_step`.
+def exact_step_distribution(target, draft, ids, gamma, sampling: SamplingConfig,
+                            make_drafter=None):
+    """Exact distribution of the output tokens of one :func:`speculative_step` whose
+    drafter may propose up to ``gamma`` tokens.
 
     ``target``/``draft`` are table-style models with ``score(prefix) -> logits [V]``.
-    Returns {tuple(tokens): probability}. Draft tokens are enumerated through the cells of
-    the draft's CDF (so the drafter's own inverse-CDF sampling is exercised).
+    Returns {tuple(tokens): probability}. Draft uniforms are enumerated through the cells of
+    the draft's CDF at every position (so the drafter's own inverse-CDF sampling is
+    exercised); ``make_drafter()`` (default: a fixed-gamma ModelDrafter over ``draft``)
+    makes the drafter, which may stop early: the cells of the positions it does not use
+    sum to weight 1, so any proposal length rule that looks only at the past and its own
+    draws is integrated exactly.
     """
+    if make_drafter is None:
+        make_drafter = lambda: ModelDrafter(draft, sampling, max(gamma, 1))  # noqa: E731
     out: dict[tuple[int, ...], float] = {}
 
     def draft_paths(prefix, i):
@@ -72,8 +80,9 @@ def exact_step_distribution(target, draft, ids, gamma, sampling: SamplingConfig)
     for v, xs, w_draft in draft_paths(list(ids), 0):
         p = adjust_logits(np.stack([target.score(list(ids) + xs[:i]) for i in range(gamma + 1)]),
                           sampling)  # [gamma + 1, V]
-        q = adjust_logits(np.stack([draft.score(list(ids) + xs[:i]) for i in range(gamma)]),
-                          sampling)  # [gamma, V]
+        vocab = p.shape[-1]
+        q = (adjust_logits(np.stack([draft.score(list(ids) + xs[:i]) for i in range(gamma)]),
+                           sampling) if gamma else np.zeros((0, vocab)))  # [gamma, V]
         s_mids, s_widths = cells(sample_breakpoints(p, q))
         per_pos = [accept_cells(p[i, xs[i]], q[i, xs[i]]) for i in range(gamma)]
         for combo in itertools.product(*per_pos):
@@ -81,24 +90,29 @@ def exact_step_distribution(target, draft, ids, gamma, sampling: SamplingConfig)
             w_accept = float(np.prod([c[1] for c in combo]))
             for s, w_s in zip(s_mids, s_widths):
                 step = speculative_step(
-                    target.new_state(), ModelDrafter(draft, sampling), list(ids), gamma,
-                    sampling, np.asarray(v), u, float(s),
+                    target.new_state(), make_drafter(), list(ids), sampling,
+                    np.asarray(v, dtype=np.float64), u, float(s),
                 )
                 key = tuple(step.tokens)
                 out[key] = out.get(key, 0.0) + w_draft * w_accept * w_s
     return out
 
 
-def exact_speculative_sequences(target, draft, prompt, gamma, n_tokens, sampling):
+def exact_speculative_sequences(target, draft, prompt, gamma, n_tokens, sampling,
+                                make_drafter=None):
     """Exact distribution over the first ``n_tokens`` output tokens of speculative
-    generation, chaining :func:`exact_step_distribution` over iterations."""
+    generation, chaining :func:`exact_step_distribution` over iterations. ``make_drafter``
+    (default: fixed gamma) is called once per iteration; a drafter that learns across
+    iterations must be given as its state after those iterations (see the callers)."""
     frontier = {(): 1.0}  # generated-so-far -> probability, all shorter than n_tokens
     done: dict[tuple[int, ...], float] = {}
     while frontier:
         nxt: dict[tuple[int, ...], float] = {}
         for seq, w in frontier.items():
-            g = draft_length(gamma, n_tokens - len(seq))  # the schedule speculative_generate uses
-            step = exact_step_distribution(target, draft, list(prompt) + list(seq), g, sampling)
+            # the budget speculative_generate gives a drafter proposing at most gamma
+            g = min(gamma, draft_budget(n_tokens - len(seq)))
+            step = exact_step_distribution(target, draft, list(prompt) + list(seq), g, sampling,
+                                           make_drafter)
             for toks, w2 in step.items():
                 new = (seq + toks)[:n_tokens]
                 bucket = done if len(new) == n_tokens else nxt

@@ -204,11 +204,11 @@ def test_ngram_models_fit_text():
 
 @pytest.mark.parametrize("gamma,length,eos", [(1, 9, None), (3, 17, None), (4, 40, 5)])
 def test_generate_is_the_chain_of_steps_the_exact_test_integrates(gamma, length, eos):
-    """speculative_generate = speculative_step chained with the draft_length schedule, the
-    uniforms of each iteration drawn as rng.random(2 g + 1) (draft, accept, sample), the
+    """speculative_generate = speculative_step chained with the draft_budget caps, the
+    uniforms of each iteration drawn as rng.random(2 m + 1) (draft, accept, sample), the
     output truncated at max_new_tokens and EOS. With the exact step test above this makes
     the whole generation exact."""
-    from quickdraft.generation import ModelDrafter, draft_length, speculative_step
+    from quickdraft.generation import ModelDrafter, draft_budget, speculative_step
 
     target, draft = random_tables(6, 11, "random")
     cfg = SamplingConfig(temperature=0.9, top_k=4)
@@ -217,9 +217,9 @@ def test_generate_is_the_chain_of_steps_the_exact_test_integrates(gamma, length,
     rng = np.random.default_rng(5)
     ids, out = [2], []
     while len(out) < length:
-        g = draft_length(gamma, length - len(out))
+        g = draft_budget(length - len(out))
         u = rng.random(2 * g + 1)
-        step = speculative_step(target.new_state(), ModelDrafter(draft, cfg), ids, g, cfg,
+        step = speculative_step(target.new_state(), ModelDrafter(draft, cfg, gamma), ids, cfg,
                                 u[:g], u[g:2 * g], float(u[2 * g]))
         piece = step.tokens[: length - len(out)]
         if eos in piece:
@@ -285,7 +285,7 @@ def test_checked_candidates_get_the_verdict_of_the_full_check(vocab, gamma, seed
     target, draft = random_tables(vocab, seed, "random")
     cfg = SAMPLINGS[sampling]
     ids = [int(t) for t in rng.integers(vocab, size=3)]
-    cand = ModelDrafter(draft, cfg).get_candidates(ids, gamma, rng.random(gamma))
+    cand = ModelDrafter(draft, cfg, gamma).get_candidates(ids, gamma, rng.random(gamma))
     assert cand.checked and cand.one_hot == cfg.greedy
     u, s = rng.random(gamma), float(rng.random())
     scored = ids + cand.tokens.tolist()
@@ -322,7 +322,7 @@ def test_checked_candidates_still_refuse_bad_uniforms_and_lenience():
 
     target, draft = random_tables(4, 0, "random")
     for cfg in (SamplingConfig(), SamplingConfig(temperature=0)):
-        cand = ModelDrafter(draft, cfg).get_candidates([1, 2], 2, np.array([0.2, 0.3]))
+        cand = ModelDrafter(draft, cfg, 2).get_candidates([1, 2], 2, np.array([0.2, 0.3]))
         with pytest.raises(ValueError, match="uniform"):
             host_verify(target.new_state(), [1, 2, *cand.tokens], cand, cfg,
                         np.array([0.1, 1.0]), 0.5)
@@ -333,7 +333,7 @@ def test_checked_candidates_still_refuse_bad_uniforms_and_lenience():
             host_verify(target.new_state(), [1, 2, *cand.tokens], cand, cfg,
                         np.array([0.1, 0.2]), 0.5, lenience=1.5)
         with pytest.raises(ValueError, match="uniform"):
-            ModelDrafter(draft, cfg).get_candidates([1, 2], 2, np.array([0.2, 1.3]))
+            ModelDrafter(draft, cfg, 2).get_candidates([1, 2], 2, np.array([0.2, 1.3]))
 
 
 @settings(max_examples=200)

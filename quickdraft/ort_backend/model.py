@@ -1,36 +1,27 @@
-"""One exported decoder graph on ONNX Runtime, and its KV-cache state.
+"""One exported decoder graph on ONNX Runtime (dynamic caches), and its sequence state.
 
-:class:`OrtModel` loads a folder written by ``quickdraft export`` (``model.onnx``, the
-tokenizer and the ``quickdraft.json`` manifest), checks the manifest against the graph and
-runs it with every input and output bound through IOBinding:
-
-* ``input_ids`` go in from the host (a few int64s per call);
-* ``attention_mask`` and ``position_ids`` are views into two int64 buffers made once on
-  the device (all ones and ``0 .. max_length - 1``): a call binds a pointer and a shape,
-  and copies nothing;
-* ``past`` inputs are the previous call's ``present`` outputs, kept as OrtValues on the
-  device: no cache byte crosses to the host;
-* ``logits`` is the one output bound to host memory: verification reads it.
-
-:class:`OrtState` is a :class:`quickdraft.protocols.DecodeState`, so the generic loops in
-:mod:`quickdraft.generation` drive it. ``rewind`` slices the caches on the device (see
-:mod:`quickdraft.ort_backend.slicer`).
-
-:class:`ExportedModel` is what this wrapper shares with the static-cache one
-(:class:`quickdraft.ort_backend.static.StaticOrtModel`): the manifest checked against the
-folder and the graph, and the session on the device.
+:class:`ExportedModel` is what every loaded graph shares (the manifest checked against the
+folder and the graph, one session); :class:`OrtModel` runs optimum's graphs, whose caches
+grow per call and stay on the device; :class:`OrtState` is one sequence over it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from quickdraft.manifest import ONNX_ELEMENT_TYPES, ModelManifest, load_manifest
+from quickdraft.manifest import (
+    ONNX_ELEMENT_TYPES,
+    ModelFolderError,
+    ModelManifest,
+    load_manifest,
+)
 from quickdraft.ort_backend.binding import Binder, python_ortvalue
 from quickdraft.ort_backend.device import (
     Device,
@@ -39,16 +30,15 @@ from quickdraft.ort_backend.device import (
     session_options,
 )
 from quickdraft.ort_backend.slicer import CacheSlicer
+from quickdraft.timing import ModelTimes
 
-__all__ = ["OrtModel", "OrtState", "ExportedModel", "TokenState", "ModelFolderError"]
+__all__ = [
+    "OrtModel", "OrtState", "ExportedModel", "TokenState", "ModelFolderError", "StateThreadError",
+]
 
 # manifest dtype -> the type ONNX Runtime reports for the caches and logits
 ORT_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
 _INPUT_IDS, _MASK, _POSITIONS, _LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-
-
-class ModelFolderError(ValueError):
-    """An exported model folder whose manifest and graph do not fit together."""
 
 
 def _logits_to_numpy(value) -> np.ndarray:
@@ -76,11 +66,11 @@ class ExportedModel:
     def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
                  options=None, cuda_options: dict | None = None):
         self.folder = Path(folder)
-        self.manifest: ModelManifest = load_manifest(self.folder)
+        self.manifest: ModelManifest = load_manifest(self.folder, error=self.ERROR)
         self.device = device
         self._check_manifest()
         self.options = options if options is not None else session_options()
-        path = self.folder / self.manifest.model_file
+        path = self._model_path
         self.session = create_session(path, device, self.options, cuda_options)
         _check_graph(self.manifest, self.session, self.folder, self.ERROR)
         self.past_names = self.manifest.past_names()
@@ -109,12 +99,8 @@ class ExportedModel:
                 f"{folder}: the manifest needs num_layers, max_cache_length and vocab_size "
                 f">= 1 (got {m.num_layers}, {m.max_cache_length}, {m.vocab_size})"
             )
-        missing = [name for name in [m.model_file, *m.external_data]
-                   if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{folder} is incomplete: {', '.join(missing)} missing; re-export the model"
-            )
+        # every file the manifest names resolves inside the folder (symlinks followed)
+        self._model_path = m.check_files(folder, error=error)
 
     # -- LanguageModel -------------------------------------------------------------------
 
@@ -138,7 +124,6 @@ class OrtModel(ExportedModel):
         super().__init__(folder, device, options)
         m = self.manifest
         self._elem_type = ONNX_ELEMENT_TYPES[m.dtype]
-        self._binder = Binder(self.session, device)  # rebinds everything on every call
         kind, dev_id = device.kind, device.device_id
         # device-resident int64 buffers, bound by pointer: ones (mask) and 0..max-1 (positions)
         self._ones = ort.OrtValue.ortvalue_from_numpy(
@@ -153,6 +138,7 @@ class OrtModel(ExportedModel):
         ]
         self._slicer = CacheSlicer(len(self.past_names), self._elem_type, device,
                                    helper_options())
+        self._slicer_lock = threading.Lock()  # the slicer's one binding serves every state
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -174,8 +160,13 @@ class OrtModel(ExportedModel):
         """Caches of zero length, [1, kv_heads, 0, head_dim] each (shared, never written)."""
         return list(self._empty)
 
-    def run(self, tokens: Sequence[int], past: Sequence, past_length: int) -> tuple:
-        """One forward call: ``tokens`` after ``past_length`` cached positions.
+    def binder(self) -> Binder:
+        """A binding of this model's session for one caller (each state has its own)."""
+        return Binder(self.session, self.device)
+
+    def run(self, b: Binder, tokens: Sequence[int], past: Sequence, past_length: int) -> tuple:
+        """One forward call through the caller's binding ``b``: ``tokens`` after
+        ``past_length`` cached positions.
 
         Returns (logits float32 [len(tokens), V] on the host, present OrtValues on the
         device in past order).
@@ -187,7 +178,6 @@ class OrtModel(ExportedModel):
             raise ValueError(
                 f"sequence of {total} tokens exceeds the model's context of {self.max_length}"
             )
-        b = self._binder
         b.clear_outputs()  # fresh outputs: the last call's presents are this call's past
         b.bind_array(_INPUT_IDS, np.asarray(tokens, dtype=np.int64).reshape(1, k))
         if m.has_attention_mask:
@@ -207,16 +197,37 @@ class OrtModel(ExportedModel):
         """The first ``length`` positions of every cache tensor, cut on the device."""
         if length == 0:
             return self.empty_cache()
-        return self._slicer(cache, length)
+        with self._slicer_lock:
+            return self._slicer(cache, length)
+
+
+class StateThreadError(RuntimeError):
+    """A sequence state used from a thread other than the one that made it."""
 
 
 class TokenState:
-    """The token bookkeeping every decode state over an exported model shares: the ids
-    consumed so far and the checks of what is appended or rewound to."""
+    """What every decode state over an exported model shares: the ids consumed so far,
+    the checks of what is appended or rewound to, its call times, and its thread.
+
+    A state belongs to the thread that made it: its bound buffers (and, on CUDA, its
+    captured graphs, which ONNX Runtime keeps per thread) are used by that thread alone;
+    a call from another thread raises :class:`StateThreadError`. Make one state per
+    sequence, in the thread that decodes it; many states can share one loaded model.
+    """
 
     def __init__(self, model):
         self.model = model
         self._tokens: list[int] = []
+        self._thread = threading.get_ident()
+        self.times = ModelTimes()  # this state's forward calls and roll-backs
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._thread:
+            raise StateThreadError(
+                f"a {type(self).__name__} was used from a thread other than the one that made "
+                "it; its buffers serve one sequence in one thread: make a state (or a "
+                "Generator) per thread, all sharing one loaded model"
+            )
 
     @property
     def tokens(self) -> list[int]:
@@ -226,12 +237,16 @@ class TokenState:
         return len(self._tokens)
 
     def _checked(self, tokens: Sequence[int]) -> list[int]:
-        """``tokens`` as ints, refused unless every one is in the vocabulary."""
-        tokens = [int(t) for t in tokens]
+        """``tokens`` as ints, refused unless every one is an integer in the vocabulary."""
+        out = []
+        for t in tokens:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"token ids must be integers, got {t!r} ({type(t).__name__})")
+            out.append(int(t))
         vocab = self.model.vocab_size
-        if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
+        if out and (min(out) < 0 or max(out) >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab})")
-        return tokens
+        return out
 
     def _check_rewind(self, length: int) -> None:
         if not 0 <= length <= len(self._tokens):
@@ -239,14 +254,13 @@ class TokenState:
 
 
 class OrtState(TokenState):
-    """A :class:`~quickdraft.protocols.DecodeState` over one :class:`OrtModel`.
-
-    Holds the consumed token ids and the KV caches as device OrtValues.
-    """
+    """A :class:`~quickdraft.protocols.DecodeState` over one :class:`OrtModel`: the
+    consumed token ids, the KV caches as device OrtValues and its own binding."""
 
     def __init__(self, model: OrtModel):
         super().__init__(model)
         self._cache = model.empty_cache()
+        self._binder = model.binder()
 
     @property
     def cache(self) -> list:
@@ -254,19 +268,31 @@ class OrtState(TokenState):
         return [python_ortvalue(v) for v in self._cache]
 
     def append(self, tokens: Sequence[int]) -> np.ndarray:
+        self._check_thread()
         tokens = self._checked(tokens)
         if not tokens:
             return np.zeros((0, self.model.vocab_size), dtype=np.float32)
-        logits, self._cache = self.model.run(tokens, self._cache, len(self._tokens))
+        t0 = time.perf_counter()
+        logits, self._cache = self.model.run(self._binder, tokens, self._cache,
+                                             len(self._tokens))
+        self.times.record_call(len(tokens), t0)
         self._tokens.extend(tokens)
         return logits  # [len(tokens), V]
 
     def rewind(self, length: int) -> None:
+        self._check_thread()
         self._check_rewind(length)
         if length == len(self._tokens):
             return
+        t0 = time.perf_counter()
         self._cache = self.model.slice_cache(self._cache, length)
         del self._tokens[length:]
+        self.times.record_rewind(t0)
+
+    def close(self) -> None:
+        """Drop the caches (their device memory goes back to ONNX Runtime's arena)."""
+        self._cache = self.model.empty_cache()
+        self._tokens.clear()
 
 
 # -- checks --------------------------------------------------------------------------------

@@ -1,45 +1,17 @@
 """The fast path: a decoder with static KV caches on ONNX Runtime (CPU or CUDA).
 
-A static export (``quickdraft export --kv-cache static``, see :mod:`quickdraft.export.static`)
-is a GroupQueryAttention graph built by onnxruntime-genai's model builder. Its interface:
-
-* inputs ``input_ids`` int64 [1, S], ``attention_mask`` int64 [1, T] and, per layer,
-  ``past_key_values.{i}.key`` / ``.value`` [1, kv_heads, P, head_dim];
-* outputs ``logits`` [1, S, V] and ``present.{i}.key`` / ``.value``.
-
-Inside the graph, GroupQueryAttention gets ``seqlens_k = sum(attention_mask) - 1`` and
-``total_sequence_length = T`` (the mask's width), and applies the rotary embedding itself
-at positions ``seqlens_k + 1 - S .. seqlens_k``. So the cache length is told by the number
-of ones in the mask, not by the cache's shape. :class:`StaticOrtModel` uses that:
-
-* one buffer per layer and per key/value of [1, kv_heads, max_length, head_dim], made once,
-  is bound as both the past input and the present output: GroupQueryAttention writes the
-  new keys and values into it in place (ORT shares the buffer when both point at the same
-  memory);
-* ``attention_mask`` is always [1, max_length]: ones over the valid length, zeros after;
-* rolling back after a rejection is only a shorter valid length (no copy, no kernel);
-* so the shape of every call depends on the number of new tokens alone: the draft step
-  (1 token) and the verify step (gamma + 1 tokens) have fixed shapes.
-
-On CUDA, ``cuda_graph=True`` turns on ONNX Runtime's CUDA graphs (``enable_cuda_graph``).
-Each step length in ``graph_steps`` gets its own IOBinding with its inputs and outputs in
-device buffers made once (``input_ids`` [1, S], the mask, the caches and ``logits``
-[1, S, V]); a call writes the new token ids and the mask into those buffers in place and
-runs with the run option ``gpu_graph_id`` set to that length's own id (1, 2, ...). ORT
-runs each id normally twice (its warm-up for memory allocation), captures it on the third
-run and replays the graph from then on. Any other length (the prompt, a short final
-iteration) runs uncaptured with ``gpu_graph_id = -1``. ORT keeps captured graphs per
-thread: call a model from the thread that captured it.
-
-Loading, the manifest checks and the session are shared with the dynamic-cache wrapper
-(:class:`quickdraft.ort_backend.model.ExportedModel`); generation on these models is
-:class:`quickdraft.ort_backend.Generator`'s (``FastGenerator``, importable from here too, is
-a ``Generator`` with whole-generation calls for measurements).
+A static export is a GroupQueryAttention graph from onnxruntime-genai's model builder: one
+buffer per layer's keys and values is bound as both past and present and written in place,
+the valid length is the number of ones in the mask, so a rollback is a shorter mask and
+every step length has a fixed shape (its own binding and, on CUDA, its own CUDA graph).
+docs/explanation/fast-path.md says how and why.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,15 +20,9 @@ from quickdraft.manifest import GREEDY_OUTPUT
 from quickdraft.ort_backend.device import Device
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 
-__all__ = [
-    "StaticOrtModel",
-    "StaticDecodeState",
-    "StaticModelError",
-    "STATIC_INPUTS",
-]
+__all__ = ["StaticOrtModel", "StaticDecodeState", "StaticModelError"]
 
 _INPUT_IDS, _MASK, _LOGITS = "input_ids", "attention_mask", "logits"
-STATIC_INPUTS = (_INPUT_IDS, _MASK)  # besides the per-layer past keys and values
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -65,14 +31,15 @@ class StaticModelError(ModelFolderError):
 
 
 class StaticOrtModel(ExportedModel):
-    """A static-cache decoder on one ``InferenceSession``; a ``LanguageModel``.
+    """A loaded static-cache decoder: one ``InferenceSession`` and its settings; a
+    ``LanguageModel`` whose states each own their cache buffers.
 
     Args:
         folder: an exported folder with ``quickdraft.json`` (kv_cache "static").
         device: where to run (``Device("cpu")`` or ``Device("cuda", 0)``).
-        max_length: tokens the caches hold (default: the manifest's ``max_cache_length``;
-            at most its ``max_length``, the model's context). Memory: 2 * layers *
-            kv_heads * max_length * head_dim values.
+        max_length: tokens each state's caches hold (default: the manifest's
+            ``max_cache_length``; at most its ``max_length``, the model's context). Memory
+            per state: 2 * layers * kv_heads * max_length * head_dim values.
         graph_steps: step lengths that get their own preallocated binding (and, with
             ``cuda_graph``, their own CUDA graph), e.g. ``(1,)`` for a draft model and
             ``(1, gamma + 1)`` for a target. Other lengths run through a generic binding.
@@ -82,8 +49,10 @@ class StaticOrtModel(ExportedModel):
         options (onnxruntime.SessionOptions | None): the session's options (default:
             quickdraft's).
 
-    The model owns one set of cache buffers (so nothing is duplicated): ``new_state()``
-    starts a new sequence in them and makes any earlier state of this model unusable.
+    ``new_state()`` makes a sequence state with its own caches and bindings (CUDA graphs
+    captured under its own graph ids); a closed state's buffers are kept and handed to the
+    next new state, so graphs already captured are replayed, not captured again. A state
+    is used from the thread that made it (ONNX Runtime keeps captured graphs per thread).
     """
 
     KV_CACHE = "static"
@@ -101,8 +70,6 @@ class StaticOrtModel(ExportedModel):
         provider_options: dict | None = None,
         options=None,
     ):
-        import onnxruntime as ort
-
         if cuda_graph and device.kind != "cuda":
             raise ValueError("cuda_graph needs device cuda (CUDA graphs are a CUDA feature)")
         cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
@@ -118,30 +85,21 @@ class StaticOrtModel(ExportedModel):
         self.cuda_graph = bool(cuda_graph)
         self.graph_steps = tuple(sorted({int(s) for s in graph_steps}))
         if any(s < 1 or s > self.max_cache for s in self.graph_steps):
-            raise ValueError(f"graph_steps must be in [1, {self.max_cache}], got {graph_steps}")
+            raise ValueError(
+                f"step lengths must be in [1, {self.max_cache}] (the cache length), got "
+                f"{min(self.graph_steps)}..{max(self.graph_steps)}: draft at most "
+                f"{self.max_cache - 1} tokens per iteration")
         # the CUDA provider's options in use ({} on the CPU)
         self.provider_options = self.session.get_provider_options().get(
             "CUDAExecutionProvider", {}) if device.kind == "cuda" else {}
         self.np_dtype = _NP_DTYPES[m.dtype]
-        kind, dev = device.kind, device.device_id
-        shape = (1, m.num_kv_heads, self.max_cache, m.head_dim)
-        # one buffer per cache tensor, bound as past AND present: written in place. (On the
-        # CPU an OrtValue made from a NumPy array uses that array's memory: one array each.)
-        self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), kind, dev)
-                      for _ in self.past_names]
-        self._mask_host = np.zeros((1, self.max_cache), dtype=np.int64)
-        self._mask = ort.OrtValue.ortvalue_from_numpy(self._mask_host, kind, dev)
-        self._on_device = kind != "cpu"  # host arrays must be copied into device buffers
-        # the graph's greedy_tokens output (quickdraft.export.greedy), when it has one
+        self.cache_shape = (1, m.num_kv_heads, self.max_cache, m.head_dim)  # [B, kv, T, hd]
+        # the graph's greedy_tokens output (see quickdraft.manifest.GREEDY_OUTPUT)
         self.has_greedy = GREEDY_OUTPUT in m.output_names
-        self._steps: dict[int, _StepBinding] = {}
-        for graph_id, s in enumerate(self.graph_steps, start=1):
-            self._steps[s] = _StepBinding(self, s, graph_id)
-        self._generic = self.session.io_binding()
-        self._generic_options = _run_options(-1 if self.cuda_graph else None)
-        self._generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
-        self._owner: StaticDecodeState | None = None
-        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
+        self._lock = threading.Lock()  # guards the pool and the graph ids
+        self._free: list[_CacheSlot] = []  # buffers of closed states, to reuse
+        self._graph_ids = 0  # CUDA graph ids handed out so far
+        self.slots_made = 0  # cache slots allocated (states made without a free slot)
 
     def _check_manifest(self) -> None:
         super()._check_manifest()
@@ -166,79 +124,26 @@ class StaticOrtModel(ExportedModel):
         return self.max_cache
 
     def new_state(self) -> StaticDecodeState:
-        state = StaticDecodeState(self)
-        self._owner = state
-        return state
+        """A new sequence with its own caches (reusing a closed state's buffers if any)."""
+        with self._lock:
+            slot = self._free.pop() if self._free else None
+            if slot is None:
+                first = self._graph_ids + 1
+                self._graph_ids += len(self.graph_steps)
+                self.slots_made += 1
+        if slot is None:
+            slot = _CacheSlot(self, first)
+        return StaticDecodeState(self, slot)
+
+    def _release(self, slot: _CacheSlot) -> None:
+        with self._lock:
+            self._free.append(slot)
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes held by the KV cache buffers."""
-        return sum(int(np.prod(v.shape())) for v in self.cache) * np.dtype(self.np_dtype).itemsize
-
-    # -- running the graph ---------------------------------------------------------------
-
-    def run(self, tokens: Sequence[int], past_length: int):
-        """Write ``tokens`` at positions ``past_length ..`` of the caches; return the logits
-        OrtValue [1, len(tokens), V] on the model's device.
-
-        A length in ``graph_steps`` returns that length's own output buffer, overwritten by
-        its next call; copy what you keep (``.numpy()`` copies to the host).
-        """
-        k = len(tokens)
-        total = past_length + k
-        if total > self.max_cache:
-            raise ValueError(
-                f"sequence of {total} tokens exceeds the static cache of {self.max_cache} "
-                "tokens; export or load with a larger max_length"
-            )
-        mask = self._mask_host
-        mask[0, :total] = 1
-        mask[0, total:] = 0
-        if self._on_device:  # on the CPU the bound buffer is the host array itself
-            self._mask.update_inplace(mask)  # the mask buffer is bound by every binding
-        step = self._steps.get(k)
-        if step is not None:
-            self.calls["captured_steps"] += 1
-            return step.run(tokens)
-        self.calls["generic_steps"] += 1
-        io = self._generic
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        kind, dev = self.device.kind, self.device.device_id
-        import onnxruntime as ort
-
-        ids = np.asarray(tokens, dtype=np.int64).reshape(1, k)
-        io.bind_ortvalue_input(_INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids, kind, dev))
-        self._bind_common(io)
-        io.bind_output(_LOGITS, kind, dev)
-        if self.has_greedy:
-            io.bind_output(GREEDY_OUTPUT, kind, dev)
-        self.session.run_with_iobinding(io, self._generic_options)
-        outputs = io.get_outputs()  # presents (the cache buffers), logits, greedy tokens
-        self._generic_greedy = outputs[-1] if self.has_greedy else None
-        return outputs[-2] if self.has_greedy else outputs[-1]
-
-    def run_greedy(self, tokens: Sequence[int], past_length: int) -> np.ndarray:
-        """As :meth:`run`, returning the greedy token after each of ``tokens`` [k] int64 on
-        the host: the graph's ``greedy_tokens`` (the argmax of each row, plus
-        ``vocab_size`` for a row that is not finite), only k integers copied from the
-        device."""
-        if not self.has_greedy:
-            raise ValueError(
-                f"{self.folder}: this graph has no {GREEDY_OUTPUT} output (an export from "
-                "before it was added); re-export it, or take the argmax of run()'s logits"
-            )
-        self.run(tokens, past_length)
-        step = self._steps.get(len(tokens))
-        if step is not None:
-            return step.read_greedy()
-        return np.array(self._generic_greedy.numpy()[0])
-
-    def _bind_common(self, io) -> None:
-        io.bind_ortvalue_input(_MASK, self._mask)
-        for past, present, value in zip(self.past_names, self.present_names, self.cache):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
+        """Bytes the KV cache buffers of one state hold."""
+        count = 2 * self.manifest.num_layers * int(np.prod(self.cache_shape))
+        return count * np.dtype(self.np_dtype).itemsize
 
 
 def _run_options(graph_id: int | None):
@@ -254,6 +159,86 @@ def _run_options(graph_id: int | None):
     return options
 
 
+class _CacheSlot:
+    """One sequence's device memory and bindings: per-layer cache buffers [1, kv_heads,
+    max_length, head_dim] bound as past AND present (written in place), the mask
+    [1, max_length], and a binding per step length with its own graph id."""
+
+    def __init__(self, model: StaticOrtModel, first_graph_id: int):
+        import onnxruntime as ort
+
+        kind, dev = model.device.kind, model.device.device_id
+        self.model = model
+        # on the CPU an OrtValue made from a NumPy array uses that array's memory
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(model.cache_shape, model.np_dtype),
+                                                       kind, dev)
+                      for _ in model.past_names]
+        self.mask_host = np.zeros((1, model.max_cache), dtype=np.int64)  # [1, T]
+        self.mask = ort.OrtValue.ortvalue_from_numpy(self.mask_host, kind, dev)
+        self.on_device = kind != "cpu"  # host arrays must be copied into device buffers
+        self.steps = {s: _StepBinding(self, s, first_graph_id + i)
+                      for i, s in enumerate(model.graph_steps)}
+        self.generic = model.session.io_binding()
+        self.generic_options = _run_options(-1 if model.cuda_graph else None)
+        self.generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
+        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
+
+    def bind_common(self, io) -> None:
+        io.bind_ortvalue_input(_MASK, self.mask)
+        m = self.model
+        for past, present, value in zip(m.past_names, m.present_names, self.cache):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+
+    def run(self, tokens: list[int], past_length: int):
+        """Write ``tokens`` at positions ``past_length ..`` of the caches; return the logits
+        OrtValue [1, len(tokens), V] on the device (a fixed-length step's own buffer,
+        overwritten by its next call)."""
+        m = self.model
+        k = len(tokens)
+        total = past_length + k
+        if total > m.max_cache:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds the static cache of {m.max_cache} "
+                "tokens; export or load with a larger max_length"
+            )
+        mask = self.mask_host
+        mask[0, :total] = 1
+        mask[0, total:] = 0
+        if self.on_device:  # on the CPU the bound buffer is the host array itself
+            self.mask.update_inplace(mask)  # bound by every binding of this slot
+        step = self.steps.get(k)
+        if step is not None:
+            self.calls["captured_steps"] += 1
+            return step.run(tokens)
+        self.calls["generic_steps"] += 1
+        import onnxruntime as ort
+
+        io = self.generic
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        kind, dev = m.device.kind, m.device.device_id
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, k)  # [1, k]
+        io.bind_ortvalue_input(_INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids, kind, dev))
+        self.bind_common(io)
+        io.bind_output(_LOGITS, kind, dev)
+        if m.has_greedy:
+            io.bind_output(GREEDY_OUTPUT, kind, dev)
+        m.session.run_with_iobinding(io, self.generic_options)
+        outputs = io.get_outputs()  # presents (the cache buffers), logits, greedy tokens
+        self.generic_greedy = outputs[-1] if m.has_greedy else None
+        return outputs[-2] if m.has_greedy else outputs[-1]
+
+    def run_greedy(self, tokens: list[int], past_length: int) -> np.ndarray:
+        """As :meth:`run`, returning the graph's greedy token after each of ``tokens`` [k]
+        int64 on the host (k integers copied from the device)."""
+        self.run(tokens, past_length)
+        step = self.steps.get(len(tokens))
+        if step is not None:
+            return step.read_greedy()
+        return np.array(self.generic_greedy.numpy()[0])  # [k]
+
+
 class _StepBinding:
     """A fixed-length step: its own input_ids, logits (and greedy tokens) buffers, binding
     and graph id.
@@ -264,20 +249,22 @@ class _StepBinding:
     already on the device: its upload is skipped when the host knows the buffer holds it.
     """
 
-    def __init__(self, model: StaticOrtModel, length: int, graph_id: int):
+    def __init__(self, slot: _CacheSlot, length: int, graph_id: int):
         import onnxruntime as ort
 
+        model = slot.model
         kind, dev = model.device.kind, model.device.device_id
-        self.model = model
+        self.slot = slot
         self.length = length
         self.graph_id = graph_id
-        self.ids_host = np.zeros((1, length), dtype=np.int64)
+        self.ids_host = np.zeros((1, length), dtype=np.int64)  # [1, length]
         self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
-        shape = (1, length, model.manifest.vocab_size)
+        shape = (1, length, model.manifest.vocab_size)  # [1, length, V]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.np_dtype, kind, dev)
+        self.session = model.session
         self.binding = model.session.io_binding()
         self.binding.bind_ortvalue_input(_INPUT_IDS, self.ids)
-        model._bind_common(self.binding)
+        slot.bind_common(self.binding)
         self.binding.bind_ortvalue_output(_LOGITS, self.logits)
         self.greedy = None  # the greedy_tokens buffer [1, length] int64
         self.chained = model.has_greedy and length == 1  # greedy output over input_ids
@@ -289,16 +276,15 @@ class _StepBinding:
         self.runs = 0
         self._on_device: list[int] | None = None  # the ids in the device buffer, if known
 
-    def run(self, tokens: Sequence[int]):
-        tokens = list(tokens)
-        if not self.model._on_device:  # on the CPU the bound buffer is ids_host itself
+    def run(self, tokens: list[int]):
+        if not self.slot.on_device:  # on the CPU the bound buffer is ids_host itself
             self.ids_host[0, :] = tokens
         elif tokens == self._on_device:  # a greedy chain: the last argmax is the input
-            self.model.calls["uploads_skipped"] += 1
+            self.slot.calls["uploads_skipped"] += 1
         else:
             self.ids_host[0, :] = tokens
             self.ids.update_inplace(self.ids_host)  # same device address: what graphs replay
-        self.model.session.run_with_iobinding(self.binding, self.options)
+        self.session.run_with_iobinding(self.binding, self.options)
         self.runs += 1
         # a chained step overwrote its input with the argmax, unknown until read
         self._on_device = None if self.chained else tokens
@@ -313,35 +299,54 @@ class _StepBinding:
 
 
 class StaticDecodeState(TokenState):
-    """A :class:`~quickdraft.protocols.DecodeState` over a :class:`StaticOrtModel`.
+    """A :class:`~quickdraft.protocols.DecodeState` over a :class:`StaticOrtModel`, with its
+    own cache slot; also a ``GreedyState``, ``DeviceState``, ``MeasuredState`` and
+    ``ClosableState``.
 
     ``rewind`` only shortens the valid length: positions past it are overwritten by the
-    next ``append``.
+    next ``append``. ``close`` hands the slot back to the model.
     """
 
-    def _check_owner(self) -> None:
-        if self.model._owner is not self:
-            raise RuntimeError(
-                "this decode state is stale: its model started a newer state, which now "
-                "owns the static cache buffers"
-            )
+    def __init__(self, model: StaticOrtModel, slot: _CacheSlot):
+        super().__init__(model)
+        self._slot: _CacheSlot | None = slot
+
+    @property
+    def calls(self) -> dict:
+        """Step counts of this state's slot: captured (fixed-length) and generic steps, and
+        greedy-chain uploads skipped."""
+        return dict(self._live().calls)
+
+    def _live(self) -> _CacheSlot:
+        self._check_thread()
+        if self._slot is None:
+            raise RuntimeError("this decode state is closed: make a new one with new_state()")
+        return self._slot
 
     def append_device(self, tokens: Sequence[int]):
         """Consume ``tokens``; return the logits OrtValue [1, len(tokens), V] on the device."""
-        self._check_owner()
+        slot = self._live()
         tokens = self._checked(tokens)
         if not tokens:
             raise ValueError("append_device needs at least one token")
-        value = self.model.run(tokens, len(self._tokens))
+        t0 = time.perf_counter()
+        value = slot.run(tokens, len(self._tokens))
+        self.times.record_call(len(tokens), t0)
         self._tokens.extend(tokens)
         return value
 
     def append(self, tokens: Sequence[int]) -> np.ndarray:
         """Consume ``tokens``; return logits [len(tokens), V] on the host (a copy)."""
         if len(tokens) == 0:
-            self._check_owner()
+            self._live()
             return np.zeros((0, self.model.vocab_size), dtype=self.model.np_dtype)
-        return np.array(self.append_device(tokens).numpy()[0])
+        t0 = time.perf_counter()
+        slot = self._live()
+        tokens = self._checked(tokens)
+        logits = np.array(slot.run(tokens, len(self._tokens)).numpy()[0])  # [k, V]
+        self.times.record_call(len(tokens), t0)
+        self._tokens.extend(tokens)
+        return logits
 
     def append_greedy(self, tokens: Sequence[int]) -> np.ndarray:
         """Consume ``tokens``; return the greedy token after each of them [len(tokens)]
@@ -350,7 +355,7 @@ class StaticDecodeState(TokenState):
         (``quickdraft.sampling.greedy_tokens`` of :meth:`append`'s logits for a graph
         without it). Refuses a row with a NaN or an infinity anywhere in it (stricter than
         ``greedy_tokens``, which looks at the row's maximum: raw model logits are finite)."""
-        self._check_owner()
+        slot = self._live()
         tokens = self._checked(tokens)
         if not tokens:
             return np.zeros(0, dtype=np.int64)
@@ -358,7 +363,9 @@ class StaticDecodeState(TokenState):
             from quickdraft.sampling import greedy_tokens
 
             return greedy_tokens(self.append(tokens))
-        choices = self.model.run_greedy(tokens, len(self._tokens))  # [k]
+        t0 = time.perf_counter()
+        choices = slot.run_greedy(tokens, len(self._tokens))  # [k]
+        self.times.record_call(len(tokens), t0)
         self._tokens.extend(tokens)
         if choices.max() >= self.model.vocab_size:
             raise ValueError(
@@ -369,14 +376,17 @@ class StaticDecodeState(TokenState):
         return choices
 
     def rewind(self, length: int) -> None:
-        self._check_owner()
+        self._live()
         self._check_rewind(length)
-        del self._tokens[length:]
+        if length < len(self._tokens):
+            t0 = time.perf_counter()
+            del self._tokens[length:]
+            self.times.record_rewind(t0)
 
-
-def __getattr__(name: str):
-    if name == "FastGenerator":  # lives with the generator it specialises
-        from quickdraft.ort_backend.generator import FastGenerator
-
-        return FastGenerator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def close(self) -> None:
+        """Give the cache slot back to the model (for its next state); idempotent."""
+        if self._slot is not None:
+            self._check_thread()
+            slot, self._slot = self._slot, None
+            self._tokens.clear()
+            self.model._release(slot)
