@@ -43,9 +43,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(f"quickdraft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (e.g. `| head`): say so once, quietly
+        _silence_stdout()
+        print(f"quickdraft {args.command}: output closed before the end (broken pipe)",
+              file=sys.stderr)
+        return 141
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
         print(f"quickdraft {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from quickdraft.generation import (  # noqa: E402
     speculative_generate,
     speculative_step,
 )
-from quickdraft.ort_backend import DecodeConfig, Generator, OrtModel  # noqa: E402
+from quickdraft.ort_backend import DecodeConfig, Generator, OrtModel, load_pair  # noqa: E402
 from quickdraft.ort_backend.static import StaticModelError, StaticOrtModel  # noqa: E402
 from quickdraft.ort_backend.verify_graph import GraphVerifier  # noqa: E402
 from quickdraft.sampling import SamplingConfig  # noqa: E402
@@ -106,7 +106,8 @@ def test_static_logits_equal_pytorch_and_optimum(static_pair, hf_pair_dirs,
     cuts = [0, 11, 12, 18, 19, 30]
     got = np.concatenate([state.append(ids[a:b]) for a, b in zip(cuts, cuts[1:])])
     assert np.abs(got - ref).max() < 1e-4
-    assert model.calls["captured_steps"] == 3  # the 1- and 6-token steps used their bindings
+    assert state.calls["captured_steps"] == 3  # the 1- and 6-token steps used their bindings
+    assert state.times.calls == 5 and state.times.tokens == 30
     generic = OrtModel(exported_llama_pair / "target").new_state().append(ids)
     assert np.abs(got - generic).max() < 1e-4
 
@@ -164,27 +165,29 @@ def test_greedy_chain_skips_uploads_and_decodes_the_same(static_pair):
     bound buffers are the host arrays, so both ways see the same memory): greedy speculative
     and autoregressive decoding give the same tokens as the plain CPU model, and uploads
     were skipped only for chained calls."""
-    from quickdraft.ort_backend.generator import FastGenerator
+    greedy = DecodeConfig(max_new_tokens=24)
 
-    def generator(device_like: bool):
+    def generators(device_like: bool):
         target = load(static_pair / "target", steps=(1, 2, 3, 4, 5))
         draft = load(static_pair / "draft", steps=(1, 2))
-        for m in (target, draft):
-            m._on_device = device_like  # copy inputs with update_inplace, as on CUDA
-        g = FastGenerator(target, draft, sampling=SamplingConfig(temperature=0))
-        g.eos_ids = frozenset()
-        return g
+        spec = Generator(target, ModelDrafter(draft, greedy.sampling, 3), greedy)
+        auto = Generator(target, None, greedy)
+        for state in (spec._state, spec.drafter.state, auto._state):
+            state._slot.on_device = device_like  # copy inputs with update_inplace, as on CUDA
+        return spec, auto
 
-    plain, chained = generator(False), generator(True)
+    def skipped(gen):
+        return sum(s.calls["uploads_skipped"] for s in [gen._state, *gen._draft_states])
+
+    (plain_sp, plain_ar), (chained_sp, chained_ar) = generators(False), generators(True)
     for prompt in PROMPTS[1:3]:
-        want_ar, _ = plain.autoregressive(prompt, 24)
-        want_sp, _ = plain.speculative(prompt, 24, 3)
-        assert chained.autoregressive(prompt, 24)[0] == want_ar
-        assert chained.speculative(prompt, 24, 3)[0] == want_sp == want_ar
-    skipped_target = chained.target.calls["uploads_skipped"]
-    skipped_draft = chained.draft.calls["uploads_skipped"]
-    assert skipped_target > 0 and skipped_draft > 0  # the AR chain and the draft chains
-    assert plain.target.calls["uploads_skipped"] == plain.draft.calls["uploads_skipped"] == 0
+        want_ar = plain_ar.generate(prompt).tokens
+        want_sp = plain_sp.generate(prompt).tokens
+        assert chained_ar.generate(prompt).tokens == want_ar
+        assert chained_sp.generate(prompt).tokens == want_sp == want_ar
+    assert skipped(chained_ar) > 0  # the AR chain
+    assert chained_sp.drafter.state.calls["uploads_skipped"] > 0  # the draft chains
+    assert skipped(plain_ar) == skipped(plain_sp) == 0
 
 
 @pytest.mark.parametrize("draft_role", ["draft", "target"])
@@ -203,7 +206,6 @@ def test_greedy_speculative_equals_autoregressive(static_pair, gamma, draft_role
         assert sp.tokens == ar.tokens
         if draft_role == "target":
             assert sp.stats.accepted_per_iteration[:-1] == [gamma] * (sp.stats.iterations - 1)
-    assert target.calls["captured_steps"] > 0 and draft.calls["captured_steps"] > 0
 
 
 @pytest.mark.parametrize(("sampling", "draft_role"), [
@@ -222,7 +224,7 @@ def test_verify_graph_iteration_equals_numpy_iteration(static_pair, sampling, dr
     for _ in range(2):  # two independent pairs of models: one per path
         t = load(static_pair / "target", steps=(1, gamma + 1))
         d = load(static_pair / draft_role, steps=(1, 2))
-        paths.append((t.new_state(), ModelDrafter(d, sampling)))
+        paths.append((t.new_state(), ModelDrafter(d, sampling, gamma)))
     verifier = GraphVerifier.for_model(paths[1][0].model)
     rng = np.random.default_rng(7)
     accepted = []
@@ -230,9 +232,9 @@ def test_verify_graph_iteration_equals_numpy_iteration(static_pair, sampling, dr
         ids_np, ids_dev = list(prompt), list(prompt)
         for _ in range(8):
             u = rng.random(2 * gamma + 1)
-            ref = speculative_step(paths[0][0], paths[0][1], ids_np, gamma, sampling,
+            ref = speculative_step(paths[0][0], paths[0][1], ids_np, sampling,
                                    u[:gamma], u[gamma:2 * gamma], float(u[-1]))
-            dev = speculative_step(paths[1][0], paths[1][1], ids_dev, gamma, sampling,
+            dev = speculative_step(paths[1][0], paths[1][1], ids_dev, sampling,
                                    u[:gamma], u[gamma:2 * gamma], float(u[-1]),
                                    verifier=verifier)
             assert (dev.tokens, dev.n_accepted) == (ref.tokens, ref.n_accepted)
@@ -263,7 +265,9 @@ def test_state_errors(static_pair, exported_llama_pair):
     model = load(static_pair / "draft")
     old = model.new_state()
     new = model.new_state()
-    with pytest.raises(RuntimeError, match="stale"):
+    old.append([1])  # states of one model each own their caches: both usable
+    old.close()
+    with pytest.raises(RuntimeError, match="closed"):
         old.append([1])
     with pytest.raises(ValueError, match="exceeds the static cache"):
         new.append(list(range(CACHE + 1)))
@@ -306,43 +310,35 @@ def test_static_export_refusals(hf_pair_factory, hf_pair_dirs, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.partial-")]
 
 
-def test_fast_generator(static_pair):
-    """FastGenerator (device verification, time breakdown): greedy speculative equals
-    greedy autoregressive; seeded sampling repeats and equals the NumPy loop's output."""
-    from quickdraft.ort_backend.static import FastGenerator
-
+def test_generator_breakdown_and_seeds(static_pair):
+    """Generator on static models (device verification, time breakdown): greedy
+    speculative equals greedy autoregressive; seeded sampling repeats and equals the NumPy
+    loop's output."""
     gamma = 3
     target = load(static_pair / "target", steps=range(1, gamma + 2))
     draft = load(static_pair / "draft", steps=(1, 2))
-    greedy = FastGenerator(target, draft, sampling=SamplingConfig(temperature=0))
-    greedy.eos_ids = frozenset()
+    greedy = DecodeConfig(max_new_tokens=20)
+    spec = Generator(target, ModelDrafter(draft, greedy.sampling, gamma), greedy, max_draft=gamma)
+    auto = Generator(target, None, greedy)
     for prompt in PROMPTS:
-        ar, ar_stats = greedy.autoregressive(prompt, 20)
-        sp, stats = greedy.speculative(prompt, 20, gamma)
-        assert sp == ar and len(sp) == 20
-        assert stats["iterations"] == stats["target_calls"] == len(stats["accepted_per_iteration"])
-        assert stats["target_s"] > 0 and stats["draft_s"] > 0 and stats["tokens_per_s"] > 0
-        timed = stats["target_s"] + stats["draft_s"] + stats["verify_s"] + stats["host_s"]
-        assert stats["total_s"] == pytest.approx(stats["prefill_s"] + timed)  # the breakdown
-        assert ar_stats["new_tokens"] == 20
+        ar, sp = auto.generate(prompt), spec.generate(prompt)
+        assert sp.tokens == ar.tokens and len(sp.tokens) == 20
+        s = sp.stats
+        assert s.generation.iterations == s.target.calls
+        assert s.generation.iterations == len(s.generation.accepted_per_iteration)
+        assert s.target_s > 0 and s.draft_s > 0 and s.tokens_per_s > 0
+        assert s.decode_s == pytest.approx(s.target_s + s.draft_s + s.verify_s + s.host_s)
+        assert s.target_prefill.tokens == len(prompt) - 1 and ar.stats.new_tokens == 20
     sampling = SamplingConfig(temperature=1.0)
-    gen = FastGenerator(target, draft, sampling=sampling)
-    gen.eos_ids = frozenset()
-    first, _ = gen.speculative(PROMPTS[1], 25, gamma, seed=3)
-    assert gen.speculative(PROMPTS[1], 25, gamma, seed=3)[0] == first
+    config = DecodeConfig(max_new_tokens=25, sampling=sampling, seed=3)
+    gen = Generator(target, ModelDrafter(draft, sampling, gamma), config, max_draft=gamma)
+    first = gen.generate(PROMPTS[1]).tokens
+    assert gen.generate(PROMPTS[1]).tokens == first
     ref = speculative_generate(target, draft, PROMPTS[1], gamma=gamma, max_new_tokens=25,
                                sampling=sampling, rng=np.random.default_rng(3))
     assert first == ref.tokens
-    made = []
-
-    def factory(model):  # what the benchmarks' controlled drafter plugs in
-        made.append(ModelDrafter(model, greedy.sampling))
-        return made[-1]
-
-    tokens, _ = greedy.speculative(PROMPTS[2], 20, gamma, drafter_factory=factory)
-    assert len(made) == 1 and len(made[0].state.tokens) > len(PROMPTS[2])
-    assert tokens == greedy.autoregressive(PROMPTS[2], 20)[0]
-    assert greedy.drafter_factory is None  # for that call only
+    with pytest.raises(ValueError, match="same settings"):
+        Generator(target, ModelDrafter(draft, SamplingConfig(0.5), gamma), config)
 
 
 # -- one Generator for both kinds of export ----------------------------------------------------
@@ -351,47 +347,56 @@ def test_fast_generator(static_pair):
 GREEDY = SamplingConfig(temperature=0)
 
 
-def test_generator_load_dispatches_on_kv_cache(static_pair, exported_llama_pair, tmp_path):
-    fast = Generator.load(static_pair, device="cpu", max_gamma=4)
+def test_load_pair_dispatches_on_kv_cache(static_pair, exported_llama_pair, tmp_path):
+    fast = load_pair(static_pair, device="cpu", max_gamma=4)
     assert isinstance(fast.target, StaticOrtModel) and isinstance(fast.draft, StaticOrtModel)
-    assert fast.verify == "device" and not fast.target.cuda_graph  # no CUDA graphs on the CPU
+    assert not fast.target.cuda_graph  # no CUDA graphs on the CPU
     assert fast.target.graph_steps == (1, 2, 3, 4, 5) and fast.draft.graph_steps == (1, 2)
-    assert fast.target.max_length == EXPORT_CACHE
-    generic = Generator.load(exported_llama_pair, device="cpu")
-    assert isinstance(generic.target, OrtModel) and generic.verify == "host"
+    assert fast.target.max_length == EXPORT_CACHE and fast.max_draft == 4
+    assert fast.generator(DecodeConfig(), gamma=4).verify == "device"
+    generic = load_pair(exported_llama_pair, device="cpu")
+    assert isinstance(generic.target, OrtModel)
+    assert generic.generator(DecodeConfig(), gamma=4).verify == "host"
     # no RunOptions without a CUDA graph id (an empty one costs an exception per call)
-    assert all(step.options is None for step in fast.target._steps.values())
-    assert fast.target._generic_options is None
-    auto = Generator.load(static_pair, draft=False)  # an fp32 static graph is for the CPU
+    probe = fast.target.new_state()
+    assert all(step.options is None for step in probe._slot.steps.values())
+    assert probe._slot.generic_options is None
+    probe.close()
+    auto = load_pair(static_pair, draft=False)  # an fp32 static graph is for the CPU
     assert str(auto.device) == "cpu" and "built for the CPU" in auto.device_note
-    for prompt in ("def main(", "import os\n"):
-        ar = fast.generate(prompt, DecodeConfig(max_new_tokens=16, sampling=GREEDY,
-                                                autoregressive=True))
-        sp = fast.generate(prompt, DecodeConfig(max_new_tokens=16, gamma=4, sampling=GREEDY))
-        assert sp.tokens == ar.tokens and len(sp.tokens) == 16
-        # the same weights exported the other way decode the same
-        assert generic.generate(prompt, DecodeConfig(max_new_tokens=16, gamma=4,
-                                                     sampling=GREEDY)).tokens == ar.tokens
-        s = sp.stats
-        # greedy: the rule on the target's argmax ids (the graph computes them); sampling:
-        # the verification graph
-        assert (s.kv_cache, s.verifier) == ("static", "host")
-        sampled = fast.generate(prompt, DecodeConfig(max_new_tokens=8, gamma=4, seed=0))
-        assert sampled.stats.verifier == "device" and sampled.stats.verify_s > 0
-        assert s.target.calls == s.generation.iterations and s.verify_s > 0
-        assert s.decode_s >= s.target_s + s.draft_s + s.verify_s
-        assert 0 <= s.generation.alpha <= 1
-        assert ar.stats.verifier is None and ar.stats.verify_s == 0
+    short = DecodeConfig(max_new_tokens=16)
+    with fast.generator(short) as ar_gen, fast.generator(short, gamma=4) as sp_gen, \
+            generic.generator(short, gamma=4) as generic_gen, \
+            fast.generator(DecodeConfig(max_new_tokens=8, sampling=SamplingConfig(),
+                                        seed=0), gamma=4) as sampled_gen:
+        for prompt in ("def main(", "import os\n"):
+            ar, sp = ar_gen.generate(prompt), sp_gen.generate(prompt)
+            assert sp.tokens == ar.tokens and len(sp.tokens) == 16
+            # the same weights exported the other way decode the same
+            assert generic_gen.generate(prompt).tokens == ar.tokens
+            s = sp.stats
+            # greedy: the rule on the target's argmax ids (the graph computes them);
+            # sampling: the verification graph
+            assert (s.kv_cache, s.verifier) == ("static", "host")
+            sampled = sampled_gen.generate(prompt)
+            assert sampled.stats.verifier == "device" and sampled.stats.verify_s > 0
+            assert s.target.calls == s.generation.iterations and s.verify_s > 0
+            assert s.decode_s >= s.target_s + s.draft_s + s.verify_s
+            assert 0 <= s.generation.alpha <= 1
+            assert ar.stats.verifier is None and ar.stats.verify_s == 0
     mixed = tmp_path / "mixed"
     shutil.copytree(static_pair / "target", mixed / "target")
     shutil.copytree(exported_llama_pair / "draft", mixed / "draft")
     with pytest.raises(ValueError, match="export the pair together"):
-        Generator.load(mixed, device="cpu")
+        load_pair(mixed, device="cpu")
     target = fast.target
-    with pytest.raises(ValueError, match="own draft"):
-        Generator(target, target)
+    # a static model can be its own draft: each state owns its caches
+    with Generator(target, ModelDrafter(target, GREEDY, 2), short) as own:
+        assert len(own.generate("def main(").tokens) == 16
     with pytest.raises(ValueError, match="verify"):
         Generator(target, verify="gpu")
+    with pytest.raises(ValueError, match="--gamma 9 is more than the 4"):
+        fast.generator(short, gamma=9)
 
 
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
@@ -399,13 +404,14 @@ def test_host_and_device_verifiers_agree(kind, static_pair, exported_llama_pair)
     """The verifier seam: with one seed, verification on the host (NumPy) and on the device
     (the graph) take the same decisions in the same loop, on either kind of model."""
     folder = static_pair if kind == "static" else exported_llama_pair
-    host = Generator.load(folder, device="cpu", verify="host", max_gamma=3)
-    device = Generator.load(folder, device="cpu", verify="device", max_gamma=3)
+    pair = load_pair(folder, device="cpu", max_gamma=3)
     accepted = set()
     for sampling in (SamplingConfig(temperature=1.0), SamplingConfig(0.8, top_k=20, top_p=0.9)):
         for seed in range(3):
-            cfg = DecodeConfig(max_new_tokens=20, gamma=3, sampling=sampling, seed=seed)
-            a, b = host.generate("def main(", cfg), device.generate("def main(", cfg)
+            cfg = DecodeConfig(max_new_tokens=20, sampling=sampling, seed=seed)
+            with pair.generator(cfg, gamma=3, verify="host") as host, \
+                    pair.generator(cfg, gamma=3, verify="device") as device:
+                a, b = host.generate("def main("), device.generate("def main(")
             assert a.tokens == b.tokens
             ga, gb = a.stats.generation, b.stats.generation
             assert ga.accepted_per_iteration == gb.accepted_per_iteration

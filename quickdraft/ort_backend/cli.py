@@ -145,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as surrogates
+        raise ValueError(
+            f"--prompt is not valid UTF-8 text (byte {e.start} of it); pass UTF-8 text, "
+            "e.g. convert it with iconv -t utf-8") from None
     pair = load_pair(model_dir, device=device, draft=not args.autoregressive,
                      cuda_graph=args.cuda_graph, max_gamma=gamma)
     if pair.device_note:

@@ -332,6 +332,12 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
             f"{root} has no {' or '.join(missing)} folder: not a quickdraft export of a "
             "pair (make one with `quickdraft export --target ... --draft ... --out ...`)"
         )
+    manifest = load_manifest(root / "target")
+    if draft and manifest.kv_cache == "static" and max_gamma + 1 > manifest.max_cache_length:
+        raise ValueError(
+            f"--gamma {max_gamma} needs target steps of {max_gamma + 1} tokens, more than "
+            f"this export's static cache of {manifest.max_cache_length}; use --gamma <= "
+            f"{manifest.max_cache_length - 1}")
     target_steps = range(1, max_gamma + 2) if draft else (1,)
     draft_options = session_options(threads=draft_threads)  # checks draft_threads
 
@@ -341,7 +347,6 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
                           options=options)
 
     note = None
-    manifest = load_manifest(root / "target")
     if device == "auto" and manifest.execution_provider == "cpu":
         device, note = "cpu", (
             f"this {manifest.kv_cache} {manifest.dtype} export is built for the CPU "
@@ -580,6 +585,8 @@ class Generator:
     def step(self) -> list[int]:
         """One iteration: the tokens it added ([] once the generation is done)."""
         self._check_thread()
+        if self.stats is None:
+            raise ValueError("nothing to step: call prefill(prompt) first")
         if self._done:
             return []
         if self._engine is None:

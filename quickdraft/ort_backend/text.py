@@ -1,7 +1,9 @@
 """Tokenizer loading and incremental detokenisation for streaming.
 
 The tokenizer is read with ``tokenizers`` alone (``tokenizer.json``); transformers is not
-needed at run time.
+needed at run time. ``tokenizers.decoders.DecodeStream`` (0.22) is not used: it has no flush
+(a tail held back at the end is never returned) and raises "Invalid prefix" when ByteFallback
+byte tokens form invalid UTF-8 (Llama-style tokenizers); elsewhere its pieces match ours.
 """
 
 from __future__ import annotations

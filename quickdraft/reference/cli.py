@@ -31,14 +31,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_demo)
 
 
+MAX_GAMMA_TABLE = 1000  # theory tabulates gamma 1 .. --max-gamma, at most this many rows
+
+
 def _theory(args) -> int:
     for a in args.alpha:
-        if not 0 <= a <= 1:
-            raise ValueError(f"--alpha must be in [0, 1], got {a}")
-    if args.c < 0:
-        raise ValueError(f"--c must be >= 0, got {args.c}")
-    if args.max_gamma < 1:
-        raise ValueError("--max-gamma must be >= 1")
+        if not 0 <= a <= 1:  # False for NaN too
+            raise ValueError(f"--alpha must be a number in [0, 1], got {a}")
+    if not 0 <= args.c < float("inf"):
+        raise ValueError(f"--c must be a finite number >= 0, got {args.c}")
+    if not 1 <= args.max_gamma <= MAX_GAMMA_TABLE:
+        raise ValueError(f"--max-gamma must be in [1, {MAX_GAMMA_TABLE}], got {args.max_gamma}")
     rows = []
     for a in args.alpha:
         best = theory.best_gamma(a, args.c, args.max_gamma)
@@ -65,6 +68,10 @@ def _demo(args) -> int:
     from quickdraft.reference.demo import build_demo_pair, run_demo
     from quickdraft.sampling import SamplingConfig
 
+    if args.chars < 1000:
+        raise ValueError(f"--chars must be at least 1000 (training characters), got {args.chars}")
+    if args.gamma < 1 or args.max_new_tokens < 1:
+        raise ValueError("--gamma and --max-new-tokens must be >= 1")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     pair = build_demo_pair(args.chars)
     spec, auto = run_demo(pair, args.prompt, gamma=args.gamma,
