@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from quickdraft.protocols import (
+    BoundedDrafter,
     Candidates,
     DecodeState,
     Drafter,
@@ -156,6 +157,10 @@ class ModelDrafter:
     @property
     def sampling(self) -> SamplingConfig:
         return self._sampling
+
+    @property
+    def max_tokens(self) -> int:
+        return self.gamma
 
     @property
     def states(self) -> list[DecodeState]:
@@ -356,6 +361,18 @@ def _drafter_for(draft: LanguageModel | None, drafter: Drafter | None, gamma: in
     return ModelDrafter(draft, sampling, gamma)
 
 
+def _draft_limit(drafter: Drafter, max_draft: int | None) -> int:
+    """The most draft tokens an iteration may ask for: the drafter's own bound and the
+    runtime's compiled maximum, whichever is lower (one of them must be known)."""
+    bounds = [int(max_draft)] if max_draft is not None else []
+    if supports(drafter, BoundedDrafter):
+        bounds.append(int(drafter.max_tokens))
+    if not bounds:
+        raise ValueError("the drafter declares no max_tokens: pass max_draft, the most draft "
+                         "tokens one iteration may propose")
+    return min(bounds)
+
+
 def speculative_stream(
     target: LanguageModel,
     draft: LanguageModel | None,
@@ -391,6 +408,7 @@ def speculative_stream(
         raise ValueError(f"max_draft must be an integer >= 1 or None, got {max_draft}")
     _check_request(target, prompt_ids, max_new_tokens)
     drafter = _drafter_for(draft, drafter, gamma, target, sampling)
+    limit = _draft_limit(drafter, max_draft)
     if state is None:
         state = target.new_state()
     elif len(state.tokens) >= len(prompt_ids):
@@ -404,7 +422,7 @@ def speculative_stream(
     produced = 0
     while produced < max_new_tokens:
         remaining = max_new_tokens - produced
-        m = draft_budget(remaining, max_draft)
+        m = draft_budget(remaining, limit)
         u = rng.random(2 * m + 1)  # [2 m + 1] draft, accept and sample uniforms
         step = speculative_step(
             state, drafter, ids, sampling, u[:m], u[m : 2 * m], float(u[2 * m]),

@@ -23,6 +23,7 @@ __all__ = [
     "LanguageModel",
     "Candidates",
     "Drafter",
+    "BoundedDrafter",
     "StatefulDrafter",
     "SamplingDrafter",
     "GreedyState",
@@ -147,6 +148,16 @@ class Drafter(Protocol):
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         """Learn from the last iteration (``ids`` now includes its output)."""
         ...
+
+
+@runtime_checkable
+class BoundedDrafter(Protocol):
+    """A drafter that never proposes more than ``max_tokens`` tokens per iteration. The
+    loop draws that many draft uniforms per iteration (and no more), so a seeded run is
+    the same whatever larger cap a runtime compiled for."""
+
+    @property
+    def max_tokens(self) -> int: ...
 
 
 @runtime_checkable

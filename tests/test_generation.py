@@ -217,7 +217,7 @@ def test_generate_is_the_chain_of_steps_the_exact_test_integrates(gamma, length,
     rng = np.random.default_rng(5)
     ids, out = [2], []
     while len(out) < length:
-        g = draft_budget(length - len(out))
+        g = draft_budget(length - len(out), gamma)
         u = rng.random(2 * g + 1)
         step = speculative_step(target.new_state(), ModelDrafter(draft, cfg, gamma), ids, cfg,
                                 u[:g], u[g:2 * g], float(u[2 * g]))

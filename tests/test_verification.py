@@ -260,3 +260,41 @@ def test_greedy_decision_is_verify_on_one_hot_rows(case):
     assert verify_greedy(choices, x) == verify(p, q, x, u, s, lenience=lenience)
     gamma = len(x)
     np.testing.assert_array_equal(q[np.arange(gamma), choices[:gamma]], beta(p[:gamma], q))
+
+
+def test_greedy_applies_only_to_greedy_checked_candidates():
+    from quickdraft.verification import greedy_applies
+
+    assert greedy_applies(True, True)
+    assert not greedy_applies(True, False)  # unchecked q: verify on one-hot rows instead
+    assert not greedy_applies(False, True)
+
+
+def test_the_package_imports_with_numpy_only():
+    """quickdraft.verification (rule and graph form) needs no onnx until a graph is built."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, quickdraft.verification as v; "
+            "assert not {'onnx', 'onnxruntime'} & set(sys.modules); "
+            "print(json.dumps(sorted(v.__all__)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [
+        "PROB_SUM_ATOL", "RESIDUAL_EPS", "build_verify_graph", "greedy_applies", "inverse_cdf",
+        "inverse_cdf_row", "residual_distribution", "verify", "verify_batch", "verify_greedy",
+    ]
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_no_draft_tokens_draw_the_bonus_from_p0(validate):
+    """gamma 0 (one target step): n = 0 and the next token is the inverse-CDF draw from p_0."""
+    from quickdraft.verification import inverse_cdf_row, verify_greedy
+
+    p = np.array([[0.2, 0.5, 0.3]])
+    none = np.zeros(0, np.int64)
+    for s in (0.0, 0.1, 0.5, 0.9):
+        got = verify(p, np.zeros((0, 3)), none, np.zeros(0), s, validate=validate)
+        assert got == (0, inverse_cdf_row(p[0], s))
+    assert verify_greedy(np.array([2]), none) == (0, 2)

@@ -1,17 +1,7 @@
-"""The acceptance rule of speculative sampling (Leviathan et al., 2023, Algorithm 1).
+"""The acceptance rule in NumPy: :func:`verify` and its parts, in float64.
 
-This module is the only implementation of the rule in quickdraft: the NumPy reference
-and the ONNX Runtime backend both call :func:`verify` (or its batched form), so the fast
-path and the reference cannot disagree.
-
-Notation follows the paper: ``p`` is the target distribution, ``q`` the draft
-distribution, ``gamma`` the number of draft tokens, ``n`` the number accepted.
-Every random choice enters as a uniform in ``[0, 1)``, so the functions here are pure
-and deterministic: the same inputs and uniforms give the same decision on any backend.
-
-Output tokens are called *accepted* (draft tokens kept), *recovered* (resampled from
-``norm(max(0, p_n - q_n))`` after a rejection) and *bonus* (sampled from ``p_gamma`` when
-every draft token was accepted).
+Each step has its ONNX-graph twin under the same name (underscored) in
+:mod:`quickdraft.verification.graph`.
 """
 
 from __future__ import annotations
@@ -20,6 +10,7 @@ import numpy as np
 
 __all__ = [
     "PROB_SUM_ATOL",
+    "RESIDUAL_EPS",
     "verify",
     "verify_batch",
     "residual_distribution",
@@ -149,7 +140,8 @@ def verify_batch(
     """Batched :func:`verify`: B independent verifications at once.
 
     Args:
-        target_probs: [B, gamma + 1, V] p at each draft position and one more.
+        target_probs: [B, gamma + 1, V] p at each draft position and one more (gamma >= 0;
+            with no draft tokens the next token is drawn from p_0).
         draft_probs: [B, gamma, V] q at each draft position.
         draft_tokens: [B, gamma] tokens the draft proposed.
         accept_uniforms: [B, gamma] u_i in [0, 1).
@@ -183,7 +175,9 @@ def verify_batch(
             "sampled from (or be supported by) the draft distribution"
         )
     accepted = u * (lenience * q_x) < p_x  # [B, gamma]   u < p / (l q) without a division
-    n = np.where(accepted.all(axis=-1), gamma, np.argmin(accepted, axis=-1))  # [B]
+    # n: the first rejection, gamma if none (gamma 0: no draft tokens, n = 0, the bonus)
+    n = (np.where(accepted.all(axis=-1), gamma, np.argmin(accepted, axis=-1)) if gamma
+         else np.zeros(batch, dtype=np.int64))  # [B]
     # q_n is q at the first rejection, and a zero row at gamma: the residual there is
     # p_gamma (bonus).
     rows = np.arange(batch)
@@ -264,8 +258,8 @@ def _validate(p, q, x, u, s, lenience) -> None:
         )
     batch, gamma = x.shape
     vocab = p.shape[-1]
-    if gamma < 1:
-        raise ValueError("gamma must be at least 1 (no draft tokens to verify)")
+    if gamma < 0:
+        raise ValueError("gamma must be >= 0 (0: no draft tokens, the bonus token alone)")
     if p.shape != (batch, gamma + 1, vocab):
         raise ValueError(
             f"target_probs must have shape [B, gamma + 1, V] = {(batch, gamma + 1, vocab)}, "
