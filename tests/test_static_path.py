@@ -392,7 +392,7 @@ def test_load_pair_dispatches_on_kv_cache(static_pair, exported_llama_pair, tmp_
     target = fast.target
     # a static model can be its own draft: each state owns its caches
     with Generator(target, ModelDrafter(target, GREEDY, 2), short) as own:
-        assert len(own.generate("def main(").tokens) == 16
+        assert len(own.generate(PROMPTS[1]).tokens) == 16
     with pytest.raises(ValueError, match="verify"):
         Generator(target, verify="gpu")
     with pytest.raises(ValueError, match="--gamma 9 is more than the 4"):
@@ -448,7 +448,11 @@ def test_generate_cli_on_a_static_export(static_pair, capsys):
     assert 0 <= res["stats"]["alpha"] <= 1
     rc, out, _ = _cli(capsys, *base, "--json", "--device-verify")
     graph = json.loads(out)
-    assert rc == 0 and graph["tokens"] == res["tokens"] and graph["stats"]["verifier"] == "device"
+    # greedy is decided on the argmax ids wherever sampled proposals would be verified
+    assert rc == 0 and graph["tokens"] == res["tokens"] and graph["stats"]["verifier"] == "host"
+    rc, out, _ = _cli(capsys, *base, "--json", "--device-verify", "--temperature", 1,
+                      "--seed", 0)
+    assert rc == 0 and json.loads(out)["stats"]["verifier"] == "device"
     rc, out, _ = _cli(capsys, *base, "--json", "--autoregressive")
     assert rc == 0 and json.loads(out)["tokens"] == res["tokens"]  # greedy: the same
     rc, out, err = _cli(capsys, *base, "--stream", "--no-cuda-graph")
