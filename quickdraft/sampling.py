@@ -161,7 +161,7 @@ def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig())
 
 def sample_token(probs: np.ndarray, u: float) -> int:
     """Inverse-CDF draw of one token from probs [V] with a uniform u in [0, 1)."""
-    from quickdraft.verification import inverse_cdf_row
+    from quickdraft.verification.rule import inverse_cdf_row
 
     if not (0.0 <= u < 1.0):
         raise ValueError(f"uniform must be in [0, 1), got {u}")

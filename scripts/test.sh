@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Install quickdraft with everything its tests need into .venv, then run the tests.
+# Install quickdraft with everything its tests need into .venv, then run the tests: ruff, the
+# whole suite, and (without arguments) the ONNX Runtime tests a second time against the
+# lowest supported onnxruntime. Arguments go to the first pytest run and skip the second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the lowest onnxruntime that pyproject.toml allows (onnxruntime>=1.31,<1.33)
+ORT_LOWEST=1.31.0
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
@@ -11,3 +15,25 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
 ruff check quickdraft tests
 python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci "$@"
+if [ "$#" -gt 0 ]; then
+    exit 0
+fi
+
+# The lowest onnxruntime shadows the installed one through PYTHONPATH (its dependencies are
+# the installed ones' too): one wheel, no second environment. Child processes (the model
+# builder) inherit PYTHONPATH, so they see the same onnxruntime.
+lowest="$(mktemp -d)"
+trap 'rm -rf "$lowest"' EXIT
+python -m pip install -q --no-deps --target "$lowest" "onnxruntime==$ORT_LOWEST"
+PYTHONPATH="$lowest" python -c "import onnxruntime, sys; v = onnxruntime.__version__; \
+sys.exit(0 if v == '$ORT_LOWEST' else f'expected onnxruntime $ORT_LOWEST, got {v}')"
+ort_tests=()
+for t in test_ort_backend test_static_path test_verify_graph test_cli_default_pair \
+         test_default_pair test_greedy_output test_export_safety; do
+    if [ -f "tests/$t.py" ]; then
+        ort_tests+=("tests/$t.py")
+    fi
+done
+echo "again with onnxruntime $ORT_LOWEST: ${ort_tests[*]}"
+PYTHONPATH="$lowest" python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci \
+    "${ort_tests[@]}"

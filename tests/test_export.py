@@ -190,7 +190,8 @@ def test_llama_pair_manifest_and_validation(exported_llama_pair, hf_pair_dirs):
 def test_qwen2_and_gpt2_pairs(arch, exported_pairs):
     _, out, report = exported_pairs(arch)
     assert report.out == out.resolve()
-    assert [p.name for p in sorted(report.out.iterdir())] == ["draft", "target"]
+    assert [p.name for p in sorted(report.out.iterdir())] == ["draft", "quickdraft-export.json",
+                                                              "target"]
     for r, layers in ((report.target, 2), (report.draft, 1)):
         m = _check_manifest_against_graph(r.path, arch)
         assert m.num_layers == layers
@@ -465,8 +466,9 @@ def test_bad_options_and_existing_destination(hf_pair_dirs, tmp_path, monkeypatc
         export_pair(t, d, tmp_path / "a", max_length=64)  # only static caches have one
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="already exists"):
-        export_pair(t, d, tmp_path / "full")
+    for overwrite in (False, True):  # not an export: never replaced
+        with pytest.raises(ExportError, match="not a quickdraft export"):
+            export_pair(t, d, tmp_path / "full", overwrite=overwrite)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="not a folder"):
         export_pair(t, d, tmp_path / "afile", overwrite=True)
@@ -504,18 +506,19 @@ def test_failed_export_leaves_nothing(hf_pair_dirs, tmp_path, monkeypatch, exc):
 
 def test_failed_overwrite_keeps_the_old_export(hf_pair_dirs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "target").mkdir(parents=True)  # an export made before the marker file existed
+    (out / "target" / "quickdraft.json").write_text("{}")
     (out / "old.txt").write_text("previous export")
     _fail_on_draft(monkeypatch, RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], out, overwrite=True,
                     validate=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "target"]
     monkeypatch.undo()
     report = export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], out, overwrite=True,
                          validate=False)
-    assert sorted(p.name for p in out.iterdir()) == ["draft", "target"]
+    assert sorted(p.name for p in out.iterdir()) == ["draft", "quickdraft-export.json", "target"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert report.target.manifest.validation == {}  # not validated: said so, not faked
 
@@ -532,6 +535,8 @@ def test_export_model_single_and_silent(hf_pair_dirs, tmp_path, capfd):
         report.manifest.validation["greedy_equal_steps"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]
+    assert json.loads((tmp_path / "one" / "quickdraft-export.json").read_text())["layout"] == (
+        "model")
 
 
 # ---------------------------------------------------------------------------------------

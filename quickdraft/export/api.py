@@ -1,47 +1,37 @@
 """Export Hugging Face causal LMs to ONNX decoders with KV caches, one model or a
-draft/target pair: dynamic caches with optimum-onnx (task ``text-generation-with-past``),
-or static caches with onnxruntime-genai's model builder (:mod:`quickdraft.export.static`,
-which supplies only the graph-building step; checks, files, manifest facts and the atomic
-output are shared here).
+draft/target pair: dynamic caches with optimum-onnx, or static caches with
+onnxruntime-genai's model builder (:mod:`quickdraft.export.static`).
 
-The library is silent: progress goes to an optional ``progress(message)`` callback, and
-the warnings and logs of torch, transformers and optimum are muted while exporting.
+The library is silent: progress goes to an optional ``progress(message)`` callback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import json
-import logging
 import os
-import platform
-import shutil
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from collections.abc import Sequence
 from pathlib import Path
 
-from quickdraft.export.checks import (
-    TASK,
-    TOKENIZER_FILES,
-    ExportError,
-    SourceInfo,
-    UnsupportedModelError,
-    check_model,
-    check_pair,
+from quickdraft.export.checks import TASK, ExportError, SourceInfo, UnsupportedModelError
+from quickdraft.export.common import (
+    CACHE_TEMPLATES,
+    MODEL_FILE,
+    ExportInto,
+    ExportReport,
+    GraphIO,
+    ModelReport,
+    Progress,
+    context_length,
+    emit,
+    ensure_tokenizer,
+    graph_io,
+    manifest_facts,
+    quiet,
 )
+from quickdraft.export.output import run_model, run_pair
 from quickdraft.export.validate import VALIDATED_DTYPES, validate_export
-from quickdraft.manifest import (
-    KV_CACHES,
-    ONNX_ELEMENT_TYPES,
-    ModelManifest,
-    load_manifest,
-)
+from quickdraft.manifest import KV_CACHES, ONNX_ELEMENT_TYPES, ModelManifest
 
 __all__ = [
     "ModelReport",
@@ -57,103 +47,8 @@ __all__ = [
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
-MODEL_FILE = "model.onnx"
-_VERSIONED = (
-    "quickdraft",
-    "torch",
-    "transformers",
-    "optimum",
-    "optimum-onnx",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "tokenizers",
-    "numpy",
-)
 _ONNX_DTYPES = {elem: name for name, elem in ONNX_ELEMENT_TYPES.items()}
 EXPORTER = "optimum-onnx"
-# graph names of the per-layer caches, the same for optimum's and the model builder's graphs
-CACHE_TEMPLATES = {
-    "past_key_template": "past_key_values.{i}.key",
-    "past_value_template": "past_key_values.{i}.value",
-    "present_key_template": "present.{i}.key",
-    "present_value_template": "present.{i}.value",
-}
-
-Progress = Callable[[str], None]
-# export_into(info, folder, label=...) -> manifest: one source into an existing empty folder
-ExportInto = Callable[..., ModelManifest]
-
-
-@dataclass
-class ModelReport:
-    """One exported model."""
-
-    role: str  # "target", "draft" or "model"
-    source: str  # the folder or hub id it came from
-    path: Path  # the exported folder (final location)
-    manifest: ModelManifest
-    seconds: float  # export and validation
-
-    @property
-    def validation(self) -> dict:
-        return self.manifest.validation
-
-    def to_dict(self) -> dict:
-        return {
-            "role": self.role,
-            "source": self.source,
-            "path": str(self.path),
-            "seconds": self.seconds,
-            "manifest": asdict(self.manifest),
-        }
-
-
-@dataclass
-class ExportReport:
-    """An exported draft/target pair under ``out``."""
-
-    out: Path
-    target: ModelReport
-    draft: ModelReport
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return {
-            "out": str(self.out),
-            "seconds": self.seconds,
-            "target": self.target.to_dict(),
-            "draft": self.draft.to_dict(),
-        }
-
-
-def versions(*extra: str) -> dict[str, str]:
-    """Versions of the packages that took part in an export (and of ``extra`` ones)."""
-    found = {"python": platform.python_version()}
-    for name in (*_VERSIONED, *extra):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Mute Python warnings, library loggers and stray prints while exporting."""
-    names = ["transformers", "optimum", "torch", "torch.onnx", "huggingface_hub", "accelerate"]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    sink = io.StringIO()
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _check_options(dtype: str, device: str, validate: bool) -> None:
@@ -172,134 +67,6 @@ def _check_options(dtype: str, device: str, validate: bool) -> None:
 
         if not torch.cuda.is_available():
             raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
-
-
-def _emit(progress: Progress | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
-def _new_temp(final: Path) -> Path:
-    """An empty folder next to ``final`` (same file system, so the last rename is atomic)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    return temp
-
-
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    if any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; remove it or overwrite")
-
-
-def _move_into_place(temp: Path, out: Path) -> None:
-    """Replace ``out`` with ``temp``; an existing ``out`` is removed only once ``temp`` is in."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(out, old)
-    try:
-        os.replace(temp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@dataclass
-class GraphIO:
-    """The interface of an ONNX graph, read without its weights."""
-
-    inputs: list[tuple[str, int, list]]  # (name, ONNX element type, dims) of each input
-    outputs: list[tuple[str, int, list]]  # the same for each output
-    ops: dict[str, int] = field(default_factory=dict)  # op_type -> number of nodes
-
-    @property
-    def input_names(self) -> list[str]:
-        return [name for name, _, _ in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [name for name, _, _ in self.outputs]
-
-
-def graph_io(model_path: Path) -> GraphIO:
-    """Inputs (initializers excluded), outputs and op counts of ``model_path``; a dim is an
-    int, or its symbolic name."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    inits = {t.name for t in graph.initializer}
-
-    def info(values):
-        out = []
-        for v in values:
-            if v.name in inits:
-                continue
-            t = v.type.tensor_type
-            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            out.append((v.name, t.elem_type, dims))
-        return out
-
-    ops: dict[str, int] = {}
-    for node in graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return GraphIO(info(graph.input), info(graph.output), ops)
-
-
-def context_length(config) -> int:
-    """The longest sequence the model was configured for (0 when the config does not say)."""
-    return int(
-        getattr(config, "max_position_embeddings", None)
-        or getattr(config, "n_positions", None)
-        or getattr(config, "max_sequence_length", None)
-        or 0
-    )
-
-
-def _int_or_first(value) -> int | None:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
-
-
-def _eos_ids(config, folder: Path) -> list[int]:
-    """EOS ids of the config, then any more that generation_config.json lists."""
-    ids: list[int] = []
-    sources = [getattr(config, "eos_token_id", None)]
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
-    for eos in sources:
-        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
-            if e is not None and int(e) not in ids:
-                ids.append(int(e))
-    return ids
-
-
-def manifest_facts(folder: Path, config, packages: tuple[str, ...] = ()) -> dict:
-    """The manifest fields every exporter fills in the same way: special token ids, weight
-    files, package versions (``packages`` besides the usual ones) and the cache names."""
-    eos_ids = _eos_ids(config, folder)
-    return dict(
-        bos_token_id=_int_or_first(getattr(config, "bos_token_id", None)),
-        eos_token_id=eos_ids[0] if eos_ids else None,
-        eos_token_ids=eos_ids,
-        external_data=sorted(
-            p.name for p in folder.iterdir()
-            if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE
-        ),
-        versions=versions(*packages),
-        **CACHE_TEMPLATES,
-    )
 
 
 def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
@@ -388,25 +155,6 @@ def build_manifest(folder: Path, config, dtype: str) -> ModelManifest:
     )
 
 
-def _ensure_tokenizer(info: SourceInfo, folder: Path) -> None:
-    """Make sure ``folder`` holds the tokenizer files, with a tokenizer.json for the backend."""
-    for name in TOKENIZER_FILES:
-        if not (folder / name).exists() and (info.folder / name).is_file():
-            shutil.copy2(info.folder / name, folder / name)
-    if not (folder / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(info.folder, use_fast=True, local_files_only=True)
-            tok.save_pretrained(folder)
-        except Exception as e:
-            raise UnsupportedModelError(
-                f"{info.source}: no fast tokenizer (tokenizer.json) can be made ({e})"
-            ) from e
-        if not (folder / "tokenizer.json").is_file():
-            raise UnsupportedModelError(f"{info.source}: no fast tokenizer (tokenizer.json)")
-
-
 def _export_into(
     info: SourceInfo,
     folder: Path,
@@ -421,11 +169,11 @@ def _export_into(
     """Export ``info`` into the existing empty ``folder``; write its manifest last."""
     from optimum.exporters.onnx import main_export
 
-    _emit(progress, f"{label}: exporting {info.source} ({info.model_type}, {dtype}, {device})")
+    emit(progress, f"{label}: exporting {info.source} ({info.model_type}, {dtype}, {device})")
     t0 = time.perf_counter()
     src = str(info.folder) if info.is_local else info.source
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    with _quiet():
+    with quiet():
         try:
             main_export(
                 model_name_or_path=src,
@@ -446,15 +194,15 @@ def _export_into(
             ) from e
     if not (folder / MODEL_FILE).is_file():
         raise ExportError(f"{info.source}: optimum-onnx wrote no {MODEL_FILE}")
-    _emit(progress, f"{label}: graph written in {time.perf_counter() - t0:.1f} s")
-    _ensure_tokenizer(info, folder)
+    emit(progress, f"{label}: graph written in {time.perf_counter() - t0:.1f} s")
+    ensure_tokenizer(info, folder)
     manifest = build_manifest(folder, info.config, dtype)
     if validate:
-        _emit(progress, f"{label}: validating against PyTorch ({steps} greedy steps)")
-        with _quiet():
+        emit(progress, f"{label}: validating against PyTorch ({steps} greedy steps)")
+        with quiet():
             manifest.validation = validate_export(folder, manifest, src, device=device, steps=steps)
         v = manifest.validation
-        _emit(
+        emit(
             progress,
             f"{label}: max |logit diff| {v['max_abs_diff']:.2e} "
             f"(cached {v['max_abs_diff_cached']:.2e}), greedy equal "
@@ -465,71 +213,17 @@ def _export_into(
     return manifest
 
 
-def write_model(info: SourceInfo, out: Path, export_into: ExportInto, role: str,
-                start: float) -> ModelReport:
-    """Run ``export_into`` in a temporary folder next to ``out`` and rename it into place:
-    a failed or interrupted export leaves nothing at ``out``."""
-    temp = _new_temp(out)
-    try:
-        export_into(info, temp, label=role)
-        _move_into_place(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return ModelReport(role, info.source, out, load_manifest(out),
-                       round(time.perf_counter() - start, 3))
-
-
-def write_pair(infos: Mapping[str, SourceInfo], out_path: Path, export_into: ExportInto,
-               progress: Progress | None, start: float) -> ExportReport:
-    """Export ``infos["target"]`` and ``infos["draft"]`` into ``out_path/target`` and
-    ``out_path/draft`` of a temporary folder, renamed into place once both succeeded."""
-    temp = _new_temp(out_path)
-    reports = {}
-    try:
-        for role in ("target", "draft"):
-            info = infos[role]
-            t0 = time.perf_counter()
-            folder = temp / role
-            folder.mkdir()
-            manifest = export_into(info, folder, label=role)
-            reports[role] = ModelReport(role, info.source, out_path / role, manifest,
-                                        round(time.perf_counter() - t0, 3))
-        _move_into_place(temp, out_path)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    _emit(progress, f"done: {out_path}")
-    return ExportReport(out_path, reports["target"], reports["draft"],
-                        round(time.perf_counter() - start, 3))
-
-
-def _export_function(kv_cache: str, infos: list[SourceInfo], *, dtype: str, device: str,
-                     max_length: int | None, validate: bool, steps: int,
-                     progress: Progress | None) -> ExportInto:
-    """``export_into`` for ``kv_cache``, once ``infos`` passed that kind's checks."""
-    if kv_cache == "static":
-        from quickdraft.export import static
-
-        for info in infos:
-            static.check_source(info)
-        length = static.cache_length(infos, max_length)  # refused before the builder runs
-        return functools.partial(static.export_into, dtype=dtype, device=device,
-                                 cache_length=length, validate=validate, steps=steps,
-                                 progress=progress)
+def _prepare_dynamic(infos: Sequence[SourceInfo], *, dtype: str, device: str, validate: bool,
+                     steps: int, progress: Progress | None) -> ExportInto:
+    """The optimum-onnx export step (looked up when called, so tests can replace it)."""
     return functools.partial(_export_into, dtype=dtype, device=device, validate=validate,
                              steps=steps, progress=progress)
 
 
-def _check_kind(kv_cache: str, dtype: str, device: str, validate: bool,
-                max_length: int | None) -> None:
+def _check_dynamic(kv_cache: str, dtype: str, device: str, validate: bool,
+                   max_length: int | None) -> None:
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, not {kv_cache!r}")
-    if kv_cache == "static":
-        from quickdraft.export.static import check_options
-
-        check_options(dtype, device)
-        return
     if max_length is not None:
         raise ValueError(
             "max_length sets the length of static caches; a dynamic cache grows up to the "
@@ -556,19 +250,21 @@ def export_model(
 
     ``kv_cache`` "dynamic" exports with optimum-onnx; "static" builds a GroupQueryAttention
     graph for preallocated caches of ``max_length`` tokens (default: the model's context;
-    see :mod:`quickdraft.export.static`). Written to a temporary folder next to ``out_dir``
+    see :mod:`quickdraft.export.static`). Written to a staging folder next to ``out_dir``
     and renamed into place, so a failed or interrupted export leaves nothing at ``out_dir``.
+    ``overwrite`` replaces a previous export, never a folder of other files.
     """
-    start = time.perf_counter()
-    _check_kind(kv_cache, dtype, device, validate, max_length)
-    out = Path(out_dir).expanduser().resolve()
-    _check_destination(out, overwrite)
-    with _quiet():
-        info = check_model(src)
-    export_into = _export_function(kv_cache, [info], dtype=dtype, device=device,
-                                   max_length=max_length, validate=validate, steps=steps,
-                                   progress=progress)
-    return write_model(info, out, export_into, role, start)
+    options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
+    if kv_cache == "static":
+        from quickdraft.export.static import export_static_model
+
+        return export_static_model(src, out_dir, dtype, device, max_length, role=role,
+                                   **options)
+    _check_dynamic(kv_cache, dtype, device, validate, max_length)
+    prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
+                                validate=validate, steps=steps, progress=progress)
+    return run_model(src, out_dir, prepare=prepare, overwrite=overwrite, progress=progress,
+                     role=role)
 
 
 def export_pair(
@@ -593,15 +289,13 @@ def export_pair(
     once when both exports and their validations succeeded; on failure nothing is left
     behind.
     """
-    start = time.perf_counter()
-    _check_kind(kv_cache, dtype, device, validate, max_length)
-    out_path = Path(out).expanduser().resolve()
-    _check_destination(out_path, overwrite)
-    _emit(progress, "checking the pair")
-    with _quiet():
-        t_info, d_info = check_pair(target, draft)
-    export_into = _export_function(kv_cache, [t_info, d_info], dtype=dtype, device=device,
-                                   max_length=max_length, validate=validate, steps=steps,
-                                   progress=progress)
-    return write_pair({"target": t_info, "draft": d_info}, out_path, export_into, progress,
-                      start)
+    options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
+    if kv_cache == "static":
+        from quickdraft.export.static import export_static_pair
+
+        return export_static_pair(target, draft, out, dtype, device, max_length, **options)
+    _check_dynamic(kv_cache, dtype, device, validate, max_length)
+    prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
+                                validate=validate, steps=steps, progress=progress)
+    return run_pair(target, draft, out, prepare=prepare, overwrite=overwrite,
+                    progress=progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -38,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "one preallocated buffer per layer (onnxruntime-genai's builder)")
     p.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                    help="static caches: tokens each cache holds (default: the models' context)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds a previous quickdraft export")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--steps", type=int, default=24, help="greedy steps compared (default 24)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -47,6 +49,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The verb: 0 on success, 1 on an error (one line), 128 + the signal when stopped by
+    Ctrl-C or SIGTERM (the partial export removed)."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"quickdraft export: interrupted ({signal.Signals(signum).name}); the partial "
+              f"export was removed and {args.out} is unchanged", file=sys.stderr)
+        return 128 + signum
+    except OSError as e:  # a file system error while writing (disk full, permissions)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"quickdraft export: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from quickdraft.export.api import export_pair
 
     if args.steps < 1:

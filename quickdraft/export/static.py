@@ -1,35 +1,15 @@
 """Static-KV-cache export: GroupQueryAttention graphs from onnxruntime-genai's model builder.
 
-``export_static_model`` / ``export_static_pair`` write the same layout as the generic
-exporter (``OUT/target`` and ``OUT/draft``, each with ``model.onnx`` and its external data,
-the tokenizer files and a ``quickdraft.json`` manifest with ``kv_cache: "static"``,
-``attention: "GroupQueryAttention"`` and the cache length in ``max_cache_length``), plus
-the builder's ``genai_config.json``, so the same folder also loads in onnxruntime-genai.
-Everything but building the graph is shared with :mod:`quickdraft.export.api` (checks,
-tokenizer files, manifest facts, the temporary folder renamed into place).
-
-The graph (see :mod:`quickdraft.ort_backend.static` for how it is run): inputs
-``input_ids`` [B, S] int64, ``attention_mask`` [B, T] int64 and ``past_key_values.{i}.key``
-/ ``.value`` [B, kv_heads, P, head_dim]; outputs ``logits`` [B, S, V],
-``present.{i}.key`` / ``.value`` and, added after the builder, ``greedy_tokens`` [B, S]
-int64 (the argmax of each position's logits, :mod:`quickdraft.export.greedy`).
-GroupQueryAttention reads ``seqlens_k = sum(mask) - 1``
-and ``total_sequence_length = T`` and applies the rotary embedding inside, so one buffer of
-[1, kv_heads, max_length, head_dim] per cache tensor can be both past and present.
-
-The builder makes GroupQueryAttention only for fp32 on the CPU execution provider and for
-fp16 / bf16 on CUDA, so ``dtype`` and ``device`` go together: fp32 + cpu or fp16 + cuda.
-
-The builder of onnxruntime-genai 0.18 is written against transformers 5, while the export
-extra pins transformers 4.57 for optimum-onnx. It runs in a child process
-(``python -m quickdraft.export.static --builder ...``) that first adapts transformers 4.x
-(:func:`_patch_transformers`: placeholders for vision classes the builder imports but never
-uses for a text model, and the transformers-5 ``rope_parameters`` view of the config);
-under transformers 5 nothing is patched.
+The same folder layout as the dynamic export (``quickdraft.json`` says ``kv_cache:
+"static"``), plus the builder's ``genai_config.json`` and a ``greedy_tokens`` output
+(:mod:`quickdraft.export.greedy`). fp32 graphs run on the CPU, fp16 on CUDA. The builder
+runs in a child process that adapts transformers 4.x to it (:func:`_patch_transformers`).
+docs/explanation/fast-path.md describes the graph and why.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -41,16 +21,36 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from quickdraft.export.checks import ExportError, SourceInfo, UnsupportedModelError
+from quickdraft.export.checks import (
+    ExportError,
+    SourceInfo,
+    UnsupportedModelError,
+    resolve_source,
+)
+from quickdraft.export.common import (
+    MODEL_FILE,
+    ExportInto,
+    ExportReport,
+    ModelReport,
+    Progress,
+    context_length,
+    emit,
+    ensure_tokenizer,
+    graph_io,
+    manifest_facts,
+    quiet,
+)
 from quickdraft.export.greedy import add_greedy_output
+from quickdraft.export.output import run_model, run_pair
 from quickdraft.manifest import ONNX_ELEMENT_TYPES, ModelManifest
 
 __all__ = [
     "STATIC_ARCHITECTURES",
-    "TESTED_ARCHITECTURES",
     "STATIC_DTYPES",
     "builder_problem",
     "check_options",
+    "gqa_head_size_multiple",
+    "check_head_sizes",
     "check_source",
     "cache_length",
     "export_into",
@@ -60,15 +60,12 @@ __all__ = [
     "validate_static",
 ]
 
-# model_type -> covered by the static path. The builder supports these with the same
-# GroupQueryAttention interface (fused rotary, no position_ids); llama and qwen2 are tested
-# in CI, the others share their builder code path (Mistral and Qwen3 are Llama-like
-# decoders in the builder). Anything else falls back to the generic optimum export.
+# model_type -> covered by the static path: the builder makes the same GroupQueryAttention
+# interface (fused rotary, no position_ids) for these; llama and qwen2 are tested in CI,
+# mistral and qwen3 share their builder code path
 STATIC_ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3")
-TESTED_ARCHITECTURES = ("llama", "qwen2")
 # dtype -> the execution provider the builder must target for GroupQueryAttention
 STATIC_DTYPES = {"fp32": "cpu", "fp16": "cuda"}
-MODEL_FILE = "model.onnx"
 BUILDER_TIMEOUT_S = 3600
 EXPORTER = "onnxruntime-genai model builder"
 ATTENTION = "GroupQueryAttention"
@@ -102,6 +99,51 @@ def check_options(dtype: str, device: str) -> None:
             "GroupQueryAttention (the shared past/present cache) only for fp32 on the CPU "
             "and fp16/bf16 on CUDA; use --dtype fp32 --device cpu or --dtype fp16 --device cuda"
         )
+
+
+# onnxruntime's CPU kernel of GroupQueryAttention with the fused rotary embedding (the
+# builder's graphs) refuses head sizes that are not a multiple of 16 ("head_size shall be a
+# multiple of 16"): measured with onnxruntime 1.31.0, 1.31.1 and 1.32.0 (head sizes 8, 24,
+# 40, 56, 72 fail; 16, 32, ..., 256 run). CUDA's kernel is assumed not to have the limit.
+_GQA_HEAD_SIZE_MULTIPLE = {"cpu": 16, "cuda": 1}
+
+
+def gqa_head_size_multiple(provider: str) -> int:
+    """The multiple that GroupQueryAttention (fused rotary) on ``provider`` needs the head
+    size to be (1: any head size)."""
+    return _GQA_HEAD_SIZE_MULTIPLE.get(provider, 1)
+
+
+def _head_size(config: dict) -> int | None:
+    """head_dim of a config.json (hidden_size / num_attention_heads unless it is set)."""
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not hidden or not heads:
+        return None
+    return int(hidden) // int(heads)
+
+
+def check_head_sizes(sources: Sequence[str | os.PathLike], provider: str) -> None:
+    """Refuse, from their config.json alone, sources whose head size GroupQueryAttention on
+    ``provider`` cannot run (before any weights are loaded)."""
+    multiple = gqa_head_size_multiple(provider)
+    if multiple == 1:
+        return
+    for source in sources:
+        folder, _ = resolve_source(source)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue  # the source checks that follow say what is wrong with it
+        size = _head_size(config) if isinstance(config, dict) else None
+        if size is not None and size % multiple:
+            raise ExportError(
+                f"{os.fspath(source)}: head size {size} is not a multiple of {multiple}, which "
+                f"onnxruntime's GroupQueryAttention on the {provider.upper()} needs for a "
+                f"static export; use --kv-cache dynamic, or a model whose head size is a "
+                f"multiple of {multiple}"
+            )
 
 
 def run_builder(
@@ -151,8 +193,6 @@ def static_manifest(folder: Path, config, dtype: str, cache_length: int) -> Mode
     """Describe the builder's graph in ``folder``; refuse one that is not the static kind.
 
     ``cache_length`` is the static cache length the backend allocates by default."""
-    from quickdraft.export.api import context_length, graph_io, manifest_facts
-
     arch = config.model_type
     genai = json.loads((folder / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
@@ -275,8 +315,6 @@ def check_source(info: SourceInfo) -> None:
 def cache_length(infos: Sequence[SourceInfo], max_length: int | None) -> int:
     """The static cache length of ``infos``: ``max_length``, which must fit every model's
     context (the rotary tables end there), or by default the smallest context."""
-    from quickdraft.export.api import context_length
-
     contexts = [context_length(info.config) for info in infos]
     length = min(contexts) if max_length is None else int(max_length)
     for info, context in zip(infos, contexts):
@@ -292,10 +330,8 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
                 cache_length: int, validate: bool, steps: int, progress,
                 label: str) -> ModelManifest:
     """Build, describe and validate the static graph of ``info`` in the empty ``folder``."""
-    from quickdraft.export.api import _emit, _ensure_tokenizer, _quiet
-
     length = cache_length
-    _emit(progress, f"{label}: building a static {dtype} graph of {info.source} "
+    emit(progress, f"{label}: building a static {dtype} graph of {info.source} "
                     f"({info.model_type}) with onnxruntime-genai's model builder")
     t0 = time.perf_counter()
     cache = Path(tempfile.mkdtemp(prefix="quickdraft-builder-"))
@@ -306,25 +342,44 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
         shutil.rmtree(cache, ignore_errors=True)
     if not (folder / MODEL_FILE).is_file() or not (folder / "genai_config.json").is_file():
         raise ExportError(f"{info.source}: the model builder wrote no {MODEL_FILE}")
-    _emit(progress, f"{label}: graph written in {time.perf_counter() - t0:.1f} s")
+    emit(progress, f"{label}: graph written in {time.perf_counter() - t0:.1f} s")
     vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
     add_greedy_output(folder / MODEL_FILE, vocab)  # greedy decoding reads argmax ids only
-    _ensure_tokenizer(info, folder)
+    ensure_tokenizer(info, folder)
     manifest = static_manifest(folder, info.config, dtype, length)
     manifest.source = info.source
     manifest.save(folder)  # validation loads the folder
     if validate:
-        _emit(progress, f"{label}: validating against PyTorch ({steps} greedy steps)")
+        emit(progress, f"{label}: validating against PyTorch ({steps} greedy steps)")
         src = str(info.folder) if info.is_local else info.source
-        with _quiet():
+        with quiet():
             manifest.validation = validate_static(folder, manifest, src, device=device,
                                                   steps=steps)
         v = manifest.validation
-        _emit(progress, f"{label}: max |logit diff| {v['max_abs_diff']:.2e}, static path "
+        emit(progress, f"{label}: max |logit diff| {v['max_abs_diff']:.2e}, static path "
                         f"{v['static_max_abs_diff']:.2e}, greedy equal "
                         f"{min(v['greedy_equal_steps'])}/{steps} steps")
     manifest.save(folder)
     return manifest
+
+
+def _static_options(dtype: str, device: str, max_length: int | None, validate: bool,
+                    steps: int, progress: Progress | None):
+    """Check the options; return ``precheck`` and ``prepare`` for :mod:`.output`."""
+    check_options(dtype, device)
+    provider = STATIC_DTYPES[dtype]
+
+    def precheck(sources: Sequence[str]) -> None:
+        check_head_sizes(sources, provider)
+
+    def prepare(infos: Sequence[SourceInfo]) -> ExportInto:
+        for info in infos:
+            check_source(info)
+        length = cache_length(infos, max_length)  # refused before the builder runs
+        return functools.partial(export_into, dtype=dtype, device=device, cache_length=length,
+                                 validate=validate, steps=steps, progress=progress)
+
+    return precheck, prepare
 
 
 def export_static_model(
@@ -333,14 +388,18 @@ def export_static_model(
     dtype: str = "fp32",
     device: str = "cpu",
     max_length: int | None = None,
-    **options,
-):
+    *,
+    validate: bool = True,
+    steps: int = 24,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    role: str = "model",
+) -> ModelReport:
     """:func:`quickdraft.export.export_model` with ``kv_cache="static"``: one causal LM as
     a static-cache graph; ``max_length`` is its cache length (default: its context)."""
-    from quickdraft.export.api import export_model
-
-    return export_model(hf_dir, out_dir, dtype=dtype, device=device, kv_cache="static",
-                        max_length=max_length, **options)
+    precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress)
+    return run_model(hf_dir, out_dir, prepare=prepare, precheck=precheck, overwrite=overwrite,
+                     progress=progress, role=role)
 
 
 def export_static_pair(
@@ -350,15 +409,17 @@ def export_static_pair(
     dtype: str = "fp32",
     device: str = "cpu",
     max_length: int | None = None,
-    **options,
-):
+    *,
+    validate: bool = True,
+    steps: int = 24,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
     """:func:`quickdraft.export.export_pair` with ``kv_cache="static"``: both models share
     one cache length ``max_length`` (default: the smaller context)."""
-    from quickdraft.export.api import export_pair
-
-    return export_pair(target, draft, out, dtype, device, kv_cache="static",
-                       max_length=max_length, **options)
-
+    precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress)
+    return run_pair(target, draft, out, prepare=prepare, precheck=precheck,
+                    overwrite=overwrite, progress=progress)
 
 # -- the child process that runs the builder -----------------------------------------------
 

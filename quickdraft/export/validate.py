@@ -42,28 +42,16 @@ class ExportValidationError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
-def _providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    if device == "cuda":
-        if hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()
-            except Exception:  # the CUDA libraries may come from elsewhere
-                pass
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ExportValidationError(
-                "validation on cuda needs onnxruntime-gpu (CUDAExecutionProvider is missing)"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 class OrtDecoder:
     """A plain (host-memory) runner of an exported decoder, for validation only."""
 
     def __init__(self, folder: str | Path, manifest: ModelManifest, device: str = "cpu"):
-        import onnxruntime as ort
+        from quickdraft.ort_backend.device import (
+            CudaUnavailableError,
+            create_session,
+            resolve_device,
+            session_options,
+        )
 
         if manifest.dtype not in _NP_DTYPES:
             raise ExportValidationError(
@@ -72,13 +60,16 @@ class OrtDecoder:
             )
         self.m = manifest
         self.np_dtype = _NP_DTYPES[manifest.dtype]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        path = Path(folder) / manifest.model_file
         try:
-            self.session = ort.InferenceSession(
-                str(Path(folder) / manifest.model_file), opts, providers=_providers(device)
-            )
-        except Exception as e:
+            where, _ = resolve_device(device)
+            self.session = create_session(path, where, session_options(),
+                                          name="the exported graph")
+        except CudaUnavailableError as e:
+            raise ExportValidationError(
+                f"validation on cuda needs onnxruntime-gpu and a CUDA device: {e}"
+            ) from e
+        except RuntimeError as e:
             raise ExportValidationError(f"ONNX Runtime cannot load the exported graph: {e}") from e
 
     def empty_past(self) -> list[np.ndarray]:

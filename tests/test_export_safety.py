@@ -1,0 +1,370 @@
+"""Export safety: what --out may be, what --overwrite may replace, cleanup after SIGINT and
+SIGTERM (real signals to a real process), stale staging folders, unwritable parents and the
+static export's head-size check. The export step is replaced by a fake one, so nothing here
+loads torch or a model; each test takes well under a few seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import quickdraft.export.api as api
+from quickdraft.cli import main as cli_main
+from quickdraft.export import ExportError, checks, export_model, export_pair, output, static
+from quickdraft.export.common import CACHE_TEMPLATES
+from quickdraft.manifest import ModelManifest
+
+CONFIG = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+          "max_position_embeddings": 256}
+
+
+def _manifest(kv_cache: str = "dynamic") -> ModelManifest:
+    return ModelManifest(
+        architecture="llama", num_layers=1, num_attention_heads=4, num_kv_heads=2,
+        head_dim=16, hidden_size=64, vocab_size=512, max_length=256, dtype="fp32",
+        kv_layout="bnsh", kv_cache=kv_cache, model_file="model.onnx",
+        input_names=["input_ids", "past_key_values.0.key", "past_key_values.0.value"],
+        output_names=["logits", "present.0.key", "present.0.value"],
+        has_position_ids=False, has_attention_mask=False, **CACHE_TEMPLATES)
+
+
+def _fake_info(source) -> checks.SourceInfo:
+    folder = Path(os.fspath(source))
+    return checks.SourceInfo(str(source), folder, True, SimpleNamespace(model_type="llama"))
+
+
+def _fake_export_into(info, folder, **kw):
+    (folder / "model.onnx").write_bytes(b"not really a graph")
+    _manifest().save(folder)
+    return _manifest()
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The source checks and the optimum-onnx step replaced by light fakes; ``calls``
+    counts the source checks (0 means a refusal came before any heavy work)."""
+    calls = []
+
+    def check_pair(t, d):
+        calls.append((t, d))
+        return _fake_info(t), _fake_info(d)
+
+    def check_model(src):
+        calls.append(src)
+        return _fake_info(src)
+
+    monkeypatch.setattr(checks, "check_pair", check_pair)
+    monkeypatch.setattr(checks, "check_model", check_model)
+    monkeypatch.setattr(api, "_export_into", _fake_export_into)
+    return calls
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """Two local model folders (config.json only) under tmp_path/src."""
+    dirs = {}
+    for role in ("target", "draft"):
+        dirs[role] = tmp_path / "src" / role
+        dirs[role].mkdir(parents=True)
+        (dirs[role] / "config.json").write_text(json.dumps(CONFIG))
+    return dirs
+
+
+# -- what --out may be ---------------------------------------------------------------------
+
+
+def test_a_plain_export_writes_the_marker(fake, sources, tmp_path):
+    report = export_pair(sources["target"], sources["draft"], tmp_path / "out")
+    marker = json.loads((tmp_path / "out" / output.MARKER_NAME).read_text())
+    assert marker["format"] == "quickdraft-export" and marker["layout"] == "pair"
+    assert set(marker["models"]) == {"target", "draft"}
+    assert output.is_export(report.out)
+    one = export_model(sources["draft"], tmp_path / "one")
+    assert output.is_export(one.path) and (one.path / output.MARKER_NAME).is_file()
+
+
+@pytest.mark.parametrize("out, match", [
+    ("", "--out is empty"),
+    ("   ", "--out is empty"),
+    (".", "is the current directory"),
+    ("..", "a parent of the current directory"),
+    ("/", "root folder"),
+])
+def test_dangerous_out_is_refused(fake, sources, tmp_path, monkeypatch, out, match):
+    monkeypatch.chdir(sources["target"])
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=match):
+            export_pair(sources["target"], sources["draft"], out, overwrite=overwrite)
+    assert fake == []  # refused before the sources were even loaded
+    assert sorted(p.name for p in sources["target"].iterdir()) == ["config.json"]
+
+
+def test_home_and_source_folders_are_refused(fake, sources, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for out in (home, tmp_path):  # the home folder, and a folder above it
+        with pytest.raises(ExportError, match="home folder"):
+            export_pair(sources["target"], sources["draft"], out, overwrite=True)
+    for out in (sources["draft"], sources["draft"].parent):  # a source, or above one
+        with pytest.raises(ExportError, match="holds the source model"):
+            export_pair(sources["target"], sources["draft"], out, overwrite=True)
+        with pytest.raises(ExportError, match="holds the source model"):
+            export_model(sources["draft"], out, overwrite=True)
+    assert fake == []
+
+
+def test_only_a_previous_export_is_overwritten(fake, sources, tmp_path):
+    t, d = sources["target"], sources["draft"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="not a quickdraft export.*--overwrite"):
+            export_pair(t, d, mine, overwrite=overwrite)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="not a folder"):
+        export_pair(t, d, tmp_path / "afile", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    export_pair(t, d, tmp_path / "empty")  # an empty folder is fine
+
+    out = tmp_path / "out"
+    export_pair(t, d, out)
+    with pytest.raises(ExportError, match="already exists.*add --overwrite"):
+        export_pair(t, d, out)
+    (out / "extra.txt").write_text("inside the old export")
+    export_pair(t, d, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["draft", output.MARKER_NAME, "target"]
+
+    # exports written before the marker: recognised by a manifest
+    for old in ("old-pair", "old-model"):
+        folder = tmp_path / old / ("target" if old == "old-pair" else "")
+        folder.mkdir(parents=True)
+        (folder / "quickdraft.json").write_text("{}")
+        export_pair(t, d, tmp_path / old, overwrite=True)
+        assert (tmp_path / old / output.MARKER_NAME).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unwritable_parent_is_refused_up_front(fake, sources, tmp_path, monkeypatch, capsys):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if Path(p) == parent else real_access(p, mode, **kw)))
+    for out in (parent / "out", parent / "deeper" / "out"):
+        with pytest.raises(ExportError, match=f"cannot write to {parent} .*permission"):
+            export_pair(sources["target"], sources["draft"], out)
+    assert fake == []
+    rc = cli_main(["export", "--target", str(sources["target"]), "--draft",
+                   str(sources["draft"]), "--out", str(parent / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and str(parent) in err
+    assert "folder you can write to" in err
+    assert list(parent.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_for_real(fake, sources, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(ExportError, match="cannot write to"):
+            export_pair(sources["target"], sources["draft"], parent / "out")
+    finally:
+        parent.chmod(0o755)
+
+
+# -- staging folders -----------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_stale_staging_folders_of_dead_exports_are_removed(fake, sources, tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".out.partial-{dead}-abc_1234"
+    alive = tmp_path / f".out.partial-{os.getpid()}-zzzzzzzz"  # a running export's
+    kept = [alive,
+            tmp_path / f".out.partial-{dead}-short",  # not mkdtemp's suffix
+            tmp_path / f".other.partial-{dead}-abcdefgh",  # another --out's
+            tmp_path / ".out.partial-abcdefgh",  # an older naming: no pid
+            tmp_path / f".out.old-{dead}-123"]  # a replaced export: never touched
+    for folder in (stale, *kept):
+        folder.mkdir()
+        (folder / "model.onnx").write_text("half")
+    export_pair(sources["target"], sources["draft"], tmp_path / "out")
+    assert not stale.exists()
+    assert all(folder.is_dir() for folder in kept)
+    assert output.remove_stale_partials(tmp_path / "out") == []
+
+
+def test_sigterm_handler_is_restored(fake, sources, tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def export_into(info, folder, **kw):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return _fake_export_into(info, folder)
+
+    monkeypatch.setattr(api, "_export_into", export_into)
+    export_pair(sources["target"], sources["draft"], tmp_path / "out")
+    assert seen and seen[0] is not before and callable(seen[0])
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+DRIVER = textwrap.dedent("""
+    import signal, sys, time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    import quickdraft.export.api as api
+    from quickdraft.cli import main
+    from quickdraft.export import checks
+
+    def check_pair(t, d):
+        return tuple(checks.SourceInfo(s, Path(s), True, SimpleNamespace(model_type="llama"))
+                     for s in (t, d))
+
+    def slow_export_into(info, folder, **kw):
+        (folder / "model.onnx").write_bytes(b"half written")
+        print("READY", folder, flush=True)
+        time.sleep(60)
+
+    checks.check_pair = check_pair
+    api._export_into = slow_export_into
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _wait_for_line(proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            return proc.stdout.readline()
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the export never started: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("signum, rc", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_signal_during_export_cleans_up(sources, tmp_path, signum, rc, existing):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "out"
+    if existing:  # a previous export, being overwritten
+        (out / "target").mkdir(parents=True)
+        (out / "target" / "quickdraft.json").write_text("{}")
+    argv = [sys.executable, str(driver), "export", "--target", str(sources["target"]),
+            "--draft", str(sources["draft"]), "--out", str(out), "--overwrite"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    line = _wait_for_line(proc, timeout=60)
+    staging = Path(line.split(maxsplit=1)[1].strip()).parent
+    assert staging.name.startswith(f".out.partial-{proc.pid}-") and staging.is_dir()
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == rc, stderr
+    assert "Traceback" not in stderr
+    lines = [s for s in stderr.splitlines() if not s.startswith("[")]  # progress lines
+    assert len(lines) == 1 and "interrupted" in lines[0] and str(out) in lines[0], stderr
+    assert not staging.exists()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["driver.py", "out", "src"] if existing else ["driver.py", "src"])
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["target"]
+
+
+# -- the static export's head size ---------------------------------------------------------
+
+
+def test_gqa_head_size_rule():
+    assert static.gqa_head_size_multiple("cpu") == 16
+    assert static.gqa_head_size_multiple("cuda") == 1
+    assert static._head_size({"hidden_size": 96, "num_attention_heads": 4}) == 24
+    assert static._head_size({"hidden_size": 96, "num_attention_heads": 4, "head_dim": 32}) == 32
+
+
+@pytest.mark.parametrize("head_size", [16, 24, 40, 64])
+def test_the_rule_matches_onnxruntime_on_the_cpu(head_size):
+    """The rule is what this onnxruntime does: GroupQueryAttention with the fused rotary
+    embedding (as in the builder's graphs) on the CPU, at ``head_size``."""
+    np = pytest.importorskip("numpy")
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    h, f32 = head_size, TensorProto.FLOAT
+    specs = [("q", f32, [1, None, 2 * h]), ("k", f32, [1, None, h]), ("v", f32, [1, None, h]),
+             ("pk", f32, [1, 1, None, h]), ("pv", f32, [1, 1, None, h]),
+             ("sl", TensorProto.INT32, [1]), ("tl", TensorProto.INT32, []),
+             ("cos", f32, [None, h // 2]), ("sin", f32, [None, h // 2])]
+    node = helper.make_node("GroupQueryAttention", [s[0] for s in specs], ["o", "ok", "ov"],
+                            domain="com.microsoft", num_heads=2, kv_num_heads=1, do_rotary=1)
+    graph = helper.make_graph([node], "gqa", [helper.make_tensor_value_info(*s) for s in specs],
+                              [helper.make_tensor_value_info(n, f32, None)
+                               for n in ("o", "ok", "ov")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {"q": rng.standard_normal((1, 3, 2 * h), np.float32),
+            "k": rng.standard_normal((1, 3, h), np.float32),
+            "v": rng.standard_normal((1, 3, h), np.float32),
+            "pk": np.zeros((1, 1, 8, h), np.float32), "pv": np.zeros((1, 1, 8, h), np.float32),
+            "sl": np.array([7], np.int32), "tl": np.array(8, np.int32),
+            "cos": np.ones((16, h // 2), np.float32), "sin": np.zeros((16, h // 2), np.float32)}
+    try:
+        session.run(None, feed)
+        runs = True
+    except Exception as e:  # ORT's own exception types
+        assert "head_size" in str(e)
+        runs = False
+    assert runs == (head_size % static.gqa_head_size_multiple("cpu") == 0), ort.__version__
+    del onnx
+
+
+def test_static_export_refuses_the_head_size_up_front(fake, sources, tmp_path, capsys):
+    config = dict(CONFIG, hidden_size=96)  # 4 heads of 24
+    (sources["draft"] / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ExportError, match=r"head size 24 is not a multiple of 16.*"
+                                          r"--kv-cache dynamic"):
+        export_pair(sources["target"], sources["draft"], tmp_path / "out", kv_cache="static")
+    assert fake == []  # before the sources were loaded (no transformers, no weights)
+    rc = cli_main(["export", "--target", str(sources["target"]), "--draft",
+                   str(sources["draft"]), "--out", str(tmp_path / "out"), "--kv-cache",
+                   "static"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "head size 24" in err
+    assert time.perf_counter() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # head_dim set in the config wins over hidden_size / heads; the CUDA kernel has no limit
+    (sources["draft"] / "config.json").write_text(json.dumps(dict(config, head_dim=32)))
+    static.check_head_sizes([sources["target"], sources["draft"]], "cpu")
+    (sources["draft"] / "config.json").write_text(json.dumps(config))
+    static.check_head_sizes([sources["target"], sources["draft"]], "cuda")
