@@ -32,3 +32,15 @@ def test_generate_json_carries_the_comparison(capsys):
     comparison = result["comparison"]
     assert comparison["same_tokens"] is True
     assert comparison["speedup"] > 0 and 0 <= comparison["acceptance_rate"] <= 1
+
+
+def test_autoregressive_flag_gives_the_speculative_tokens(capsys):
+    """--autoregressive loads the target alone (no comparison); greedy: the same tokens."""
+    args = ["generate", "--prompt", "import os\n", "--max-new-tokens", "16", "--json"]
+    assert main([*args, "--gamma", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--autoregressive"]) == 0
+    auto = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert spec["stats"]["mode"] == "speculative" and spec["stats"]["gamma"] == 3
+    assert auto["stats"]["mode"] == "autoregressive" and "comparison" not in auto
+    assert auto["tokens"] == spec["tokens"] and len(auto["tokens"]) == 16

@@ -148,19 +148,24 @@ def test_training_record_matches_the_files(training):
 def test_greedy_speculative_equals_greedy_autoregressive():
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tokenizers")
-    from quickdraft.ort_backend import DecodeConfig, Generator
+    from quickdraft.ort_backend import DecodeConfig, load_pair
     from quickdraft.sampling import SamplingConfig
 
     greedy = SamplingConfig(temperature=0)
-    g = Generator.load(ROOT, device="cpu")
+    config = DecodeConfig(max_new_tokens=40, sampling=greedy)
+    pair = load_pair(ROOT, device="cpu")
     accepted = set()
-    for text in PROMPTS:
-        want = g.generate(text, DecodeConfig(max_new_tokens=40, sampling=greedy,
-                                             autoregressive=True))
-        assert len(want.tokens) >= 1
-        for gamma in (1, 2, 3, 5):
-            got = g.generate(text, DecodeConfig(max_new_tokens=40, gamma=gamma, sampling=greedy))
-            assert got.tokens == want.tokens, (text, gamma)
-            assert got.text == want.text
-            accepted.update(got.stats.generation.accepted_per_iteration)
+    with pair.generator(config) as auto:
+        wants = {text: auto.generate(text) for text in PROMPTS}
+    for gamma in (1, 2, 3, 5):
+        with pair.generator(config, gamma=gamma) as spec:  # reused for every prompt
+            for text in PROMPTS:
+                want = wants[text]
+                assert len(want.tokens) >= 1
+                assert want.stats.mode == "autoregressive"
+                got = spec.generate(text)
+                assert got.stats.mode == "speculative"
+                assert got.tokens == want.tokens, (text, gamma)
+                assert got.text == want.text
+                accepted.update(got.stats.generation.accepted_per_iteration)
     assert 0 in accepted and max(accepted) >= 2  # rejections and multi-token acceptances

@@ -28,7 +28,9 @@ from quickdraft.ort_backend import (  # noqa: E402
     Generator,
     ModelFolderError,
     OrtModel,
+    Pair,
     StreamDecoder,
+    load_pair,
 )
 from quickdraft.ort_backend.slicer import CacheSlicer, slice_model_bytes  # noqa: E402
 from quickdraft.sampling import SamplingConfig, adjust_logits  # noqa: E402
@@ -57,8 +59,13 @@ def pair(exported_llama_pair) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gen(pair) -> Generator:
-    return Generator.load(pair, device="cpu")
+def loaded(pair) -> Pair:
+    """The pair loaded once on the CPU, shared by the generators of these tests."""
+    return load_pair(pair, device="cpu")
+
+
+def encode(loaded: Pair, text: str) -> list[int]:
+    return list(loaded.tokenizer.encode(text).ids)
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +116,17 @@ def _edit_manifest(folder: Path, **changes) -> None:
 # -- the model: logits, cache, rollback -------------------------------------------------------
 
 
-def test_logits_equal_pytorch_and_the_numpy_reference(gen, hf_pair_dirs):
+def test_logits_equal_pytorch_and_the_numpy_reference(loaded, hf_pair_dirs):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
     from quickdraft.reference.transformer import NumpyTransformer
 
-    for role, model in (("target", gen.target), ("draft", gen.draft)):
+    for role, model in (("target", loaded.target), ("draft", loaded.draft)):
         hf = AutoModelForCausalLM.from_pretrained(hf_pair_dirs[role]).eval()
         ref = NumpyTransformer.from_pretrained(hf_pair_dirs[role])
         for text in PROMPTS[:4]:
-            ids = gen.encode(text)
+            ids = encode(loaded, text)
             with torch.no_grad():
                 want = hf(torch.tensor([ids])).logits[0].numpy()  # [T, V]
             got = model.new_state().append(ids)  # [T, V]
@@ -129,19 +136,19 @@ def test_logits_equal_pytorch_and_the_numpy_reference(gen, hf_pair_dirs):
             assert np.abs(got - ours).max() < TOL, role
 
 
-def test_cached_steps_equal_one_full_forward(gen):
-    ids = gen.encode(PROMPTS[3])
-    full = gen.target.new_state().append(ids)
-    state = gen.target.new_state()
+def test_cached_steps_equal_one_full_forward(loaded):
+    ids = encode(loaded, PROMPTS[3])
+    full = loaded.target.new_state().append(ids)
+    state = loaded.target.new_state()
     parts = [state.append(ids[:1]), state.append(ids[1:4]), state.append(ids[4:])]
     assert np.abs(np.concatenate(parts) - full).max() < TOL
     assert state.tokens == ids
-    assert state.append([]).shape == (0, gen.target.vocab_size)
+    assert state.append([]).shape == (0, loaded.target.vocab_size)
 
 
-def test_rewind_then_append_equals_a_fresh_forward(gen):
-    model = gen.target
-    ids = gen.encode(PROMPTS[1])
+def test_rewind_then_append_equals_a_fresh_forward(loaded):
+    model = loaded.target
+    ids = encode(loaded, PROMPTS[1])
     rng = np.random.default_rng(0)
     state = model.new_state()
     state.append(ids)
@@ -194,10 +201,10 @@ class _CheckedModel:
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0)])
-def test_rollback_inside_the_speculative_loop(gen, sampling):
+def test_rollback_inside_the_speculative_loop(loaded, sampling):
     """After each rejection, the next target (and draft) logits equal a fresh full forward."""
-    target, draft = _CheckedModel(gen.target), _CheckedModel(gen.draft)
-    res = speculative_generate(target, draft, gen.encode(PROMPTS[0]), gamma=4,
+    target, draft = _CheckedModel(loaded.target), _CheckedModel(loaded.draft)
+    res = speculative_generate(target, draft, encode(loaded, PROMPTS[0]), gamma=4,
                                max_new_tokens=40, sampling=sampling,
                                rng=np.random.default_rng(1))
     assert len(res.tokens) == 40
@@ -223,18 +230,18 @@ def test_session_threads(pair):
     workers would otherwise spin on the cores the target's next call needs."""
     from quickdraft.ort_backend.device import session_options
 
-    gen = Generator.load(pair, device="cpu")
-    assert gen.draft.options.intra_op_num_threads == 1
-    assert gen.target.options.intra_op_num_threads == 0  # ONNX Runtime's default
-    for model in (gen.target, gen.draft):
+    loaded = load_pair(pair, device="cpu")
+    assert loaded.draft.options.intra_op_num_threads == 1
+    assert loaded.target.options.intra_op_num_threads == 0  # ONNX Runtime's default
+    for model in (loaded.target, loaded.draft):
         slicer_options = model._slicer.session.get_session_options()
         assert slicer_options.intra_op_num_threads == 1
-    assert Generator.load(pair, device="cpu",
-                          draft_threads=None).draft.options.intra_op_num_threads == 0
-    assert Generator.load(pair, device="cpu",
-                          draft_threads=2).draft.options.intra_op_num_threads == 2
+    assert load_pair(pair, device="cpu",
+                     draft_threads=None).draft.options.intra_op_num_threads == 0
+    assert load_pair(pair, device="cpu",
+                     draft_threads=2).draft.options.intra_op_num_threads == 2
     with pytest.raises(ValueError, match="threads"):
-        Generator.load(pair, device="cpu", draft_threads=0)
+        load_pair(pair, device="cpu", draft_threads=0)
     with pytest.raises(ValueError, match="threads"):
         session_options(threads=1.5)
 
@@ -244,31 +251,41 @@ def test_session_threads(pair):
 
 @pytest.mark.parametrize("which, prompts", [("pair", 3), ("close_pair", 8), ("self_pair", 3)])
 def test_greedy_speculative_equals_greedy_autoregressive(which, prompts, request):
-    g = Generator.load(request.getfixturevalue(which), device="cpu")
+    p = load_pair(request.getfixturevalue(which), device="cpu")
+    cfg = DecodeConfig(max_new_tokens=24, sampling=GREEDY)
     accepted = set()
-    for text in PROMPTS[:prompts]:
-        want = g.generate(text, DecodeConfig(max_new_tokens=24, sampling=GREEDY,
-                                             autoregressive=True))
-        assert len(want.tokens) == 24
-        for gamma in range(1, 7):
-            got = g.generate(text, DecodeConfig(max_new_tokens=24, gamma=gamma, sampling=GREEDY))
-            assert got.tokens == want.tokens, (text, gamma)
-            assert got.text == want.text
-            accepted.update(got.stats.generation.accepted_per_iteration)
+    with p.generator(cfg) as auto:  # no gamma, no drafter: autoregressive
+        wants = {text: auto.generate(text) for text in PROMPTS[:prompts]}
+    for gamma in range(1, 7):
+        with p.generator(cfg, gamma=gamma) as spec:  # one generator, reused for every prompt
+            for text in PROMPTS[:prompts]:
+                want = wants[text]
+                assert len(want.tokens) == 24 and want.stats.mode == "autoregressive"
+                got = spec.generate(text)
+                assert got.stats.mode == "speculative"
+                assert got.tokens == want.tokens, (text, gamma)
+                assert got.text == want.text
+                accepted.update(got.stats.generation.accepted_per_iteration)
     if which == "close_pair":
         assert {0, 1, 2} <= accepted  # partial acceptance was exercised
     if which == "self_pair":
         assert 0 not in accepted and 6 in accepted  # everything accepted: bonus tokens
 
 
-def test_same_seed_same_output(gen):
-    cfg = DecodeConfig(max_new_tokens=30, gamma=3, sampling=SamplingConfig(temperature=1.0),
-                       seed=123)
-    a, b = gen.generate(PROMPTS[0], cfg), gen.generate(PROMPTS[0], cfg)
-    assert a.tokens == b.tokens and a.text == b.text
-    assert a.stats.generation.accepted_per_iteration == b.stats.generation.accepted_per_iteration
-    c = gen.generate(PROMPTS[0], DecodeConfig(max_new_tokens=30, gamma=3,
-                                              sampling=SamplingConfig(temperature=1.0), seed=124))
+def test_same_seed_same_output(loaded):
+    cfg = DecodeConfig(max_new_tokens=30, sampling=SamplingConfig(temperature=1.0), seed=123)
+    with loaded.generator(cfg, gamma=3) as g:
+        a, b = g.generate(PROMPTS[0]), g.generate(PROMPTS[0])  # the same generator, reused
+    with loaded.generator(cfg, gamma=3) as fresh:
+        f = fresh.generate(PROMPTS[0])
+    for other in (b, f):
+        assert a.tokens == other.tokens and a.text == other.text
+        assert (a.stats.generation.accepted_per_iteration
+                == other.stats.generation.accepted_per_iteration)
+    other_seed = DecodeConfig(max_new_tokens=30, sampling=SamplingConfig(temperature=1.0),
+                              seed=124)
+    with loaded.generator(other_seed, gamma=3) as g:
+        c = g.generate(PROMPTS[0])
     assert c.tokens != a.tokens
 
 
@@ -291,7 +308,7 @@ def _chi2(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
                                       SamplingConfig(temperature=0.8, top_p=0.9)])
-def test_sampled_first_token_follows_the_target(gen, sampling):
+def test_sampled_first_token_follows_the_target(loaded, sampling):
     """First token of a speculative iteration (gamma 3) vs the exact target distribution.
 
     1000 seeded runs from one prefill (rewind to the prompt, one step). Chi-square goodness
@@ -299,17 +316,20 @@ def test_sampled_first_token_follows_the_target(gen, sampling):
     must fail, so it has the power to see a sampler that ignores the target.
     """
     runs = 1000
-    prompt = gen.encode(PROMPTS[0])
-    p = adjust_logits(gen.target.new_state().append(prompt)[-1], sampling)  # [V] exact
-    q = adjust_logits(gen.draft.new_state().append(prompt)[-1], sampling)  # [V]
+    prompt = encode(loaded, PROMPTS[0])
+    p = adjust_logits(loaded.target.new_state().append(prompt)[-1], sampling)  # [V] exact
+    q = adjust_logits(loaded.draft.new_state().append(prompt)[-1], sampling)  # [V]
     counts = np.zeros_like(p)
-    gen.prefill(prompt, DecodeConfig(max_new_tokens=8, gamma=3, sampling=sampling, seed=2024))
+    gen = loaded.generator(DecodeConfig(max_new_tokens=8, sampling=sampling, seed=2024),
+                           gamma=3)
+    gen.prefill(prompt)
     rejected_first = 0
     for _ in range(runs):
         gen.rewind(len(prompt))
         tokens = gen.step()
         counts[tokens[0]] += 1
         rejected_first += gen.stats.generation.accepted_per_iteration[-1] == 0
+    gen.close()
     assert 0.1 * runs < rejected_first < 0.9 * runs  # accepted and recovered tokens both seen
     assert counts[p == 0].sum() == 0  # never a token the target cannot produce
     chi2, df = _chi2(counts, p)
@@ -321,30 +341,33 @@ def test_sampled_first_token_follows_the_target(gen, sampling):
     assert chi2_q > _chi2_quantile(df_q, 1e-3)
 
 
-def test_eos_stops_generation(gen):
-    base = gen.generate(PROMPTS[2], DecodeConfig(max_new_tokens=20, sampling=GREEDY,
-                                                 autoregressive=True))
-    stop = base.tokens[6]
-    saved = gen.eos_ids
-    try:
-        gen.eos_ids = frozenset({stop})
-        for cfg in (DecodeConfig(max_new_tokens=20, sampling=GREEDY, autoregressive=True),
-                    DecodeConfig(max_new_tokens=20, gamma=4, sampling=GREEDY)):
-            res = gen.generate(PROMPTS[2], cfg)
-            assert res.tokens == base.tokens[: base.tokens.index(stop) + 1]
-            assert res.finish_reason == "eos"
-    finally:
-        gen.eos_ids = saved
+def test_eos_stops_generation(loaded):
+    cfg = DecodeConfig(max_new_tokens=20, sampling=GREEDY)
+    with loaded.generator(cfg) as auto:
+        base = auto.generate(PROMPTS[2])
     assert base.finish_reason == "length"
+    stop = base.tokens[6]
+    for drafter in (None, loaded.drafter(GREEDY, 4)):  # autoregressive, speculative
+        with Generator(loaded.target, drafter, cfg, tokenizer=loaded.tokenizer,
+                       eos_ids={stop}, max_draft=loaded.max_draft) as g:
+            res = g.generate(PROMPTS[2])
+            assert res.tokens == base.tokens[: base.tokens.index(stop) + 1]
+            assert res.finish_reason == "eos" and g.done
 
 
-def test_statistics_are_consistent(gen):
-    res = gen.generate(PROMPTS[1], DecodeConfig(max_new_tokens=25, gamma=4, seed=0,
-                                                sampling=SamplingConfig(temperature=1.0)))
+def test_statistics_are_consistent(loaded):
+    cfg = DecodeConfig(max_new_tokens=25, seed=0, sampling=SamplingConfig(temperature=1.0))
+    with loaded.generator(cfg, gamma=4) as g:
+        res = g.generate(PROMPTS[1])
+    prompt_tokens = len(encode(loaded, PROMPTS[1]))
     s, g = res.stats, res.stats.generation
-    assert s.new_tokens == len(res.tokens) == 25
+    assert s.mode == "speculative" and s.kv_cache == "dynamic" and s.verifier == "host"
+    assert s.new_tokens == len(res.tokens) == 25 and s.prompt_tokens == prompt_tokens
     assert s.target.calls == g.target_calls == g.iterations  # one target call per iteration
     assert s.draft.calls == g.draft_calls
+    # the prefill: one call per model, over the prompt less its last token
+    assert s.target_prefill.calls == 1 and s.draft_prefill.calls == 1
+    assert s.target_prefill.tokens == s.draft_prefill.tokens == prompt_tokens - 1
     assert s.target_calls == s.target.calls + 1 and s.draft_calls == s.draft.calls + 1  # prefill
     assert sum(g.accepted_per_iteration) + g.iterations >= 25  # the last may be cut short
     assert 0 <= g.alpha <= 1
@@ -352,34 +375,50 @@ def test_statistics_are_consistent(gen):
     d = res.as_dict()
     json.dumps(d, allow_nan=False)
     for key in ("alpha", "cost_ratio_c", "target_s", "draft_s", "verify_s", "target_calls",
-                "draft_calls", "accepted_per_iteration", "tokens_per_s"):
+                "draft_calls", "accepted_per_iteration", "tokens_per_s", "target",
+                "target_prefill", "draft"):
         assert key in d["stats"]
-    ar = gen.generate(PROMPTS[1], DecodeConfig(max_new_tokens=5, autoregressive=True, seed=0))
-    assert ar.stats.draft is None and ar.as_dict()["stats"]["cost_ratio_c"] is None
+    with loaded.generator(DecodeConfig(max_new_tokens=5, seed=0)) as auto:
+        ar = auto.generate(PROMPTS[1])
+    assert ar.stats.mode == "autoregressive" and ar.stats.verifier is None
+    assert ar.stats.draft is None and ar.stats.draft_prefill is None
+    assert ar.as_dict()["stats"]["cost_ratio_c"] is None
     assert ar.stats.target_calls == 1 + 5  # prefill of prompt[:-1], then one call per token
+    assert ar.stats.target.calls == 5 and ar.stats.target.tokens == 5
 
 
-def test_lifecycle_prefill_step_rewind(gen):
-    prompt = gen.encode(PROMPTS[4])
-    cfg = DecodeConfig(max_new_tokens=12, gamma=3, sampling=GREEDY)
-    want = gen.generate(prompt, cfg).tokens
-    gen.prefill(prompt, cfg)
-    assert len(gen._target_state.tokens) == len(prompt) - 1  # the last token is fed by step
-    got = []
-    while not gen.done:
-        got += gen.step()
-    assert got == want and gen.step() == []
-    gen.rewind(len(prompt) + 4)  # drop 8 tokens and continue: greedy gives them again
-    assert gen.new_tokens == want[:4] and not gen.done
-    while not gen.done:
-        gen.step()
-    assert gen.new_tokens == want
-    with pytest.raises(ValueError, match="cannot rewind"):
-        gen.rewind(0)
+def test_lifecycle_prefill_step_rewind(loaded):
+    prompt = encode(loaded, PROMPTS[4])
+    cfg = DecodeConfig(max_new_tokens=12, sampling=GREEDY)
+    with loaded.generator(cfg, gamma=3) as gen:
+        want = gen.generate(prompt).tokens
+        assert gen.done
+        assert gen.prefill(prompt) == prompt  # the same generator starts again
+        assert not gen.done and gen.new_tokens == []
+        # the caches keep the prefix they share with the new prompt: nothing to prefill
+        assert gen.stats.target_prefill.tokens == gen.stats.draft_prefill.tokens == 0
+        got = []
+        while not gen.done:
+            got += gen.step()
+        assert got == want and gen.step() == []
+        gen.rewind(len(prompt) + 4)  # drop 8 tokens and continue: greedy gives them again
+        assert gen.new_tokens == want[:4] and not gen.done
+        while not gen.done:
+            gen.step()
+        assert gen.new_tokens == want
+        with pytest.raises(ValueError, match="cannot rewind"):
+            gen.rewind(0)
+    with loaded.generator(cfg, gamma=3) as fresh:
+        fresh.prefill(prompt)  # the last prompt token is fed by step: the prefill the rest
+        assert fresh.stats.target_prefill.tokens == len(prompt) - 1
+        assert fresh.stats.draft_prefill.tokens == len(prompt) - 1
+    with pytest.raises(RuntimeError, match="closed"):
+        fresh.step()
+    fresh.close()  # idempotent
 
 
-def test_stream_decoder_pieces_join_to_the_decoded_text(gen):
-    tok = gen.tokenizer
+def test_stream_decoder_pieces_join_to_the_decoded_text(loaded):
+    tok = loaded.tokenizer
     rng = np.random.default_rng(0)
     context = tok.encode("héllo wörld ").ids
     for _ in range(50):  # random ids: byte tokens that split characters, specials included
@@ -393,13 +432,14 @@ def test_stream_decoder_pieces_join_to_the_decoded_text(gen):
             assert not any(p.endswith("\ufffd") for p in pieces[:-1])
 
 
-def test_stream_yields_the_generated_text(gen):
-    cfg = DecodeConfig(max_new_tokens=25, gamma=3, sampling=SamplingConfig(temperature=1.0),
-                       seed=5)
-    pieces = list(gen.stream(PROMPTS[7], cfg))
-    assert gen.result.text == "".join(pieces)
-    assert gen.result.tokens == gen.generate(PROMPTS[7], cfg).tokens
-    assert gen.result.text == gen.decode(gen.result.tokens)
+def test_stream_yields_the_generated_text(loaded):
+    cfg = DecodeConfig(max_new_tokens=25, sampling=SamplingConfig(temperature=1.0), seed=5)
+    with loaded.generator(cfg, gamma=3) as gen:
+        pieces = list(gen.stream(PROMPTS[7]))
+        streamed = gen.result
+        assert streamed.text == "".join(pieces)
+        assert streamed.tokens == gen.generate(PROMPTS[7]).tokens
+        assert streamed.text == gen.decode(streamed.tokens)
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -407,22 +447,25 @@ def test_stream_yields_the_generated_text(gen):
 
 def test_missing_and_partial_folders(pair, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Generator.load(tmp_path / "nowhere", device="cpu")
+        load_pair(tmp_path / "nowhere", device="cpu")
     half = tmp_path / "half"
     shutil.copytree(pair / "target", half / "target")
     with pytest.raises(FileNotFoundError, match="no draft folder"):
-        Generator.load(half, device="cpu")
-    assert Generator.load(half, device="cpu", draft=False).draft is None
+        load_pair(half, device="cpu")
+    target_only = load_pair(half, device="cpu", draft=False)
+    assert target_only.draft is None and target_only.max_draft is None
+    with pytest.raises(FileNotFoundError, match="not a pair"):
+        load_pair(half / "target", device="cpu")
     for missing, message in (("model.onnx", "incomplete"), ("tokenizer.json", "tokenizer.json"),
                              ("quickdraft.json", "not a quickdraft export")):
         broken = _copy(pair, tmp_path / missing)
         (broken / "draft" / missing).unlink()
         with pytest.raises(FileNotFoundError, match=message):
-            Generator.load(broken, device="cpu")
+            load_pair(broken, device="cpu")
     corrupt = _copy(pair, tmp_path / "corrupt")
     (corrupt / "target" / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(RuntimeError, match="could not load"):
-        Generator.load(corrupt, device="cpu")
+        load_pair(corrupt, device="cpu")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -450,42 +493,84 @@ def test_vocabulary_mismatch(pair, tmp_path):
     vocab[a], vocab[b] = vocab[b], vocab[a]
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="tokenizer differs"):
-        Generator.load(broken, device="cpu")
+        load_pair(broken, device="cpu")
     wider = _copy(pair, tmp_path / "wider")
     _edit_manifest(wider / "draft", vocab_size=1024)
     with pytest.raises(ValueError, match="vocab"):
-        Generator.load(wider, device="cpu")
+        load_pair(wider, device="cpu")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
 def test_cuda_requested_but_unavailable(pair):
     with pytest.raises(CudaUnavailableError, match="CUDA was requested"):
-        Generator.load(pair, device="cuda")
-    g = Generator.load(pair, device="auto")
-    assert str(g.device) == "cpu" and "running on the CPU" in g.device_note
+        load_pair(pair, device="cuda")
+    p = load_pair(pair, device="auto")
+    assert str(p.device) == "cpu" and "running on the CPU" in p.device_note
+    with p.generator(DecodeConfig(max_new_tokens=2), gamma=2) as g:
+        assert g.generate(PROMPTS[0]).stats.device == "cpu"
 
 
-def test_bad_requests(gen):
+def test_bad_requests(loaded, pair, tmp_path):
+    gen = loaded.generator(DecodeConfig())
     with pytest.raises(ValueError, match="prompt is empty"):
-        gen.generate("", DecodeConfig())
+        gen.generate("")
     with pytest.raises(ValueError, match="prompt is empty"):
-        gen.generate([], DecodeConfig())
+        gen.generate([])
     long_prompt = "x = 1\n" * 200
     with pytest.raises(ValueError, match="no room to generate"):
-        gen.generate(long_prompt, DecodeConfig())
+        gen.generate(long_prompt)
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        gen.generate(PROMPTS[0], DecodeConfig(max_new_tokens=255))
+        loaded.generator(DecodeConfig(max_new_tokens=255)).generate(PROMPTS[0])
     with pytest.raises(ValueError, match="token ids"):
-        gen.generate([5, 10_000], DecodeConfig())
-    for kwargs in (dict(gamma=0), dict(gamma=1.5), dict(max_new_tokens=0), dict(seed=-1)):
+        gen.generate([5, 10_000])
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        gen.generate([5, 1.5])
+    with pytest.raises(TypeError, match="bytes"):
+        gen.generate(b"def main(")
+    with pytest.raises(ValueError, match="nothing to rewind"):
+        loaded.generator(DecodeConfig()).rewind(1)
+    gen.close()
+    # gamma belongs to the drafter now: DecodeConfig has no gamma (nor autoregressive) field
+    for kwargs in (dict(gamma=3), dict(autoregressive=True)):
+        with pytest.raises(TypeError):
+            DecodeConfig(**kwargs)
+    for gamma in (0, 1.5, -1):
+        with pytest.raises(ValueError, match="gamma"):
+            loaded.generator(DecodeConfig(), gamma=gamma)
+    with pytest.raises(ValueError, match="--gamma 9 is more than the 8"):
+        loaded.generator(DecodeConfig(), gamma=9)  # the target's steps: max_gamma 8
+    with pytest.raises(ValueError, match="not both"):
+        loaded.generator(DecodeConfig(), gamma=2, drafter=loaded.drafter(GREEDY, 2))
+    with pytest.raises(ValueError, match="same settings"):  # q and p shaped alike
+        loaded.generator(DecodeConfig(), drafter=loaded.drafter(SamplingConfig(0.7), 2))
+    with pytest.raises(ValueError, match="lenience applies to speculative"):
+        loaded.generator(DecodeConfig(lenience=0.5))
+    with pytest.raises(ValueError, match="verify must be one of"):
+        loaded.generator(DecodeConfig(), gamma=2, verify="gpu")
+    with pytest.raises(TypeError, match="DecodeConfig"):
+        Generator(loaded.target, None, {"max_new_tokens": 4})
+    for kwargs in (dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(seed=-1),
+                   dict(seed=1.5), dict(lenience=0.0), dict(lenience=1.5)):
         with pytest.raises(ValueError):
             DecodeConfig(**kwargs)
+    with pytest.raises(TypeError, match="SamplingConfig"):
+        DecodeConfig(sampling={"temperature": 1.0})
     for kwargs in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingConfig(**kwargs)
-    target_only = Generator(gen.target, None, gen.tokenizer)
-    with pytest.raises(ValueError, match="no draft model"):
-        target_only.generate(PROMPTS[0], DecodeConfig())
+    with pytest.raises(ValueError, match="max_gamma"):
+        load_pair(pair, device="cpu", max_gamma=0)
+    # a pair loaded without its draft model decodes autoregressively, and refuses a gamma
+    half = tmp_path / "half"
+    shutil.copytree(pair / "target", half / "target")
+    target_only = load_pair(half, device="cpu", draft=False)
+    with pytest.raises(ValueError, match="without its draft model"):
+        target_only.generator(DecodeConfig(), gamma=2)
+    with pytest.raises(ValueError, match="without its draft model"):
+        target_only.drafter(GREEDY, 2)
+    cfg = DecodeConfig(max_new_tokens=6)
+    with target_only.generator(cfg) as alone, loaded.generator(cfg) as both:
+        assert alone.generate(PROMPTS[0]).tokens == both.generate(PROMPTS[0]).tokens
 
 
 # -- CLI --------------------------------------------------------------------------------------

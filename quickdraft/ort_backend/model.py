@@ -291,6 +291,7 @@ class OrtState(TokenState):
 
     def close(self) -> None:
         """Drop the caches (their device memory goes back to ONNX Runtime's arena)."""
+        self._check_thread()
         self._cache = self.model.empty_cache()
         self._tokens.clear()
 
