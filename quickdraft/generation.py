@@ -143,12 +143,20 @@ class StepResult:
 
 class ModelDrafter:
     """A :class:`~quickdraft.protocols.Drafter` that samples ``gamma`` tokens from a draft
-    model q (fewer when the loop's cap is lower)."""
+    model q (fewer when the loop's cap is lower).
+
+    ``stop_below`` > 0 stops a sampled draft early, after a token the draft itself gave a
+    probability below it (its confidence dropped: the next tokens would likely be
+    rejected); a rule on the draft's own draws, so the output law is unchanged.
+    """
 
     def __init__(self, model: LanguageModel, sampling: SamplingConfig = SamplingConfig(),
-                 gamma: int = 4):
+                 gamma: int = 4, *, stop_below: float = 0.0):
         if int(gamma) != gamma or gamma < 1:
             raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
+        if not 0.0 <= stop_below < 1.0:
+            raise ValueError(f"stop_below must be in [0, 1), got {stop_below!r}")
+        self.stop_below = float(stop_below)
         self.model = model
         self._sampling = sampling
         self.gamma = int(gamma)
@@ -185,9 +193,12 @@ class ModelDrafter:
             q = adjust_logits(logits, self.sampling)  # [V]
             tokens[i] = sample_token(q, float(uniforms[i]))
             rows.append(q)
+            if q[tokens[i]] < self.stop_below:  # the draft doubts its own token: stop here
+                break
             if i + 1 < gamma:
                 logits = self.state.append([int(tokens[i])])[-1]  # [V]
-        return Candidates(tokens, np.stack(rows), model_calls=gamma, checked=True)
+        k = len(rows)
+        return Candidates(tokens[:k], np.stack(rows), model_calls=k, checked=True)
 
     def _greedy_candidates(self, ids: Sequence[int], gamma: int,
                            uniforms: np.ndarray) -> Candidates:
@@ -348,7 +359,7 @@ def _drafter_for(draft: LanguageModel | None, drafter: Drafter | None, gamma: in
         if draft is not None or gamma is not None:
             raise ValueError("give a drafter, or a draft model and gamma, not both: a drafter "
                              "decides its own proposal length")
-        if supports(drafter, SamplingDrafter) and drafter.sampling != sampling:
+        if supports(drafter, SamplingDrafter) and drafter.sampling not in (None, sampling):
             raise ValueError(
                 f"the drafter shapes q with {drafter.sampling} but the target is sampled with "
                 f"{sampling}; speculative sampling needs the same settings on both")

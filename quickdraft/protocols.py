@@ -26,6 +26,7 @@ __all__ = [
     "BoundedDrafter",
     "StatefulDrafter",
     "SamplingDrafter",
+    "CostAwareDrafter",
     "GreedyState",
     "DeviceState",
     "MeasuredState",
@@ -177,10 +178,20 @@ class StatefulDrafter(Protocol):
 
 @runtime_checkable
 class SamplingDrafter(Protocol):
-    """A drafter whose q is shaped by sampling settings, which must be the target's."""
+    """A drafter whose q is shaped by sampling settings, which must be the target's (None:
+    none of its parts has any)."""
 
     @property
-    def sampling(self) -> SamplingConfig: ...
+    def sampling(self) -> SamplingConfig | None: ...
+
+
+@runtime_checkable
+class CostAwareDrafter(Protocol):
+    """A drafter that uses the measured cost ratio c (a draft call over a target call)."""
+
+    def observe_cost(self, c: float) -> None:
+        """The c measured so far in this generation, after each iteration."""
+        ...
 
 
 @runtime_checkable

@@ -21,6 +21,9 @@ __all__ = [
     "operations_factor",
     "improvement_lower_bound",
     "lenient_alpha",
+    "hierarchical_draft_cost",
+    "hierarchical_walltime_improvement",
+    "best_hierarchical",
 ]
 
 
@@ -126,3 +129,41 @@ def lenient_alpha(p: np.ndarray, q: np.ndarray, lenience: float) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     return np.minimum(q, p / lenience).sum(-1)
+
+
+def hierarchical_draft_cost(c_draft: float, alpha_inner: float, gamma_inner: int,
+                            c_inner: float) -> float:
+    """Cost per draft token (relative to a target call) when the draft q is itself decoded
+    speculatively by a smaller draft: an inner iteration costs gamma_inner * c_inner + c_draft
+    and yields expected_tokens(alpha_inner, gamma_inner) tokens of q (Eq. 1 one level down;
+    the truncation of the last inner iteration is neglected). Plain drafting costs c_draft."""
+    if min(c_draft, c_inner) < 0:
+        raise ValueError(f"costs must be >= 0, got c_draft={c_draft}, c_inner={c_inner}")
+    return (gamma_inner * c_inner + c_draft) / expected_tokens(alpha_inner, gamma_inner)
+
+
+def hierarchical_walltime_improvement(alpha: float, gamma: int, c_draft: float,
+                                      alpha_inner: float, gamma_inner: int,
+                                      c_inner: float) -> float:
+    """Theorem 3.8 with the draft's cost per token replaced by
+    :func:`hierarchical_draft_cost`: target p, draft q (alpha, c_draft), draft of the draft
+    (alpha_inner between q and it, c_inner; both costs relative to a target call)."""
+    c_eff = hierarchical_draft_cost(c_draft, alpha_inner, gamma_inner, c_inner)
+    return expected_tokens(alpha, gamma) / (gamma * c_eff + 1.0)
+
+
+def best_hierarchical(alpha: float, c_draft: float, alpha_inner: float, c_inner: float,
+                      max_gamma: int = 32) -> tuple[int, int, float]:
+    """(gamma, gamma_inner, improvement) maximising
+    :func:`hierarchical_walltime_improvement` over 1 <= gamma, gamma_inner <= max_gamma.
+    The two-level scheme beats plain drafting with q exactly when the inner loop makes a q
+    token cheaper: gamma_inner * c_inner < c_draft * (expected_tokens(alpha_inner,
+    gamma_inner) - 1)."""
+    _check_gamma(max_gamma)
+    best = (1, 1, -1.0)
+    for g in range(1, max_gamma + 1):
+        for g2 in range(1, max_gamma + 1):
+            v = hierarchical_walltime_improvement(alpha, g, c_draft, alpha_inner, g2, c_inner)
+            if v > best[2]:
+                best = (g, g2, v)
+    return best

@@ -12,6 +12,7 @@ ones (all residuals a verification could sample from), which only makes the cell
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -132,3 +133,107 @@ def exact_target_sequences(target, prompt, n_tokens, sampling):
                 nxt[seq + (int(a),)] = w * p[a]
         dist = nxt
     return dist
+
+
+def exact_step_outcomes(target, draft, ids, m, sampling, drafter):
+    """Like :func:`exact_step_distribution` for any drafter (a copy of ``drafter`` is run
+    per cell): {(output tokens, n_accepted): (probability, the drafter after the step)}.
+    Draft uniforms are enumerated through the cells of ``draft``'s CDF at all m positions;
+    a drafter that uses fewer (or none, like n-gram lookup) integrates the rest to 1."""
+    out: dict = {}
+
+    def draft_paths(prefix, i):
+        if i == m:
+            yield [], [], 1.0
+            return
+        q = adjust_logits(draft.score(prefix), sampling)  # [V]
+        mids, widths = cells(cdf_breakpoints(q[None]))
+        for v, w in zip(mids, widths):
+            x = min(int(np.searchsorted(np.cumsum(q), v, side="right")), len(q) - 1)
+            for vs, xs, w2 in draft_paths(prefix + [x], i + 1):
+                yield [v] + vs, [x] + xs, w * w2
+
+    vocab = np.shape(target.score(list(ids)))[-1]
+    extra = _all_sample_breakpoints(target, draft, ids, m, sampling)
+    for v, xs, w_draft in draft_paths(list(ids), 0):
+        p = adjust_logits(np.stack([target.score(list(ids) + xs[:i]) for i in range(m + 1)]),
+                          sampling)  # [m + 1, V] (rows at the draft model's path)
+        q = (adjust_logits(np.stack([draft.score(list(ids) + xs[:i]) for i in range(m)]),
+                           sampling) if m else np.zeros((0, vocab)))  # [m, V]
+        s_mids, s_widths = cells(np.concatenate([sample_breakpoints(p, q), *extra]))
+        per_pos = [_all_accept_cells(target, draft, ids, i, sampling) for i in range(m)]
+        for combo in itertools.product(*per_pos):
+            u = np.array([c[0] for c in combo], dtype=np.float64)  # [m]
+            w_accept = float(np.prod([c[1] for c in combo]))
+            for s, w_s in zip(s_mids, s_widths):
+                d = copy.deepcopy(drafter)
+                step = speculative_step(target.new_state(), d, list(ids), sampling,
+                                        np.asarray(v, dtype=np.float64), u, float(s))
+                d.update_candidate_strategy(list(ids) + step.tokens, step.n_accepted)
+                key = (tuple(step.tokens), step.n_accepted)
+                w, kept = out.get(key, (0.0, d))
+                out[key] = (w + w_draft * w_accept * w_s, kept)
+    return out
+
+
+def _all_sample_breakpoints(target, draft, ids, m, sampling):
+    """The CDF steps of every distribution a verification could sample its next token from
+    after any proposal of up to m tokens: p rows, residuals against the draft model's q
+    rows and against one-hot rows (lookup proposals)."""
+    out = []
+    for c in _prefixes(ids, target, m):
+        pre = list(ids) + list(c)
+        p = adjust_logits(target.score(pre), sampling)  # [V]
+        q = adjust_logits(draft.score(pre), sampling)  # [V]
+        one_hot = np.eye(len(p))  # [V, V]
+        out.append(cdf_breakpoints(p[None]))
+        out.append(cdf_breakpoints(residual_distribution(p[None], q[None])))
+        out.append(cdf_breakpoints(residual_distribution(np.broadcast_to(p, one_hot.shape),
+                                                         one_hot)))
+    return out
+
+
+def _prefixes(ids, target, m):
+    """Every continuation of up to m tokens (for the breakpoints of small vocabularies)."""
+    vocab = np.shape(target.score(list(ids)))[-1]
+    for k in range(m + 1):
+        yield from itertools.product(range(vocab), repeat=k)
+
+
+def _all_accept_cells(target, draft, ids, i, sampling):
+    """Accept-uniform cells valid for any token at position i on any path: cut at every
+    ratio p(x) / q(x) a proposal could meet (a superset: the cells only get finer). For a
+    one-hot proposal (q(x) = 1) the ratio is p(x)."""
+    vocab = np.shape(target.score(list(ids)))[-1]
+    cuts = []
+    for c in itertools.product(range(vocab), repeat=i):
+        pre = list(ids) + list(c)
+        p = adjust_logits(target.score(pre), sampling)  # [V]
+        q = adjust_logits(draft.score(pre), sampling)  # [V]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(q > 0, p / np.where(q > 0, q, 1.0), 1.0)
+        cuts.extend(np.minimum(1.0, r).tolist())
+        cuts.extend(p.tolist())  # one-hot proposals: accepted while u < p(x)
+    mids, widths = cells(np.asarray(cuts))
+    return list(zip(mids, widths))
+
+
+def exact_drafter_sequences(target, draft, prompt, n_tokens, sampling, drafter, bound):
+    """Exact distribution over the first ``n_tokens`` output tokens of speculative
+    generation with ``drafter`` (at most ``bound`` tokens per iteration), whatever it
+    learns between iterations: each branch of the history carries its own drafter."""
+    frontier = [((), 1.0, drafter)]
+    done: dict[tuple[int, ...], float] = {}
+    while frontier:
+        nxt = []
+        for seq, w, d in frontier:
+            m = draft_budget(n_tokens - len(seq), bound)
+            for (toks, _), (w2, after) in exact_step_outcomes(
+                    target, draft, list(prompt) + list(seq), m, sampling, d).items():
+                new = (seq + toks)[:n_tokens]
+                if len(new) == n_tokens:
+                    done[new] = done.get(new, 0.0) + w * w2
+                else:
+                    nxt.append((new, w * w2, after))
+        frontier = nxt
+    return done

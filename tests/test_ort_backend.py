@@ -543,8 +543,12 @@ def test_bad_requests(loaded, pair, tmp_path):
         loaded.generator(DecodeConfig(), gamma=2, drafter=loaded.drafter(GREEDY, 2))
     with pytest.raises(ValueError, match="same settings"):  # q and p shaped alike
         loaded.generator(DecodeConfig(), drafter=loaded.drafter(SamplingConfig(0.7), 2))
-    with pytest.raises(ValueError, match="lenience applies to speculative"):
-        loaded.generator(DecodeConfig(lenience=0.5))
+    with loaded.generator(DecodeConfig(lenience=0.5, max_new_tokens=4)) as ar:  # AR: no rule
+        assert not ar.generate("def f(").stats.lossy
+    with loaded.generator(DecodeConfig(lenience=0.5, max_new_tokens=8, sampling=SamplingConfig(),
+                                       seed=0), gamma=2) as lossy:
+        stats = lossy.generate("def f(").stats
+        assert stats.lossy and stats.as_dict()["lossy"] and stats.verifier == "host"
     with pytest.raises(ValueError, match="verify must be one of"):
         loaded.generator(DecodeConfig(), gamma=2, verify="gpu")
     with pytest.raises(TypeError, match="DecodeConfig"):
@@ -603,8 +607,17 @@ def test_cli_json_and_stream(pair, capsys):
     assert "".join(line["text"] for line in lines[:-1]) == lines[-1]["text"]
 
 
+def test_cli_gamma_is_a_count_or_auto(pair, capsys):
+    for bad in ("0", "1.5", "many"):
+        with pytest.raises(SystemExit) as e:
+            _cli(capsys, "--model-dir", pair, "--prompt", "x", "--gamma", bad)
+        assert e.value.code == 2 and "--gamma" in capsys.readouterr().err
+    rc, out, err = _cli(capsys, "--model-dir", pair, "--prompt", "def f(", "--device", "cpu",
+                        "--gamma", "auto", "--max-new-tokens", 8, "--json")
+    assert rc == 0 and len(json.loads(out)["tokens"]) == 8
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--gamma", 0], "gamma"),
     (["--temperature", -1], "temperature"),
     (["--top-p", 2], "top_p"),
     (["--max-new-tokens", 0], "max_new_tokens"),

@@ -14,7 +14,23 @@ import statistics
 import sys
 from pathlib import Path
 
+from quickdraft.drafters import DRAFTERS
+
 __all__ = ["add_parser", "run"]
+
+
+
+def _gamma(text: str):
+    """--gamma: a whole number >= 1, or auto."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,8 +51,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "default: the bundled pair of small Python code models, on the CPU, "
                    "compared with autoregressive decoding")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--gamma", type=int, default=None,
-                   help="draft tokens per iteration (default 5; 2 for the bundled pair)")
+    p.add_argument("--gamma", type=_gamma, default=None, metavar="N|auto",
+                   help="draft tokens per iteration, or auto: chosen each iteration from the "
+                   "running alpha and the measured c (default 5; 2 for the bundled pair)")
+    p.add_argument("--drafter", choices=DRAFTERS, default="model",
+                   help="model: the draft model (default); ngram: continue the latest "
+                   "earlier occurrence of the last tokens (no model); auto: ngram with the "
+                   "model behind it, or a bandit over every drafter when the folder has a "
+                   "draft_draft; hierarchical: the draft decoded speculatively by the "
+                   "draft_draft (or ngram); bandit: an online choice among all of them")
+    p.add_argument("--lenience", type=float, default=1.0,
+                   help="LOSSY below 1 (appendix A.5): accept more draft tokens; the output "
+                   "no longer follows the target exactly (default 1: exact)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=0,
@@ -82,8 +108,8 @@ def _summary(stats) -> str:
             f"in {d['decode_s']:.3f} s ({num('tokens_per_s', '.1f')} tok/s), target calls "
             f"{d['target_calls']}")
     if d["mode"] == "speculative":
-        line += (f", verified on the {d['verifier']}, draft calls {d['draft_calls']}, "
-                 f"gamma {d['gamma']}, "
+        line += (f", verified on the {d['verifier']}{' (LOSSY)' if d.get('lossy') else ''}, "
+                 f"draft calls {d['draft_calls']}, max gamma {d['gamma']}, "
                  f"alpha {num('alpha', '.3f')}, tokens/iteration "
                  f"{num('tokens_per_iteration', '.2f')}, c {num('cost_ratio_c', '.3f')}")
     return line
@@ -126,7 +152,7 @@ def _rounds(spec_gen, auto_gen, prompt: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quickdraft.ort_backend.generator import DecodeConfig, load_pair
+    from quickdraft.ort_backend.generator import DEFAULT_MAX_GAMMA, DecodeConfig, load_pair
     from quickdraft.sampling import SamplingConfig
 
     bundled = not args.model_dir
@@ -134,14 +160,13 @@ def run(args: argparse.Namespace) -> int:
     device = "cpu" if bundled and args.device == "auto" else args.device
     compare = (args.compare or bundled) and not args.autoregressive
     gamma = args.gamma if args.gamma is not None else (BUNDLED_GAMMA if bundled else 5)
-    if gamma < 1:
-        raise ValueError(f"--gamma must be an integer >= 1, got {gamma}")
     # check every setting before loading anything
     config = DecodeConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p),
         seed=args.seed,
+        lenience=args.lenience,
     )
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text to continue")
@@ -151,11 +176,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--prompt is not valid UTF-8 text (byte {e.start} of it); pass UTF-8 text, "
             "e.g. convert it with iconv -t utf-8") from None
+    if config.lenience != 1.0:
+        print(f"quickdraft generate: lenience {config.lenience} is LOSSY: the output does not "
+              "follow the target's distribution exactly", file=sys.stderr)
     pair = load_pair(model_dir, device=device, draft=not args.autoregressive,
-                     cuda_graph=args.cuda_graph, max_gamma=gamma)
+                     cuda_graph=args.cuda_graph,
+                     max_gamma=DEFAULT_MAX_GAMMA if gamma == "auto" else gamma)
     if pair.device_note:
         print(f"quickdraft generate: {pair.device_note}", file=sys.stderr)
     spec_gen = pair.generator(config, gamma=None if args.autoregressive else gamma,
+                              drafter=None if args.autoregressive else args.drafter,
                               verify=args.verify)
     out = sys.stdout
     with spec_gen:

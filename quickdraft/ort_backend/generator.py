@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from quickdraft.drafters import DRAFTERS
 from quickdraft.generation import (
     GenerationStats,
     ModelDrafter,
@@ -42,6 +43,7 @@ from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabular
 from quickdraft.ort_backend.verify_graph import GraphVerifier
 from quickdraft.protocols import (
     ClosableState,
+    CostAwareDrafter,
     DecodeState,
     DeviceState,
     Drafter,
@@ -64,11 +66,14 @@ __all__ = [
     "load_model",
     "load_pair",
     "VERIFY_MODES",
+    "DRAFTERS",
 ]
 
 VERIFY_MODES = ("auto", "host", "device")  # where sampled verification runs
+
 DEFAULT_MAX_GAMMA = 8  # load_pair: target step lengths 1 .. max_gamma + 1 get fixed bindings
 DEFAULT_DRAFT_THREADS = 1  # load_pair: intra-op threads of a draft on the CPU
+DRAFT_DRAFT = "draft_draft"  # the optional third model of an export folder
 GREEDY = SamplingConfig(temperature=0.0)
 
 
@@ -265,31 +270,78 @@ class Pair:
     eos_ids: frozenset[int] = frozenset()  # end-of-sequence ids of the target's config
     max_draft: int | None = None  # the most draft tokens the target's steps were built for
     device_note: str | None = None  # why "auto" fell back to the CPU, if it did
+    draft_draft: OrtModel | StaticOrtModel | None = None  # a draft of the draft, if exported
 
     @property
     def device(self) -> Device:
         return self.target.device
 
-    def drafter(self, sampling: SamplingConfig, gamma: int) -> ModelDrafter:
-        """The draft model proposing ``gamma`` tokens, shaped by ``sampling``."""
-        if self.draft is None:
-            raise ValueError("this pair was loaded without its draft model (draft=False)")
-        if self.max_draft is not None and gamma > self.max_draft:
-            raise ValueError(
-                f"--gamma {gamma} is more than the {self.max_draft} draft tokens the target's "
-                f"steps were built for; use --gamma <= {self.max_draft} or load with "
-                f"max_gamma >= {gamma}")
-        return ModelDrafter(self.draft, sampling, gamma)
+    def drafter(self, sampling: SamplingConfig, gamma: int | str = 4, kind: str = "model",
+                seed: int | None = None) -> Drafter:
+        """A drafting strategy over this pair (:data:`DRAFTERS`), shaped by ``sampling``.
 
-    def generator(self, config: DecodeConfig = DecodeConfig(), *, gamma: int | None = None,
-                  drafter: Drafter | None = None, verify: str = "auto",
-                  compute: str = "float32") -> Generator:
-        """A :class:`Generator` for one sequence: speculative with ``drafter`` (or the draft
-        model proposing ``gamma`` tokens), autoregressive with neither."""
-        if drafter is not None and gamma is not None:
-            raise ValueError("give a drafter or gamma, not both")
-        if gamma is not None:
-            drafter = self.drafter(config.sampling, gamma)
+        ``gamma``: draft tokens per iteration, or "auto" (chosen per iteration from the
+        running alpha and the measured c, Theorem 3.8). ``seed`` seeds what a strategy draws
+        itself (the hierarchical drafter's inner level)."""
+        from quickdraft import drafters
+
+        if kind not in DRAFTERS:
+            raise ValueError(f"--drafter must be one of {', '.join(DRAFTERS)}, got {kind!r}")
+        adaptive = gamma == "auto"
+        if not adaptive and (not _is_int(gamma) or gamma < 1):
+            raise ValueError(f"--gamma must be an integer >= 1 or auto, got {gamma!r}")
+        most = self.max_draft or DEFAULT_MAX_GAMMA
+        if not adaptive and gamma > most:
+            raise ValueError(
+                f"--gamma {gamma} is more than the {most} draft tokens the target's steps "
+                f"were built for; use --gamma <= {most} or load with max_gamma >= {gamma}")
+        g = most if adaptive else int(gamma)
+        vocab = self.target.vocab_size
+        needs_model = kind != "ngram"
+        if needs_model and self.draft is None:
+            raise ValueError("this pair was loaded without its draft model (draft=False)")
+        rng = np.random.default_rng([0 if seed is None else seed, 1])  # not the loop's stream
+
+        def model(m) -> Drafter:
+            base = ModelDrafter(m, sampling, g)
+            return drafters.AdaptiveGammaDrafter(base, max_gamma=g) if adaptive else base
+
+        def lookup() -> drafters.NgramDrafter:
+            return drafters.NgramDrafter(vocab, max_tokens=g)
+
+        def hierarchical() -> Drafter:
+            inner = (ModelDrafter(self.draft_draft, sampling, max(1, g // 2))
+                     if self.draft_draft is not None else lookup())
+            return drafters.HierarchicalDrafter(self.draft, inner, sampling, g, rng)
+
+        if kind == "model":
+            return model(self.draft)
+        if kind == "ngram":
+            return lookup()
+        if kind == "hierarchical":
+            return hierarchical()
+        arms = {"draft": drafters.FallbackDrafter(lookup(), model(self.draft))}
+        if kind == "auto" and self.draft_draft is None:
+            return arms["draft"]
+        arms["ngram"] = lookup()
+        arms["hierarchical"] = hierarchical()
+        if self.draft_draft is not None:
+            arms["draft_draft"] = drafters.FallbackDrafter(lookup(), model(self.draft_draft))
+        return drafters.BanditDrafter(arms)
+
+    def generator(self, config: DecodeConfig = DecodeConfig(), *,
+                  gamma: int | str | None = None, drafter: Drafter | str | None = None,
+                  verify: str = "auto", compute: str = "float32") -> Generator:
+        """A :class:`Generator` for one sequence: speculative with ``drafter`` (a Drafter,
+        or one of :data:`DRAFTERS` by name, proposing ``gamma`` tokens, default 4), or the
+        draft model proposing ``gamma`` tokens; autoregressive with neither."""
+        if isinstance(drafter, str):
+            drafter = self.drafter(config.sampling, 4 if gamma is None else gamma, drafter,
+                                   seed=config.seed)
+        elif gamma is not None:
+            if drafter is not None:
+                raise ValueError("give a drafter or gamma, not both")
+            drafter = self.drafter(config.sampling, gamma, seed=config.seed)
         return Generator(self.target, drafter, config, tokenizer=self.tokenizer,
                          eos_ids=self.eos_ids, verify=verify, compute=compute,
                          max_draft=self.max_draft)
@@ -364,7 +416,9 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
     tokenizer = load_tokenizer(root / "target")
     draft_model = None
     if draft:
-        draft_model = load("draft", resolved, (1, 2))
+        # the hierarchical drafter verifies its inner proposals with the draft: short steps
+        draft_steps = range(1, 6) if (root / DRAFT_DRAFT).is_dir() else (1, 2)
+        draft_model = load("draft", resolved, draft_steps)
         check_pair(target, draft_model)
         if draft_model.manifest.kv_cache != target.manifest.kv_cache:
             raise ModelFolderError(
@@ -376,8 +430,15 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
                 f"{root}: the draft's tokenizer differs from the target's (token <-> id "
                 "mapping); speculative decoding needs one shared vocabulary"
             )
+    draft_draft = None
+    if draft and (root / DRAFT_DRAFT).is_dir():  # the hierarchical drafter's smallest model
+        draft_draft = load(DRAFT_DRAFT, resolved, (1, 2))
+        check_pair(target, draft_draft)
+        if vocabulary(load_tokenizer(root / DRAFT_DRAFT)) != vocabulary(tokenizer):
+            raise ValueError(f"{root}: the draft_draft tokenizer differs from the target's")
     return Pair(target, draft_model, tokenizer, eos_ids=_eos_ids(target.manifest),
-                max_draft=max_gamma if draft else None, device_note=note)
+                max_draft=max_gamma if draft else None, device_note=note,
+                draft_draft=draft_draft)
 
 
 def _prefill(state: DecodeState, ids: Sequence[int]) -> None:
@@ -424,12 +485,10 @@ class Generator:
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
         if drafter is not None and supports(drafter, SamplingDrafter) and \
-                drafter.sampling != config.sampling:
+                drafter.sampling not in (None, config.sampling):
             raise ValueError(
                 f"the drafter shapes q with {drafter.sampling} but the config samples the "
                 f"target with {config.sampling}; both need the same settings")
-        if config.lenience != 1.0 and drafter is None:
-            raise ValueError("lenience applies to speculative decoding: give a drafter")
         exported = isinstance(target, ExportedModel)
         static = exported and target.manifest.kv_cache == "static"
         if verify == "auto":
@@ -454,6 +513,7 @@ class Generator:
         self._draft_states: list[DecodeState] = (
             list(drafter.states) if drafter is not None and supports(drafter, StatefulDrafter)
             else [])
+        self._cost_aware = drafter is not None and supports(drafter, CostAwareDrafter)
         self.prompt_ids: list[int] = []
         self.ids: list[int] = []  # prompt and generated tokens
         self.stats: OrtStats | None = None
@@ -541,7 +601,7 @@ class Generator:
                          device=self._device, prompt_tokens=len(ids),
                          kv_cache=self._kv_cache,
                          verifier=where if speculative else None,
-                         lossy=config.lenience != 1.0,
+                         lossy=speculative and config.lenience != 1.0,
                          draft=ModelTimes() if speculative else None,
                          draft_prefill=ModelTimes() if speculative else None)
         before = (_times(self._state), self._draft_times())
@@ -595,6 +655,8 @@ class Generator:
         piece = next(self._engine, None)
         self.stats.decode_s += time.perf_counter() - t0
         self._update_times()
+        if self._cost_aware and self.stats.draft.calls and self.stats.target.calls:
+            self.drafter.observe_cost(self.stats.cost_ratio)  # the measured c so far
         if piece is None:  # cannot happen before the stop conditions below; kept safe
             self._finish()
             return []
