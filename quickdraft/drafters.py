@@ -338,6 +338,9 @@ class HierarchicalDrafter(_Composite):
     def get_candidates(self, ids: Sequence[int], max_tokens: int,
                        uniforms: np.ndarray) -> Candidates:
         gamma = min(self.gamma, int(max_tokens))
+        if gamma < 1:
+            return Candidates(np.zeros(0, dtype=np.int64), None, checked=True,
+                              vocab_size=self.model.vocab_size)
         greedy = self._sampling.greedy
         tokens: list[int] = []
         rows: list[np.ndarray] = []  # q rows, each [V] (sampling only)

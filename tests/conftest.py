@@ -78,3 +78,19 @@ def exported_llama_pair(tmp_path_factory, hf_pair_dirs):
     out = tmp_path_factory.mktemp("onnx-llama") / "pair"
     export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def static_llama_pair(tmp_path_factory, hf_pair_dirs):
+    """The tiny Llama pair exported by the CLI verb with --kv-cache static (caches of 200
+    tokens), once per session."""
+    for name in ("onnxruntime_genai", "onnx_ir"):
+        pytest.importorskip(name)
+    from quickdraft.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("static") / "pair"
+    rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
+                   str(hf_pair_dirs["draft"]), "--out", str(out), "--kv-cache", "static",
+                   "--max-length", "200", "--steps", "8"])
+    assert rc == 0
+    return out

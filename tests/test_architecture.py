@@ -127,19 +127,9 @@ def make_drafter(name: str, vocab: int):
 
 
 @pytest.fixture(scope="module")
-def static_export(tmp_path_factory, hf_pair_dirs) -> Path:
-    """The tiny Llama pair exported with --kv-cache static (as tests/test_static_path.py
-    does), a cache of 200 tokens."""
-    for name in ("onnxruntime_genai", "onnx_ir", "torch", "transformers", "onnx"):
-        pytest.importorskip(name)
-    from quickdraft.cli import main as cli_main
-
-    out = tmp_path_factory.mktemp("arch-static") / "pair"
-    rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
-                   str(hf_pair_dirs["draft"]), "--out", str(out), "--kv-cache", "static",
-                   "--max-length", "200", "--steps", "8"])
-    assert rc == 0
-    return out
+def static_export(static_llama_pair) -> Path:
+    """The tiny Llama pair exported with --kv-cache static (a cache of 200 tokens)."""
+    return static_llama_pair
 
 
 @pytest.fixture(scope="module")

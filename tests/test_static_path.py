@@ -35,14 +35,9 @@ PROMPTS = [[5], [17, 300, 41, 9], list(range(40, 52)), [0, 511, 256, 3, 3, 3, 3,
 
 
 @pytest.fixture(scope="module")
-def static_pair(tmp_path_factory, hf_pair_dirs):
+def static_pair(static_llama_pair):
     """The tiny Llama pair exported by the CLI verb with --kv-cache static."""
-    out = tmp_path_factory.mktemp("static") / "pair"
-    rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
-                   str(hf_pair_dirs["draft"]), "--out", str(out), "--kv-cache", "static",
-                   "--max-length", str(EXPORT_CACHE), "--steps", "8"])
-    assert rc == 0
-    return out
+    return static_llama_pair
 
 
 def load(folder, steps=(1,)) -> StaticOrtModel:
