@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 __all__ = [
+    "folder_file",
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
     "ONNX_ELEMENT_TYPES",
@@ -201,6 +202,14 @@ def _tensors(model):
             graphs.extend(a.graphs)
 
 
+def folder_file(folder: str | Path, name: str, *,
+                error: type[ValueError] = ModelFolderError) -> Path:
+    """``folder/name``, resolved (symlinks followed) and checked to be a regular file inside
+    the folder: for the files read at fixed names (the manifest, config.json,
+    tokenizer.json)."""
+    return _inside(folder, [(name, name)], error)[0]
+
+
 def _plain_name(name) -> bool:
     """Whether ``name`` is a plain relative path: not empty, not absolute, no '..'."""
     if not isinstance(name, str) or not name.strip() or "\0" in name:
@@ -343,9 +352,9 @@ def _field_problems(data: dict) -> list[str]:
 
 def _context(folder: Path, error) -> tuple[int, str] | None:
     """The context length ``config.json`` in ``folder`` gives, and the key it is under."""
-    path = folder / "config.json"
-    if not path.is_file():
+    if not (folder / "config.json").is_file():
         return None
+    path = folder_file(folder, "config.json", error=error)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -377,6 +386,7 @@ def load_manifest(folder: str | Path, *,
             f"{path} is missing: {folder} is not a quickdraft export. "
             "Create one with `quickdraft export --target ... --draft ... --out ...`"
         )
+    path = folder_file(folder, MANIFEST_NAME, error=error)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -89,6 +89,7 @@ def test_a_plain_export_writes_the_marker(fake, sources, tmp_path):
     marker = json.loads((tmp_path / "out" / output.MARKER_NAME).read_text())
     assert marker["format"] == "quickdraft-export" and marker["layout"] == "pair"
     assert set(marker["models"]) == {"target", "draft"}
+    assert marker["roles"] == ["target", "draft"] and report.draft_draft is None
     assert output.is_export(report.out)
     one = export_model(sources["draft"], tmp_path / "one")
     assert output.is_export(one.path) and (one.path / output.MARKER_NAME).is_file()

@@ -337,3 +337,24 @@ def test_manifests_built_in_code_still_save_and_load(folder):
     m.save(folder)
     assert load_manifest(folder) == m
     assert isinstance(m, ModelManifest)
+
+
+@pytest.mark.parametrize("name", ["quickdraft.json", "config.json", "tokenizer.json"])
+def test_fixed_name_files_linked_outside_are_refused(tmp_path, name):
+    """The files read at fixed names must resolve inside the folder too."""
+    import shutil
+
+    from quickdraft.ort_backend.text import load_tokenizer
+
+    src = Path(__file__).resolve().parent.parent / "quickdraft" / "models" / "default" / "target"
+    folder = tmp_path / "model"
+    shutil.copytree(src, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / name).rename(outside / name)
+    (folder / name).symlink_to(outside / name)
+    with pytest.raises(ValueError, match="outside the model folder"):
+        if name == "tokenizer.json":
+            load_tokenizer(folder)
+        else:
+            load_manifest(folder)

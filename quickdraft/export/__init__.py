@@ -1,4 +1,5 @@
-"""Export Hugging Face draft/target causal LMs to ONNX with KV caches (optimum-onnx).
+"""Export Hugging Face draft/target causal LMs (and a draft of the draft) to ONNX with KV
+caches (optimum-onnx, or onnxruntime-genai's builder for static caches).
 
 Importing this package is light; the heavy dependencies (torch, transformers, optimum)
 load when an export runs.
@@ -15,6 +16,7 @@ __all__ = [
     "export_model",
     "export_pair",
     "check_pair",
+    "check_three",
     "ExportError",
     "UnsupportedModelError",
     "VocabularyMismatchError",
@@ -27,6 +29,7 @@ _LAZY = {
     "export_model": "quickdraft.export.api",
     "export_pair": "quickdraft.export.api",
     "check_pair": "quickdraft.export.checks",
+    "check_three": "quickdraft.export.checks",
     "ExportError": "quickdraft.export.checks",
     "UnsupportedModelError": "quickdraft.export.checks",
     "VocabularyMismatchError": "quickdraft.export.checks",

@@ -1,6 +1,7 @@
 """Export Hugging Face causal LMs to ONNX decoders with KV caches, one model or a
-draft/target pair: dynamic caches with optimum-onnx, or static caches with
-onnxruntime-genai's model builder (:mod:`quickdraft.export.static`).
+draft/target pair (optionally with the draft's own draft): dynamic caches with
+optimum-onnx, or static caches with onnxruntime-genai's model builder
+(:mod:`quickdraft.export.static`).
 
 The library is silent: progress goes to an optional ``progress(message)`` callback.
 """
@@ -280,16 +281,20 @@ def export_pair(
     steps: int = 24,
     overwrite: bool = False,
     progress: Progress | None = None,
+    draft_draft: str | os.PathLike | None = None,
 ) -> ExportReport:
-    """Export a target and a draft model to ``out/target`` and ``out/draft``.
+    """Export a target and a draft model to ``out/target`` and ``out/draft``, and
+    ``draft_draft`` (the draft's own draft, for hierarchical speculative decoding: the
+    draft decoded speculatively by a smaller model), if given, to ``out/draft_draft``.
 
-    ``kv_cache`` and ``max_length`` as for :func:`export_model` (a static pair shares one
-    cache length, by default the smaller context). Checks first (before any export) that
-    both are exportable causal LMs sharing one vocabulary. The whole of ``out`` appears at
-    once when both exports and their validations succeeded; on failure nothing is left
+    ``kv_cache`` and ``max_length`` as for :func:`export_model` (a static export shares one
+    cache length, by default the smallest context). Checks first (before any export) that
+    all are exportable causal LMs sharing one vocabulary. The whole of ``out`` appears at
+    once when every export and its validation succeeded; on failure nothing is left
     behind.
     """
-    options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
+    options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
+                   draft_draft=draft_draft)
     if kv_cache == "static":
         from quickdraft.export.static import export_static_pair
 
@@ -298,4 +303,4 @@ def export_pair(
     prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
                                 validate=validate, steps=steps, progress=progress)
     return run_pair(target, draft, out, prepare=prepare, overwrite=overwrite,
-                    progress=progress)
+                    progress=progress, draft_draft=draft_draft)

@@ -1,11 +1,13 @@
 """Checks made before any heavy work: the sources exist, are causal LMs that optimum can
-export with a KV cache, and (for a pair) share one vocabulary."""
+export with a KV cache, and (for a pair, or a pair with a draft of the draft) share one
+vocabulary."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,9 @@ __all__ = [
     "SourceInfo",
     "resolve_source",
     "check_model",
+    "check_models",
     "check_pair",
+    "check_three",
 ]
 
 TASK = "text-generation-with-past"
@@ -45,7 +49,7 @@ class UnsupportedModelError(ExportError):
 
 
 class VocabularyMismatchError(ExportError):
-    """Draft and target do not share one vocabulary."""
+    """Draft and target (or the draft and its draft) do not share one vocabulary."""
 
 
 @dataclass
@@ -192,36 +196,64 @@ def _tokenizer_vocab(folder: Path, source: str) -> dict[str, int]:
     return dict(tok.get_vocab())
 
 
+def _check_vocabulary(a_role: str, a: SourceInfo, b_role: str, b: SourceInfo,
+                      a_vocab: dict[str, int]) -> dict[str, int]:
+    """Refuse ``b`` unless it has ``a``'s logits width and token <-> id mapping (``a_vocab``);
+    the error names both roles. Returns ``b``'s mapping."""
+    aw, bw = logits_width(a.config), logits_width(b.config)
+    if aw != bw:
+        raise VocabularyMismatchError(
+            f"vocabulary sizes differ ({a_role} vs {b_role}): {a_role} {a.source} has {aw} "
+            f"logits, {b_role} {b.source} has {bw}; speculative decoding needs one vocabulary"
+        )
+    av, bv = a_vocab, _tokenizer_vocab(b.folder, b.source)
+    if av != bv:
+        if len(av) != len(bv):
+            detail = f"{a_role} tokenizer has {len(av)} tokens, {b_role} has {len(bv)}"
+        else:
+            diff = sorted((i, tok) for tok, i in av.items() if bv.get(tok) != i)
+            shown = ", ".join(f"{tok!r}={i}" for i, tok in diff[:3])
+            detail = f"{len(diff)} tokens map to different ids ({a_role}: {shown}, ...)"
+        raise VocabularyMismatchError(
+            f"{b_role} and {a_role} tokenizers differ: {detail}; speculative decoding needs "
+            "the same token <-> id mapping"
+        )
+    return bv
+
+
+def check_models(sources: Mapping[str, str | os.PathLike]) -> dict[str, SourceInfo]:
+    """Check every source (role -> source, in order) and that all share one vocabulary:
+    the same logits width and the same token <-> id mapping, read from their tokenizer
+    files. Each model is compared with the one before it (target vs draft, draft vs
+    draft_draft), so the error names the pair that differs."""
+    infos = {role: check_model(source) for role, source in sources.items()}
+    roles = list(infos)
+    if not roles:
+        raise ValueError("no models to check")
+    first = infos[roles[0]]
+    vocab = _tokenizer_vocab(first.folder, first.source)
+    for a_role, b_role in zip(roles, roles[1:]):
+        vocab = _check_vocabulary(a_role, infos[a_role], b_role, infos[b_role], vocab)
+    width = logits_width(first.config)
+    if len(vocab) > width:
+        raise VocabularyMismatchError(
+            f"the tokenizer has {len(vocab)} tokens but the models have only {width} logits"
+        )
+    return infos
+
+
 def check_pair(
     target: str | os.PathLike, draft: str | os.PathLike
 ) -> tuple[SourceInfo, SourceInfo]:
-    """Check both sources and that they share a vocabulary: the same logits width and the
-    same token <-> id mapping, read from their tokenizer files."""
-    t = check_model(target)
-    d = check_model(draft)
-    tw, dw = logits_width(t.config), logits_width(d.config)
-    if tw != dw:
-        raise VocabularyMismatchError(
-            f"vocabulary sizes differ: target {t.source} has {tw} logits, draft {d.source} "
-            f"has {dw}; speculative decoding needs one vocabulary"
-        )
-    tv = _tokenizer_vocab(t.folder, t.source)
-    dv = _tokenizer_vocab(d.folder, d.source)
-    if tv != dv:
-        if len(tv) != len(dv):
-            detail = f"target tokenizer has {len(tv)} tokens, draft has {len(dv)}"
-        else:
-            diff = sorted(
-                (i, tok) for tok, i in tv.items() if dv.get(tok) != i
-            )
-            shown = ", ".join(f"{tok!r}={i}" for i, tok in diff[:3])
-            detail = f"{len(diff)} tokens map to different ids (target: {shown}, ...)"
-        raise VocabularyMismatchError(
-            f"draft and target tokenizers differ: {detail}; speculative decoding needs the "
-            "same token <-> id mapping"
-        )
-    if len(tv) > tw:
-        raise VocabularyMismatchError(
-            f"the tokenizer has {len(tv)} tokens but the models have only {tw} logits"
-        )
-    return t, d
+    """Check both sources and that they share a vocabulary (:func:`check_models`)."""
+    infos = check_models({"target": target, "draft": draft})
+    return infos["target"], infos["draft"]
+
+
+def check_three(
+    target: str | os.PathLike, draft: str | os.PathLike, draft_draft: str | os.PathLike
+) -> tuple[SourceInfo, SourceInfo, SourceInfo]:
+    """Check a target, its draft and the draft's draft (hierarchical speculative decoding)
+    and that all three share one vocabulary (:func:`check_models`)."""
+    infos = check_models({"target": target, "draft": draft, "draft_draft": draft_draft})
+    return infos["target"], infos["draft"], infos["draft_draft"]

@@ -1,4 +1,5 @@
-"""``quickdraft export``: a draft/target pair to ONNX, with progress on stderr."""
+"""``quickdraft export``: a draft/target pair (and optionally the draft's own draft) to
+ONNX, with progress on stderr."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Export a target and a draft causal LM (local folders, or hub ids where a hub is "
             "reachable) to OUT/target and OUT/draft: model.onnx with past/present KV caches, "
-            "the tokenizer files and a quickdraft.json manifest. Each graph is validated "
+            "the tokenizer files and a quickdraft.json manifest; with --draft-draft, a third "
+            "model (the draft's own draft) to OUT/draft_draft. Each graph is validated "
             "against PyTorch. Nothing is left at OUT if anything fails. --kv-cache dynamic "
             "(default) exports with optimum-onnx (any architecture it covers); --kv-cache "
             "static builds GroupQueryAttention graphs with onnxruntime-genai's model builder "
@@ -31,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--target", required=True, metavar="HF_DIR_OR_ID", help="the target model")
     p.add_argument("--draft", required=True, metavar="HF_DIR_OR_ID", help="the draft model")
+    p.add_argument("--draft-draft", default=None, metavar="HF_DIR_OR_ID",
+                   help="optional: a smaller draft of the draft, exported to OUT/draft_draft "
+                   "for hierarchical speculative decoding (same vocabulary as the others)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights, logits and KV cache")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to export and validate")
@@ -86,21 +91,24 @@ def _run(args: argparse.Namespace) -> int:
         steps=args.steps,
         overwrite=args.overwrite,
         progress=progress,
+        draft_draft=args.draft_draft,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     print(f"exported to {report.out} ({args.kv_cache} KV cache) in {report.seconds:.1f} s")
-    header = f"{'role':<7} {'arch':<10} {'layers':>6} {'kv heads':>8} {'vocab':>7} {'dtype':<5} "
+    models = report.models
+    w = max(7, *(len(r.role) for r in models))
+    header = f"{'role':<{w}} {'arch':<10} {'layers':>6} {'kv heads':>8} {'vocab':>7} {'dtype':<5} "
     print(header + f"{'max |diff|':>11} {'greedy':>9}  path")
-    for r in (report.target, report.draft):
+    for r in models:
         m, v = r.manifest, r.manifest.validation
         diffs = [v[k] for k in ("max_abs_diff", "max_abs_diff_cached", "static_max_abs_diff")
                  if k in v]
         diff = f"{max(diffs):.2e}" if diffs else "-"
         greedy = f"{min(v['greedy_equal_steps'])}/{v['greedy_steps']}" if v else "-"
         print(
-            f"{r.role:<7} {m.architecture:<10} {m.num_layers:>6} {m.num_kv_heads:>8} "
+            f"{r.role:<{w}} {m.architecture:<10} {m.num_layers:>6} {m.num_kv_heads:>8} "
             f"{m.vocab_size:>7} {m.dtype:<5} {diff:>11} {greedy:>9}  {r.path}"
         )
     return 0

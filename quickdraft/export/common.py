@@ -66,7 +66,7 @@ ExportInto = Callable[..., ModelManifest]
 class ModelReport:
     """One exported model."""
 
-    role: str  # "target", "draft" or "model"
+    role: str  # "target", "draft", "draft_draft" or "model"
     source: str  # the folder or hub id it came from
     path: Path  # the exported folder (final location)
     manifest: ModelManifest
@@ -88,20 +88,30 @@ class ModelReport:
 
 @dataclass
 class ExportReport:
-    """An exported draft/target pair under ``out``."""
+    """An exported draft/target pair under ``out``, and the draft's own draft (the
+    ``draft_draft`` of hierarchical speculative decoding) when one was exported."""
 
     out: Path
     target: ModelReport
     draft: ModelReport
     seconds: float
+    draft_draft: ModelReport | None = None
+
+    @property
+    def models(self) -> list[ModelReport]:
+        """The exported models: target, draft and (if exported) draft_draft."""
+        return [r for r in (self.target, self.draft, self.draft_draft) if r is not None]
 
     def to_dict(self) -> dict:
-        return {
+        result = {
             "out": str(self.out),
             "seconds": self.seconds,
             "target": self.target.to_dict(),
             "draft": self.draft.to_dict(),
         }
+        if self.draft_draft is not None:
+            result["draft_draft"] = self.draft_draft.to_dict()
+        return result
 
 
 def emit(progress: Progress | None, message: str) -> None:

@@ -30,6 +30,7 @@ from quickdraft.manifest import MANIFEST_NAME, load_manifest
 
 __all__ = [
     "MARKER_NAME",
+    "PAIR_ROLES",
     "ExportInterrupted",
     "is_export",
     "resolve_out",
@@ -47,6 +48,8 @@ __all__ = [
 MARKER_NAME = "quickdraft-export.json"
 MARKER_FORMAT = "quickdraft-export"
 MARKER_VERSION = 1
+# the model folders of a pair export, in the order they are exported (draft_draft optional)
+PAIR_ROLES = ("target", "draft", "draft_draft")
 _PARTIAL = ".{name}.partial-{pid}-"  # + mkdtemp's 8 random characters
 _RANDOM = r"[a-z0-9_]{8}"
 
@@ -216,7 +219,9 @@ def _write_marker(folder: Path, layout: str, models: Mapping[str, ModelReport]) 
     marker = {
         "format": MARKER_FORMAT,
         "version": MARKER_VERSION,
-        "layout": layout,  # "pair": target/ and draft/; "model": the model itself
+        # "pair": target/ and draft/ (and draft_draft/ when exported); "model": the model
+        "layout": layout,
+        "roles": list(models),
         "models": {role: {"kv_cache": r.manifest.kv_cache, "source": r.source}
                    for role, r in models.items()},
     }
@@ -265,12 +270,17 @@ def write_model(info: SourceInfo, out: Path, export_into: ExportInto, role: str,
 
 def write_pair(infos: Mapping[str, SourceInfo], out_path: Path, export_into: ExportInto,
                progress: Progress | None, start: float) -> ExportReport:
-    """Export ``infos["target"]`` and ``infos["draft"]`` into ``out_path/target`` and
-    ``out_path/draft`` of a staging folder, renamed into place once both succeeded."""
+    """Export ``infos["target"]``, ``infos["draft"]`` (and ``infos["draft_draft"]``, if
+    given) into ``out_path/ROLE`` of a staging folder, renamed into place once all of them
+    succeeded."""
+    unknown = set(infos) - set(PAIR_ROLES)
+    if unknown or not {"target", "draft"} <= set(infos):
+        raise ValueError(f"a pair export needs roles target and draft (and optionally "
+                         f"draft_draft), not {sorted(infos)}")
     temp = _new_temp(out_path)
     reports = {}
     try:
-        for role in ("target", "draft"):
+        for role in (r for r in PAIR_ROLES if r in infos):
             info = infos[role]
             t0 = time.perf_counter()
             folder = temp / role
@@ -285,7 +295,8 @@ def write_pair(infos: Mapping[str, SourceInfo], out_path: Path, export_into: Exp
         raise
     emit(progress, f"done: {out_path}")
     return ExportReport(out_path, reports["target"], reports["draft"],
-                        round(time.perf_counter() - start, 3))
+                        round(time.perf_counter() - start, 3),
+                        draft_draft=reports.get("draft_draft"))
 
 
 # -- the whole run -------------------------------------------------------------------------
@@ -309,17 +320,25 @@ def run_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, prepare: Pr
 
 def run_pair(target: str | os.PathLike, draft: str | os.PathLike, out: str | os.PathLike, *,
              prepare: Prepare, precheck: Precheck | None = None, overwrite: bool = False,
-             progress: Progress | None = None) -> ExportReport:
-    """Check the destination and the pair, then export both with ``prepare``'s step."""
+             progress: Progress | None = None,
+             draft_draft: str | os.PathLike | None = None) -> ExportReport:
+    """Check the destination and the pair (with ``draft_draft``, the draft's own draft,
+    when given: one vocabulary across all three), then export them with ``prepare``'s
+    step."""
     start = time.perf_counter()
     out_path = resolve_out(out)
-    check_destination(out_path, [target, draft], overwrite)
+    sources = [target, draft] if draft_draft is None else [target, draft, draft_draft]
+    check_destination(out_path, sources, overwrite)
     with interrupt_on_sigterm():
         if precheck is not None:
-            precheck([target, draft])
-        emit(progress, "checking the pair")
-        with quiet():
-            t_info, d_info = checks.check_pair(target, draft)
-        export_into = prepare([t_info, d_info])
-        return write_pair({"target": t_info, "draft": d_info}, out_path, export_into,
-                          progress, start)
+            precheck(sources)
+        if draft_draft is None:
+            emit(progress, "checking the pair")
+            with quiet():
+                infos = dict(zip(("target", "draft"), checks.check_pair(target, draft)))
+        else:
+            emit(progress, "checking the pair and the draft's draft")
+            with quiet():
+                infos = dict(zip(PAIR_ROLES, checks.check_three(target, draft, draft_draft)))
+        export_into = prepare(list(infos.values()))
+        return write_pair(infos, out_path, export_into, progress, start)

@@ -414,12 +414,14 @@ def export_static_pair(
     steps: int = 24,
     overwrite: bool = False,
     progress: Progress | None = None,
+    draft_draft: str | os.PathLike | None = None,
 ) -> ExportReport:
-    """:func:`quickdraft.export.export_pair` with ``kv_cache="static"``: both models share
-    one cache length ``max_length`` (default: the smaller context)."""
+    """:func:`quickdraft.export.export_pair` with ``kv_cache="static"``: the models (with
+    ``draft_draft``, if given) share one cache length ``max_length`` (default: the
+    smallest context)."""
     precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress)
     return run_pair(target, draft, out, prepare=prepare, precheck=precheck,
-                    overwrite=overwrite, progress=progress)
+                    overwrite=overwrite, progress=progress, draft_draft=draft_draft)
 
 # -- the child process that runs the builder -----------------------------------------------
 

@@ -21,12 +21,15 @@ def load_tokenizer(folder: str | os.PathLike):
     """``tokenizers.Tokenizer`` from ``folder/tokenizer.json``, with a clear error if absent."""
     from tokenizers import Tokenizer
 
+    from quickdraft.manifest import folder_file
+
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: the model folder is incomplete (re-export it; the ORT "
             "backend reads the fast tokenizer file)"
         )
+    path = folder_file(folder, "tokenizer.json")  # inside the folder, symlinks followed
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a plain Exception on a bad file
