@@ -1,1 +1,1 @@
-"""quickdraft's benchmark harness (issue 7): see benchmarks/README.md."""
+"""quickdraft's benchmark harness: see benchmarks/README.md."""

@@ -3,14 +3,14 @@
 Every call into ``quickdraft.export`` / ``quickdraft.ort_backend`` that the benchmark makes
 is here, in small functions, so that an API change is fixed in one place:
 
-* generic path (issue 4): ``quickdraft.export.export_pair`` (optimum-onnx, dynamic KV
-  cache) and ``quickdraft.ort_backend.Generator`` (OrtModel, IOBinding, the generic loop of
-  quickdraft.generation);
-* fast path (issue 5): ``quickdraft.export.static.export_static_pair`` (onnxruntime-genai's
-  builder, GroupQueryAttention, static caches) and ``quickdraft.ort_backend.static.
-  StaticOrtModel`` (shared past/present buffers, per-step bindings, CUDA graphs) driven by
-  ``quickdraft.ort_backend.static.FastGenerator`` (verification on the device); without
-  it the fast models run in the generic loop of :mod:`quickdraft.generation`.
+* generic path: ``quickdraft.export.export_pair`` (optimum-onnx, dynamic KV cache) and
+  ``quickdraft.ort_backend.load_pair`` (OrtModel, IOBinding);
+* fast path: the static-cache export of the same weights (onnxruntime-genai's builder,
+  GroupQueryAttention) and ``quickdraft.ort_backend.StaticOrtModel`` (shared past/present
+  buffers, per-step bindings, CUDA graphs).
+
+Both run in :class:`Runner`, whole generations on a ``quickdraft.ort_backend.Generator``
+returning ``(tokens, statistics dict)``.
 
 Generation is greedy, exactly ``max_new_tokens`` long (EOS ignored everywhere, so all
 systems produce the same number of tokens).
@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import Unavailable
-
-PATHS = ("generic", "fast")
 
 
 def dtype_for(device: str) -> str:
@@ -71,17 +69,8 @@ class LoadedPair:
     device: str
     target: object  # a quickdraft LanguageModel
     draft: object | None
-    generator: object | None = None  # the backend's own generator, when it has one
+    runner: Runner
     info: dict = field(default_factory=dict)
-
-
-def _device(device: str):
-    try:
-        from quickdraft.ort_backend.device import resolve_device
-    except ImportError as e:
-        raise Unavailable(f"quickdraft.ort_backend.device: {e}") from e
-    resolved, note = resolve_device(device)
-    return resolved, note
 
 
 def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
@@ -89,23 +78,17 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
          cache_length: int | None = None) -> LoadedPair:
     """Load an exported pair for ``path``. ``cache_length``: tokens the fast path's static
     caches hold (None: the export's default, its ``max_cache_length``)."""
-    dev, note = _device(device)
+    try:
+        from quickdraft.ort_backend import StaticOrtModel, load_pair, resolve_device
+    except ImportError as e:
+        raise Unavailable(f"quickdraft.ort_backend: {e}") from e
     if path == "generic":
-        try:
-            from quickdraft.ort_backend import Generator
-        except ImportError as e:
-            raise Unavailable(f"quickdraft.ort_backend.Generator: {e}") from e
-        gen = Generator.load(model_dir, device=device, draft=with_draft)
-        gen.eos_ids = frozenset()  # the benchmark generates exactly max_new_tokens
-        gen.tokenizer = None  # token ids in and out: no text decoding per step, as for the
-        # other systems (the prompt is given as ids, so the tokenizer is not needed)
-        return LoadedPair(path, str(gen.device), gen.target, gen.draft, gen,
-                          {"device_note": note or gen.device_note, "loop": "Generator"})
+        pair = load_pair(model_dir, device=device, draft=with_draft, max_gamma=max_gamma)
+        return LoadedPair(path, str(pair.device), pair.target, pair.draft,
+                          Runner(pair.target, pair.draft),
+                          {"device_note": pair.device_note, "loop": "Generator"})
     if path == "fast":
-        try:
-            from quickdraft.ort_backend.static import StaticOrtModel
-        except ImportError as e:
-            raise Unavailable(f"quickdraft.ort_backend.static.StaticOrtModel: {e}") from e
+        dev, note = resolve_device(device)
         graphs = bool(cuda_graph and dev.kind == "cuda")
         # the target's fixed step lengths: 1 (autoregressive) and gamma + 1 for every gamma
         # of the sweep; the draft's: 1, and 2 after an iteration that accepted everything
@@ -115,154 +98,110 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
         if with_draft:
             draft = StaticOrtModel(model_dir / "draft", dev, max_length=cache_length,
                                    graph_steps=(1, 2), cuda_graph=graphs)
-        pair = LoadedPair(path, str(dev), target, draft, None,
+        return LoadedPair(path, str(dev), target, draft, Runner(target, draft),
                           {"device_note": note, "cuda_graph": graphs,
                            "cache_length": target.max_length,
-                           "loop": "quickdraft.generation"})
-        fg = fast_generator(pair)
-        if fg is not None:
-            pair.generator = fg
-            pair.info["loop"] = "FastGenerator (verify auto: argmax ids when greedy)"
-        return pair
+                           "loop": "Generator (verify auto: argmax ids when greedy)"})
     raise ValueError(f"unknown path {path!r}")
-
-
-def fast_generator(pair: LoadedPair, verify: str = "auto"):
-    """The fast path's own generator (``quickdraft.ort_backend.static.FastGenerator``;
-    ``verify`` as its: "auto" verifies greedy runs on the target's argmax ids, "device"
-    with the verification graph), wrapped; None to run the fast models in
-    quickdraft.generation's loop instead."""
-    try:
-        from quickdraft.ort_backend.static import FastGenerator
-    except ImportError:
-        return None
-    return _FastGeneratorAdapter(FastGenerator, pair, verify)
-
-
-class _FastGeneratorAdapter:
-    """``FastGenerator(target, draft, sampling=)`` with ``autoregressive(prompt, n)`` and
-    ``speculative(prompt, n, gamma)`` -> (tokens, stats); stats normalized to the keys the
-    benchmark reads (per-call ms of each model, c, drafted tokens per iteration)."""
-
-    def __init__(self, cls, pair: LoadedPair, verify: str = "auto"):
-        self.gen = cls(pair.target, pair.draft, sampling=greedy(), verify=verify)
-        self.gen.eos_ids = frozenset()  # exactly max_new_tokens
-
-    def autoregressive(self, prompt, n):
-        tokens, st = self.gen.autoregressive(list(prompt), n, seed=0)
-        st = dict(st)
-        calls = max(1, (st.get("target_calls") or 1) - 1)
-        st["target"] = {"mean_call_ms": 1e3 * st.get("target_s", 0.0) / calls}
-        return list(tokens), st
-
-    def speculative(self, prompt, n, gamma, drafter_factory=None):
-        tokens, st = self.gen.speculative(list(prompt), n, gamma, seed=0,
-                                          drafter_factory=drafter_factory)
-        return list(tokens), _normalize_fast_stats(dict(st), n, gamma)
-
-
-def _normalize_fast_stats(st: dict, n: int, gamma: int) -> dict:
-    from quickdraft.generation import draft_length
-
-    acc = list(st.get("accepted_per_iteration") or [])
-    drafted, produced = [], 0
-    for a in acc:  # the loop's draft lengths, replayed
-        g = draft_length(gamma, n - produced)
-        drafted.append(g)
-        produced += min(a + 1, n - produced)
-    st["drafted_per_iteration"] = drafted
-    tc, dc = st.get("target_calls") or 0, st.get("draft_calls") or 0
-    if tc:
-        st["target"] = {"mean_call_ms": 1e3 * st.get("target_s", 0.0) / tc}
-    if dc:
-        st["draft"] = {"mean_call_ms": 1e3 * st.get("draft_s", 0.0) / dc}
-    if tc and dc and st.get("target_s"):
-        st["cost_ratio_c"] = (st["draft_s"] / dc) / (st["target_s"] / tc)
-    return st
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-def _extra(gs) -> dict:
-    """What aggregating over prompts needs beyond GenerationStats.as_dict()."""
-    betas = list(getattr(gs, "beta_per_position", []) or [])
-    return {"drafted_per_iteration": list(getattr(gs, "drafted_per_iteration", []) or []),
-            "beta_sum": float(sum(betas)), "beta_count": len(betas)}
+def _ms_per_call(times) -> float:
+    """ms per decode-phase call of one model, its cache roll-backs included."""
+    return 1e3 * times.decode_s / times.calls if times.calls else float("nan")
 
 
-def _generator_stats(res) -> dict:
-    out = res.stats.as_dict()
-    out.update(_extra(res.stats.generation))
-    return out
+class Runner:
+    """Whole generations on token ids, each returning ``(tokens, statistics dict)``: the
+    measurement helper of every benchmark.
 
+    Each call runs one :class:`quickdraft.ort_backend.Generator` made for it and closed
+    after it, so every generation fills its caches from an empty state (the prefill is
+    part of every measured generation) and the models' pooled cache slots (with their
+    CUDA graphs) are reused from one call to the next. EOS is ignored: exactly
+    ``max_new_tokens`` every time. ``verify`` is the Generator's.
 
-def _loop_stats(stats, target_times, draft_times) -> dict:
-    out = stats.as_dict()
-    out.update(_extra(stats))
-    out["target"] = target_times.as_dict()
-    tc = target_times.mean_call_s
-    out["target_s"] = target_times.decode_s
-    if draft_times is not None:
-        out["draft"] = draft_times.as_dict()
-        out["draft_s"] = draft_times.decode_s
-        dc = draft_times.mean_call_s
-        out["cost_ratio_c"] = dc / tc if tc and tc == tc and dc == dc else None
-    return out
+    The dict's keys: ``mode``, ``new_tokens``, seconds ``prefill_s``, ``target_s``,
+    ``host_s``, ``total_s`` (prefill included) and ``tokens_per_s`` over it, ``target`` /
+    ``draft`` ``{"mean_call_ms"}`` (decode phase); autoregressive adds ``target_calls``
+    (prefill included) and ``target_ms_per_step``; speculative adds ``gamma``,
+    ``iterations``, ``target_calls`` and ``draft_calls`` (decode phase), the accepted and
+    drafted counts per iteration, ``acceptance_rate``, ``alpha``, ``tokens_per_iteration``,
+    ``draft_s``, ``verify_s``, ``host_ms_per_iteration``, ``cost_ratio_c`` (per-call time
+    of the draft over the target's) and ``beta_sum`` / ``beta_count``.
+    """
+
+    def __init__(self, target, draft=None, *, sampling=None, verify: str = "auto",
+                 compute: str = "float32"):
+        self.target, self.draft = target, draft
+        self.sampling = sampling if sampling is not None else greedy()
+        self.verify, self.compute = verify, compute
+
+    def generator(self, drafter, n: int, seed: int | None, max_draft: int | None = None):
+        from quickdraft.ort_backend import DecodeConfig, Generator
+
+        config = DecodeConfig(max_new_tokens=n, sampling=self.sampling, seed=seed)
+        return Generator(self.target, drafter, config, verify=self.verify,
+                         compute=self.compute, max_draft=max_draft)
+
+    def _run(self, drafter, prompt, n: int, seed: int | None):
+        with self.generator(drafter, n, seed) as gen:
+            res = gen.generate(list(prompt))
+        s = res.stats
+        total = s.prefill_s + s.decode_s
+        return list(res.tokens), s, {
+            "mode": s.mode, "new_tokens": s.new_tokens, "prefill_s": s.prefill_s,
+            "target_s": s.target_s, "host_s": s.host_s, "total_s": total,
+            "tokens_per_s": s.new_tokens / total if total > 0 else float("nan"),
+        }
+
+    def autoregressive(self, prompt, n: int, *, seed: int | None = 0):
+        tokens, s, out = self._run(None, prompt, n, seed)
+        out["target_calls"] = s.target_calls
+        out["target_ms_per_step"] = _ms_per_call(s.target)
+        out["target"] = {"mean_call_ms": out["target_ms_per_step"]}
+        return tokens, out
+
+    def speculative(self, prompt, n: int, gamma: int, *, seed: int | None = 0, drafter=None):
+        """``drafter`` (any quickdraft Drafter) replaces the draft model's own proposals."""
+        from quickdraft.generation import ModelDrafter
+
+        if drafter is None:
+            if self.draft is None:
+                raise ValueError("no draft model loaded")
+            drafter = ModelDrafter(self.draft, self.sampling, gamma)
+        tokens, s, out = self._run(drafter, prompt, n, seed)
+        g = s.generation
+        t_ms, d_ms = _ms_per_call(s.target), _ms_per_call(s.draft)
+        betas = g.beta_per_position
+        out.update({
+            "gamma": gamma, "iterations": g.iterations, "target_calls": s.target.calls,
+            "draft_calls": s.draft.calls,
+            "accepted_per_iteration": list(g.accepted_per_iteration),
+            "drafted_per_iteration": list(g.drafted_per_iteration),
+            "acceptance_rate": g.acceptance_rate, "alpha": g.alpha,
+            "tokens_per_iteration": g.tokens_per_iteration, "draft_s": s.draft_s,
+            "verify_s": s.verify_s,
+            "host_ms_per_iteration": 1e3 * s.host_s / max(1, g.iterations),
+            "cost_ratio_c": d_ms / t_ms if t_ms == t_ms and d_ms == d_ms else None,
+            "target": {"mean_call_ms": t_ms}, "draft": {"mean_call_ms": d_ms},
+            "beta_sum": float(sum(betas)), "beta_count": len(betas),
+        })
+        return tokens, out
 
 
 def autoregressive(pair: LoadedPair, prompt: list[int], n: int) -> tuple[list[int], dict]:
     """Greedy autoregressive decoding of ``n`` tokens: (tokens, statistics)."""
-    import numpy as np
-
-    if pair.generator is not None and pair.path == "generic":
-        from quickdraft.ort_backend import DecodeConfig
-
-        res = pair.generator.generate(list(prompt), DecodeConfig(
-            max_new_tokens=n, gamma=1, sampling=greedy(), seed=0, autoregressive=True))
-        return list(res.tokens), _generator_stats(res)
-    if pair.generator is not None:
-        return pair.generator.autoregressive(prompt, n)
-    from quickdraft.generation import autoregressive_generate
-    from quickdraft.ort_backend.timing import ModelTimes, TimedModel
-
-    tt = ModelTimes()
-    res = autoregressive_generate(TimedModel(pair.target, tt), prompt, max_new_tokens=n,
-                                  sampling=greedy(), rng=np.random.default_rng(0))
-    return list(res.tokens), _loop_stats(res.stats, tt, None)
+    return pair.runner.autoregressive(prompt, n)
 
 
 def speculative(pair: LoadedPair, prompt: list[int], n: int, gamma: int,
-                drafter_factory=None) -> tuple[list[int], dict]:
-    """Greedy speculative decoding: (tokens, statistics).
-
-    ``drafter_factory(draft_model) -> Drafter`` replaces the draft model's own proposals
-    (the controlled-alpha drafter). On the fast path it goes into FastGenerator's loop; on
-    the generic path such runs use quickdraft.generation's loop over the same models (the
-    loop the generic Generator runs).
-    """
-    import numpy as np
-
-    if pair.path == "fast" and pair.generator is not None:
-        return pair.generator.speculative(prompt, n, gamma, drafter_factory=drafter_factory)
-    if drafter_factory is None and pair.generator is not None:
-        from quickdraft.ort_backend import DecodeConfig
-
-        res = pair.generator.generate(list(prompt), DecodeConfig(
-            max_new_tokens=n, gamma=gamma, sampling=greedy(), seed=0))
-        return list(res.tokens), _generator_stats(res)
-    from quickdraft.generation import ModelDrafter, speculative_generate
-    from quickdraft.ort_backend.timing import ModelTimes, TimedModel
-
-    if pair.draft is None:
-        raise ValueError("no draft model loaded")
-    tt, dt = ModelTimes(), ModelTimes()
-    draft = TimedModel(pair.draft, dt)
-    drafter = drafter_factory(draft) if drafter_factory else ModelDrafter(draft, greedy())
-    res = speculative_generate(TimedModel(pair.target, tt), None, prompt, gamma=gamma,
-                               max_new_tokens=n, sampling=greedy(),
-                               rng=np.random.default_rng(0), drafter=drafter)
-    return list(res.tokens), _loop_stats(res.stats, tt, dt)
+                drafter=None) -> tuple[list[int], dict]:
+    """Greedy speculative decoding: (tokens, statistics). ``drafter`` replaces the draft
+    model's own proposals (the controlled-alpha drafter)."""
+    return pair.runner.speculative(prompt, n, gamma, drafter=drafter)
 
 
 # ----------------------------------------------------------------------------- costs
@@ -291,4 +230,5 @@ def step_costs(model, prompt: list[int], lengths: list[int], *, reps: int,
             if r >= warmup:
                 times.append(dt)
         out[k] = 1e3 * statistics.median(times)
+    state.close()  # its cache buffers go back to the model (a static model's pool)
     return out

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""quickdraft's benchmark (issue 7): pairs, stages and systems, side by side in one run.
+"""quickdraft's benchmark: pairs, stages and systems, side by side in one run.
 
     # on a GPU machine (see benchmarks/README.md for what to install and the runs)
     python3 benchmarks/bench.py --pairs 1b --out results/

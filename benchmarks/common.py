@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -167,66 +166,65 @@ def rate(new_tokens: int, times: list[float]) -> dict:
 # ----------------------------------------------------------------------------- GPU memory
 
 
-def _nvidia_smi_used_mib(index: int = 0) -> float | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
+def _nvml_device(index: int = 0):
+    """NVML's handle of GPU ``index`` (pynvml, package nvidia-ml-py), or None without a GPU
+    or the package."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-             "-i", str(index)], capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        return float(out.splitlines()[0])
-    except Exception:  # noqa: BLE001
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # noqa: BLE001 - no package, no driver, no GPU: nothing to read
         return None
+
+
+def gpu_memory_mib(index: int = 0) -> dict:
+    """GPU memory in use (MiB): the whole device's and this process's (NVML). Empty on a
+    machine without a GPU or nvidia-ml-py."""
+    handle = _nvml_device(index)
+    if handle is None:
+        return {}
+    import pynvml
+
+    out = {"device_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20}
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+            out["process_mib"] = proc.usedGpuMemory / 2**20
+    return out
 
 
 class GpuMemory:
-    """Device memory in use (nvidia-smi ``memory.used``), polled in a thread.
+    """Device memory in use (NVML ``memory.used``), read at each :meth:`mark`.
 
     ``baseline`` is read when the monitor starts (before this process touches CUDA), so
     ``peak - baseline`` is what this process added: its CUDA context, weights, caches and
-    allocator pools. Nothing else may use the GPU meanwhile (the orchestrator never does).
-    On a machine without nvidia-smi every value is None.
+    allocator pools (which keep what they took, so the largest reading at the marks is the
+    peak). Nothing else may use the GPU meanwhile (the orchestrator never does). On a
+    machine without a GPU every value is None.
     """
 
-    def __init__(self, interval: float = 1.0):
-        self.interval = interval
-        self.baseline = _nvidia_smi_used_mib()
+    def __init__(self):
+        self.baseline = self.sample()
         self.peak = self.baseline
         self._marks: dict[str, float | None] = {}
-        self._stop = threading.Event()
-        self._thread = None
-        if self.baseline is not None:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def sample(self) -> float | None:
-        used = _nvidia_smi_used_mib()
-        if used is not None and (self.peak is None or used > self.peak):
-            self.peak = used
-        return used
+    @staticmethod
+    def sample() -> float | None:
+        return gpu_memory_mib().get("device_mib")
 
     def mark(self, name: str) -> dict:
         """The peak so far (since the start) under ``name``."""
-        self.sample()
+        used = self.sample()
+        if used is not None and (self.peak is None or used > self.peak):
+            self.peak = used
         self._marks[name] = self.peak
-        return self.summary()
-
-    def summary(self) -> dict:
         base = self.baseline
-        out = {"baseline_mib": base, "peak_mib": self.peak, "method": "nvidia-smi memory.used"}
+        out = {"baseline_mib": base, "peak_mib": self.peak, "method": "NVML memory.used"}
         out["peak_delta_mib"] = None if base is None or self.peak is None else self.peak - base
         out["marks_delta_mib"] = {
             k: (None if v is None or base is None else v - base) for k, v in self._marks.items()
         }
         return out
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 # ----------------------------------------------------------------------------- environment
@@ -242,7 +240,7 @@ def _version(name: str) -> str | None:
 
 
 def environment() -> dict:
-    """Versions and machine facts (no CUDA initialisation: nvidia-smi only)."""
+    """Versions and machine facts (no CUDA initialisation: NVML only)."""
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -253,14 +251,16 @@ def environment() -> dict:
             "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda",
             "numpy", "safetensors")},
     }
-    if shutil.which("nvidia-smi"):
-        try:
-            env["gpu"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,"
-                 "clocks.max.mem", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception as e:  # noqa: BLE001
-            env["gpu"] = f"nvidia-smi failed: {e}"
+    handle = _nvml_device()
+    if handle is not None:  # as nvidia-smi --query-gpu=name,memory.total,driver_version,...
+        import pynvml
+
+        clock = pynvml.nvmlDeviceGetMaxClockInfo
+        env["gpu"] = (f"{pynvml.nvmlDeviceGetName(handle)}, "
+                      f"{pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20} MiB, "
+                      f"{pynvml.nvmlSystemGetDriverVersion()}, "
+                      f"{clock(handle, pynvml.NVML_CLOCK_SM)} MHz, "
+                      f"{clock(handle, pynvml.NVML_CLOCK_MEM)} MHz")
     try:
         env["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
@@ -307,29 +307,26 @@ def run_logged(cmd: list[str], *, timeout: float, env: dict | None = None, prefi
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             cwd=cwd, text=True, errors="replace", bufsize=1,
                             start_new_session=True)
-    deadline = time.monotonic() + max(1.0, timeout)
     timed_out = threading.Event()
 
-    def watchdog() -> None:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                timed_out.set()
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    time.sleep(5)
-                    if proc.poll() is None:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                return
-            time.sleep(0.5)
+    def kill() -> None:  # the whole process group: SIGTERM, then SIGKILL after 5 s
+        timed_out.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
-    threading.Thread(target=watchdog, daemon=True).start()
+    timer = threading.Timer(max(1.0, timeout), kill)
+    timer.daemon = True
+    timer.start()
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(f"{prefix}{line}" if prefix else line)
         sys.stdout.flush()
     proc.wait()
+    timer.cancel()
     if timed_out.is_set():
         log(f"{prefix.strip()} killed at its time limit ({timeout:.0f}s)")
         return 124

@@ -1,7 +1,9 @@
 """A drafter with a controlled acceptance rate, for measuring realized against theoretical
 speedup at a chosen alpha.
 
-:class:`ControlledAlphaDrafter` is a :class:`quickdraft.protocols.Drafter`. It runs the real
+:class:`ControlledAlphaDrafter` is a :class:`quickdraft.protocols.Drafter` proposing
+``gamma`` tokens (``max_tokens``; a ``StatefulDrafter`` when it runs the draft model, so a
+Generator prefills, rewinds, times and closes its state). It runs the real
 draft model (the same calls :class:`quickdraft.generation.ModelDrafter` makes, so it costs
 what the draft costs) but ignores the draft's logits: it proposes the target's own greedy
 continuation, precomputed by a greedy autoregressive run of the target on the same prompt,
@@ -49,13 +51,16 @@ class ControlledAlphaDrafter:
             random tokens, which the target rejects unless they happen to match).
         alpha: probability that a proposed token is the target's greedy token.
         rng: a seeded ``numpy.random.Generator`` (the corruption draws).
+        gamma: tokens proposed per iteration (fewer when the loop's cap is lower).
         vocab_size: the shared vocabulary size (default: the draft's).
         run_draft: False skips the draft calls (a cost-free drafter, for tests).
     """
 
     def __init__(self, draft: LanguageModel | None, prompt_ids: Sequence[int],
                  greedy_tokens: Sequence[int], alpha: float, rng: np.random.Generator, *,
-                 vocab_size: int | None = None, run_draft: bool = True):
+                 gamma: int, vocab_size: int | None = None, run_draft: bool = True):
+        if int(gamma) != gamma or gamma < 1:
+            raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not isinstance(rng, np.random.Generator):
@@ -69,11 +74,25 @@ class ControlledAlphaDrafter:
         self.prompt = [int(t) for t in prompt_ids]
         self.greedy = [int(t) for t in greedy_tokens]
         self.alpha = float(alpha)
+        self.gamma = int(gamma)
         self.rng = rng
         self.run_draft = run_draft
         self.state: DecodeState | None = draft.new_state() if run_draft else None
         self.proposed = 0  # tokens proposed
         self.corrupted = 0  # of which corrupted
+
+    @property
+    def max_tokens(self) -> int:
+        return self.gamma
+
+    @property
+    def states(self) -> list[DecodeState]:
+        """The draft model's state (none without ``run_draft``)."""
+        return [self.state] if self.state is not None else []
+
+    @property
+    def max_length(self) -> int | None:
+        return self.draft.max_length if self.run_draft else None
 
     def _propose(self, position: int) -> int:
         """The token proposed at output position ``position`` (0 = first new token)."""
@@ -87,8 +106,10 @@ class ControlledAlphaDrafter:
         self.corrupted += 1
         return int((good + 1 + self.rng.integers(self.vocab - 1)) % self.vocab)  # != good
 
-    def get_candidates(self, ids: Sequence[int], gamma: int, uniforms: np.ndarray) -> Candidates:
+    def get_candidates(self, ids: Sequence[int], max_tokens: int,
+                       uniforms: np.ndarray) -> Candidates:
         ids = list(ids)
+        gamma = min(self.gamma, int(max_tokens))
         start = len(ids) - len(self.prompt)
         if start < 0 or ids[: len(self.prompt)] != self.prompt:
             raise ValueError("the sequence does not start with this drafter's prompt")
@@ -100,7 +121,7 @@ class ControlledAlphaDrafter:
             )
         tokens = [self._propose(start + i) for i in range(gamma)]
         calls = 0
-        if self.run_draft:
+        if self.run_draft and tokens:
             # the calls ModelDrafter makes when greedy (argmax ids only, so a model that
             # computes them on its device copies one id per call): one for the new prefix,
             advance_greedy(self.state, ids)
@@ -114,7 +135,7 @@ class ControlledAlphaDrafter:
                           checked=True, vocab_size=self.vocab)
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
-        """Fixed gamma and alpha: nothing to learn."""
+        """Fixed gamma and alpha: nothing to learn. Rejected tokens are rewound lazily."""
 
 
 def check_greedy_equal(tokens: Sequence[int], greedy: Sequence[int]) -> None:

@@ -1,4 +1,4 @@
-"""The fast path on a GPU (issue 5): build, export, check and time, in one call.
+"""The fast path on a GPU: build, export, check and time, in one call.
 
     python benchmarks/fast_path_gpu.py --size 1b                    # on a GPU machine
     python benchmarks/fast_path_gpu.py --size tiny --device cpu     # smoke test on a CPU
@@ -21,7 +21,7 @@
    tokens (the verify step) against 1, greedy and sampled generation (tokens/s, host
    time per iteration, acceptance), greedy speculative = greedy autoregressive token for
    token, the verification graph against NumPy's ``verify`` on the device (static configs),
-   and the GPU memory of the process (nvidia-smi) after loading and at the end.
+   and the GPU memory of the process (NVML) after loading and at the end.
 4. A table (printed last) and everything as JSON in ``$OUT/fast_path.json`` (or the work
    folder when OUT is unset).
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,34 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MARK = "FAST_PATH_RESULT "
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- memory ---------------------------------------------------------------------------------
-
-
-def gpu_memory_mib() -> dict:
-    """This process's GPU memory (MiB) per nvidia-smi, and the whole device's."""
-    out = {}
-    try:
-        apps = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20).stdout
-        for line in apps.strip().splitlines():
-            pid, used = [x.strip() for x in line.split(",")]
-            if int(pid) == os.getpid():
-                out["process_mib"] = int(used)
-        used = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20).stdout
-        out["device_mib"] = int(used.strip().splitlines()[0])
-    except Exception as e:  # no nvidia-smi (CPU smoke test)
-        out["error"] = f"{type(e).__name__}: {e}"
-    return out
 
 
 # -- parent: build and export ---------------------------------------------------------------
@@ -155,7 +130,8 @@ def _load(config: str, work: Path, device: str, gamma: int):
 
 
 def verify_spot_check(device: str, vocab: int, cases: int = 100) -> dict:
-    """The verification graph on the device against NumPy's verify (random rows)."""
+    """The verification graph on the device against NumPy's verify (random rows; sampled
+    settings only: greedy proposals are decided on argmax ids, with no graph)."""
     import numpy as np
 
     from quickdraft.ort_backend.device import Device
@@ -165,7 +141,7 @@ def verify_spot_check(device: str, vocab: int, cases: int = 100) -> dict:
 
     rng = np.random.default_rng(0)
     result = {}
-    for name, cfg in (("greedy", SamplingConfig(temperature=0)), ("t1", SamplingConfig()),
+    for name, cfg in (("t1", SamplingConfig()),
                       ("t0.8_k50_p0.9", SamplingConfig(0.8, 50, 0.9))):
         gamma = 4
         ver = DeviceVerifier(gamma, vocab, cfg, device=Device(device))
@@ -183,7 +159,13 @@ def verify_spot_check(device: str, vocab: int, cases: int = 100) -> dict:
 def run_child(args) -> dict:
     import numpy as np
 
-    from quickdraft.generation import autoregressive_generate, speculative_generate
+    from benchmarks.common import gpu_memory_mib
+    from quickdraft.generation import (
+        GenerationStats,
+        ModelDrafter,
+        autoregressive_stream,
+        speculative_stream,
+    )
     from quickdraft.sampling import SamplingConfig
 
     work, config, gamma = Path(args.work), args.child, args.gamma
@@ -219,6 +201,7 @@ def run_child(args) -> dict:
             if hasattr(state, "append_device"):
                 steps[f"target_{gamma + 1}_device"] = _time_steps(
                     state, toks, pos, args.repeats, 5, state.append_device)
+        state.close()  # its cache slot goes back to the model's pool
     res["steps"] = steps
     res["verify_cost_ratio"] = steps[f"target_{gamma + 1}"]["median_ms"] / steps["target_1"][
         "median_ms"]
@@ -245,41 +228,50 @@ def run_child(args) -> dict:
         gens[name] = stats
         tokens[name] = out
 
-    def generic(model_pair, mode, sampling, seed=0):
+    def generic(mode, sampling, seed=0):
+        """quickdraft.generation's loop over the models (host verification), its states
+        closed after (static caches go back to the model's pool)."""
         def go():
             t0 = time.perf_counter()
-            if mode == "ar":
-                r = autoregressive_generate(model_pair[0], prompt, max_new_tokens=n,
-                                            sampling=sampling, rng=np.random.default_rng(seed))
-            else:
-                r = speculative_generate(model_pair[0], model_pair[1], prompt, gamma=gamma,
-                                         max_new_tokens=n, sampling=sampling,
-                                         rng=np.random.default_rng(seed))
+            stats = GenerationStats()
+            state = target.new_state()
+            drafter = None if mode == "ar" else ModelDrafter(draft, sampling, gamma)
+            common = dict(max_new_tokens=n, sampling=sampling, rng=np.random.default_rng(seed),
+                          stats=stats, state=state)
+            try:
+                stream = (autoregressive_stream(target, prompt, **common) if mode == "ar" else
+                          speculative_stream(target, None, prompt, drafter=drafter, **common))
+                out = [t for piece in stream for t in piece]
+            finally:
+                for st in [state, *(drafter.states if drafter else [])]:
+                    st.close()
             total = time.perf_counter() - t0
-            return r.tokens, {**r.stats.as_dict(), "total_s": total,
-                              "tokens_per_s": len(r.tokens) / total}
+            return out, {**stats.as_dict(), "total_s": total, "tokens_per_s": len(out) / total}
         return go
 
     if config != "optimum":
-        from quickdraft.ort_backend.static import FastGenerator
+        from benchmarks.adapters import Runner
 
-        fg = FastGenerator(target, draft, sampling=greedy, verify="device")
-        fs = FastGenerator(target, draft, sampling=sampled)
-        fg.eos_ids = fs.eos_ids = frozenset()
+        fg, fs = Runner(target, draft, sampling=greedy), Runner(target, draft, sampling=sampled)
     for _ in range(2):  # the first round warms up (sessions, arenas, CUDA graph captures)
-        timed("ar_greedy_generic_loop", generic((target, draft), "ar", greedy))
-        timed("spec_greedy_numpy_verify", generic((target, draft), "spec", greedy))
-        timed("spec_t1_numpy_verify", generic((target, draft), "spec", sampled, seed=1))
+        timed("ar_greedy_generic_loop", generic("ar", greedy))
+        timed("spec_greedy_numpy_verify", generic("spec", greedy))
+        timed("spec_t1_numpy_verify", generic("spec", sampled, seed=1))
         if config != "optimum":
+            # greedy: decided on the target's argmax ids; sampled: the verification graph
             timed("ar_greedy_fast", lambda: fg.autoregressive(prompt, n))
-            timed("spec_greedy_device_verify", lambda: fg.speculative(prompt, n, gamma))
+            timed("spec_greedy_fast", lambda: fg.speculative(prompt, n, gamma))
             timed("spec_t1_device_verify", lambda: fs.speculative(prompt, n, gamma, seed=1))
     res["generation"] = gens
     res["tokens"] = {k: v for k, v in tokens.items()}
     ar = tokens.get("ar_greedy_generic_loop")
     res["greedy_equal"] = {k: (v == ar) for k, v in tokens.items() if "greedy" in k}
     if config != "optimum":
-        res["captured_calls"] = {"target": target.calls, "draft": draft.calls}
+        res["captured_calls"] = {}
+        for role, model in (("target", target), ("draft", draft)):
+            state = model.new_state()  # the pooled slot every run above used
+            res["captured_calls"][role] = state.calls
+            state.close()
         try:
             res["verify_spot_check"] = verify_spot_check(args.device, target.vocab_size)
         except Exception as e:
@@ -292,48 +284,46 @@ def run_child(args) -> dict:
 
 
 def run_config(args, config: str) -> dict:
+    from benchmarks.common import load_json, run_logged, worker_env
+
+    result = Path(args.work) / f"{config}.result.json"
+    result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", config, "--work", args.work, "--size", args.size,
            "--device", args.device, "--gamma", str(args.gamma), "--new-tokens",
            str(args.new_tokens), "--prompts", str(args.prompts), "--repeats", str(args.repeats)]
-    log(f"running {config}")
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
-    for line in done.stdout.splitlines():
-        if line.startswith(MARK):
-            out = json.loads(line[len(MARK):])
-            out["wall_s"] = round(time.perf_counter() - t0, 1)
-            return out
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-    log(f"{config} failed (exit {done.returncode}):\n{tail}")
-    return {"config": config, "error": f"exit {done.returncode}", "output_tail": tail}
+    rc = run_logged(cmd, timeout=args.child_timeout, env=worker_env(), prefix=f"[{config}] ")
+    out = load_json(result)
+    if rc != 0 or out is None:
+        log(f"{config} failed (exit {rc})")
+        return {"config": config, "error": f"exit {rc}"}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
 def table(results: list[dict], gamma: int) -> str:
-    def f(x, fmt="{:.2f}"):
-        return fmt.format(x) if isinstance(x, (int, float)) else "-"
+    from tabulate import tabulate
 
-    rows = [("config", "tgt ms/1", f"tgt ms/{gamma + 1}", "ratio", "dft ms/1", "AR tok/s",
-             "spec tok/s", "spec dev tok/s", "host ms/it", "alpha", "greedy=", "mem MiB")]
+    head = ("config", "tgt ms/1", f"tgt ms/{gamma + 1}", "ratio", "dft ms/1", "AR tok/s",
+            "spec tok/s", "spec fast tok/s", "host ms/it", "alpha", "greedy=", "mem MiB")
+    rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["config"], "error", *["-"] * 10))
+            rows.append((r["config"], "error"))
             continue
         s, g = r["steps"], r["generation"]
         ar = g.get("ar_greedy_fast") or g.get("ar_greedy_generic_loop") or {}
         sp = g.get("spec_greedy_numpy_verify", {})
-        dv = g.get("spec_greedy_device_verify", {})
+        fast = g.get("spec_greedy_fast", {})
         mem = max((m.get("process_mib") or 0) for m in r["memory"].values())
         rows.append((
-            r["config"], f(s["target_1"]["median_ms"]), f(s[f"target_{gamma + 1}"]["median_ms"]),
-            f(r["verify_cost_ratio"]), f(s["draft_1"]["median_ms"]),
-            f(ar.get("tokens_per_s"), "{:.1f}"), f(sp.get("tokens_per_s"), "{:.1f}"),
-            f(dv.get("tokens_per_s"), "{:.1f}"), f(dv.get("host_ms_per_iteration")),
-            f(dv.get("acceptance_rate", sp.get("acceptance_rate"))),
+            r["config"], s["target_1"]["median_ms"], s[f"target_{gamma + 1}"]["median_ms"],
+            r["verify_cost_ratio"], s["draft_1"]["median_ms"], ar.get("tokens_per_s"),
+            sp.get("tokens_per_s"), fast.get("tokens_per_s"), fast.get("host_ms_per_iteration"),
+            fast.get("acceptance_rate", sp.get("acceptance_rate")),
             "yes" if r["greedy_equal"] and all(r["greedy_equal"].values()) else "NO",
-            str(mem or "-"),
-        ))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows)
+            mem or None))
+    return tabulate(rows, headers=head, floatfmt=".2f", missingval="-")
 
 
 def main(argv=None) -> int:
@@ -353,7 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(MARK + json.dumps(run_child(args)), flush=True)
+        out = Path(args.work) / f"{args.child}.result.json"
+        out.write_text(json.dumps(run_child(args), default=str))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

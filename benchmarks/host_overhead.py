@@ -119,9 +119,9 @@ def build_static_pair(out: Path) -> None:
             raise SystemExit(f"static export failed ({rc})")
 
 
-def run_once(gen, prompt, config, clock: OrtClock) -> dict:
+def run_once(gen, prompt, clock: OrtClock) -> dict:
     """One generation, step by step: decode wall time and the ORT time inside it."""
-    gen.prefill(prompt, config)
+    gen.prefill(prompt)
     gen.stats.decode_s = 0.0
     clock.s, clock.calls = 0.0, 0
     while not gen.done:
@@ -139,33 +139,35 @@ def run_once(gen, prompt, config, clock: OrtClock) -> dict:
 
 
 def measure_pair(name: str, folder: Path, args) -> list[dict]:
-    from quickdraft.ort_backend import DecodeConfig, Generator
+    from quickdraft.ort_backend import DecodeConfig, load_pair
     from quickdraft.sampling import SamplingConfig
 
-    gen = Generator.load(folder, device=args.device)
+    pair = load_pair(folder, device=args.device)
     clock = OrtClock()
-    vocab = gen.target.vocab_size
+    vocab = pair.target.vocab_size
     rng = np.random.default_rng(args.seed)
     prompt = [int(t) for t in rng.integers(2, vocab, args.prompt_tokens)]
-    if gen.tokenizer is not None and name == "default":
-        prompt = gen.encode(args.prompt)
+    if name == "default":
+        prompt = list(pair.tokenizer.encode(args.prompt).ids)
     rows = []
     for temperature in args.temperatures:
-        sampling = SamplingConfig(temperature=temperature)
-        systems = [("AR", DecodeConfig(max_new_tokens=args.new_tokens, sampling=sampling,
-                                        seed=args.seed, autoregressive=True))]
-        systems += [(f"SD g={g}", DecodeConfig(max_new_tokens=args.new_tokens, gamma=g,
-                                               sampling=sampling, seed=args.seed))
-                    for g in args.gammas]
-        for _, config in systems:  # warm-up: sessions, verification graphs, caches
-            run_once(gen, prompt, config, clock)
-        clock.wrap_all(gen)
+        config = DecodeConfig(max_new_tokens=args.new_tokens,
+                              sampling=SamplingConfig(temperature=temperature), seed=args.seed)
+        # one generator per system, reused round after round (as a server keeps one per
+        # sequence); each generation starts from its prompt, the prefill is not timed
+        systems = [("AR", pair.generator(config))]
+        systems += [(f"SD g={g}", pair.generator(config, gamma=g)) for g in args.gammas]
+        for _, gen in systems:  # warm-up: sessions, verification graphs, caches
+            run_once(gen, prompt, clock)
+            clock.wrap_all(gen)
         runs = {label: [] for label, _ in systems}
         for _ in range(args.repeats):
-            for label, config in systems:
-                runs[label].append(run_once(gen, prompt, config, clock))
+            for label, gen in systems:
+                runs[label].append(run_once(gen, prompt, clock))
+        for _, gen in systems:
+            gen.close()
         ar_ms_per_token = None
-        for label, _ in systems:
+        for label in runs:
             rs = runs[label]
             if len({tuple(r["tokens"]) for r in rs}) != 1:
                 raise SystemExit(f"{name} {label} T={temperature}: output changed between runs")
@@ -194,41 +196,37 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| pair | T | system | tok/it | ms/it | ORT ms/it | host ms/it | host ms/token "
-            "| tokens/s | vs AR |")
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(
-            f"| {r['pair']} | {r['temperature']:g} | {r['system']} "
-            f"| {r['tokens_per_iteration']:.2f} | {r['ms_per_iteration']:.3f} "
-            f"| {r['ort_ms_per_iteration']:.3f} | {r['host_ms_per_iteration']:.3f} "
-            f"| {r['host_ms_per_token']:.3f} | {r['tokens_per_s']:.0f} "
-            f"| {r['speedup_over_ar']:.2f}x |")
-    return "\n".join(lines)
+    from tabulate import tabulate
+
+    return tabulate(
+        [(r["pair"], f"{r['temperature']:g}", r["system"], f"{r['tokens_per_iteration']:.2f}",
+          f"{r['ms_per_iteration']:.3f}", f"{r['ort_ms_per_iteration']:.3f}",
+          f"{r['host_ms_per_iteration']:.3f}", f"{r['host_ms_per_token']:.3f}",
+          f"{r['tokens_per_s']:.0f}", f"{r['speedup_over_ar']:.2f}x") for r in rows],
+        headers=("pair", "T", "system", "tok/it", "ms/it", "ORT ms/it", "host ms/it",
+                 "host ms/token", "tokens/s", "vs AR"),
+        tablefmt="github", disable_numparse=True)
 
 
 def compare(before: dict, after: dict) -> str:
     """Two results files side by side (medians of each), with a check that every system
     produced the same tokens in both."""
-    head = ("| pair | T | system | ms/it | host ms/it | host ms/token | tokens/s | vs AR "
-            "| same tokens |")
-    lines = [head, "|" + "---|" * 9]
+    from tabulate import tabulate
+
     keyed = {(r["pair"], r["temperature"], r["system"]): r for r in after["rows"]}
+    body = []
     for b in before["rows"]:
         a = keyed.get((b["pair"], b["temperature"], b["system"]))
         if a is None:
             continue
-
-        def pair(key, fmt, b=b, a=a):
-            return f"{format(b[key], fmt)} -> {format(a[key], fmt)}"
-
-        same = "yes" if a["tokens"] == b["tokens"] else "NO"
-        lines.append(
-            f"| {b['pair']} | {b['temperature']:g} | {b['system']} "
-            f"| {pair('ms_per_iteration', '.3f')} | {pair('host_ms_per_iteration', '.3f')} "
-            f"| {pair('host_ms_per_token', '.3f')} | {pair('tokens_per_s', '.0f')} "
-            f"| {pair('speedup_over_ar', '.2f')} | {same} |")
-    return "\n".join(lines)
+        body.append([b["pair"], f"{b['temperature']:g}", b["system"]] + [
+            f"{format(b[key], spec)} -> {format(a[key], spec)}" for key, spec in (
+                ("ms_per_iteration", ".3f"), ("host_ms_per_iteration", ".3f"),
+                ("host_ms_per_token", ".3f"), ("tokens_per_s", ".0f"),
+                ("speedup_over_ar", ".2f"))] + ["yes" if a["tokens"] == b["tokens"] else "NO"])
+    return tabulate(body, headers=("pair", "T", "system", "ms/it", "host ms/it",
+                                   "host ms/token", "tokens/s", "vs AR", "same tokens"),
+                    tablefmt="github", disable_numparse=True)
 
 
 def main(argv=None) -> int:

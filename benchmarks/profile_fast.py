@@ -103,6 +103,8 @@ def profile_mode(gen, prompt: list[int], n: int, gamma: int | None, repeats: int
 
 
 def render(report: dict) -> str:
+    from tabulate import tabulate
+
     lines = [f"device {report['device']}, {report['new_tokens']} new tokens, "
              f"{report['repeats']} repeats"]
     for m in report["modes"]:
@@ -111,11 +113,11 @@ def render(report: dict) -> str:
         lines.append(f"## {m['mode']}: {m['tokens_per_s']:.0f} tok/s; ms per {m['per']}: "
                      f"target {sp['target_s']:.3f}, draft {sp['draft_s']:.3f}, "
                      f"verify {sp['verify_s']:.3f}, host {sp['host_s']:.3f}")
-        lines.append("| function | calls | own ms | cumulative ms |")
-        lines.append("|---|---|---|---|")
-        for r in m["top"]:
-            lines.append(f"| `{r['function']}` | {r['calls']:.0f} | {r['own_ms']:.3f} "
-                         f"| {r['cum_ms']:.3f} |")
+        lines.append(tabulate(
+            [(f"`{r['function']}`", f"{r['calls']:.0f}", f"{r['own_ms']:.3f}",
+              f"{r['cum_ms']:.3f}") for r in m["top"]],
+            headers=("function", "calls", "own ms", "cumulative ms"), tablefmt="github",
+            disable_numparse=True))
     return "\n".join(lines)
 
 
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "."))
     args = ap.parse_args(argv)
 
+    from benchmarks.adapters import Runner
     from quickdraft.ort_backend.device import resolve_device
-    from quickdraft.ort_backend.generator import FastGenerator
     from quickdraft.ort_backend.static import StaticOrtModel
     from quickdraft.sampling import SamplingConfig
 
@@ -145,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                             graph_steps=(1, args.gamma + 1), cuda_graph=graphs)
     draft = StaticOrtModel(model_dir / "draft", device, max_length=args.cache_length,
                            graph_steps=(1, 2), cuda_graph=graphs)
-    gen = FastGenerator(target, draft, sampling=SamplingConfig(temperature=0.0))
-    gen.eos_ids = frozenset()  # exactly new_tokens
+    gen = Runner(target, draft, sampling=SamplingConfig(temperature=0.0))  # no EOS: new_tokens
     modes = [profile_mode(gen, prompt, args.new_tokens, g, args.repeats, args.top)
              for g in (None, args.gamma)]
     report = {"device": str(device), "model_dir": str(model_dir), "new_tokens": args.new_tokens,

@@ -8,8 +8,8 @@
 ``render(results)`` gives Markdown (pipe tables, also readable as plain text: bench.py
 prints it last). ``--docs`` replaces the part of ``docs/benchmarks.md`` between the
 ``<!-- results:start -->`` and ``<!-- results:end -->`` markers. ``records(results)`` is the
-flat list (one entry per measured gamma) that ``scripts/make_plots.py`` and
-``benchmarks/plots.py`` read. Standard library only (plus quickdraft.theory).
+flat list (one entry per measured gamma) that ``scripts/make_plots.py`` reads. Tables by
+``tabulate`` (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from benchmarks.common import PAPER_ALPHA, REPO  # noqa: E402
 DOCS_PAGE = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-# issue 7's goals
+# what quickdraft must reach, measured by goals()
 GOALS = {
     "ar_floor_7b": 1.28,  # quickdraft AR ms/token <= 1.28 x the weight floor at 7B
     "spec_trained": 2.0,  # speculative over quickdraft's fastest AR, trained pair, T=0
@@ -58,16 +58,17 @@ def fmt(x, spec: str = ".2f", dash: str = "-") -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A Markdown pipe table with padded columns."""
+    """A Markdown pipe table with padded columns (cells already formatted), each column as
+    wide as its widest cell or header."""
+    import tabulate
+
     if not rows:
         return ""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
-
-
+    padding, tabulate.MIN_PADDING = tabulate.MIN_PADDING, 0  # headers no wider than needed
+    try:
+        return tabulate.tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    finally:
+        tabulate.MIN_PADDING = padding
 def _equal(values) -> bool | None:
     """A list of per-prompt booleans (or a bool) -> one bool (None if unknown)."""
     if values is None:
@@ -164,11 +165,12 @@ def system_rows(results: dict, name: str, pair: dict) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- goals
+# ----------------------------------------------------------------------------- targets
 
 
 def goals(results: dict) -> list[dict]:
-    """issue 7's targets: value reached, goal, pass / fail / not measured."""
+    """The targets: each measure, the value reached, the target, pass / fail / not
+    measured."""
     out = []
 
     def add(what, value, goal, op=">="):
@@ -390,7 +392,7 @@ def render(results: dict) -> str:
 
     gl = goals(results)
     if gl:
-        parts.append("### Goals (issue 7)\n\n" + table(
+        parts.append("### Targets\n\n" + table(
             ["goal", "reached", "target", "met"],
             [[g["goal"], fmt(g["value"], ".2f"), g["target"],
               {True: "yes", False: "no", None: "not measured"}[g["passed"]]] for g in gl]))

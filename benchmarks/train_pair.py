@@ -34,7 +34,6 @@ The time budget fixes the number of steps once, from the measured time of the fi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import math
 import os
@@ -48,6 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import training  # noqa: E402
 from benchmarks.common import PAPER_ALPHA, REPO, dump_json, log  # noqa: E402
 
 HELDOUT_EVERY = 20
@@ -169,233 +169,50 @@ def digest(files: list[Path], texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def encode(tokenizer, texts: list[str]):
-    """One int32 token stream: each file's tokens followed by <|endoftext|>."""
-    import numpy as np
-
-    eos = tokenizer.eos_token_id
-    parts = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-        parts.append(np.asarray(enc.ids + [eos], dtype=np.int32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def build_model(shape: dict, cfg: TrainConfig, tokenizer, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=cfg.max_positions,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, rope_theta=10000.0,
-        attention_dropout=0.0, **shape)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
-def distill_loss(q_logits, p_logits, labels, weight: float, chunk_rows: int = 2048):
-    """``weight * KL(p || q) + (1 - weight) * CE(labels)``, each the mean over tokens.
-
-    ``q_logits`` (the student's, with grad) and ``p_logits`` (the teacher's) are [N, V],
-    ``labels`` [N]; temperature 1. The softmaxes are taken in fp32, ``chunk_rows`` rows at
-    a time, so no fp32 copy of a whole batch's logits is made at once beyond what autograd
-    keeps. Returns (loss, kl, ce), the last two detached.
-    """
-    import torch
-
-    n = q_logits.shape[0]
-    kl_sum = q_logits.new_zeros((), dtype=torch.float32)
-    ce_sum = q_logits.new_zeros((), dtype=torch.float32)
-    for r in range(0, n, chunk_rows):
-        log_q = torch.log_softmax(q_logits[r: r + chunk_rows].float(), dim=-1)  # [rows, V]
-        with torch.no_grad():
-            log_p = torch.log_softmax(p_logits[r: r + chunk_rows].float(), dim=-1)
-            p = log_p.exp()
-            neg_entropy = (p * log_p).sum()  # sum_x p log p: constant for the student
-        kl_sum = kl_sum + neg_entropy - (p * log_q).sum()
-        ce_sum = ce_sum - log_q.gather(1, labels[r: r + chunk_rows, None]).sum()
-    kl, ce = kl_sum / n, ce_sum / n
-    return weight * kl + (1.0 - weight) * ce, kl.detach(), ce.detach()
-
-
 def train_model(name: str, model, stream, *, seconds: float, steps: int | None, batch: int,
                 ctx: int, lr: float, cfg: TrainConfig, device: str, seed: int,
                 teacher=None, distill_weight: float = 0.0) -> dict:
-    """Train on random windows of ``stream`` (seeded); steps fixed up front or from the
-    time budget, measured on the first steps.
-
-    With a ``teacher`` and ``distill_weight`` w > 0 the loss is w * KL(teacher || model) +
-    (1 - w) * cross entropy (``distill_loss``); the teacher's forward on each batch (frozen,
-    eval mode, no grad, the same autocast) is part of the step, so of its measured time."""
+    """``benchmarks.training.train`` on random windows of ``stream`` (seeded), for a fixed
+    number of steps or for the time budget; logs the loss (and its KL and CE parts) ten
+    times."""
     import numpy as np
     import torch
 
-    if not 0.0 <= distill_weight <= 1.0:
-        raise ValueError(f"{name}: distill_weight must lie in [0, 1], got {distill_weight}; "
-                         "pass --distill-weight between 0 (cross entropy alone) and 1")
-    distill = teacher is not None and distill_weight > 0
-    if distill_weight > 0 and teacher is None:
-        raise ValueError(f"{name}: distill_weight {distill_weight} needs a teacher model; "
-                         "pass teacher= or distill_weight=0")
-    if distill:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        teach = torch.compile(teacher) if cfg.compile else teacher
-    model.to(device).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    fused = device == "cuda"
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-    fwd = torch.compile(model) if cfg.compile else model
     g = np.random.default_rng(seed)
     data = torch.from_numpy(stream.astype(np.int64))
-    high = len(data) - ctx - 1
-    if high <= 0:
-        raise ValueError(f"{name}: the training stream ({len(data)} tokens) is too short")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
-
-    def one_step(step: int, total: int) -> float:
-        warm = max(1, min(cfg.warmup_steps, total // 10))
-        if step < warm:
-            f = (step + 1) / warm
-        else:
-            progress = (step - warm) / max(1, total - warm)
-            f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr * f
-        starts = torch.from_numpy(g.integers(0, high, size=batch))
-        idx = starts[:, None] + torch.arange(ctx + 1)[None, :]
-        chunk = data[idx].to(device, non_blocking=True)  # [B, ctx + 1]
-        x, y = chunk[:, :-1], chunk[:, 1:].reshape(-1)  # [B, ctx], [B*ctx]
-        with autocast if autocast is not None else contextlib.nullcontext():
-            logits = fwd(input_ids=x).logits  # [B, ctx, V]
-            if distill:
-                with torch.no_grad():
-                    t_logits = teach(input_ids=x).logits  # [B, ctx, V]
-        logits = logits.reshape(-1, logits.shape[-1])  # [B*ctx, V]
-        if distill:
-            loss, kl, ce = distill_loss(logits, t_logits.reshape(logits.shape), y,
-                                        distill_weight)
-            del t_logits
-        else:
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            kl, ce = None, loss.detach()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss, kl, ce
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
+    batches = training.random_windows(
+        data, batch, ctx, lambda high, n: torch.from_numpy(g.integers(0, high, size=n)))
     t_start = time.perf_counter()
-    losses = []
-    calib = 0
-    if steps is None:
-        # the first steps (warmup LR, part of training) measure the step time
-        provisional = 10_000
-        for s in range(3):
-            losses.append(float(one_step(s, provisional)[0]))
-        sync()
-        t0 = time.perf_counter()
-        for s in range(3, 8):  # teacher forward included when distilling
-            losses.append(float(one_step(s, provisional)[0]))
-        sync()
-        per_step = (time.perf_counter() - t0) / 5
-        spent = time.perf_counter() - t_start
-        steps = max(8, int((seconds - spent) / per_step) + 8)
-        calib = 8
-        log(f"{name}: {per_step * 1e3:.1f} ms/step -> {steps} steps in ~{seconds:.0f}s")
-    smooth = losses[-1] if losses else None
-    log_every = max(1, steps // 10)
-    smooth_ce = smooth_kl = None
-    for s in range(calib, steps):
-        loss, kl, ce = one_step(s, steps)
-        if (s + 1) % log_every == 0 or s + 1 == steps:
-            value, ce_value = float(loss), float(ce)
-            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-            smooth_ce = ce_value if smooth_ce is None else 0.9 * smooth_ce + 0.1 * ce_value
-            parts = ""
-            if kl is not None:
-                kl_value = float(kl)
-                smooth_kl = kl_value if smooth_kl is None else 0.9 * smooth_kl + 0.1 * kl_value
-                parts = f" (KL {kl_value:.3f}, CE {ce_value:.3f})"
-            log(f"{name} step {s + 1}/{steps} loss {value:.3f}{parts} "
+    seen = {"smooth": None, "ce": None, "kl": None}
+
+    def ema(key, value):
+        old = seen[key]
+        seen[key] = value if old is None else 0.9 * old + 0.1 * value
+        return value
+
+    def on_step(s, total, loss, kl, ce):
+        if steps is None and s < 8:  # the calibration steps (reading the loss waits for it)
+            seen["smooth"] = float(loss)
+            return
+        log_every = max(1, total // 10)
+        if (s + 1) % log_every == 0 or s + 1 == total:
+            value, ce_value = ema("smooth", float(loss)), ema("ce", float(ce))
+            parts = "" if kl is None else f" (KL {ema('kl', float(kl)):.3f}, CE {ce_value:.3f})"
+            log(f"{name} step {s + 1}/{total} loss {value:.3f}{parts} "
                 f"({time.perf_counter() - t_start:.0f}s)")
-    sync()
-    elapsed = time.perf_counter() - t_start
-    model.eval()
-    objective = (f"{distill_weight:g} * KL(target || {name}) + {1 - distill_weight:g} * CE"
-                 if distill else "CE")
-    return {"steps": steps, "batch": batch, "ctx": ctx, "lr": lr, "seconds": round(elapsed, 2),
-            "tokens_seen": steps * batch * ctx,
-            "tokens_per_s": steps * batch * ctx / elapsed, "final_loss": smooth,
-            "final_ce": smooth_ce, "final_kl": smooth_kl, "objective": objective,
-            "distill_weight": distill_weight if distill else 0.0,
-            "teacher": "target" if distill else None,
+
+    tr = training.train(name, model, batches, lr=lr, device=device, steps=steps,
+                        seconds=seconds, warmup_steps=cfg.warmup_steps,
+                        weight_decay=cfg.weight_decay, fused=device == "cuda", autocast=True,
+                        compile=cfg.compile, teacher=teacher, distill_weight=distill_weight,
+                        on_step=on_step, log=log)
+    n = tr["steps"]
+    return {"steps": n, "batch": batch, "ctx": ctx, "lr": lr, "seconds": round(tr["seconds"], 2),
+            "tokens_seen": n * batch * ctx, "tokens_per_s": n * batch * ctx / tr["seconds"],
+            "final_loss": seen["smooth"], "final_ce": seen["ce"], "final_kl": seen["kl"],
+            "objective": tr["objective"], "distill_weight": tr["distill_weight"],
+            "teacher": "target" if tr["distill_weight"] else None,
             "budget_seconds": seconds, "compiled": cfg.compile}
-
-
-def heldout_windows(stream, ctx: int, n: int):
-    import numpy as np
-
-    total = len(stream) // (ctx + 1)
-    n = min(n, total)
-    picks = [int(i * total / n) for i in range(n)]
-    return np.stack([stream[k * (ctx + 1): (k + 1) * (ctx + 1)] for k in picks]).astype(np.int64)
-
-
-def evaluate(target, draft, windows, device: str, chunk_rows: int = 1024) -> dict:
-    """Held-out loss of both models, alpha at T=0 (argmax agreement: beta of the one-hot
-    greedy distributions) and at T=1 (quickdraft.theory.beta of the softmaxes)."""
-    import numpy as np
-    import torch
-
-    from quickdraft.theory import beta
-
-    nll = {"target": 0.0, "draft": 0.0}
-    agree = 0.0
-    beta_sum = 0.0
-    positions = 0
-    batch = 4
-    with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            chunk = torch.from_numpy(windows[i: i + batch]).to(device)
-            x, y = chunk[:, :-1], chunk[:, 1:]
-            if device == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    lp, lq = target(input_ids=x).logits, draft(input_ids=x).logits
-            else:
-                lp, lq = target(input_ids=x).logits, draft(input_ids=x).logits
-            lp = lp.float().reshape(-1, lp.shape[-1])  # [B*ctx, V]
-            lq = lq.float().reshape(-1, lq.shape[-1])
-            yy = y.reshape(-1)
-            nll["target"] += float(torch.nn.functional.cross_entropy(lp, yy, reduction="sum"))
-            nll["draft"] += float(torch.nn.functional.cross_entropy(lq, yy, reduction="sum"))
-            agree += float((lp.argmax(-1) == lq.argmax(-1)).sum())
-            for r in range(0, lp.shape[0], chunk_rows):
-                p = torch.softmax(lp[r: r + chunk_rows], -1).cpu().numpy()  # [rows, V]
-                q = torch.softmax(lq[r: r + chunk_rows], -1).cpu().numpy()
-                beta_sum += float(np.sum(beta(p, q)))
-            positions += lp.shape[0]
-    out = {"positions": positions, "windows": len(windows)}
-    for k, v in nll.items():
-        out[f"{k}_loss"] = v / positions
-        out[f"{k}_ppl"] = math.exp(v / positions)
-    out["alpha_T0"] = agree / positions
-    out["alpha_T1"] = beta_sum / positions
-    out["paper_alpha_T0"] = PAPER_ALPHA["T0"]
-    out["paper_alpha_T1"] = PAPER_ALPHA["T1"]
-    return out
 
 
 def prompts_from(stream, n: int, length: int, eos: int, offset: int = 64) -> list[list[int]]:
@@ -456,8 +273,8 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
         size += len(t)
     tokenizer = train_tokenizer(out / "tokenizer", vocab_size=cfg.vocab_size,
                                 text="\n".join(tok_text), model_max_length=cfg.max_positions)
-    train_stream = encode(tokenizer, train_texts)
-    held_stream = encode(tokenizer, held_texts)
+    train_stream = training.encode(tokenizer, train_texts)
+    held_stream = training.encode(tokenizer, held_texts)
     info["tokenizer"] = {
         "vocab_size": len(tokenizer), "trained_on_chars": size,
         "train_tokens": int(len(train_stream)), "heldout_tokens": int(len(held_stream)),
@@ -471,7 +288,8 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
     for role, shape, seconds, steps, lr in (
             ("target", cfg.target, cfg.target_seconds, cfg.target_steps, cfg.target_lr),
             ("draft", cfg.draft, cfg.draft_seconds, cfg.draft_steps, cfg.draft_lr)):
-        model = build_model(shape, cfg, tokenizer, cfg.seed)
+        model = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
+                                     max_positions=cfg.max_positions, tie=False, seed=cfg.seed)
         params = sum(p.numel() for p in model.parameters())
         log(f"{role}: {params / 1e6:.2f}M parameters {shape}")
         distilled = role == "draft" and cfg.distill_weight > 0
@@ -490,10 +308,14 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
     info["distill_weight"] = cfg.distill_weight  # how the draft was trained (0: CE alone)
 
     t0 = time.perf_counter()
-    windows = heldout_windows(held_stream, cfg.ctx, cfg.eval_windows)
+    windows = training.heldout_windows(held_stream.astype(np.int64), cfg.ctx, cfg.eval_windows)
     for m in models.values():
         m.to(device)
-    info["heldout"] = evaluate(models["target"], models["draft"], windows, device)
+    info["heldout"] = training.evaluate(models["target"], models["draft"],
+                                        torch.from_numpy(windows), device, batch=4,
+                                        autocast=True)
+    info["heldout"].update(windows=len(windows), paper_alpha_T0=PAPER_ALPHA["T0"],
+                           paper_alpha_T1=PAPER_ALPHA["T1"])
     info["heldout"]["seconds"] = round(time.perf_counter() - t0, 2)
     h = info["heldout"]
     log(f"held-out: target loss {h['target_loss']:.3f}, draft loss {h['draft_loss']:.3f}, "

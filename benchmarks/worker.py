@@ -32,7 +32,6 @@ from benchmarks.common import (  # noqa: E402
 # ----------------------------------------------------------------------------- helpers
 
 
-
 def _record_best_gamma(rec, sweep: list[dict]) -> None:
     """The fastest gamma of a sweep (and Theorem 3.8's best, where the run gave it)."""
     if not sweep:
@@ -41,6 +40,7 @@ def _record_best_gamma(rec, sweep: list[dict]) -> None:
     rec.set("best_gamma", {"measured": best["gamma"], "tokens_per_s": best["tokens_per_s"],
                            "speedup": best.get("speedup"),
                            "theory": best.get("best_gamma_theory")})
+
 
 def _f(x) -> float:
     """A number for a format string: None -> nan."""
@@ -269,12 +269,12 @@ def task_qd(spec: dict, rec: Record) -> None:
         log(f"qd-{path} costs: target {t_ms[1]:.3f} ms/step, draft {d_ms[1]:.3f} ms, "
             f"c {c_protocol:.3f}, verify {gamma + 1} tokens / 1: {t_ms[gamma + 1] / t_ms[1]:.2f}")
 
-    def spec_runs(g: int, reps: int, factory_for=None, warm: int = 1):
+    def spec_runs(g: int, reps: int, drafter_for=None, warm: int = 1):
         def run_all():
             out = []
             for i, p in enumerate(prompts):
-                fac = factory_for(i, p) if factory_for else None
-                out.append(adapters.speculative(pair, p, n, g, drafter_factory=fac))
+                drafter = drafter_for(i, p, g) if drafter_for else None
+                out.append(adapters.speculative(pair, p, n, g, drafter=drafter))
             return out
 
         outs, times = timed_runs(run_all, warmup=warm, repeats=reps)
@@ -310,20 +310,6 @@ def task_qd(spec: dict, rec: Record) -> None:
             f"{_f(sp.get('expected_tokens_eq1')):.2f}), greedy equal {sp['greedy_equal']}")
         rec.set("memory", mem.mark("spec"))
 
-    if path == "fast" and pair.generator is not None:
-        # the same speculative run verified by the verification graph on the device (the
-        # default for greedy decoding compares the target's argmax ids on the host)
-        with rec.step("spec-verify-graph"):
-            default_generator = pair.generator
-            pair.generator = adapters.fast_generator(pair, verify="device")
-            try:
-                sg = spec_runs(gamma, repeats, warm=warmup)
-            finally:
-                pair.generator = default_generator
-            rec.set("spec_verify_graph", sg)
-            log(f"qd-{path} spec gamma {gamma}, verification graph: "
-                f"{sg['tokens_per_s']:.0f} tok/s, speedup {_f(sg.get('speedup')):.2f}")
-
     with rec.step("sweep"):
         sweep = []
         for g in gammas:
@@ -345,11 +331,11 @@ def task_qd(spec: dict, rec: Record) -> None:
             with rec.step(f"controlled-{a}"):
                 g = min(max_gamma, theory.best_gamma(a, float(c_for_gamma), max_gamma=max_gamma))
 
-                def factory_for(i, p, a=a):
+                def drafter_for(i, p, g, a=a):
                     rng = np.random.default_rng([int(spec.get("seed", 0)), i, int(a * 1000)])
-                    return lambda draft: ControlledAlphaDrafter(draft, p, ref[i], a, rng)
+                    return ControlledAlphaDrafter(pair.draft, p, ref[i], a, rng, gamma=g)
 
-                r = spec_runs(g, repeats, factory_for)
+                r = spec_runs(g, repeats, drafter_for)
                 r["alpha_nominal"] = a
                 r["theoretical_at_nominal_alpha"] = theory.walltime_improvement(
                     a, g, float(r.get("cost_ratio_c") or 0.0))
@@ -360,7 +346,6 @@ def task_qd(spec: dict, rec: Record) -> None:
                     f"{_f(r.get('theoretical_improvement')):.2f} (realized / theory "
                     f"{_f(r.get('realized_over_theoretical')):.2f})")
     rec.set("memory", mem.mark("end"))
-    mem.stop()
 
 
 def task_genai(spec: dict, rec: Record) -> None:
@@ -439,7 +424,6 @@ def task_genai(spec: dict, rec: Record) -> None:
             rec.set("sweep", sweep)
         _record_best_gamma(rec, sweep)
     rec.set("memory", mem.mark("end"))
-    mem.stop()
 
 
 def _sum_stats(stats: list[dict]) -> dict:
@@ -564,12 +548,8 @@ def task_hf(spec: dict, rec: Record) -> None:
                 rec.set("spec", r)
             log(f"hf assisted gamma {g}: {r['ms_per_token']:.2f} ms/token, speedup "
                 f"{_f(r.get('speedup')):.2f}, alpha {_f(alpha):.3f}")
-    if sweep:
-        best = max(sweep, key=lambda r: r["tokens_per_s"] or 0)
-        rec.set("best_gamma", {"measured": best["gamma"], "tokens_per_s": best["tokens_per_s"],
-                               "speedup": best.get("speedup")})
+    _record_best_gamma(rec, sweep)
     rec.set("memory", mem.mark("end"))
-    mem.stop()
 
 
 TASKS = {

@@ -4,6 +4,8 @@
     python scripts/make_plots.py                 # theory + benchmark plots -> docs/assets/
     python scripts/make_plots.py --out DIR       # somewhere else
     python scripts/make_plots.py --only theory   # or: --only benchmarks
+    python scripts/make_plots.py --run benchmarks/results/h100_run4.json   # one bench.py run
+                                                 # -> docs/assets/benchmarks/<stem>_*.png
 
 Deterministic: the Agg backend, fixed sizes and DPI, and no timestamp or software tag in
 the PNG metadata, so rerunning it on the same matplotlib gives the same files.
@@ -40,10 +42,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from quickdraft import theory  # noqa: E402
 
 ASSETS = ROOT / "docs" / "assets"
+RUN_ASSETS = ASSETS / "benchmarks"  # plots of bench.py results files (make_run_plots)
 RESULTS = ROOT / "benchmarks" / "results"
 
 DPI = 110
 SIZE = (6.4, 4.2)
+RUN_SIZE = (7.0, 4.2)
 PNG_METADATA = {"Software": None}  # no matplotlib version tag: same bytes on rerun
 
 GAMMAS_FOR_TOKENS = (1, 2, 3, 5, 7, 10)
@@ -154,6 +158,128 @@ def make_theory_plots(out: Path = ASSETS) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- benchmarks
+# one results file of benchmarks/bench.py (pairs, systems, sweeps): its own plots
+
+
+def plot_tokens_per_s(results: dict, path: Path) -> Path | None:
+    from benchmarks.report import system_rows
+
+    pairs = [(n, p) for n, p in (results.get("pairs") or {}).items() if p.get("systems")]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), squeeze=False,
+                             figsize=(RUN_SIZE[0] * max(1, len(pairs)) / 1.6, RUN_SIZE[1]))
+    drawn = False
+    for ax, (name, pair) in zip(axes[0], pairs):
+        rows = [r for r in system_rows(results, name, pair) if r.get("tokens_per_s")]
+        if not rows:
+            ax.set_visible(False)
+            continue
+        labels = [f"{r['label']}\n{r['mode']}" for r in rows]
+        ax.barh(range(len(rows)), [r["tokens_per_s"] for r in rows],
+                color=["tab:blue" if r["system"].startswith("qd") else "tab:gray" for r in rows])
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens / s (batch 1, greedy)")
+        ax.set_title(name)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
+def plot_gamma_sweep(results: dict, path: Path) -> Path | None:
+    pairs = [(n, p) for n, p in (results.get("pairs") or {}).items()
+             if any(s.get("sweep") for s in (p.get("systems") or {}).values())]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), squeeze=False,
+                             figsize=(RUN_SIZE[0] * max(1, len(pairs)) / 1.6, RUN_SIZE[1]))
+    for ax, (name, pair) in zip(axes[0], pairs):
+        for sname, res in (pair.get("systems") or {}).items():
+            sweep = [r for r in res.get("sweep") or [] if r.get("speedup") is not None]
+            if not sweep:
+                continue
+            sweep.sort(key=lambda r: r["gamma"])
+            (line,) = ax.plot([r["gamma"] for r in sweep], [r["speedup"] for r in sweep],
+                              marker="o", label=sname)
+            sp = res.get("spec") or {}
+            if sname.startswith("qd") and sp.get("alpha") is not None and sp.get("cost_ratio_c"):
+                gs = list(range(1, max(r["gamma"] for r in sweep) + 1))
+                ax.plot(gs, [theory.walltime_improvement(sp["alpha"], g, sp["cost_ratio_c"])
+                             for g in gs], linestyle="--", color=line.get_color(), linewidth=1,
+                        label=f"Theorem 3.8 ({sname}: alpha {sp['alpha']:.2f}, "
+                              f"c {sp['cost_ratio_c']:.3f})")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("gamma (draft tokens per iteration)")
+        ax.set_ylabel("speedup over the system's own autoregressive")
+        ax.set_title(name)
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_controlled(results: dict, path: Path) -> Path | None:
+    pts = []
+    for name, pair in (results.get("pairs") or {}).items():
+        for sname, res in (pair.get("systems") or {}).items():
+            for r in res.get("controlled") or []:
+                if r.get("speedup") is not None and r.get("theoretical_improvement") is not None:
+                    pts.append((f"{name} {sname}", r))
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=RUN_SIZE)
+    for label in sorted({lbl for lbl, _ in pts}):
+        rs = sorted((r for lbl, r in pts if lbl == label), key=lambda r: r["alpha_nominal"])
+        xs = [r["alpha_nominal"] for r in rs]
+        (line,) = ax.plot(xs, [r["speedup"] for r in rs], marker="o", label=f"{label} measured")
+        ax.plot(xs, [r["theoretical_improvement"] for r in rs], linestyle="--",
+                color=line.get_color(), label=f"{label} Theorem 3.8")
+    ax.set_xlabel("alpha (controlled)")
+    ax.set_ylabel("speedup over autoregressive")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_verify_cost(results: dict, path: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=RUN_SIZE)
+    drawn = False
+    for name, pair in (results.get("pairs") or {}).items():
+        for sname, res in (pair.get("systems") or {}).items():
+            ratios = (res.get("costs") or {}).get("verify_over_step") or {}
+            if ratios:
+                gs = sorted(int(g) for g in ratios)
+                ax.plot(gs, [ratios[str(g)] if str(g) in ratios else ratios[g] for g in gs],
+                        marker="o", label=f"{name} {sname}")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xlabel("gamma")
+    ax.set_ylabel("target call on gamma + 1 tokens / on 1 token")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def make_run_plots(results_path: Path, out: Path = RUN_ASSETS) -> list[Path]:
+    """The plots of one ``benchmarks/bench.py`` results file (``<stem>_tokens_per_s``,
+    ``_gamma_sweep``, ``_controlled_alpha``, ``_verify_cost``; one without data is not
+    drawn) into ``out``. Returns the files written."""
+
+    results = json.loads(Path(results_path).read_text())
+    stem = results_path.stem
+    made = []
+    for suffix, fn in (("tokens_per_s", plot_tokens_per_s), ("gamma_sweep", plot_gamma_sweep),
+                       ("controlled_alpha", plot_controlled), ("verify_cost", plot_verify_cost)):
+        p = fn(results, Path(out) / f"{stem}_{suffix}.png")
+        if p is not None:
+            made.append(p)
+    return made
+
+
+# any results file: metrics against gamma, read tolerantly
 
 
 def _records(data) -> list[dict]:
@@ -238,7 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ASSETS, help="folder for the PNGs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="benchmark JSON folder")
     parser.add_argument("--only", choices=["theory", "benchmarks"], help="draw only one kind")
+    parser.add_argument("--run", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="draw the plots of these bench.py results files only (into "
+                             "--out, default docs/assets/benchmarks/)")
     args = parser.parse_args(argv)
+    if args.run:
+        out = RUN_ASSETS if args.out == ASSETS else args.out
+        for path in args.run:
+            for made in make_run_plots(path, out):
+                print(made)
+        return 0
     written = []
     if args.only in (None, "theory"):
         written += make_theory_plots(args.out)

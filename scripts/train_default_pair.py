@@ -25,8 +25,9 @@ What it does:
    ``<|endoftext|>`` (id 0) separates files and is BOS/EOS/PAD.
 3. Models: two Llama decoders (``transformers.LlamaForCausalLM``, tied embeddings), the
    target (3.4M parameters) and the draft (0.32M), trained from the same seed on the same
-   sequence of random windows of the training token stream (AdamW, warmup + cosine). The
-   draft is distilled from the target (KL(target || draft), ``--draft-distill``).
+   sequence of random windows of the training token stream by ``benchmarks/training.py``
+   (the loop the benchmarks' trained pair uses too: AdamW, warmup + cosine). The draft is
+   distilled from the target (KL(target || draft), ``--draft-distill``).
 4. Evaluation on the held-out files: loss of each model and the acceptance rate
    alpha = E[sum_x min(p(x), q(x))] at T=0 and T=1 (``quickdraft.theory.beta``).
 5. ``--export`` / ``--export-only``: quickdraft's own exporter
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -54,6 +54,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # quickdraft and benchmarks/ from this checkout
+    sys.path.append(str(REPO))
+
+from benchmarks import training  # noqa: E402  (the training loop both trained pairs use)
+
 DEFAULT_OUT = REPO / "runs" / "default_pair"
 SHIPPED = REPO / "quickdraft" / "models" / "default"
 EXCLUDED_DIRS = ("encodings", "pydoc_data")
@@ -125,54 +130,20 @@ def corpus_digest(files: list[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def encode_files(tokenizer, files: list[Path]) -> list[int]:
-    """One token stream: each file's tokens followed by <|endoftext|>."""
-    eos = tokenizer.eos_token_id
+def encode_files(tokenizer, files: list[Path]):
+    """One token stream [N] int64 (a tensor): each file's tokens followed by
+    <|endoftext|>."""
+    import torch
+
     texts = [p.read_text(encoding="utf-8") for p in files]
-    stream: list[int] = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-        stream.extend(enc.ids)
-        stream.append(eos)
-    return stream
+    return torch.from_numpy(training.encode(tokenizer, texts).astype("int64"))
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def build_model(shape: Shape, vocab_size: int, ctx: int, tokenizer, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=ctx,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        attention_dropout=0.0,
-        **asdict(shape),
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    return model
-
-
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights counted once
-
-
-def batches(stream, steps: int, batch: int, ctx: int, seed: int):
-    """The same random windows for every model: a seeded generator picks the offsets."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    high = len(stream) - ctx - 1
-    for _ in range(steps):
-        starts = torch.randint(0, high, (batch,), generator=g)
-        idx = starts[:, None] + torch.arange(ctx + 1)[None, :]
-        yield stream[idx]  # [batch, ctx + 1]
 
 
 def heldout_loss(model, windows, device: str, batch: int = 16) -> float:
@@ -193,116 +164,38 @@ def heldout_loss(model, windows, device: str, batch: int = 16) -> float:
 def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, lr: float,
                 seed: int, device: str, log_every: int, eval_windows=None,
                 eval_every: int = 0, teacher=None, distill: float = 0.0) -> dict:
-    """AdamW with linear warmup and cosine decay to 10% of ``lr``.
-
-    With a ``teacher`` and ``distill`` = w > 0 the loss is (1 - w) * cross-entropy +
-    w * KL(teacher || model) at temperature 1: the draft learns the target's whole
-    next-token distribution, which is what the acceptance rate 1 - TV(p, q) rewards.
-    """
+    """``benchmarks.training.train`` for ``steps`` steps on the random windows a torch
+    generator seeded with ``seed`` picks (the same windows for every model), with the
+    held-out loss every ``eval_every`` steps."""
     import torch
 
-    model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-    warmup = max(1, min(100, steps // 10))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
+    g = torch.Generator().manual_seed(seed)
+    batches = training.random_windows(
+        stream, batch, ctx, lambda high, n: torch.randint(0, high, (n,), generator=g))
     t0 = time.perf_counter()
     smooth = None
     curve = []
-    for step, chunk in enumerate(batches(stream, steps, batch, ctx, seed)):
-        chunk = chunk.to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        logits = model(input_ids=chunk[:, :-1]).logits  # [B, ctx, V]
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # [B*ctx, V]
-        loss = torch.nn.functional.cross_entropy(flat, chunk[:, 1:].reshape(-1))
-        if teacher is not None and distill > 0:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=chunk[:, :-1]).logits  # [B, ctx, V]
-                log_p = torch.log_softmax(t_logits.reshape(flat.shape).float(), dim=-1)
-            kl = torch.nn.functional.kl_div(torch.log_softmax(flat, dim=-1), log_p,
-                                            log_target=True, reduction="batchmean")
-            loss = (1 - distill) * loss + distill * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+
+    def on_step(step, total, loss, kl, ce):
+        nonlocal smooth
         value = loss.item()
         smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed = time.perf_counter() - t0
-            log(f"{name} step {step + 1}/{steps} loss {value:.3f} (smoothed {smooth:.3f}) "
-                f"{elapsed:.0f}s")
+        if (step + 1) % log_every == 0 or step + 1 == total:
+            log(f"{name} step {step + 1}/{total} loss {value:.3f} (smoothed {smooth:.3f}) "
+                f"{time.perf_counter() - t0:.0f}s")
         if eval_windows is not None and eval_every and (
-                (step + 1) % eval_every == 0 or step + 1 == steps):
+                (step + 1) % eval_every == 0 or step + 1 == total):
             model.eval()
             held = heldout_loss(model, eval_windows, device)
             model.train()
             curve.append([step + 1, round(held, 4)])
             log(f"{name} step {step + 1}: held-out loss {held:.3f}")
-    model.eval()
+
+    training.train(name, model, batches, lr=lr, device=device, steps=steps,
+                   teacher=teacher if distill > 0 else None, distill_weight=distill,
+                   on_step=on_step, log=log)
     return {"steps": steps, "final_loss_smoothed": smooth, "heldout_curve": curve,
             "train_seconds": time.perf_counter() - t0}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def heldout_windows(stream, ctx: int, n: int):
-    """n evenly spaced, non-overlapping windows of ctx + 1 tokens (deterministic)."""
-    import torch
-
-    total = len(stream) // (ctx + 1)
-    n = min(n, total)
-    picks = [int(i * total / n) for i in range(n)]
-    return torch.stack([stream[k * (ctx + 1): (k + 1) * (ctx + 1)] for k in picks])
-
-
-def evaluate(target, draft, windows, device: str, batch: int = 8) -> dict:
-    """Held-out loss of both models and alpha at T=0 and T=1 over every position."""
-    import numpy as np
-    import torch
-
-    from quickdraft.sampling import SamplingConfig, adjust_logits
-    from quickdraft.theory import alpha_from_distributions
-
-    nll = {"target": [], "draft": []}
-    betas = {0.0: [], 1.0: []}
-    with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            chunk = windows[i: i + batch].to(device)
-            inputs, labels = chunk[:, :-1], chunk[:, 1:]
-            lp = target(input_ids=inputs).logits.float()  # [B, ctx, V]
-            lq = draft(input_ids=inputs).logits.float()  # [B, ctx, V]
-            for name, lg in (("target", lp), ("draft", lq)):
-                nll[name].append(torch.nn.functional.cross_entropy(
-                    lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), reduction="none"
-                ).cpu().numpy())
-            zp = lp.reshape(-1, lp.shape[-1]).cpu().numpy()  # [B*ctx, V]
-            zq = lq.reshape(-1, lq.shape[-1]).cpu().numpy()  # [B*ctx, V]
-            for t in betas:
-                cfg = SamplingConfig(temperature=t)
-                p, q = adjust_logits(zp, cfg), adjust_logits(zq, cfg)  # [B*ctx, V]
-                betas[t].append(alpha_from_distributions(p, q) * len(zp))
-    positions = sum(len(x) for x in nll["target"])
-    out = {"positions": positions}
-    for name in nll:
-        loss = float(np.concatenate(nll[name]).mean())
-        out[f"{name}_loss"] = loss
-        out[f"{name}_ppl"] = math.exp(loss)
-    out["alpha_T0"] = float(sum(betas[0.0]) / positions)
-    out["alpha_T1"] = float(sum(betas[1.0]) / positions)
-    return out
 
 
 # ----------------------------------------------------------------------------- export
@@ -385,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
                          "(on CPU) and print them")
     args = ap.parse_args(argv)
 
-    if str(REPO) not in sys.path:  # quickdraft from this checkout when not installed
-        sys.path.append(str(REPO))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -414,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate_only:
         _, heldout_files, _ = corpus_files(args.stdlib_root)
         tokenizer = AutoTokenizer.from_pretrained(out / "target")
-        heldout_stream = torch.tensor(encode_files(tokenizer, heldout_files), dtype=torch.long)
-        windows = heldout_windows(heldout_stream, args.ctx, args.eval_windows)
+        heldout_stream = encode_files(tokenizer, heldout_files)
+        windows = training.heldout_windows(heldout_stream, args.ctx, args.eval_windows)
         target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
         draft = AutoModelForCausalLM.from_pretrained(out / "draft").eval()
-        print(json.dumps(evaluate(target, draft, windows, "cpu"), indent=2))
+        print(json.dumps(training.evaluate(target, draft, windows, "cpu"), indent=2))
         return 0
 
     if args.export_only:
@@ -442,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = train_tokenizer(tok_dir, vocab_size=args.vocab_size, text=train_text,
                                 model_max_length=args.ctx)
     vocab = len(tokenizer)
-    train_stream = torch.tensor(encode_files(tokenizer, train_files), dtype=torch.long)
-    heldout_stream = torch.tensor(encode_files(tokenizer, heldout_files), dtype=torch.long)
+    train_stream = encode_files(tokenizer, train_files)
+    heldout_stream = encode_files(tokenizer, heldout_files)
     log(f"tokenizer: {vocab} tokens; {len(train_stream)} training tokens "
         f"({len(train_text) / len(train_stream):.2f} chars/token), "
         f"{len(heldout_stream)} held-out tokens")
 
-    windows = heldout_windows(heldout_stream, args.ctx, args.eval_windows)
+    windows = training.heldout_windows(heldout_stream, args.ctx, args.eval_windows)
     results = {}
     teacher = None
     draft_shape = replace(DRAFT, num_hidden_layers=args.draft_layers,
@@ -466,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             results[role] = {"parameters": count_params(model), "reused_from": str(src)}
             log(f"target: reused from {src}")
         else:
-            model = build_model(shape, vocab, args.ctx, tokenizer, args.seed)
+            model = training.build_llama(asdict(shape), tokenizer, vocab_size=vocab,
+                                         max_positions=args.ctx, tie=True, seed=args.seed)
             params = count_params(model)
             log(f"{role}: {params:,} parameters {asdict(shape)}")
             info = train_model(role, model, train_stream, steps=steps, batch=args.batch,
@@ -488,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
     draft = AutoModelForCausalLM.from_pretrained(out / "draft").eval()
     t0 = time.perf_counter()
-    ev = evaluate(target, draft, windows, "cpu")
+    ev = training.evaluate(target, draft, windows, "cpu")
     log(f"held-out: target loss {ev['target_loss']:.3f}, draft loss {ev['draft_loss']:.3f}, "
         f"alpha T=0 {ev['alpha_T0']:.3f}, alpha T=1 {ev['alpha_T1']:.3f} "
         f"over {ev['positions']} positions ({time.perf_counter() - t0:.0f}s)")

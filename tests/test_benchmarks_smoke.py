@@ -46,8 +46,9 @@ def test_controlled_drafter_keeps_greedy_output(alpha, gamma):
     target, draft = _pair()
     prompt, n = [1, 2, 3], 40
     ref = _greedy(target, prompt, n)
-    drafter = ControlledAlphaDrafter(draft, prompt, ref, alpha, np.random.default_rng(7))
-    res = speculative_generate(target, None, prompt, gamma=gamma, max_new_tokens=n,
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, alpha, np.random.default_rng(7),
+                                     gamma=gamma)
+    res = speculative_generate(target, None, prompt, max_new_tokens=n,
                                sampling=GREEDY, rng=np.random.default_rng(1), drafter=drafter)
     assert res.tokens == ref
     check_greedy_equal(res.tokens, ref)
@@ -64,12 +65,33 @@ def test_controlled_drafter_runs_the_draft_like_model_drafter():
     ref = _greedy(target, prompt, n)
     natural = speculative_generate(target, draft, prompt, gamma=gamma, max_new_tokens=n,
                                    sampling=GREEDY, rng=np.random.default_rng(1))
-    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.0, np.random.default_rng(0))
-    ctl = speculative_generate(target, None, prompt, gamma=gamma, max_new_tokens=n,
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.0, np.random.default_rng(0),
+                                     gamma=gamma)
+    ctl = speculative_generate(target, None, prompt, max_new_tokens=n,
                                sampling=GREEDY, rng=np.random.default_rng(1), drafter=drafter)
     # the same number of draft calls per drafted token as the real draft (one per token)
     assert ctl.stats.draft_calls == sum(ctl.stats.drafted_per_iteration)
     assert natural.stats.draft_calls == sum(natural.stats.drafted_per_iteration)
+
+
+def test_runner_measures_whole_generations_on_the_generator():
+    pytest.importorskip("onnxruntime")
+    from benchmarks.adapters import Runner
+
+    target, draft = _pair()
+    prompt, n = [3, 1], 24
+    ref = _greedy(target, prompt, n)
+    runner = Runner(target, draft)
+    tokens, ar = runner.autoregressive(prompt, n)
+    assert tokens == ref and ar["mode"] == "autoregressive" and ar["new_tokens"] == n
+    tokens, sp = runner.speculative(prompt, n, 3)
+    assert tokens == ref and sp["gamma"] == 3 and max(sp["drafted_per_iteration"]) <= 3
+    assert sp["beta_count"] >= sp["iterations"] and "host_ms_per_iteration" in sp
+    # the controlled drafter in the Generator: its draft state is prefilled and closed there
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.5, np.random.default_rng(0), gamma=4)
+    tokens, ctl = runner.speculative(prompt, n, 4, drafter=drafter)
+    assert tokens == ref and ctl["iterations"] == len(ctl["accepted_per_iteration"])
+    assert drafter.states and drafter.max_tokens == 4
 
 
 def test_controlled_drafter_acceptance_rate_is_alpha():
@@ -79,8 +101,8 @@ def test_controlled_drafter_acceptance_rate_is_alpha():
     accepted, drafted = [], []
     for alpha in (0.6, 0.9):
         drafter = ControlledAlphaDrafter(draft, prompt, ref, alpha, np.random.default_rng(11),
-                                         run_draft=False, vocab_size=20)
-        res = speculative_generate(target, None, prompt, gamma=4, max_new_tokens=n,
+                                         gamma=4, run_draft=False, vocab_size=20)
+        res = speculative_generate(target, None, prompt, max_new_tokens=n,
                                    sampling=GREEDY, rng=np.random.default_rng(2),
                                    drafter=drafter)
         assert res.tokens == ref
@@ -96,12 +118,12 @@ def test_controlled_drafter_refuses_a_diverged_sequence():
     target, draft = _pair()
     prompt = [1, 2]
     ref = _greedy(target, prompt, 10)
-    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.5, np.random.default_rng(0))
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, 0.5, np.random.default_rng(0), gamma=2)
     wrong = (ref[0] + 1) % 12
     with pytest.raises(AssertionError, match="greedy"):
         drafter.get_candidates(prompt + [wrong], 2, np.zeros(2))
     with pytest.raises(ValueError):
-        ControlledAlphaDrafter(draft, prompt, ref, 1.5, np.random.default_rng(0))
+        ControlledAlphaDrafter(draft, prompt, ref, 1.5, np.random.default_rng(0), gamma=2)
     with pytest.raises(AssertionError):
         check_greedy_equal([1, 2, 3], [1, 2, 4])
 
@@ -167,6 +189,7 @@ def _results() -> dict:
 
 
 def test_report_renders_tables_goals_and_records():
+    pytest.importorskip("tabulate")  # the bench extra
     r = _results()
     text = report.render(r)
     assert "### 7b: systems" in text and "quickdraft fast" in text
@@ -270,7 +293,8 @@ def test_structured_random_pair_has_margins_and_agreement(tmp_path):
 
 
 def test_train_pair_helpers():
-    from benchmarks.train_pair import heldout_windows, prompts_from
+    from benchmarks.train_pair import prompts_from
+    from benchmarks.training import heldout_windows
 
     stream = np.arange(1000, dtype=np.int32) % 97 + 1
     stream[500] = 0  # an end-of-file token

@@ -58,6 +58,7 @@ class StaticOrtModel(ExportedModel):
     KV_CACHE = "static"
     DTYPES = tuple(_NP_DTYPES)
     ERROR = StaticModelError
+    MEM_PATTERN = True  # every step length has one shape
 
     def __init__(
         self,

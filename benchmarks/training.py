@@ -1,0 +1,242 @@
+"""Training a Llama draft/target pair: the loop both trained pairs use.
+
+``benchmarks/train_pair.py`` (the benchmarks' 97M / 6M pair, time-budgeted, bf16 autocast
+on CUDA) and ``scripts/train_default_pair.py`` (the bundled pair, a fixed number of steps,
+deterministic) differ in their corpus, shapes and settings; the model, the token stream,
+the optimizer and its schedule, one training step, the draft's distillation loss, the
+held-out windows and the evaluation are these.
+
+One step: AdamW (betas 0.9 / 0.95, eps 1e-8, weight decay on matrices only), linear warmup
+over ``min(warmup_steps, steps // 10)`` steps and a cosine decay to 10% of ``lr``, gradient
+norm clipped at 1, on a window batch [B, ctx + 1]. The loss is the cross entropy of the
+next token; with a teacher and a distillation weight w > 0 it is
+``(1 - w) * CE + w * KL(teacher || model)`` at temperature 1 (the draft learns the
+target's whole next-token distribution, which is what alpha = 1 - TV(p, q) rewards). The
+teacher's forward on the batch is part of the step (and of its time).
+
+torch, transformers and NumPy are imported where used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+
+__all__ = ["build_llama", "encode", "random_windows", "train", "heldout_windows", "evaluate"]
+
+
+def build_llama(shape: dict, tokenizer, *, vocab_size: int, max_positions: int, tie: bool,
+                seed: int):
+    """A ``LlamaForCausalLM`` of ``shape`` (hidden_size, num_hidden_layers, ...), its
+    weights drawn after ``torch.manual_seed(seed)``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie, rope_theta=10000.0,
+        attention_dropout=0.0, **shape)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def encode(tokenizer, texts: list[str]):
+    """One int32 token stream [N]: each text's tokens followed by ``<|endoftext|>``."""
+    import numpy as np
+
+    eos = tokenizer.eos_token_id
+    parts = [np.asarray(enc.ids + [eos], dtype=np.int32)
+             for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+def random_windows(stream, batch: int, ctx: int, next_starts: Callable[[int, int], object]
+                   ) -> Iterator:
+    """Endless batches of windows [batch, ctx + 1] of ``stream`` (an int64 tensor) at the
+    offsets ``next_starts(high, batch)`` draws (a seeded generator: the same windows for
+    every run)."""
+    import torch
+
+    high = len(stream) - ctx - 1
+    if high <= 0:
+        raise ValueError(f"the training stream ({len(stream)} tokens) is too short for "
+                         f"windows of {ctx + 1}")
+    while True:
+        starts = next_starts(high, batch)  # [batch]
+        yield stream[starts[:, None] + torch.arange(ctx + 1)[None, :]]  # [batch, ctx + 1]
+
+
+def _loss(logits, labels, teacher_logits, weight: float):
+    """(loss, KL or None, CE): CE of ``labels`` [N] under ``logits`` [N, V] (fp32), mixed
+    with KL(teacher || model) when ``teacher_logits`` are given."""
+    import torch
+
+    flat = logits.float()  # [N, V]
+    ce = torch.nn.functional.cross_entropy(flat, labels)
+    if teacher_logits is None:
+        return ce, None, ce.detach()
+    log_p = torch.log_softmax(teacher_logits.reshape(flat.shape).float(), dim=-1)  # [N, V]
+    kl = torch.nn.functional.kl_div(torch.log_softmax(flat, dim=-1), log_p, log_target=True,
+                                    reduction="batchmean")
+    return (1 - weight) * ce + weight * kl, kl.detach(), ce.detach()
+
+
+def train(name: str, model, batches: Iterator, *, lr: float, device: str,
+          steps: int | None = None, seconds: float | None = None, warmup_steps: int = 100,
+          weight_decay: float = 0.1, fused: bool = False, autocast: bool = False,
+          compile: bool = False, teacher=None, distill_weight: float = 0.0,
+          on_step: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train ``model`` on ``batches`` (see the module's docstring for one step).
+
+    ``steps`` fixes the number of steps; without it, the steps that fit in ``seconds``,
+    from the time of steps 3..7 (the first eight steps run under a provisional schedule
+    of 10,000 steps and count as training). ``autocast``: bf16 on CUDA. ``on_step(step,
+    steps, loss, kl, ce)`` is called after each step (tensors: reading one waits for the
+    device). Returns steps, seconds and the objective; the model is left in eval mode.
+    """
+    import torch
+
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"{name}: distill_weight must lie in [0, 1], got {distill_weight}; "
+                         "pass a weight between 0 (cross entropy alone) and 1")
+    if distill_weight > 0 and teacher is None:
+        raise ValueError(f"{name}: distill_weight {distill_weight} needs a teacher model; "
+                         "pass teacher= or distill_weight=0")
+    distill = teacher is not None and distill_weight > 0
+    if steps is None and seconds is None:
+        raise ValueError(f"{name}: give steps or seconds")
+    if distill:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teach = torch.compile(teacher) if compile else teacher
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
+    fwd = torch.compile(model) if compile else model
+    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device == "cuda"
+            else contextlib.nullcontext())
+
+    def lr_at(step: int, total: int) -> float:
+        warm = max(1, min(warmup_steps, total // 10))
+        if step < warm:
+            return lr * (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def one_step(step: int, total: int):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total)
+        chunk = next(batches).to(device, non_blocking=True)  # [B, ctx + 1]
+        x, y = chunk[:, :-1], chunk[:, 1:].reshape(-1)  # [B, ctx], [B * ctx]
+        t_logits = None
+        with cast:
+            logits = fwd(input_ids=x).logits  # [B, ctx, V]
+            if distill:
+                with torch.no_grad():
+                    t_logits = teach(input_ids=x).logits  # [B, ctx, V]
+        loss, kl, ce = _loss(logits.reshape(-1, logits.shape[-1]), y, t_logits,
+                             distill_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss, kl, ce
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    t_start = time.perf_counter()
+    first = 0
+    if steps is None:  # steps 3..7 (teacher forward included) measure the step time
+        provisional = 10_000
+        for s in range(8):
+            if s == 3:
+                sync()
+                t0 = time.perf_counter()
+            out = one_step(s, provisional)
+            if on_step:
+                on_step(s, provisional, *out)
+        sync()
+        per_step = (time.perf_counter() - t0) / 5
+        steps = max(8, int((seconds - (time.perf_counter() - t_start)) / per_step) + 8)
+        first = 8
+        log(f"{name}: {per_step * 1e3:.1f} ms/step -> {steps} steps in ~{seconds:.0f}s")
+    for s in range(first, steps):
+        out = one_step(s, steps)
+        if on_step:
+            on_step(s, steps, *out)
+    sync()
+    model.eval()
+    return {"steps": steps, "seconds": time.perf_counter() - t_start,
+            "objective": (f"{distill_weight:g} * KL(target || {name}) + "
+                          f"{1 - distill_weight:g} * CE" if distill else "CE"),
+            "distill_weight": distill_weight if distill else 0.0}
+
+
+def heldout_windows(stream, ctx: int, n: int):
+    """n evenly spaced, non-overlapping windows [n, ctx + 1] of ``stream`` (deterministic;
+    a tensor for a tensor, an array for an array)."""
+    import numpy as np
+
+    total = len(stream) // (ctx + 1)
+    n = min(n, total)
+    picks = [int(i * total / n) for i in range(n)]
+    rows = [stream[k * (ctx + 1): (k + 1) * (ctx + 1)] for k in picks]
+    if hasattr(stream, "unsqueeze"):  # a torch tensor
+        import torch
+
+        return torch.stack(rows)
+    return np.stack(rows)
+
+
+def evaluate(target, draft, windows, device: str, *, batch: int = 8,
+             autocast: bool = False) -> dict:
+    """Held-out loss of both models and alpha at T=0 and T=1 over every position of
+    ``windows`` (a tensor [n, ctx + 1]): alpha = the mean of sum_x min(p(x), q(x)) over
+    the positions (``quickdraft.theory``), of the greedy one-hot rows at T=0 (argmax
+    agreement) and of the softmaxes at T=1. ``autocast``: bf16 forwards on CUDA."""
+    import numpy as np
+    import torch
+
+    from quickdraft.sampling import SamplingConfig, adjust_logits
+    from quickdraft.theory import alpha_from_distributions
+
+    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device == "cuda"
+            else contextlib.nullcontext())
+    nll = {"target": [], "draft": []}
+    betas = {0.0: [], 1.0: []}
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            chunk = windows[i: i + batch].to(device)
+            inputs, labels = chunk[:, :-1], chunk[:, 1:]
+            with cast:
+                lp, lq = target(input_ids=inputs).logits, draft(input_ids=inputs).logits
+            lp, lq = lp.float(), lq.float()  # [B, ctx, V]
+            for name, lg in (("target", lp), ("draft", lq)):
+                nll[name].append(torch.nn.functional.cross_entropy(
+                    lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), reduction="none"
+                ).cpu().numpy())
+            zp = lp.reshape(-1, lp.shape[-1]).cpu().numpy()  # [B * ctx, V]
+            zq = lq.reshape(-1, lq.shape[-1]).cpu().numpy()  # [B * ctx, V]
+            for t in betas:
+                cfg = SamplingConfig(temperature=t)
+                p, q = adjust_logits(zp, cfg), adjust_logits(zq, cfg)  # [B * ctx, V]
+                betas[t].append(alpha_from_distributions(p, q) * len(zp))
+    positions = sum(len(x) for x in nll["target"])
+    out = {"positions": positions}
+    for name in nll:
+        loss = float(np.concatenate(nll[name]).mean())
+        out[f"{name}_loss"] = loss
+        out[f"{name}_ppl"] = math.exp(loss)
+    out["alpha_T0"] = float(sum(betas[0.0]) / positions)
+    out["alpha_T1"] = float(sum(betas[1.0]) / positions)
+    return out
