@@ -15,6 +15,7 @@ VERB_MODULES = [
     "quickdraft.reference.cli",  # theory, demo
     "quickdraft.export.cli",  # export
     "quickdraft.ort_backend.cli",  # generate
+    "quickdraft.serve.cli",  # serve
 ]
 
 

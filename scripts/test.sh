@@ -10,7 +10,7 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0        # CPU build; install before anything that needs torch
-python -m pip install -q -e ".[test,export,ort,docs,bench]"
+python -m pip install -q -e ".[test,export,ort,docs,bench,serve]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
 ruff check quickdraft tests

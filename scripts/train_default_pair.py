@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-steps", type=int, default=4000)
     ap.add_argument("--target-lr", type=float, default=3e-3)
     ap.add_argument("--draft-lr", type=float, default=5e-3)
+    ap.add_argument("--target-layers", type=int, default=TARGET.num_hidden_layers)
+    ap.add_argument("--target-hidden", type=int, default=TARGET.hidden_size)
+    ap.add_argument("--target-intermediate", type=int, default=TARGET.intermediate_size)
+    ap.add_argument("--target-heads", type=int, default=TARGET.num_attention_heads)
+    ap.add_argument("--target-kv-heads", type=int, default=TARGET.num_key_value_heads)
     ap.add_argument("--draft-layers", type=int, default=DRAFT.num_hidden_layers,
                     help="decoder layers of the draft")
     ap.add_argument("--draft-hidden", type=int, default=DRAFT.hidden_size)
@@ -346,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
                           hidden_size=args.draft_hidden,
                           intermediate_size=args.draft_intermediate,
                           num_attention_heads=args.draft_heads)
-    for role, shape, steps, lr in (("target", TARGET, args.target_steps, args.target_lr),
+    target_shape = Shape(hidden_size=args.target_hidden, num_hidden_layers=args.target_layers,
+                         num_attention_heads=args.target_heads,
+                         num_key_value_heads=args.target_kv_heads,
+                         intermediate_size=args.target_intermediate)
+    for role, shape, steps, lr in (("target", target_shape, args.target_steps, args.target_lr),
                                    ("draft", draft_shape, args.draft_steps, args.draft_lr)):
         if role == "target" and args.reuse_target is not None:
             src = args.reuse_target.resolve()

@@ -249,6 +249,11 @@ def export_model(
 ) -> ModelReport:
     """Export one causal LM to ``out_dir`` (model.onnx, tokenizer files, quickdraft.json).
 
+    ``src`` is a Hugging Face folder, a hub id or a GGUF file (converted once through
+    transformers' GGUF loader into a temporary folder, removed after; see
+    :mod:`quickdraft.export.gguf`: the manifest's ``source`` is then the GGUF path and
+    ``gguf.json`` says what was read and how the tokenizer was checked).
+
     ``kv_cache`` "dynamic" exports with optimum-onnx; "static" builds a GroupQueryAttention
     graph for preallocated caches of ``max_length`` tokens (default: the model's context;
     see :mod:`quickdraft.export.static`). Written to a staging folder next to ``out_dir``
@@ -286,6 +291,8 @@ def export_pair(
     """Export a target and a draft model to ``out/target`` and ``out/draft``, and
     ``draft_draft`` (the draft's own draft, for hierarchical speculative decoding: the
     draft decoded speculatively by a smaller model), if given, to ``out/draft_draft``.
+    Each may be a Hugging Face folder, a hub id or a GGUF file (as for
+    :func:`export_model`; one file given twice is converted once).
 
     ``kv_cache`` and ``max_length`` as for :func:`export_model` (a static export shares one
     cache length, by default the smallest context). Checks first (before any export) that

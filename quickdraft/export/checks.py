@@ -18,6 +18,8 @@ __all__ = [
     "SourceInfo",
     "resolve_source",
     "check_model",
+    "check_config",
+    "is_gguf_source",
     "check_models",
     "check_pair",
     "check_three",
@@ -40,6 +42,28 @@ TOKENIZER_FILES = (
 _LIGHT_FILES = ["config.json", *TOKENIZER_FILES, "vocab.txt", "*.tiktoken"]
 
 
+GGUF_MAGIC = b"GGUF"  # the first bytes of a GGUF file
+
+
+def is_gguf_source(source: str | os.PathLike | None) -> bool:
+    """Whether ``source`` names a GGUF file: a path ending in .gguf, or an existing file
+    that starts with the GGUF magic bytes."""
+    if source is None:
+        return False
+    text = os.fspath(source)
+    if text.lower().endswith(".gguf"):
+        return True
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(4) == GGUF_MAGIC
+        except OSError:
+            return False
+    return False
+
+
+
 class ExportError(ValueError):
     """A source that cannot be exported, with the reason."""
 
@@ -56,10 +80,12 @@ class VocabularyMismatchError(ExportError):
 class SourceInfo:
     """A model source resolved to a local folder holding (at least) its config and tokenizer."""
 
-    source: str  # what the user gave: a folder or a hub id
+    source: str  # what the user gave: a folder, a hub id or a GGUF file
     folder: Path  # local folder with config.json and the tokenizer files
     is_local: bool  # the source is a local folder (False: a hub id, weights fetched later)
     config: object  # transformers PretrainedConfig
+    # for a GGUF source (folder: its converted Hugging Face folder): what was read, for gguf.json
+    gguf: dict | None = None
 
     @property
     def model_type(self) -> str:
@@ -81,12 +107,22 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, bool]:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
+            hint = ""
+            if any(path.glob("*.gguf")):
+                hint = " (to export a GGUF file, give the path of the .gguf file itself)"
             raise FileNotFoundError(
-                f"{path} has no config.json: not a Hugging Face model folder"
+                f"{path} has no config.json: not a Hugging Face model folder{hint}"
             )
         return path.resolve(), True
     if path.exists():
-        raise FileNotFoundError(f"{path} is a file, not a model folder")
+        if is_gguf_source(path):
+            raise FileNotFoundError(
+                f"{path} is a GGUF file, not a Hugging Face folder: export_pair, export_model "
+                "and `quickdraft export` convert it (quickdraft.export.gguf.converted_sources)"
+            )
+        raise FileNotFoundError(f"{path} is a file, neither a model folder nor a GGUF file")
+    if text.lower().endswith(".gguf"):
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
     if not _looks_like_hub_id(text):
         raise FileNotFoundError(f"model folder {path} does not exist")
     # a hub id "owner/name": fetch only the small files now; the weights come with the export
@@ -127,13 +163,20 @@ def check_model(source: str | os.PathLike) -> SourceInfo:
 
     Raises FileNotFoundError or UnsupportedModelError with the reason.
     """
+    text = os.fspath(source)
+    folder, is_local = resolve_source(text)
+    config = _load_config(folder, text)
+    check_config(text, config)
+    return SourceInfo(source=text, folder=folder, is_local=is_local, config=config)
+
+
+def check_config(text: str, config) -> None:
+    """Refuse (UnsupportedModelError) a ``config`` that is not of a decoder-only causal LM
+    that optimum-onnx exports with a KV cache; ``text`` names the source in the error."""
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    text = os.fspath(source)
-    folder, is_local = resolve_source(text)
-    config = _load_config(folder, text)
     model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
@@ -162,7 +205,6 @@ def check_model(source: str | os.PathLike) -> SourceInfo:
             f"{text}: architecture {model_type!r} is not supported by optimum-onnx for "
             f"{TASK} (ONNX export with a KV cache)"
         )
-    return SourceInfo(source=text, folder=folder, is_local=is_local, config=config)
 
 
 def logits_width(config) -> int:

@@ -28,12 +28,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(default) exports with optimum-onnx (any architecture it covers); --kv-cache "
             "static builds GroupQueryAttention graphs with onnxruntime-genai's model builder "
             "(llama, qwen2, mistral, qwen3; --dtype fp32 --device cpu or --dtype fp16 "
-            "--device cuda) for preallocated caches and CUDA graphs."
+            "--device cuda) for preallocated caches and CUDA graphs. A model may also be a "
+            "GGUF file (FILE.gguf, an architecture transformers' GGUF loader covers): it is "
+            "dequantized once into a temporary Hugging Face folder, its tokenizer checked "
+            "(and rebuilt from the file if transformers builds it wrongly), and exported and "
+            "validated from there."
         ),
     )
-    p.add_argument("--target", required=True, metavar="HF_DIR_OR_ID", help="the target model")
-    p.add_argument("--draft", required=True, metavar="HF_DIR_OR_ID", help="the draft model")
-    p.add_argument("--draft-draft", default=None, metavar="HF_DIR_OR_ID",
+    p.add_argument("--target", required=True, metavar="HF_DIR_ID_OR_GGUF",
+                   help="the target model")
+    p.add_argument("--draft", required=True, metavar="HF_DIR_ID_OR_GGUF",
+                   help="the draft model")
+    p.add_argument("--draft-draft", default=None, metavar="HF_DIR_ID_OR_GGUF",
                    help="optional: a smaller draft of the draft, exported to OUT/draft_draft "
                    "for hierarchical speculative decoding (same vocabulary as the others)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from quickdraft.export import checks
+from quickdraft.export import checks, gguf
 from quickdraft.export.checks import ExportError, SourceInfo
 from quickdraft.export.common import (
     ExportInto,
@@ -130,6 +130,10 @@ def check_destination(out: Path, sources: Sequence[str | os.PathLike] = (),
         if folder is not None and _is_within(folder, out):
             raise ExportError(f"--out {out} holds the source model {folder}; give a folder "
                               "outside the sources for the export")
+        path = Path(os.fspath(source)).expanduser()
+        if folder is None and path.is_file() and _is_within(path.resolve(), out):
+            raise ExportError(f"--out {out} holds the source file {path.resolve()}; give a "
+                              "folder outside the sources for the export")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ExportError(f"--out {out} exists and is not a folder; give a new folder")
@@ -257,6 +261,8 @@ def write_model(info: SourceInfo, out: Path, export_into: ExportInto, role: str,
     temp = _new_temp(out)
     try:
         manifest = export_into(info, temp, label=role)
+        if info.gguf is not None:
+            gguf.write_report(temp, info.gguf)
         report = ModelReport(role, info.source, out, manifest,
                              round(time.perf_counter() - start, 3))
         _write_marker(temp, "model", {role: report})
@@ -286,6 +292,8 @@ def write_pair(infos: Mapping[str, SourceInfo], out_path: Path, export_into: Exp
             folder = temp / role
             folder.mkdir()
             manifest = export_into(info, folder, label=role)
+            if info.gguf is not None:
+                gguf.write_report(folder, info.gguf)
             reports[role] = ModelReport(role, info.source, out_path / role, manifest,
                                         round(time.perf_counter() - t0, 3))
         _write_marker(temp, "pair", reports)
@@ -309,13 +317,30 @@ def run_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, prepare: Pr
     start = time.perf_counter()
     out = resolve_out(out_dir)
     check_destination(out, [src], overwrite)
-    with interrupt_on_sigterm():
+    with interrupt_on_sigterm(), _local_sources([src], out, progress) as (local, converted):
         if precheck is not None:
-            precheck([src])
+            precheck(local)
         with quiet():
-            info = checks.check_model(src)
+            info = checks.check_model(local[0])
+        _mark_gguf([info], converted)
         export_into = prepare([info])
         return write_model(info, out, export_into, role, start)
+
+
+@contextlib.contextmanager
+def _local_sources(sources: Sequence[str | os.PathLike], out: Path, progress: Progress | None):
+    """The sources with GGUF files replaced by converted Hugging Face folders (made in a
+    staging folder next to ``out``, removed when the block ends)."""
+    with gguf.converted_sources(sources, lambda: _new_temp(out), progress) as result:
+        yield result
+
+
+def _mark_gguf(infos: Sequence[SourceInfo], converted: Mapping[int, gguf.GGUFSource]) -> None:
+    """Name the GGUF file (not its converted folder) as the source of the converted ones."""
+    for i, info in enumerate(infos):
+        if i in converted:
+            info.source = str(converted[i].path)
+            info.gguf = converted[i].report
 
 
 def run_pair(target: str | os.PathLike, draft: str | os.PathLike, out: str | os.PathLike, *,
@@ -329,16 +354,18 @@ def run_pair(target: str | os.PathLike, draft: str | os.PathLike, out: str | os.
     out_path = resolve_out(out)
     sources = [target, draft] if draft_draft is None else [target, draft, draft_draft]
     check_destination(out_path, sources, overwrite)
-    with interrupt_on_sigterm():
+    with interrupt_on_sigterm(), _local_sources(sources, out_path, progress) as (local,
+                                                                                converted):
         if precheck is not None:
-            precheck(sources)
+            precheck(local)
         if draft_draft is None:
             emit(progress, "checking the pair")
             with quiet():
-                infos = dict(zip(("target", "draft"), checks.check_pair(target, draft)))
+                infos = dict(zip(("target", "draft"), checks.check_pair(*local)))
         else:
             emit(progress, "checking the pair and the draft's draft")
             with quiet():
-                infos = dict(zip(PAIR_ROLES, checks.check_three(target, draft, draft_draft)))
+                infos = dict(zip(PAIR_ROLES, checks.check_three(*local)))
+        _mark_gguf(list(infos.values()), converted)
         export_into = prepare(list(infos.values()))
         return write_pair(infos, out_path, export_into, progress, start)
