@@ -150,11 +150,31 @@ def plot_operations(out: Path) -> Path:
     return _save(fig, out / "operations_factor.png")
 
 
+def plot_hierarchical(out: Path) -> Path:
+    """Two levels against the best two-model configurations, as the draft's cost grows:
+    target p, draft q (alpha 0.8 against p), a draft of the draft r (alpha 0.8 against q,
+    0.6 against p, cost 0.01 of a target call)."""
+    c_draft = np.linspace(0.01, 0.6, 60)
+    a_pq, a_qr, a_pr, c_r = 0.8, 0.8, 0.6, 0.01
+    with_q = [theory.walltime_improvement(a_pq, theory.best_gamma(a_pq, c), c) for c in c_draft]
+    with_r = theory.walltime_improvement(a_pr, theory.best_gamma(a_pr, c_r), c_r)
+    two_level = [theory.best_hierarchical(a_pq, c, a_qr, c_r, 16)[2] for c in c_draft]
+    fig, ax = plt.subplots(figsize=SIZE)
+    ax.plot(c_draft, with_q, label="p with q (best γ)")
+    ax.plot(c_draft, [with_r] * len(c_draft), linestyle="--", label="p with r (best γ)")
+    ax.plot(c_draft, two_level, label="p with q, q decoded by r (best γ, γ₂)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.legend(loc="upper right")
+    _style(ax, "Hierarchical drafting: α(p,q) = α(q,r) = 0.8, α(p,r) = 0.6, c_r = 0.01",
+           "c_q (cost of a draft call / a target call)", "walltime improvement")
+    return _save(fig, out / "hierarchical.png")
+
+
 def make_theory_plots(out: Path = ASSETS) -> list[Path]:
     """Every theory plot, into ``out``. Returns the files written."""
     out = Path(out)
     return [plot_expected_tokens(out), plot_walltime(out), plot_best_gamma(out),
-            plot_operations(out)]
+            plot_operations(out), plot_hierarchical(out)]
 
 
 # ----------------------------------------------------------------------------- benchmarks

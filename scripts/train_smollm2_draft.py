@@ -69,24 +69,41 @@ def instruction(rng: random.Random) -> str:
 
 
 def load_target(gguf: Path, device: str):
+    """The target from a GGUF file, or from a Hugging Face folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    kwargs = dict(gguf_file=gguf.name)
+    folder, kwargs = (gguf, {}) if gguf.is_dir() else (gguf.parent, dict(gguf_file=gguf.name))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except TypeError:  # transformers 4.x names it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return model.to(device).eval(), tokenizer
 
 
-def sample_texts(model, tokenizer, n: int, new_tokens: int, device: str, seed: int) -> list:
-    """Token id lists the target samples from chat-formatted instructions."""
+def sample_texts(model, tokenizer, n: int, new_tokens: int, device: str, seed: int,
+                 code_prompts: list | None = None) -> list:
+    """Token id lists the target samples from chat-formatted instructions, or (with
+    ``code_prompts``, token id lists) continuing the beginnings of code windows, half of
+    them greedily (what greedy speculative decoding meets)."""
     import torch
 
     rng = random.Random(seed)
+    if code_prompts:
+        out = []
+        torch.manual_seed(seed)
+        for start in range(0, n, 256):
+            rows = [rng.choice(code_prompts)[:32] for _ in range(min(256, n - start))]
+            ids = torch.tensor(rows, device=device)
+            greedy = (start // 256) % 2 == 0
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=new_tokens, do_sample=not greedy,
+                                     temperature=0.8, top_p=0.95, pad_token_id=0)
+            out.extend(gen.tolist())
+        return out
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -217,6 +234,10 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=0.1)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--code-prompts", action="store_true",
+                    help="sample the target on code prefixes (greedy and T=0.8), not chat")
+    ap.add_argument("--init-draft", type=Path, default=None,
+                    help="start from this draft (Hugging Face folder) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -232,9 +253,9 @@ def main() -> None:
     if args.resume and data_path.is_file():
         data = torch.load(data_path)
     else:
-        sampled = sample_texts(target, tokenizer, args.samples, args.sample_tokens, args.device,
-                               args.seed)
         code = code_windows(tokenizer, args.stdlib_root, args.ctx, args.code_chars)
+        sampled = sample_texts(target, tokenizer, args.samples, args.sample_tokens, args.device,
+                               args.seed, code_prompts=code if args.code_prompts else None)
         windows = [w for w in sampled + code if len(w) > 8]
         rng.shuffle(windows)
         data = {"train": [w for i, w in enumerate(windows) if i % 10 != 9],
@@ -246,7 +267,8 @@ def main() -> None:
     config = draft_config(target.config, args.layers, args.hidden, args.heads, args.kv_heads,
                           args.intermediate)
     ckpt = args.out / "checkpoint.pt"
-    draft = LlamaForCausalLM(config).to(args.device)
+    draft = (LlamaForCausalLM.from_pretrained(args.init_draft).float() if args.init_draft
+             else LlamaForCausalLM(config)).to(args.device)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     step = 0
     if args.resume and ckpt.is_file():
@@ -254,7 +276,7 @@ def main() -> None:
         draft.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-    else:
+    elif args.init_draft is None:
         with torch.no_grad():
             draft.get_input_embeddings().weight.copy_(svd_embedding(target, args.hidden))
     budget = args.minutes * 60
@@ -281,7 +303,8 @@ def main() -> None:
         loss = kl + args.ce_weight * ce
         # warmup, then cosine over the time budget
         frac = min(1.0, (time.time() - t_train) / budget)
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        lr = args.lr * min(1.0, (step + 1) / warmup) * cosine
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
