@@ -139,7 +139,7 @@ def test_make_plots_theory(tmp_path):
     written = plots.make_theory_plots(tmp_path)
     names = sorted(p.name for p in written)
     assert names == sorted(["expected_tokens.png", "walltime_improvement.png",
-                            "best_gamma.png", "operations_factor.png"])
+                            "best_gamma.png", "operations_factor.png", "hierarchical.png"])
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (DOCS / "assets" / p.name).is_file(), f"docs/assets/{p.name} is not committed"

@@ -340,8 +340,9 @@ def test_greedy_speculative_with_itself_as_draft_accepts_everything(zoo, prompts
     target = NumpyTransformer.from_pretrained(zoo["llama", "target"])
     res = speculative_generate(target, target, prompts[1], gamma=4, max_new_tokens=16,
                                sampling=GREEDY, rng=np.random.default_rng(0))
-    # 5 + 5 + 5 tokens, then gamma shrinks to 1 for the last token
-    assert res.stats.accepted_per_iteration == [4, 4, 4, 1]
+    # 5 + 5 + 5 tokens, then the last token is one target step (nothing left to draft)
+    assert res.stats.accepted_per_iteration == [4, 4, 4, 0]
+    assert res.stats.drafted_per_iteration == [4, 4, 4, 0]
     assert res.stats.target_calls == 4
     assert all(b == 1.0 for b in res.stats.beta_per_position)
 
