@@ -24,6 +24,7 @@ __all__ = [
     "KV_LAYOUTS",
     "GREEDY_OUTPUT",
     "EXECUTION_PROVIDERS",
+    "WEIGHTS",
     "ModelFolderError",
     "ModelManifest",
     "load_manifest",
@@ -45,6 +46,8 @@ KV_LAYOUTS = ("bnsh",)
 GREEDY_OUTPUT = "greedy_tokens"
 # execution_provider values: "" runs anywhere; "cpu" / "cuda": the graph was built for one
 EXECUTION_PROVIDERS = ("", "cpu", "cuda")
+# weights values: "" the weights are stored in dtype; "int4": 4-bit blocks (MatMulNBits)
+WEIGHTS = ("", "int4")
 # config.json keys of the model's context, in the order they are looked up
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 _REEXPORT = "re-export the model with `quickdraft export`"
@@ -97,6 +100,7 @@ class ModelManifest:
     # the execution provider the graph was built for: "cpu" or "cuda" (static exports, whose
     # builder specialises the graph to one), "" when it runs on either (dynamic exports)
     execution_provider: str = ""
+    weights: str = ""  # the weights' storage when it differs from dtype: 'int4' (MatMulNBits)
     manifest_version: int = MANIFEST_VERSION  # format version of this file
 
     def __post_init__(self) -> None:
@@ -265,7 +269,8 @@ _POSITIVE = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "h
 _NON_NEGATIVE = ("max_cache_length", "bos_token_id", "eos_token_id")
 # fields whose value is one of a few
 _CHOICES = {"dtype": tuple(ONNX_ELEMENT_TYPES), "kv_cache": KV_CACHES,
-            "kv_layout": KV_LAYOUTS, "execution_provider": EXECUTION_PROVIDERS}
+            "kv_layout": KV_LAYOUTS, "execution_provider": EXECUTION_PROVIDERS,
+            "weights": WEIGHTS}
 _TEMPLATES = ("past_key_template", "past_value_template", "present_key_template",
               "present_value_template")
 

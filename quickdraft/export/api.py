@@ -52,7 +52,17 @@ _ONNX_DTYPES = {elem: name for name, elem in ONNX_ELEMENT_TYPES.items()}
 EXPORTER = "optimum-onnx"
 
 
+# weights only the static path (onnxruntime-genai's model builder) quantizes
+QUANTIZED_DTYPES = ("int4",)
+
+
 def _check_options(dtype: str, device: str, validate: bool) -> None:
+    if dtype in QUANTIZED_DTYPES:
+        raise ValueError(
+            f"--dtype {dtype} needs --kv-cache static (onnxruntime-genai's model builder "
+            f"quantizes the weights); the dynamic cache (optimum-onnx) exports "
+            f"{', '.join(DTYPES)}"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype not in VALIDATED_DTYPES and validate:
@@ -256,7 +266,8 @@ def export_model(
 
     ``kv_cache`` "dynamic" exports with optimum-onnx; "static" builds a GroupQueryAttention
     graph for preallocated caches of ``max_length`` tokens (default: the model's context;
-    see :mod:`quickdraft.export.static`). Written to a staging folder next to ``out_dir``
+    see :mod:`quickdraft.export.static`), also with ``dtype`` "int4" (4-bit MatMulNBits
+    weights, fp32 caches on the CPU, fp16 on CUDA). Written to a staging folder next to ``out_dir``
     and renamed into place, so a failed or interrupted export leaves nothing at ``out_dir``.
     ``overwrite`` replaces a previous export, never a folder of other files.
     """

@@ -11,7 +11,7 @@ import time
 
 from quickdraft.manifest import KV_CACHES
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "int4")
 DEVICES = ("cpu", "cuda")
 
 
@@ -28,7 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(default) exports with optimum-onnx (any architecture it covers); --kv-cache "
             "static builds GroupQueryAttention graphs with onnxruntime-genai's model builder "
             "(llama, qwen2, mistral, qwen3; --dtype fp32 --device cpu or --dtype fp16 "
-            "--device cuda) for preallocated caches and CUDA graphs. A model may also be a "
+            "--device cuda, or --dtype int4: 4-bit MatMulNBits weights, validated against "
+            "PyTorch to a quantization tolerance, with --device cpu or cuda) for "
+            "preallocated caches and CUDA graphs. A model may also be a "
             "GGUF file (FILE.gguf, an architecture transformers' GGUF loader covers): it is "
             "dequantized once into a temporary Hugging Face folder, its tokenizer checked "
             "(and rebuilt from the file if transformers builds it wrongly), and exported and "
@@ -43,7 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="optional: a smaller draft of the draft, exported to OUT/draft_draft "
                    "for hierarchical speculative decoding (same vocabulary as the others)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights, logits and KV cache")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="weights, logits and KV cache; int4 (--kv-cache static only): 4-bit "
+                   "weights, fp32 logits and cache on the CPU, fp16 on CUDA")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to export and validate")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
                    help="dynamic: the cache grows per call (optimum-onnx, default); static: "
@@ -105,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"exported to {report.out} ({args.kv_cache} KV cache) in {report.seconds:.1f} s")
     models = report.models
     w = max(7, *(len(r.role) for r in models))
-    header = f"{'role':<{w}} {'arch':<10} {'layers':>6} {'kv heads':>8} {'vocab':>7} {'dtype':<5} "
+    header = f"{'role':<{w}} {'arch':<10} {'layers':>6} {'kv heads':>8} {'vocab':>7} {'dtype':<9} "
     print(header + f"{'max |diff|':>11} {'greedy':>9}  path")
     for r in models:
         m, v = r.manifest, r.manifest.validation
@@ -113,8 +117,11 @@ def _run(args: argparse.Namespace) -> int:
                  if k in v]
         diff = f"{max(diffs):.2e}" if diffs else "-"
         greedy = f"{min(v['greedy_equal_steps'])}/{v['greedy_steps']}" if v else "-"
+        if v and "greedy_agreement" in v:  # quantized weights: the share of agreeing steps
+            greedy = f"{v['greedy_agreement']:.0%}"
+        dtype = f"{m.weights}/{m.dtype}" if m.weights else m.dtype
         print(
             f"{r.role:<{w}} {m.architecture:<10} {m.num_layers:>6} {m.num_kv_heads:>8} "
-            f"{m.vocab_size:>7} {m.dtype:<5} {diff:>11} {greedy:>9}  {r.path}"
+            f"{m.vocab_size:>7} {dtype:<9} {diff:>11} {greedy:>9}  {r.path}"
         )
     return 0

@@ -2,8 +2,10 @@
 
 The same folder layout as the dynamic export (``quickdraft.json`` says ``kv_cache:
 "static"``), plus the builder's ``genai_config.json`` and a ``greedy_tokens`` output
-(:mod:`quickdraft.export.greedy`). fp32 graphs run on the CPU, fp16 on CUDA. The builder
-runs in a child process that adapts transformers 4.x to it (:func:`_patch_transformers`).
+(:mod:`quickdraft.export.greedy`). fp32 graphs run on the CPU, fp16 on CUDA; int4 graphs
+(4-bit MatMulNBits weights, ``weights: "int4"`` in the manifest) on either, with fp32 (CPU)
+or fp16 (CUDA) caches and logits, the manifest's ``dtype``. The builder runs in a child
+process that adapts transformers 4.x to it (:func:`_patch_transformers`).
 docs/explanation/fast-path.md describes the graph and why.
 """
 
@@ -47,8 +49,11 @@ from quickdraft.manifest import ONNX_ELEMENT_TYPES, ModelManifest
 __all__ = [
     "STATIC_ARCHITECTURES",
     "STATIC_DTYPES",
+    "QUANTIZED_DTYPES",
     "builder_problem",
+    "execution_provider",
     "check_options",
+    "check_cuda_validation",
     "gqa_head_size_multiple",
     "check_head_sizes",
     "check_source",
@@ -66,6 +71,17 @@ __all__ = [
 STATIC_ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3")
 # dtype -> the execution provider the builder must target for GroupQueryAttention
 STATIC_DTYPES = {"fp32": "cpu", "fp16": "cuda"}
+# quantized weights -> the execution providers the builder may target (the first: default);
+# the KV cache and logits are then fp32 on the CPU and fp16 on CUDA (read from the graph)
+QUANTIZED_DTYPES = {"int4": ("cpu", "cuda")}
+# the builder's MatMulNBits options: 32-weight blocks (its default, made explicit); on the
+# CPU accuracy level 4 (activations quantized to int8, int8 dot products: the fastest on a
+# 2-core CPU). onnxruntime-genai 0.18 reads "accuracy_level"; its old name
+# "int4_accuracy_level" is ignored there without a word (measured: accuracy_level=1 in the
+# graph with accuracy_level=1, 4 with int4_accuracy_level=1), so the graph is checked
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = {"cpu": 4}
+QUANTIZED_OP = "MatMulNBits"
 BUILDER_TIMEOUT_S = 3600
 EXPORTER = "onnxruntime-genai model builder"
 ATTENTION = "GroupQueryAttention"
@@ -85,12 +101,23 @@ def builder_problem() -> str | None:
     return None
 
 
+def execution_provider(dtype: str, device: str) -> str:
+    """The execution provider the builder targets for ``dtype`` (checked by
+    :func:`check_options`) on ``device``."""
+    return device if dtype in QUANTIZED_DTYPES else STATIC_DTYPES[dtype]
+
+
 def check_options(dtype: str, device: str) -> None:
     """Refuse a dtype/device pair the builder makes no GroupQueryAttention graph for."""
+    if dtype in QUANTIZED_DTYPES:
+        if device not in QUANTIZED_DTYPES[dtype]:
+            raise ValueError(f"a static {dtype} graph runs on "
+                             f"{' or '.join(QUANTIZED_DTYPES[dtype])}, not {device}")
+        return
     if dtype not in STATIC_DTYPES:
         raise ValueError(
-            f"static export supports dtype {' or '.join(STATIC_DTYPES)}, not {dtype!r} "
-            "(bf16 logits cannot be read by NumPy; use fp16 on CUDA)"
+            f"static export supports dtype {', '.join([*STATIC_DTYPES, *QUANTIZED_DTYPES])}, "
+            f"not {dtype!r} (bf16 logits cannot be read by NumPy; use fp16 on CUDA)"
         )
     want = STATIC_DTYPES[dtype]
     if device != want:
@@ -159,15 +186,22 @@ def run_builder(
 ) -> str:
     """Run onnxruntime-genai's model builder in a child process; return its output.
 
-    ``source`` is a local Hugging Face folder (``local=True``) or a hub id. Raises
-    ExportError with the builder's last lines when it fails.
+    ``source`` is a local Hugging Face folder (``local=True``) or a hub id; ``dtype`` the
+    builder's precision (fp32, fp16 or int4), built for :func:`execution_provider`.
+    Raises ExportError with the builder's last lines when it fails.
     """
     problem = builder_problem()
     if problem is not None:
         raise ExportError(problem)
+    provider = execution_provider(dtype, device)
+    if dtype in QUANTIZED_DTYPES:
+        extra_options = {"block_size": str(INT4_BLOCK_SIZE),
+                         **({"accuracy_level": str(INT4_ACCURACY_LEVEL[provider])}
+                            if provider in INT4_ACCURACY_LEVEL else {}),
+                         **(extra_options or {})}
     args = [sys.executable, "-m", "quickdraft.export.static", "--builder",
             "-i" if local else "-m", os.fspath(source), "-o", os.fspath(out_dir),
-            "-p", dtype, "-e", STATIC_DTYPES[dtype], "-c", os.fspath(cache_dir)]
+            "-p", dtype, "-e", provider, "-c", os.fspath(cache_dir)]
     if extra_options:
         args += ["--extra_options", *[f"{k}={v}" for k, v in extra_options.items()]]
     env = dict(os.environ)
@@ -181,7 +215,7 @@ def run_builder(
         tail = "\n".join(output.strip().splitlines()[-8:])
         raise ExportError(
             f"{source}: onnxruntime-genai's model builder failed ({dtype}, "
-            f"{STATIC_DTYPES[dtype]}):\n{tail}"
+            f"{provider}):\n{tail}"
         )
     return output
 
@@ -189,10 +223,48 @@ def run_builder(
 # -- manifest ------------------------------------------------------------------------------
 
 
-def static_manifest(folder: Path, config, dtype: str, cache_length: int) -> ModelManifest:
+def _io_dtype(folder: Path, io_, past: list[str], arch: str) -> str:
+    """The manifest dtype of a quantized graph: the element type of its caches and logits
+    (the builder's genai_config.json does not say it), which must be one the runtime reads."""
+    types = {name: et for name, et, _ in [*io_.inputs, *io_.outputs]}
+    names = {*past, "logits"}
+    found = {types[n] for n in names if n in types}
+    by_type = {et: name for name, et in ONNX_ELEMENT_TYPES.items()}
+    if len(found) != 1 or next(iter(found)) not in by_type:
+        raise UnsupportedModelError(
+            f"{arch}: the quantized graph's caches and logits have ONNX element types "
+            f"{sorted(found)}, not one of {', '.join(ONNX_ELEMENT_TYPES)}"
+        )
+    return by_type[next(iter(found))]
+
+
+def _check_quantized(folder: Path, arch: str, weights: str, provider: str) -> None:
+    """Refuse a graph without the builder's 4-bit MatMulNBits nodes of the options asked."""
+    import onnx
+
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == QUANTIZED_OP]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    level = INT4_ACCURACY_LEVEL.get(provider)
+    wrong = [n.name for n, a in zip(nodes, attrs)
+             if a.get("bits") != 4 or a.get("block_size") != INT4_BLOCK_SIZE
+             or (level is not None and a.get("accuracy_level") != level)]
+    if not nodes or wrong:
+        raise UnsupportedModelError(
+            f"{arch}: asked for {weights} weights, the builder's graph has {len(nodes)} "
+            f"{QUANTIZED_OP} nodes" + (f", {len(wrong)} not 4-bit blocks of "
+                                       f"{INT4_BLOCK_SIZE} at accuracy level {level} "
+                                       f"({wrong[0]}, ...)" if wrong else "")
+        )
+
+
+def static_manifest(folder: Path, config, dtype: str, cache_length: int,
+                    device: str | None = None) -> ModelManifest:
     """Describe the builder's graph in ``folder``; refuse one that is not the static kind.
 
-    ``cache_length`` is the static cache length the backend allocates by default."""
+    ``cache_length`` is the static cache length the backend allocates by default. For a
+    quantized ``dtype`` (int4) the manifest's dtype is that of the graph's caches and
+    logits and ``weights`` says int4; ``device`` is then the builder's target."""
     arch = config.model_type
     genai = json.loads((folder / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
@@ -200,6 +272,13 @@ def static_manifest(folder: Path, config, dtype: str, cache_length: int) -> Mode
     io_ = graph_io(folder / MODEL_FILE)
     in_names, out_names, ops = io_.input_names, io_.output_names, io_.ops
     facts = manifest_facts(folder, config, BUILDER_PACKAGES)
+    provider = execution_provider(dtype, device or QUANTIZED_DTYPES.get(dtype, ("",))[0])
+    weights = ""
+    if dtype in QUANTIZED_DTYPES:
+        past_names = [t.format(i=i) for i in range(layers)
+                      for t in (facts["past_key_template"], facts["past_value_template"])]
+        weights, dtype = dtype, _io_dtype(folder, io_, past_names, arch)
+        _check_quantized(folder, arch, weights, provider)
     manifest = ModelManifest(
         architecture=arch,
         num_layers=layers,
@@ -220,7 +299,8 @@ def static_manifest(folder: Path, config, dtype: str, cache_length: int) -> Mode
         has_attention_mask=True,
         exporter=EXPORTER,
         attention=ATTENTION,
-        execution_provider=STATIC_DTYPES[dtype],
+        execution_provider=provider,
+        weights=weights,
         **facts,
     )
     past, present = manifest.past_names(), manifest.present_names()
@@ -251,12 +331,18 @@ def validate_static(folder: Path, manifest: ModelManifest, src, *, device: str =
                     steps: int = 24) -> dict:
     """The generic checks against PyTorch (:func:`quickdraft.export.validate.validate_export`,
     growing caches) and the static path itself: the prompt fed in chunks into the shared
-    buffers, then a rollback and the same tokens again, against PyTorch's logits."""
+    buffers, then a rollback and the same tokens again, against PyTorch's logits.
+
+    With quantized weights (``manifest.weights``) the static path is checked to the float
+    tolerance against the graph's own full pass (a fresh state fed the whole prompt), and
+    that pass against PyTorch to the weights' relative bound
+    (:data:`quickdraft.export.validate.QUANTIZED_TOLERANCES`)."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from quickdraft.export.validate import (
         PROMPTS,
+        QUANTIZED_TOLERANCES,
         TOLERANCES,
         ExportValidationError,
         _torch_greedy,
@@ -272,12 +358,21 @@ def validate_static(folder: Path, manifest: ModelManifest, src, *, device: str =
     torch_model = _torch_model(src, manifest.dtype, device)
     model = StaticOrtModel(folder, Device(device),
                            max_length=min(manifest.max_cache_length, 128), graph_steps=(1,))
-    worst = worst_ratio = 0.0
+    quantized = bool(manifest.weights)
+    worst = worst_ratio = worst_rel = 0.0
     for prompt in PROMPTS:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [0]
         ids = ids[: model.max_length // 2]
         full, _, _ = _torch_greedy(torch_model, ids, 1, device)
+        if quantized:  # the reference: the graph's own full pass, in a fresh state
+            fresh = model.new_state()
+            own = fresh.append(ids).astype(np.float64)
+            fresh.close()
+            worst_rel = max(worst_rel, float(np.abs(own - full).max() / np.abs(full).max()))
+            full = own
         tol = atol + rtol * float(np.abs(full).max())
+        if quantized:  # int8 activations: a rounding flip moves a logit by ~1% of the largest
+            tol = QUANTIZED_TOLERANCES[manifest.weights][2] * float(np.abs(full).max())
         state = model.new_state()
         cut = [0, max(1, len(ids) // 2), min(len(ids), len(ids) // 2 + 1), len(ids)]
         rows = [state.append(ids[a:b]) for a, b in zip(cut, cut[1:]) if b > a]
@@ -291,15 +386,42 @@ def validate_static(folder: Path, manifest: ModelManifest, src, *, device: str =
         worst_ratio = max(worst_ratio, diff / tol)
     result["static_max_abs_diff"] = worst
     result["static_diff_over_tolerance"] = worst_ratio
+    if quantized:
+        bound = QUANTIZED_TOLERANCES[manifest.weights][0]
+        result["static_max_rel_diff"] = worst_rel
+        if worst_rel > bound:
+            raise ExportValidationError(
+                f"the static-cache path's {manifest.weights} logits differ from PyTorch by "
+                f"{worst_rel:.3f} of max |logit|, above {bound}"
+            )
     if worst_ratio > 1.0:
+        against = "the graph's own full pass" if quantized else "PyTorch"
         raise ExportValidationError(
-            f"the static-cache path differs from PyTorch by {worst:.3g} (over the {manifest.dtype} "
-            f"tolerance by {worst_ratio:.2f}x)"
+            f"the static-cache path differs from {against} by {worst:.3g} (over the "
+            f"{'int4 cache' if quantized else manifest.dtype} tolerance by {worst_ratio:.2f}x)"
         )
     return result
 
 
 # -- export --------------------------------------------------------------------------------
+
+
+def check_cuda_validation(dtype: str) -> None:
+    """Refuse, before anything is built, to validate a CUDA export where CUDA cannot run:
+    the check runs the graph with ONNX Runtime's CUDA provider against PyTorch on CUDA."""
+    from quickdraft.ort_backend.device import cuda_problem
+
+    problem = cuda_problem()
+    if problem is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            problem = "torch sees no CUDA device"
+    if problem is not None:
+        raise ExportError(
+            f"validating a static {dtype} CUDA export needs a CUDA machine ({problem}); "
+            "export there, or add --no-validate to build it here unchecked"
+        )
 
 
 def check_source(info: SourceInfo) -> None:
@@ -346,7 +468,7 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
     add_greedy_output(folder / MODEL_FILE, vocab)  # greedy decoding reads argmax ids only
     ensure_tokenizer(info, folder)
-    manifest = static_manifest(folder, info.config, dtype, length)
+    manifest = static_manifest(folder, info.config, dtype, length, device)
     manifest.source = info.source
     manifest.save(folder)  # validation loads the folder
     if validate:
@@ -356,9 +478,16 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
             manifest.validation = validate_static(folder, manifest, src, device=device,
                                                   steps=steps)
         v = manifest.validation
-        emit(progress, f"{label}: max |logit diff| {v['max_abs_diff']:.2e}, static path "
-                        f"{v['static_max_abs_diff']:.2e}, greedy equal "
-                        f"{min(v['greedy_equal_steps'])}/{steps} steps")
+        if manifest.weights:
+            bound = v["tolerance"]["max_rel_diff"]
+            emit(progress, f"{label}: {manifest.weights} weights: max |logit diff| / max "
+                            f"|logit| {v['max_rel_diff']:.3f} (bound {bound}),"
+                            f" greedy agreement {v['greedy_agreement']:.0%}, static path "
+                            f"{v['static_max_abs_diff']:.2e}")
+        else:
+            emit(progress, f"{label}: max |logit diff| {v['max_abs_diff']:.2e}, static path "
+                            f"{v['static_max_abs_diff']:.2e}, greedy equal "
+                            f"{min(v['greedy_equal_steps'])}/{steps} steps")
     manifest.save(folder)
     return manifest
 
@@ -367,7 +496,9 @@ def _static_options(dtype: str, device: str, max_length: int | None, validate: b
                     steps: int, progress: Progress | None):
     """Check the options; return ``precheck`` and ``prepare`` for :mod:`.output`."""
     check_options(dtype, device)
-    provider = STATIC_DTYPES[dtype]
+    provider = execution_provider(dtype, device)
+    if validate and device == "cuda":
+        check_cuda_validation(dtype)
 
     def precheck(sources: Sequence[str]) -> None:
         check_head_sizes(sources, provider)
