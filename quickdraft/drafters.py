@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from quickdraft.generation import ModelDrafter
 from quickdraft.protocols import (
     BoundedDrafter,
     Candidates,
@@ -288,7 +289,7 @@ class HeuristicGammaDrafter(_GammaSchedule):
         super().update_candidate_strategy(ids, n_accepted)
 
 
-class HierarchicalDrafter(_Composite):
+class HierarchicalDrafter(ModelDrafter):
     """Propose ``gamma`` tokens of the draft model q, decoded speculatively by ``inner`` (a
     smaller draft model, or n-gram lookup): exact at both levels.
 
@@ -300,40 +301,26 @@ class HierarchicalDrafter(_Composite):
 
     def __init__(self, model: LanguageModel, inner: Drafter, sampling: SamplingConfig,
                  gamma: int, rng: np.random.Generator, *, inner_gamma: int | None = None):
-        if int(gamma) != gamma or gamma < 1:
-            raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
         if not isinstance(rng, np.random.Generator):
             raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
-        if model.vocab_size != getattr(inner, "vocab_size", model.vocab_size):
-            raise ValueError("the inner drafter's vocabulary differs from the draft's")
-        self.model = model
+        super().__init__(model, sampling, gamma)
         self.inner = inner
-        self._sampling = sampling
-        self.gamma = int(gamma)
         self.rng = rng
-        inner_bound = _bound(inner)
-        self.inner_gamma = int(inner_gamma or inner_bound or 4)
-        self.state: DecodeState = model.new_state()
-        self.parts = (inner,)
+        self.inner_gamma = int(inner_gamma or _bound(inner) or 4)
         self.inner_accepted: list[int] = []  # inner n per inner iteration
         self.inner_drafted: list[int] = []
 
     @property
-    def sampling(self) -> SamplingConfig:
-        return self._sampling
-
-    @property
-    def max_tokens(self) -> int:
-        return self.gamma
-
-    @property
     def states(self) -> list[DecodeState]:
-        return [self.state, *_states(self.parts)]
+        return [self.state, *_states([self.inner])]
 
     @property
     def max_length(self) -> int | None:
-        limits = [x for x in (self.model.max_length, _max_length(self.parts)) if x is not None]
+        limits = [x for x in (self.model.max_length, _max_length([self.inner])) if x is not None]
         return min(limits) if limits else None
+
+    def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
+        self.inner.update_candidate_strategy(ids, n_accepted)
 
     def get_candidates(self, ids: Sequence[int], max_tokens: int,
                        uniforms: np.ndarray) -> Candidates:
