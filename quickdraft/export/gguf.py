@@ -1,31 +1,7 @@
-"""GGUF sources: a ``.gguf`` file as the target, draft or draft of the draft of an export.
-
-A GGUF file is converted once, through transformers' GGUF loader (which dequantizes the
-weights to float), into a temporary Hugging Face folder (config.json, model.safetensors,
-the tokenizer files) next to the export's output; the normal export and its validation
-then run on that folder, and the folder is always removed at the end. The manifest's
-``source`` is the GGUF path, and each exported model gets a ``gguf.json`` that says what
-was read and how the tokenizer was checked.
-
-Checks before any heavy work: the file exists, is a GGUF file, its
-``general.architecture`` is one transformers' GGUF loader covers, and the model it
-describes is a decoder-only causal LM that optimum-onnx exports with a KV cache.
-
-The tokenizer transformers builds from the file's ``tokenizer.ggml.*`` metadata is
-checked, because transformers builds some wrongly (a Unigram model from a Gemma 3 file's
-BPE rank scores, which splits whole words into pieces while the logits still validate):
-
-1. round trip: ``decode(encode(text)) == text`` on a few sample strings;
-2. vocabulary and merges: the token <-> id mapping is the file's ``tokenizer.ggml.tokens``;
-   with ``tokenizer.ggml.merges`` (gpt2-style BPE) the tokenizer is a BPE with those merges;
-3. segmentation: frequent whole words that are single tokens of the file (``Ġthe``,
-   ``▁the``) encode to that one token.
-
-When a check fails the tokenizer is rebuilt with ``tokenizers`` from the file's tokens,
-merges and scores (a byte-level BPE from the merges for gpt2-style files; for
-SentencePiece files, ``llama``, a BPE whose merges come from the scores, with a Metaspace
-pre-tokenizer, byte fallback and the file's special tokens) and checked again; if that
-fails too the export is refused with the check that failed.
+"""GGUF sources for export: a ``.gguf`` file converted once (transformers' GGUF loader)
+into a temporary Hugging Face folder that the normal export validates, with the tokenizer
+checked against the file and rebuilt from it when transformers builds it wrongly.
+docs/how-to/export-gguf.md says what is checked and why.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""A greedy-token output added to an exported decoder graph.
-
-Greedy decoding (temperature 0) needs only the argmax of each position's logits. A graph
-that computes it next to the logits lets the runtime copy one int64 per position to the
-host instead of a row of V logits, and keeps the argmax inside a captured CUDA graph.
-:func:`add_greedy_output` appends to a graph with a ``logits`` output [B, S, V]:
-
-* ``greedy_tokens`` [B, S] int64: ``ArgMax(logits, axis=-1)`` (the first maximum on ties,
-  as ONNX's ArgMax with ``select_last_index=0`` specifies; the CPU provider is tested for
-  it, CUDA's kernel is not), plus ``V`` where the row holds
-  a NaN or an infinity (an id of V or more, which no token has). The check costs one
-  multiply and one sum per row: ``ReduceSum(logits * 0)`` is 0 for a finite row and NaN
-  otherwise, whatever the order of the additions, so no rounding or overflow can flag a
-  finite row.
-
-A model's raw logits are finite; a non-finite one means an overflow (typically fp16), which
-:meth:`quickdraft.ort_backend.static.StaticDecodeState.append_greedy` refuses with an error
-that says so, as :func:`quickdraft.sampling.greedy_tokens` does for host logits.
+"""A ``greedy_tokens`` output [B, S] int64 added to an exported decoder graph: the argmax of
+each position's logits (the first on ties), plus V for a row with a NaN or an infinity
+(``ReduceSum(logits * 0)`` is NaN exactly then), so greedy decoding copies one int64 per
+position instead of a row of logits. docs/explanation/fast-path.md explains its use.
 """
 
 from __future__ import annotations
