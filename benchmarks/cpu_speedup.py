@@ -21,6 +21,7 @@ from pathlib import Path
 
 PROMPTS = {
     "code": "def quicksort(arr):\n",
+    "readme": "def quicksort(arr):",  # the README's first command
     "english": "The history of the printing press begins",
     # the earlier part of a file in the prompt: its continuation repeats what came before
     "copy": ("def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
