@@ -92,11 +92,11 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
         graphs = bool(cuda_graph and dev.kind == "cuda")
         # the target's fixed step lengths: 1 (autoregressive) and gamma + 1 for every gamma
         # of the sweep; the draft's: 1, and 2 after an iteration that accepted everything
-        target = StaticOrtModel(model_dir / "target", dev, max_length=cache_length,
+        target = StaticOrtModel(model_dir / "target", dev, cache_length=cache_length,
                                 graph_steps=tuple(range(1, max_gamma + 2)), cuda_graph=graphs)
         draft = None
         if with_draft:
-            draft = StaticOrtModel(model_dir / "draft", dev, max_length=cache_length,
+            draft = StaticOrtModel(model_dir / "draft", dev, cache_length=cache_length,
                                    graph_steps=(1, 2), cuda_graph=graphs)
         return LoadedPair(path, str(dev), target, draft, Runner(target, draft),
                           {"device_note": note, "cuda_graph": graphs,

@@ -55,7 +55,7 @@ def build(src: Path, out: Path, precision: str) -> Path:
     """The builder's graph; int4: MatMulNBits (accuracy level 4: int8 compute, or 0: fp32);
     int8: the fp32 graph through ONNX Runtime's dynamic quantization (MatMulInteger)."""
     base = "int4" if precision.startswith("int4") else "fp32"
-    args = [sys.executable, "-m", "quickdraft.export.static", "--builder", "-i", str(src),
+    args = [sys.executable, "-m", "quickdraft.export.builder", "--builder", "-i", str(src),
             "-o", str(out), "-p", base, "-e", "cpu", "-c", str(out / "cache")]
     if base == "int4":
         level = "0" if precision.endswith("acc0") else "4"

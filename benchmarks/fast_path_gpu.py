@@ -67,7 +67,7 @@ def build_and_export(args) -> dict:
     need = args.prompt_len + args.new_tokens + args.gamma + 8
     static_dir = work / "static"
     if not (static_dir / "draft" / "quickdraft.json").is_file():
-        from quickdraft.export.static import export_static_pair
+        from quickdraft.export.builder import export_static_pair
 
         log("exporting the static pair (onnxruntime-genai builder)")
         t0 = time.perf_counter()

@@ -74,12 +74,12 @@ def build(hf_dir: Path, out_dir: Path, *, device: str, cache_dir: Path,
     attempts = []
     t0 = time.perf_counter()
     try:
-        from quickdraft.export.static import run_builder
+        from quickdraft.export.builder import run_builder
 
         run_builder(hf_dir, out_dir, dtype=precision, device=device, cache_dir=cache_dir,
                     timeout=timeout)
         if (out_dir / "genai_config.json").is_file():
-            return {"builder": "quickdraft.export.static.run_builder", "precision": precision,
+            return {"builder": "quickdraft.export.builder.run_builder", "precision": precision,
                     "ep": ep, "seconds": round(time.perf_counter() - t0, 2)}
         attempts.append("run_builder wrote no genai_config.json")
     except Exception as e:  # noqa: BLE001 - try the other way

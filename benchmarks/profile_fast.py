@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, prompt = _model_dir_and_prompt(args.folder, args.prompt_ids)
     device, _ = resolve_device(args.device)
     graphs = device.kind == "cuda"
-    target = StaticOrtModel(model_dir / "target", device, max_length=args.cache_length,
+    target = StaticOrtModel(model_dir / "target", device, cache_length=args.cache_length,
                             graph_steps=(1, args.gamma + 1), cuda_graph=graphs)
-    draft = StaticOrtModel(model_dir / "draft", device, max_length=args.cache_length,
+    draft = StaticOrtModel(model_dir / "draft", device, cache_length=args.cache_length,
                            graph_steps=(1, 2), cuda_graph=graphs)
     gen = Runner(target, draft, sampling=SamplingConfig(temperature=0.0))  # no EOS: new_tokens
     modes = [profile_mode(gen, prompt, args.new_tokens, g, args.repeats, args.top)

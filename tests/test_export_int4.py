@@ -16,7 +16,8 @@ for _name in ("onnxruntime_genai", "onnx_ir", "torch", "transformers", "onnxrunt
 import onnx  # noqa: E402
 
 from quickdraft.cli import main as cli_main  # noqa: E402
-from quickdraft.export import load_manifest, static  # noqa: E402
+from quickdraft.export import builder as static  # noqa: E402
+from quickdraft.export import load_manifest  # noqa: E402
 from quickdraft.export.validate import QUANTIZED_TOLERANCES, ExportValidationError  # noqa: E402
 from quickdraft.generation import autoregressive_generate, speculative_generate  # noqa: E402
 from quickdraft.ort_backend import load_pair  # noqa: E402

@@ -275,7 +275,7 @@ def test_a_failed_third_export_keeps_the_old_export(exported_three, three_dirs, 
 
 @pytest.mark.slow  # the builder: about 20 s for the three on 2 cores
 def test_static_export_of_three(three_dirs, tmp_path):
-    from quickdraft.export.static import builder_problem
+    from quickdraft.export.builder import builder_problem
 
     if builder_problem():
         pytest.skip(builder_problem())

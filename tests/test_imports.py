@@ -174,7 +174,7 @@ def test_layers_of_named_modules():
     assert layer("quickdraft.manifest") == "manifest"
     assert layer("quickdraft.ort_backend.device") == layer("quickdraft.ort_backend") == (
         "ort_backend")
-    assert layer("quickdraft.export.static") == "export"
+    assert layer("quickdraft.export.builder") == "export"
     for cli in ("quickdraft.cli", "quickdraft.export.cli", "quickdraft.ort_backend.cli",
                 "quickdraft.reference.cli", "quickdraft.serve", "quickdraft.serve.app"):
         assert layer(cli) == "cli", cli
@@ -218,7 +218,7 @@ def test_cycles_and_violations_are_reported():
 def test_the_graph_sees_known_edges():
     graph = import_graph()
     assert "quickdraft.manifest" in graph["quickdraft.export.greedy"]
-    assert "quickdraft.export.static" in graph["quickdraft.export.api"]  # a lazy import
+    assert "quickdraft.export.builder" in graph["quickdraft.export.api"]  # a lazy import
     # import_module over a table of names: the lazy attributes and the CLI's verbs
     assert {"quickdraft.export.api", "quickdraft.export.checks"} <= graph["quickdraft.export"]
     assert "quickdraft.export.cli" in graph["quickdraft.cli"]
@@ -243,9 +243,9 @@ def test_imports_follow_the_layers():
 def test_export_helpers_sit_below_api_and_static():
     """api -> static -> common and output, never back."""
     graph = import_graph()
-    assert "quickdraft.export.static" in graph["quickdraft.export.api"]
-    for low in ("quickdraft.export.static", "quickdraft.export.common",
+    assert "quickdraft.export.builder" in graph["quickdraft.export.api"]
+    for low in ("quickdraft.export.builder", "quickdraft.export.common",
                 "quickdraft.export.output"):
         assert "quickdraft.export.api" not in graph[low], low
     for low in ("quickdraft.export.common", "quickdraft.export.output"):
-        assert "quickdraft.export.static" not in graph[low], low
+        assert "quickdraft.export.builder" not in graph[low], low

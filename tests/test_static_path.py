@@ -16,8 +16,8 @@ for _name in ("onnxruntime_genai", "onnx_ir", "torch", "transformers", "onnxrunt
 
 from quickdraft.cli import main as cli_main  # noqa: E402
 from quickdraft.export import load_manifest  # noqa: E402
+from quickdraft.export.builder import export_static_model  # noqa: E402
 from quickdraft.export.checks import UnsupportedModelError  # noqa: E402
-from quickdraft.export.static import export_static_model  # noqa: E402
 from quickdraft.generation import (  # noqa: E402
     ModelDrafter,
     autoregressive_generate,
@@ -41,7 +41,7 @@ def static_pair(static_llama_pair):
 
 
 def load(folder, steps=(1,)) -> StaticOrtModel:
-    return StaticOrtModel(folder, max_length=CACHE, graph_steps=steps)
+    return StaticOrtModel(folder, cache_length=CACHE, graph_steps=steps)
 
 
 def torch_logits(hf_dir, ids):
@@ -271,8 +271,8 @@ def test_state_errors(static_pair, exported_llama_pair):
         new.rewind(3)
     with pytest.raises(ValueError, match="token ids"):
         new.append([512])
-    with pytest.raises(ValueError, match="max_length"):
-        StaticOrtModel(static_pair / "draft", max_length=1000)
+    with pytest.raises(ValueError, match="cache_length"):
+        StaticOrtModel(static_pair / "draft", cache_length=1000)
     with pytest.raises(ValueError, match="cuda_graph"):
         StaticOrtModel(static_pair / "draft", cuda_graph=True)
     with pytest.raises(StaticModelError, match="kv_cache"):

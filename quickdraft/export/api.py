@@ -1,7 +1,7 @@
 """Export Hugging Face causal LMs to ONNX decoders with KV caches, one model or a
 draft/target pair (optionally with the draft's own draft): dynamic caches with
 optimum-onnx, or static caches with onnxruntime-genai's model builder
-(:mod:`quickdraft.export.static`).
+(:mod:`quickdraft.export.builder`).
 
 The library is silent: progress goes to an optional ``progress(message)`` callback.
 """
@@ -266,14 +266,14 @@ def export_model(
 
     ``kv_cache`` "dynamic" exports with optimum-onnx; "static" builds a GroupQueryAttention
     graph for preallocated caches of ``max_length`` tokens (default: the model's context;
-    see :mod:`quickdraft.export.static`), also with ``dtype`` "int4" (4-bit MatMulNBits
+    see :mod:`quickdraft.export.builder`), also with ``dtype`` "int4" (4-bit MatMulNBits
     weights, fp32 caches on the CPU, fp16 on CUDA). Written to a staging folder next to ``out_dir``
     and renamed into place, so a failed or interrupted export leaves nothing at ``out_dir``.
     ``overwrite`` replaces a previous export, never a folder of other files.
     """
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
     if kv_cache == "static":
-        from quickdraft.export.static import export_static_model
+        from quickdraft.export.builder import export_static_model
 
         return export_static_model(src, out_dir, dtype, device, max_length, role=role,
                                    **options)
@@ -314,7 +314,7 @@ def export_pair(
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
                    draft_draft=draft_draft)
     if kv_cache == "static":
-        from quickdraft.export.static import export_static_pair
+        from quickdraft.export.builder import export_static_pair
 
         return export_static_pair(target, draft, out, dtype, device, max_length, **options)
     _check_dynamic(kv_cache, dtype, device, validate, max_length)

@@ -1,5 +1,5 @@
 """Helpers shared by the dynamic (:mod:`quickdraft.export.api`) and static
-(:mod:`quickdraft.export.static`) exporters: progress, quiet libraries, graph interface,
+(:mod:`quickdraft.export.builder`) exporters: progress, quiet libraries, graph interface,
 manifest facts, tokenizer files and the reports."""
 
 from __future__ import annotations

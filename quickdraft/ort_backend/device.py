@@ -34,10 +34,6 @@ class Device:
     kind: str = "cpu"
     device_id: int = 0
 
-    @property
-    def providers(self) -> list:
-        return self.provider_list()
-
     def provider_list(self, cuda_options: dict | None = None) -> list:
         """Execution providers for a session here; ``cuda_options`` are extra CUDA provider
         options (e.g. ``enable_cuda_graph``), merged over ``device_id``."""

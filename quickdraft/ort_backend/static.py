@@ -37,9 +37,9 @@ class StaticOrtModel(ExportedModel):
     Args:
         folder: an exported folder with ``quickdraft.json`` (kv_cache "static").
         device: where to run (``Device("cpu")`` or ``Device("cuda", 0)``).
-        max_length: tokens each state's caches hold (default: the manifest's
+        cache_length: tokens each state's caches hold (default: the manifest's
             ``max_cache_length``; at most its ``max_length``, the model's context). Memory
-            per state: 2 * layers * kv_heads * max_length * head_dim values.
+            per state: 2 * layers * kv_heads * cache_length * head_dim values.
         graph_steps: step lengths that get their own preallocated binding (and, with
             ``cuda_graph``, their own CUDA graph), e.g. ``(1,)`` for a draft model and
             ``(1, gamma + 1)`` for a target. Other lengths run through a generic binding.
@@ -65,7 +65,7 @@ class StaticOrtModel(ExportedModel):
         folder: str | os.PathLike,
         device: Device = Device("cpu"),
         *,
-        max_length: int | None = None,
+        cache_length: int | None = None,
         graph_steps: Sequence[int] = (1,),
         cuda_graph: bool = False,
         provider_options: dict | None = None,
@@ -77,24 +77,25 @@ class StaticOrtModel(ExportedModel):
         cuda_options.update(provider_options or {})
         super().__init__(folder, device, options, cuda_options)
         m = self.manifest
-        self.max_cache = int(max_length) if max_length is not None else int(m.max_cache_length)
-        if not 1 <= self.max_cache <= m.max_length:
+        self.cache_length = (int(cache_length) if cache_length is not None
+                             else int(m.max_cache_length))
+        if not 1 <= self.cache_length <= m.max_length:
             raise ValueError(
-                f"max_length must be in [1, {m.max_length}] for this export (the model's "
-                f"context), got {max_length}"
+                f"cache_length must be in [1, {m.max_length}] for this export (the model's "
+                f"context), got {cache_length}"
             )
         self.cuda_graph = bool(cuda_graph)
         self.graph_steps = tuple(sorted({int(s) for s in graph_steps}))
-        if any(s < 1 or s > self.max_cache for s in self.graph_steps):
+        if any(s < 1 or s > self.cache_length for s in self.graph_steps):
             raise ValueError(
-                f"step lengths must be in [1, {self.max_cache}] (the cache length), got "
+                f"step lengths must be in [1, {self.cache_length}] (the cache length), got "
                 f"{min(self.graph_steps)}..{max(self.graph_steps)}: draft at most "
-                f"{self.max_cache - 1} tokens per iteration")
+                f"{self.cache_length - 1} tokens per iteration")
         # the CUDA provider's options in use ({} on the CPU)
         self.provider_options = self.session.get_provider_options().get(
             "CUDAExecutionProvider", {}) if device.kind == "cuda" else {}
         self.np_dtype = _NP_DTYPES[m.dtype]
-        self.cache_shape = (1, m.num_kv_heads, self.max_cache, m.head_dim)  # [B, kv, T, hd]
+        self.cache_shape = (1, m.num_kv_heads, self.cache_length, m.head_dim)  # [B, kv, T, hd]
         # the graph's greedy_tokens output (see quickdraft.manifest.GREEDY_OUTPUT)
         self.has_greedy = GREEDY_OUTPUT in m.output_names
         self._lock = threading.Lock()  # guards the pool and the graph ids
@@ -115,14 +116,14 @@ class StaticOrtModel(ExportedModel):
         m = self.manifest
         graphs = ", cuda graphs" if self.cuda_graph else ""
         return (f"StaticOrtModel({str(self.folder)!r}, {m.architecture}, {m.num_layers} layers, "
-                f"{m.dtype}, {self.device}, cache {self.max_cache}, steps {self.graph_steps}"
+                f"{m.dtype}, {self.device}, cache {self.cache_length}, steps {self.graph_steps}"
                 f"{graphs})")
 
     # -- LanguageModel -------------------------------------------------------------------
 
     @property
     def max_length(self) -> int:
-        return self.max_cache
+        return self.cache_length
 
     def new_state(self) -> StaticDecodeState:
         """A new sequence with its own caches (reusing a closed state's buffers if any)."""
@@ -174,7 +175,7 @@ class _CacheSlot:
         self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(model.cache_shape, model.np_dtype),
                                                        kind, dev)
                       for _ in model.past_names]
-        self.mask_host = np.zeros((1, model.max_cache), dtype=np.int64)  # [1, T]
+        self.mask_host = np.zeros((1, model.cache_length), dtype=np.int64)  # [1, T]
         self.mask = ort.OrtValue.ortvalue_from_numpy(self.mask_host, kind, dev)
         self.on_device = kind != "cpu"  # host arrays must be copied into device buffers
         self.steps = {s: _StepBinding(self, s, first_graph_id + i)
@@ -198,10 +199,10 @@ class _CacheSlot:
         m = self.model
         k = len(tokens)
         total = past_length + k
-        if total > m.max_cache:
+        if total > m.cache_length:
             raise ValueError(
-                f"sequence of {total} tokens exceeds the static cache of {m.max_cache} "
-                "tokens; export or load with a larger max_length"
+                f"sequence of {total} tokens exceeds the static cache of {m.cache_length} "
+                "tokens; export with a larger --max-length or load with a larger cache_length"
             )
         mask = self.mask_host
         mask[0, :total] = 1

@@ -199,7 +199,7 @@ def run_builder(
                          **({"accuracy_level": str(INT4_ACCURACY_LEVEL[provider])}
                             if provider in INT4_ACCURACY_LEVEL else {}),
                          **(extra_options or {})}
-    args = [sys.executable, "-m", "quickdraft.export.static", "--builder",
+    args = [sys.executable, "-m", "quickdraft.export.builder", "--builder",
             "-i" if local else "-m", os.fspath(source), "-o", os.fspath(out_dir),
             "-p", dtype, "-e", provider, "-c", os.fspath(cache_dir)]
     if extra_options:
@@ -357,7 +357,7 @@ def validate_static(folder: Path, manifest: ModelManifest, src, *, device: str =
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     torch_model = _torch_model(src, manifest.dtype, device)
     model = StaticOrtModel(folder, Device(device),
-                           max_length=min(manifest.max_cache_length, 128), graph_steps=(1,))
+                           cache_length=min(manifest.max_cache_length, 128), graph_steps=(1,))
     quantized = bool(manifest.weights)
     worst = worst_ratio = worst_rel = 0.0
     for prompt in PROMPTS:
@@ -622,6 +622,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--builder":
         _builder_main(sys.argv[2:])
     else:
-        print("usage: python -m quickdraft.export.static --builder BUILDER_ARGS...\n"
-              "(use quickdraft.export.static.export_static_pair from Python)", file=sys.stderr)
+        print("usage: python -m quickdraft.export.builder --builder BUILDER_ARGS...\n"
+              "(use quickdraft.export.builder.export_static_pair from Python)", file=sys.stderr)
         sys.exit(2)
