@@ -569,5 +569,9 @@ def test_cli_export_errors(hf_pair_dirs, tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "quickdraft export: error:" in err and "does not exist" in err
-    with pytest.raises(SystemExit):
-        cli_main(["export", "--target", "a", "--draft", "b", "--out", "c", "--dtype", "int4"])
+    with pytest.raises(SystemExit):  # not a dtype at all
+        cli_main(["export", "--target", "a", "--draft", "b", "--out", "c", "--dtype", "int3"])
+    # int4 is a static-cache dtype: refused in one line with the dynamic cache
+    assert cli_main(["export", "--target", "a", "--draft", "b", "--out", "c", "--dtype",
+                     "int4"]) == 1
+    assert "--kv-cache static" in capsys.readouterr().err
