@@ -20,7 +20,7 @@ import pytest
 
 import quickdraft.export.api as api
 from quickdraft.cli import main as cli_main
-from quickdraft.export import ExportError, checks, export_model, export_pair, output, static
+from quickdraft.export import ExportError, builder, checks, export_model, export_pair, output
 from quickdraft.export.common import CACHE_TEMPLATES
 from quickdraft.manifest import ModelManifest
 
@@ -300,10 +300,10 @@ def test_a_signal_during_export_cleans_up(sources, tmp_path, signum, rc, existin
 
 
 def test_gqa_head_size_rule():
-    assert static.gqa_head_size_multiple("cpu") == 16
-    assert static.gqa_head_size_multiple("cuda") == 1
-    assert static._head_size({"hidden_size": 96, "num_attention_heads": 4}) == 24
-    assert static._head_size({"hidden_size": 96, "num_attention_heads": 4, "head_dim": 32}) == 32
+    assert builder.gqa_head_size_multiple("cpu") == 16
+    assert builder.gqa_head_size_multiple("cuda") == 1
+    assert builder._head_size({"hidden_size": 96, "num_attention_heads": 4}) == 24
+    assert builder._head_size({"hidden_size": 96, "num_attention_heads": 4, "head_dim": 32}) == 32
 
 
 @pytest.mark.parametrize("head_size", [16, 24, 40, 64])
@@ -345,7 +345,7 @@ def test_the_rule_matches_onnxruntime_on_the_cpu(head_size):
     except Exception as e:  # ORT's own exception types
         assert "head_size" in str(e)
         runs = False
-    assert runs == (head_size % static.gqa_head_size_multiple("cpu") == 0), ort.__version__
+    assert runs == (head_size % builder.gqa_head_size_multiple("cpu") == 0), ort.__version__
     del onnx
 
 
@@ -366,6 +366,6 @@ def test_static_export_refuses_the_head_size_up_front(fake, sources, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     # head_dim set in the config wins over hidden_size / heads; the CUDA kernel has no limit
     (sources["draft"] / "config.json").write_text(json.dumps(dict(config, head_dim=32)))
-    static.check_head_sizes([sources["target"], sources["draft"]], "cpu")
+    builder.check_head_sizes([sources["target"], sources["draft"]], "cpu")
     (sources["draft"] / "config.json").write_text(json.dumps(config))
-    static.check_head_sizes([sources["target"], sources["draft"]], "cuda")
+    builder.check_head_sizes([sources["target"], sources["draft"]], "cuda")
