@@ -454,6 +454,11 @@ def _times(state: DecodeState) -> ModelTimes:
     return state.times.copy() if supports(state, MeasuredState) else ModelTimes()
 
 
+def _model_s(state: DecodeState) -> float:
+    """Seconds the state has spent in its model so far (0 for a state that does not time)."""
+    return state.times.decode_s if supports(state, MeasuredState) else 0.0
+
+
 class Generator:
     """One sequence, autoregressive or speculative, on a loaded target and any drafter.
 
@@ -702,12 +707,12 @@ class Generator:
         verifier, stats, state = self._verifier, self.stats, self._state
 
         def timed(*args, **kwargs):
-            before = _times(state).decode_s
+            before = _model_s(state)
             t0 = time.perf_counter()
             try:
                 return verifier(*args, **kwargs)
             finally:
-                inside = _times(state).decode_s - before
+                inside = _model_s(state) - before
                 stats.verify_s += time.perf_counter() - t0 - inside
 
         return timed
