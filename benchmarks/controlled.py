@@ -54,15 +54,19 @@ class ControlledAlphaDrafter:
         gamma: tokens proposed per iteration (fewer when the loop's cap is lower).
         vocab_size: the shared vocabulary size (default: the draft's).
         run_draft: False skips the draft calls (a cost-free drafter, for tests).
+        phases: ``(position, alpha)`` pairs, sorted: alpha from that output position on
+            (a workload whose alpha changes within a generation); ``alpha`` before the first.
     """
 
     def __init__(self, draft: LanguageModel | None, prompt_ids: Sequence[int],
                  greedy_tokens: Sequence[int], alpha: float, rng: np.random.Generator, *,
-                 gamma: int, vocab_size: int | None = None, run_draft: bool = True):
+                 gamma: int, vocab_size: int | None = None, run_draft: bool = True,
+                 phases: Sequence[tuple[int, float]] = ()):
         if int(gamma) != gamma or gamma < 1:
             raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        for a in [alpha, *(a for _, a in phases)]:
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], got {a}")
         if not isinstance(rng, np.random.Generator):
             raise TypeError("rng must be a numpy.random.Generator")
         if run_draft and draft is None:
@@ -74,6 +78,7 @@ class ControlledAlphaDrafter:
         self.prompt = [int(t) for t in prompt_ids]
         self.greedy = [int(t) for t in greedy_tokens]
         self.alpha = float(alpha)
+        self.phases = sorted((int(p), float(a)) for p, a in phases)
         self.gamma = int(gamma)
         self.rng = rng
         self.run_draft = run_draft
@@ -101,7 +106,11 @@ class ControlledAlphaDrafter:
             good = self.greedy[position]
         else:  # past the precomputed continuation: nothing to copy
             return int(self.rng.integers(self.vocab))
-        if self.rng.random() < self.alpha:
+        alpha = self.alpha
+        for start, a in self.phases:
+            if position >= start:
+                alpha = a
+        if self.rng.random() < alpha:
             return good
         self.corrupted += 1
         return int((good + 1 + self.rng.integers(self.vocab - 1)) % self.vocab)  # != good

@@ -44,9 +44,14 @@ SHAPES = {
         # ~77M parameters, 1.1% of the target
         "draft": dict(hidden_size=768, num_hidden_layers=4, num_attention_heads=12,
                       num_key_value_heads=12, intermediate_size=2048),
+        # a 1.1B-class draft (TinyLlama's shape) for the three-model hierarchical rows
+        "mid": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=4, intermediate_size=5632),
     },
     # for --smoke on a CPU
     "tiny": {
+        "mid": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, intermediate_size=192),
         "target": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=256),
         "draft": dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -56,6 +61,7 @@ SHAPES = {
 VOCAB = {"1b": 32000, "7b": 32000, "tiny": 1000}
 CONTEXT = {"1b": 2048, "7b": 2048, "tiny": 512}
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
+MID_AGREEMENT = 0.9  # the optional third model ("mid", a larger draft) agrees this often
 
 
 def word_level_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int):
@@ -132,7 +138,11 @@ def make_random_pair(name: str, pair_dir: Path, *, device: str, seed: int = 0,
     n = len(SPECIALS)
     perm = torch.arange(vocab, device=device)
     perm[n:] = n + torch.randperm(vocab - n, generator=gen, device=device)
-    for role, seed_offset in (("target", 0), ("draft", 1)):
+    roles = [("target", 0, agreement), ("draft", 1, agreement)]
+    if "mid" in shapes:
+        roles.append(("mid", 2, MID_AGREEMENT))
+        info["mid_agreement"] = MID_AGREEMENT
+    for role, seed_offset, agree in roles:
         t0 = time.perf_counter()
         config = LlamaConfig(vocab_size=vocab, max_position_embeddings=ctx,
                              bos_token_id=1, eos_token_id=2, pad_token_id=2,
@@ -146,7 +156,8 @@ def make_random_pair(name: str, pair_dir: Path, *, device: str, seed: int = 0,
                 model = LlamaForCausalLM(config)
         finally:
             torch.set_default_dtype(old)
-        structure_weights(model, perm, role=role, agreement=agreement, generator=gen)
+        structure_weights(model, perm, role="target" if role == "target" else "draft",
+                          agreement=agree, generator=gen)
         model.eval()
         model.generation_config.eos_token_id = None  # generate the full length everywhere
         model.generation_config.pad_token_id = 2

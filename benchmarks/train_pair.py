@@ -322,7 +322,10 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
         f"alpha T=0 {h['alpha_T0']:.3f} (paper {PAPER_ALPHA['T0']}), alpha T=1 "
         f"{h['alpha_T1']:.3f} (paper {PAPER_ALPHA['T1']}) over {h['positions']} positions")
     prompts = prompts_from(held_stream, cfg.num_prompts, cfg.prompt_len, tokenizer.eos_token_id)
-    dump_json(out / "prompts.json", {"prompts": prompts,
+    # long windows: the copied text of the drafting-strategy benchmark's copy-heavy prompts
+    long = prompts_from(held_stream, cfg.num_prompts, 4 * cfg.prompt_len + 32,
+                        tokenizer.eos_token_id, offset=64 + cfg.prompt_len)
+    dump_json(out / "prompts.json", {"prompts": prompts, "long": long,
                                      "source": "held-out token stream, evenly spaced windows"})
     info["vocab_size"] = len(tokenizer)
     info["context"] = cfg.max_positions
