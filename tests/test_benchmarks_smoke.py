@@ -114,6 +114,37 @@ def test_controlled_drafter_acceptance_rate_is_alpha():
     assert accepted[0] < accepted[1]
 
 
+def test_controlled_drafter_phases_change_alpha_within_a_generation():
+    target, draft = _pair(vocab=20, seed=3)
+    prompt, n = [1], 400
+    ref = _greedy(target, prompt, n)
+    drafter = ControlledAlphaDrafter(draft, prompt, ref, 1.0, np.random.default_rng(5),
+                                     gamma=1, run_draft=False, vocab_size=20,
+                                     phases=[(0, 1.0), (200, 0.0)])
+    res = speculative_generate(target, None, prompt, max_new_tokens=n, sampling=GREEDY,
+                               rng=np.random.default_rng(2), drafter=drafter)
+    assert res.tokens == ref
+    acc = res.stats.accepted_per_iteration  # gamma 1: 2 tokens if accepted, else 1
+    pos = np.cumsum([0] + [a + 1 for a in acc])[:-1]  # output position of each iteration
+    assert all(a == 1 for a, p in zip(acc, pos) if p < 199)
+    assert all(a == 0 for a, p in zip(acc, pos) if p >= 200)
+
+
+def test_strategy_prompts_and_summary():
+    from benchmarks import strategies
+
+    assert strategies.edited([5, 6, 7, 8], 2, 10, 3) == [5, 7, 7, 9]
+    rows = {"autoregressive": {"tokens_per_s": 100.0}, "gamma 2": {"tokens_per_s": 180.0},
+            "gamma 4": {"tokens_per_s": 200.0}, "gamma auto": {"tokens_per_s": 198.0},
+            "ngram+draft gamma 4": {"tokens_per_s": 300.0}, "bandit": {"tokens_per_s": 290.0}}
+    s = strategies.summarize({"plain": rows})["plain"]
+    assert s["best_fixed"] == "gamma 4"
+    assert s["auto_over_best_fixed"] == pytest.approx(0.99)
+    assert s["ngram_fallback_over_ar"] == pytest.approx(3.0)
+    assert s["best_single"] == "ngram+draft gamma 4"
+    assert s["bandit_over_best_single"] == pytest.approx(290 / 300)
+
+
 def test_controlled_drafter_refuses_a_diverged_sequence():
     target, draft = _pair()
     prompt = [1, 2]
