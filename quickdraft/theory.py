@@ -17,6 +17,7 @@ __all__ = [
     "alpha_from_acceptances",
     "expected_tokens",
     "walltime_improvement",
+    "pipelined_walltime_improvement",
     "best_gamma",
     "operations_factor",
     "improvement_lower_bound",
@@ -90,6 +91,23 @@ def walltime_improvement(alpha: float, gamma: int, c: float) -> float:
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
     return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
+
+
+def pipelined_walltime_improvement(alpha: float, gamma: int, c: float, h: float) -> float:
+    """Theorem 3.8 for pipelined drafting (:mod:`quickdraft.pipelined`).
+
+    Each iteration emits Eq. (1) tokens; its gamma-token proposal was pre-drafted, a share
+    h in [0, 1] of its draft time hidden behind the last target call, when the last
+    iteration kept all gamma + 1 candidates (probability alpha^(gamma + 1)):
+    (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c (1 - h alpha^(gamma + 1)) + 1)).
+    h = 0 is :func:`walltime_improvement`.
+    """
+    if not 0.0 <= h <= 1.0:
+        raise ValueError(f"h must be in [0, 1], got {h}")
+    if c < 0:
+        raise ValueError(f"c must be >= 0, got {c}")
+    kept = alpha ** (gamma + 1)  # P(the next proposal is pre-drafted)
+    return expected_tokens(alpha, gamma) / (gamma * c * (1.0 - h * kept) + 1.0)
 
 
 def best_gamma(alpha: float, c: float, max_gamma: int = 64) -> int:

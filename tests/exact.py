@@ -237,3 +237,63 @@ def exact_drafter_sequences(target, draft, prompt, n_tokens, sampling, drafter, 
                     nxt.append((new, w * w2, after))
         frontier = nxt
     return done
+
+
+def draft_paths(draft, prefix, m, sampling):
+    """(draft uniforms [m], draft tokens [m], weight) for every path of m inverse-CDF draws
+    from ``draft`` after ``prefix``, one per cell of the CDF at each position."""
+    if m == 0:
+        yield [], [], 1.0
+        return
+    q = adjust_logits(draft.score(list(prefix)), sampling)  # [V]
+    for v, w in zip(*cells(cdf_breakpoints(q[None]))):
+        x = min(int(np.searchsorted(np.cumsum(q), v, side="right")), len(q) - 1)
+        for vs, xs, w2 in draft_paths(draft, list(prefix) + [x], m - 1, sampling):
+            yield [v] + vs, [x] + xs, w * w2
+
+
+def exact_pipelined_sequences(target, draft, prompt, gamma, n_tokens, sampling):
+    """Exact distribution over the first ``n_tokens`` output tokens of
+    :func:`quickdraft.pipelined.pipelined_generate`, integrated over every uniform of every
+    iteration: the proposal's draft cells (when it is drafted afresh), the continuation's
+    draft cells, the accept cells of the k + 1 candidates and the sample cells. Each branch
+    of the history carries the proposal it continues with (None: drafted afresh)."""
+    from quickdraft.pipelined import pipeline_lengths, pipelined_step
+
+    frontier = {((), None): (1.0, None)}  # (emitted, pending tokens) -> (weight, pending)
+    done: dict[tuple[int, ...], float] = {}
+    while frontier:
+        nxt: dict = {}
+        for (seq, held), (w, pending) in frontier.items():
+            ids = list(prompt) + list(seq)
+            k, L = pipeline_lengths(n_tokens - len(seq), gamma,
+                                    None if held is None else len(held))
+            for v_open, x_open, w_open in draft_paths(draft, ids, 0 if held else k, sampling):
+                x = list(held) if held is not None else x_open
+                for v_shadow, y, w_shadow in draft_paths(draft, ids + x, L, sampling):
+                    c = x + y[:1]  # [k + 1] the candidates: the proposal and the stand-in
+                    p = adjust_logits(np.stack([target.score(ids + x[:i]) for i in range(k + 1)]),
+                                      sampling)  # [k + 1, V]
+                    q = adjust_logits(np.stack([draft.score(ids + c[:i]) for i in range(k + 1)]),
+                                      sampling)  # [k + 1, V]
+                    s_cells = cells(sample_breakpoints(np.concatenate([p, p[-1:]]), q))
+                    per_pos = [accept_cells(p[i, c[i]], q[i, c[i]]) for i in range(k + 1)]
+                    for combo in itertools.product(*per_pos):
+                        u = np.array([a[0] for a in combo])  # [k + 1]
+                        w_accept = float(np.prod([a[1] for a in combo]))
+                        for s, w_s in zip(*s_cells):
+                            step = pipelined_step(
+                                target.new_state(), ModelDrafter(draft, sampling, gamma + 1),
+                                ids, pending, sampling, np.asarray(v_open, dtype=np.float64),
+                                np.asarray(v_shadow, dtype=np.float64), u, float(s))
+                            weight = w * w_open * w_shadow * w_accept * w_s
+                            new = seq + tuple(step.tokens)
+                            if len(new) >= n_tokens:
+                                done[new[:n_tokens]] = done.get(new[:n_tokens], 0.0) + weight
+                                continue
+                            key = (new, None if step.pending is None
+                                   else tuple(step.pending.tokens.tolist()))
+                            old = nxt.get(key, (0.0, step.pending))
+                            nxt[key] = (old[0] + weight, old[1])
+        frontier = nxt
+    return done

@@ -98,3 +98,34 @@ def test_demo_cli_runs_on_ngram_models(capsys):
     assert main(["demo", "--max-new-tokens", "40", "--chars", "50000", "--gamma", "3"]) == 0
     out = capsys.readouterr().out
     assert "tokens per target call" in out and "acceptance rate" in out
+
+
+# --- pipelined drafting ------------------------------------------------------------------
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0))
+def test_pipelined_without_overlap_is_theorem_3_8(alpha, gamma, c):
+    assert theory.pipelined_walltime_improvement(alpha, gamma, c, 0.0) == (
+        theory.walltime_improvement(alpha, gamma, c))
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0), st.floats(0.0, 1.0),
+       st.floats(0.0, 1.0))
+def test_pipelined_improvement_grows_with_the_hidden_share(alpha, gamma, c, h1, h2):
+    lo, hi = sorted((h1, h2))
+    f = lambda h: theory.pipelined_walltime_improvement(alpha, gamma, c, h)  # noqa: E731
+    assert f(lo) <= f(hi) <= theory.expected_tokens(alpha, gamma)
+
+
+def test_pipelined_improvement_by_hand():
+    # alpha^5 = 0.32768, Eq. 1 = 3.3616, cost 1 + 0.4 (1 - 0.5 * 0.32768) = 1.334464
+    assert theory.pipelined_walltime_improvement(0.8, 4, 0.1, 0.5) == pytest.approx(
+        52525 / 20851, rel=1e-12)  # 2.51906...; Theorem 3.8 gives 2.40114
+    # everything kept and everything hidden: the target alone, gamma + 1 tokens per call
+    assert theory.pipelined_walltime_improvement(1.0, 4, 0.3, 1.0) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("h,c", [(-0.1, 0.1), (1.5, 0.1), (0.5, -1.0)])
+def test_pipelined_bad_arguments(h, c):
+    with pytest.raises(ValueError):
+        theory.pipelined_walltime_improvement(0.5, 3, c, h)

@@ -1,0 +1,238 @@
+"""Pipelined speculative decoding on table models: exact sequence distributions, greedy
+equality, the accounting of pre-drafted tokens, input checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from exact import exact_pipelined_sequences, exact_target_sequences
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_generation import SAMPLINGS, Z_LIMIT, random_tables
+
+from quickdraft import pipelined
+from quickdraft.generation import ModelDrafter, autoregressive_generate
+from quickdraft.pipelined import pipeline_lengths, pipelined_generate, pipelined_step
+from quickdraft.reference import TableModel
+from quickdraft.sampling import SamplingConfig
+from quickdraft.theory import expected_tokens
+
+# (vocab, gamma, tokens, sampling, seed, draft): every row reaches pre-drafted (warm)
+# iterations; n_tokens >= 2 gamma + 2 reaches a full pre-drafted proposal of gamma tokens
+EXACT_CASES = [
+    (2, 1, 5, "plain", 0, "random"),
+    (2, 1, 5, "temperature", 1, "random"),
+    (2, 2, 6, "all", 2, "random"),
+    (2, 2, 5, "plain", 3, "random"),
+    (2, 3, 5, "plain", 4, "random"),
+    (2, 4, 5, "temperature", 10, "random"),
+    (3, 1, 4, "top_k", 5, "random"),
+    (3, 2, 4, "all", 6, "random"),
+    (3, 3, 4, "temperature", 7, "same"),
+    (3, 2, 4, "plain", 8, "disjoint"),
+    (3, 3, 5, "greedy", 9, "random"),
+]
+
+
+def assert_same_law(got, want):
+    assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
+    for seq in set(want) | set(got):
+        assert got.get(seq, 0.0) == pytest.approx(want.get(seq, 0.0), abs=1e-9), seq
+
+
+@pytest.mark.parametrize("vocab,gamma,n_tokens,sampling,seed,draft_kind", EXACT_CASES)
+def test_sequences_follow_the_target_exactly(vocab, gamma, n_tokens, sampling, seed,
+                                             draft_kind):
+    """The distribution of whole output sequences, integrated over every uniform of every
+    iteration (proposal, continuation, accept, sample), is the target's to 1e-9."""
+    cfg = SAMPLINGS[sampling]
+    target, draft = random_tables(vocab, seed, draft_kind)
+    want = exact_target_sequences(target, [1], n_tokens, cfg)
+    assert_same_law(exact_pipelined_sequences(target, draft, [1], gamma, n_tokens, cfg), want)
+
+
+def _unchecked_stand_in(p, q, x, u, s, *, validate=True):
+    u = np.array(u, dtype=np.float64)
+    u[-1] = 0.0  # the stand-in is always accepted
+    return _RULE(p, q, x, u, s, validate=validate)
+
+
+def _shared_uniform(p, q, x, u, s, *, validate=True):
+    u = np.array(u, dtype=np.float64)
+    if len(u) > 1:
+        u[-1] = u[-2]  # the stand-in reuses the last proposal token's uniform
+    return _RULE(p, q, x, u, s, validate=validate)
+
+
+_RULE = pipelined.verify_without_bonus
+
+
+@pytest.mark.parametrize("broken", [_unchecked_stand_in, _shared_uniform])
+def test_the_exact_test_sees_a_broken_stand_in(monkeypatch, broken):
+    """The integrator can tell: an unchecked stand-in, or one decided with a uniform already
+    used, moves the sequence law away from the target's."""
+    monkeypatch.setattr(pipelined, "verify_without_bonus", broken)
+    cfg = SAMPLINGS["plain"]
+    target, draft = random_tables(2, 0, "random")
+    got = exact_pipelined_sequences(target, draft, [1], 2, 5, cfg)
+    want = exact_target_sequences(target, [1], 5, cfg)
+    assert max(abs(got.get(s, 0.0) - want.get(s, 0.0)) for s in set(got) | set(want)) > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 20), st.integers(1, 8), st.integers(0, 2**32 - 1), st.integers(1, 30))
+def test_greedy_pipelined_equals_greedy_target(vocab, gamma, seed, length):
+    target, draft = random_tables(vocab, seed, "random")
+    greedy = SamplingConfig(temperature=0)
+    ar = autoregressive_generate(target, [0], max_new_tokens=length, sampling=greedy,
+                                 rng=np.random.default_rng(seed))
+    pl = pipelined_generate(target, draft, [0], gamma=gamma, max_new_tokens=length,
+                            sampling=greedy, rng=np.random.default_rng(seed))
+    assert pl.tokens == ar.tokens
+    assert pl.stats.new_tokens == length and pl.stats.target_calls <= length
+
+
+@pytest.mark.parametrize("gamma,length,eos", [(1, 9, None), (3, 17, None), (4, 40, 5)])
+def test_generate_is_the_chain_of_steps_the_exact_test_integrates(gamma, length, eos):
+    """pipelined_generate = pipelined_step chained with pipeline_lengths, each iteration's
+    uniforms drawn as rng.random(k_open + L + k + 2), fresh states each step (the cache
+    reuse changes nothing), output cut at EOS."""
+    target, draft = random_tables(6, 11, "random")
+    cfg = SamplingConfig(temperature=0.9, top_k=4)
+    got = pipelined_generate(target, draft, [2], gamma=gamma, max_new_tokens=length,
+                             sampling=cfg, rng=np.random.default_rng(5), eos_id=eos)
+    rng = np.random.default_rng(5)
+    ids, out, pending = [2], [], None
+    while len(out) < length:
+        k, L = pipeline_lengths(length - len(out), gamma,
+                                None if pending is None else len(pending.tokens))
+        k_open = 0 if pending is not None else k
+        u = rng.random(k_open + L + k + 2)
+        step = pipelined_step(target.new_state(), ModelDrafter(draft, cfg, gamma + 1), ids,
+                              pending, cfg, u[:k_open], u[k_open:k_open + L],
+                              u[k_open + L:-1], float(u[-1]))
+        piece = step.tokens
+        if eos in piece:
+            piece = piece[: piece.index(eos) + 1]
+        ids += piece
+        out += piece
+        pending = step.pending
+        if eos in piece:
+            break
+    assert got.tokens == out
+
+
+def test_draft_equal_to_target_keeps_every_continuation():
+    target, _ = random_tables(6, 1, "random")
+    gamma, n = 3, 50
+    s = pipelined_generate(target, target, [0], gamma=gamma, max_new_tokens=n,
+                           rng=np.random.default_rng(0)).stats
+    assert s.acceptance_rate == 1.0 and s.alpha == pytest.approx(1.0)
+    assert s.open_draft_calls == gamma  # only the first proposal made the target wait
+    assert s.warm_iterations == s.iterations - 1
+    assert s.pre_drafted_discarded == 0 and s.pre_drafted_kept == s.shadow_draft_calls
+    assert s.target_calls == math.ceil(n / (gamma + 1))
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3])
+def test_the_accounting_adds_up(gamma):
+    target, draft = random_tables(4, 2, "random")
+    res = pipelined_generate(target, draft, [1, 2], gamma=gamma, max_new_tokens=60,
+                             rng=np.random.default_rng(9))
+    s = res.stats
+    assert len(res.tokens) == s.new_tokens == 60
+    assert s.iterations == s.target_calls == len(s.accepted_per_iteration)
+    assert s.pre_drafted_kept + s.pre_drafted_discarded == s.shadow_draft_calls
+    assert s.draft_calls == s.open_draft_calls + s.shadow_draft_calls
+    assert 0 < s.warm_iterations < s.iterations and s.pre_drafted_discarded > 0
+    # every iteration checks at most gamma + 1 candidates, the stand-in among them
+    assert all(1 <= c <= gamma + 1 for c in s.checked_per_iteration)
+    # each emits min(n + 1, candidates) tokens
+    assert sum(min(n + 1, c) for n, c in zip(s.accepted_per_iteration,
+                                              s.checked_per_iteration)) == 60
+
+
+def test_monte_carlo_matches_the_walltime_model():
+    """i.i.d. beta: an iteration emits Eq. 1 tokens and keeps its continuation with
+    probability alpha^(gamma + 1), the two quantities the walltime formula is made of."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=8) * 1.5
+    target = TableModel(logits)  # unigrams: beta (0.87 here) is the same at every position
+    draft = TableModel(logits + rng.normal(size=8) * 0.7)
+    gamma = 3
+    s = pipelined_generate(target, draft, [0], gamma=gamma, max_new_tokens=1500,
+                           rng=np.random.default_rng(777)).stats
+    alpha = s.beta_per_position[0]
+    full = [(n, c) for n, c in zip(s.accepted_per_iteration, s.checked_per_iteration)
+            if c == gamma + 1][:-1]
+    tokens = np.array([min(n + 1, c) for n, c in full], dtype=float)
+    z = (tokens.mean() - expected_tokens(alpha, gamma)) / (tokens.std(ddof=1)
+                                                          / math.sqrt(tokens.size))
+    assert abs(z) < Z_LIMIT, z
+    kept = np.array([n == c for n, c in full], dtype=float)
+    p = alpha ** (gamma + 1)
+    z = (kept.mean() - p) / math.sqrt(p * (1 - p) / kept.size)
+    assert abs(z) < Z_LIMIT, z
+
+
+def test_eos_stops_and_is_included():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 5, 5))
+    logits[..., 4] += 1.0
+    target, draft = TableModel(logits), TableModel(rng.normal(size=(5, 5)))
+    res = pipelined_generate(target, draft, [0], gamma=3, max_new_tokens=200, eos_id=4,
+                             rng=np.random.default_rng(0))
+    assert res.tokens[-1] == 4 and 4 not in res.tokens[:-1]
+
+
+def test_same_seed_same_output():
+    target, draft = random_tables(8, 4, "random")
+    run = lambda seed: pipelined_generate(target, draft, [0], gamma=3,  # noqa: E731
+                                          max_new_tokens=30,
+                                          rng=np.random.default_rng(seed)).tokens
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(gamma=0), ValueError, "gamma must be an integer >= 1"),
+        (dict(gamma=1.5), ValueError, "gamma must be an integer >= 1"),
+        (dict(gamma=True), ValueError, "gamma must be an integer >= 1"),
+        (dict(prompt_ids=[]), ValueError, "prompt is empty"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(prompt_ids=[9]), ValueError, "prompt token ids"),
+        (dict(max_new_tokens=20), ValueError, "exceeds the model's context"),
+        (dict(rng=0), TypeError, "numpy.random.Generator"),
+    ],
+)
+def test_bad_requests(kwargs, error, message):
+    target = TableModel(np.zeros((4, 4)), max_length=10)
+    draft = TableModel(np.zeros((4, 4)))
+    args = dict(prompt_ids=[0], gamma=2, max_new_tokens=5, rng=np.random.default_rng(0))
+    args.update(kwargs)
+    prompt = args.pop("prompt_ids")
+    with pytest.raises(error, match=message):
+        pipelined_generate(target, draft, prompt, **args)
+
+
+def test_vocabulary_mismatch_and_bad_parts_are_refused():
+    with pytest.raises(ValueError, match="vocabulary"):
+        pipelined_generate(TableModel(np.zeros(4)), TableModel(np.zeros(5)), [0], gamma=2,
+                           max_new_tokens=3, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="does not fit"):
+        pipeline_lengths(3, 2, 3)  # a pre-drafted proposal longer than the budget allows
+    target, draft = random_tables(4, 0, "random")
+    cfg = SamplingConfig()
+    with pytest.raises(ValueError, match="stand-in"):
+        pipelined_step(target.new_state(), ModelDrafter(draft, cfg, 3), [1], None, cfg,
+                       np.array([0.5]), np.zeros(0), np.array([0.5, 0.5]), 0.5)
+
+
+def test_lengths_follow_the_budget():
+    assert pipeline_lengths(10, 4, None) == (4, 5)  # a proposal, a stand-in and gamma more
+    assert pipeline_lengths(5, 4, 4) == (4, 1)  # the stand-in fills the budget
+    assert pipeline_lengths(1, 4, None) == (0, 1)  # the stand-in alone
+    assert pipeline_lengths(3, 1, 0) == (0, 2)
