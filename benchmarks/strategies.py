@@ -155,14 +155,7 @@ def strategies(pairs: dict, set_name: str, sampling, *, phased: bool) -> dict:
     out["ngram+draft auto"] = cli(pair, "auto", "auto")
     out["hierarchical (draft / ngram)"] = cli(pair, MAX_GAMMA, "hierarchical")
 
-    def bandit(prompt, ref, i):
-        arms = {"draft auto": pair.drafter(sampling, "auto", "model"),
-                "ngram": pair.drafter(sampling, MAX_GAMMA, "ngram"),
-                "ngram+draft": pair.drafter(sampling, "auto", "auto"),
-                "hierarchical": pair.drafter(sampling, MAX_GAMMA, "hierarchical", seed=i)}
-        return drafters.BanditDrafter(arms)
-
-    out["bandit"] = bandit
+    out["bandit"] = cli(pair, "auto", "bandit")
     three = pairs.get("three")
     if three is not None and set_name == "plain":
         for g in (1, 2, 3, 4, 6, 8):

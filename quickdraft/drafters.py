@@ -174,16 +174,25 @@ class FallbackDrafter(_Composite):
         self.first, self.then = first, then
         self.parts = (first, then)
         self.used: dict[str, int] = {"first": 0, "then": 0}  # iterations each one proposed
+        self._proposer: Drafter | None = None  # the part that proposed this iteration
 
     def get_candidates(self, ids: Sequence[int], max_tokens: int,
                        uniforms: np.ndarray) -> Candidates:
         cand = self.first.get_candidates(ids, max_tokens, uniforms)
         if len(cand.tokens):
             self.used["first"] += 1
+            self._proposer = self.first
             return cand
         self.used["then"] += 1
+        self._proposer = self.then
         # ``first`` drew nothing (a lookup is deterministic): the uniforms are still unused
         return self.then.get_candidates(ids, max_tokens, uniforms)
+
+    def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
+        """Only the part that proposed learns from the verdict (its statistics are of its
+        own proposals)."""
+        if self._proposer is not None:
+            self._proposer.update_candidate_strategy(ids, n_accepted)
 
 
 class _GammaSchedule(_Composite):
@@ -300,10 +309,11 @@ class HierarchicalDrafter(ModelDrafter):
     """
 
     def __init__(self, model: LanguageModel, inner: Drafter, sampling: SamplingConfig,
-                 gamma: int, rng: np.random.Generator, *, inner_gamma: int | None = None):
+                 gamma: int, rng: np.random.Generator, *, inner_gamma: int | None = None,
+                 state: DecodeState | None = None):
         if not isinstance(rng, np.random.Generator):
             raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
-        super().__init__(model, sampling, gamma)
+        super().__init__(model, sampling, gamma, state=state)
         self.inner = inner
         self.rng = rng
         self.inner_gamma = int(inner_gamma or _bound(inner) or 4)
@@ -418,4 +428,4 @@ class BanditDrafter(_Composite):
         played = self.plays[-1]
         self.counts[played] += 1.0
         self.rewards[played] += reward
-        super().update_candidate_strategy(ids, n_accepted)
+        self.arms[played].update_candidate_strategy(ids, n_accepted)  # its own verdict only

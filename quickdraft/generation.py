@@ -147,11 +147,12 @@ class ModelDrafter:
 
     ``stop_below`` > 0 stops a sampled draft early, after a token the draft itself gave a
     probability below it (its confidence dropped: the next tokens would likely be
-    rejected); a rule on the draft's own draws, so the output law is unchanged.
+    rejected); a rule on the draft's own draws, so the output law is unchanged. ``state``:
+    a state of ``model`` to draft in, shared with other drafters (default: a new one).
     """
 
     def __init__(self, model: LanguageModel, sampling: SamplingConfig = SamplingConfig(),
-                 gamma: int = 4, *, stop_below: float = 0.0):
+                 gamma: int = 4, *, stop_below: float = 0.0, state: DecodeState | None = None):
         if int(gamma) != gamma or gamma < 1:
             raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
         if not 0.0 <= stop_below < 1.0:
@@ -160,7 +161,9 @@ class ModelDrafter:
         self.model = model
         self._sampling = sampling
         self.gamma = int(gamma)
-        self.state: DecodeState = model.new_state()
+        # a state of ``model`` shared with other drafters of it (each syncs it to its ids),
+        # so switching between them does not replay the sequence into a second cache
+        self.state: DecodeState = model.new_state() if state is None else state
 
     @property
     def sampling(self) -> SamplingConfig:

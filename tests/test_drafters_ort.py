@@ -72,10 +72,13 @@ def test_the_folder_with_a_draft_of_the_draft(pair):
     assert isinstance(pair.drafter(sampling, 3, "hierarchical"), HierarchicalDrafter)
     auto = pair.drafter(sampling, 3, "auto")  # several drafters: the bandit picks
     assert isinstance(auto, BanditDrafter)
-    assert set(auto.arms) == {"draft", "ngram", "hierarchical", "draft_draft"}
+    assert set(auto.arms) == {"ngram+draft", "draft", "ngram", "hierarchical", "draft_draft"}
+    # one cache per model, whatever the number of arms drafting with it
+    assert len(auto.states) == 2
+    assert auto.arms["draft"].states[0] is auto.arms["hierarchical"].states[0]
     with pair.generator(DecodeConfig(max_new_tokens=60), drafter=auto) as gen:
         gen.generate(PROMPTS[0])
-    assert len(set(auto.plays)) == 4  # every arm was tried
+    assert len(set(auto.plays)) == 5  # every arm was tried
     with pytest.raises(ValueError, match="--drafter must be one of"):
         pair.drafter(sampling, 3, "magic")
     with pytest.raises(ValueError, match="--gamma must be"):

@@ -302,17 +302,26 @@ class Pair:
             raise ValueError("this pair was loaded without its draft model (draft=False)")
         rng = np.random.default_rng([0 if seed is None else seed, 1])  # not the loop's stream
 
+        # one state per model, shared by every strategy that drafts with it: the bandit's
+        # arms switch without replaying the sequence into a second cache of the same model
+        states: dict[int, object] = {}
+
+        def state(m):
+            return states.setdefault(id(m), m.new_state())
+
         def model(m) -> Drafter:
-            base = ModelDrafter(m, sampling, g)
+            base = ModelDrafter(m, sampling, g, state=state(m))
             return drafters.AdaptiveGammaDrafter(base, max_gamma=g) if adaptive else base
 
         def lookup() -> drafters.NgramDrafter:
             return drafters.NgramDrafter(vocab, max_tokens=g)
 
         def hierarchical() -> Drafter:
-            inner = (ModelDrafter(self.draft_draft, sampling, max(1, g // 2))
-                     if self.draft_draft is not None else lookup())
-            return drafters.HierarchicalDrafter(self.draft, inner, sampling, g, rng)
+            dd = self.draft_draft
+            inner = (ModelDrafter(dd, sampling, max(1, g // 2), state=state(dd))
+                     if dd is not None else lookup())
+            return drafters.HierarchicalDrafter(self.draft, inner, sampling, g, rng,
+                                                state=state(self.draft))
 
         if kind == "model":
             return model(self.draft)
@@ -320,9 +329,11 @@ class Pair:
             return lookup()
         if kind == "hierarchical":
             return hierarchical()
-        arms = {"draft": drafters.FallbackDrafter(lookup(), model(self.draft))}
+        draft = model(self.draft)
+        arms = {"ngram+draft": drafters.FallbackDrafter(lookup(), draft)}
         if kind == "auto" and self.draft_draft is None:
-            return arms["draft"]
+            return arms["ngram+draft"]
+        arms["draft"] = draft
         arms["ngram"] = lookup()
         arms["hierarchical"] = hierarchical()
         if self.draft_draft is not None:
