@@ -152,3 +152,20 @@ def test_int4_cuda_builds_without_a_gpu(hf_pair_dirs, tmp_path):
     assert m.validation == {}
     graph = onnx.load(str(tmp_path / "cuda" / "model.onnx"), load_external_data=False).graph
     assert any(n.op_type == "MatMulNBits" for n in graph.node)
+
+
+def test_int4_target_kernel_is_chosen_by_use(int4_pair):
+    """On CUDA an int4 target that verifies drafts gets the fpA_intB kernel, an
+    autoregressive one the default; float weights and the CPU keep quickdraft's options."""
+    from quickdraft.ort_backend import Device
+    from quickdraft.ort_backend.generator import FPA_INTB_GEMM, target_options
+
+    m = load_manifest(int4_pair / "target")
+    spec = target_options(m, Device("cuda"), speculative=True)
+    ar = target_options(m, Device("cuda"), speculative=False)
+    assert spec.get_session_config_entry(FPA_INTB_GEMM) == "1"
+    assert ar.get_session_config_entry(FPA_INTB_GEMM) == "0"
+    assert target_options(m, Device("cpu"), speculative=True) is None
+    import dataclasses
+    assert target_options(dataclasses.replace(m, weights=""), Device("cuda"),
+                          speculative=True) is None

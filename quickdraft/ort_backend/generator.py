@@ -100,6 +100,24 @@ def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
     )
 
 
+# onnxruntime's fpA_intB kernel for MatMulNBits on CUDA (contrib_ops/cuda/quantization)
+FPA_INTB_GEMM = "ep.cuda.fpa_intb_gemm"
+
+
+def target_options(manifest, device: Device, *, speculative: bool):
+    """Session options for the target, or None for quickdraft's defaults.
+
+    An int4 target on CUDA that verifies drafts gets the fpA_intB MatMulNBits kernel: on
+    the H200 at 7B its 5-token step costs 1.34x the fastest 1-token step, against 1.82x
+    with the default kernel, which stays for autoregressive loading (faster at 1 token).
+    """
+    if device.kind != "cuda" or manifest.weights != "int4":
+        return None
+    options = session_options()
+    options.add_session_config_entry(FPA_INTB_GEMM, "1" if speculative else "0")
+    return options
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -406,6 +424,8 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
 
     def load(role: str, where: Device, steps):
         options = draft_options if role == "draft" and where.kind == "cpu" else None
+        if role == "target":
+            options = target_options(manifest, where, speculative=draft)
         return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph,
                           options=options)
 
