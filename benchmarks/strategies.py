@@ -294,6 +294,41 @@ def table_md(results: dict) -> str:
     return "\n".join(lines)
 
 
+def report(paths: list[Path]) -> str:
+    """One Markdown table over strategies result files: per pair and prompt set, tokens/s
+    of autoregressive decoding and of each strategy's row, as ratios the targets use."""
+    from tabulate import tabulate
+
+    def x(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    body = []
+    for path in paths:
+        data = load_json(path) or {}
+        name = Path(path).stem.replace("h200_strategies_", "")
+        for set_name, entry in (data.get("sets") or {}).items():
+            rows = entry["rows"]
+            s = summarize({set_name: rows}).get(set_name, {})
+
+            def tps(k):
+                return (rows.get(k) or {}).get("tokens_per_s")
+
+            ar, best = tps("autoregressive"), s.get("best_fixed_tokens_per_s")
+            body.append([
+                name, set_name, f"{ar:.0f}" if ar else "-",
+                f"{s.get('best_fixed', '-').replace('gamma ', 'γ')}: {x(best, ar)}",
+                x(tps("gamma 4"), ar), x(tps("gamma auto"), best), x(tps("gamma auto"), tps("gamma 4")),
+                x(tps("heuristic (HF)"), best), x(tps("ngram"), ar),
+                x(tps("ngram+draft auto"), ar), x(tps("ngram+draft gamma 4"), tps("gamma 4")),
+                x(max([tps(k) or 0 for k in rows if k.startswith("hierarchical")] or [0]) or None,
+                  max(tps(k) or 0 for k in rows if k.startswith(("gamma ", "mid draft")))),
+                x(tps("bandit"), (rows.get(s.get("best_single")) or {}).get("tokens_per_s"))])
+    return tabulate(body, tablefmt="github", headers=[
+        "pair", "prompts", "AR tok/s", "best fixed γ (x AR)", "γ4 x AR", "auto x best fixed",
+        "auto x γ4", "HF x best fixed", "ngram x AR", "ngram+draft auto x AR",
+        "ngram+draft γ4 x γ4", "best hierarchical x best two-model", "bandit x best single"])
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -310,7 +345,11 @@ def parse(argv):
     ap.add_argument("--export-mid-only", action="store_true")
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--report", type=Path, nargs="+", default=None,
+                    help="print the summary table of these result files and exit")
     a = ap.parse_args(argv)
+    if a.report:
+        return a
     if a.smoke:
         a.device, a.new_tokens, a.repeats = "cpu", 16, 1
         a.pair_dir = a.pair_dir or Path("/tmp/qdbench-smoke/pairs/tiny")
@@ -322,6 +361,9 @@ def parse(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse(argv)
+    if a.report:
+        print(report(a.report))
+        return 0
     from benchmarks.adapters import Runner, greedy
     from benchmarks.models import prompts_of
 
