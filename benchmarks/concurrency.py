@@ -203,6 +203,16 @@ def _ms(x):
     return None if x is None else 1e3 * x
 
 
+def _difference(index, got: str, expected: str) -> dict:
+    """Where two texts part: the character offset and 80 characters of each from just
+    before it."""
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+              min(len(got), len(expected)))
+    start = max(0, at - 20)
+    return {"index": index, "first_difference": at, "lengths": [len(got), len(expected)],
+            "got": got[start:start + 80], "expected": expected[start:start + 80]}
+
+
 def check(recs: list[dict], reference: dict[int, str] | None, deterministic: bool) -> dict:
     """Texts against the same requests run alone; None where the check does not apply."""
     ok = [r for r in recs if r["status"] == "ok"]
@@ -210,8 +220,7 @@ def check(recs: list[dict], reference: dict[int, str] | None, deterministic: boo
         return {"mismatches": None, "checked": 0, "unchecked": len(ok), "examples": []}
     have = [r for r in ok if r["index"] in reference]
     bad = [r for r in have if r["text"] != reference[r["index"]]]
-    examples = [{"index": r["index"], "got": r["text"][:200],
-                 "expected": reference[r["index"]][:200]} for r in bad[:5]]
+    examples = [_difference(r["index"], r["text"], reference[r["index"]]) for r in bad[:5]]
     return {"mismatches": len(bad), "checked": len(have), "unchecked": len(ok) - len(have),
             "mismatched_indices": [r["index"] for r in bad], "examples": examples}
 
