@@ -11,8 +11,9 @@ these is exact: prompt lookup (:class:`NgramDrafter`), a model drafter behind it
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -370,6 +371,37 @@ class HierarchicalDrafter(ModelDrafter):
         return Candidates(x, np.stack(rows[:gamma]), model_calls=calls, checked=True)
 
 
+class BanditStats:
+    """The discounted plays and rewards of a bandit's arms. Sequences over one loaded pair
+    may share one (``Pair.drafter`` does), so each new sequence starts from what the earlier
+    ones measured instead of exploring every arm again; updates take a lock."""
+
+    def __init__(self, arms: Iterable[str]):
+        self.arms = tuple(arms)
+        self.counts = {name: 0.0 for name in self.arms}  # discounted plays
+        self.rewards = {name: 0.0 for name in self.arms}  # discounted reward sums
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo) -> BanditStats:
+        copied = BanditStats(self.arms)
+        copied.counts, copied.rewards = self.snapshot()
+        return copied
+
+    def snapshot(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(counts, rewards) as of now."""
+        with self._lock:
+            return dict(self.counts), dict(self.rewards)
+
+    def record(self, played: str, reward: float, discount: float) -> None:
+        """Discount every arm, then add one play of ``played`` earning ``reward``."""
+        with self._lock:
+            for a in self.arms:
+                self.counts[a] *= discount
+                self.rewards[a] *= discount
+            self.counts[played] += 1.0
+            self.rewards[played] += reward
+
+
 class BanditDrafter(_Composite):
     """An online choice among drafters: discounted UCB on measured tokens per second.
 
@@ -377,14 +409,18 @@ class BanditDrafter(_Composite):
     wall time (from this drafter's proposal to the next update: drafting, verification and
     bookkeeping), or over ``cost_model(arm, candidates)`` seconds when one is given (a
     deterministic stand-in for tests and simulations). Rewards and counts decay by
-    ``discount`` per iteration, so the choice follows a workload that changes. Exact
-    whatever it picks: the choice depends on the past only.
+    ``discount`` per iteration, so the choice follows a workload that changes. ``stats``:
+    a :class:`BanditStats` over the same arm names shared with other sequences' bandits
+    (default: this bandit's own). Exact whatever it picks: the choice depends on the past
+    only (of this sequence and of the others sharing ``stats``), not on this iteration's
+    draws.
     """
 
     def __init__(self, arms: Mapping[str, Drafter], *, discount: float = 0.97,
                  explore: float = 0.5,
                  cost_model: Callable[[str, Candidates], float] | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 stats: BanditStats | None = None):
         if not arms:
             raise ValueError("give at least one drafter")
         if not 0.0 < discount <= 1.0:
@@ -394,21 +430,24 @@ class BanditDrafter(_Composite):
         _sampling(self.parts)  # the model drafters must agree
         self.discount, self.explore = float(discount), float(explore)
         self.cost_model, self.clock = cost_model, clock
-        self.counts = {name: 0.0 for name in self.arms}  # discounted plays
-        self.rewards = {name: 0.0 for name in self.arms}  # discounted reward sums
+        if stats is not None and set(stats.arms) != set(self.arms):
+            raise ValueError(f"the shared bandit statistics are over arms {sorted(stats.arms)}, "
+                             f"not {sorted(self.arms)}")
+        self.stats = stats if stats is not None else BanditStats(self.arms)
         self.plays: list[str] = []  # the arm of each iteration
         self._started = 0.0
         self._cost = None  # cost_model's seconds for the current iteration
 
     def choose(self) -> str:
-        unplayed = [name for name, n in self.counts.items() if n == 0]
+        counts, rewards = self.stats.snapshot()
+        unplayed = [name for name in self.arms if counts[name] == 0]
         if unplayed:
             return unplayed[0]
-        means = {a: self.rewards[a] / self.counts[a] for a in self.arms}
+        means = {a: rewards[a] / counts[a] for a in self.arms}
         scale = max(means.values()) or 1.0
-        total = sum(self.counts.values())
+        total = sum(counts.values())
         return max(self.arms, key=lambda a: means[a] / scale
-                   + self.explore * math.sqrt(math.log(max(total, 1.0)) / self.counts[a]))
+                   + self.explore * math.sqrt(math.log(max(total, 1.0)) / counts[a]))
 
     def get_candidates(self, ids: Sequence[int], max_tokens: int,
                        uniforms: np.ndarray) -> Candidates:
@@ -422,10 +461,6 @@ class BanditDrafter(_Composite):
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         seconds = self._cost if self._cost is not None else self.clock() - self._started
         reward = (n_accepted + 1) / max(seconds, 1e-9)  # tokens per second
-        for a in self.arms:
-            self.counts[a] *= self.discount
-            self.rewards[a] *= self.discount
         played = self.plays[-1]
-        self.counts[played] += 1.0
-        self.rewards[played] += reward
+        self.stats.record(played, reward, self.discount)
         self.arms[played].update_candidate_strategy(ids, n_accepted)  # its own verdict only

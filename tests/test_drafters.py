@@ -15,6 +15,7 @@ from exact import (
 from quickdraft.drafters import (
     AdaptiveGammaDrafter,
     BanditDrafter,
+    BanditStats,
     FallbackDrafter,
     HeuristicGammaDrafter,
     HierarchicalDrafter,
@@ -227,6 +228,35 @@ def test_bandit_converges_and_follows_a_change():
     speculative_generate(target, None, [1], drafter=bandit, max_new_tokens=240,
                          sampling=SAMPLING, rng=np.random.default_rng(1))
     assert bandit.plays[-40:].count("b") > 30
+
+
+def test_bandits_sharing_statistics_start_from_what_others_measured():
+    """A second sequence's bandit over shared BanditStats plays the arm the first one found
+    fastest from its first iteration, without trying every arm again."""
+    vocab = 6
+    target, _, _ = tables(vocab, 4)
+
+    def cost(arm, cand):
+        return 1.0 + (0.05 if arm == "b" else 0.6) * len(cand.tokens)
+
+    def arms():
+        return {"a": ModelDrafter(target, SAMPLING, 3), "b": ModelDrafter(target, SAMPLING, 3)}
+
+    stats = BanditStats(["a", "b"])
+    first = BanditDrafter(arms(), cost_model=cost, explore=0.3, stats=stats)
+    speculative_generate(target, None, [1], drafter=first, max_new_tokens=120,
+                         sampling=SAMPLING, rng=np.random.default_rng(0))
+    assert first.plays[0] == "a" and first.plays.count("b") > len(first.plays) // 2
+    second = BanditDrafter(arms(), cost_model=cost, explore=0.3, stats=stats)
+    speculative_generate(target, None, [2], drafter=second, max_new_tokens=12,
+                         sampling=SAMPLING, rng=np.random.default_rng(1))
+    assert second.plays[0] == "b"
+    alone = BanditDrafter(arms(), cost_model=cost, explore=0.3)
+    speculative_generate(target, None, [2], drafter=alone, max_new_tokens=12,
+                         sampling=SAMPLING, rng=np.random.default_rng(1))
+    assert alone.plays[0] == "a"  # its own statistics: every arm is tried first
+    with pytest.raises(ValueError, match="arms"):
+        BanditDrafter(arms(), stats=BanditStats(["a", "c"]))
 
 
 def test_composite_drafters_declare_their_parts():

@@ -80,7 +80,12 @@ def test_the_folder_with_a_draft_of_the_draft(pair):
     assert auto.arms["draft"].states[0] is auto.arms["hierarchical"].states[0]
     with pair.generator(DecodeConfig(max_new_tokens=60), drafter=auto) as gen:
         gen.generate(PROMPTS[0])
-    assert len(set(auto.plays)) == 5  # every arm was tried
+    counts, _ = auto.stats.snapshot()  # every arm was tried, by this or an earlier sequence
+    assert len(counts) == 5 and all(c > 0 for c in counts.values()) and auto.plays
+    # the next sequence's bandit of the same configuration shares the measured rewards
+    again = pair.drafter(sampling, 3, "auto")
+    assert again.stats is auto.stats and again is not auto
+    assert pair.drafter(sampling, 2, "auto").stats is not auto.stats
     with pytest.raises(ValueError, match="--drafter must be one of"):
         pair.drafter(sampling, 3, "magic")
     with pytest.raises(ValueError, match="--gamma must be"):

@@ -289,6 +289,8 @@ class Pair:
     max_draft: int | None = None  # the most draft tokens the target's steps were built for
     device_note: str | None = None  # why "auto" fell back to the CPU, if it did
     draft_draft: OrtModel | StaticOrtModel | None = None  # a draft of the draft, if exported
+    # the bandit's measured rewards, per drafting configuration, shared by its sequences
+    bandit_stats: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def device(self) -> Device:
@@ -356,7 +358,11 @@ class Pair:
         arms["hierarchical"] = hierarchical()
         if self.draft_draft is not None:
             arms["draft_draft"] = drafters.FallbackDrafter(lookup(), model(self.draft_draft))
-        return drafters.BanditDrafter(arms)
+        # one set of statistics per configuration: a new sequence starts from what the
+        # earlier ones measured (a server's requests, a benchmark's prompts)
+        key = (kind, str(gamma), sampling)
+        stats = self.bandit_stats.setdefault(key, drafters.BanditStats(arms))
+        return drafters.BanditDrafter(arms, stats=stats)
 
     def generator(self, config: DecodeConfig = DecodeConfig(), *,
                   gamma: int | str | None = None, drafter: Drafter | str | None = None,
