@@ -208,15 +208,17 @@ def speculative(pair: LoadedPair, prompt: list[int], n: int, gamma: int,
 
 
 def step_costs(model, prompt: list[int], lengths: list[int], *, reps: int,
-               warmup: int = 3) -> dict:
+               warmup: int = 3, greedy: bool = False) -> dict:
     """Median ms of one forward call of ``k`` tokens after the prompt, for k in ``lengths``,
     through the DecodeState protocol (append, then rewind to the prompt: the cache length
     stays fixed). Includes the host copy of the logits, as in generation. Three warm-up
-    calls per length: ONNX Runtime captures a CUDA graph on a step's third run."""
+    calls per length: ONNX Runtime captures a CUDA graph on a step's third run. ``greedy``:
+    through ``append_greedy`` (token ids to the host, not logits), as greedy decoding calls."""
     import statistics
 
     state = model.new_state()
-    state.append(list(prompt))
+    append = state.append_greedy if greedy else state.append
+    append(list(prompt))
     base = len(prompt)
     out = {}
     for k in lengths:
@@ -224,7 +226,7 @@ def step_costs(model, prompt: list[int], lengths: list[int], *, reps: int,
         times = []
         for r in range(warmup + reps):
             t0 = time.perf_counter()
-            state.append(toks)
+            append(toks)
             dt = time.perf_counter() - t0
             state.rewind(base)
             if r >= warmup:

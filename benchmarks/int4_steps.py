@@ -148,29 +148,6 @@ def _graph_facts(folder: Path) -> dict:
     return facts
 
 
-def _greedy_step_costs(model, prompt: list[int], lengths: list[int], *, reps: int,
-                       warmup: int = 3) -> dict:
-    """:func:`benchmarks.adapters.step_costs` through ``append_greedy`` (token ids back,
-    not logits): what a greedy generation's calls cost."""
-    state = model.new_state()
-    state.append_greedy(list(prompt))
-    base = len(prompt)
-    out = {}
-    for k in lengths:
-        toks = [int(t) for t in (list(prompt) * (k // max(1, len(prompt)) + 1))[:k]]
-        times = []
-        for r in range(warmup + reps):
-            t0 = time.perf_counter()
-            state.append_greedy(toks)
-            dt = time.perf_counter() - t0
-            state.rewind(base)
-            if r >= warmup:
-                times.append(dt)
-        out[k] = 1e3 * statistics.median(times)
-    state.close()
-    return out
-
-
 def _probe(model, prompt: list[int], k: int = 5) -> dict:
     """Logits of one k-token step after the prompt, in a fresh state: a hash of all of
     them and a slice, to tell whether two variants ran different kernels."""
@@ -253,8 +230,9 @@ def worker(spec: dict) -> dict:
     reps = int(spec["reps"])
     row("steps", lambda: {"ms": adapters.step_costs(target, prompt, ks, reps=reps),
                           "method": "adapters.step_costs (append: logits copied to host)"})
-    row("steps_greedy", lambda: {"ms": _greedy_step_costs(target, prompt, ks, reps=reps),
-                                 "method": "append_greedy (token ids copied to host)"})
+    row("steps_greedy", lambda: {
+        "ms": adapters.step_costs(target, prompt, ks, reps=reps, greedy=True),
+        "method": "append_greedy (token ids copied to host)"})
     row("probe", lambda: _probe(target, prompt))
 
     ref: list[int] = []
