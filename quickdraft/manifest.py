@@ -46,8 +46,12 @@ KV_LAYOUTS = ("bnsh",)
 GREEDY_OUTPUT = "greedy_tokens"
 # execution_provider values: "" runs anywhere; "cpu" / "cuda": the graph was built for one
 EXECUTION_PROVIDERS = ("", "cpu", "cuda")
-# weights values: "" the weights are stored in dtype; "int4": 4-bit blocks (MatMulNBits)
-WEIGHTS = ("", "int4")
+# weights values: "" the weights are stored in dtype; "int4": 4-bit blocks (MatMulNBits);
+# "int8": 8-bit per output channel (DequantizeLinear), folded to dtype when loaded
+WEIGHTS = ("", "int4", "int8")
+# the ONNX Runtime session option that folds DequantizeLinear of constant int8 weights into
+# fp32 when a session is created (instead of fusing them into 8-bit MatMulNBits)
+INT8_FOLD_OPTION = "session.disable_quant_qdq"
 # config.json keys of the model's context, in the order they are looked up
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 _REEXPORT = "re-export the model with `quickdraft export`"
@@ -100,7 +104,7 @@ class ModelManifest:
     # the execution provider the graph was built for: "cpu" or "cuda" (static exports, whose
     # builder specialises the graph to one), "" when it runs on either (dynamic exports)
     execution_provider: str = ""
-    weights: str = ""  # the weights' storage when it differs from dtype: 'int4' (MatMulNBits)
+    weights: str = ""  # the weights' storage when it differs from dtype: 'int4' or 'int8'
     manifest_version: int = MANIFEST_VERSION  # format version of this file
 
     def __post_init__(self) -> None:

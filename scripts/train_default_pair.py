@@ -63,6 +63,13 @@ DEFAULT_OUT = REPO / "runs" / "default_pair"
 SHIPPED = REPO / "quickdraft" / "models" / "default"
 EXCLUDED_DIRS = ("encodings", "pydoc_data")
 HELDOUT_EVERY = 10  # file i (in sorted order) is held out when i % 10 == 9
+# --collect-corpus: installed packages (permissive licenses) whose Python sources join the
+# standard library's; their versions are the ones the project's extras pin or pull in
+PACKAGES = ("transformers", "torch", "sympy", "numpy", "networkx")
+SKIPPED_PARTS = {"site-packages", "test", "tests", "testing", "_vendor", "vendored",
+                 "third_party", "__pycache__"}
+MAX_FILE_BYTES = 1_000_000  # larger files are generated tables, not code
+CORPUS_MANIFEST = "corpus.json"
 
 
 @dataclass(frozen=True)
@@ -97,18 +104,96 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def corpus_files(root: Path | None = None) -> tuple[list[Path], list[Path], Path]:
-    """(train files, held-out files, stdlib root): deterministic, sorted by path.
-
-    The same rule as ``quickdraft.export.toy.stdlib_files`` (``*.py``, no ``test``/``tests``
-    folders, no site-packages), applied to ``root`` (the running interpreter's standard
-    library by default), minus ``EXCLUDED_DIRS`` and files that are not UTF-8.
-    """
-    root = (root or stdlib_root()).resolve()
+def _python_files(root: Path, skip_first: tuple[str, ...] = ()) -> list[Path]:
+    """``*.py`` under ``root``, sorted, without test and vendored folders, top-level
+    ``skip_first`` folders and files over ``MAX_FILE_BYTES``."""
     files = []
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root)
-        if set(rel.parts) & {"site-packages", "test", "tests"} or rel.parts[0] in EXCLUDED_DIRS:
+        if set(rel.parts[:-1]) & SKIPPED_PARTS or rel.parts[0] in skip_first:
+            continue
+        if p.stat().st_size > MAX_FILE_BYTES:
+            continue
+        files.append(p)
+    return files
+
+
+def _distribution(name: str):
+    from importlib import metadata
+
+    try:
+        return metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise SystemExit(f"--collect-corpus needs {name} installed (pip install -e '.[test]')"
+                         ) from None
+
+
+def collect_corpus(dest: Path, stdlib: Path | None) -> dict:
+    """Copy the standard library's and ``PACKAGES``' Python sources into ``dest`` (one
+    folder per source), their license files into ``dest/LICENSES``, and write
+    ``dest/corpus.json`` (name, version, license and size of each source)."""
+    stdlib = (stdlib or stdlib_root()).resolve()
+    if dest.exists():
+        shutil.rmtree(dest)
+    sources = []
+    roots = [("python-stdlib", stdlib, stdlib.name, "PSF-2.0",
+              [stdlib / "LICENSE.txt", stdlib_root() / "LICENSE.txt"][:1 + (
+                  not (stdlib / "LICENSE.txt").is_file())][-1:])]
+    for name in PACKAGES:
+        dist = _distribution(name)
+        meta = dist.metadata
+        lic = meta.get("License-Expression") or meta.get("License") or "see LICENSES"
+        lic_files = [Path(dist.locate_file(f)) for f in dist.files or []
+                     if str(f).split("/")[0].endswith(".dist-info") and Path(str(f)).name
+                     .upper().startswith(("LICENSE", "COPYING", "NOTICE", "AUTHORS"))]
+        roots.append((name, Path(dist.locate_file(name)), dist.version, lic.splitlines()[0],
+                      lic_files))
+    for name, root, version, lic, lic_files in roots:
+        files = _python_files(root, EXCLUDED_DIRS if name == "python-stdlib" else ())
+        kept = 0
+        size = 0
+        for p in files:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            target = dest / name / p.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            kept += 1
+            size += len(text)
+        copied = []
+        for f in lic_files:
+            if f.is_file():
+                inside = Path(*[q for q in f.parts if q][-3:]).as_posix().split(".dist-info/")[-1]
+                out = dest / "LICENSES" / f"{name}-{inside.replace('/', '--')}"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, out)
+                copied.append(out.name)
+        sources.append({"name": name, "version": version, "license": lic, "files": kept,
+                        "chars": size, "license_files": copied})
+    record = {"sources": sources, "packages_from": sys.prefix,
+              "max_file_bytes": MAX_FILE_BYTES, "skipped_folders": sorted(SKIPPED_PARTS)}
+    (dest / CORPUS_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def corpus_files(root: Path | None = None) -> tuple[list[Path], list[Path], Path]:
+    """(train files, held-out files, root): deterministic, sorted by path.
+
+    ``root``: a folder written by ``--collect-corpus`` (it holds ``corpus.json``: every
+    ``*.py`` in it), or a standard library (the running interpreter's by default) read by
+    the rule of ``quickdraft.export.toy.stdlib_files`` (``*.py``, no ``test``/``tests``
+    folders, no site-packages) minus ``EXCLUDED_DIRS``. Files that are not UTF-8 are left
+    out.
+    """
+    root = (root or stdlib_root()).resolve()
+    collected = (root / CORPUS_MANIFEST).is_file()
+    files = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if not collected and (set(rel.parts) & {"site-packages", "test", "tests"}
+                              or rel.parts[0] in EXCLUDED_DIRS):
             continue
         try:
             p.read_text(encoding="utf-8")
@@ -161,25 +246,36 @@ def heldout_loss(model, windows, device: str, batch: int = 16) -> float:
     return total / count
 
 
-def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, lr: float,
-                seed: int, device: str, log_every: int, eval_windows=None,
-                eval_every: int = 0, teacher=None, distill: float = 0.0) -> dict:
-    """``benchmarks.training.train`` for ``steps`` steps on the random windows a torch
-    generator seeded with ``seed`` picks (the same windows for every model), with the
-    held-out loss every ``eval_every`` steps."""
+def train_model(name: str, model, stream, *, steps: int | None, batch: int, ctx: int,
+                lr: float, seed: int, device: str, log_every: int, eval_windows=None,
+                eval_every: int = 0, teacher=None, distill: float = 0.0,
+                seconds: float | None = None, extra_stream=None, fast: bool = False) -> dict:
+    """``benchmarks.training.train`` for ``steps`` steps (or the steps that fit in
+    ``seconds``) on the random windows a torch generator seeded with ``seed`` picks (the
+    same windows for every model), with the held-out loss every ``eval_every`` steps.
+    ``extra_stream``: half of every batch comes from it (the target's own samples for the
+    draft). ``fast``: bf16 autocast and fused AdamW on CUDA."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    batches = training.random_windows(
-        stream, batch, ctx, lambda high, n: torch.randint(0, high, (n,), generator=g))
+    draw = lambda high, n: torch.randint(0, high, (n,), generator=g)  # noqa: E731
+    if extra_stream is None:
+        batches = training.random_windows(stream, batch, ctx, draw)
+    else:
+        halves = (training.random_windows(stream, batch - batch // 2, ctx, draw),
+                  training.random_windows(extra_stream, batch // 2, ctx, draw))
+        batches = (torch.cat([next(h) for h in halves]) for _ in iter(int, 1))
     t0 = time.perf_counter()
     smooth = None
     curve = []
 
     def on_step(step, total, loss, kl, ce):
         nonlocal smooth
+        if (step + 1) % log_every and step + 1 != total and not (
+                eval_every and (step + 1) % eval_every == 0):
+            return  # reading the loss waits for the device: only when it is shown
         value = loss.item()
-        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
         if (step + 1) % log_every == 0 or step + 1 == total:
             log(f"{name} step {step + 1}/{total} loss {value:.3f} (smoothed {smooth:.3f}) "
                 f"{time.perf_counter() - t0:.0f}s")
@@ -191,45 +287,118 @@ def train_model(name: str, model, stream, *, steps: int, batch: int, ctx: int, l
             curve.append([step + 1, round(held, 4)])
             log(f"{name} step {step + 1}: held-out loss {held:.3f}")
 
-    training.train(name, model, batches, lr=lr, device=device, steps=steps,
-                   teacher=teacher if distill > 0 else None, distill_weight=distill,
-                   on_step=on_step, log=log)
-    return {"steps": steps, "final_loss_smoothed": smooth, "heldout_curve": curve,
+    info = training.train(name, model, batches, lr=lr, device=device, steps=steps,
+                          seconds=seconds if steps is None else None,
+                          teacher=teacher if distill > 0 else None, distill_weight=distill,
+                          autocast=fast, fused=fast and device == "cuda", on_step=on_step,
+                          log=log)
+    return {"steps": info["steps"], "final_loss_smoothed": smooth, "heldout_curve": curve,
             "train_seconds": time.perf_counter() - t0}
+
+
+def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: int,
+                  eos: int, prompt_tokens: int = 32):
+    """The target's own continuations [N] (a token stream, each followed by EOS): ``n``
+    of ``new_tokens`` tokens, half greedy (what greedy speculative decoding meets) and half
+    sampled at T=0.8 / top-p 0.95, after ``prompt_tokens``-token prompts from the training
+    stream, a quarter of them at the start of a file."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    starts = (stream[:-prompt_tokens - 1] == eos).nonzero().flatten() + 1  # file starts
+    out = []
+    model.to(device).eval()
+    for first in range(0, n, 256):
+        rows = min(256, n - first)
+        pick = torch.randint(0, len(stream) - prompt_tokens, (rows,), generator=g)
+        files = starts[torch.randint(0, len(starts), (rows // 4,), generator=g)]
+        pick[: rows // 4] = files
+        ids = stream[pick[:, None] + torch.arange(prompt_tokens)[None]].to(device)
+        greedy = (first // 256) % 2 == 0
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                             enabled=device == "cuda"):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=new_tokens, do_sample=not greedy,
+                                 temperature=0.8 if not greedy else None,
+                                 top_p=0.95 if not greedy else None, top_k=None,
+                                 pad_token_id=eos, eos_token_id=None)
+        for row in gen[:, prompt_tokens:].cpu():
+            out.append(torch.cat([row, torch.tensor([eos])]))
+    return torch.cat(out)
+
+
+def trajectory_alpha(target, draft, prompts: list, device: str, new_tokens: int = 128
+                     ) -> float:
+    """The share of positions on the target's greedy continuation of each prompt where
+    the draft's argmax equals the target's (alpha at T=0 on what greedy speculative
+    decoding meets)."""
+    import torch
+
+    agree, total = 0, 0
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids], device=device)
+            seq = target.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                  max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+            n = x.shape[1]
+            p = target(input_ids=seq).logits[0, n - 1:-1].argmax(-1)  # [new_tokens]
+            q = draft(input_ids=seq).logits[0, n - 1:-1].argmax(-1)  # [new_tokens]
+            agree += int((p == q).sum())
+            total += len(p)
+    return agree / max(total, 1)
 
 
 # ----------------------------------------------------------------------------- export
 
 
+def snap(out: Path) -> Path:
+    """``out/int8/{target,draft}``: the trained models with their weight matrices rounded
+    to the int8 grid of their output channels (``quickdraft.export.int8.snap_to_int8``),
+    in fp32: the models the package stores and the export validates against."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quickdraft.export.int8 import snap_to_int8
+
+    dest = out / "int8"
+    for role in ("target", "draft"):
+        model = AutoModelForCausalLM.from_pretrained(out / role).float()
+        snap_to_int8(model)
+        model.save_pretrained(dest / role, safe_serialization=True)
+        AutoTokenizer.from_pretrained(out / role).save_pretrained(dest / role)
+    return dest
+
+
 def export(out: Path, dest: Path, summary: dict, stdlib: Path | None) -> dict:
-    """Export ``out/{target,draft}`` to ``dest`` with quickdraft's exporter, then write
+    """Export ``out/{target,draft}`` to ``dest`` with quickdraft's exporter (static caches
+    on the CPU, weights stored as int8 and folded back to fp32 when loaded), then write
     ``training.json`` and ``MODEL_CARD.md`` there (scripts/default_pair_card.py)."""
     import default_pair_card
 
     from quickdraft.export import export_pair
+    from quickdraft.export.int8 import store_int8
 
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    snapped = snap(out)
     cwd = Path.cwd()
     os.chdir(REPO)  # the manifests record the sources as given: keep them repo-relative
     try:
-        sources = [Path(os.path.relpath(out / role, REPO)) for role in ("target", "draft")]
-        export_pair(*sources, dest)
+        sources = [Path(os.path.relpath(snapped / role, REPO)) for role in ("target", "draft")]
+        export_pair(*sources, dest, kv_cache="static", max_length=summary["args"]["ctx"])
     finally:
         os.chdir(cwd)
+    stored = {role: store_int8(dest / role) for role in ("target", "draft")}
     seconds = time.perf_counter() - t0
+    root = Path(stdlib) if stdlib else None
+    licenses = root / "LICENSES" if root is not None else None
     sizes = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*"))
              if p.is_file()}
-    info = {"seconds": seconds, "bytes": sum(sizes.values()), "files": sizes}
-    # the held-out file list, when this machine has the corpus the pair was trained on
-    train_files, heldout_files, root = corpus_files(stdlib)
-    heldout = None
-    if corpus_digest(train_files + heldout_files, root) == summary["corpus"]["sha256"]:
-        heldout = [str(p.relative_to(root)) for p in heldout_files]
-    rec = default_pair_card.write(dest, summary, info, REPO, heldout,
-                                 stdlib or stdlib_root())
+    info = {"seconds": seconds, "bytes": sum(sizes.values()), "files": sizes,
+            "int8": stored}
+    rec = default_pair_card.write(dest, summary, info, REPO, licenses)
     total = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return {**info, "bytes_with_card": total, "cpu_latency": rec["cpu_latency"]}
 
@@ -268,7 +437,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="held-out windows of --ctx tokens for loss and alpha")
     ap.add_argument("--eval-every", type=int, default=250,
                     help="held-out loss every N training steps (0: only at the end)")
-    ap.add_argument("--stdlib-root", type=Path, default=None,
+    ap.add_argument("--collect-corpus", type=Path, default=None, metavar="DIR",
+                    help="write the corpus (the standard library and PACKAGES' sources, "
+                    "their licenses, corpus.json) to DIR and stop")
+    ap.add_argument("--fast", action="store_true",
+                    help="bf16 autocast and fused AdamW on CUDA (faster, not bit-reproducible)")
+    ap.add_argument("--target-seconds", type=float, default=None,
+                    help="train the target for this long instead of --target-steps")
+    ap.add_argument("--draft-seconds", type=float, default=None,
+                    help="train the draft for this long instead of --draft-steps")
+    ap.add_argument("--draft-kv-heads", type=int, default=DRAFT.num_key_value_heads)
+    ap.add_argument("--draft-samples", type=int, default=0,
+                    help="continuations the target writes itself (half greedy); half of "
+                    "every draft batch is drawn from them")
+    ap.add_argument("--sample-tokens", type=int, default=192)
+    ap.add_argument("--skip-draft", action="store_true", help="train the target only")
+    ap.add_argument("--save-half", action="store_true",
+                    help="save the Hugging Face folders in float16 (half the bytes to move)")
+    ap.add_argument("--stdlib-root", "--corpus", type=Path, default=None,
                     help="standard library folder to read (default: this interpreter's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -306,6 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.enable_cudnn_sdp(False)
     out: Path = args.out.resolve()
     summary_path = out / "summary.json"
+    if args.collect_corpus is not None:
+        print(json.dumps(collect_corpus(args.collect_corpus.resolve(), args.stdlib_root),
+                         indent=2))
+        return 0
+    if args.fast:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
 
     if args.evaluate_only:
         _, heldout_files, _ = corpus_files(args.stdlib_root)
@@ -335,8 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     tok_dir = out / "tokenizer"
-    tokenizer = train_tokenizer(tok_dir, vocab_size=args.vocab_size, text=train_text,
-                                model_max_length=args.ctx)
+    if args.reuse_target is not None:  # its tokenizer, instead of training the same again
+        tokenizer = AutoTokenizer.from_pretrained(args.reuse_target)
+        tokenizer.save_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(tok_dir, vocab_size=args.vocab_size, text=train_text,
+                                    model_max_length=args.ctx)
     vocab = len(tokenizer)
     train_stream = encode_files(tokenizer, train_files)
     heldout_stream = encode_files(tokenizer, heldout_files)
@@ -350,17 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     draft_shape = replace(DRAFT, num_hidden_layers=args.draft_layers,
                           hidden_size=args.draft_hidden,
                           intermediate_size=args.draft_intermediate,
-                          num_attention_heads=args.draft_heads)
+                          num_attention_heads=args.draft_heads,
+                          num_key_value_heads=args.draft_kv_heads)
     target_shape = Shape(hidden_size=args.target_hidden, num_hidden_layers=args.target_layers,
                          num_attention_heads=args.target_heads,
                          num_key_value_heads=args.target_kv_heads,
                          intermediate_size=args.target_intermediate)
+    budgets = {"target": args.target_seconds, "draft": args.draft_seconds}
+    sampled = None
     for role, shape, steps, lr in (("target", target_shape, args.target_steps, args.target_lr),
                                    ("draft", draft_shape, args.draft_steps, args.draft_lr)):
+        if role == "draft" and args.skip_draft:
+            break
         if role == "target" and args.reuse_target is not None:
             src = args.reuse_target.resolve()
-            if (src / "tokenizer.json").read_bytes() != (tok_dir / "tokenizer.json").read_bytes():
-                raise SystemExit(f"{src} was trained with another tokenizer")
             model = AutoModelForCausalLM.from_pretrained(src)
             shutil.copytree(src, out / role)
             results[role] = {"parameters": count_params(model), "reused_from": str(src)}
@@ -370,29 +571,57 @@ def main(argv: list[str] | None = None) -> int:
                                          max_positions=args.ctx, tie=True, seed=args.seed)
             params = count_params(model)
             log(f"{role}: {params:,} parameters {asdict(shape)}")
-            info = train_model(role, model, train_stream, steps=steps, batch=args.batch,
-                               ctx=args.ctx, lr=lr, seed=args.seed, device=args.device,
-                               log_every=args.log_every, eval_windows=windows,
-                               eval_every=args.eval_every, teacher=teacher,
+            seconds = budgets[role]
+            info = train_model(role, model, train_stream, steps=None if seconds else steps,
+                               seconds=seconds, batch=args.batch, ctx=args.ctx, lr=lr,
+                               seed=args.seed, device=args.device, log_every=args.log_every,
+                               eval_windows=windows, eval_every=args.eval_every,
+                               teacher=teacher, extra_stream=sampled, fast=args.fast,
                                distill=args.draft_distill if teacher is not None else 0.0)
-            model.to("cpu").save_pretrained(out / role, safe_serialization=True)
+            model.to("cpu")
+            (model.half() if args.save_half else model).save_pretrained(
+                out / role, safe_serialization=True)
+            model.float()
             tokenizer.save_pretrained(out / role)
             results[role] = {"parameters": params, "shape": asdict(shape), "lr": lr, **info}
-        if role == "target" and args.draft_distill > 0:
+            if role == "draft" and sampled is not None:
+                results[role]["target_samples"] = {"sequences": args.draft_samples,
+                                                   "new_tokens": args.sample_tokens,
+                                                   "tokens": len(sampled)}
+        if role == "target" and args.draft_distill > 0 and not args.skip_draft:
             teacher = model.to(args.device).eval()
             for prm in teacher.parameters():
                 prm.requires_grad_(False)
+            if args.draft_samples:
+                t0 = time.perf_counter()
+                sampled = sample_stream(teacher, train_stream, n=args.draft_samples,
+                                        new_tokens=args.sample_tokens, device=args.device,
+                                        seed=args.seed, eos=tokenizer.eos_token_id)
+                log(f"target samples: {args.draft_samples} x {args.sample_tokens} tokens "
+                    f"({time.perf_counter() - t0:.0f}s)")
         del model
     del teacher
+    if args.skip_draft:
+        log(f"target only: saved to {out / 'target'}")
+        (out / "target_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return 0
 
-    # evaluate from the saved folders (what the exporter reads), on CPU in fp32
-    target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
-    draft = AutoModelForCausalLM.from_pretrained(out / "draft").eval()
+    # evaluate from the saved folders (what the exporter reads), in fp32
+    target = AutoModelForCausalLM.from_pretrained(out / "target").to(args.device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(out / "draft").to(args.device).eval()
     t0 = time.perf_counter()
-    ev = training.evaluate(target, draft, windows, "cpu")
+    ev = training.evaluate(target, draft, windows, args.device)
+    starts = [tokenizer(p.read_text(encoding="utf-8")[:200])["input_ids"][:16]
+              for p in heldout_files[:48]]
+    readme = tokenizer("def quicksort(arr):")["input_ids"]
+    ev["trajectory_alpha_T0"] = trajectory_alpha(target, draft, [readme] + starts,
+                                                 args.device)
+    ev["trajectory_alpha_readme_T0"] = trajectory_alpha(target, draft, [readme], args.device)
     log(f"held-out: target loss {ev['target_loss']:.3f}, draft loss {ev['draft_loss']:.3f}, "
         f"alpha T=0 {ev['alpha_T0']:.3f}, alpha T=1 {ev['alpha_T1']:.3f} "
-        f"over {ev['positions']} positions ({time.perf_counter() - t0:.0f}s)")
+        f"over {ev['positions']} positions; on greedy continuations "
+        f"{ev['trajectory_alpha_T0']:.3f} (the README's prompt "
+        f"{ev['trajectory_alpha_readme_T0']:.3f}) ({time.perf_counter() - t0:.0f}s)")
 
     tok_hash = hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()
     summary = {
@@ -411,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             "heldout_tokens": len(heldout_stream),
             "sha256": corpus_digest(train_files + heldout_files, root),
             "heldout_examples": [str(p.relative_to(root)) for p in heldout_files[:8]],
+            "sources": (json.loads((root / CORPUS_MANIFEST).read_text())["sources"]
+                        if (root / CORPUS_MANIFEST).is_file() else None),
         },
         "tokenizer": {"vocab_size": vocab, "tokenizer_json_sha256": tok_hash},
         "models": results,

@@ -28,7 +28,7 @@ def test_generate_without_model_dir_reports_acceptance_and_speedup(capsys):
 def test_generate_json_carries_the_comparison(capsys):
     assert main(["generate", "--prompt", "import os\n", "--max-new-tokens", "16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["stats"]["gamma"] == 2  # the bundled pair's default draft length
+    assert result["stats"]["gamma"] == 4  # the bundled pair's default draft length
     comparison = result["comparison"]
     assert comparison["same_tokens"] is True
     assert comparison["speedup"] > 0 and 0 <= comparison["acceptance_rate"] <= 1

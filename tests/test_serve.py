@@ -159,7 +159,7 @@ def test_greedy_completion_equals_generator(pair, client):
     assert out.usage.completion_tokens == len(ref.tokens) == 24
     assert out.usage.total_tokens == out.usage.prompt_tokens + 24
     spec = out.model_extra["speculative"]
-    assert spec["gamma"] == 2 and 0 <= spec["acceptance_rate"] <= 1
+    assert spec["gamma"] == 4 and 0 <= spec["acceptance_rate"] <= 1
     assert spec["tokens_per_target_call"] >= 1 and spec["alpha"] is not None
 
 
@@ -227,7 +227,7 @@ def test_streaming_equals_non_streaming(client):
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert chunks[-1].usage.completion_tokens == 30
-    assert chunks[-1].model_extra["speculative"]["gamma"] == 2
+    assert chunks[-1].model_extra["speculative"]["gamma"] == 4
 
 
 def test_raw_sse_ends_with_done(server):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from quickdraft.manifest import (
+    INT8_FOLD_OPTION,
     ONNX_ELEMENT_TYPES,
     ModelFolderError,
     ModelManifest,
@@ -75,6 +76,8 @@ class ExportedModel:
         self._check_manifest()
         self.options = options if options is not None else session_options()
         self.options.enable_mem_pattern = self.MEM_PATTERN
+        if self.manifest.weights == "int8":  # fold the int8 matrices to fp32 at load
+            self.options.add_session_config_entry(INT8_FOLD_OPTION, "1")
         path = self._model_path
         self.session = create_session(path, device, self.options, cuda_options)
         _check_graph(self.manifest, self.session, self.folder, self.ERROR)
