@@ -105,6 +105,9 @@ class ModelManifest:
     # builder specialises the graph to one), "" when it runs on either (dynamic exports)
     execution_provider: str = ""
     weights: str = ""  # the weights' storage when it differs from dtype: 'int4' or 'int8'
+    # tokens the LM head scores (the rest get a logit of -1e9, probability 0): a draft with a
+    # frequency-ranked head (quickdraft.export.vocab); 0: every token of the vocabulary
+    head_tokens: int = 0
     manifest_version: int = MANIFEST_VERSION  # format version of this file
 
     def __post_init__(self) -> None:
@@ -270,7 +273,7 @@ def _inside(folder: str | Path, entries: list[tuple[str, str]], error,
 # fields that must be >= 1 and >= 0 (an int | None field when it is set)
 _POSITIVE = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "hidden_size",
              "vocab_size", "max_length")
-_NON_NEGATIVE = ("max_cache_length", "bos_token_id", "eos_token_id")
+_NON_NEGATIVE = ("max_cache_length", "bos_token_id", "eos_token_id", "head_tokens")
 # fields whose value is one of a few
 _CHOICES = {"dtype": tuple(ONNX_ELEMENT_TYPES), "kv_cache": KV_CACHES,
             "kv_layout": KV_LAYOUTS, "execution_provider": EXECUTION_PROVIDERS,

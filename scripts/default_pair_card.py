@@ -141,10 +141,10 @@ were rounded there before the export, `quickdraft.export.int8.snap_to_int8`) and
 as int8 read through `DequantizeLinear` (`quickdraft.export.int8.store_int8`). ONNX Runtime
 folds the matrices back to fp32 when the session is created (the backend sets
 `session.disable_quant_qdq` for manifests with `weights: "int8"`), so the pair computes in
-fp32 at a quarter of the fp32 file size. Computing in 8 bits instead (ONNX Runtime's
-MatMulNBits, what it does without that option) makes a 1-token step about 4x faster but a
-5-token verification step about 4x a 1-token one, which speculative decoding cannot
-afford (`docs/explanation/fast-path.md`). The export was validated against the rounded
+fp32 at a quarter of the fp32 file size. Without that option ONNX Runtime 1.32 runs the
+same graph 1.85x slower per 1-token step on a 2-core CPU (8.19 against 4.43 ms; 5-token
+verification steps cost 1.24x a 1-token step folded: `benchmarks/int8_cpu_steps.py`,
+`docs/benchmarks.md`). The export was validated against the rounded
 PyTorch models (`validation` in each `quickdraft.json`).
 
 ## Acceptance rate

@@ -1,43 +1,46 @@
 #!/usr/bin/env python
-"""Train quickdraft's bundled default draft/target pair on the Python standard library.
+"""Train quickdraft's bundled default draft/target pair on Python source code.
 
-One command reruns the whole recipe, deterministically from a fixed seed:
+    python scripts/train_default_pair.py --collect-corpus runs/corpus   # gather the corpus
+    python scripts/train_default_pair.py --corpus runs/corpus --device cuda --fast \\
+        --target-seconds 280 --draft-seconds 300 --draft-samples 8192   # train + evaluate
+    python scripts/train_default_pair.py --export-only --corpus runs/corpus  # ship as ONNX
+    python scripts/train_default_pair.py --evaluate-only --corpus runs/corpus  # alpha, CPU
 
-    python scripts/train_default_pair.py --device cuda        # train + evaluate (~4 min, H100)
-    python scripts/train_default_pair.py --export-only        # ship runs/default_pair as ONNX
-    python scripts/train_default_pair.py --evaluate-only      # re-measure alpha on the CPU
-
-The shipped pair was trained on an H100 (see quickdraft/models/default/MODEL_CARD.md for
-the exact command); ``--device cpu`` runs the same recipe on the CPU, but slowly (hours on
-two cores), and CPU kernels round differently, so its weights are not bit-identical to the
-GPU's. The same device, library versions and ``--seed`` give the same weights.
+The shipped pair's exact commands (the target and the draft were trained in two runs,
+``--skip-draft`` then ``--reuse-target``) are in quickdraft/models/default/MODEL_CARD.md.
 
 What it does:
 
-1. Corpus: the ``*.py`` files of the running interpreter's standard library (or of
-   ``--stdlib-root``), by the rule of ``quickdraft.export.toy.stdlib_files`` (sorted by
-   path, ``test``/``tests`` folders and site-packages excluded), minus ``encodings/``
-   (codec tables) and ``pydoc_data/`` (one large generated docstring). Every 10th file
-   of that sorted list (index % 10 == 9) is held out for evaluation; the rest is training
-   data. The corpus depends on the Python version, so the summary records a SHA-256 of the
-   file list and contents.
+1. Corpus (``--collect-corpus``): the ``*.py`` files of the standard library and of the
+   installed ``PACKAGES`` (permissive licenses; the versions the project's extras
+   install), without test and vendored folders and files over 1 MB, copied into one
+   folder with their license files and ``corpus.json`` (name, version, license, size of
+   each source). Every 10th file of the sorted list (index % 10 == 9) is held out for
+   evaluation; the rest is training data. Without ``--corpus`` the running
+   interpreter's standard library alone is used (``--stdlib-root`` another one).
 2. Tokenizer: a byte-level BPE (``tokenizers``) trained on the training files only;
    ``<|endoftext|>`` (id 0) separates files and is BOS/EOS/PAD.
-3. Models: two Llama decoders (``transformers.LlamaForCausalLM``, tied embeddings), the
-   target (3.4M parameters) and the draft (0.32M), trained from the same seed on the same
-   sequence of random windows of the training token stream by ``benchmarks/training.py``
-   (the loop the benchmarks' trained pair uses too: AdamW, warmup + cosine). The draft is
-   distilled from the target (KL(target || draft), ``--draft-distill``).
-4. Evaluation on the held-out files: loss of each model and the acceptance rate
-   alpha = E[sum_x min(p(x), q(x))] at T=0 and T=1 (``quickdraft.theory.beta``).
-5. ``--export`` / ``--export-only``: quickdraft's own exporter
-   (``quickdraft.export.export_pair``) writes the ONNX pair into
-   ``quickdraft/models/default/`` (what the package ships), and
+3. Models: two Llama decoders (``transformers.LlamaForCausalLM``, tied embeddings)
+   trained by ``benchmarks/training.py`` (the loop the benchmarks' trained pair uses too:
+   AdamW, warmup + cosine), for a number of steps or a time budget. The draft is
+   distilled from the target (KL(target || draft), ``--draft-distill``); with
+   ``--draft-samples`` half of each of its batches are continuations the target wrote
+   itself (half greedy), which is what speculative decoding meets.
+4. Evaluation: loss of each model and the acceptance rate alpha = E[sum_x min(p(x),
+   q(x))] at T=0 and T=1 (``quickdraft.theory.beta``) on the held-out files, and the
+   draft's agreement on the target's own greedy continuations.
+5. ``--export`` / ``--export-only``: the weights rounded to their int8 grid
+   (``quickdraft.export.int8.snap_to_int8``), quickdraft's exporter
+   (``quickdraft.export.export_pair``, static caches) into ``quickdraft/models/default/``
+   (what the package ships), the matrices stored as int8 (``store_int8``), and
    ``scripts/default_pair_card.py`` adds ``training.json``, ``MODEL_CARD.md`` and the
-   Python license file (``LICENSE-PYTHON.txt``) beside it.
+   corpus' license files beside it.
 
-Hugging Face folders, the tokenizer and ``summary.json`` go to ``--out``
-(``runs/default_pair`` by default, git-ignored). Needs the ``export`` extra.
+Without ``--fast`` the run uses deterministic kernels only (bit-identical reruns on the
+same GPU and versions, about 3x slower). Hugging Face folders, the tokenizer and
+``summary.json`` go to ``--out`` (``runs/default_pair`` by default, git-ignored). Needs
+the ``export`` extra.
 """
 
 from __future__ import annotations
@@ -83,10 +86,7 @@ class Shape:
 
 TARGET = Shape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=512)
-# The draft is small on purpose: on the CPU both models are bound by reading their weights,
-# so the cost ratio c is about the ratio of their ONNX sizes, and a 64-wide one-layer draft
-# (c ~ 0.1, alpha ~ 0.47) promises more speedup than a 128-wide two-layer one (c ~ 0.37,
-# alpha ~ 0.60): see quickdraft/models/default/MODEL_CARD.md.
+# defaults of the shape flags (the shipped pair's shapes are in its MODEL_CARD.md)
 DRAFT = Shape(hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
               num_key_value_heads=1, intermediate_size=192)
 
@@ -391,6 +391,8 @@ def export(out: Path, dest: Path, summary: dict, stdlib: Path | None) -> dict:
     finally:
         os.chdir(cwd)
     stored = {role: store_int8(dest / role) for role in ("target", "draft")}
+    for role in ("target", "draft"):  # the model's config, which manifests are checked against
+        shutil.copyfile(snapped / role / "config.json", dest / role / "config.json")
     seconds = time.perf_counter() - t0
     root = Path(stdlib) if stdlib else None
     licenses = root / "LICENSES" if root is not None else None

@@ -4,10 +4,9 @@ A weight matrix is stored as int8 with one fp32 scale per output channel and rea
 ONNX's ``DequantizeLinear``; ONNX Runtime folds that back into the fp32 matrix when the
 session is created (``session.disable_quant_qdq``, set by the backend for manifests with
 ``weights: "int8"``), so the graph computes exactly what the fp32 graph of the same values
-computes, at a quarter of the file size. (Left to its QDQ fusions, ONNX Runtime would run
-the matrices as 8-bit MatMulNBits on the CPU: a 1-token step gets about 4x faster, but a
-5-token verification step costs about 4x a 1-token one, which is what speculative decoding
-cannot afford.)
+computes, at a quarter of the file size. (Left to its own handling of QDQ graphs, ONNX
+Runtime 1.32 runs the bundled target 1.85x slower per 1-token step on a 2-core CPU:
+``benchmarks/int8_cpu_steps.py``.)
 
 Storage is exact only for weights that already lie on the int8 grid: :func:`snap_to_int8`
 puts a PyTorch model's weights there before the export (the model the export validates
