@@ -9,8 +9,9 @@ gamma * c + 1 target-call units (Theorem 3.8's model: verification costs one cal
 gamma), and compares, per workload and c, tokens per unit of time of every fixed gamma
 with ``AdaptiveGammaDrafter`` (the rule behind ``--gamma auto``, with its defaults and
 with other decay / prior settings), Hugging Face's schedule and an oracle that knows the
-true alpha at each position (Theorem 3.8's gamma for it: the most any schedule gains). No model runs: this is the
-theory's bound on the gain, for reading the measured rows of ``benchmarks/strategies.py``.
+true alpha at each position (Theorem 3.8's gamma for it: the most any schedule gains).
+No model runs: this is the theory's bound on the gain, for reading the measured rows of
+``benchmarks/strategies.py``.
 """
 
 from __future__ import annotations
@@ -132,15 +133,17 @@ def main(argv=None) -> int:
             row = {"workload": name, "c": c, "best_fixed_gamma": best,
                    "best_fixed": fixed[best], "gamma_4_over_best": fixed[4] / fixed[best]}
             for label, kw in SETTINGS.items():
-                make = (lambda kw=kw: Schedule(drafters.AdaptiveGammaDrafter(
-                    _Stub(), max_gamma=MAX_GAMMA, cost_ratio=c, **kw)))
+                def make(kw=kw, c=c):
+                    return Schedule(drafters.AdaptiveGammaDrafter(
+                        _Stub(), max_gamma=MAX_GAMMA, cost_ratio=c, **kw))
                 v = simulate(alpha_at, c, make, a.tokens, a.runs, 0)
                 row[f"auto ({label}) over best fixed"] = v / fixed[best]
                 row[f"auto ({label}) over gamma 4"] = v / fixed[4]
             hf = simulate(alpha_at, c, lambda: Schedule(drafters.HeuristicGammaDrafter(
                 _Stub(), max_gamma=MAX_GAMMA)), a.tokens, a.runs, 0)
             row["HF schedule over best fixed"] = hf / fixed[best]
-            oracle = simulate(alpha_at, c, lambda: Oracle(alpha_at, c), a.tokens, a.runs, 0)
+            oracle = simulate(alpha_at, c, lambda alpha_at=alpha_at, c=c: Oracle(alpha_at, c),
+                              a.tokens, a.runs, 0)
             row["oracle over best fixed"] = oracle / fixed[best]
             row["oracle over gamma 4"] = oracle / fixed[4]
             rows.append(row)

@@ -247,7 +247,7 @@ def summarize(results: dict) -> dict:
             continue
         best = max(fixed, key=fixed.get)
 
-        def tps(k):
+        def tps(k, rows=rows):
             return (rows.get(k) or {}).get("tokens_per_s")
 
         def ratio(a, b):
@@ -310,14 +310,15 @@ def report(paths: list[Path]) -> str:
             rows = entry["rows"]
             s = summarize({set_name: rows}).get(set_name, {})
 
-            def tps(k):
+            def tps(k, rows=rows):
                 return (rows.get(k) or {}).get("tokens_per_s")
 
             ar, best = tps("autoregressive"), s.get("best_fixed_tokens_per_s")
             body.append([
                 name, set_name, f"{ar:.0f}" if ar else "-",
                 f"{s.get('best_fixed', '-').replace('gamma ', 'γ')}: {x(best, ar)}",
-                x(tps("gamma 4"), ar), x(tps("gamma auto"), best), x(tps("gamma auto"), tps("gamma 4")),
+                x(tps("gamma 4"), ar), x(tps("gamma auto"), best),
+                x(tps("gamma auto"), tps("gamma 4")),
                 x(tps("heuristic (HF)"), best), x(tps("ngram"), ar),
                 x(tps("ngram+draft auto"), ar), x(tps("ngram+draft gamma 4"), tps("gamma 4")),
                 x(max([tps(k) or 0 for k in rows if k.startswith("hierarchical")] or [0]) or None,

@@ -13,7 +13,7 @@ python -m pip install -q torch==2.13.0        # CPU build; install before anythi
 python -m pip install -q -e ".[test,export,ort,docs,bench,serve]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
-ruff check quickdraft tests
+ruff check quickdraft tests benchmarks scripts
 python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci "$@"
 if [ "$#" -gt 0 ]; then
     exit 0
@@ -29,7 +29,8 @@ PYTHONPATH="$lowest" python -c "import onnxruntime, sys; v = onnxruntime.__versi
 sys.exit(0 if v == '$ORT_LOWEST' else f'expected onnxruntime $ORT_LOWEST, got {v}')"
 ort_tests=()
 for t in test_ort_backend test_static_path test_verify_graph test_cli_default_pair \
-         test_default_pair test_greedy_output test_export_safety; do
+         test_default_pair test_greedy_output test_export_safety test_export_int8 \
+         test_export_vocab; do
     if [ -f "tests/$t.py" ]; then
         ort_tests+=("tests/$t.py")
     fi

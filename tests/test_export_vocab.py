@@ -22,12 +22,16 @@ PROMPTS = [[5], [17, 300, 41, 9], list(range(40, 52))]
 TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int\n    y: int\n" * 20
 
 
-@pytest.fixture(scope="module", params=["dynamic", "static"])
+@pytest.fixture(scope="module", params=["dynamic", "static", "bundled-int8"])
 def pairs(request, tmp_path_factory, exported_llama_pair):
     if request.param == "static":
         for name in ("onnxruntime_genai", "onnx_ir"):
             pytest.importorskip(name)
         source = request.getfixturevalue("static_llama_pair")
+    elif request.param == "bundled-int8":  # int8 storage: the head is a DequantizeLinear
+        from quickdraft.ort_backend.cli import default_model_dir
+
+        source = default_model_dir()
     else:
         source = exported_llama_pair
     out = tmp_path_factory.mktemp(f"head-{request.param}") / "pair"

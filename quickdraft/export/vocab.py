@@ -49,21 +49,53 @@ def frequent_tokens(tokenizer_json: str | os.PathLike, texts: Iterable[str], k: 
 
 
 def _head(graph, vocab: int):
-    """(MatMul node, weight initializer) of the LM head: the MatMul whose constant
-    input 1 is [hidden, vocab] and whose output is the graph's ``logits``."""
+    """(MatMul node, weight) of the LM head: the MatMul producing the graph's ``logits``
+    from a constant [hidden, vocab] weight, an initializer or (int8 storage) the
+    per-column DequantizeLinear of one; (None, None) when there is none."""
     inits = {t.name: t for t in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}
     for node in graph.node:
-        if node.op_type == "MatMul" and node.output[0] == "logits" and node.input[1] in inits:
-            w = inits[node.input[1]]
-            if len(w.dims) == 2 and w.dims[1] == vocab:
-                return node, w
+        if node.op_type != "MatMul" or node.output[0] != "logits":
+            continue
+        name = node.input[1]
+        w = inits.get(name)
+        if w is not None and len(w.dims) == 2 and w.dims[1] == vocab:
+            return node, w
+        dq = producers.get(name)
+        if (dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) >= 2
+                and all(i in inits for i in dq.input[:2])
+                and {a.name: a.i for a in dq.attribute}.get("axis") == 1
+                and list(inits[dq.input[0]].dims)[1:] == [vocab]):
+            return node, dq
     return None, None
 
 
+def _kept_weight(graph, weight, ids, names):
+    """Initializers (and for int8 storage the DequantizeLinear node) of the head's kept
+    columns plus one column of zeros [hidden, k + 1], as ``names["weight"]``."""
+    from onnx import NodeProto, helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    if not isinstance(weight, NodeProto):
+        w = numpy_helper.to_array(weight)  # [hidden, V]
+        kept = np.concatenate([w[:, ids], np.zeros((w.shape[0], 1), w.dtype)], axis=1)
+        return [numpy_helper.from_array(kept, names["weight"])], [], w.shape[0]
+    q = numpy_helper.to_array(inits[weight.input[0]])  # [hidden, V] int8
+    scale = numpy_helper.to_array(inits[weight.input[1]])  # [V]
+    q_kept = np.concatenate([q[:, ids], np.zeros((q.shape[0], 1), q.dtype)], axis=1)
+    s_kept = np.concatenate([scale[ids], np.ones(1, scale.dtype)])  # [k + 1]
+    qn, sn = names["weight"] + ".int8", names["weight"] + ".scale"
+    node = helper.make_node("DequantizeLinear", [qn, sn], [names["weight"]],
+                            name=names["weight"] + ".dequantize", axis=1)
+    return ([numpy_helper.from_array(q_kept, qn), numpy_helper.from_array(s_kept, sn)],
+            [node], q.shape[0])
+
+
 def truncate_head(folder: str | os.PathLike, keep: Iterable[int]) -> dict:
-    """Rewrite the exported model in ``folder`` (fp32, its LM head a MatMul producing
-    ``logits``) to score only the token ids ``keep``; the manifest records how many
-    (``head_tokens``). Returns what changed. Nothing is written when ValueError is raised."""
+    """Rewrite the exported model in ``folder`` (fp32 arithmetic, fp32 or int8-stored
+    weights, its LM head a MatMul producing ``logits``) to score only the token ids
+    ``keep``; the manifest records how many (``head_tokens``). Returns what changed.
+    Nothing is written when ValueError is raised."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -78,9 +110,10 @@ def truncate_head(folder: str | os.PathLike, keep: Iterable[int]) -> dict:
     if manifest.head_tokens:
         raise ValueError(f"{folder}: the head already scores {manifest.head_tokens} tokens "
                          "only; truncate the original export")
-    if manifest.dtype != "fp32" or manifest.weights:
-        raise ValueError(f"{folder}: head truncation needs an fp32 export with plain weights "
-                         f"(this one is {manifest.dtype} {manifest.weights})".rstrip())
+    if manifest.dtype != "fp32" or manifest.weights not in ("", "int8"):
+        raise ValueError(f"{folder}: head truncation needs an fp32 export with fp32 or int8 "
+                         f"weights (this one is {manifest.dtype}, weights "
+                         f"{manifest.weights})")
     path = folder / manifest.model_file
     model = onnx.load(str(path))  # with its external data
     graph = model.graph
@@ -88,17 +121,17 @@ def truncate_head(folder: str | os.PathLike, keep: Iterable[int]) -> dict:
     if node is None:
         raise ValueError(f"{folder}: no LM head MatMul [hidden, {vocab}] producing 'logits' "
                          "was found; head truncation supports such graphs only")
-    w = numpy_helper.to_array(weight)  # [hidden, V]
     k = len(ids)
-    w_kept = np.concatenate([w[:, ids], np.zeros((w.shape[0], 1), w.dtype)], axis=1)  # [H, k+1]
-    bias = np.zeros(k + 1, dtype=w.dtype)  # [k + 1]: the last column is every other token
+    names = {n: f"qd_head_{n}" for n in ("weight", "bias", "index", "kept", "scored")}
+    kept, dequantize, hidden = _kept_weight(graph, weight, ids, names)
+    bias = np.zeros(k + 1, dtype=np.float32)  # [k + 1]: the last column is every other token
     bias[k] = EXCLUDED_LOGIT
     where = np.full(vocab, k, dtype=np.int64)  # [V]: each id's column in the kept logits
     where[ids] = np.arange(k)
-    names = {n: f"qd_head_{n}" for n in ("weight", "bias", "index", "kept", "scored")}
-    graph.initializer.extend([numpy_helper.from_array(w_kept, names["weight"]),
-                              numpy_helper.from_array(bias, names["bias"]),
+    graph.initializer.extend([*kept, numpy_helper.from_array(bias, names["bias"]),
                               numpy_helper.from_array(where, names["index"])])
+    for n in dequantize:
+        graph.node.insert(list(graph.node).index(node), n)
     node.input[1] = names["weight"]
     node.output[0] = names["kept"]  # [B, S, k + 1]
     at = list(graph.node).index(node) + 1
@@ -106,7 +139,8 @@ def truncate_head(folder: str | os.PathLike, keep: Iterable[int]) -> dict:
                                            [names["scored"]], name="qd_head_Add"))
     graph.node.insert(at + 1, helper.make_node("Gather", [names["scored"], names["index"]],
                                                ["logits"], name="qd_head_Gather", axis=-1))
-    if not any(n.input and weight.name in n.input for n in graph.node):
+    if not isinstance(weight, onnx.NodeProto) and not any(
+            weight.name in n.input for n in graph.node):
         graph.initializer.remove(weight)  # untied: the full head is not needed any more
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp))  # one file: the draft is far below protobuf's 2 GB
@@ -116,4 +150,4 @@ def truncate_head(folder: str | os.PathLike, keep: Iterable[int]) -> dict:
     manifest.external_data = []
     manifest.head_tokens = k
     manifest.save(folder)
-    return {"head_tokens": k, "vocab_size": vocab, "hidden": int(w.shape[0])}
+    return {"head_tokens": k, "vocab_size": vocab, "hidden": int(hidden)}
