@@ -13,7 +13,10 @@ distilled from the trained target on the same windows. The draft's loss per batc
 with p and q the target's and the draft's next-token distributions at temperature 1 (the
 frozen target's forward on the batch, under the same autocast, is part of every draft step
 and of its time budget), KL and CE averaged over the tokens. Matching p as a whole is what
-alpha = 1 - TV(p, q) rewards. Both models are then saved as Hugging Face folders
+alpha = 1 - TV(p, q) rewards. With ``--draft-samples N`` half of every draft batch are
+windows of N continuations the trained target wrote itself (half greedy, half sampled at
+T=0.8; ``benchmarks.training.sample_stream``): the text speculative decoding meets. Both
+models are then saved as Hugging Face folders
 (safetensors and the tokenizer) and evaluated on held-out files: loss, and the acceptance
 rate alpha at T=0 and T=1 (mean over held-out positions of sum_x min(p(x), q(x)),
 quickdraft.theory.beta), beside the paper's 0.88 / 0.89 for its 97M / 6M pair.
@@ -82,6 +85,10 @@ class TrainConfig:
     num_prompts: int = 4
     prompt_len: int = 32
     compile: bool = False
+    # continuations the trained target writes itself (half greedy); half of every draft
+    # batch is drawn from them (0: the draft trains on the corpus alone)
+    draft_samples: int = 0
+    sample_tokens: int = 128  # tokens of each such continuation
 
 
 SMOKE = dict(
@@ -171,17 +178,17 @@ def digest(files: list[Path], texts: list[str]) -> str:
 
 def train_model(name: str, model, stream, *, seconds: float, steps: int | None, batch: int,
                 ctx: int, lr: float, cfg: TrainConfig, device: str, seed: int,
-                teacher=None, distill_weight: float = 0.0) -> dict:
-    """``benchmarks.training.train`` on random windows of ``stream`` (seeded), for a fixed
-    number of steps or for the time budget; logs the loss (and its KL and CE parts) ten
-    times."""
+                teacher=None, distill_weight: float = 0.0, extra=None) -> dict:
+    """``benchmarks.training.train`` on random windows of ``stream`` (seeded; half of each
+    batch from ``extra`` when given), for a fixed number of steps or for the time budget;
+    logs the loss (and its KL and CE parts) ten times."""
     import numpy as np
     import torch
 
     g = np.random.default_rng(seed)
     data = torch.from_numpy(stream.astype(np.int64))
-    batches = training.random_windows(
-        data, batch, ctx, lambda high, n: torch.from_numpy(g.integers(0, high, size=n)))
+    batches = training.mixed_windows(
+        data, extra, batch, ctx, lambda high, n: torch.from_numpy(g.integers(0, high, size=n)))
     t_start = time.perf_counter()
     seen = {"smooth": None, "ce": None, "kl": None}
 
@@ -285,6 +292,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
         f"{len(held_stream) / 1e6:.2f}M held-out ({info['tokenizer']['seconds']}s)")
 
     models = {}
+    sampled = None
     for role, shape, seconds, steps, lr in (
             ("target", cfg.target, cfg.target_seconds, cfg.target_steps, cfg.target_lr),
             ("draft", cfg.draft, cfg.draft_seconds, cfg.draft_steps, cfg.draft_lr)):
@@ -293,10 +301,22 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
         params = sum(p.numel() for p in model.parameters())
         log(f"{role}: {params / 1e6:.2f}M parameters {shape}")
         distilled = role == "draft" and cfg.distill_weight > 0
+        if role == "draft" and cfg.draft_samples:
+            t0 = time.perf_counter()
+            sampled = training.sample_stream(
+                models["target"], torch.from_numpy(train_stream.astype(np.int64)),
+                n=cfg.draft_samples, new_tokens=cfg.sample_tokens, device=device,
+                seed=cfg.seed, eos=tokenizer.eos_token_id)
+            info["target_samples"] = {"sequences": cfg.draft_samples,
+                                      "new_tokens": cfg.sample_tokens, "tokens": len(sampled),
+                                      "seconds": round(time.perf_counter() - t0, 2)}
+            log(f"target samples: {cfg.draft_samples} x {cfg.sample_tokens} tokens "
+                f"({info['target_samples']['seconds']}s)")
         tr = train_model(role, model, train_stream, seconds=seconds, steps=steps,
                          batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg, device=device,
                          seed=cfg.seed, teacher=models["target"] if distilled else None,
-                         distill_weight=cfg.distill_weight if distilled else 0.0)
+                         distill_weight=cfg.distill_weight if distilled else 0.0,
+                         extra=sampled)
         model.generation_config.eos_token_id = None  # benchmarks generate the full length
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.to("cpu").save_pretrained(out / "hf" / role, safe_serialization=True)
@@ -347,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="draft loss: w * KL(target || draft) + (1 - w) * CE (default 0.9; "
                          "0 = cross entropy alone)")
     for name in ("target_steps", "draft_steps", "batch", "seed", "vocab_size", "eval_windows",
-                 "num_prompts"):
+                 "num_prompts", "draft_samples", "sample_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
     args = ap.parse_args(argv)

@@ -24,7 +24,8 @@ import math
 import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["build_llama", "encode", "random_windows", "train", "heldout_windows", "evaluate"]
+__all__ = ["build_llama", "encode", "random_windows", "mixed_windows", "sample_stream", "train",
+           "heldout_windows", "evaluate"]
 
 
 def build_llama(shape: dict, tokenizer, *, vocab_size: int, max_positions: int, tie: bool,
@@ -67,6 +68,52 @@ def random_windows(stream, batch: int, ctx: int, next_starts: Callable[[int, int
     while True:
         starts = next_starts(high, batch)  # [batch]
         yield stream[starts[:, None] + torch.arange(ctx + 1)[None, :]]  # [batch, ctx + 1]
+
+
+def mixed_windows(stream, extra, batch: int, ctx: int, next_starts: Callable[[int, int], object]
+                  ) -> Iterator:
+    """:func:`random_windows` of ``stream``, or, with an ``extra`` stream (the target's own
+    samples for a draft), batches whose second half [batch // 2, ctx + 1] comes from it."""
+    import torch
+
+    if extra is None:
+        yield from random_windows(stream, batch, ctx, next_starts)
+        return
+    halves = (random_windows(stream, batch - batch // 2, ctx, next_starts),
+              random_windows(extra, batch // 2, ctx, next_starts))
+    while True:
+        yield torch.cat([next(h) for h in halves])  # [batch, ctx + 1]
+
+
+def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: int,
+                  eos: int, prompt_tokens: int = 32):
+    """The target's own continuations [N] (a token stream, each followed by EOS): ``n``
+    of ``new_tokens`` tokens, half greedy (what greedy speculative decoding meets) and half
+    sampled at T=0.8 / top-p 0.95, after ``prompt_tokens``-token prompts from the training
+    stream, a quarter of them at the start of a file."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    starts = (stream[:-prompt_tokens - 1] == eos).nonzero().flatten() + 1  # file starts
+    out = []
+    model.to(device).eval()
+    for first in range(0, n, 256):
+        rows = min(256, n - first)
+        pick = torch.randint(0, len(stream) - prompt_tokens, (rows,), generator=g)
+        files = starts[torch.randint(0, len(starts), (rows // 4,), generator=g)]
+        pick[: rows // 4] = files
+        ids = stream[pick[:, None] + torch.arange(prompt_tokens)[None]].to(device)
+        greedy = (first // 256) % 2 == 0
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                             enabled=device == "cuda"):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=new_tokens, do_sample=not greedy,
+                                 temperature=0.8 if not greedy else None,
+                                 top_p=0.95 if not greedy else None, top_k=None,
+                                 pad_token_id=eos, eos_token_id=None)
+        for row in gen[:, prompt_tokens:].cpu():
+            out.append(torch.cat([row, torch.tensor([eos])]))
+    return torch.cat(out)
 
 
 def _loss(logits, labels, teacher_logits, weight: float):

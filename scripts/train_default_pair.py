@@ -259,12 +259,7 @@ def train_model(name: str, model, stream, *, steps: int | None, batch: int, ctx:
 
     g = torch.Generator().manual_seed(seed)
     draw = lambda high, n: torch.randint(0, high, (n,), generator=g)  # noqa: E731
-    if extra_stream is None:
-        batches = training.random_windows(stream, batch, ctx, draw)
-    else:
-        halves = (training.random_windows(stream, batch - batch // 2, ctx, draw),
-                  training.random_windows(extra_stream, batch // 2, ctx, draw))
-        batches = (torch.cat([next(h) for h in halves]) for _ in iter(int, 1))
+    batches = training.mixed_windows(stream, extra_stream, batch, ctx, draw)
     t0 = time.perf_counter()
     smooth = None
     curve = []
@@ -294,37 +289,6 @@ def train_model(name: str, model, stream, *, steps: int | None, batch: int, ctx:
                           log=log)
     return {"steps": info["steps"], "final_loss_smoothed": smooth, "heldout_curve": curve,
             "train_seconds": time.perf_counter() - t0}
-
-
-def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: int,
-                  eos: int, prompt_tokens: int = 32):
-    """The target's own continuations [N] (a token stream, each followed by EOS): ``n``
-    of ``new_tokens`` tokens, half greedy (what greedy speculative decoding meets) and half
-    sampled at T=0.8 / top-p 0.95, after ``prompt_tokens``-token prompts from the training
-    stream, a quarter of them at the start of a file."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    starts = (stream[:-prompt_tokens - 1] == eos).nonzero().flatten() + 1  # file starts
-    out = []
-    model.to(device).eval()
-    for first in range(0, n, 256):
-        rows = min(256, n - first)
-        pick = torch.randint(0, len(stream) - prompt_tokens, (rows,), generator=g)
-        files = starts[torch.randint(0, len(starts), (rows // 4,), generator=g)]
-        pick[: rows // 4] = files
-        ids = stream[pick[:, None] + torch.arange(prompt_tokens)[None]].to(device)
-        greedy = (first // 256) % 2 == 0
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
-                                             enabled=device == "cuda"):
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=new_tokens, do_sample=not greedy,
-                                 temperature=0.8 if not greedy else None,
-                                 top_p=0.95 if not greedy else None, top_k=None,
-                                 pad_token_id=eos, eos_token_id=None)
-        for row in gen[:, prompt_tokens:].cpu():
-            out.append(torch.cat([row, torch.tensor([eos])]))
-    return torch.cat(out)
 
 
 def trajectory_alpha(target, draft, prompts: list, device: str, new_tokens: int = 128
@@ -596,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 prm.requires_grad_(False)
             if args.draft_samples:
                 t0 = time.perf_counter()
-                sampled = sample_stream(teacher, train_stream, n=args.draft_samples,
+                sampled = training.sample_stream(teacher, train_stream, n=args.draft_samples,
                                         new_tokens=args.sample_tokens, device=args.device,
                                         seed=args.seed, eos=tokenizer.eos_token_id)
                 log(f"target samples: {args.draft_samples} x {args.sample_tokens} tokens "

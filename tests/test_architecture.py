@@ -1,5 +1,5 @@
-"""Acceptance tests of the architecture, on the CPU, on both cache kinds (the bundled
-dynamic pair and a static export of the tiny Llama pair):
+"""Acceptance tests of the architecture, on the CPU, on both cache kinds (the tiny Llama
+pair's dynamic and static exports):
 
 a. any Drafter plugs into the Generator: a drafter without a model (the two protocol
    methods only, one-hot q) decodes greedily to the autoregressive tokens, and a seeded
@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,6 @@ from quickdraft.protocols import (  # noqa: E402
 )
 from quickdraft.sampling import SamplingConfig  # noqa: E402
 
-BUNDLED = Path(str(files("quickdraft") / "models" / "default"))
 GREEDY = SamplingConfig(temperature=0)
 SAMPLED = SamplingConfig(temperature=1.0)
 MAX_GAMMA = 4  # the target's compiled steps: 1 .. MAX_GAMMA + 1
@@ -133,9 +131,9 @@ def static_export(static_llama_pair) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dynamic_loaded() -> Pair:
-    """The bundled pair (dynamic caches), loaded once for this module."""
-    return load_pair(BUNDLED, device="cpu", max_gamma=MAX_GAMMA)
+def dynamic_loaded(exported_llama_pair) -> Pair:
+    """The tiny Llama pair's default (dynamic-cache) export, loaded once for this module."""
+    return load_pair(exported_llama_pair, device="cpu", max_gamma=MAX_GAMMA)
 
 
 @pytest.fixture(scope="module")

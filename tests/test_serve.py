@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("prometheus_client")
 
-from quickdraft.ort_backend.cli import default_model_dir  # noqa: E402
+from quickdraft.ort_backend.cli import BUNDLED_GAMMA, default_model_dir  # noqa: E402
 from quickdraft.ort_backend.generator import DecodeConfig, load_pair  # noqa: E402
 from quickdraft.sampling import SamplingConfig  # noqa: E402
 from quickdraft.serve.app import create_app  # noqa: E402
@@ -82,7 +82,7 @@ class ServerThread:
 
 
 def reference(pair, prompt, *, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-              gamma=2, drafter="model"):
+              gamma=BUNDLED_GAMMA, drafter="model"):
     """What a fresh Generator gives for the request, run alone (in this thread)."""
     config = DecodeConfig(max_new_tokens=max_tokens,
                           sampling=SamplingConfig(temperature=temperature, top_k=top_k,
@@ -131,7 +131,7 @@ def chat_server(tmp_path_factory):
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config))
     app = create_app(ServeSettings(model_dir=str(folder), model_name="chat-pair",
-                                   device="cpu", gamma=2))
+                                   device="cpu", gamma=BUNDLED_GAMMA))
     with ServerThread(app) as s:
         s.folder = folder
         yield s
@@ -244,7 +244,9 @@ def test_raw_sse_ends_with_done(server):
 
 def test_stop_strings_cut_the_text(pair, client):
     ref = reference(pair, PROMPTS[0], max_tokens=40).text
-    stop = ref[ref.index("string") : ref.index("string") + 9]  # mid-text, spans tokens
+    assert len(ref) >= 40
+    mid = len(ref) // 2
+    stop = ref[mid : mid + 9]  # mid-text, spans tokens
     want = ref[: ref.index(stop)]
     kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0)
     out = client.completions.create(stop=[stop, "never-appears"], **kw)
@@ -260,7 +262,7 @@ def test_stop_strings_cut_the_text(pair, client):
 def test_stop_string_prefix_is_held_back_while_streaming(pair, client):
     """A tail that could begin a stop string is not sent until it cannot."""
     ref = reference(pair, PROMPTS[0], max_tokens=40).text
-    i = ref.index("string")
+    i = len(ref) // 2
     stop = ref[i : i + 4] + "\x01"  # its first four characters appear, the fifth never
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=40,
                                             temperature=0, stream=True, stop=stop))

@@ -315,3 +315,24 @@ def test_bad_arguments():
         build_verify_graph(2, 10, SamplingConfig(temperature=0))
     with pytest.raises(ValueError, match="verify_greedy"):
         DeviceVerifier(2, 10, SamplingConfig(temperature=0))
+
+
+def test_tiny_temperature_is_verified_on_the_host_and_refused_clearly_on_the_device():
+    """At T = 1e-300 the graph's z / T overflows: "auto" verifies on the host (whose rule
+    takes it), and an explicit "device" raises a clear ValueError instead of returning a
+    token id outside the vocabulary."""
+    pytest.importorskip("tokenizers")
+    from quickdraft.ort_backend import DecodeConfig, load_pair
+    from quickdraft.ort_backend.cli import default_model_dir
+    from quickdraft.sampling import SamplingConfig
+
+    pair = load_pair(default_model_dir(), device="cpu", max_gamma=4)
+    config = DecodeConfig(max_new_tokens=4, sampling=SamplingConfig(temperature=1e-300),
+                          seed=0)
+    with pair.generator(config, gamma=4) as g:
+        assert g.verify == "host"
+        tokens = g.generate("a").tokens
+        assert len(tokens) == 4 and all(0 <= t < pair.target.vocab_size for t in tokens)
+    with pair.generator(config, gamma=4, verify="device") as g:
+        with pytest.raises(ValueError, match="not finite.*larger temperature"):
+            g.generate("a")

@@ -40,7 +40,7 @@ from quickdraft.ort_backend.device import (
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, OrtModel
 from quickdraft.ort_backend.static import StaticOrtModel
 from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
-from quickdraft.ort_backend.verify_graph import GraphVerifier
+from quickdraft.ort_backend.verify_graph import DEVICE_MIN_TEMPERATURE, GraphVerifier
 from quickdraft.protocols import (
     ClosableState,
     CostAwareDrafter,
@@ -509,7 +509,8 @@ class Generator:
         eos_ids: end-of-sequence ids that stop a generation.
         verify: where sampled proposals are verified: "host" (NumPy), "device" (the
             verification graph next to the target's logits, computing in ``compute``) or
-            "auto" (the device for a static target, else the host). Greedy proposals are
+            "auto" (the device for a static target, else the host, and the host for
+            temperatures below ``DEVICE_MIN_TEMPERATURE``). Greedy proposals are
             decided on the target's argmax ids wherever they are verified.
         max_draft: the most draft tokens per iteration (the target's compiled steps).
 
@@ -535,7 +536,11 @@ class Generator:
         static = exported and target.manifest.kv_cache == "static"
         if verify == "auto":
             has_onnx = importlib.util.find_spec("onnx") is not None
-            verify = "device" if static and has_onnx and config.lenience == 1.0 else "host"
+            # below DEVICE_MIN_TEMPERATURE z / T overflows float32 in the graph; the host
+            # rule takes such temperatures (its softmax subtracts the row maximum first)
+            tiny = 0 < config.sampling.temperature < DEVICE_MIN_TEMPERATURE
+            verify = ("device" if static and has_onnx and config.lenience == 1.0 and not tiny
+                      else "host")
         if verify == "device" and config.lenience != 1.0:
             raise ValueError("the verification graph applies the exact rule: verify the "
                              "lossy rule (lenience < 1) on the host")

@@ -45,6 +45,10 @@ _SESSIONS_LOCK = threading.Lock()
 _SESSIONS_MAX = 64
 
 
+# the graph divides float32 logits by T: below this, logits of a few thousand overflow
+DEVICE_MIN_TEMPERATURE = 1e-30
+
+
 def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: Device,
                    logits_dtype: str = "fp32", compute: str = "float32"):
     """The verification graph's ``InferenceSession`` for these settings, built once per
@@ -242,5 +246,11 @@ class GraphVerifier:
         logits = advance_device(target, scored, gamma + 1)  # [1, k, V] or [k, V], k >= g + 1
         n, token, beta = self.get(gamma, sampling).run(
             logits, candidates.probs, candidates.tokens, accept_uniforms, sample_uniform)
+        if not (0 <= token < self.vocab and 0 <= n <= gamma and np.isfinite(beta).all()):
+            # the host path refuses such rows in adjust_logits; the graph has no raise
+            raise ValueError(
+                f"the target's distribution at temperature {sampling.temperature:g} is not "
+                "finite (the logits overflow when divided by it, or the model produced NaN): "
+                "use a larger temperature, or 0 for greedy decoding")
         reached = min(n + 1, gamma)
         return Verdict(n, token, beta[:reached].astype(float).tolist())
