@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
             model = AutoModelForCausalLM.from_pretrained(src)
             shutil.copytree(src, out / role)
             results[role] = {"parameters": count_params(model), "reused_from": str(src)}
+            prior = src.parent / "target_results.json"  # written by the --skip-draft run
+            if prior.is_file():
+                results[role] = {**json.loads(prior.read_text())["target"], **results[role]}
             log(f"target: reused from {src}")
         else:
             model = training.build_llama(asdict(shape), tokenizer, vocab_size=vocab,
