@@ -136,9 +136,11 @@ def collect_corpus(dest: Path, stdlib: Path | None) -> dict:
     if dest.exists():
         shutil.rmtree(dest)
     sources = []
-    roots = [("python-stdlib", stdlib, stdlib.name, "PSF-2.0",
-              [stdlib / "LICENSE.txt", stdlib_root() / "LICENSE.txt"][:1 + (
-                  not (stdlib / "LICENSE.txt").is_file())][-1:])]
+    # a copied standard library may lack the license file: take the interpreter's then
+    stdlib_license = stdlib / "LICENSE.txt"
+    if not stdlib_license.is_file():
+        stdlib_license = stdlib_root() / "LICENSE.txt"
+    roots = [("python-stdlib", stdlib, stdlib.name, "PSF-2.0", [stdlib_license])]
     for name in PACKAGES:
         dist = _distribution(name)
         meta = dist.metadata

@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--gamma", type=_gamma, default=None, metavar="N|auto",
                    help="draft tokens per iteration, or auto: chosen each iteration from the "
-                   "running alpha and the measured c (default 5; 2 for the bundled pair)")
+                   "running alpha and the measured c (default 5; 4 for the bundled pair)")
     p.add_argument("--drafter", choices=DRAFTERS, default="model",
                    help="model: the draft model (default); ngram: continue the latest "
                    "earlier occurrence of the last tokens (no model); auto: ngram with the "
