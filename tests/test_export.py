@@ -457,7 +457,7 @@ def test_bad_options_and_existing_destination(hf_pair_dirs, tmp_path, monkeypatc
     _no_export(monkeypatch)
     t, d = hf_pair_dirs["target"], hf_pair_dirs["draft"]
     with pytest.raises(ValueError, match="dtype"):
-        export_pair(t, d, tmp_path / "a", dtype="int8")
+        export_pair(t, d, tmp_path / "a", dtype="int3")
     with pytest.raises(ValueError, match="device"):
         export_pair(t, d, tmp_path / "a", device="tpu")
     with pytest.raises(ValueError, match="kv_cache"):

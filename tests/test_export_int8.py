@@ -142,3 +142,35 @@ def test_store_int8_refuses_a_stored_folder(dynamic_pairs):
     _, int8 = dynamic_pairs
     with pytest.raises(ValueError, match="fp32 export with plain weights"):
         store_int8(int8 / "draft")
+
+
+def test_cli_export_dtype_int8(tmp_path, hf_pair_dirs):
+    """`quickdraft export --dtype int8`: snapped, exported, validated and stored in one go;
+    the manifests and the export marker name the original sources."""
+    import json
+
+    from quickdraft.cli import main as cli_main
+
+    out = tmp_path / "pair"
+    rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
+                   str(hf_pair_dirs["draft"]), "--out", str(out), "--dtype", "int8",
+                   "--steps", "8"])
+    assert rc == 0
+    marker = json.loads((out / "quickdraft-export.json").read_text())
+    for role in ("target", "draft"):
+        m = load_manifest(out / role)
+        assert (m.dtype, m.weights) == ("fp32", "int8")
+        assert m.source == str(hf_pair_dirs[role]) == marker["models"][role]["source"]
+        assert m.validation["greedy_steps"] == 8
+    assert not list(tmp_path.glob(".quickdraft-int8-*"))  # nothing left beside it
+    pair = load_pair(out, device="cpu", max_gamma=4)
+    config = DecodeConfig(max_new_tokens=16)
+    with pair.generator(config, gamma=4) as spec, pair.generator(config) as auto:
+        assert spec.generate(PROMPTS[1]).tokens == auto.generate(PROMPTS[1]).tokens
+    with pytest.raises(ValueError, match="--device cpu"):
+        export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], tmp_path / "x",
+                    dtype="int8", device="cuda")
+    with pytest.raises(ValueError, match="reads Hugging Face folders"):
+        export_pair(tmp_path / "model.gguf", hf_pair_dirs["draft"], tmp_path / "y",
+                    dtype="int8")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

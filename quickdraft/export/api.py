@@ -313,6 +313,11 @@ def export_pair(
     """
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
                    draft_draft=draft_draft)
+    if dtype == "int8":  # int8 storage of fp32 weights: quickdraft.export.int8
+        from quickdraft.export.int8 import export_pair_int8
+
+        return export_pair_int8(target, draft, out, device=device, kv_cache=kv_cache,
+                                max_length=max_length, **options)
     if kv_cache == "static":
         from quickdraft.export.builder import export_static_pair
 

@@ -11,7 +11,7 @@ import time
 
 from quickdraft.manifest import KV_CACHES
 
-DTYPES = ("fp32", "fp16", "bf16", "int4")
+DTYPES = ("fp32", "fp16", "bf16", "int4", "int8")
 DEVICES = ("cpu", "cuda")
 
 
@@ -47,7 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="weights, logits and KV cache; int4 (--kv-cache static only): 4-bit "
-                   "weights, fp32 logits and cache on the CPU, fp16 on CUDA")
+                   "weights, fp32 logits and cache on the CPU, fp16 on CUDA; int8 (CPU, "
+                   "Hugging Face sources): weights rounded to int8 per output channel and "
+                   "stored so, computed in fp32 (a quarter of the fp32 file)")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to export and validate")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
                    help="dynamic: the cache grows per call (optimum-onnx, default); static: "

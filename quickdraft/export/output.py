@@ -219,7 +219,9 @@ def _move_into_place(temp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_marker(folder: Path, layout: str, models: Mapping[str, ModelReport]) -> None:
+def write_marker(folder: Path, layout: str, models: Mapping[str, ModelReport]) -> None:
+    """Write the marker that makes ``folder`` a quickdraft export (``layout`` "pair" or
+    "model"), naming each model's cache kind and source."""
     marker = {
         "format": MARKER_FORMAT,
         "version": MARKER_VERSION,
@@ -265,7 +267,7 @@ def write_model(info: SourceInfo, out: Path, export_into: ExportInto, role: str,
             gguf.write_report(temp, info.gguf)
         report = ModelReport(role, info.source, out, manifest,
                              round(time.perf_counter() - start, 3))
-        _write_marker(temp, "model", {role: report})
+        write_marker(temp, "model", {role: report})
         _move_into_place(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -296,7 +298,7 @@ def write_pair(infos: Mapping[str, SourceInfo], out_path: Path, export_into: Exp
                 gguf.write_report(folder, info.gguf)
             reports[role] = ModelReport(role, info.source, out_path / role, manifest,
                                         round(time.perf_counter() - t0, 3))
-        _write_marker(temp, "pair", reports)
+        write_marker(temp, "pair", reports)
         _move_into_place(temp, out_path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
