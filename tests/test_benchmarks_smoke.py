@@ -333,3 +333,25 @@ def test_train_pair_helpers():
     assert w.shape == (5, 17)
     ps = prompts_from(stream, 3, 8, eos=0)
     assert len(ps) == 3 and all(len(p) == 8 and 0 not in p for p in ps)
+
+
+def test_greedy_divergence_on_the_bundled_pair_finds_none():
+    """benchmarks/greedy_divergence.py: the bundled fp32 pair's greedy speculative tokens
+    equal its autoregressive ones, and the row it analyses at a divergence is the one
+    autoregressive decoding chose from."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tokenizers")
+    from benchmarks import greedy_divergence
+    from quickdraft.ort_backend import load_pair
+    from quickdraft.ort_backend.cli import default_model_dir
+
+    pair = load_pair(default_model_dir(), device="cpu", max_gamma=3)
+    rec = greedy_divergence.first_divergence(pair, "def quicksort(arr):", 3, 24)
+    assert rec["same"] and rec["tokens"] == 24
+    # the analysis of a position: the 1-token row is what autoregressive decoding saw
+    ids = list(pair.tokenizer.encode("def quicksort(arr):").ids)
+    row = greedy_divergence._autoregressive_row(pair.target, ids, [])
+    state = pair.target.new_state()
+    want = np.asarray(state.append(ids))[-1]
+    state.close()
+    assert np.array_equal(row, want.astype(np.float64))
