@@ -85,6 +85,25 @@ def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
 
+def _samplings(s: str) -> list[list[float]]:
+    """"1.0:1.0,0.7:0.9" -> [[1.0, 1.0], [0.7, 0.9]] (temperature, top_p); "none" -> []."""
+    if s.strip().lower() == "none":
+        return []
+    out = []
+    for part in s.split(","):
+        t, _, p = part.strip().partition(":")
+        try:
+            pair = [float(t), float(p or 1.0)]
+        except ValueError:
+            raise SystemExit(f"--samplings: {part!r} is not temperature:top_p, e.g. 0.7:0.9"
+                             ) from None
+        if not (pair[0] > 0 and 0 < pair[1] <= 1):
+            raise SystemExit(f"--samplings: {part!r} needs a temperature > 0 and a top_p in "
+                             "(0, 1]")
+        out.append(pair)
+    return out
+
+
 def _names(s: str, allowed) -> list[str]:
     out = [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in out if x not in allowed]
@@ -119,6 +138,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gamma", type=int, default=4, help="main draft length (all systems)")
     ap.add_argument("--gammas", default="1..8", help="gamma sweep, e.g. 1..8 or 1,2,4")
     ap.add_argument("--alphas", default="0.6,0.8,0.9", help="controlled-alpha runs")
+    ap.add_argument("--samplings", default="1.0:1.0,0.7:0.9",
+                    help="sampled runs of quickdraft at --gamma, as temperature:top_p pairs "
+                    "(autoregressive and speculative side by side, seeded per prompt); "
+                    "'none' for greedy only")
     ap.add_argument("--controlled", default="random",
                     choices=["random", "all", "none"],
                     help="pairs that get the controlled-alpha drafter (default: random pairs)")
@@ -165,6 +188,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.pairs = args.pairs or "trained,tiny"
         args.new_tokens, args.prompt_len = 16, 8
         args.gamma, args.gammas, args.alphas = 2, "1..3", "0.6,0.9"
+        args.samplings = "1.0:1.0"
         args.repeats, args.cost_reps = 2, 3
         args.budget = max(args.budget, 1800.0)
         args.work = args.work or Path("/tmp/qdbench-smoke")
@@ -175,6 +199,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.systems = _names(args.systems, SYSTEMS)
     args.gammas = _ints(args.gammas)
     args.alphas = _floats(args.alphas)
+    args.samplings = _samplings(args.samplings)
     args.hf_gammas = _ints(args.hf_gammas) if args.hf_gammas else [args.gamma]
     args.force = [x for x in args.force.split(",") if x]
     args.work = (args.work or Path("/tmp/qdbench")).resolve()
@@ -202,7 +227,8 @@ class Bench:
                            "tag": args.tag, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         r["environment"] = environment()
         r["settings"] = {k: getattr(args, k) for k in (
-            "device", "new_tokens", "prompt_len", "gamma", "gammas", "alphas", "hf_gammas",
+            "device", "new_tokens", "prompt_len", "gamma", "gammas", "alphas", "samplings",
+            "hf_gammas",
             "warmup", "repeats", "sweep_repeats", "cost_reps", "agreement", "smoke")}
         r["settings"]["cuda_graph"] = not args.no_cuda_graph
         self.first_error = len(r["errors"])  # errors of earlier calls are not this call's
@@ -388,6 +414,7 @@ class Bench:
                 res = self.run_task("qd", key, {
                     **common, "path": path, "alphas": a.alphas if controlled else [],
                     "controlled": controlled, "cost_reps": a.cost_reps,
+                    "samplings": a.samplings,
                     "cuda_graph": not a.no_cuda_graph, "seed": 0})
                 if res and res.get("reference_tokens") and reference is None:
                     reference = res["reference_tokens"]

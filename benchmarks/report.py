@@ -390,6 +390,24 @@ def render(results: dict) -> str:
                                   "speedup", "theory", "realized / theory",
                                   "tokens/iter (meas / Eq. 1)", "greedy equal"], ctl))
 
+        sampled = []
+        for sname in ("qd-fast", "qd-generic"):
+            for r in ((pair.get("systems") or {}).get(sname) or {}).get("sampled") or []:
+                sp, ar = r.get("spec") or {}, r.get("ar") or {}
+                sampled.append([sname, fmt(r.get("temperature"), ".2f"),
+                                fmt(r.get("top_p"), ".2f"), fmt(r.get("gamma"), "d"),
+                                fmt(ar.get("tokens_per_s"), ".0f"),
+                                fmt(sp.get("tokens_per_s"), ".0f"), fmt(sp.get("speedup"), ".2f"),
+                                fmt(sp.get("alpha"), ".3f"), fmt(sp.get("cost_ratio_c"), ".3f"),
+                                fmt(sp.get("theoretical_improvement"), ".2f"),
+                                fmt(sp.get("realized_over_theoretical"), ".2f")])
+        if sampled:
+            parts.append(f"### {pname}: sampled (seeded per prompt; autoregressive sampling at "
+                         "the same settings beside it)\n\n" + table(
+                             ["path", "T", "top-p", "gamma", "AR tok/s", "spec tok/s",
+                              "speedup", "alpha", "c", "theory", "realized / theory"],
+                             sampled))
+
     gl = goals(results)
     if gl:
         parts.append("### Targets\n\n" + table(

@@ -186,6 +186,37 @@ def _check_len(tokens_list, n):
         raise AssertionError(f"expected {n} new tokens per prompt, got {bad}")
 
 
+def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: float,
+                  warmup: int, repeats: int, c) -> dict:
+    """Autoregressive and speculative sampling at ``temperature`` / ``top_p``, each prompt
+    with its own seed, timed side by side as the greedy runs are."""
+    from benchmarks import adapters
+    from benchmarks.analysis import compare, summarize_spec
+    from quickdraft.sampling import SamplingConfig
+
+    base = pair.runner
+    runner = adapters.Runner(base.target, base.draft, verify=base.verify, compute=base.compute,
+                             sampling=SamplingConfig(temperature=temperature, top_p=top_p))
+    total = n * len(prompts)
+
+    def ar_all():
+        return [runner.autoregressive(p, n, seed=i) for i, p in enumerate(prompts)]
+
+    def spec_all():
+        return [runner.speculative(p, n, gamma, seed=i) for i, p in enumerate(prompts)]
+
+    _, ar_times = timed_runs(ar_all, warmup=warmup, repeats=repeats)
+    outs, spec_times = timed_runs(spec_all, warmup=warmup, repeats=repeats)
+    _check_len([t for t, _ in outs], n)
+    ar = rate(total, ar_times)
+    sp = {**rate(total, spec_times), **summarize_spec([s for _, s in outs], gamma)}
+    sp["cost_ratio_c_loop"] = sp.pop("cost_ratio_c", None)
+    sp["cost_ratio_c"] = c if c is not None else sp["cost_ratio_c_loop"]
+    sp.update(compare(ar["tokens_per_s"], sp["tokens_per_s"], sp.get("alpha"), gamma,
+                      sp.get("cost_ratio_c")))
+    return {"temperature": temperature, "top_p": top_p, "gamma": gamma, "ar": ar, "spec": sp}
+
+
 def task_qd(spec: dict, rec: Record) -> None:
     """quickdraft on one path: autoregressive, per-call costs, speculative at gamma, a
     gamma sweep and (optionally) the controlled-alpha drafter."""
@@ -322,6 +353,18 @@ def task_qd(spec: dict, rec: Record) -> None:
                 rec.add_error(e, step="sweep", gamma=g)
             rec.set("sweep", sweep)
         _record_best_gamma(rec, sweep)
+
+    for temperature, top_p in spec.get("samplings") or []:
+        with rec.step(f"sampled-{temperature}-{top_p}"):
+            sampled = rec.data.get("sampled") or []
+            sampled.append(_sampled_runs(pair, prompts, n, gamma, float(temperature),
+                                         float(top_p), warmup, repeats, c_protocol))
+            rec.set("sampled", sampled)
+            r = sampled[-1]
+            log(f"qd-{path} T={temperature} top_p={top_p} gamma {gamma}: AR "
+                f"{r['ar']['tokens_per_s']:.0f} tok/s, speculative "
+                f"{r['spec']['tokens_per_s']:.0f} tok/s, speedup "
+                f"{_f(r['spec'].get('speedup')):.2f}, alpha {_f(r['spec'].get('alpha')):.3f}")
 
     if spec.get("controlled") and spec.get("alphas"):
         c_for_gamma = (rec.data.get("spec") or {}).get("cost_ratio_c") or c_protocol or 0.0

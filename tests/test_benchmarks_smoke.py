@@ -355,3 +355,21 @@ def test_greedy_divergence_on_the_bundled_pair_finds_none():
     want = np.asarray(state.append(ids))[-1]
     state.close()
     assert np.array_equal(row, want.astype(np.float64))
+
+
+def test_sampled_runs_are_parsed_and_reported():
+    from benchmarks import bench
+
+    assert bench._samplings("1.0:1.0,0.7:0.9") == [[1.0, 1.0], [0.7, 0.9]]
+    assert bench._samplings("0.8") == [[0.8, 1.0]] and bench._samplings("none") == []
+    for bad in ("0:1", "0.7:1.5", "warm:0.9"):
+        with pytest.raises(SystemExit, match="--samplings"):
+            bench._samplings(bad)
+    row = {"temperature": 0.7, "top_p": 0.9, "gamma": 4,
+           "ar": {"tokens_per_s": 100.0},
+           "spec": {"tokens_per_s": 180.0, "speedup": 1.8, "alpha": 0.7, "cost_ratio_c": 0.1,
+                    "theoretical_improvement": 2.0, "realized_over_theoretical": 0.9}}
+    results = {"pairs": {"p": {"systems": {"qd-fast": {"status": "ok", "sampled": [row]}}}}}
+    text = report.render(results)
+    assert "### p: sampled" in text
+    assert "| qd-fast | 0.70 | 0.90  | 4     | 100      | 180        | 1.80    |" in text
