@@ -314,10 +314,8 @@ def export_pair(
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
                    draft_draft=draft_draft)
     if dtype == "int8":  # int8 storage of fp32 weights: quickdraft.export.int8
-        from quickdraft.export.int8 import export_pair_int8
-
-        return export_pair_int8(target, draft, out, device=device, kv_cache=kv_cache,
-                                max_length=max_length, **options)
+        return _export_pair_int8(target, draft, out, device=device, kv_cache=kv_cache,
+                                 max_length=max_length, **options)
     if kv_cache == "static":
         from quickdraft.export.builder import export_static_pair
 
@@ -327,3 +325,48 @@ def export_pair(
                                 validate=validate, steps=steps, progress=progress)
     return run_pair(target, draft, out, prepare=prepare, overwrite=overwrite,
                     progress=progress, draft_draft=draft_draft)
+
+
+def _export_pair_int8(target, draft, out, *, device: str = "cpu", draft_draft=None,
+                      overwrite: bool = False, progress=None, **options) -> ExportReport:
+    """``export_pair`` with int8 weight storage (``--dtype int8``): each source snapped to
+    the int8 grid (``quickdraft.export.int8.snapped_copy``), exported in fp32 and validated
+    against the snapped weights, then stored (``store_int8``). The manifests name the
+    original sources; ``out`` appears only when every model was exported, validated and
+    stored. ``options`` go to ``export_pair`` (``kv_cache``, ``max_length``, ``validate``,
+    ``steps``)."""
+    import shutil
+    import tempfile
+
+    from quickdraft.export.int8 import snapped_copy, store_int8
+    from quickdraft.export.output import check_destination, resolve_out, write_marker
+    from quickdraft.manifest import load_manifest
+
+    if device != "cpu":
+        raise ValueError("--dtype int8 stores fp32 arithmetic for ONNX Runtime's CPU provider; "
+                         "use --device cpu (or --dtype fp16 --device cuda for CUDA)")
+    sources = {"target": target, "draft": draft}
+    if draft_draft is not None:
+        sources["draft_draft"] = draft_draft
+    out = resolve_out(out)
+    check_destination(out, list(sources.values()), overwrite)
+    with tempfile.TemporaryDirectory(prefix=".quickdraft-int8-", dir=out.parent) as tmp:
+        snapped = {role: snapped_copy(src, Path(tmp) / "sources" / role)
+                   for role, src in sources.items()}
+        staged = Path(tmp) / "pair"
+        report = export_pair(snapped["target"], snapped["draft"], staged, "fp32", "cpu",
+                             draft_draft=snapped.get("draft_draft"), progress=progress,
+                             **options)
+        for r in report.models:
+            store_int8(r.path)
+            r.manifest = load_manifest(r.path)
+            r.manifest.source = r.source = str(sources[r.role])
+            r.manifest.save(r.path)
+        write_marker(staged, "pair", {r.role: r for r in report.models})
+        if out.exists():  # an earlier export that check_destination lets --overwrite replace
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    for r in report.models:
+        r.path = out / r.role
+    report.out = out
+    return report

@@ -23,7 +23,7 @@ import numpy as np
 
 from quickdraft.manifest import INT8_FOLD_OPTION, load_manifest
 
-__all__ = ["INT8_FOLD_OPTION", "snap_to_int8", "int8_grid", "store_int8", "export_pair_int8"]
+__all__ = ["INT8_FOLD_OPTION", "snap_to_int8", "int8_grid", "store_int8", "snapped_copy"]
 
 MIN_ELEMENTS = 4096  # smaller matrices are stored in fp32
 # consumers of a stored matrix: (op_type, input index) -> the channel axis of its scales
@@ -146,7 +146,7 @@ def store_int8(folder: str | os.PathLike) -> dict:
     return {"matrices": len(stored), "bytes_before": before, "bytes_after": after}
 
 
-def _snapped_copy(source: str | os.PathLike, dest: Path) -> Path:
+def snapped_copy(source: str | os.PathLike, dest: Path) -> Path:
     """A Hugging Face folder at ``dest``: ``source`` (a folder or hub id) in fp32 with its
     weights snapped to the int8 grid, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,46 +161,3 @@ def _snapped_copy(source: str | os.PathLike, dest: Path) -> Path:
     model.save_pretrained(dest, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(dest)
     return dest
-
-
-def export_pair_int8(target, draft, out, *, device: str = "cpu", draft_draft=None,
-                     overwrite: bool = False, progress=None, **options):
-    """``export_pair`` with int8 weight storage (``--dtype int8``): each source snapped to
-    the int8 grid (:func:`snap_to_int8`), exported in fp32 and validated against the snapped
-    weights, then stored (:func:`store_int8`). The manifests name the original sources;
-    ``out`` appears only when every model was exported, validated and stored. ``options``
-    go to ``export_pair`` (``kv_cache``, ``max_length``, ``validate``, ``steps``)."""
-    import shutil
-    import tempfile
-
-    from quickdraft.export.api import export_pair
-    from quickdraft.export.output import check_destination, resolve_out, write_marker
-
-    if device != "cpu":
-        raise ValueError("--dtype int8 stores fp32 arithmetic for ONNX Runtime's CPU provider; "
-                         "use --device cpu (or --dtype fp16 --device cuda for CUDA)")
-    sources = {"target": target, "draft": draft}
-    if draft_draft is not None:
-        sources["draft_draft"] = draft_draft
-    out = resolve_out(out)
-    check_destination(out, list(sources.values()), overwrite)
-    with tempfile.TemporaryDirectory(prefix=".quickdraft-int8-", dir=out.parent) as tmp:
-        snapped = {role: _snapped_copy(src, Path(tmp) / "sources" / role)
-                   for role, src in sources.items()}
-        staged = Path(tmp) / "pair"
-        report = export_pair(snapped["target"], snapped["draft"], staged, "fp32", "cpu",
-                             draft_draft=snapped.get("draft_draft"), progress=progress,
-                             **options)
-        for r in report.models:
-            store_int8(r.path)
-            r.manifest = load_manifest(r.path)
-            r.manifest.source = r.source = str(sources[r.role])
-            r.manifest.save(r.path)
-        write_marker(staged, "pair", {r.role: r for r in report.models})
-        if out.exists():  # an earlier export that check_destination lets --overwrite replace
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    for r in report.models:
-        r.path = out / r.role
-    report.out = out
-    return report
