@@ -39,6 +39,7 @@ from quickdraft.verification import greedy_applies, verify, verify_greedy
 
 __all__ = [
     "GenerationStats",
+    "IterationRates",
     "GenerationResult",
     "StepResult",
     "ModelDrafter",
@@ -53,8 +54,23 @@ __all__ = [
 ]
 
 
+class IterationRates:
+    """Rates every generation's statistics derive alike from ``beta_per_position``,
+    ``new_tokens`` and ``target_calls`` (the fields of the classes that mix it in)."""
+
+    @property
+    def alpha(self) -> float:
+        """Empirical alpha: the mean beta over the draft positions the target reached."""
+        b = self.beta_per_position
+        return float(np.mean(b)) if b else float("nan")
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+
 @dataclass
-class GenerationStats:
+class GenerationStats(IterationRates):
     """What happened during one generation."""
 
     gamma: int = 0  # the most draft tokens proposed in one iteration (0: autoregressive)
@@ -85,12 +101,6 @@ class GenerationStats:
         return sum(self.accepted_per_iteration) / proposed if proposed else float("nan")
 
     @property
-    def alpha(self) -> float:
-        """Empirical alpha: the mean beta over the draft positions the target reached."""
-        b = self.beta_per_position
-        return float(np.mean(b)) if b else float("nan")
-
-    @property
     def alpha_mle(self) -> float:
         """alpha estimated from the accepted counts alone (i.i.d. assumption)."""
         if not self.accepted_per_iteration:
@@ -102,10 +112,6 @@ class GenerationStats:
         """Mean tokens emitted per iteration (compare with Eq. 1)."""
         n = self.accepted_per_iteration
         return (sum(n) + len(n)) / len(n) if n else float("nan")
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
 
     def as_dict(self) -> dict:
         return {

@@ -27,6 +27,7 @@ import numpy as np
 
 from quickdraft.generation import (
     EosIds,
+    IterationRates,
     ModelDrafter,
     _check_request,
     _eos_set,
@@ -51,7 +52,7 @@ __all__ = [
 
 
 @dataclass
-class PipelinedStats:
+class PipelinedStats(IterationRates):
     """What happened during one pipelined generation.
 
     A continuation is kept (all its tokens) when every candidate, its stand-in included, was
@@ -96,16 +97,6 @@ class PipelinedStats:
         """Accepted candidates over checked candidates (stand-ins included)."""
         checked = sum(self.checked_per_iteration)
         return sum(self.accepted_per_iteration) / checked if checked else float("nan")
-
-    @property
-    def alpha(self) -> float:
-        """Empirical alpha: the mean beta over the positions the target reached."""
-        b = self.beta_per_position
-        return float(np.mean(b)) if b else float("nan")
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
 
     def as_dict(self) -> dict:
         return {

@@ -41,17 +41,6 @@ def relative(path: str | Path, root: Path) -> str:
         return str(path)
 
 
-# the license file of each corpus source, as --collect-corpus names it in LICENSES/
-LICENSE_FILES = {
-    "python-stdlib": "python-stdlib-lib--python3.11--LICENSE.txt",
-    "transformers": "transformers-licenses--LICENSE",
-    "torch": "torch-licenses--LICENSE",
-    "sympy": "sympy-licenses--LICENSE",
-    "numpy": "numpy-licenses--LICENSE.txt",
-    "networkx": "networkx-licenses--LICENSE.txt",
-}
-
-
 def training_record(summary: dict, export_info: dict, repo: Path, latency: dict) -> dict:
     """The summary without machine-specific paths, plus the export's sizes and latencies."""
     from quickdraft import theory
@@ -242,12 +231,15 @@ Apache-2.0. Like any language model they can reproduce fragments of their traini
 
 def write(dest: Path, summary: dict, export_info: dict, repo: Path,
           licenses: Path | None) -> dict:
-    """Write ``LICENSES/`` (from the corpus folder's), training.json and MODEL_CARD.md."""
-    if licenses is not None and licenses.is_dir():
-        (dest / "LICENSES").mkdir(exist_ok=True)
-        for source, name in LICENSE_FILES.items():
-            if (licenses / name).is_file():
-                shutil.copyfile(licenses / name, dest / "LICENSES" / f"LICENSE-{source}")
+    """Write ``LICENSES/`` (each corpus source's own license file, as ``corpus.json`` beside
+    ``licenses`` names it), training.json and MODEL_CARD.md."""
+    corpus = licenses.parent / "corpus.json" if licenses is not None else None
+    if corpus is not None and corpus.is_file():  # each source's own license, as collected
+        for source in json.loads(corpus.read_text())["sources"]:
+            name = source.get("license_file")
+            if name and (licenses / name).is_file():
+                (dest / "LICENSES").mkdir(exist_ok=True)
+                shutil.copyfile(licenses / name, dest / "LICENSES" / f"LICENSE-{source['name']}")
     latency = onnx_latency(dest)
     sizes = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*"))
              if p.is_file()}

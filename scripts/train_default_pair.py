@@ -172,8 +172,12 @@ def collect_corpus(dest: Path, stdlib: Path | None) -> dict:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, out)
                 copied.append(out.name)
+        # the source's own license: the shallowest LICENSE* (the others are vendored code's)
+        own = sorted((n.count("--"), n) for n in copied
+                     if n.removeprefix(f"{name}-").split("--")[-1].upper().startswith("LICENSE"))
         sources.append({"name": name, "version": version, "license": lic, "files": kept,
-                        "chars": size, "license_files": copied})
+                        "chars": size, "license_files": copied,
+                        "license_file": own[0][1] if own else None})
     record = {"sources": sources, "packages_from": sys.prefix,
               "max_file_bytes": MAX_FILE_BYTES, "skipped_folders": sorted(SKIPPED_PARTS)}
     (dest / CORPUS_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")

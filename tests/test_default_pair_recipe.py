@@ -50,9 +50,12 @@ def corpus(tmp_path_factory) -> Path:
     files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size < 60_000)[:40]
     for p in files:
         shutil.copyfile(p, root / p.name)
+    (root / "LICENSES").mkdir()
+    (root / "LICENSES" / "python-stdlib-LICENSE.txt").write_text("the license text\n")
     (root / recipe.CORPUS_MANIFEST).write_text(json.dumps({"sources": [
         {"name": "python-stdlib", "version": stdlib.name, "license": "PSF-2.0",
-         "files": len(files), "chars": sum(p.stat().st_size for p in files)}]}))
+         "files": len(files), "chars": sum(p.stat().st_size for p in files),
+         "license_file": "python-stdlib-LICENSE.txt"}]}))
     return root
 
 
@@ -89,6 +92,8 @@ def test_recipe_trains_distils_and_ships_an_int8_pair(corpus, tmp_path):
         m = load_manifest(dest / role)
         assert (m.kv_cache, m.weights) == ("static", "int8")
         assert (dest / role / "config.json").is_file()
+    shipped = dest / "LICENSES" / "LICENSE-python-stdlib"  # the source's own, renamed
+    assert shipped.read_text() == "the license text\n"
     card = (dest / "MODEL_CARD.md").read_text()
     record = json.loads((dest / "training.json").read_text())
     assert f"**{held['trajectory_alpha_T0']:.3f}**" in card

@@ -68,7 +68,9 @@ def snap_to_int8(model) -> int:
     return count
 
 
-def _channel_axis(name: str, uses: list[tuple[str, int]]) -> int | None:
+def _channel_axis(uses: list[tuple[str, int]]) -> int | None:
+    """The channel axis of a matrix's scales from its consumers, None if they disagree or
+    one is not a MatMul weight, a Transpose (tied embedding) or a Gather table."""
     axes = {_CONSUMERS.get(u) for u in uses}
     if not uses or None in axes or len(axes) != 1:
         return None
@@ -107,7 +109,7 @@ def store_int8(folder: str | os.PathLike) -> dict:
     for init in graph.initializer:
         w = numpy_helper.to_array(init)
         before += w.nbytes
-        axis = _channel_axis(init.name, uses.get(init.name, []))
+        axis = _channel_axis(uses.get(init.name, []))
         if w.dtype != np.float32 or w.ndim != 2 or w.size < MIN_ELEMENTS or axis is None:
             kept.append(init)
             after += w.nbytes
