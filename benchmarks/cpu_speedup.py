@@ -1,13 +1,14 @@
 """Speculative against autoregressive decoding on this CPU, side by side in one run.
 
     python benchmarks/cpu_speedup.py --model-dir DIR [--model-dir DIR ...] \\
-        [--tokens 128] [--rounds 3] [--json OUT.json]
+        [--tokens 128] [--rounds 3] [--device cpu|cuda] [--json OUT.json]
 
 For each exported pair, prompt set (code, English, copy-heavy) and drafting strategy, the
 autoregressive and the speculative generation of the same prompt with the same settings
 run alternately ``--rounds`` times after a warm-up; the medians of tokens per second give
 the speedup, and greedy runs must give the same tokens. ``DIR`` may be ``bundled`` (the
-package's pair).
+package's pair). ``--device cuda`` runs the same comparison on the GPU (a static fp16
+export gets CUDA graphs, as ``quickdraft generate`` does).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment  # noqa: E402
 
 PROMPTS = {
     "code": "def quicksort(arr):\n",
@@ -81,6 +88,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1,
                     help="sampled runs: seeds 0..N-1, each its own side-by-side comparison; "
                     "the row reports the median speedup and the range")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from tabulate import tabulate
@@ -91,7 +99,7 @@ def main() -> None:
     rows = []
     for folder in args.model_dir:
         path = default_model_dir() if folder == "bundled" else Path(folder)
-        pair = load_pair(path, device="cpu", max_gamma=8)
+        pair = load_pair(path, device=args.device, max_gamma=8)
         for prompt in args.prompts:
             for label, kind, gamma, temperature in RUNS:
                 if label not in args.runs:
@@ -118,9 +126,10 @@ def main() -> None:
             "command": "python benchmarks/cpu_speedup.py " + " ".join(
                 f"--model-dir {m}" for m in args.model_dir)
             + f" --prompts {' '.join(args.prompts)} --tokens {args.tokens} --rounds "
-            f"{args.rounds} --seeds {args.seeds}",
+            f"{args.rounds} --seeds {args.seeds} --device {args.device}",
             "machine": {"processor": platform.processor() or platform.machine(),
-                        "cpus": __import__("os").cpu_count()},
+                        "cpus": __import__("os").cpu_count(), "device": args.device},
+            "environment": environment(),
             "rows": rows}, indent=2) + "\n")
 
 

@@ -57,13 +57,13 @@ def _autoregressive_row(model, prompt: list[int], generated: list[int]) -> np.nd
         state.close()
 
 
-def first_divergence(pair, prompt: str, gamma: int, tokens: int) -> dict:
+def first_divergence(pair, prompt: str | list[int], gamma: int, tokens: int) -> dict:
     from quickdraft.ort_backend import DecodeConfig
 
     config = DecodeConfig(max_new_tokens=tokens)
     with pair.generator(config) as auto, pair.generator(config, gamma=gamma) as spec:
         a, s = auto.generate(prompt), spec.generate(prompt)
-    ids = list(pair.tokenizer.encode(prompt).ids)
+    ids = list(pair.tokenizer.encode(prompt).ids) if isinstance(prompt, str) else list(prompt)
     at = next((i for i, (x, y) in enumerate(zip(a.tokens, s.tokens)) if x != y), None)
     rec = {"prompt": prompt, "tokens": len(a.tokens), "same": at is None and
            a.tokens == s.tokens}
@@ -91,6 +91,10 @@ def first_divergence(pair, prompt: str, gamma: int, tokens: int) -> dict:
     return rec
 
 
+def _label(prompt) -> str:
+    return repr(prompt) if isinstance(prompt, str) else f"ids {prompt[:4]}... ({len(prompt)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, required=True)
@@ -98,19 +102,32 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", action="append", default=None)
+    ap.add_argument("--prompts-json", type=Path, default=None,
+                    help="token-id prompts instead: a benchmark pair's prompts.json "
+                    "({\"prompts\": [[ids], ...]}, as benchmarks/bench.py writes it)")
+    ap.add_argument("--concurrency-prompts", type=int, default=None, metavar="N",
+                    help="instead: the first N prompts benchmarks/concurrency.py sends (32 "
+                    "seeded token ids each, decoded to text)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from quickdraft.ort_backend import load_pair
 
     pair = load_pair(args.model_dir, device=args.device, max_gamma=args.gamma)
-    rows = [first_divergence(pair, p, args.gamma, args.tokens)
-            for p in (args.prompt or PROMPTS)]
+    if args.prompts_json:
+        prompts = json.loads(args.prompts_json.read_text())["prompts"]
+    elif args.concurrency_prompts:
+        from benchmarks.concurrency import make_requests
+
+        prompts = [r.prompt for r in make_requests(pair.tokenizer, args.concurrency_prompts, 32)]
+    else:
+        prompts = args.prompt or PROMPTS
+    rows = [first_divergence(pair, p, args.gamma, args.tokens) for p in prompts]
     for r in rows:
         if r["same"]:
-            print(f"{r['prompt']!r}: same {r['tokens']} tokens")
+            print(f"{_label(r['prompt'])}: same {r['tokens']} tokens")
         else:
             diff = max(v["max_abs_diff_vs_1"] for v in r["steps"].values())
-            print(f"{r['prompt']!r}: parts at token {r['at']} ({r['autoregressive']} vs "
+            print(f"{_label(r['prompt'])}: parts at token {r['at']} ({r['autoregressive']} vs "
                   f"{r['speculative']}); 1-token margin {r['margin']:.3g}; "
                   f"{len(r['flips'])} of {len(r['steps'])} longer steps choose another "
                   f"token; max |diff| {diff:.3g}")
