@@ -23,6 +23,8 @@ from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenS
 __all__ = ["StaticOrtModel", "StaticDecodeState", "StaticModelError"]
 
 _INPUT_IDS, _MASK, _LOGITS = "input_ids", "attention_mask", "logits"
+# calls after which ONNX Runtime 1.31 replays a step's captured CUDA graph, one run each
+CAPTURE_CALLS = 2
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -183,7 +185,22 @@ class _CacheSlot:
         self.generic = model.session.io_binding()
         self.generic_options = _run_options(-1 if model.cuda_graph else None)
         self.generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
+        if model.cuda_graph:
+            self._capture()
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
+
+    def _capture(self) -> None:
+        """Capture every fixed-length step's CUDA graph now, on token 0 at position 0.
+
+        ONNX Runtime runs a graph more than once in the calls that capture it; a 1-token
+        greedy step, whose argmax overwrites its own input, would then advance by extra
+        tokens. Captured here, no sequence sees those calls (positions written here are
+        rewritten by the state's prefill)."""
+        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
+        for k, step in self.steps.items():
+            for _ in range(CAPTURE_CALLS):
+                self.run([0] * k, 0)
+            step.forget_device_ids()
 
     def bind_common(self, io) -> None:
         io.bind_ortvalue_input(_MASK, self.mask)
@@ -291,6 +308,10 @@ class _StepBinding:
         # a chained step overwrote its input with the argmax, unknown until read
         self._on_device = None if self.chained else tokens
         return self.logits
+
+    def forget_device_ids(self) -> None:
+        """The next run uploads its ids (the device buffer's content is not known)."""
+        self._on_device = None
 
     def read_greedy(self) -> np.ndarray:
         """The greedy tokens of the last run, [length] int64 on the host (a copy)."""
