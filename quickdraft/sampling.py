@@ -141,22 +141,59 @@ def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig())
         z /= config.temperature
         m = m / config.temperature  # = the max of z / T: dividing by T > 0 keeps the order
     if 0 < config.top_k < vocab:
-        # keep exactly k on ties: rank tokens by (logit desc, index asc)
-        order = np.argsort(-z, axis=-1, kind="stable")  # [..., V]
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(vocab), axis=-1)
-        z = np.where(rank < config.top_k, z, -np.inf)  # keeps the max (rank 0)
+        keep = np.stack([_top_k_row(row, config.top_k) for row in z.reshape(-1, vocab)])
+        z = np.where(keep.reshape(z.shape), z, -np.inf)  # keeps the max (rank 0)
     probs = _softmax_(z, m)  # [..., V]
     if config.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")  # [..., V]
-        sorted_p = np.take_along_axis(probs, order, axis=-1)  # [..., V]
-        mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p  # [..., V]
-        keep_sorted = mass_before < config.top_p  # always keeps the most likely token
-        keep = np.empty_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        probs = np.where(keep, probs, 0.0)
+        keep = np.stack([_top_p_row(row, config.top_p) for row in probs.reshape(-1, vocab)])
+        probs = np.where(keep.reshape(probs.shape), probs, 0.0)
         probs = probs / probs.sum(axis=-1, keepdims=True)
     return probs
+
+
+def _top_k_row(z: np.ndarray, k: int) -> np.ndarray:
+    """The k tokens of z [V] ranked first by (logit desc, index asc) -> keep [V] bool,
+    found by a partition: those above the k-th largest logit, then its ties by index."""
+    if np.isnan(z).any():  # NaN has no rank among values: the full sort's order
+        return _sorted_rank(z) < k
+    t = np.partition(z, z.size - k)[z.size - k]  # the k-th largest
+    keep = z > t  # [V]
+    ties = np.flatnonzero(z == t)[: k - int(keep.sum())]
+    keep[ties] = True
+    return keep
+
+
+def _top_p_row(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of tokens of p [V], by (probability desc, index asc), whose mass
+    reaches top_p -> keep [V] bool: a token stays when the mass ranked before it is below
+    top_p. Only the largest probabilities are sorted, more of them until their mass
+    reaches top_p (every later token then has at least that mass before it), and the whole
+    row once that would be a quarter of it; the sums are the full sort's, bit for bit
+    (cumsum adds left to right)."""
+    size = p.size
+    n = 32
+    while 4 * n <= size and not np.isnan(p).any():  # a flat row: sort it all
+        t = np.partition(p, size - n)[size - n]  # the n-th largest probability
+        candidates = np.flatnonzero(p >= t)  # ascending index: ties stay in index order
+        order = candidates[np.argsort(-p[candidates], kind="stable")]
+        mass = np.cumsum(p[order])  # [n']
+        if mass[-1] >= top_p:
+            keep = np.zeros(size, dtype=bool)
+            keep[order] = mass - p[order] < top_p
+            return keep
+        n *= 16
+    order = np.argsort(-p, kind="stable")  # [V]
+    keep = np.empty(size, dtype=bool)
+    keep[order] = np.cumsum(p[order]) - p[order] < top_p
+    return keep
+
+
+def _sorted_rank(z: np.ndarray) -> np.ndarray:
+    """Each token's rank in z [V] by (value desc, index asc; NaN last) [V]."""
+    order = np.argsort(-z, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(z.size)
+    return rank
 
 
 def sample_token(probs: np.ndarray, u: float) -> int:
