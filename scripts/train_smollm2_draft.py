@@ -143,6 +143,32 @@ def code_windows(tokenizer, root: Path | None, ctx: int, limit_chars: int) -> li
     return [ids[i:i + ctx] for i in range(0, len(ids) - ctx, ctx)]
 
 
+def _rope_theta(config) -> float:
+    """The rotary base of a transformers 4 or 5 config."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def save_for_export(folder: Path) -> None:
+    """Rewrite what transformers 5 saved in the form the export stack (transformers 4.57)
+    reads: the rotary base as ``rope_theta``, the tokenizer as PreTrainedTokenizerFast."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters", None)
+    if rope is not None:
+        if rope.get("rope_type", "default") != "default":
+            raise SystemExit(f"rope type {rope['rope_type']!r}: not written for 4.57 here")
+        config["rope_theta"], config["rope_scaling"] = rope["rope_theta"], None
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    path = folder / "tokenizer_config.json"
+    tok = json.loads(path.read_text())
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(tok, indent=2) + "\n")
+
+
 def draft_config(target_config, layers: int, hidden: int, heads: int, kv_heads: int,
                  intermediate: int):
     from transformers import LlamaConfig
@@ -152,7 +178,7 @@ def draft_config(target_config, layers: int, hidden: int, heads: int, kv_heads: 
         num_attention_heads=heads, num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
         max_position_embeddings=target_config.max_position_embeddings,
-        rope_theta=getattr(target_config, "rope_theta", 10000.0), tie_word_embeddings=True,
+        rope_theta=_rope_theta(target_config), tie_word_embeddings=True,
         bos_token_id=target_config.bos_token_id, eos_token_id=target_config.eos_token_id,
         rms_norm_eps=target_config.rms_norm_eps)
 
@@ -323,6 +349,7 @@ def main() -> None:
     folder = args.out / "draft"
     draft.half().save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    save_for_export(folder)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "steps": step,
                "data_s": round(t_data, 1), "train_s": round(time.time() - t_train, 1),
                "parameters": sum(p.numel() for p in draft.parameters()),

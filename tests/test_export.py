@@ -453,6 +453,30 @@ def test_non_causal_and_unsupported_models_are_refused(hf_pair_dirs, tmp_path, m
     assert not out.exists()
 
 
+def test_folders_saved_by_transformers_5_are_refused_with_the_fix(hf_pair_dirs, tmp_path,
+                                                                  monkeypatch):
+    """transformers 4.57 would read a transformers-5 config with the default rotary base
+    (and validate the export against that same wrong model), and cannot load its
+    tokenizer class: both are named before any export starts."""
+    _no_export(monkeypatch)
+    target, out = hf_pair_dirs["target"], tmp_path / "out"
+    new_rope = shutil.copytree(hf_pair_dirs["draft"], tmp_path / "rope")
+    config = json.loads((new_rope / "config.json").read_text())
+    theta = config.pop("rope_theta", 10000.0)
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    (new_rope / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="rope_parameters.*rope_theta"):
+        export_pair(target, new_rope, out)
+    new_tok = shutil.copytree(hf_pair_dirs["draft"], tmp_path / "tok")
+    tok = json.loads((new_tok / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "TokenizersBackend"
+    (new_tok / "tokenizer_config.json").write_text(json.dumps(tok))
+    with pytest.raises(UnsupportedModelError, match="PreTrainedTokenizerFast"):
+        export_pair(new_tok, target, out)
+    assert not out.exists()
+
+
 def test_bad_options_and_existing_destination(hf_pair_dirs, tmp_path, monkeypatch):
     _no_export(monkeypatch)
     t, d = hf_pair_dirs["target"], hf_pair_dirs["draft"]

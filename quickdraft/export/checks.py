@@ -165,9 +165,43 @@ def check_model(source: str | os.PathLike) -> SourceInfo:
     """
     text = os.fspath(source)
     folder, is_local = resolve_source(text)
+    check_saved_format(folder, text)
     config = _load_config(folder, text)
     check_config(text, config)
     return SourceInfo(source=text, folder=folder, is_local=is_local, config=config)
+
+
+def check_saved_format(folder: Path, text: str) -> None:
+    """Refuse (UnsupportedModelError) files the pinned transformers (4.57) would misread:
+    a config.json written by transformers 5 keeps the rotary base in ``rope_parameters``,
+    which 4.57 ignores for its default base (the export would validate against the same
+    wrong model), and its tokenizer_config.json names the class ``TokenizersBackend``,
+    which 4.57 cannot load."""
+    import json
+
+    def read(name: str) -> dict:
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # missing or unreadable: the loaders name that themselves
+        return data if isinstance(data, dict) else {}
+
+    config = read("config.json")
+    if "rope_parameters" in config and "rope_theta" not in config:
+        rope = config["rope_parameters"]
+        raise UnsupportedModelError(
+            f"{text}: config.json was saved by transformers "
+            f"{config.get('transformers_version', '5')}: its rotary settings are in "
+            f"'rope_parameters' ({rope}), which transformers 4.57 (quickdraft's export "
+            "stack) does not read; write them as 'rope_theta' (and 'rope_scaling': null for "
+            "the default rope type) in config.json, or save the model with transformers 4.57"
+        )
+    if read("tokenizer_config.json").get("tokenizer_class") == "TokenizersBackend":
+        raise UnsupportedModelError(
+            f"{text}: tokenizer_config.json names the tokenizer class 'TokenizersBackend' "
+            "(transformers 5), which transformers 4.57 cannot load; set \"tokenizer_class\": "
+            "\"PreTrainedTokenizerFast\" (the tokenizer.json beside it is unchanged)"
+        )
 
 
 def check_config(text: str, config) -> None:
