@@ -373,3 +373,36 @@ def test_sampled_runs_are_parsed_and_reported():
     text = report.render(results)
     assert "### p: sampled" in text
     assert "| qd-fast | 0.70 | 0.90  | 4     | 100      | 180        | 1.80    |" in text
+
+
+def test_node_profile_counts_the_bundled_draft_step():
+    """benchmarks/node_profile.py on the CPU: every node of a draft step is in ONNX
+    Runtime's profile, and the weight bytes its matrix products read, folded int8 storage
+    included, are the model's parameters in fp32."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from benchmarks import node_profile
+    from quickdraft.ort_backend.cli import default_model_dir
+    from quickdraft.ort_backend.device import Device
+
+    folder = default_model_dir() / "draft"
+    weights = node_profile.node_weight_bytes(folder / "model.onnx")
+    out = node_profile.ort_profile(folder, Device("cpu"), [1, 3], past=8, warmup=1,
+                                   repeats=3)
+    for k in ("1", "3"):
+        rec = out[k]
+        assert rec["nodes_per_step"] == sum(r["nodes"] for r in rec["ops"]) > 10
+        assert {"MatMul", "GroupQueryAttention", "ArgMax"} <= {r["op"] for r in rec["ops"]}
+        assert 0 < rec["weight_mb"] <= round(sum(weights.values()) / 1e6, 1)
+    matmul = next(r for r in out["1"]["ops"] if r["op"] == "MatMul")
+    assert 4 * 2.4e6 < matmul["weight_mb"] * 1e6 < 4 * 2.8e6  # the 2.6M draft, fp32
+
+
+def test_partial_sorts_are_timed_beside_the_full_sort():
+    from benchmarks import sampling_cost
+    from quickdraft.sampling import SamplingConfig, adjust_logits
+
+    z = np.random.default_rng(0).normal(size=(2, 300)) * 4
+    for c in (SamplingConfig(0.7, top_p=0.9), SamplingConfig(1.0, top_k=50)):
+        assert np.array_equal(adjust_logits(z, c),
+                              sampling_cost.full_sort(z, c.top_k, c.top_p, c.temperature))
