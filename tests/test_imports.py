@@ -2,11 +2,12 @@
 
 Layers, lowest first: core (everything not named below: sampling, verification, theory,
 protocols, generation, corpus, timing, reference.*, the package itself) <- manifest <-
-ort_backend.* <- export.* <- cli (quickdraft.cli, every module named ``cli``, and
-quickdraft.serve*). A module may import its own layer or lower ones. Every import counts,
-at any depth (function-level lazy imports, ``if TYPE_CHECKING`` blocks, relative forms), and
-so do ``importlib.import_module`` calls: with a literal name, that module; with a computed
-one, every string in the file that names a module of the package (the tables such calls
+ort_backend.* <- export.* <- cli (quickdraft.cli, every module named ``cli``,
+quickdraft.__main__ and quickdraft.serve*). A module may import its own layer or lower
+ones. Every import counts, at any depth (function-level lazy imports, ``if
+TYPE_CHECKING`` blocks, relative forms), and so do ``importlib.import_module`` calls: with
+a literal name, that module; with a computed one, every string in the file that names a
+module of the package (the tables such calls
 read, like the CLI's verb modules). Read with ``ast``; nothing is imported.
 """
 
@@ -22,7 +23,7 @@ LAYERS = ("core", "manifest", "ort_backend", "export", "cli")
 
 def layer(module: str) -> str:
     parts = module.split(".")
-    if parts[-1] == "cli" or module == f"{PACKAGE}.cli" or (
+    if parts[-1] in ("cli", "__main__") or module == f"{PACKAGE}.cli" or (
         len(parts) > 1 and parts[1].startswith("serve")
     ):
         return "cli"
@@ -176,7 +177,8 @@ def test_layers_of_named_modules():
         "ort_backend")
     assert layer("quickdraft.export.builder") == "export"
     for cli in ("quickdraft.cli", "quickdraft.export.cli", "quickdraft.ort_backend.cli",
-                "quickdraft.reference.cli", "quickdraft.serve", "quickdraft.serve.app"):
+                "quickdraft.reference.cli", "quickdraft.serve", "quickdraft.serve.app",
+                "quickdraft.__main__"):
         assert layer(cli) == "cli", cli
 
 
