@@ -7,8 +7,8 @@ quickdraft.__main__ and quickdraft.serve*). A module may import its own layer or
 ones. Every import counts, at any depth (function-level lazy imports, ``if
 TYPE_CHECKING`` blocks, relative forms), and so do ``importlib.import_module`` calls: with
 a literal name, that module; with a computed one, every string in the file that names a
-module of the package (the tables such calls
-read, like the CLI's verb modules). Read with ``ast``; nothing is imported.
+module of the package (the tables such calls read, like the CLI's verb modules). Read
+with ``ast``; nothing is imported.
 """
 
 from __future__ import annotations
