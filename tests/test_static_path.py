@@ -185,6 +185,38 @@ def test_greedy_chain_skips_uploads_and_decodes_the_same(static_pair):
     assert skipped(plain_ar) == skipped(plain_sp) == 0
 
 
+def test_capture_calls_leave_the_decoding_unchanged(static_pair):
+    """What a CUDA slot runs when it is made (CAPTURE_CALLS runs of each fixed-length step
+    on token 0 at position 0, the calls in which ONNX Runtime captures its graphs) writes
+    only cache positions the next prefill rewrites, and leaves no device ids assumed: on
+    slots that ran them, here on the CPU with inputs copied as on a device, greedy
+    speculative and autoregressive decoding give the plain slots' tokens, and the slots'
+    call counts start at zero."""
+    from quickdraft.ort_backend.static import CAPTURE_CALLS
+
+    assert CAPTURE_CALLS >= 2  # ONNX Runtime 1.31: one regular run, then the capture
+    greedy = DecodeConfig(max_new_tokens=24)
+
+    def generators(captured: bool):
+        target = load(static_pair / "target", steps=(1, 2, 3, 4, 5))
+        draft = load(static_pair / "draft", steps=(1, 2))
+        spec = Generator(target, ModelDrafter(draft, greedy.sampling, 3), greedy)
+        auto = Generator(target, None, greedy)
+        for state in (spec._state, spec.drafter.state, auto._state):
+            state._slot.on_device = True  # inputs copied with update_inplace, as on CUDA
+            if captured:
+                state._slot._capture()
+                assert state.calls == {"captured_steps": 0, "generic_steps": 0,
+                                       "uploads_skipped": 0}
+        return spec, auto
+
+    (plain_sp, plain_ar), (cap_sp, cap_ar) = generators(False), generators(True)
+    for prompt in PROMPTS:
+        want = plain_ar.generate(prompt).tokens
+        assert cap_ar.generate(prompt).tokens == want
+        assert cap_sp.generate(prompt).tokens == plain_sp.generate(prompt).tokens == want
+
+
 @pytest.mark.parametrize("draft_role", ["draft", "target"])
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_greedy_speculative_equals_autoregressive(static_pair, gamma, draft_role):

@@ -185,9 +185,9 @@ class _CacheSlot:
         self.generic = model.session.io_binding()
         self.generic_options = _run_options(-1 if model.cuda_graph else None)
         self.generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
+        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
         if model.cuda_graph:
             self._capture()
-        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
 
     def _capture(self) -> None:
         """Capture every fixed-length step's CUDA graph now, on token 0 at position 0.
@@ -196,11 +196,11 @@ class _CacheSlot:
         greedy step, whose argmax overwrites its own input, would then advance by extra
         tokens. Captured here, no sequence sees those calls (positions written here are
         rewritten by the state's prefill)."""
-        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
         for k, step in self.steps.items():
             for _ in range(CAPTURE_CALLS):
                 self.run([0] * k, 0)
             step.forget_device_ids()
+        self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
 
     def bind_common(self, io) -> None:
         io.bind_ortvalue_input(_MASK, self.mask)
