@@ -36,28 +36,33 @@ PROMPTS = {
              "    total = 0\n    for v in values:\n        total += v * v\n"
              "    return total / len(values)\n\n\ndef mean_of_cubes(values):\n"),
 }
-# (label, drafter kind, gamma, temperature)
+# (label, drafter kind, gamma, temperature, device sampling: None = the pair's default)
 RUNS = [
-    ("model g3", "model", 3, 0.0),
-    ("model g4", "model", 4, 0.0),
-    ("model g5", "model", 5, 0.0),
-    ("model auto", "model", "auto", 0.0),
-    ("ngram g4", "ngram", 4, 0.0),
-    ("auto g4", "auto", 4, 0.0),
-    ("model g4 T0.7", "model", 4, 0.7),
-    ("auto g4 T0.7", "auto", 4, 0.7),
+    ("model g3", "model", 3, 0.0, None),
+    ("model g4", "model", 4, 0.0, None),
+    ("model g5", "model", 5, 0.0, None),
+    ("model auto", "model", "auto", 0.0, None),
+    ("ngram g4", "ngram", 4, 0.0, None),
+    ("auto g4", "auto", 4, 0.0, None),
+    ("model g4 T0.7", "model", 4, 0.7, None),
+    ("auto g4 T0.7", "auto", 4, 0.7, None),
+    # the draft's tokens sampled on the host / on the model's device (DeviceModelDrafter)
+    ("model g4 T0.7 host", "model", 4, 0.7, False),
+    ("model g4 T0.7 device", "model", 4, 0.7, True),
 ]
+DEFAULT_RUNS = [r[0] for r in RUNS[:8]]
 
 
 def measure(pair, prompt: str, kind: str, gamma, temperature: float, tokens: int,
-            rounds: int, seed: int = 0) -> dict:
+            rounds: int, seed: int = 0, device_sampling: bool | None = None) -> dict:
     from quickdraft.ort_backend import DecodeConfig
     from quickdraft.sampling import SamplingConfig
 
     config = DecodeConfig(max_new_tokens=tokens, sampling=SamplingConfig(temperature),
                           seed=seed)
     spec_rates, auto_rates, same, stats = [], [], True, None
-    with pair.generator(config, gamma=gamma, drafter=kind) as spec, \
+    with pair.generator(config, gamma=gamma, drafter=kind,
+                        device_sampling=device_sampling) as spec, \
             pair.generator(config) as auto:
         spec.generate(prompt)
         auto.generate(prompt)  # warm-up of both
@@ -84,7 +89,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", nargs="*", default=list(PROMPTS))
-    ap.add_argument("--runs", nargs="*", default=[r[0] for r in RUNS])
+    ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS,
+                    help=f"of: {'; '.join(r[0] for r in RUNS)}")
     ap.add_argument("--seeds", type=int, default=1,
                     help="sampled runs: seeds 0..N-1, each its own side-by-side comparison; "
                     "the row reports the median speedup and the range")
@@ -101,13 +107,13 @@ def main() -> None:
         path = default_model_dir() if folder == "bundled" else Path(folder)
         pair = load_pair(path, device=args.device, max_gamma=8)
         for prompt in args.prompts:
-            for label, kind, gamma, temperature in RUNS:
+            for label, kind, gamma, temperature, on_device in RUNS:
                 if label not in args.runs:
                     continue
                 t0 = time.perf_counter()
                 seeds = range(args.seeds if temperature > 0 else 1)
                 recs = [measure(pair, PROMPTS[prompt], kind, gamma, temperature, args.tokens,
-                                args.rounds, seed) for seed in seeds]
+                                args.rounds, seed, on_device) for seed in seeds]
                 rec = sorted(recs, key=lambda r: r["speedup"])[len(recs) // 2]  # the median
                 if len(recs) > 1:
                     rec = {**rec, "seeds": len(recs),

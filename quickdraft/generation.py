@@ -50,6 +50,7 @@ __all__ = [
     "autoregressive_generate",
     "autoregressive_stream",
     "check_pair",
+    "check_uniforms",
     "draft_budget",
 ]
 
@@ -214,7 +215,7 @@ class ModelDrafter:
         """Temperature 0: each token is the argmax (what sample_token draws from the one-hot
         row whatever the uniform), so only argmax ids are needed (``greedy_append``: on the
         device for a model that computes them there) and q stays one-hot on the tokens."""
-        _check_uniforms(uniforms[:gamma])  # unused, but must still be uniforms
+        check_uniforms(uniforms[:gamma])  # unused, but must still be uniforms
         tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
         tokens[0] = advance_greedy(self.state, ids)[-1]
         for i in range(1, gamma):
@@ -303,7 +304,7 @@ def host_verify(
     x = candidates.tokens  # [gamma]
     gamma = len(x)
     if candidates.checked:
-        _check_uniforms(accept_uniforms, sample_uniform)
+        check_uniforms(accept_uniforms, sample_uniform)
         if greedy_applies(sampling.greedy, candidates.checked):
             # p is one-hot on the target's argmax tokens: only those are needed
             choices = advance_greedy(target, scored, gamma + 1)[-(gamma + 1) :]  # [gamma + 1]
@@ -321,7 +322,7 @@ def host_verify(
     return Verdict(n, token, betas)
 
 
-def _check_uniforms(uniforms: np.ndarray, *more: float) -> None:
+def check_uniforms(uniforms: np.ndarray, *more: float) -> None:
     """Refuse uniforms outside [0, 1) (the checks verify and sample_token make)."""
     u = np.asarray(uniforms)
     if u.size and not (u.min() >= 0.0 and u.max() < 1.0):

@@ -87,24 +87,36 @@ class Candidates:
             token was drawn from its row (so q_i(x_i) > 0): verifiers may skip their input
             checks.
         vocab_size: V, needed when ``probs`` is None.
+        rows_on_device: instead of ``probs``, q rows where a device sampler wrote them (an
+            object whose ``numpy()`` copies them to the host [gamma, V], like
+            :class:`quickdraft.ort_backend.verify_graph.DeviceRows`): a verifier on that
+            device reads them in place, others read :attr:`probs`, a host copy.
     """
 
     def __init__(self, tokens: np.ndarray, probs: np.ndarray | None = None,
                  model_calls: int = 0, checked: bool = False, *,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, rows_on_device=None):
         if probs is None and vocab_size is None:
-            raise ValueError("one-hot candidates (probs None) need vocab_size")
+            raise ValueError("candidates without probs (one-hot or on a device) need "
+                             "vocab_size")
+        if probs is not None and rows_on_device is not None:
+            raise ValueError("give q rows as probs or rows_on_device, not both")
         self.tokens = tokens  # [gamma] int64
         self.model_calls = model_calls
         self.checked = checked
         self.vocab_size = int(vocab_size if probs is None else np.shape(probs)[-1])
-        self.one_hot = probs is None  # q_i is one-hot on tokens_i
+        self.rows_on_device = rows_on_device
+        self.one_hot = probs is None and rows_on_device is None  # q_i one-hot on tokens_i
         self._probs = probs  # [gamma, V] or None until built
 
     @property
     def probs(self) -> np.ndarray:
-        """q rows [gamma, V] float (one-hot rows are built on first read)."""
+        """q rows [gamma, V] float (one-hot rows are built, rows on a device copied, on
+        first read)."""
         if self._probs is None:
+            if self.rows_on_device is not None:
+                self._probs = self.rows_on_device.numpy()  # [gamma, V]
+                return self._probs
             gamma = len(self.tokens)
             rows = np.zeros((gamma, self.vocab_size))  # [gamma, V]
             rows[np.arange(gamma), self.tokens] = 1.0
@@ -122,10 +134,11 @@ class Candidates:
         k = len(y)
         if self.one_hot:
             return (np.asarray(self.tokens[:k]) == y).astype(np.float64)  # [k]
-        return np.asarray(self._probs[np.arange(k), y], dtype=np.float64)  # [k]
+        return np.asarray(self.probs[np.arange(k), y], dtype=np.float64)  # [k]
 
     def __repr__(self) -> str:
-        rows = "one-hot" if self.one_hot else "probs"
+        rows = ("one-hot" if self.one_hot else "probs" if self.rows_on_device is None
+                else "rows on a device")
         return (f"Candidates(tokens={np.asarray(self.tokens).tolist()}, {rows}, "
                 f"model_calls={self.model_calls}, checked={self.checked})")
 

@@ -282,8 +282,9 @@ def test_the_package_imports_with_numpy_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [
-        "PROB_SUM_ATOL", "RESIDUAL_EPS", "build_verify_graph", "greedy_applies", "inverse_cdf",
-        "inverse_cdf_row", "residual_distribution", "verify", "verify_batch", "verify_greedy",
+        "PROB_SUM_ATOL", "RESIDUAL_EPS", "build_sample_graph", "build_verify_graph",
+        "greedy_applies", "inverse_cdf", "inverse_cdf_row", "residual_distribution", "verify",
+        "verify_batch", "verify_greedy",
     ]
 
 

@@ -297,13 +297,16 @@ class Pair:
         return self.target.device
 
     def drafter(self, sampling: SamplingConfig, gamma: int | str = 4, kind: str = "model",
-                seed: int | None = None) -> Drafter:
+                seed: int | None = None, device_sampling: bool | None = None) -> Drafter:
         """A drafting strategy over this pair (:data:`DRAFTERS`), shaped by ``sampling``.
 
         ``gamma``: draft tokens per iteration, or "auto" (chosen per iteration from the
         running alpha and the measured c, Theorem 3.8). ``seed`` seeds what a strategy draws
-        itself (the hierarchical drafter's inner level)."""
+        itself (the hierarchical drafter's inner level). ``device_sampling``: sample the
+        draft model's tokens on its device (:class:`DeviceModelDrafter`; only ids reach the
+        host); None chooses it for a static draft on CUDA at temperature > 0."""
         from quickdraft import drafters
+        from quickdraft.ort_backend.device_draft import DeviceModelDrafter
 
         if kind not in DRAFTERS:
             raise ValueError(f"--drafter must be one of {', '.join(DRAFTERS)}, got {kind!r}")
@@ -329,8 +332,14 @@ class Pair:
         def state(m):
             return states.setdefault(id(m), m.new_state())
 
+        on_device = device_sampling
+        if on_device is None:
+            on_device = (not sampling.greedy and self.device.kind == "cuda"
+                         and isinstance(self.draft, StaticOrtModel))
+
         def model(m) -> Drafter:
-            base = ModelDrafter(m, sampling, g, state=state(m))
+            base = (DeviceModelDrafter(m, sampling, g, state=state(m)) if on_device
+                    else ModelDrafter(m, sampling, g, state=state(m)))
             return drafters.AdaptiveGammaDrafter(base, max_gamma=g) if adaptive else base
 
         def lookup() -> drafters.NgramDrafter:
@@ -366,17 +375,20 @@ class Pair:
 
     def generator(self, config: DecodeConfig = DecodeConfig(), *,
                   gamma: int | str | None = None, drafter: Drafter | str | None = None,
-                  verify: str = "auto", compute: str = "float32") -> Generator:
+                  verify: str = "auto", compute: str = "float32",
+                  device_sampling: bool | None = None) -> Generator:
         """A :class:`Generator` for one sequence: speculative with ``drafter`` (a Drafter,
         or one of :data:`DRAFTERS` by name, proposing ``gamma`` tokens, default 4), or the
-        draft model proposing ``gamma`` tokens; autoregressive with neither."""
+        draft model proposing ``gamma`` tokens; autoregressive with neither.
+        ``device_sampling``: as :meth:`drafter`'s, for a drafter made here."""
         if isinstance(drafter, str):
             drafter = self.drafter(config.sampling, 4 if gamma is None else gamma, drafter,
-                                   seed=config.seed)
+                                   seed=config.seed, device_sampling=device_sampling)
         elif gamma is not None:
             if drafter is not None:
                 raise ValueError("give a drafter or gamma, not both")
-            drafter = self.drafter(config.sampling, gamma, seed=config.seed)
+            drafter = self.drafter(config.sampling, gamma, seed=config.seed,
+                                   device_sampling=device_sampling)
         return Generator(self.target, drafter, config, tokenizer=self.tokenizer,
                          eos_ids=self.eos_ids, verify=verify, compute=compute,
                          max_draft=self.max_draft)

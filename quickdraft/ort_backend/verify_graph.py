@@ -25,16 +25,19 @@ from quickdraft.protocols import (
     rewind_to_common_prefix,
 )
 from quickdraft.sampling import SamplingConfig
-from quickdraft.verification import build_verify_graph
+from quickdraft.verification import build_sample_graph, build_verify_graph
 from quickdraft.verification.graph import LOGITS_TYPES
 
 if TYPE_CHECKING:
     from onnxruntime import SessionOptions
 
 __all__ = [
+    "DeviceRows",
+    "DeviceSampler",
     "DeviceVerifier",
     "GraphVerifier",
     "advance_device",
+    "shared_sample_session",
     "shared_session",
 ]
 
@@ -54,7 +57,17 @@ def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: 
     """The verification graph's ``InferenceSession`` for these settings, built once per
     process and shared (ONNX Runtime runs one session from several threads; each caller
     binds its own inputs and outputs)."""
-    key = (device, int(gamma), int(vocab), sampling, logits_dtype, compute)
+    return _shared((device, int(gamma), int(vocab), sampling, logits_dtype, compute))
+
+
+def shared_sample_session(vocab: int, sampling: SamplingConfig, *, device: Device,
+                          logits_dtype: str = "fp32", compute: str = "float32"):
+    """The sampling graph's (:func:`~quickdraft.verification.build_sample_graph`) shared
+    ``InferenceSession`` for these settings, as :func:`shared_session`."""
+    return _shared((device, None, int(vocab), sampling, logits_dtype, compute))
+
+
+def _shared(key: tuple):
     with _SESSIONS_LOCK:  # held while building: each key is built once
         session = _SESSIONS.get(key)
         if session is None:
@@ -68,11 +81,83 @@ def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: 
 
 
 def _new_session(key: tuple, options):
+    """The verification graph's session (gamma an int) or the sampling graph's (None)."""
     device, gamma, vocab, sampling, logits_dtype, compute = key
-    model = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
-                               compute=compute)
-    return create_session(model.SerializeToString(), device, options,
-                          name="the verification graph")
+    if gamma is None:
+        model, name = build_sample_graph(vocab, sampling, logits_dtype=logits_dtype,
+                                         compute=compute), "the sampling graph"
+    else:
+        model, name = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
+                                         compute=compute), "the verification graph"
+    return create_session(model.SerializeToString(), device, options, name=name)
+
+
+class DeviceRows:
+    """The first ``count`` rows of a :class:`DeviceSampler`'s q buffer, where they lie:
+    a verifier on the same device binds them without a copy; ``numpy()`` copies them to
+    the host [count, V]. Valid until the sampler writes its rows again."""
+
+    def __init__(self, value, count: int, vocab: int, dtype, device: Device):
+        self.value, self.count, self.vocab = value, int(count), int(vocab)
+        self.dtype, self.device = np.dtype(dtype), device
+
+    @property
+    def data_ptr(self) -> int:
+        return self.value.data_ptr()
+
+    def numpy(self) -> np.ndarray:
+        return np.array(self.value.numpy()[: self.count])  # [count, V]
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self.numpy()
+        return rows if dtype is None else rows.astype(dtype)
+
+
+class DeviceSampler:
+    """Samples draft tokens on the device (:func:`shared_sample_session`): each call takes
+    a model's logits where they lie (an OrtValue [1, S, V]) and a uniform, returns the token
+    and writes the q row it was drawn from into row ``row`` of this sampler's buffer
+    [rows, V], so only the token crosses to the host and the verification graph reads q in
+    place. One caller at a time; ``rows`` is the longest proposal."""
+
+    def __init__(self, vocab: int, sampling: SamplingConfig, rows: int, *, device: Device,
+                 logits_dtype: str = "fp32", compute: str = "float32"):
+        import onnxruntime as ort
+
+        self.vocab, self.rows, self.device = int(vocab), int(rows), device
+        self.dtype = np.dtype(compute)
+        self.session = shared_sample_session(vocab, sampling, device=device,
+                                             logits_dtype=logits_dtype, compute=compute)
+        self.binding = self.session.io_binding()
+        self.probs = ort.OrtValue.ortvalue_from_shape_and_type(
+            (self.rows, self.vocab), self.dtype.type, device.kind, device.device_id)  # [rows, V]
+        self._uniform_host = np.zeros(1, self.dtype)  # [1]
+        self._uniform = ort.OrtValue.ortvalue_from_numpy(self._uniform_host, device.kind,
+                                                         device.device_id)
+        self._token_host = np.zeros(1, np.int64)  # [1]
+        self.binding.bind_ortvalue_input("uniform", self._uniform)
+        self.binding.bind_ortvalue_output("token", ort.OrtValue.ortvalue_from_numpy(
+            self._token_host))
+        self._row_bytes = self.vocab * self.dtype.itemsize
+
+    def sample(self, logits, uniform: float, row: int) -> int:
+        """The token drawn with ``uniform`` from q = adjust_logits(last row of ``logits``)
+        (an OrtValue on this device); q goes to row ``row`` of :attr:`probs`."""
+        if not 0 <= row < self.rows:
+            raise ValueError(f"row must be in [0, {self.rows}), got {row}")
+        self._uniform_host[0] = uniform
+        if self.device.kind != "cpu":  # on the CPU the bound buffer is the host array
+            self._uniform.update_inplace(self._uniform_host)
+        self.binding.bind_ortvalue_input("logits", logits)
+        self.binding.bind_output("probs", self.device.kind, self.device.device_id,
+                                 self.dtype.type, [1, self.vocab],
+                                 self.probs.data_ptr() + row * self._row_bytes)
+        self.session.run_with_iobinding(self.binding)
+        return int(self._token_host[0])
+
+    def rows_view(self, count: int) -> DeviceRows:
+        """The first ``count`` q rows written."""
+        return DeviceRows(self.probs, count, self.vocab, self.dtype, self.device)
 
 
 class DeviceVerifier:
@@ -129,6 +214,7 @@ class DeviceVerifier:
             self._out_values.append(value)
             self.binding.bind_ortvalue_output(name, value)
         self._bound_target = None  # the OrtValue bound as the target, if one is
+        self._probs_rebound = False  # draft_probs bound to a DeviceSampler's rows
 
     def run(self, target, draft_probs, draft_tokens, accept_uniforms,
             sample_uniform) -> tuple[int, int, np.ndarray]:
@@ -136,15 +222,34 @@ class DeviceVerifier:
         g = self.gamma
         self._bind_target(target)
         inputs, out = self._inputs, self._outputs
+        in_place = self._bind_draft_probs(draft_probs)
         inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
-        inputs["draft_probs"][...] = np.reshape(draft_probs, (g, self.vocab))
+        if not in_place:
+            inputs["draft_probs"][...] = np.reshape(np.asarray(draft_probs), (g, self.vocab))
         inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
         inputs["sample_uniform"][0] = sample_uniform
         if self._on_device:
             for name, value in self._in_values.items():
-                value.update_inplace(inputs[name])
+                if not (in_place and name == "draft_probs"):
+                    value.update_inplace(inputs[name])
         self.session.run_with_iobinding(self.binding)
         return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
+
+    def _bind_draft_probs(self, draft_probs) -> bool:
+        """Bind q where a DeviceSampler wrote it (same device and type, gamma rows): True;
+        else this verifier's own buffer, filled from the host: False."""
+        direct = (isinstance(draft_probs, DeviceRows) and draft_probs.device == self.device
+                  and draft_probs.dtype == np.dtype(self.compute)
+                  and draft_probs.count == self.gamma and draft_probs.vocab == self.vocab)
+        if direct:
+            self.binding.bind_input("draft_probs", self.device.kind, self.device.device_id,
+                                    draft_probs.dtype.type, [self.gamma, self.vocab],
+                                    draft_probs.data_ptr)
+            self._probs_rebound = True
+        elif self._probs_rebound:
+            self.binding.bind_ortvalue_input("draft_probs", self._in_values["draft_probs"])
+            self._probs_rebound = False
+        return direct
 
     def _bind_target(self, target) -> None:
         """Bind the target's logits: a device OrtValue as is (rebound only when it is a new
@@ -244,8 +349,10 @@ class GraphVerifier:
                 "verify on the host (quickdraft.generation.host_verify) for the lossy rule"
             )
         logits = advance_device(target, scored, gamma + 1)  # [1, k, V] or [k, V], k >= g + 1
+        rows = (candidates.rows_on_device if candidates.rows_on_device is not None
+                else candidates.probs)  # [gamma, V], in place where a sampler left them
         n, token, beta = self.get(gamma, sampling).run(
-            logits, candidates.probs, candidates.tokens, accept_uniforms, sample_uniform)
+            logits, rows, candidates.tokens, accept_uniforms, sample_uniform)
         if not (0 <= token < self.vocab and 0 <= n <= gamma and np.isfinite(beta).all()):
             # the host path refuses such rows in adjust_logits; the graph has no raise
             raise ValueError(

@@ -15,7 +15,7 @@ draft tokens, ``n`` accepted. Output tokens are *accepted* (draft tokens kept),
 from ``p_gamma`` when all were accepted).
 """
 
-from quickdraft.verification.graph import build_verify_graph
+from quickdraft.verification.graph import build_sample_graph, build_verify_graph
 from quickdraft.verification.rule import (
     PROB_SUM_ATOL,
     RESIDUAL_EPS,
@@ -38,5 +38,6 @@ __all__ = [
     "inverse_cdf_row",
     "verify_greedy",
     "greedy_applies",
+    "build_sample_graph",
     "build_verify_graph",
 ]

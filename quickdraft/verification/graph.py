@@ -14,7 +14,8 @@ import numpy as np
 from quickdraft.sampling import SamplingConfig
 from quickdraft.verification.rule import RESIDUAL_EPS
 
-__all__ = ["build_verify_graph", "COMPUTE_TYPES", "LOGITS_TYPES", "OPSET"]
+__all__ = ["build_sample_graph", "build_verify_graph", "COMPUTE_TYPES", "LOGITS_TYPES",
+           "OPSET"]
 
 OPSET = 17
 # compute name -> (NumPy type, ONNX element type)
@@ -213,6 +214,47 @@ def build_verify_graph(
                value("next_token", TensorProto.INT64, [1]),
                value("beta", onnx_type, [gamma])]
     graph = helper.make_graph(b.nodes, "quickdraft_verify", inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="quickdraft")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_sample_graph(vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
+                       logits_dtype: str = "fp32", compute: str = "float32"):
+    """One sampled draft token on the device: ``adjust_logits`` of the last row of the
+    logits, then the inverse-CDF draw with a given uniform, as an ``onnx.ModelProto``.
+
+    Inputs: ``logits`` [1, S, V] in ``logits_dtype`` (the last row is used), ``uniform`` [1]
+    in ``compute``. Outputs: ``token`` [1] int64 and ``probs`` [1, V] in ``compute``: the q
+    row the token was drawn from, for the verification graph to read where it lies.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    if vocab < 1:
+        raise ValueError(f"vocab must be >= 1, got {vocab}")
+    if compute not in COMPUTE_TYPES:
+        raise ValueError(f"compute must be float32 or float64, got {compute!r}")
+    if logits_dtype not in LOGITS_TYPES:
+        raise ValueError(f"logits_dtype must be fp32, fp16 or fp64, got {logits_dtype!r}")
+    if sampling.greedy:
+        raise ValueError("the sampling graph is for temperature > 0; a greedy draft token "
+                         "is the argmax the model's graph computes (greedy_tokens)")
+    vocab = int(vocab)
+    np_type, onnx_type = COMPUTE_TYPES[compute]
+    b = _Builder(np_type, vocab)
+    value = helper.make_tensor_value_info
+    inputs = [value("logits", LOGITS_TYPES[logits_dtype][1], [1, "S", vocab]),
+              value("uniform", onnx_type, [1])]
+    z = b.op("Squeeze", ["logits", b.ints(0)])  # [S, V]
+    z = b.op("Cast", [b.rows(z, -1, _INT64_MAX)], to=onnx_type)  # [1, V]
+    q = _adjust(b, z, sampling)  # [1, V]
+    b.op("Identity", [q], out="probs")
+    _inverse_cdf(b, q, "uniform", out="token")  # [1]
+    outputs = [value("token", TensorProto.INT64, [1]), value("probs", onnx_type, [1, vocab])]
+    graph = helper.make_graph(b.nodes, "quickdraft_sample", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="quickdraft")
     model.ir_version = 8

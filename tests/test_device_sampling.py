@@ -1,0 +1,158 @@
+"""Draft tokens sampled on the device: the sampling graph draws each token from the q row
+it writes, that row is what the verification graph reads in place, and a speculative
+iteration with it decides as NumPy does from the same rows and uniforms. Run on the CPU
+provider, which executes the same graphs and bindings as CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+for _name in ("onnxruntime", "onnx", "tokenizers"):
+    pytest.importorskip(_name)
+
+from quickdraft.generation import ModelDrafter, speculative_step  # noqa: E402
+from quickdraft.ort_backend import DecodeConfig, load_pair  # noqa: E402
+from quickdraft.ort_backend.cli import default_model_dir  # noqa: E402
+from quickdraft.ort_backend.device import Device  # noqa: E402
+from quickdraft.ort_backend.device_draft import DeviceModelDrafter  # noqa: E402
+from quickdraft.ort_backend.verify_graph import DeviceSampler, GraphVerifier  # noqa: E402
+from quickdraft.protocols import Candidates  # noqa: E402
+from quickdraft.sampling import SamplingConfig, adjust_logits  # noqa: E402
+
+SAMPLINGS = [SamplingConfig(1.0), SamplingConfig(0.7), SamplingConfig(1.0, top_k=20),
+             SamplingConfig(0.8, top_k=40, top_p=0.9)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_pair(default_model_dir(), device="cpu", max_gamma=4)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sampling_graph_draws_each_token_from_the_row_it_writes(sampling, dtype):
+    """The row is adjust_logits' (to float32 rounding), and the token's CDF interval in
+    that row holds the uniform: the draw is an inverse-CDF draw from q."""
+    import onnxruntime as ort
+
+    vocab, rows = 500, 3
+    sampler = DeviceSampler(vocab, sampling, rows, device=Device("cpu"),
+                            logits_dtype="fp16" if dtype == np.float16 else "fp32")
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        z = (rng.normal(size=(1, 2, vocab)) * 3).astype(dtype)  # [1, S, V]
+        u = float(rng.random())
+        row = trial % rows
+        token = sampler.sample(ort.OrtValue.ortvalue_from_numpy(z), u, row)
+        q = sampler.rows_view(rows).numpy()[row].astype(np.float64)  # [V]
+        assert np.allclose(q, adjust_logits(z[0, -1], sampling), atol=2e-6)
+        cdf = np.cumsum(q)
+        lo = cdf[token - 1] if token else 0.0
+        assert q[token] > 0 and lo - 1e-5 <= u * cdf[-1] <= cdf[token] + 1e-5
+
+
+def test_rows_are_read_in_place_and_decide_as_host_copies(pair):
+    """The verification graph bound to a sampler's rows (no copy) gives the same verdict as
+    the same graph given a host copy of them."""
+    sampling, gamma = SamplingConfig(0.9), 4
+    drafter = DeviceModelDrafter(pair.draft, sampling, gamma)
+    verifier = GraphVerifier.for_model(pair.target)
+    rng = np.random.default_rng(1)
+    ids = list(pair.tokenizer.encode("def quicksort(arr):").ids)
+    decided = set()
+    for _ in range(6):
+        u = rng.random(2 * gamma + 1)
+        cand = drafter.get_candidates(ids, gamma, u[:gamma])
+        assert cand.rows_on_device is not None and not cand.one_hot
+        copy = Candidates(cand.tokens, cand.rows_on_device.numpy(), checked=True)
+        verdicts = []
+        for c in (cand, copy):
+            state = pair.target.new_state()
+            verdicts.append(verifier(state, ids + cand.tokens.tolist(), c, sampling,
+                                     u[gamma:2 * gamma], float(u[-1])))
+            state.close()
+        assert verdicts[0] == verdicts[1]
+        decided.add(verdicts[0].n_accepted)
+        ids += cand.tokens[:verdicts[0].n_accepted].tolist() + [verdicts[0].next_token]
+    assert len(decided) >= 2
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS[1:])
+def test_device_sampled_iterations_equal_numpy_verification_of_the_same_rows(pair, sampling):
+    """Whole iterations: the device drafter's tokens and rows, verified by the graph in
+    place, against NumPy's rule (host_verify) on a host copy of the same rows with the
+    same uniforms."""
+    gamma = 4
+    recorded = _Recording(DeviceModelDrafter(pair.draft, sampling, gamma))
+    rng = np.random.default_rng(2)
+    ids = list(pair.tokenizer.encode("class Stack:\n").ids)
+    targets = [pair.target.new_state(), pair.target.new_state()]
+    verifier = GraphVerifier.for_model(pair.target)
+    decided = set()
+    for _ in range(6):
+        u = rng.random(2 * gamma + 1)
+        dev = speculative_step(targets[0], recorded, ids, sampling, u[:gamma],
+                               u[gamma:2 * gamma], float(u[-1]), verifier=verifier)
+        last = recorded.last
+        replay = _Replay(Candidates(last.tokens, last.probs, checked=True))
+        ref = speculative_step(targets[1], replay, ids, sampling, u[:gamma],
+                               u[gamma:2 * gamma], float(u[-1]))
+        assert (dev.tokens, dev.n_accepted) == (ref.tokens, ref.n_accepted)
+        assert np.allclose(dev.betas, ref.betas, atol=1e-5)
+        decided.add(dev.n_accepted)
+        ids += dev.tokens
+    for s in targets:
+        s.close()
+    assert len(decided) >= 2
+
+
+class _Recording:
+    """The device drafter, keeping its last proposal."""
+
+    def __init__(self, inner):
+        self.inner, self.last = inner, None
+
+    def get_candidates(self, ids, max_tokens, uniforms):
+        self.last = self.inner.get_candidates(ids, max_tokens, uniforms)
+        return self.last
+
+    def update_candidate_strategy(self, ids, n_accepted):
+        self.inner.update_candidate_strategy(ids, n_accepted)
+
+
+class _Replay:
+    """A drafter that proposes the candidates it is given."""
+
+    def __init__(self, candidates):
+        self.candidates = candidates
+
+    def get_candidates(self, ids, max_tokens, uniforms):
+        return self.candidates
+
+    def update_candidate_strategy(self, ids, n_accepted):
+        pass
+
+
+def test_generation_and_choices(pair):
+    """Pair.drafter samples on the device when asked (by default only for a static draft on
+    CUDA); greedy drafting stays the argmax chain; a draft whose logits do not stay on the
+    device is refused with the reason."""
+    cfg = DecodeConfig(max_new_tokens=40, sampling=SamplingConfig(0.8), seed=5)
+    assert type(pair.drafter(cfg.sampling, 4)) is ModelDrafter  # the CPU default: the host
+    on = pair.drafter(cfg.sampling, 4, device_sampling=True)
+    assert isinstance(on, DeviceModelDrafter)
+    with pair.generator(cfg, drafter=on) as g:
+        r = g.generate("def main(")
+    assert r.stats.new_tokens == 40 and r.stats.verifier == "device"
+    greedy = DecodeConfig(max_new_tokens=24)
+    with pair.generator(greedy, drafter=pair.drafter(greedy.sampling, 4,
+                                                     device_sampling=True)) as g, \
+            pair.generator(greedy) as ar:
+        assert g.generate("def main(").tokens == ar.generate("def main(").tokens
+
+
+def test_a_draft_without_device_logits_is_refused(exported_llama_pair):
+    dynamic = load_pair(exported_llama_pair, device="cpu")
+    with pytest.raises(ValueError, match="static export"):
+        DeviceModelDrafter(dynamic.draft, SamplingConfig(1.0), 3)
