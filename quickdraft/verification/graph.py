@@ -134,6 +134,31 @@ def _inverse_cdf(b: _Builder, weights: str, u: str, out: str) -> str:
     return b.op("Cast", [b.op("Min", [idx, last_positive])], out=out, to=TensorProto.INT64)
 
 
+def _check_settings(vocab: int, sampling: SamplingConfig, logits_dtype: str, compute: str,
+                    greedy_refusal: str) -> None:
+    if vocab < 1:
+        raise ValueError(f"vocab must be >= 1, got {vocab}")
+    if compute not in COMPUTE_TYPES:
+        raise ValueError(f"compute must be float32 or float64, got {compute!r}")
+    if logits_dtype not in LOGITS_TYPES:
+        raise ValueError(f"logits_dtype must be fp32, fp16 or fp64, got {logits_dtype!r}")
+    if sampling.greedy:
+        raise ValueError(greedy_refusal)
+
+
+def _model(b: _Builder, name: str, inputs: list, outputs: list):
+    """The checked ``onnx.ModelProto`` of ``b``'s nodes."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(b.nodes, name, inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="quickdraft")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def build_verify_graph(
     gamma: int,
     vocab: int,
@@ -154,23 +179,14 @@ def build_verify_graph(
     ``sampling`` is what q was adjusted with; temperature 0 is refused: greedy is decided
     by :func:`quickdraft.verification.verify_greedy` on the target's argmax ids.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     if int(gamma) != gamma or gamma < 1:
         raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
-    if vocab < 1:
-        raise ValueError(f"vocab must be >= 1, got {vocab}")
-    if compute not in COMPUTE_TYPES:
-        raise ValueError(f"compute must be float32 or float64, got {compute!r}")
-    if logits_dtype not in LOGITS_TYPES:
-        raise ValueError(f"logits_dtype must be fp32, fp16 or fp64, got {logits_dtype!r}")
-    if sampling.greedy:
-        raise ValueError(
-            "the verification graph is for sampling (temperature > 0); greedy decoding is "
-            "decided by quickdraft.verification.verify_greedy on the target's argmax ids "
-            "(quickdraft.protocols.advance_greedy)"
-        )
+    _check_settings(vocab, sampling, logits_dtype, compute,
+                    "the verification graph is for sampling (temperature > 0); greedy "
+                    "decoding is decided by quickdraft.verification.verify_greedy on the "
+                    "target's argmax ids (quickdraft.protocols.advance_greedy)")
     gamma, vocab = int(gamma), int(vocab)
     np_type, onnx_type = COMPUTE_TYPES[compute]
     b = _Builder(np_type, vocab)
@@ -213,12 +229,7 @@ def build_verify_graph(
     outputs = [value("n", TensorProto.INT64, [1]),
                value("next_token", TensorProto.INT64, [1]),
                value("beta", onnx_type, [gamma])]
-    graph = helper.make_graph(b.nodes, "quickdraft_verify", inputs, outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="quickdraft")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _model(b, "quickdraft_verify", inputs, outputs)
 
 
 def build_sample_graph(vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
@@ -230,18 +241,11 @@ def build_sample_graph(vocab: int, sampling: SamplingConfig = SamplingConfig(), 
     in ``compute``. Outputs: ``token`` [1] int64 and ``probs`` [1, V] in ``compute``: the q
     row the token was drawn from, for the verification graph to read where it lies.
     """
-    import onnx
     from onnx import TensorProto, helper
 
-    if vocab < 1:
-        raise ValueError(f"vocab must be >= 1, got {vocab}")
-    if compute not in COMPUTE_TYPES:
-        raise ValueError(f"compute must be float32 or float64, got {compute!r}")
-    if logits_dtype not in LOGITS_TYPES:
-        raise ValueError(f"logits_dtype must be fp32, fp16 or fp64, got {logits_dtype!r}")
-    if sampling.greedy:
-        raise ValueError("the sampling graph is for temperature > 0; a greedy draft token "
-                         "is the argmax the model's graph computes (greedy_tokens)")
+    _check_settings(vocab, sampling, logits_dtype, compute,
+                    "the sampling graph is for temperature > 0; a greedy draft token is the "
+                    "argmax the model's graph computes (greedy_tokens)")
     vocab = int(vocab)
     np_type, onnx_type = COMPUTE_TYPES[compute]
     b = _Builder(np_type, vocab)
@@ -254,9 +258,4 @@ def build_sample_graph(vocab: int, sampling: SamplingConfig = SamplingConfig(), 
     b.op("Identity", [q], out="probs")
     _inverse_cdf(b, q, "uniform", out="token")  # [1]
     outputs = [value("token", TensorProto.INT64, [1]), value("probs", onnx_type, [1, vocab])]
-    graph = helper.make_graph(b.nodes, "quickdraft_sample", inputs, outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="quickdraft")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _model(b, "quickdraft_sample", inputs, outputs)
