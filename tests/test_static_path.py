@@ -154,6 +154,18 @@ def test_greedy_output_is_the_argmax_of_the_logits(static_pair):
     assert g.append_greedy([]).shape == (0,)
 
 
+def _greedy_generators(static_pair, config, prepare):
+    """A speculative (gamma 3) and an autoregressive Generator on fresh static models,
+    ``prepare`` applied to each of their states."""
+    target = load(static_pair / "target", steps=(1, 2, 3, 4, 5))
+    draft = load(static_pair / "draft", steps=(1, 2))
+    spec = Generator(target, ModelDrafter(draft, config.sampling, 3), config)
+    auto = Generator(target, None, config)
+    for state in (spec._state, spec.drafter.state, auto._state):
+        prepare(state)
+    return spec, auto
+
+
 def test_greedy_chain_skips_uploads_and_decodes_the_same(static_pair):
     """On a device, a 1-token step whose input is the argmax it just wrote skips the upload.
     Run here with the model set to copy its inputs as a device model does (on the CPU the
@@ -163,13 +175,10 @@ def test_greedy_chain_skips_uploads_and_decodes_the_same(static_pair):
     greedy = DecodeConfig(max_new_tokens=24)
 
     def generators(device_like: bool):
-        target = load(static_pair / "target", steps=(1, 2, 3, 4, 5))
-        draft = load(static_pair / "draft", steps=(1, 2))
-        spec = Generator(target, ModelDrafter(draft, greedy.sampling, 3), greedy)
-        auto = Generator(target, None, greedy)
-        for state in (spec._state, spec.drafter.state, auto._state):
+        def prepare(state):
             state._slot.on_device = device_like  # copy inputs with update_inplace, as on CUDA
-        return spec, auto
+
+        return _greedy_generators(static_pair, greedy, prepare)
 
     def skipped(gen):
         return sum(s.calls["uploads_skipped"] for s in [gen._state, *gen._draft_states])
@@ -198,17 +207,14 @@ def test_capture_calls_leave_the_decoding_unchanged(static_pair):
     greedy = DecodeConfig(max_new_tokens=24)
 
     def generators(captured: bool):
-        target = load(static_pair / "target", steps=(1, 2, 3, 4, 5))
-        draft = load(static_pair / "draft", steps=(1, 2))
-        spec = Generator(target, ModelDrafter(draft, greedy.sampling, 3), greedy)
-        auto = Generator(target, None, greedy)
-        for state in (spec._state, spec.drafter.state, auto._state):
+        def prepare(state):
             state._slot.on_device = True  # inputs copied with update_inplace, as on CUDA
             if captured:
                 state._slot._capture()
                 assert state.calls == {"captured_steps": 0, "generic_steps": 0,
                                        "uploads_skipped": 0}
-        return spec, auto
+
+        return _greedy_generators(static_pair, greedy, prepare)
 
     (plain_sp, plain_ar), (cap_sp, cap_ar) = generators(False), generators(True)
     for prompt in PROMPTS:
