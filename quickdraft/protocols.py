@@ -22,6 +22,7 @@ __all__ = [
     "DecodeState",
     "LanguageModel",
     "Candidates",
+    "RowsOnDevice",
     "Drafter",
     "BoundedDrafter",
     "StatefulDrafter",
@@ -74,6 +75,13 @@ class LanguageModel(Protocol):
     def new_state(self) -> DecodeState: ...
 
 
+class RowsOnDevice(Protocol):
+    """q rows [gamma, V] that lie on a device (a sampler's buffer): a verifier there binds
+    them in place; ``numpy()`` copies them to the host."""
+
+    def numpy(self) -> np.ndarray: ...
+
+
 class Candidates:
     """What a drafter proposes for one speculative iteration.
 
@@ -87,15 +95,15 @@ class Candidates:
             token was drawn from its row (so q_i(x_i) > 0): verifiers may skip their input
             checks.
         vocab_size: V, needed when ``probs`` is None.
-        rows_on_device: instead of ``probs``, q rows where a device sampler wrote them (an
-            object whose ``numpy()`` copies them to the host [gamma, V], like
+        rows_on_device: instead of ``probs``, q rows where a device sampler wrote them
+            (:class:`RowsOnDevice`, e.g.
             :class:`quickdraft.ort_backend.verify_graph.DeviceRows`): a verifier on that
             device reads them in place, others read :attr:`probs`, a host copy.
     """
 
     def __init__(self, tokens: np.ndarray, probs: np.ndarray | None = None,
                  model_calls: int = 0, checked: bool = False, *,
-                 vocab_size: int | None = None, rows_on_device=None):
+                 vocab_size: int | None = None, rows_on_device: RowsOnDevice | None = None):
         if probs is None and vocab_size is None:
             raise ValueError("candidates without probs (one-hot or on a device) need "
                              "vocab_size")
