@@ -26,6 +26,7 @@ from quickdraft.protocols import (
     Drafter,
     LanguageModel,
     SamplingDrafter,
+    TokenDraw,
     Verdict,
     Verifier,
     advance,
@@ -43,6 +44,7 @@ __all__ = [
     "GenerationResult",
     "StepResult",
     "ModelDrafter",
+    "HostDraw",
     "host_verify",
     "speculative_step",
     "speculative_generate",
@@ -501,11 +503,13 @@ def autoregressive_stream(
     eos_id: EosIds = None,
     stats: GenerationStats | None = None,
     state: DecodeState | None = None,
+    draw: TokenDraw | None = None,
 ) -> Iterator[list[int]]:
     """The baseline, one token at a time: yields ``[token]`` after each model call.
 
     ``state`` is a model state to continue from (any prefix of ``prompt_ids`` it holds is
-    reused); ``stats`` (if given) is filled in as generation proceeds.
+    reused); ``stats`` (if given) is filled in as generation proceeds. ``draw`` samples the
+    tokens at temperature > 0 (default :class:`HostDraw`: the logits row on the host).
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
@@ -516,21 +520,37 @@ def autoregressive_stream(
     # greedy: the argmax, what sample_token draws from the one-hot row for any u; only the
     # argmax ids are needed (greedy_append: on the device for a model that computes them)
     greedy = sampling.greedy
-    step = advance_greedy if greedy else advance
-    out = step(state, list(prompt_ids))[-1]  # greedy: the next token; else logits [V]
+    draw = HostDraw(sampling) if draw is None and not greedy else draw
+    u = float(rng.random())  # one uniform per token, drawn when greedy too: one stream
+    token = (int(advance_greedy(state, list(prompt_ids))[-1]) if greedy
+             else draw.first(state, prompt_ids, u))
     stats.target_calls += 1
     produced = 0
     while True:
-        u = float(rng.random())  # drawn when greedy too: the same stream either way
-        token = int(out) if greedy else sample_token(adjust_logits(out, sampling), u)
         produced += 1
         stats.iterations += 1
         stats.new_tokens = produced
         yield [token]
         if produced >= max_new_tokens or token in eos:
             break
-        out = (greedy_append(state, [token]) if greedy else state.append([token]))[-1]
+        u = float(rng.random())
+        token = (int(greedy_append(state, [token])[-1]) if greedy
+                 else draw.next(state, token, u))
         stats.target_calls += 1
+
+
+class HostDraw:
+    """:class:`~quickdraft.protocols.TokenDraw` on the host: the state's logits row,
+    ``adjust_logits``, then the inverse-CDF draw (``sample_token``)."""
+
+    def __init__(self, sampling: SamplingConfig):
+        self.sampling = sampling
+
+    def first(self, state: DecodeState, ids: Sequence[int], u: float) -> int:
+        return sample_token(adjust_logits(advance(state, list(ids))[-1], self.sampling), u)
+
+    def next(self, state: DecodeState, token: int, u: float) -> int:
+        return sample_token(adjust_logits(state.append([token])[-1], self.sampling), u)
 
 
 def autoregressive_generate(

@@ -23,6 +23,7 @@ __all__ = [
     "LanguageModel",
     "Candidates",
     "RowsOnDevice",
+    "TokenDraw",
     "Drafter",
     "BoundedDrafter",
     "StatefulDrafter",
@@ -73,6 +74,17 @@ class LanguageModel(Protocol):
         ...
 
     def new_state(self) -> DecodeState: ...
+
+
+class TokenDraw(Protocol):
+    """Draws a sampled sequence's next token from a model state with a given uniform
+    (temperature > 0): ``first`` brings the state to ``ids`` (keeping any prefix it holds)
+    and draws after them, ``next`` appends ``token`` and draws after it. The default draws
+    on the host (:class:`quickdraft.generation.HostDraw`)."""
+
+    def first(self, state: DecodeState, ids: Sequence[int], u: float) -> int: ...
+
+    def next(self, state: DecodeState, token: int, u: float) -> int: ...
 
 
 class RowsOnDevice(Protocol):

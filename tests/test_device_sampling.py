@@ -156,3 +156,27 @@ def test_a_draft_without_device_logits_is_refused(exported_llama_pair):
     dynamic = load_pair(exported_llama_pair, device="cpu")
     with pytest.raises(ValueError, match="static export"):
         DeviceModelDrafter(dynamic.draft, SamplingConfig(1.0), 3)
+
+
+def test_autoregressive_sampling_on_the_device_draws_the_host_tokens(pair):
+    """Autoregressive sampling with the target's tokens drawn by the sampling graph takes
+    one uniform per token in the host path's order: with one seed it gives the host's
+    tokens. They could part only where a uniform falls within float32 rounding of a CDF
+    step of the row (about 1e-7 per token: under 1e-4 for these 360 tokens)."""
+    for sampling in (SamplingConfig(1.0), SamplingConfig(0.7, top_k=50, top_p=0.9)):
+        for seed in range(3):
+            cfg = DecodeConfig(max_new_tokens=60, sampling=sampling, seed=seed)
+            with pair.generator(cfg, device_sampling=True) as dev, \
+                    pair.generator(cfg, device_sampling=False) as host:
+                a, b = dev.generate("def main("), host.generate("def main(")
+            assert a.tokens == b.tokens and len(a.tokens) == 60
+            assert a.stats.generation.target_calls == b.stats.generation.target_calls == 60
+
+
+def test_device_sampling_needs_device_logits(exported_llama_pair):
+    dynamic = load_pair(exported_llama_pair, device="cpu")
+    cfg = DecodeConfig(max_new_tokens=4, sampling=SamplingConfig(1.0))
+    with pytest.raises(ValueError, match="static export"):
+        dynamic.generator(cfg, device_sampling=True)
+    with dynamic.generator(cfg) as g:  # the default: the host
+        assert len(g.generate([5, 6]).tokens) == 4

@@ -19,7 +19,7 @@ from quickdraft.ort_backend.verify_graph import DeviceSampler, advance_device
 from quickdraft.protocols import Candidates, DecodeState, DeviceState, supports
 from quickdraft.sampling import SamplingConfig
 
-__all__ = ["DeviceModelDrafter"]
+__all__ = ["DeviceDraw", "DeviceModelDrafter"]
 
 
 class DeviceModelDrafter(ModelDrafter):
@@ -57,3 +57,19 @@ class DeviceModelDrafter(ModelDrafter):
         return Candidates(tokens, model_calls=gamma, checked=True,
                           vocab_size=self.model.vocab_size,
                           rows_on_device=self.sampler.rows_view(gamma))
+
+
+class DeviceDraw:
+    """:class:`~quickdraft.protocols.TokenDraw` on the device, for autoregressive sampling
+    from a static model: the sampling graph draws next to the logits (``append_device``),
+    and only the token id reaches the host."""
+
+    def __init__(self, model, sampling: SamplingConfig, *, compute: str = "float32"):
+        self.sampler = DeviceSampler(model.vocab_size, sampling, 1, device=model.device,
+                                     logits_dtype=model.manifest.dtype, compute=compute)
+
+    def first(self, state: DecodeState, ids: Sequence[int], u: float) -> int:
+        return self.sampler.sample(advance_device(state, list(ids), 1), u, 0)
+
+    def next(self, state: DecodeState, token: int, u: float) -> int:
+        return self.sampler.sample(state.append_device([int(token)]), u, 0)

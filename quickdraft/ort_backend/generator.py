@@ -380,7 +380,8 @@ class Pair:
         """A :class:`Generator` for one sequence: speculative with ``drafter`` (a Drafter,
         or one of :data:`DRAFTERS` by name, proposing ``gamma`` tokens, default 4), or the
         draft model proposing ``gamma`` tokens; autoregressive with neither.
-        ``device_sampling``: as :meth:`drafter`'s, for a drafter made here."""
+        ``device_sampling``: as :meth:`drafter`'s, for a drafter made here, and for
+        autoregressive sampling (the target's tokens drawn next to its logits)."""
         if isinstance(drafter, str):
             drafter = self.drafter(config.sampling, 4 if gamma is None else gamma, drafter,
                                    seed=config.seed, device_sampling=device_sampling)
@@ -391,7 +392,7 @@ class Pair:
                                    device_sampling=device_sampling)
         return Generator(self.target, drafter, config, tokenizer=self.tokenizer,
                          eos_ids=self.eos_ids, verify=verify, compute=compute,
-                         max_draft=self.max_draft)
+                         max_draft=self.max_draft, device_sampling=device_sampling)
 
 
 def _eos_ids(manifest) -> frozenset[int]:
@@ -535,7 +536,7 @@ class Generator:
     def __init__(self, target, drafter: Drafter | None = None,
                  config: DecodeConfig = DecodeConfig(), *, tokenizer=None,
                  eos_ids: Sequence[int] = (), verify: str = "auto", compute: str = "float32",
-                 max_draft: int | None = None):
+                 max_draft: int | None = None, device_sampling: bool | None = None):
         _check_verify(verify)
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
@@ -569,6 +570,18 @@ class Generator:
         self._kv_cache = target.manifest.kv_cache if exported else "dynamic"
         self._device = str(target.device) if exported else "cpu"
         self._state = target.new_state()
+        # autoregressive sampling next to the target's logits (None: a static target on
+        # CUDA at T > 0), as Pair.drafter chooses it for a draft
+        if device_sampling is None:
+            device_sampling = static and target.device.kind == "cuda"
+        self._draw = None
+        if device_sampling and drafter is None and not config.sampling.greedy:
+            from quickdraft.ort_backend.device_draft import DeviceDraw
+
+            if not supports(self._state, DeviceState):
+                raise ValueError("device sampling needs a target whose logits stay on the "
+                                 "device (a static export, --kv-cache static)")
+            self._draw = DeviceDraw(target, config.sampling, compute=compute)
         self._draft_states: list[DecodeState] = (
             list(drafter.states) if drafter is not None and supports(drafter, StatefulDrafter)
             else [])
@@ -751,7 +764,7 @@ class Generator:
         common = dict(max_new_tokens=remaining, sampling=c.sampling, rng=self._rng,
                       eos_id=self.eos_ids, stats=self.stats.generation, state=self._state)
         if not self.speculative:
-            return autoregressive_stream(self.target, self.ids, **common)
+            return autoregressive_stream(self.target, self.ids, draw=self._draw, **common)
         return speculative_stream(self.target, None, self.ids, drafter=self.drafter,
                                   verifier=self._timed_verifier(), lenience=c.lenience,
                                   max_draft=self.max_draft, **common)
