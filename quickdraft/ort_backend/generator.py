@@ -118,6 +118,13 @@ def target_options(manifest, device: Device, *, speculative: bool):
     return options
 
 
+def samples_on_device(model, sampling: SamplingConfig) -> bool:
+    """Whether tokens sampled from ``model`` are drawn on its device by default: a static
+    model (its logits stay there) on CUDA, at temperature > 0."""
+    return (not sampling.greedy and isinstance(model, StaticOrtModel)
+            and model.device.kind == "cuda")
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -304,7 +311,7 @@ class Pair:
         running alpha and the measured c, Theorem 3.8). ``seed`` seeds what a strategy draws
         itself (the hierarchical drafter's inner level). ``device_sampling``: sample the
         draft model's tokens on its device (:class:`DeviceModelDrafter`; only ids reach the
-        host); None chooses it for a static draft on CUDA at temperature > 0."""
+        host); None: :func:`samples_on_device`."""
         from quickdraft import drafters
         from quickdraft.ort_backend.device_draft import DeviceModelDrafter
 
@@ -332,10 +339,8 @@ class Pair:
         def state(m):
             return states.setdefault(id(m), m.new_state())
 
-        on_device = device_sampling
-        if on_device is None:
-            on_device = (not sampling.greedy and self.device.kind == "cuda"
-                         and isinstance(self.draft, StaticOrtModel))
+        on_device = (samples_on_device(self.draft, sampling) if device_sampling is None
+                     else device_sampling)
 
         def model(m) -> Drafter:
             base = (DeviceModelDrafter(m, sampling, g, state=state(m)) if on_device
@@ -570,10 +575,9 @@ class Generator:
         self._kv_cache = target.manifest.kv_cache if exported else "dynamic"
         self._device = str(target.device) if exported else "cpu"
         self._state = target.new_state()
-        # autoregressive sampling next to the target's logits (None: a static target on
-        # CUDA at T > 0), as Pair.drafter chooses it for a draft
+        # autoregressive sampling next to the target's logits, as Pair.drafter for a draft
         if device_sampling is None:
-            device_sampling = static and target.device.kind == "cuda"
+            device_sampling = samples_on_device(target, config.sampling)
         self._draw = None
         if device_sampling and drafter is None and not config.sampling.greedy:
             from quickdraft.ort_backend.device_draft import DeviceDraw
