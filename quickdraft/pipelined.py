@@ -37,7 +37,7 @@ from quickdraft.generation import (
 from quickdraft.protocols import Candidates, DecodeState, Drafter, LanguageModel, advance
 from quickdraft.sampling import SamplingConfig, adjust_logits
 from quickdraft.theory import beta
-from quickdraft.verification import verify
+from quickdraft.verification import verify, verify_greedy
 
 __all__ = [
     "PipelinedStats",
@@ -46,6 +46,8 @@ __all__ = [
     "pipeline_lengths",
     "target_probs",
     "verify_without_bonus",
+    "verify_greedy_without_bonus",
+    "greedy_betas",
     "pipelined_step",
     "pipelined_generate",
 ]
@@ -93,6 +95,15 @@ class PipelinedStats(IterationRates):
         return self.open_draft_calls + self.shadow_draft_calls
 
     @property
+    def drafted_per_iteration(self) -> list[int]:
+        """Candidates checked per iteration: the proposal and the stand-in."""
+        return self.checked_per_iteration
+
+    @property
+    def tokens_per_iteration(self) -> float:
+        return self.new_tokens / self.iterations if self.iterations else float("nan")
+
+    @property
     def acceptance_rate(self) -> float:
         """Accepted candidates over checked candidates (stand-ins included)."""
         checked = sum(self.checked_per_iteration)
@@ -112,6 +123,7 @@ class PipelinedStats(IterationRates):
             "warm_iterations": self.warm_iterations,
             "acceptance_rate": self.acceptance_rate,
             "alpha": self.alpha,
+            "tokens_per_iteration": self.tokens_per_iteration,
             "tokens_per_target_call": self.tokens_per_target_call,
         }
 
@@ -168,6 +180,22 @@ def verify_without_bonus(p: np.ndarray, q: np.ndarray, x: np.ndarray, u: np.ndar
     p_padded = np.concatenate([p, p[-1:]])  # [m + 1, V]
     n, token = verify(p_padded, q, x, u, s, validate=validate)
     return n, (None if n == len(x) else token)
+
+
+def verify_greedy_without_bonus(target_choices: np.ndarray,
+                                candidates: np.ndarray) -> tuple[int, int | None]:
+    """:func:`verify_without_bonus` for greedy target rows (one-hot on ``target_choices``
+    [m]) and checked candidates [m], from the ids alone, as ``verify_greedy`` is ``verify``
+    for them. -> (n, recovered), recovered None when all m are kept."""
+    choices = np.asarray(target_choices)  # [m]
+    n, token = verify_greedy(np.append(choices, choices[-1:]), candidates)  # [m + 1], [m]
+    return n, (None if n == len(candidates) else token)
+
+
+def greedy_betas(n: int, m: int) -> list[float]:
+    """beta at the candidates a greedy verdict reached (one-hot p and q: 1 where they
+    agree): n ones, and a zero at the rejected candidate if there was one."""
+    return [1.0] * n + ([0.0] if n < m else [])
 
 
 def _rest(y: Candidates) -> Candidates:

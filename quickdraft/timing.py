@@ -19,10 +19,11 @@ class ModelTimes:
     rewinds: int = 0  # cache roll-backs that cut something
     rewind_s: float = 0.0  # seconds in those roll-backs
 
-    def record_call(self, tokens: int, t0: float) -> None:
-        """Count a call of ``tokens`` tokens that started at ``t0`` (``time.perf_counter``)."""
+    def record_call(self, tokens: int, t0: float, calls: int = 1) -> None:
+        """Count ``calls`` calls of ``tokens`` tokens in all, started at ``t0``
+        (``time.perf_counter``) and run back to back."""
         self.call_s += time.perf_counter() - t0
-        self.calls += 1
+        self.calls += calls
         self.tokens += tokens
 
     def record_rewind(self, t0: float) -> None:

@@ -30,7 +30,7 @@ from quickdraft.generation import (
     host_verify,
     speculative_stream,
 )
-from quickdraft.manifest import KV_CACHES, load_manifest
+from quickdraft.manifest import GREEDY_OUTPUT, KV_CACHES, load_manifest
 from quickdraft.ort_backend.device import (
     CudaUnavailableError,
     Device,
@@ -38,9 +38,11 @@ from quickdraft.ort_backend.device import (
     session_options,
 )
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, OrtModel
-from quickdraft.ort_backend.static import StaticOrtModel
+from quickdraft.ort_backend.overlap import OverlapTimes, overlapped_greedy_stream
+from quickdraft.ort_backend.static import StaticDecodeState, StaticOrtModel
 from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
 from quickdraft.ort_backend.verify_graph import DEVICE_MIN_TEMPERATURE, GraphVerifier
+from quickdraft.pipelined import PipelinedStats
 from quickdraft.protocols import (
     ClosableState,
     CostAwareDrafter,
@@ -83,15 +85,19 @@ def _check_verify(verify: str) -> None:
 
 
 def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
-               graph_steps: Sequence[int] = (1,), cuda_graph: bool = False, options=None):
+               graph_steps: Sequence[int] = (1,), cuda_graph: bool = False,
+               chain_length: int = 0, options=None):
     """The loaded model for an exported folder, by its manifest's ``kv_cache``:
     :class:`OrtModel` (dynamic) or :class:`StaticOrtModel` (static; ``graph_steps`` get
-    fixed bindings, captured as CUDA graphs with ``cuda_graph`` on CUDA)."""
-    kind = load_manifest(folder).kv_cache
+    fixed bindings, captured as CUDA graphs with ``cuda_graph`` on CUDA, and its states
+    can launch greedy chains of up to ``chain_length`` steps)."""
+    m = load_manifest(folder)
+    kind = m.kv_cache
     if kind == "static":
         return StaticOrtModel(folder, device, graph_steps=graph_steps,
                               cuda_graph=bool(cuda_graph and device.kind == "cuda"),
-                              options=options)
+                              chain_length=chain_length if GREEDY_OUTPUT in m.output_names
+                              else 0, options=options)
     if kind == "dynamic":
         return OrtModel(folder, device, options=options)
     raise ModelFolderError(
@@ -123,6 +129,27 @@ def samples_on_device(model, sampling: SamplingConfig) -> bool:
     model (its logits stay there) on CUDA, at temperature > 0."""
     return (not sampling.greedy and isinstance(model, StaticOrtModel)
             and model.device.kind == "cuda")
+
+
+def _check_pipelined(target, drafter, config: DecodeConfig) -> None:
+    """Refuse, naming the fix, what the pipelined loop cannot run."""
+    if not config.sampling.greedy:
+        raise ValueError("pipelined decoding runs greedy (temperature 0); sample with the "
+                         "sequential speculative loop (pipelined=False)")
+    if config.lenience != 1.0:
+        raise ValueError("pipelined decoding applies the exact rule: lenience must be 1")
+    if not isinstance(drafter, ModelDrafter):
+        raise ValueError("pipelined decoding drafts with a draft model: give a ModelDrafter "
+                         "(or gamma) over the pair's draft, not another drafting strategy")
+    if not isinstance(target, StaticOrtModel) or not isinstance(drafter.state,
+                                                                 StaticDecodeState):
+        raise ValueError("pipelined decoding needs a static pair (export with "
+                         "--kv-cache static)")
+    if drafter.model.chain_length < drafter.gamma + 1:
+        raise ValueError(
+            f"pipelined decoding at gamma {drafter.gamma} drafts chains of {drafter.gamma + 1} "
+            f"steps; load the draft with chain_length >= {drafter.gamma + 1} (load_pair "
+            f"gives max_gamma + 1; this draft has {drafter.model.chain_length})")
 
 
 def _is_int(x) -> bool:
@@ -158,9 +185,12 @@ class OrtStats:
     device: str  # where the models ran: "cpu" or "cuda:N"
     prompt_tokens: int  # length of the prompt in tokens
     kv_cache: str = "dynamic"  # the target's cache: "dynamic" or "static"
+    pipelined: bool = False  # the draft drafted beside the verification (mode "pipelined")
     verifier: str | None = None  # where verification ran: "host" or "device" (None: AR)
     lossy: bool = False  # lenience < 1: the output does not follow the target exactly
-    generation: GenerationStats = field(default_factory=GenerationStats)  # the loop's counts
+    # the loop's counts (PipelinedStats for a pipelined generation)
+    generation: GenerationStats | PipelinedStats = field(default_factory=GenerationStats)
+    overlap: OverlapTimes | None = None  # a pipelined generation's time split
     target: ModelTimes = field(default_factory=ModelTimes)  # target calls after the prefill
     draft: ModelTimes | None = None  # draft calls after the prefill (None: autoregressive)
     target_prefill: ModelTimes = field(default_factory=ModelTimes)  # the prompt, target
@@ -246,6 +276,8 @@ class OrtStats:
         }
         if self.draft is not None:
             out["draft"] = self.draft.as_dict()
+        if self.overlap is not None:
+            out["pipeline"] = {**self.generation.as_dict(), **self.overlap.as_dict()}
         return _no_nan(out)
 
 
@@ -381,12 +413,14 @@ class Pair:
     def generator(self, config: DecodeConfig = DecodeConfig(), *,
                   gamma: int | str | None = None, drafter: Drafter | str | None = None,
                   verify: str = "auto", compute: str = "float32",
-                  device_sampling: bool | None = None) -> Generator:
+                  device_sampling: bool | None = None, pipelined: bool = False) -> Generator:
         """A :class:`Generator` for one sequence: speculative with ``drafter`` (a Drafter,
         or one of :data:`DRAFTERS` by name, proposing ``gamma`` tokens, default 4), or the
         draft model proposing ``gamma`` tokens; autoregressive with neither.
         ``device_sampling``: as :meth:`drafter`'s, for a drafter made here, and for
-        autoregressive sampling (the target's tokens drawn next to its logits)."""
+        autoregressive sampling (the target's tokens drawn next to its logits).
+        ``pipelined``: the draft model drafts while the target verifies (greedy, static
+        pair; see :class:`Generator`)."""
         if isinstance(drafter, str):
             drafter = self.drafter(config.sampling, 4 if gamma is None else gamma, drafter,
                                    seed=config.seed, device_sampling=device_sampling)
@@ -397,7 +431,8 @@ class Pair:
                                    device_sampling=device_sampling)
         return Generator(self.target, drafter, config, tokenizer=self.tokenizer,
                          eos_ids=self.eos_ids, verify=verify, compute=compute,
-                         max_draft=self.max_draft, device_sampling=device_sampling)
+                         max_draft=self.max_draft, device_sampling=device_sampling,
+                         pipelined=pipelined)
 
 
 def _eos_ids(manifest) -> frozenset[int]:
@@ -450,8 +485,10 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
         options = draft_options if role == "draft" and where.kind == "cpu" else None
         if role == "target":
             options = target_options(manifest, where, speculative=draft)
+        # a draft's continuations beside the verification (pipelined): stand-in + gamma
+        chain = max_gamma + 1 if role == "draft" else 0
         return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph,
-                          options=options)
+                          chain_length=chain, options=options)
 
     note = None
     if device == "auto" and manifest.execution_provider == "cpu":
@@ -531,6 +568,11 @@ class Generator:
             temperatures below ``DEVICE_MIN_TEMPERATURE``). Greedy proposals are
             decided on the target's argmax ids wherever they are verified.
         max_draft: the most draft tokens per iteration (the target's compiled steps).
+        pipelined: while the target verifies a proposal, the draft already drafts the next
+            one, as if every token were kept (:mod:`quickdraft.pipelined`); on CUDA both
+            calls are in flight at once (:mod:`quickdraft.ort_backend.overlap`). Greedy,
+            with a :class:`ModelDrafter` over a static draft loaded with
+            ``chain_length >= gamma + 1`` (``load_pair`` does) and a static target.
 
     ``prefill`` starts a generation (again and again: the prefix the caches share with
     the new prompt is kept), ``step`` runs one iteration, ``rewind`` cuts the sequence.
@@ -541,10 +583,14 @@ class Generator:
     def __init__(self, target, drafter: Drafter | None = None,
                  config: DecodeConfig = DecodeConfig(), *, tokenizer=None,
                  eos_ids: Sequence[int] = (), verify: str = "auto", compute: str = "float32",
-                 max_draft: int | None = None, device_sampling: bool | None = None):
+                 max_draft: int | None = None, device_sampling: bool | None = None,
+                 pipelined: bool = False):
         _check_verify(verify)
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
+        if pipelined:
+            _check_pipelined(target, drafter, config)
+        self.pipelined = bool(pipelined)
         if drafter is not None and supports(drafter, SamplingDrafter) and \
                 drafter.sampling not in (None, config.sampling):
             raise ValueError(
@@ -673,9 +719,10 @@ class Generator:
         if speculative and isinstance(self._verifier, GraphVerifier) and not greedy:
             self._verifier.prepare(self.max_draft or 1, config.sampling)  # sessions up front
         where = "device" if isinstance(self._verifier, GraphVerifier) and not greedy else "host"
-        stats = OrtStats(mode="speculative" if speculative else "autoregressive",
+        mode = "speculative" if speculative else "autoregressive"
+        stats = OrtStats(mode="pipelined" if self.pipelined else mode,
                          device=self._device, prompt_tokens=len(ids),
-                         kv_cache=self._kv_cache,
+                         kv_cache=self._kv_cache, pipelined=self.pipelined,
                          verifier=where if speculative else None,
                          lossy=speculative and config.lenience != 1.0,
                          draft=ModelTimes() if speculative else None,
@@ -689,6 +736,9 @@ class Generator:
         stats.target_prefill = self._marks[0].since(before[0])
         if speculative:
             stats.draft_prefill = self._marks[1].since(before[1])
+        if self.pipelined:
+            stats.generation = PipelinedStats(gamma=self.drafter.gamma)
+            stats.overlap = OverlapTimes()
         self.stats = stats
         self._rng = np.random.default_rng(config.seed)
         self.prompt_ids = list(ids)
@@ -769,6 +819,11 @@ class Generator:
                       eos_id=self.eos_ids, stats=self.stats.generation, state=self._state)
         if not self.speculative:
             return autoregressive_stream(self.target, self.ids, draw=self._draw, **common)
+        if self.pipelined:
+            return overlapped_greedy_stream(
+                self._state, self.drafter, self.ids, gamma=self.drafter.gamma,
+                max_new_tokens=remaining, rng=self._rng, eos_id=self.eos_ids,
+                stats=self.stats.generation, times=self.stats.overlap)
         return speculative_stream(self.target, None, self.ids, drafter=self.drafter,
                                   verifier=self._timed_verifier(), lenience=c.lenience,
                                   max_draft=self.max_draft, **common)

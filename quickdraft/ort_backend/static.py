@@ -4,6 +4,8 @@ A static export is a GroupQueryAttention graph from onnxruntime-genai's model bu
 buffer per layer's keys and values is bound as both past and present and written in place,
 the valid length is the number of ones in the mask, so a rollback is a shorter mask and
 every step length has a fixed shape (its own binding and, on CUDA, its own CUDA graph).
+A state can also *launch* work without waiting for it (``launch_greedy``, ``launch_chain``),
+so two models' calls overlap on the device (docs/explanation/pipelined.md).
 docs/explanation/fast-path.md says how and why.
 """
 
@@ -20,7 +22,7 @@ from quickdraft.manifest import GREEDY_OUTPUT
 from quickdraft.ort_backend.device import Device
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 
-__all__ = ["StaticOrtModel", "StaticDecodeState", "StaticModelError"]
+__all__ = ["StaticOrtModel", "StaticDecodeState", "StaticModelError", "Launched"]
 
 _INPUT_IDS, _MASK, _LOGITS = "input_ids", "attention_mask", "logits"
 # calls after which ONNX Runtime 1.31 replays a step's captured CUDA graph, one run each
@@ -46,6 +48,9 @@ class StaticOrtModel(ExportedModel):
             ``cuda_graph``, their own CUDA graph), e.g. ``(1,)`` for a draft model and
             ``(1, gamma + 1)`` for a target. Other lengths run through a generic binding.
         cuda_graph: capture and replay CUDA graphs for ``graph_steps`` (CUDA only).
+        chain_length: the longest greedy chain a state can launch at once
+            (:meth:`StaticDecodeState.launch_chain`): that many 1-token steps, each with its
+            own binding (and CUDA graph), feeding each other's argmax on the device. 0: none.
         provider_options: extra CUDA execution provider options (strings), merged over
             ``device_id`` and ``enable_cuda_graph``.
         options (onnxruntime.SessionOptions | None): the session's options (default:
@@ -70,6 +75,7 @@ class StaticOrtModel(ExportedModel):
         cache_length: int | None = None,
         graph_steps: Sequence[int] = (1,),
         cuda_graph: bool = False,
+        chain_length: int = 0,
         provider_options: dict | None = None,
         options=None,
     ):
@@ -100,6 +106,15 @@ class StaticOrtModel(ExportedModel):
         self.cache_shape = (1, m.num_kv_heads, self.cache_length, m.head_dim)  # [B, kv, T, hd]
         # the graph's greedy_tokens output (see quickdraft.manifest.GREEDY_OUTPUT)
         self.has_greedy = GREEDY_OUTPUT in m.output_names
+        if isinstance(chain_length, bool) or int(chain_length) != chain_length or \
+                not 0 <= chain_length < self.cache_length:
+            raise ValueError(f"chain_length must be an integer in [0, {self.cache_length}), "
+                             f"got {chain_length!r}")
+        if chain_length and not self.has_greedy:
+            raise StaticModelError(
+                f"{self.folder}: a greedy chain needs the graph's {GREEDY_OUTPUT} output; "
+                "re-export the model with quickdraft export --kv-cache static")
+        self.chain_length = int(chain_length)
         self._lock = threading.Lock()  # guards the pool and the graph ids
         self._free: list[_CacheSlot] = []  # buffers of closed states, to reuse
         self._graph_ids = 0  # CUDA graph ids handed out so far
@@ -133,7 +148,7 @@ class StaticOrtModel(ExportedModel):
             slot = self._free.pop() if self._free else None
             if slot is None:
                 first = self._graph_ids + 1
-                self._graph_ids += len(self.graph_steps)
+                self._graph_ids += len(self.graph_steps) + self.chain_length
                 self.slots_made += 1
         if slot is None:
             slot = _CacheSlot(self, first)
@@ -150,16 +165,20 @@ class StaticOrtModel(ExportedModel):
         return count * np.dtype(self.np_dtype).itemsize
 
 
-def _run_options(graph_id: int | None):
-    """RunOptions carrying ``gpu_graph_id``, or None without one: a RunOptions without the
-    entry makes ONNX Runtime's Python ``run_with_iobinding`` look it up through a raised
-    and caught exception on every call (tens of microseconds)."""
-    if graph_id is None:
+def _run_options(graph_id: int | None, *, no_sync: bool = False):
+    """RunOptions carrying ``gpu_graph_id`` (and, with ``no_sync``, returning before the
+    device is done), or None with neither: a RunOptions without a graph id makes ONNX
+    Runtime's Python ``run_with_iobinding`` look it up through a raised and caught
+    exception on every call (tens of microseconds)."""
+    if graph_id is None and not no_sync:
         return None
     import onnxruntime as ort
 
     options = ort.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    if graph_id is not None:
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    if no_sync:
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
     return options
 
 
@@ -185,6 +204,8 @@ class _CacheSlot:
         self.generic = model.session.io_binding()
         self.generic_options = _run_options(-1 if model.cuda_graph else None)
         self.generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
+        self.chain = (_Chain(self, model.chain_length, first_graph_id + len(self.steps))
+                      if model.chain_length else None)
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
         if model.cuda_graph:
             self._capture()
@@ -200,6 +221,9 @@ class _CacheSlot:
             for _ in range(CAPTURE_CALLS):
                 self.run([0] * k, 0)
             step.forget_device_ids()
+        for _ in range(CAPTURE_CALLS if self.chain else 0):
+            self.chain.launch(0, 0, self.chain.length)
+            self.chain.wait(self.chain.length)
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
 
     def bind_common(self, io) -> None:
@@ -209,10 +233,11 @@ class _CacheSlot:
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
 
-    def run(self, tokens: list[int], past_length: int):
+    def run(self, tokens: list[int], past_length: int, *, launch: bool = False):
         """Write ``tokens`` at positions ``past_length ..`` of the caches; return the logits
         OrtValue [1, len(tokens), V] on the device (a fixed-length step's own buffer,
-        overwritten by its next call)."""
+        overwritten by its next call). ``launch``: a fixed-length step returns before the
+        device is done (wait with its ``synchronize``); other lengths always wait."""
         m = self.model
         k = len(tokens)
         total = past_length + k
@@ -229,7 +254,7 @@ class _CacheSlot:
         step = self.steps.get(k)
         if step is not None:
             self.calls["captured_steps"] += 1
-            return step.run(tokens)
+            return step.run(tokens, launch=launch)
         self.calls["generic_steps"] += 1
         import onnxruntime as ort
 
@@ -291,11 +316,13 @@ class _StepBinding:
             self.greedy = self.ids if self.chained else ort.OrtValue.ortvalue_from_shape_and_type(
                 (1, length), np.int64, kind, dev)
             self.binding.bind_ortvalue_output(GREEDY_OUTPUT, self.greedy)
-        self.options = _run_options(graph_id if model.cuda_graph else None)
+        graph = graph_id if model.cuda_graph else None
+        self.options = _run_options(graph)
+        self.launch_options = _run_options(graph, no_sync=slot.on_device)
         self.runs = 0
         self._on_device: list[int] | None = None  # the ids in the device buffer, if known
 
-    def run(self, tokens: list[int]):
+    def run(self, tokens: list[int], *, launch: bool = False):
         if not self.slot.on_device:  # on the CPU the bound buffer is ids_host itself
             self.ids_host[0, :] = tokens
         elif tokens == self._on_device:  # a greedy chain: the last argmax is the input
@@ -303,11 +330,16 @@ class _StepBinding:
         else:
             self.ids_host[0, :] = tokens
             self.ids.update_inplace(self.ids_host)  # same device address: what graphs replay
-        self.session.run_with_iobinding(self.binding, self.options)
+        self.session.run_with_iobinding(self.binding,
+                                        self.launch_options if launch else self.options)
         self.runs += 1
         # a chained step overwrote its input with the argmax, unknown until read
         self._on_device = None if self.chained else tokens
         return self.logits
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished this step's outputs."""
+        self.binding.synchronize_outputs()
 
     def forget_device_ids(self) -> None:
         """The next run uploads its ids (the device buffer's content is not known)."""
@@ -319,6 +351,84 @@ class _StepBinding:
         if self.chained:
             self._on_device = out.tolist()
         return out
+
+
+class _Chain:
+    """``length`` 1-token greedy steps that feed each other on the device.
+
+    Step j reads its id at ``ids[j]`` and writes its argmax to ``ids[j + 1]``, with its own
+    mask row, binding and graph id; one logits buffer serves them all (they run one after
+    the other on one stream). So a chain of up to ``length`` draft tokens is enqueued at
+    once, with no host round trip between its steps, and read back in one copy.
+    """
+
+    def __init__(self, slot: _CacheSlot, length: int, first_graph_id: int):
+        import onnxruntime as ort
+
+        model = slot.model
+        kind, dev = model.device.kind, model.device.device_id
+        T = model.cache_length
+        self.slot = slot
+        self.length = length
+        self.ids_host = np.zeros((1, length + 1), dtype=np.int64)  # [1, length + 1]
+        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
+        self.masks_host = np.zeros((length, T), dtype=np.int64)  # [length, T]
+        self.masks = ort.OrtValue.ortvalue_from_numpy(self.masks_host, kind, dev)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            (1, 1, model.manifest.vocab_size), model.np_dtype, kind, dev)  # [1, 1, V]
+        self.session = model.session
+        self.bindings, self.options = [], []
+        ids_at, masks_at, item = self.ids.data_ptr(), self.masks.data_ptr(), 8  # int64
+        for j in range(length):
+            b = model.session.io_binding()
+            b.bind_input(_INPUT_IDS, kind, dev, np.int64, [1, 1], ids_at + j * item)
+            b.bind_input(_MASK, kind, dev, np.int64, [1, T], masks_at + j * T * item)
+            for past, present, value in zip(model.past_names, model.present_names, slot.cache):
+                b.bind_ortvalue_input(past, value)
+                b.bind_ortvalue_output(present, value)
+            b.bind_ortvalue_output(_LOGITS, self.logits)
+            b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [1, 1], ids_at + (j + 1) * item)
+            self.bindings.append(b)
+            self.options.append(_run_options(first_graph_id + j if model.cuda_graph else None,
+                                             no_sync=slot.on_device))
+        self._positions = np.arange(T)  # [T]
+
+    def launch(self, token: int, past_length: int, length: int) -> None:
+        """Enqueue ``length`` steps from ``token`` at position ``past_length``."""
+        if past_length + length > self.slot.model.cache_length:
+            raise ValueError(
+                f"sequence of {past_length + length} tokens exceeds the static cache of "
+                f"{self.slot.model.cache_length} tokens; export with a larger --max-length")
+        ends = past_length + 1 + np.arange(length)[:, None]  # [length, 1] valid lengths
+        self.masks_host[:length] = self._positions[None, :] < ends  # [length, T]
+        self.ids_host[0, 0] = token
+        if self.slot.on_device:  # on the CPU the bound buffers are the host arrays
+            self.masks.update_inplace(self.masks_host)
+            self.ids.update_inplace(self.ids_host)
+        for b, options in zip(self.bindings[:length], self.options[:length]):
+            self.session.run_with_iobinding(b, options)
+        self.slot.calls["captured_steps"] += length
+
+    def wait(self, length: int) -> np.ndarray:
+        """The chain's ``length`` argmax tokens [length] int64, once the device is done."""
+        self.bindings[length - 1].synchronize_outputs()
+        return np.array(self.ids.numpy()[0, 1 : length + 1])  # [length]
+
+
+class Launched:
+    """Greedy tokens of work enqueued without waiting for it
+    (:meth:`StaticDecodeState.launch_greedy`, :meth:`~StaticDecodeState.launch_chain`).
+    ``wait()`` blocks until the device is done and returns them (the same array again on
+    later calls). On the CPU the work is already done when it is launched."""
+
+    def __init__(self, finish):
+        self._finish = finish
+        self._tokens: np.ndarray | None = None
+
+    def wait(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = self._finish()
+        return self._tokens
 
 
 class StaticDecodeState(TokenState):
@@ -333,6 +443,7 @@ class StaticDecodeState(TokenState):
     def __init__(self, model: StaticOrtModel, slot: _CacheSlot):
         super().__init__(model)
         self._slot: _CacheSlot | None = slot
+        self._pending: Launched | None = None  # work launched and not waited for
 
     @property
     def calls(self) -> dict:
@@ -344,7 +455,72 @@ class StaticDecodeState(TokenState):
         self._check_thread()
         if self._slot is None:
             raise RuntimeError("this decode state is closed: make a new one with new_state()")
+        if self._pending is not None:
+            raise RuntimeError("this state has launched work not waited for: call wait() on "
+                               "what launch_greedy / launch_chain returned first")
         return self._slot
+
+    def _check_valid(self, choices: np.ndarray) -> np.ndarray:
+        if choices.max() >= self.model.vocab_size:
+            raise ValueError(
+                "logits contain NaN or an infinity; the model produced invalid scores (with "
+                "fp16 weights this is usually an overflow: export it in fp32, on the CPU "
+                "with --kv-cache static or anywhere with the default dynamic cache)"
+            )
+        return choices
+
+    def launch_greedy(self, tokens: Sequence[int]) -> Launched:
+        """:meth:`append_greedy` without waiting: the call is enqueued on the device and
+        this returns; the greedy tokens [len(tokens)] come from ``wait()``. Until then the
+        state accepts no other call. A length without a fixed-length step runs to the
+        end before this returns."""
+        slot = self._live()
+        tokens = self._checked(tokens)
+        if not tokens or not self.model.has_greedy:
+            raise ValueError("launch_greedy needs tokens and a graph with greedy_tokens")
+        t0 = time.perf_counter()
+        slot.run(tokens, len(self._tokens), launch=True)
+        self._tokens.extend(tokens)
+        step = slot.steps.get(len(tokens))
+
+        def finish() -> np.ndarray:
+            self._pending = None
+            if step is not None:
+                step.synchronize()
+                choices = step.read_greedy()  # [k]
+            else:
+                choices = np.array(slot.generic_greedy.numpy()[0])  # [k]
+            self.times.record_call(len(tokens), t0)
+            return self._check_valid(choices)
+
+        self._pending = Launched(finish)
+        return self._pending
+
+    def launch_chain(self, token: int, length: int) -> Launched:
+        """Enqueue ``length`` greedy steps from ``token``, each step's argmax the next one's
+        input, all on the device (the model's ``chain_length`` steps at most); ``wait()``
+        returns the ``length`` tokens [length] int64 and the state then holds ``token`` and
+        all of them but the last (which, as after :meth:`append_greedy`, is not consumed)."""
+        slot = self._live()
+        (token,) = self._checked([token])
+        chain = slot.chain
+        if chain is None or not 1 <= length <= chain.length:
+            raise ValueError(
+                f"a chain of {length} steps needs a model loaded with chain_length >= "
+                f"{length} (this one: {self.model.chain_length})")
+        t0 = time.perf_counter()
+        chain.launch(token, len(self._tokens), length)
+        self._tokens.append(token)
+
+        def finish() -> np.ndarray:
+            self._pending = None
+            chain_tokens = self._check_valid(chain.wait(length))  # [length]
+            self._tokens.extend(chain_tokens[:-1].tolist())
+            self.times.record_call(length, t0, calls=length)
+            return chain_tokens
+
+        self._pending = Launched(finish)
+        return self._pending
 
     def append_device(self, tokens: Sequence[int]):
         """Consume ``tokens``; return the logits OrtValue [1, len(tokens), V] on the device."""
@@ -390,13 +566,7 @@ class StaticDecodeState(TokenState):
         choices = slot.run_greedy(tokens, len(self._tokens))  # [k]
         self.times.record_call(len(tokens), t0)
         self._tokens.extend(tokens)
-        if choices.max() >= self.model.vocab_size:
-            raise ValueError(
-                "logits contain NaN or an infinity; the model produced invalid scores (with "
-                "fp16 weights this is usually an overflow: export it in fp32, on the CPU "
-                "with --kv-cache static or anywhere with the default dynamic cache)"
-            )
-        return choices
+        return self._check_valid(choices)
 
     def rewind(self, length: int) -> None:
         self._live()
@@ -410,6 +580,8 @@ class StaticDecodeState(TokenState):
         """Give the cache slot back to the model (for its next state); idempotent."""
         if self._slot is not None:
             self._check_thread()
+            if self._pending is not None:  # the device may still write into the slot
+                self._pending.wait()
             slot, self._slot = self._slot, None
             self._tokens.clear()
             self.model._release(slot)

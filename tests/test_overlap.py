@@ -1,0 +1,205 @@
+"""Pipelined greedy decoding on ONNX Runtime: launched calls and device-side greedy chains
+give the tokens the sequential calls give, and the overlapped loop makes exactly the
+iterations of the NumPy reference (quickdraft.pipelined) on the same models, so its output
+is greedy autoregressive decoding's. Run on the CPU provider, which executes the same
+bindings as CUDA (there the launches simply finish before they return)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+for _name in ("onnxruntime", "onnx", "tokenizers"):
+    pytest.importorskip(_name)
+
+from quickdraft.generation import ModelDrafter  # noqa: E402
+from quickdraft.ort_backend import DecodeConfig, Generator, load_pair  # noqa: E402
+from quickdraft.ort_backend.cli import default_model_dir  # noqa: E402
+from quickdraft.ort_backend.device import Device  # noqa: E402
+from quickdraft.ort_backend.overlap import overlapped_greedy_stream  # noqa: E402
+from quickdraft.ort_backend.static import StaticOrtModel  # noqa: E402
+from quickdraft.pipelined import (  # noqa: E402
+    PipelinedStats,
+    pipelined_generate,
+    verify_greedy_without_bonus,
+    verify_without_bonus,
+)
+from quickdraft.sampling import SamplingConfig  # noqa: E402
+
+GREEDY = SamplingConfig(temperature=0.0)
+PROMPTS = ["Once upon a time", "The little dog", "She said that the"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_pair(default_model_dir(), device="cpu", max_gamma=8)
+
+
+def _ids(pair, prompt):
+    return list(pair.tokenizer.encode(prompt).ids)
+
+
+def _ar(pair, prompt, n):
+    with pair.generator(DecodeConfig(max_new_tokens=n)) as gen:
+        return gen.generate(prompt).tokens
+
+
+def test_launched_chain_equals_sequential_greedy_steps(pair):
+    """launch_chain's tokens are append_greedy's one step at a time, and the state then
+    holds the same tokens (the last chain token not consumed)."""
+    ids = _ids(pair, PROMPTS[0])
+    a, b = pair.draft.new_state(), pair.draft.new_state()
+    try:
+        tokens = [int(a.append_greedy(ids)[-1])]
+        for _ in range(8):
+            tokens.append(int(a.append_greedy([tokens[-1]])[-1]))
+        b.append_greedy(ids[:-1])
+        chain = b.launch_chain(ids[-1], 9).wait()
+        assert chain.tolist() == tokens
+        assert b.tokens == a.tokens
+        # a shorter chain later in the sequence, after a rewind
+        a.rewind(len(ids) + 2)
+        b.rewind(len(ids) + 2)
+        again = [int(a.append_greedy([tokens[2]])[-1])]
+        for _ in range(2):
+            again.append(int(a.append_greedy([again[-1]])[-1]))
+        assert b.launch_chain(tokens[2], 3).wait().tolist() == again
+        assert b.tokens == a.tokens
+    finally:
+        a.close()
+        b.close()
+
+
+def test_launched_verify_equals_append_greedy(pair):
+    ids = _ids(pair, PROMPTS[1])
+    a, b = pair.target.new_state(), pair.target.new_state()
+    try:
+        want = a.append_greedy(ids)
+        b.append_greedy(ids[:-4])
+        got = b.launch_greedy(ids[-4:]).wait()
+        assert got.tolist() == want[-4:].tolist() and b.tokens == a.tokens
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_state_with_launched_work_refuses_other_calls_until_it_is_waited_for(pair):
+    state = pair.draft.new_state()
+    ids = _ids(pair, PROMPTS[0])
+    launched = state.launch_chain(ids[0], 3)
+    with pytest.raises(RuntimeError, match="launched work"):
+        state.append([ids[1]])
+    with pytest.raises(RuntimeError, match="launched work"):
+        state.launch_greedy([ids[1]])
+    first = launched.wait()
+    assert launched.wait() is first  # waited once
+    state.append_greedy([ids[1]])
+    state.launch_chain(ids[2], 2)
+    state.close()  # waits for the chain, then frees the slot
+    with pytest.raises(RuntimeError, match="closed"):
+        state.append([1])
+
+
+def test_a_chain_longer_than_the_model_was_loaded_for_is_refused(pair):
+    state = pair.draft.new_state()
+    with pytest.raises(ValueError, match="chain_length >= 10"):
+        state.launch_chain(1, 10)
+    state.close()
+    with pytest.raises(ValueError, match="chain_length must be an integer"):
+        StaticOrtModel(default_model_dir() / "draft", Device("cpu"), chain_length=-1)
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3, 4, 8])
+def test_pipelined_iterations_are_the_references(pair, gamma):
+    """The overlapped loop on ONNX Runtime and pipelined_generate on the same models agree
+    on every iteration: tokens, accepted counts, warm iterations, draft calls."""
+    for prompt in PROMPTS:
+        n = 48
+        with pair.generator(DecodeConfig(max_new_tokens=n), gamma=gamma,
+                            pipelined=True) as gen:
+            res = gen.generate(prompt)
+        ref = pipelined_generate(pair.target, pair.draft, _ids(pair, prompt), gamma=gamma,
+                                 max_new_tokens=n, sampling=GREEDY, eos_id=pair.eos_ids,
+                                 rng=np.random.default_rng(0))
+        got, want = res.stats.generation, ref.stats
+        assert res.tokens == ref.tokens
+        assert got.accepted_per_iteration == want.accepted_per_iteration
+        assert got.checked_per_iteration == want.checked_per_iteration
+        assert (got.warm_iterations, got.open_draft_calls, got.shadow_draft_calls) == \
+            (want.warm_iterations, want.open_draft_calls, want.shadow_draft_calls)
+        assert got.beta_per_position == want.beta_per_position
+        assert res.stats.mode == "pipelined" and res.stats.overlap.shadow_s > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64])
+def test_pipelined_greedy_output_is_greedy_autoregressive_output(pair, n):
+    for prompt in PROMPTS:
+        want = _ar(pair, prompt, n)
+        for gamma in (1, 4, 8):
+            with pair.generator(DecodeConfig(max_new_tokens=n), gamma=gamma,
+                                pipelined=True) as gen:
+                assert gen.generate(prompt).tokens == want, (prompt, n, gamma)
+
+
+def test_pipelined_stops_at_eos_where_autoregressive_decoding_does(pair):
+    ids = _ids(pair, PROMPTS[2])
+    full = _ar(pair, ids, 40)
+    eos = full[25]  # a token the greedy continuation reaches
+    want = full[: full.index(eos) + 1]
+    state = pair.target.new_state()
+    state.append(ids[:-1])
+    drafter = ModelDrafter(pair.draft, GREEDY, 4)
+    stats = PipelinedStats(gamma=4)
+    pieces = list(overlapped_greedy_stream(state, drafter, ids, gamma=4, max_new_tokens=40,
+                                           rng=np.random.default_rng(1), eos_id=eos,
+                                           stats=stats))
+    assert sum(pieces, []) == want and stats.new_tokens == len(want)
+    state.close()
+    drafter.state.close()
+
+
+def test_a_pipelined_generator_continues_a_shared_prefix_and_after_a_rewind(pair):
+    with pair.generator(DecodeConfig(max_new_tokens=30), gamma=4, pipelined=True) as gen:
+        first = gen.generate(PROMPTS[0])
+        second = gen.generate(PROMPTS[0] + " there")
+        assert first.tokens == _ar(pair, PROMPTS[0], 30)
+        assert second.tokens == _ar(pair, PROMPTS[0] + " there", 30)
+        ids = gen.prefill(PROMPTS[1])
+        gen.step()
+        gen.rewind(len(ids))
+        while not gen.done:
+            gen.step()
+        assert gen.new_tokens == _ar(pair, PROMPTS[1], 30)
+
+
+def test_what_the_pipelined_loop_cannot_run_is_refused_with_the_fix(pair):
+    with pytest.raises(ValueError, match="greedy"):
+        pair.generator(DecodeConfig(sampling=SamplingConfig(0.7)), gamma=4, pipelined=True)
+    with pytest.raises(ValueError, match="ModelDrafter"):
+        pair.generator(DecodeConfig(), drafter="ngram", pipelined=True)
+    with pytest.raises(ValueError, match="lenience"):
+        pair.generator(DecodeConfig(lenience=0.5), gamma=4, pipelined=True)
+    short = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), chain_length=3)
+    with pytest.raises(ValueError, match="chain_length >= 5"):
+        Generator(pair.target, ModelDrafter(short, GREEDY, 4), DecodeConfig(), pipelined=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_greedy_verdict_is_the_rows_verdict_on_one_hot_rows(data):
+    """verify_greedy_without_bonus on argmax ids decides as verify_without_bonus does on
+    the one-hot rows, for every uniform."""
+    m = data.draw(st.integers(1, 6))
+    vocab = data.draw(st.integers(2, 5))
+    choices = np.array(data.draw(st.lists(st.integers(0, vocab - 1), min_size=m, max_size=m)))
+    candidates = np.array(data.draw(st.lists(st.integers(0, vocab - 1), min_size=m,
+                                             max_size=m)))
+    u = np.array(data.draw(st.lists(st.floats(0, 1, exclude_max=True), min_size=m,
+                                    max_size=m)))
+    s = data.draw(st.floats(0, 1, exclude_max=True))
+    p = np.eye(vocab)[choices]  # [m, V]
+    q = np.eye(vocab)[candidates]  # [m, V]
+    assert verify_greedy_without_bonus(choices, candidates) == \
+        verify_without_bonus(p, q, candidates, u, s)
