@@ -96,8 +96,10 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
                                 graph_steps=tuple(range(1, max_gamma + 2)), cuda_graph=graphs)
         draft = None
         if with_draft:
+            # chains of up to max_gamma + 1 steps: pipelined continuations
             draft = StaticOrtModel(model_dir / "draft", dev, cache_length=cache_length,
-                                   graph_steps=(1, 2), cuda_graph=graphs)
+                                   graph_steps=(1, 2), cuda_graph=graphs,
+                                   chain_length=max_gamma + 1)
         return LoadedPair(path, str(dev), target, draft, Runner(target, draft),
                           {"device_note": note, "cuda_graph": graphs,
                            "cache_length": target.max_length,
@@ -139,15 +141,16 @@ class Runner:
         self.sampling = sampling if sampling is not None else greedy()
         self.verify, self.compute = verify, compute
 
-    def generator(self, drafter, n: int, seed: int | None, max_draft: int | None = None):
+    def generator(self, drafter, n: int, seed: int | None, max_draft: int | None = None,
+                  pipelined: bool = False):
         from quickdraft.ort_backend import DecodeConfig, Generator
 
         config = DecodeConfig(max_new_tokens=n, sampling=self.sampling, seed=seed)
         return Generator(self.target, drafter, config, verify=self.verify,
-                         compute=self.compute, max_draft=max_draft)
+                         compute=self.compute, max_draft=max_draft, pipelined=pipelined)
 
-    def _run(self, drafter, prompt, n: int, seed: int | None):
-        with self.generator(drafter, n, seed) as gen:
+    def _run(self, drafter, prompt, n: int, seed: int | None, pipelined: bool = False):
+        with self.generator(drafter, n, seed, pipelined=pipelined) as gen:
             res = gen.generate(list(prompt))
         s = res.stats
         total = s.prefill_s + s.decode_s
@@ -189,6 +192,24 @@ class Runner:
             "target": {"mean_call_ms": t_ms}, "draft": {"mean_call_ms": d_ms},
             "beta_sum": float(sum(betas)), "beta_count": len(betas),
         })
+        return tokens, out
+
+
+    def pipelined(self, prompt, n: int, gamma: int, *, seed: int | None = 0):
+        """Greedy pipelined decoding with the draft model (the Generator's
+        ``pipelined``): the statistics of :meth:`_run` and the loop's ``pipeline`` dict
+        (iterations, warm ones, draft calls waited for and in the shadow, the seconds of
+        each part)."""
+        from quickdraft.generation import ModelDrafter
+
+        drafter = ModelDrafter(self.draft, self.sampling, gamma)
+        tokens, s, out = self._run(drafter, prompt, n, seed, pipelined=True)
+        out.update(s.as_dict()["pipeline"])
+        out["target"] = {"mean_call_ms": _ms_per_call(s.target)}
+        out["draft"] = {"mean_call_ms": _ms_per_call(s.draft)}
+        out["decode_s"] = s.decode_s
+        betas = s.generation.beta_per_position
+        out["beta_sum"], out["beta_count"] = float(sum(betas)), len(betas)
         return tokens, out
 
 

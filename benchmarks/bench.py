@@ -142,6 +142,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="sampled runs of quickdraft at --gamma, as temperature:top_p pairs "
                     "(autoregressive and speculative side by side, seeded per prompt); "
                     "'none' for greedy only")
+    ap.add_argument("--pipelined", default="",
+                    help="gammas of pipelined greedy decoding on the fast path (the draft "
+                    "drafting beside the verification), e.g. 4,8; '' for none")
     ap.add_argument("--controlled", default="random",
                     choices=["random", "all", "none"],
                     help="pairs that get the controlled-alpha drafter (default: random pairs)")
@@ -199,6 +202,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.systems = _names(args.systems, SYSTEMS)
     args.gammas = _ints(args.gammas)
     args.alphas = _floats(args.alphas)
+    args.pipelined = _ints(args.pipelined) if args.pipelined else []
     args.samplings = _samplings(args.samplings)
     args.hf_gammas = _ints(args.hf_gammas) if args.hf_gammas else [args.gamma]
     args.force = [x for x in args.force.split(",") if x]
@@ -415,6 +419,7 @@ class Bench:
                     **common, "path": path, "alphas": a.alphas if controlled else [],
                     "controlled": controlled, "cost_reps": a.cost_reps,
                     "samplings": a.samplings,
+                    "pipelined": a.pipelined if path == "fast" else [],
                     "cuda_graph": not a.no_cuda_graph, "seed": 0})
                 if res and res.get("reference_tokens") and reference is None:
                     reference = res["reference_tokens"]

@@ -4,8 +4,10 @@
 
 A static export decodes greedily with CUDA graphs in the ways a server and the benchmarks
 use it: one autoregressive generator reused across prompts, two live at once (two cache
-slots on one model), a speculative generator reused, both kinds alive together, and a
-fresh generator per request. Each prompt's tokens are compared with autoregressive
+slots on one model), a speculative generator reused, both kinds alive together, a
+fresh generator per request, and pipelined decoding (the target's verify call and the
+draft's chain in flight at once), reused and beside a sequential speculative generator,
+with and without graphs. Each prompt's tokens are compared with autoregressive
 decoding of the same pair loaded without CUDA graphs; each entry is the index of the
 first token that differs (None: all equal). Prompts: the first ``--prompts`` of those
 ``benchmarks/concurrency.py`` sends.
@@ -62,8 +64,19 @@ def scenarios(config, prompts, reference):
                 out.append([first, diff(i, s.generate(p))])
         return out
 
+    def pipelined(pair):
+        with pair.generator(config, gamma=GAMMA, pipelined=True) as s:
+            return [[diff(i, s.generate(p)) for _ in range(2)] for i, p in enumerate(prompts)]
+
+    def pipelined_and_speculative(pair):
+        with pair.generator(config, gamma=GAMMA, pipelined=True) as a, \
+                pair.generator(config, gamma=GAMMA) as s:
+            return [[diff(i, a.generate(p)), diff(i, s.generate(p)), diff(i, a.generate(p))]
+                    for i, p in enumerate(prompts)]
+
     return {"autoregressive": autoregressive, "two_autoregressive": two_autoregressive,
-            "speculative": speculative, "both": both, "fresh": fresh}
+            "speculative": speculative, "both": both, "fresh": fresh,
+            "pipelined": pipelined, "pipelined_and_speculative": pipelined_and_speculative}
 
 
 def main() -> None:
@@ -81,8 +94,9 @@ def main() -> None:
     prompts = [r.prompt for r in make_requests(plain.tokenizer, args.prompts, 32)]
     with plain.generator(config) as g:
         reference = [g.generate(p).tokens for p in prompts]
+    results = {"pipelined_without_graphs":
+               scenarios(config, prompts, reference)["pipelined"](plain)}
     del plain
-    results = {}
     for name, run in scenarios(config, prompts, reference).items():
         results[name] = run(load_pair(args.model_dir, device="cuda", max_gamma=GAMMA))
         print(name, results[name], flush=True)

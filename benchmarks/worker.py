@@ -286,7 +286,7 @@ def task_qd(spec: dict, rec: Record) -> None:
         rec.set("memory", mem.mark("ar"))
 
     # per-call costs through the DecodeState protocol
-    c_protocol = None
+    c_protocol, t_ms, d_ms = None, None, None
     with rec.step("costs"):
         lengths = list(range(1, max_gamma + 2))
         t_ms = adapters.step_costs(pair.target, prompts[0], lengths, reps=int(spec["cost_reps"]))
@@ -366,6 +366,22 @@ def task_qd(spec: dict, rec: Record) -> None:
                 f"{r['spec']['tokens_per_s']:.0f} tok/s, speedup "
                 f"{_f(r['spec'].get('speedup')):.2f}, alpha {_f(r['spec'].get('alpha')):.3f}")
 
+    for g in spec.get("pipelined") or []:
+        with rec.step(f"pipelined-{g}"):
+            sequential = [r for r in [rec.data.get("spec") or {}, *(rec.data.get("sweep") or [])]
+                          if r.get("gamma") == g]
+            row = _pipelined_row(pair, prompts, n, int(g), ref, ar_tps, t_ms, d_ms,
+                                 warmup, repeats, sequential[0] if sequential else None)
+            rec.set("pipelined", (rec.data.get("pipelined") or []) + [row])
+            r = {k: _f(row.get(k)) for k in ("speedup", "sequential_tokens_per_s",
+                                               "warm_share", "shadow_over_verify",
+                                               "hidden_share", "effective_c")}
+            log(f"qd-{path} pipelined gamma {g}: {row['tokens_per_s']:.0f} tok/s, speedup "
+                f"{r['speedup']:.2f} (sequential {r['sequential_tokens_per_s']:.0f} tok/s), "
+                f"warm {r['warm_share']:.2f}, shadow / verify {r['shadow_over_verify']:.2f}, "
+                f"hidden {r['hidden_share']:.2f}, effective c {r['effective_c']:.3f}, "
+                f"greedy equal {row['greedy_equal']}")
+
     if spec.get("controlled") and spec.get("alphas"):
         c_for_gamma = (rec.data.get("spec") or {}).get("cost_ratio_c") or c_protocol or 0.0
         controlled = []
@@ -389,6 +405,63 @@ def task_qd(spec: dict, rec: Record) -> None:
                     f"{_f(r.get('theoretical_improvement')):.2f} (realized / theory "
                     f"{_f(r.get('realized_over_theoretical')):.2f})")
     rec.set("memory", mem.mark("end"))
+
+
+def _pipelined_row(pair, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, warmup: int,
+                   repeats: int, sequential: dict | None) -> dict:
+    """Greedy pipelined decoding at ``g``: rate, tokens equal to autoregressive decoding,
+    and where the iterations' time went against the calls measured alone (``t_ms`` /
+    ``d_ms``: ms per target / draft call of k tokens, from the cost stage).
+
+    ``effective_c``: (iteration ms - the verify call alone) / (g x one target step): the
+    draft's time the verification did not hide (host work included), in Theorem 3.8's
+    units. ``hidden_share``: of the continuation's L = g + 1 draft steps, the share that
+    did not lengthen the shadow beyond the verify call alone."""
+    from benchmarks.controlled import check_greedy_equal
+    from quickdraft import theory
+
+    def run_all():
+        return [pair.runner.pipelined(p, n, g) for p in prompts]
+
+    outs, times = timed_runs(run_all, warmup=warmup, repeats=repeats)
+    toks, stats = [t for t, _ in outs], [s for _, s in outs]
+    _check_len(toks, n)
+    mismatch = []
+    for i, (t, r) in enumerate(zip(toks, ref)):
+        try:
+            check_greedy_equal(t, r)
+        except AssertionError as e:
+            mismatch.append(f"prompt {i}: {e}")
+    total = lambda key: sum(float(s.get(key) or 0.0) for s in stats)  # noqa: E731
+    iters = max(1.0, total("iterations"))
+    row = {**rate(n * len(prompts), times), "gamma": g, "iterations": int(iters),
+           "greedy_equal": (not mismatch) if ref else None, "mismatches": mismatch,
+           "warm_share": total("warm_iterations") / iters,
+           "tokens_per_iteration": n * len(prompts) / iters,
+           "alpha": total("beta_sum") / max(1.0, total("beta_count")),
+           "open_draft_calls": int(total("open_draft_calls")),
+           "shadow_draft_calls": int(total("shadow_draft_calls")),
+           "iteration_ms": 1e3 * total("decode_s") / iters,
+           "open_ms_per_iteration": 1e3 * total("open_s") / iters,
+           "shadow_ms_per_iteration": 1e3 * total("shadow_s") / iters,
+           "stats": _slim(stats[0])}
+    if ar_tps and row["tokens_per_s"]:
+        row["speedup"] = row["tokens_per_s"] / ar_tps
+    if sequential:
+        row["sequential_tokens_per_s"] = sequential.get("tokens_per_s")
+    if t_ms and d_ms and g + 1 in t_ms:
+        verify, step, draft = t_ms[g + 1], t_ms[1], d_ms[1]
+        row["verify_ms_alone"], row["draft_step_ms_alone"] = verify, draft
+        row["shadow_over_verify"] = row["shadow_ms_per_iteration"] / verify
+        extra = row["shadow_ms_per_iteration"] - verify
+        row["hidden_share"] = 1.0 - extra / ((g + 1) * draft)
+        row["effective_c"] = (row["iteration_ms"] - verify) / (g * step)
+        h = min(1.0, max(0.0, row["hidden_share"]))
+        th = theory.pipelined_walltime_improvement(row["alpha"], g, draft / step, h)
+        row["theoretical_improvement"] = th
+        if "speedup" in row:
+            row["realized_over_theoretical"] = row["speedup"] / th
+    return row
 
 
 def task_genai(spec: dict, rec: Record) -> None:

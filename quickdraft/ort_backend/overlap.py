@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quickdraft.generation import EosIds, ModelDrafter, _eos_set, _truncate_at_eos
+from quickdraft.generation import (
+    EosIds,
+    ModelDrafter,
+    _eos_set,
+    _truncate_at_eos,
+    check_uniforms,
+)
 from quickdraft.ort_backend.static import StaticDecodeState
 from quickdraft.pipelined import (
     PipelinedStats,
@@ -48,7 +54,7 @@ def _launch_verify(target: StaticDecodeState, scored: list[int], rows: int):
     return target.launch_greedy(scored[common:])
 
 
-def _launch_continuation(draft: StaticDecodeState, scored: list[int], length: int):
+def _launch_chain(draft: StaticDecodeState, scored: list[int], length: int):
     """Enqueue ``length`` greedy draft steps after ``scored``: first the tokens the draft
     lags behind by (normally none), then one chain from the last token."""
     common = rewind_to_common_prefix(draft, scored, 1)
@@ -75,9 +81,10 @@ def overlapped_greedy_stream(
     :func:`quickdraft.pipelined.pipelined_generate` on these models.
 
     ``drafter``: a greedy :class:`ModelDrafter` whose state (a :class:`StaticDecodeState`
-    of a model with ``chain_length >= gamma + 1``) drafts the cold proposals and the
-    continuations. ``target``: the target's state, holding fewer tokens than the prompt.
-    ``rng`` gives the reference's uniforms per iteration (greedy decisions read none).
+    of a model with ``chain_length >= gamma + 1``) drafts the cold proposals (its greedy
+    proposal, run as one chain) and the continuations. ``target``: the target's state,
+    holding fewer tokens than the prompt. ``rng`` gives the reference's uniforms per
+    iteration (greedy decisions read none).
     """
     eos = _eos_set(eos_id)
     stats = stats if stats is not None else PipelinedStats(gamma=gamma)
@@ -92,12 +99,17 @@ def overlapped_greedy_stream(
         k_open = 0 if warm else k
         u = rng.random(k_open + L + k + 2)  # [k_open + L + k + 2] as the reference draws
         t0 = time.perf_counter()
-        # the proposal x: pre-drafted in the last iteration's shadow, or drafted now
-        x = pending if warm else drafter.get_candidates(ids, k, u[:k_open]).tokens.tolist()
+        # the proposal x: pre-drafted in the last iteration's shadow, or drafted now, as
+        # the drafter's greedy proposal is, in one chain on the device (one wait, not k)
+        check_uniforms(u[:k_open])
+        if warm:
+            x = pending
+        else:
+            x = _launch_chain(draft, ids, k).wait().tolist() if k else []
         t1 = time.perf_counter()
         scored = ids + x
         verifying = _launch_verify(target, scored, k + 1)  # p_1..p_{k+1}, not waited for
-        drafting = _launch_continuation(draft, scored, L)  # y_1..y_L beside it
+        drafting = _launch_chain(draft, scored, L)  # y_1..y_L beside it
         choices = verifying.wait()[-(k + 1):]  # [k + 1] the target's argmax ids
         y = drafting.wait()  # [L]
         times.open_s += t1 - t0
