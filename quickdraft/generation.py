@@ -22,6 +22,7 @@ import numpy as np
 from quickdraft.protocols import (
     BoundedDrafter,
     Candidates,
+    ChainState,
     DecodeState,
     Drafter,
     LanguageModel,
@@ -32,6 +33,7 @@ from quickdraft.protocols import (
     advance,
     advance_greedy,
     greedy_append,
+    launch_greedy_chain,
     supports,
 )
 from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token
@@ -216,8 +218,13 @@ class ModelDrafter:
                            uniforms: np.ndarray) -> Candidates:
         """Temperature 0: each token is the argmax (what sample_token draws from the one-hot
         row whatever the uniform), so only argmax ids are needed (``greedy_append``: on the
-        device for a model that computes them there) and q stays one-hot on the tokens."""
+        device for a model that computes them there; a :class:`ChainState` runs all gamma
+        steps in one launch) and q stays one-hot on the tokens."""
         check_uniforms(uniforms[:gamma])  # unused, but must still be uniforms
+        if supports(self.state, ChainState) and self.state.max_chain >= gamma:
+            tokens = launch_greedy_chain(self.state, ids, gamma).wait()  # [gamma], one wait
+            return Candidates(np.asarray(tokens, dtype=np.int64), None, model_calls=gamma,
+                              checked=True, vocab_size=self.model.vocab_size)
         tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
         tokens[0] = advance_greedy(self.state, ids)[-1]
         for i in range(1, gamma):

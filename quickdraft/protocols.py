@@ -30,6 +30,8 @@ __all__ = [
     "SamplingDrafter",
     "CostAwareDrafter",
     "GreedyState",
+    "Awaitable",
+    "ChainState",
     "DeviceState",
     "MeasuredState",
     "ClosableState",
@@ -39,6 +41,7 @@ __all__ = [
     "advance",
     "advance_greedy",
     "greedy_append",
+    "launch_greedy_chain",
     "rewind_to_common_prefix",
 ]
 
@@ -237,6 +240,29 @@ class GreedyState(Protocol):
 
 
 @runtime_checkable
+class Awaitable(Protocol):
+    """Work launched on a device; ``wait()`` blocks until it is done and returns its result."""
+
+    def wait(self) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ChainState(Protocol):
+    """A :class:`GreedyState` that runs several greedy steps in one launch, each step's
+    argmax the next one's input, all on its device (one wait for all of them)."""
+
+    @property
+    def max_chain(self) -> int:
+        """The longest chain it can launch (0: none)."""
+        ...
+
+    def launch_chain(self, token: int, length: int) -> Awaitable:
+        """Enqueue ``length`` greedy steps from ``token``; ``wait()`` gives their tokens
+        [length], and the state then holds ``token`` and all of them but the last."""
+        ...
+
+
+@runtime_checkable
 class DeviceState(Protocol):
     """A state that can leave its logits on its device."""
 
@@ -360,6 +386,16 @@ def greedy_append(state: DecodeState, tokens: Sequence[int]) -> np.ndarray:
     from quickdraft.sampling import greedy_tokens
 
     return greedy_tokens(state.append(tokens))
+
+
+def launch_greedy_chain(state: ChainState, ids: Sequence[int], length: int) -> Awaitable:
+    """Enqueue ``length`` greedy steps after ``ids``: first the tokens the state lags
+    behind by, but the last (one call, normally none), then a chain from the last token."""
+    common = rewind_to_common_prefix(state, ids, 1)
+    lag = list(ids[common:])
+    if len(lag) > 1:
+        state.append_greedy(lag[:-1])
+    return state.launch_chain(lag[-1], length)
 
 
 def advance_greedy(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:

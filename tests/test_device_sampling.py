@@ -180,3 +180,29 @@ def test_device_sampling_needs_device_logits(exported_llama_pair):
         dynamic.generator(cfg, device_sampling=True)
     with dynamic.generator(cfg) as g:  # the default: the host
         assert len(g.generate([5, 6]).tokens) == 4
+
+
+@pytest.mark.parametrize("vocab", [255, 256, 257, 1000, 3001])
+def test_the_blocked_scan_never_draws_a_zero_weight_token(vocab):
+    """The sampling graph's prefix sums run in blocks (ONNX Runtime's CumSum is quadratic
+    in the row). On rows where most tokens have zero weight (top-k) and uniforms that put
+    the threshold exactly on cumulative sums, every draw has positive weight and agrees
+    with the host's inverse CDF except within float32 rounding of a boundary."""
+    import onnxruntime as ort
+
+    from quickdraft.verification.rule import inverse_cdf_row
+
+    sampling = SamplingConfig(1.0, top_k=7)
+    sampler = DeviceSampler(vocab, sampling, 1, device=Device("cpu"))
+    rng = np.random.default_rng(vocab)
+    for _ in range(40):
+        z = rng.normal(size=(1, 1, vocab)).astype(np.float32)  # [1, 1, V]
+        q = adjust_logits(z[0, -1], sampling)  # [V], 7 positive
+        cdf = np.cumsum(q, dtype=np.float64)
+        edges = [float(c / cdf[-1]) for c in cdf[q > 0][:-1]]  # thresholds on boundaries
+        for u in [float(rng.random()), 0.0, *edges, float(np.nextafter(1.0, 0.0))]:
+            token = sampler.sample(ort.OrtValue.ortvalue_from_numpy(z), u, 0)
+            assert q[token] > 0, (vocab, u, token)
+            host = inverse_cdf_row(q, u)
+            if token != host:  # only where u * total sits on a boundary, up to rounding
+                assert abs(u * cdf[-1] - cdf[min(token, host)]) < 1e-5

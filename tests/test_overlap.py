@@ -203,3 +203,22 @@ def test_the_greedy_verdict_is_the_rows_verdict_on_one_hot_rows(data):
     q = np.eye(vocab)[candidates]  # [m, V]
     assert verify_greedy_without_bonus(choices, candidates) == \
         verify_without_bonus(p, q, candidates, u, s)
+
+
+def test_a_greedy_drafter_proposes_in_one_chain_what_it_proposes_step_by_step(pair):
+    """ModelDrafter on a ChainState (one launch, one wait) and on the same model loaded
+    without chains (a call and a read per token): the same proposals, the same states."""
+    from quickdraft.protocols import ChainState, supports
+
+    plain = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), graph_steps=(1, 2))
+    chained, stepped = ModelDrafter(pair.draft, GREEDY, 6), ModelDrafter(plain, GREEDY, 6)
+    assert supports(chained.state, ChainState) and chained.state.max_chain >= 6
+    assert plain.chain_length == 0
+    ids = _ids(pair, PROMPTS[2])
+    u = np.zeros(6)
+    for step in range(4):
+        a = chained.get_candidates(ids, 6, u)
+        b = stepped.get_candidates(ids, 6, u)
+        assert a.tokens.tolist() == b.tokens.tolist() and a.model_calls == b.model_calls
+        assert chained.state.tokens == stepped.state.tokens
+        ids = ids + a.tokens[: step + 1].tolist()  # keep a prefix, as after a rejection

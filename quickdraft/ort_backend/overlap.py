@@ -31,7 +31,7 @@ from quickdraft.pipelined import (
     pipeline_lengths,
     verify_greedy_without_bonus,
 )
-from quickdraft.protocols import Candidates, rewind_to_common_prefix
+from quickdraft.protocols import Candidates, launch_greedy_chain, rewind_to_common_prefix
 
 __all__ = ["OverlapTimes", "overlapped_greedy_stream"]
 
@@ -52,16 +52,6 @@ def _launch_verify(target: StaticDecodeState, scored: list[int], rows: int):
     the last ``rows``); its ``wait()`` gives the greedy tokens of the last ``rows``."""
     common = rewind_to_common_prefix(target, scored, rows)
     return target.launch_greedy(scored[common:])
-
-
-def _launch_chain(draft: StaticDecodeState, scored: list[int], length: int):
-    """Enqueue ``length`` greedy draft steps after ``scored``: first the tokens the draft
-    lags behind by (normally none), then one chain from the last token."""
-    common = rewind_to_common_prefix(draft, scored, 1)
-    lag = scored[common:]
-    if len(lag) > 1:
-        draft.append_greedy(lag[:-1])
-    return draft.launch_chain(lag[-1], length)
 
 
 def overlapped_greedy_stream(
@@ -105,11 +95,11 @@ def overlapped_greedy_stream(
         if warm:
             x = pending
         else:
-            x = _launch_chain(draft, ids, k).wait().tolist() if k else []
+            x = launch_greedy_chain(draft, ids, k).wait().tolist() if k else []
         t1 = time.perf_counter()
         scored = ids + x
         verifying = _launch_verify(target, scored, k + 1)  # p_1..p_{k+1}, not waited for
-        drafting = _launch_chain(draft, scored, L)  # y_1..y_L beside it
+        drafting = launch_greedy_chain(draft, scored, L)  # y_1..y_L beside it
         choices = verifying.wait()[-(k + 1):]  # [k + 1] the target's argmax ids
         y = drafting.wait()  # [L]
         times.open_s += t1 - t0

@@ -433,8 +433,8 @@ class Launched:
 
 class StaticDecodeState(TokenState):
     """A :class:`~quickdraft.protocols.DecodeState` over a :class:`StaticOrtModel`, with its
-    own cache slot; also a ``GreedyState``, ``DeviceState``, ``MeasuredState`` and
-    ``ClosableState``.
+    own cache slot; also a ``GreedyState``, ``ChainState``, ``DeviceState``,
+    ``MeasuredState`` and ``ClosableState``.
 
     ``rewind`` only shortens the valid length: positions past it are overwritten by the
     next ``append``. ``close`` hands the slot back to the model.
@@ -495,6 +495,11 @@ class StaticDecodeState(TokenState):
 
         self._pending = Launched(finish)
         return self._pending
+
+    @property
+    def max_chain(self) -> int:
+        """The longest chain :meth:`launch_chain` takes: the model's ``chain_length``."""
+        return self.model.chain_length
 
     def launch_chain(self, token: int, length: int) -> Launched:
         """Enqueue ``length`` greedy steps from ``token``, each step's argmax the next one's

@@ -24,6 +24,9 @@ COMPUTE_TYPES = {"float32": (np.float32, 1), "float64": (np.float64, 11)}
 # type) and fp64
 LOGITS_TYPES = {"fp32": (np.float32, 1), "fp16": (np.float16, 10), "fp64": (np.float64, 11)}
 _INT64_MAX = np.iinfo(np.int64).max
+# entries per block of the two-level prefix sums (_cumsum): ONNX Runtime's CumSum kernels
+# add each output's whole prefix on their own, O(V^2) work over a row of V
+SCAN_BLOCK = 256
 
 
 class _Builder:
@@ -90,8 +93,7 @@ def _adjust(b: _Builder, z: str, sampling: SamplingConfig) -> str:
     if sampling.top_p < 1.0:
         sorted_p, order = b.op("TopK", [probs, b.ints(vocab)], n_out=2, axis=-1, largest=1,
                                sorted=1)  # [R, V]
-        mass_before = b.op("Sub", [b.op("CumSum", [sorted_p, b.const(-1, np.int64)]),
-                                   sorted_p])  # [R, V]
+        mass_before = b.op("Sub", [_cumsum(b, sorted_p), sorted_p])  # [R, V]
         keep_sorted = b.op("Cast", [b.op("Less", [mass_before, b.const(sampling.top_p)])],
                            to=b.onnx_type)  # mass_before < top_p
         keep = b.op("ScatterElements", [b.fill_like(probs, 0.0), order, keep_sorted], axis=-1)
@@ -99,6 +101,31 @@ def _adjust(b: _Builder, z: str, sampling: SamplingConfig) -> str:
         total = b.op("ReduceSum", [probs, b.ints(-1)], keepdims=1)  # [R, 1]
         probs = b.op("Div", [probs, total])
     return probs
+
+
+def _cumsum(b: _Builder, x: str) -> str:
+    """Inclusive prefix sums of x [R, V] along V, in two levels: within blocks of
+    SCAN_BLOCK entries, then the blocks' totals (O(V * SCAN_BLOCK) work, not O(V^2)).
+
+    Each level adds in index order, and a block's offset is the previous offset plus that
+    block's last in-block sum, so the sums of non-negative entries stay non-decreasing and
+    a zero entry repeats its predecessor exactly: what the inverse CDF relies on."""
+    vocab = b.vocab
+    width = min(SCAN_BLOCK, vocab)
+    blocks = -(-vocab // width)
+    axis = b.const(-1, np.int64)
+    if blocks == 1:
+        return b.op("CumSum", [x, axis])
+    pad = blocks * width - vocab
+    padded = b.op("Pad", [x, b.ints(0, 0, 0, pad)]) if pad else x  # [R, blocks * width]
+    xb = b.op("Reshape", [padded, b.ints(-1, blocks, width)])  # [R, blocks, width]
+    within = b.op("CumSum", [xb, axis])  # [R, blocks, width]
+    totals = b.op("Slice", [within, b.ints(-1), b.ints(_INT64_MAX), b.ints(2)])  # [R, blocks, 1]
+    offsets = b.op("CumSum", [totals, b.const(1, np.int64)], exclusive=1)  # [R, blocks, 1]
+    flat = b.op("Reshape", [b.op("Add", [within, offsets]), b.ints(-1, blocks * width)])
+    if not pad:
+        return flat  # [R, V]
+    return b.op("Slice", [flat, b.ints(0), b.ints(vocab), b.ints(1)])  # [R, V]
 
 
 def _at(b: _Builder, rows: str, x_col: str) -> str:
@@ -120,7 +147,7 @@ def _inverse_cdf(b: _Builder, weights: str, u: str, out: str) -> str:
     from onnx import TensorProto
 
     f32 = TensorProto.FLOAT
-    cdf = b.op("CumSum", [weights, b.const(-1, np.int64)])  # [1, V]
+    cdf = _cumsum(b, weights)  # [1, V]
     total = b.op("Slice", [cdf, b.ints(-1), b.ints(_INT64_MAX), b.ints(1)])  # [1, 1]
     threshold = b.op("Mul", [b.op("Unsqueeze", [u, b.ints(0)]), total])  # [1, 1]
     # idx = count_nonzero(cdf <= threshold)
