@@ -7,11 +7,13 @@
 #   bash benchmarks/h200_pipelined.sh checks  # the 1b pair: CUDA graphs against none
 #                                             # (pipelined included), serving concurrency
 #   bash benchmarks/h200_pipelined.sh 7b      # 7B pair, greedy: the same systems
+#   bash benchmarks/h200_pipelined.sh sampling  # the sampling and verification graphs'
+#                                               # cost per call, blocked against one-level
 set -euo pipefail
 out=${OUT:-runs/h200}
 mkdir -p "$out"
 systems=qd-fast,genai-graph,genai-spec-graph
-case ${1:?1b, checks or 7b} in
+case ${1:?1b, checks, 7b or sampling} in
   1b)
     python3 benchmarks/bench.py --pairs 1b --num-prompts 2 --systems "$systems" \
         --pipelined 4,8 --samplings 1.0:1.0,0.7:0.9 --tag pipelined-1b --budget 560 \
@@ -25,5 +27,8 @@ case ${1:?1b, checks or 7b} in
   7b)
     python3 benchmarks/bench.py --pairs 7b --clean --systems "$systems" --pipelined 4,8 \
         --samplings none --tag pipelined-7b --budget 570 --out "$out/7b" ;;
-  *) echo "unknown step $1: 1b, checks or 7b" >&2; exit 2 ;;
+  sampling)
+    python3 benchmarks/device_sampling_cost.py --device cuda --vocab 32000 49152 \
+        --json "$out/device_sampling_cost.json" ;;
+  *) echo "unknown step $1: 1b, checks, 7b or sampling" >&2; exit 2 ;;
 esac
