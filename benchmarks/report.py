@@ -408,6 +408,27 @@ def render(results: dict) -> str:
                               "speedup", "alpha", "c", "theory", "realized / theory"],
                              sampled))
 
+        piped = []
+        for r in ((pair.get("systems") or {}).get("qd-fast") or {}).get("pipelined") or []:
+            piped.append([fmt(r.get("gamma"), "d"), fmt(r.get("tokens_per_s"), ".0f"),
+                          fmt(r.get("sequential_tokens_per_s"), ".0f"),
+                          fmt(r.get("speedup"), ".2f"), fmt(r.get("alpha"), ".3f"),
+                          fmt(r.get("warm_share"), ".2f"),
+                          fmt(r.get("open_ms_per_iteration"), ".2f"),
+                          f"{fmt(r.get('shadow_ms_per_iteration'), '.2f')} / "
+                          f"{fmt(r.get('verify_ms_alone'), '.2f')}",
+                          fmt(r.get("hidden_share"), ".2f"), fmt(r.get("effective_c"), ".3f"),
+                          fmt(r.get("theoretical_improvement"), ".2f"),
+                          fmt(r.get("realized_over_theoretical"), ".2f"),
+                          fmt(r.get("greedy_equal"))])
+        if piped:
+            parts.append(f"### {pname}: pipelined (greedy; the draft's continuation launched "
+                         "beside the verify call)\n\n" + table(
+                             ["gamma", "tok/s", "sequential tok/s", "speedup", "alpha",
+                              "warm", "open ms/iter", "shadow / verify alone ms",
+                              "hidden", "effective c", "theory", "realized / theory",
+                              "greedy equal"], piped))
+
     gl = goals(results)
     if gl:
         parts.append("### Targets\n\n" + table(

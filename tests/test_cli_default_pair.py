@@ -44,3 +44,18 @@ def test_autoregressive_flag_gives_the_speculative_tokens(capsys):
     assert spec["stats"]["mode"] == "speculative" and spec["stats"]["gamma"] == 3
     assert auto["stats"]["mode"] == "autoregressive" and "comparison" not in auto
     assert auto["tokens"] == spec["tokens"] and len(auto["tokens"]) == 16
+
+
+def test_pipelined_flag_gives_the_speculative_tokens_and_refuses_what_it_cannot_run(capsys):
+    args = ["generate", "--prompt", "def quicksort(arr):", "--max-new-tokens", "24", "--json"]
+    assert main([*args, "--gamma", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--gamma", "3", "--pipelined"]) == 0
+    piped = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert piped["stats"]["mode"] == "pipelined" and piped["tokens"] == spec["tokens"]
+    pipe = piped["stats"]["pipeline"]
+    assert pipe["shadow_draft_calls"] > 0 and pipe["iterations"] == piped["stats"]["iterations"]
+    for extra, why in ((["--temperature", "0.7"], "greedy"), (["--drafter", "ngram"], "drafter"),
+                       (["--gamma", "auto"], "fixed gamma")):
+        assert main([*args, "--pipelined", *extra]) != 0
+        assert why in capsys.readouterr().err

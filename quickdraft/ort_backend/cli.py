@@ -77,6 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="auto (default) uses CUDA when available, else the CPU")
     p.add_argument("--autoregressive", action="store_true",
                    help="decode with the target alone, one token per call (the baseline)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="greedy, static pair: the draft drafts the next proposal while the "
+                   "target verifies this one (on CUDA both calls in flight at once)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device-verify", dest="verify", action="store_const", const="device",
                        help="verify with an ONNX graph next to the target's logits (default "
@@ -112,6 +115,12 @@ def _summary(stats) -> str:
                  f"draft calls {d['draft_calls']}, max gamma {d['gamma']}, "
                  f"alpha {num('alpha', '.3f')}, tokens/iteration "
                  f"{num('tokens_per_iteration', '.2f')}, c {num('cost_ratio_c', '.3f')}")
+    if d["mode"] == "pipelined":
+        pipe = d["pipeline"]
+        line += (f", draft calls {d['draft_calls']} ({pipe['shadow_draft_calls']} beside the "
+                 f"verification), gamma {d['gamma']}, alpha {num('alpha', '.3f')}, "
+                 f"tokens/iteration {num('tokens_per_iteration', '.2f')}, "
+                 f"{pipe['warm_iterations']} of {pipe['iterations']} proposals pre-drafted")
     return line
 
 
@@ -184,9 +193,13 @@ def run(args: argparse.Namespace) -> int:
                      max_gamma=DEFAULT_MAX_GAMMA if gamma == "auto" else gamma)
     if pair.device_note:
         print(f"quickdraft generate: {pair.device_note}", file=sys.stderr)
+    if args.pipelined and (args.autoregressive or args.drafter != "model"):
+        raise ValueError("--pipelined drafts with the draft model: drop --autoregressive "
+                         "and --drafter")
     spec_gen = pair.generator(config, gamma=None if args.autoregressive else gamma,
-                              drafter=None if args.autoregressive else args.drafter,
-                              verify=args.verify)
+                              drafter=None if args.autoregressive or args.pipelined
+                              else args.drafter, verify=args.verify,
+                              pipelined=args.pipelined)
     out = sys.stdout
     with spec_gen:
         if args.stream:

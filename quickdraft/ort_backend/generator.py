@@ -139,8 +139,9 @@ def _check_pipelined(target, drafter, config: DecodeConfig) -> None:
     if config.lenience != 1.0:
         raise ValueError("pipelined decoding applies the exact rule: lenience must be 1")
     if not isinstance(drafter, ModelDrafter):
-        raise ValueError("pipelined decoding drafts with a draft model: give a ModelDrafter "
-                         "(or gamma) over the pair's draft, not another drafting strategy")
+        raise ValueError("pipelined decoding drafts a fixed gamma with the draft model: give "
+                         "gamma >= 1 (--gamma N) or a ModelDrafter, not another strategy or "
+                         "gamma auto")
     if not isinstance(target, StaticOrtModel) or not isinstance(drafter.state,
                                                                  StaticDecodeState):
         raise ValueError("pipelined decoding needs a static pair (export with "
