@@ -170,11 +170,17 @@ class Runner:
     def speculative(self, prompt, n: int, gamma: int, *, seed: int | None = 0, drafter=None):
         """``drafter`` (any quickdraft Drafter) replaces the draft model's own proposals."""
         from quickdraft.generation import ModelDrafter
+        from quickdraft.ort_backend.device_draft import DeviceModelDrafter
+        from quickdraft.ort_backend.generator import samples_on_device
 
         if drafter is None:
             if self.draft is None:
                 raise ValueError("no draft model loaded")
-            drafter = ModelDrafter(self.draft, self.sampling, gamma)
+            # where the library samples by default (Pair.drafter): on the device for a
+            # static draft on CUDA, as the autoregressive baseline's Generator does
+            kind = (DeviceModelDrafter if samples_on_device(self.draft, self.sampling)
+                    else ModelDrafter)
+            drafter = kind(self.draft, self.sampling, gamma)
         tokens, s, out = self._run(drafter, prompt, n, seed)
         g = s.generation
         t_ms, d_ms = _ms_per_call(s.target), _ms_per_call(s.draft)

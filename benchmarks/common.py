@@ -261,6 +261,9 @@ def environment() -> dict:
                       f"{pynvml.nvmlSystemGetDriverVersion()}, "
                       f"{clock(handle, pynvml.NVML_CLOCK_SM)} MHz, "
                       f"{clock(handle, pynvml.NVML_CLOCK_MEM)} MHz")
+    if os.environ.get("QUICKDRAFT_COMMIT"):  # a copy without .git (the GPU machine's)
+        env["git_commit"], env["git_dirty"] = os.environ["QUICKDRAFT_COMMIT"], None
+        return env
     try:
         env["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,

@@ -32,6 +32,8 @@ __all__ = [
     "GreedyState",
     "Awaitable",
     "ChainState",
+    "SampledLaunch",
+    "SampledChainState",
     "DeviceState",
     "MeasuredState",
     "ClosableState",
@@ -42,6 +44,7 @@ __all__ = [
     "advance_greedy",
     "greedy_append",
     "launch_greedy_chain",
+    "catch_up",
     "rewind_to_common_prefix",
 ]
 
@@ -247,7 +250,7 @@ class Awaitable(Protocol):
 
 
 @runtime_checkable
-class ChainState(Protocol):
+class ChainState(DecodeState, GreedyState, Protocol):
     """A :class:`GreedyState` that runs several greedy steps in one launch, each step's
     argmax the next one's input, all on its device (one wait for all of them)."""
 
@@ -259,6 +262,33 @@ class ChainState(Protocol):
     def launch_chain(self, token: int, length: int) -> Awaitable:
         """Enqueue ``length`` greedy steps from ``token``; ``wait()`` gives their tokens
         [length], and the state then holds ``token`` and all of them but the last."""
+        ...
+
+
+class SampledLaunch(Protocol):
+    """A launched sampled chain: ``wait()`` gives its tokens, ``rows`` the q rows they were
+    drawn from, where they lie."""
+
+    rows: RowsOnDevice
+
+    def wait(self) -> np.ndarray: ...
+
+
+@runtime_checkable
+class SampledChainState(DecodeState, Protocol):
+    """A state that drafts several sampled tokens in one launch: each step draws its token
+    from q (the sampling adjustments of its logits) with a given uniform, on its device,
+    and feeds it to the next step."""
+
+    @property
+    def max_chain(self) -> int:
+        """The longest chain it can launch (0: none)."""
+        ...
+
+    def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling: SamplingConfig,
+                             compute: str = "float32") -> SampledLaunch:
+        """Enqueue ``len(uniforms)`` steps from ``token``, step j drawing with
+        ``uniforms[j]``; the state then holds ``token`` and every drawn token but the last."""
         ...
 
 
@@ -388,14 +418,19 @@ def greedy_append(state: DecodeState, tokens: Sequence[int]) -> np.ndarray:
     return greedy_tokens(state.append(tokens))
 
 
-def launch_greedy_chain(state: ChainState, ids: Sequence[int], length: int) -> Awaitable:
-    """Enqueue ``length`` greedy steps after ``ids``: first the tokens the state lags
-    behind by, but the last (one call, normally none), then a chain from the last token."""
+def catch_up(state: DecodeState, ids: Sequence[int]) -> int:
+    """Bring ``state`` to ``ids[:-1]`` (keeping the prefix it shares, one call for what it
+    lacks, normally nothing) and return ``ids[-1]``: the token a chain starts from."""
     common = rewind_to_common_prefix(state, ids, 1)
     lag = list(ids[common:])
-    if len(lag) > 1:
-        state.append_greedy(lag[:-1])
-    return state.launch_chain(lag[-1], length)
+    if len(lag) > 1:  # only the cache matters: the cheapest call that fills it
+        (state.append_greedy if supports(state, GreedyState) else state.append)(lag[:-1])
+    return lag[-1]
+
+
+def launch_greedy_chain(state: ChainState, ids: Sequence[int], length: int) -> Awaitable:
+    """Enqueue ``length`` greedy steps after ``ids`` (:func:`catch_up`, then one chain)."""
+    return state.launch_chain(catch_up(state, ids), length)
 
 
 def advance_greedy(state: DecodeState, ids: Sequence[int], min_new: int = 1) -> np.ndarray:

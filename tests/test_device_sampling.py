@@ -206,3 +206,67 @@ def test_the_blocked_scan_never_draws_a_zero_weight_token(vocab):
             host = inverse_cdf_row(q, u)
             if token != host:  # only where u * total sits on a boundary, up to rounding
                 assert abs(u * cdf[-1] - cdf[min(token, host)]) < 1e-5
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_a_sampled_chain_draws_what_the_separate_sampler_draws(pair, sampling):
+    """DeviceModelDrafter on a state that draws inside its own chain (the sampling graph
+    appended to the draft's graph, gamma steps in one launch) and on the same model loaded
+    without chains (a model call and a sampling-graph call per token): the same tokens from
+    the same uniforms, the same q rows to float32 rounding, the same states."""
+    from quickdraft.ort_backend.static import StaticOrtModel
+
+    plain = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), graph_steps=(1, 2))
+    chained = DeviceModelDrafter(pair.draft, sampling, 4)
+    separate = DeviceModelDrafter(plain, sampling, 4)
+    assert chained.chained and not separate.chained and chained.sampler is None
+    ids = list(pair.tokenizer.encode("def quicksort(arr):").ids)
+    rng = np.random.default_rng(2)
+    for step in range(6):
+        u = rng.random(4)
+        a = chained.get_candidates(ids, 4, u)
+        b = separate.get_candidates(ids, 4, u)
+        assert a.tokens.tolist() == b.tokens.tolist()
+        assert np.allclose(a.rows_on_device.numpy(), b.rows_on_device.numpy(), atol=1e-5)
+        assert chained.state.tokens == separate.state.tokens
+        q = a.rows_on_device.numpy()  # each token has positive weight in its own row
+        assert all(q[i, t] > 0 for i, t in enumerate(a.tokens))
+        ids = ids + a.tokens[: step % 4 + 1].tolist()  # keep a prefix, as after a rejection
+
+
+def test_sampled_speculative_decoding_with_chains_is_the_separate_samplers(pair):
+    """Whole seeded generations: speculative sampling whose draft draws inside its chain
+    gives the tokens of the same generation drafted token by token."""
+    from quickdraft.ort_backend import Generator
+    from quickdraft.ort_backend.static import StaticOrtModel
+
+    plain = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), graph_steps=(1, 2))
+    sampling = SamplingConfig(0.8, top_p=0.95)
+    config = DecodeConfig(max_new_tokens=40, sampling=sampling, seed=3)
+    outs = []
+    for draft in (pair.draft, plain):
+        drafter = DeviceModelDrafter(draft, sampling, 4)
+        with Generator(pair.target, drafter, config, max_draft=4) as gen:
+            outs.append(gen.generate(list(pair.tokenizer.encode("import numpy").ids)).tokens)
+    assert outs[0] == outs[1] and len(outs[0]) == 40
+
+
+def test_append_sample_graph_keeps_the_model_and_adds_its_draw():
+    import onnx
+
+    from quickdraft.verification.graph import (
+        SAMPLE_UNIFORM,
+        SAMPLED_PROBS,
+        SAMPLED_TOKEN,
+        append_sample_graph,
+    )
+
+    model = onnx.load(str(default_model_dir() / "draft" / "model.onnx"))
+    merged = append_sample_graph(model, 4096, SamplingConfig(0.7, top_k=50))
+    names = [o.name for o in merged.graph.output]
+    assert names[: len(model.graph.output)] == [o.name for o in model.graph.output]
+    assert names[-2:] == [SAMPLED_TOKEN, SAMPLED_PROBS]
+    assert merged.graph.input[-1].name == SAMPLE_UNIFORM
+    assert merged.opset_import == model.opset_import  # the model keeps its opset
+    with pytest.raises(ValueError, match="greedy"):
+        append_sample_graph(model, 4096, SamplingConfig(0.0))

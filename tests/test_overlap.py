@@ -222,3 +222,29 @@ def test_a_greedy_drafter_proposes_in_one_chain_what_it_proposes_step_by_step(pa
         assert a.tokens.tolist() == b.tokens.tolist() and a.model_calls == b.model_calls
         assert chained.state.tokens == stepped.state.tokens
         ids = ids + a.tokens[: step + 1].tolist()  # keep a prefix, as after a rejection
+
+
+def test_a_failed_verify_call_leaves_no_state_waiting(pair, monkeypatch):
+    """When the target's call fails (an invalid-logits error, say), the draft's chain
+    launched beside it is still waited for: both states take calls again."""
+    from quickdraft.ort_backend import overlap
+
+    class Failing:
+        def wait(self):
+            raise ValueError("logits contain NaN")
+
+    def failing_verify(target, scored, rows):
+        overlap.rewind_to_common_prefix(target, scored, rows)
+        return Failing()
+
+    monkeypatch.setattr(overlap, "_launch_verify", failing_verify)
+    ids = _ids(pair, PROMPTS[0])
+    state = pair.target.new_state()
+    drafter = ModelDrafter(pair.draft, GREEDY, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        list(overlapped_greedy_stream(state, drafter, ids, gamma=4, max_new_tokens=8,
+                                      rng=np.random.default_rng(0)))
+    drafter.state.append_greedy([ids[0]])  # not "launched work not waited for"
+    state.append_greedy([ids[0]])
+    drafter.state.close()
+    state.close()

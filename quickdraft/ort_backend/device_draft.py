@@ -16,7 +16,14 @@ import numpy as np
 
 from quickdraft.generation import ModelDrafter, check_uniforms
 from quickdraft.ort_backend.verify_graph import DeviceSampler, advance_device
-from quickdraft.protocols import Candidates, DecodeState, DeviceState, supports
+from quickdraft.protocols import (
+    Candidates,
+    DecodeState,
+    DeviceState,
+    SampledChainState,
+    catch_up,
+    supports,
+)
 from quickdraft.sampling import SamplingConfig
 
 __all__ = ["DeviceDraw", "DeviceModelDrafter"]
@@ -28,7 +35,10 @@ class DeviceModelDrafter(ModelDrafter):
     ``compute``: the sampling graph's arithmetic, which must be the verification graph's
     for it to read the rows in place (float32, as ``Pair.generator``'s default). The
     proposal's rows are valid until the next proposal. ``stop_below`` is not offered: it
-    would read each token's probability back to the host.
+    would read each token's probability back to the host. On a
+    :class:`~quickdraft.protocols.SampledChainState` with a chain of at least gamma steps
+    the whole proposal is one launch (the draw inside the model's run, one wait);
+    otherwise each token is a model call and a sampling-graph call.
     """
 
     def __init__(self, model, sampling: SamplingConfig = SamplingConfig(), gamma: int = 4, *,
@@ -38,7 +48,11 @@ class DeviceModelDrafter(ModelDrafter):
             raise ValueError(
                 "device sampling needs a draft whose logits stay on the device (a static "
                 "export, --kv-cache static); use ModelDrafter for this model")
-        self.sampler = None if sampling.greedy else DeviceSampler(
+        self.compute = compute
+        # a state that draws inside its own chain of steps needs no separate sampler
+        self.chained = (not sampling.greedy and supports(self.state, SampledChainState)
+                        and self.state.max_chain >= self.gamma)
+        self.sampler = None if sampling.greedy or self.chained else DeviceSampler(
             model.vocab_size, sampling, self.gamma, device=model.device,
             logits_dtype=model.manifest.dtype, compute=compute)
 
@@ -48,6 +62,12 @@ class DeviceModelDrafter(ModelDrafter):
         if gamma < 1 or self.sampling.greedy:
             return super().get_candidates(ids, max_tokens, uniforms)
         check_uniforms(uniforms[:gamma])
+        if self.chained:  # gamma steps and their draws in one launch, one wait
+            launched = self.state.launch_sampled_chain(
+                catch_up(self.state, ids), np.asarray(uniforms[:gamma]), self.sampling,
+                self.compute)
+            return Candidates(launched.wait(), model_calls=gamma, checked=True,
+                              vocab_size=self.model.vocab_size, rows_on_device=launched.rows)
         logits = advance_device(self.state, ids, 1)  # [1, k, V] on the device
         tokens = np.empty(gamma, dtype=np.int64)  # [gamma]
         for i in range(gamma):

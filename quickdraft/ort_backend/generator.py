@@ -146,6 +146,10 @@ def _check_pipelined(target, drafter, config: DecodeConfig) -> None:
                                                                  StaticDecodeState):
         raise ValueError("pipelined decoding needs a static pair (export with "
                          "--kv-cache static)")
+    if not drafter.model.has_greedy:
+        raise ValueError("pipelined decoding chains the draft's greedy_tokens output, which "
+                         "this draft's graph lacks: re-export the pair with quickdraft export "
+                         "--kv-cache static")
     if drafter.model.chain_length < drafter.gamma + 1:
         raise ValueError(
             f"pipelined decoding at gamma {drafter.gamma} drafts chains of {drafter.gamma + 1} "

@@ -54,6 +54,15 @@ def _launch_verify(target: StaticDecodeState, scored: list[int], rows: int):
     return target.launch_greedy(scored[common:])
 
 
+def _settle(launched) -> None:
+    """Wait for ``launched`` so its state takes calls again; its own error, if any, is
+    raised by the caller's ``wait()`` (the result is kept), not here."""
+    try:
+        launched.wait()
+    except Exception:  # noqa: BLE001 - the caller's wait reports it
+        pass
+
+
 def overlapped_greedy_stream(
     target: StaticDecodeState,
     drafter: ModelDrafter,
@@ -99,8 +108,15 @@ def overlapped_greedy_stream(
         t1 = time.perf_counter()
         scored = ids + x
         verifying = _launch_verify(target, scored, k + 1)  # p_1..p_{k+1}, not waited for
-        drafting = launch_greedy_chain(draft, scored, L)  # y_1..y_L beside it
-        choices = verifying.wait()[-(k + 1):]  # [k + 1] the target's argmax ids
+        try:
+            drafting = launch_greedy_chain(draft, scored, L)  # y_1..y_L beside it
+        except BaseException:
+            _settle(verifying)
+            raise
+        try:
+            choices = verifying.wait()[-(k + 1):]  # [k + 1] the target's argmax ids
+        finally:
+            _settle(drafting)  # waited for even when the target's call failed
         y = drafting.wait()  # [L]
         times.open_s += t1 - t0
         times.shadow_s += time.perf_counter() - t1

@@ -84,6 +84,9 @@ class StaticOrtModel(ExportedModel):
         cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
         cuda_options.update(provider_options or {})
         super().__init__(folder, device, options, cuda_options)
+        self._cuda_options = cuda_options
+        # (sampling, compute) -> [the model with its draw appended, graph ids handed out]
+        self._sampled: dict[tuple, list] = {}
         m = self.manifest
         self.cache_length = (int(cache_length) if cache_length is not None
                              else int(m.max_cache_length))
@@ -154,6 +157,27 @@ class StaticOrtModel(ExportedModel):
             slot = _CacheSlot(self, first)
         return StaticDecodeState(self, slot)
 
+    def _sampled_session(self, sampling, compute: str, steps: int):
+        """The session of this model with its draw appended for ``sampling`` (built once;
+        it loads the weights again) and the first of ``steps`` new graph ids in it."""
+        key = (sampling, compute)
+        with self._lock:
+            entry = self._sampled.get(key)
+            if entry is None:
+                import onnx
+
+                from quickdraft.ort_backend.device import create_session
+                from quickdraft.verification.graph import append_sample_graph
+
+                proto = append_sample_graph(onnx.load(str(self._model_path)), self.vocab_size,
+                                            sampling, logits_dtype=self.manifest.dtype,
+                                            compute=compute)
+                entry = self._sampled[key] = [create_session(
+                    proto.SerializeToString(), self.device, self.options, self._cuda_options,
+                    name=f"{self.folder} with its draw appended"), 0]
+            entry[1] += steps
+            return entry[0], entry[1] - steps + 1
+
     def _release(self, slot: _CacheSlot) -> None:
         with self._lock:
             self._free.append(slot)
@@ -206,6 +230,7 @@ class _CacheSlot:
         self.generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
         self.chain = (_Chain(self, model.chain_length, first_graph_id + len(self.steps))
                       if model.chain_length else None)
+        self.sampled_chains: dict[tuple, _Chain] = {}  # (sampling, compute) -> its chain
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
         if model.cuda_graph:
             self._capture()
@@ -221,10 +246,22 @@ class _CacheSlot:
             for _ in range(CAPTURE_CALLS):
                 self.run([0] * k, 0)
             step.forget_device_ids()
-        for _ in range(CAPTURE_CALLS if self.chain else 0):
-            self.chain.launch(0, 0, self.chain.length)
-            self.chain.wait(self.chain.length)
+        if self.chain is not None:
+            self.chain.capture()
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
+
+    def sampled_chain(self, sampling, compute: str) -> _Chain:
+        """This slot's sampled chain for ``sampling`` (made, and captured, on first use)."""
+        key = (sampling, compute)
+        chain = self.sampled_chains.get(key)
+        if chain is None:
+            m = self.model
+            session, first = m._sampled_session(sampling, compute, m.chain_length)
+            chain = _Chain(self, m.chain_length, first, session=session, compute=compute)
+            if m.cuda_graph:
+                chain.capture()
+            self.sampled_chains[key] = chain
+        return chain
 
     def bind_common(self, io) -> None:
         io.bind_ortvalue_input(_MASK, self.mask)
@@ -354,47 +391,85 @@ class _StepBinding:
 
 
 class _Chain:
-    """``length`` 1-token greedy steps that feed each other on the device.
+    """``length`` 1-token steps that feed each other on the device.
 
-    Step j reads its id at ``ids[j]`` and writes its argmax to ``ids[j + 1]``, with its own
-    mask row, binding and graph id; one logits buffer serves them all (they run one after
-    the other on one stream). So a chain of up to ``length`` draft tokens is enqueued at
-    once, with no host round trip between its steps, and read back in one copy.
+    Step j reads its id at ``ids[j]`` and writes the next one to ``ids[j + 1]``, with its
+    own mask row, binding and graph id; one logits buffer serves them all (they run one
+    after the other on one stream). So a chain of up to ``length`` draft tokens is enqueued
+    at once, with no host round trip between its steps, and read back in one copy.
+
+    Greedy (``sampled`` None): the next id is the graph's argmax. Sampled: ``session`` is
+    the model with its draw appended (:func:`~quickdraft.verification.append_sample_graph`),
+    step j draws with ``uniforms[j]`` and writes the q row it drew from to ``rows[j]``.
     """
 
-    def __init__(self, slot: _CacheSlot, length: int, first_graph_id: int):
+    def __init__(self, slot: _CacheSlot, length: int, first_graph_id: int, *,
+                 session=None, compute: str | None = None):
         import onnxruntime as ort
+
+        from quickdraft.verification.graph import SAMPLE_UNIFORM, SAMPLED_PROBS, SAMPLED_TOKEN
 
         model = slot.model
         kind, dev = model.device.kind, model.device.device_id
-        T = model.cache_length
+        T, V = model.cache_length, model.manifest.vocab_size
         self.slot = slot
         self.length = length
+        self.sampled = compute is not None
         self.ids_host = np.zeros((1, length + 1), dtype=np.int64)  # [1, length + 1]
         self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
         self.masks_host = np.zeros((length, T), dtype=np.int64)  # [length, T]
         self.masks = ort.OrtValue.ortvalue_from_numpy(self.masks_host, kind, dev)
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
-            (1, 1, model.manifest.vocab_size), model.np_dtype, kind, dev)  # [1, 1, V]
-        self.session = model.session
+            (1, 1, V), model.np_dtype, kind, dev)  # [1, 1, V]
+        self.session = session if session is not None else model.session
+        if self.sampled:
+            dtype = np.dtype(compute)
+            self.uniforms_host = np.zeros(length, dtype=dtype)  # [length]
+            self.uniforms = ort.OrtValue.ortvalue_from_numpy(self.uniforms_host, kind, dev)
+            self.rows = ort.OrtValue.ortvalue_from_shape_and_type(
+                (length, V), dtype.type, kind, dev)  # [length, V] q rows
+            self.argmax = ort.OrtValue.ortvalue_from_shape_and_type(
+                (1, 1), np.int64, kind, dev)  # [1, 1] the graph's greedy output, unread
         self.bindings, self.options = [], []
         ids_at, masks_at, item = self.ids.data_ptr(), self.masks.data_ptr(), 8  # int64
         for j in range(length):
-            b = model.session.io_binding()
+            b = self.session.io_binding()
             b.bind_input(_INPUT_IDS, kind, dev, np.int64, [1, 1], ids_at + j * item)
             b.bind_input(_MASK, kind, dev, np.int64, [1, T], masks_at + j * T * item)
             for past, present, value in zip(model.past_names, model.present_names, slot.cache):
                 b.bind_ortvalue_input(past, value)
                 b.bind_ortvalue_output(present, value)
             b.bind_ortvalue_output(_LOGITS, self.logits)
-            b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [1, 1], ids_at + (j + 1) * item)
+            next_id = ids_at + (j + 1) * item
+            if self.sampled:
+                size = dtype.itemsize
+                b.bind_input(SAMPLE_UNIFORM, kind, dev, dtype.type, [1],
+                             self.uniforms.data_ptr() + j * size)
+                b.bind_ortvalue_output(GREEDY_OUTPUT, self.argmax)
+                b.bind_output(SAMPLED_TOKEN, kind, dev, np.int64, [1], next_id)
+                b.bind_output(SAMPLED_PROBS, kind, dev, dtype.type, [1, V],
+                              self.rows.data_ptr() + j * V * size)
+            else:
+                b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [1, 1], next_id)
             self.bindings.append(b)
             self.options.append(_run_options(first_graph_id + j if model.cuda_graph else None,
                                              no_sync=slot.on_device))
         self._positions = np.arange(T)  # [T]
 
-    def launch(self, token: int, past_length: int, length: int) -> None:
-        """Enqueue ``length`` steps from ``token`` at position ``past_length``."""
+    def capture(self) -> None:
+        """Capture every step's CUDA graph (ONNX Runtime runs a graph more than once in the
+        calls that capture it), at the last positions of the cache: no sequence has read
+        them before the state's own append rewrites them."""
+        past = self.slot.model.cache_length - self.length
+        uniforms = np.full(self.length, 0.5) if self.sampled else None
+        for _ in range(CAPTURE_CALLS):
+            self.launch(0, past, self.length, uniforms)
+            self.wait(self.length)
+
+    def launch(self, token: int, past_length: int, length: int,
+               uniforms: np.ndarray | None = None) -> None:
+        """Enqueue ``length`` steps from ``token`` at position ``past_length`` (sampled:
+        step j draws with ``uniforms[j]``)."""
         if past_length + length > self.slot.model.cache_length:
             raise ValueError(
                 f"sequence of {past_length + length} tokens exceeds the static cache of "
@@ -402,15 +477,19 @@ class _Chain:
         ends = past_length + 1 + np.arange(length)[:, None]  # [length, 1] valid lengths
         self.masks_host[:length] = self._positions[None, :] < ends  # [length, T]
         self.ids_host[0, 0] = token
+        if self.sampled:
+            self.uniforms_host[:length] = uniforms[:length]
         if self.slot.on_device:  # on the CPU the bound buffers are the host arrays
             self.masks.update_inplace(self.masks_host)
             self.ids.update_inplace(self.ids_host)
+            if self.sampled:
+                self.uniforms.update_inplace(self.uniforms_host)
         for b, options in zip(self.bindings[:length], self.options[:length]):
             self.session.run_with_iobinding(b, options)
         self.slot.calls["captured_steps"] += length
 
     def wait(self, length: int) -> np.ndarray:
-        """The chain's ``length`` argmax tokens [length] int64, once the device is done."""
+        """The chain's ``length`` tokens [length] int64, once the device is done."""
         self.bindings[length - 1].synchronize_outputs()
         return np.array(self.ids.numpy()[0, 1 : length + 1])  # [length]
 
@@ -424,6 +503,7 @@ class Launched:
     def __init__(self, finish):
         self._finish = finish
         self._tokens: np.ndarray | None = None
+        self.rows = None  # a sampled chain's q rows on the device (RowsOnDevice)
 
     def wait(self) -> np.ndarray:
         if self._tokens is None:
@@ -433,8 +513,8 @@ class Launched:
 
 class StaticDecodeState(TokenState):
     """A :class:`~quickdraft.protocols.DecodeState` over a :class:`StaticOrtModel`, with its
-    own cache slot; also a ``GreedyState``, ``ChainState``, ``DeviceState``,
-    ``MeasuredState`` and ``ClosableState``.
+    own cache slot; also a ``GreedyState``, ``ChainState``, ``SampledChainState``,
+    ``DeviceState``, ``MeasuredState`` and ``ClosableState``.
 
     ``rewind`` only shortens the valid length: positions past it are overwritten by the
     next ``append``. ``close`` hands the slot back to the model.
@@ -484,6 +564,7 @@ class StaticDecodeState(TokenState):
         step = slot.steps.get(len(tokens))
 
         def finish() -> np.ndarray:
+            self._check_thread()
             self._pending = None
             if step is not None:
                 step.synchronize()
@@ -500,6 +581,41 @@ class StaticDecodeState(TokenState):
     def max_chain(self) -> int:
         """The longest chain :meth:`launch_chain` takes: the model's ``chain_length``."""
         return self.model.chain_length
+
+    def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling,
+                             compute: str = "float32") -> Launched:
+        """:meth:`launch_chain` with each step's token drawn, not its argmax: step j draws
+        with ``uniforms[j]`` from q = ``adjust_logits`` of its logits (the sampling graph's
+        steps, inside the model's run), one step per uniform. ``wait()`` returns the tokens;
+        the returned object's ``rows`` are the q rows they were drawn from, on the device
+        (valid until this state's next sampled chain)."""
+        from quickdraft.ort_backend.verify_graph import DeviceRows
+
+        slot = self._live()
+        (token,) = self._checked([token])
+        uniforms = np.asarray(uniforms)
+        length = len(uniforms)
+        if not 1 <= length <= self.model.chain_length:
+            raise ValueError(
+                f"a chain of {length} steps needs a model loaded with chain_length >= "
+                f"{length} (this one: {self.model.chain_length})")
+        chain = slot.sampled_chain(sampling, compute)
+        t0 = time.perf_counter()
+        chain.launch(token, len(self._tokens), length, uniforms)
+        self._tokens.append(token)
+
+        def finish() -> np.ndarray:
+            self._check_thread()
+            self._pending = None
+            tokens = chain.wait(length)  # [length]
+            self._tokens.extend(tokens[:-1].tolist())
+            self.times.record_call(length, t0, calls=length)
+            return tokens
+
+        self._pending = Launched(finish)
+        self._pending.rows = DeviceRows(chain.rows, length, self.model.vocab_size,
+                                        np.dtype(compute), self.model.device)
+        return self._pending
 
     def launch_chain(self, token: int, length: int) -> Launched:
         """Enqueue ``length`` greedy steps from ``token``, each step's argmax the next one's
@@ -518,6 +634,7 @@ class StaticDecodeState(TokenState):
         self._tokens.append(token)
 
         def finish() -> np.ndarray:
+            self._check_thread()
             self._pending = None
             chain_tokens = self._check_valid(chain.wait(length))  # [length]
             self._tokens.extend(chain_tokens[:-1].tolist())
@@ -585,8 +702,10 @@ class StaticDecodeState(TokenState):
         """Give the cache slot back to the model (for its next state); idempotent."""
         if self._slot is not None:
             self._check_thread()
-            if self._pending is not None:  # the device may still write into the slot
-                self._pending.wait()
-            slot, self._slot = self._slot, None
-            self._tokens.clear()
-            self.model._release(slot)
+            try:
+                if self._pending is not None:  # the device may still write into the slot
+                    self._pending.wait()
+            finally:
+                slot, self._slot, self._pending = self._slot, None, None
+                self._tokens.clear()
+                self.model._release(slot)

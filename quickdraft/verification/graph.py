@@ -14,8 +14,9 @@ import numpy as np
 from quickdraft.sampling import SamplingConfig
 from quickdraft.verification.rule import RESIDUAL_EPS
 
-__all__ = ["build_sample_graph", "build_verify_graph", "COMPUTE_TYPES", "LOGITS_TYPES",
-           "OPSET"]
+__all__ = ["build_sample_graph", "build_verify_graph", "append_sample_graph",
+           "SAMPLED_TOKEN", "SAMPLED_PROBS", "SAMPLE_UNIFORM", "COMPUTE_TYPES",
+           "LOGITS_TYPES", "OPSET"]
 
 OPSET = 17
 # compute name -> (NumPy type, ONNX element type)
@@ -24,6 +25,8 @@ COMPUTE_TYPES = {"float32": (np.float32, 1), "float64": (np.float64, 11)}
 # type) and fp64
 LOGITS_TYPES = {"fp32": (np.float32, 1), "fp16": (np.float16, 10), "fp64": (np.float64, 11)}
 _INT64_MAX = np.iinfo(np.int64).max
+# the names append_sample_graph gives a model's new input and outputs
+SAMPLE_UNIFORM, SAMPLED_TOKEN, SAMPLED_PROBS = "sample_uniform", "sampled_token", "sampled_probs"
 # entries per block of the two-level prefix sums (_cumsum): ONNX Runtime's CumSum kernels
 # add each output's whole prefix on their own, O(V^2) work over a row of V
 SCAN_BLOCK = 256
@@ -157,7 +160,9 @@ def _inverse_cdf(b: _Builder, weights: str, u: str, out: str) -> str:
     vocab_index = b.const(np.arange(b.vocab, dtype=np.float32)[None], np.float32)  # [1, V]
     positive = b.op("Where", [b.op("Greater", [weights, b.const(0.0)]), vocab_index,
                               b.const(-1.0, np.float32)])
-    last_positive = b.op("ReduceMax", [positive], axes=[-1], keepdims=0)  # [1]
+    # the largest such index (TopK: the same node in every opset from 11 on)
+    last_positive = b.op("Squeeze", [b.op("TopK", [positive, b.ints(1)], n_out=2, axis=-1,
+                                          largest=1)[0], b.ints(1)])  # [1]
     return b.op("Cast", [b.op("Min", [idx, last_positive])], out=out, to=TensorProto.INT64)
 
 
@@ -279,10 +284,46 @@ def build_sample_graph(vocab: int, sampling: SamplingConfig = SamplingConfig(), 
     value = helper.make_tensor_value_info
     inputs = [value("logits", LOGITS_TYPES[logits_dtype][1], [1, "S", vocab]),
               value("uniform", onnx_type, [1])]
-    z = b.op("Squeeze", ["logits", b.ints(0)])  # [S, V]
-    z = b.op("Cast", [b.rows(z, -1, _INT64_MAX)], to=onnx_type)  # [1, V]
-    q = _adjust(b, z, sampling)  # [1, V]
-    b.op("Identity", [q], out="probs")
-    _inverse_cdf(b, q, "uniform", out="token")  # [1]
+    _sample_nodes(b, "logits", "uniform", sampling, "token", "probs")
     outputs = [value("token", TensorProto.INT64, [1]), value("probs", onnx_type, [1, vocab])]
     return _model(b, "quickdraft_sample", inputs, outputs)
+
+
+def append_sample_graph(model, vocab: int, sampling: SamplingConfig, *,
+                        logits_dtype: str = "fp32", compute: str = "float32"):
+    """A copy of a decoder's ``onnx.ModelProto`` that also draws its next token: the
+    sampling graph's steps (:func:`build_sample_graph`) on its ``logits`` output, with a
+    new input ``sample_uniform`` [1] and outputs ``sampled_token`` [1] int64 and
+    ``sampled_probs`` [1, V], so one run of the model makes a draft step and its draw
+    (a sampled greedy-chain step). The nodes are valid in every opset from 17 on; the
+    model keeps its own."""
+    from onnx import TensorProto, helper
+
+    _check_settings(vocab, sampling, logits_dtype, compute,
+                    "a greedy draft token is the argmax the model's graph computes "
+                    "(greedy_tokens)")
+    np_type, onnx_type = COMPUTE_TYPES[compute]
+    out = type(model)()
+    out.CopyFrom(model)
+    b = _Builder(np_type, int(vocab))
+    b.name = lambda hint, _next=b.name: "quickdraft_sample/" + _next(hint)  # no clashes
+    _sample_nodes(b, "logits", SAMPLE_UNIFORM, sampling, SAMPLED_TOKEN, SAMPLED_PROBS)
+    graph = out.graph
+    graph.node.extend(b.nodes)
+    graph.initializer.extend(b.inits)
+    graph.input.append(helper.make_tensor_value_info(SAMPLE_UNIFORM, onnx_type, [1]))
+    graph.output.extend([helper.make_tensor_value_info(SAMPLED_TOKEN, TensorProto.INT64, [1]),
+                         helper.make_tensor_value_info(SAMPLED_PROBS, onnx_type,
+                                                       [1, int(vocab)])])
+    return out
+
+
+def _sample_nodes(b: _Builder, logits: str, uniform: str, sampling: SamplingConfig,
+                  token: str, probs: str) -> None:
+    """The sampling graph's steps on ``logits`` [1, S, V]: q of the last row -> ``probs``
+    [1, V], its inverse-CDF draw with ``uniform`` [1] -> ``token`` [1]."""
+    z = b.op("Squeeze", [logits, b.ints(0)])  # [S, V]
+    z = b.op("Cast", [b.rows(z, -1, _INT64_MAX)], to=b.onnx_type)  # [1, V]
+    q = _adjust(b, z, sampling)  # [1, V]
+    b.op("Identity", [q], out=probs)
+    _inverse_cdf(b, q, uniform, out=token)  # [1]
