@@ -285,6 +285,10 @@ class SampledChainState(DecodeState, Protocol):
         """The longest chain it can launch (0: none)."""
         ...
 
+    def prepare_sampled_chain(self, sampling: SamplingConfig, compute: str = "float32") -> bool:
+        """Make chains for these settings ready; False when the state cannot run them."""
+        ...
+
     def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling: SamplingConfig,
                              compute: str = "float32") -> SampledLaunch:
         """Enqueue ``len(uniforms)`` steps from ``token``, step j drawing with

@@ -216,8 +216,10 @@ def test_a_sampled_chain_draws_what_the_separate_sampler_draws(pair, sampling):
     the same uniforms, the same q rows to float32 rounding, the same states."""
     from quickdraft.ort_backend.static import StaticOrtModel
 
-    plain = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), graph_steps=(1, 2))
-    chained = DeviceModelDrafter(pair.draft, sampling, 4)
+    folder = default_model_dir() / "draft"
+    plain = StaticOrtModel(folder, Device("cpu"), graph_steps=(1, 2))
+    chained = DeviceModelDrafter(StaticOrtModel(folder, Device("cpu"), chain_length=4),
+                                 sampling, 4)
     separate = DeviceModelDrafter(plain, sampling, 4)
     assert chained.chained and not separate.chained and chained.sampler is None
     ids = list(pair.tokenizer.encode("def quicksort(arr):").ids)
@@ -240,12 +242,14 @@ def test_sampled_speculative_decoding_with_chains_is_the_separate_samplers(pair)
     from quickdraft.ort_backend import Generator
     from quickdraft.ort_backend.static import StaticOrtModel
 
-    plain = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), graph_steps=(1, 2))
+    folder = default_model_dir() / "draft"
+    plain = StaticOrtModel(folder, Device("cpu"), graph_steps=(1, 2))
     sampling = SamplingConfig(0.8, top_p=0.95)
     config = DecodeConfig(max_new_tokens=40, sampling=sampling, seed=3)
     outs = []
-    for draft in (pair.draft, plain):
+    for draft in (StaticOrtModel(folder, Device("cpu"), chain_length=4), plain):
         drafter = DeviceModelDrafter(draft, sampling, 4)
+        assert drafter.chained == (draft is not plain)
         with Generator(pair.target, drafter, config, max_draft=4) as gen:
             outs.append(gen.generate(list(pair.tokenizer.encode("import numpy").ids)).tokens)
     assert outs[0] == outs[1] and len(outs[0]) == 40
@@ -270,3 +274,15 @@ def test_append_sample_graph_keeps_the_model_and_adds_its_draw():
     assert merged.opset_import == model.opset_import  # the model keeps its opset
     with pytest.raises(ValueError, match="greedy"):
         append_sample_graph(model, 4096, SamplingConfig(0.0))
+
+
+def test_sampling_settings_beyond_the_limit_use_the_separate_sampler():
+    """Each sampling setting's chain holds the draft's weights again: past
+    MAX_SAMPLED_SETTINGS a drafter falls back to the sampling graph, with the same draws."""
+    from quickdraft.ort_backend.static import StaticOrtModel
+
+    model = StaticOrtModel(default_model_dir() / "draft", Device("cpu"), chain_length=3)
+    settings = [SamplingConfig(0.5 + 0.1 * i) for i in range(model.MAX_SAMPLED_SETTINGS + 1)]
+    drafters = [DeviceModelDrafter(model, s, 3) for s in settings]
+    assert [d.chained for d in drafters] == [True] * model.MAX_SAMPLED_SETTINGS + [False]
+    assert DeviceModelDrafter(model, settings[0], 3).chained  # a known setting stays chained

@@ -51,7 +51,8 @@ class DeviceModelDrafter(ModelDrafter):
         self.compute = compute
         # a state that draws inside its own chain of steps needs no separate sampler
         self.chained = (not sampling.greedy and supports(self.state, SampledChainState)
-                        and self.state.max_chain >= self.gamma)
+                        and self.state.max_chain >= self.gamma
+                        and self.state.prepare_sampled_chain(sampling, compute))
         self.sampler = None if sampling.greedy or self.chained else DeviceSampler(
             model.vocab_size, sampling, self.gamma, device=model.device,
             logits_dtype=model.manifest.dtype, compute=compute)

@@ -66,6 +66,9 @@ class StaticOrtModel(ExportedModel):
     DTYPES = tuple(_NP_DTYPES)
     ERROR = StaticModelError
     MEM_PATTERN = True  # every step length has one shape
+    # sampling settings with a sampled-chain session each (each holds the weights again);
+    # beyond them a drafter samples with the separate sampling graph
+    MAX_SAMPLED_SETTINGS = 4
 
     def __init__(
         self,
@@ -156,6 +159,19 @@ class StaticOrtModel(ExportedModel):
         if slot is None:
             slot = _CacheSlot(self, first)
         return StaticDecodeState(self, slot)
+
+    def prepare_sampled(self, sampling, compute: str = "float32") -> bool:
+        """Build the sampled-chain session for these settings now (its first use would);
+        False when :attr:`MAX_SAMPLED_SETTINGS` other settings already have one, or the
+        model has no chains."""
+        if not self.chain_length:
+            return False
+        with self._lock:
+            if (sampling, compute) not in self._sampled and \
+                    len(self._sampled) >= self.MAX_SAMPLED_SETTINGS:
+                return False
+        self._sampled_session(sampling, compute, 0)
+        return True
 
     def _sampled_session(self, sampling, compute: str, steps: int):
         """The session of this model with its draw appended for ``sampling`` (built once;
@@ -581,6 +597,11 @@ class StaticDecodeState(TokenState):
     def max_chain(self) -> int:
         """The longest chain :meth:`launch_chain` takes: the model's ``chain_length``."""
         return self.model.chain_length
+
+    def prepare_sampled_chain(self, sampling, compute: str = "float32") -> bool:
+        """Whether :meth:`launch_sampled_chain` can run these settings (its session is
+        built now): :meth:`StaticOrtModel.prepare_sampled`."""
+        return self.model.prepare_sampled(sampling, compute)
 
     def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling,
                              compute: str = "float32") -> Launched:
