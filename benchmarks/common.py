@@ -63,6 +63,14 @@ def dump_json(path: str | os.PathLike, data) -> None:
     os.replace(tmp, path)
 
 
+def dump_results(path: str | os.PathLike, **data) -> None:
+    """A script's results as JSON: the command that made them (this script and its
+    arguments), the machine's environment, then ``data``."""
+    script = Path(sys.argv[0]).name
+    dump_json(path, {"command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+                     "environment": environment(), **data})
+
+
 def load_json(path: str | os.PathLike, default=None):
     path = Path(path)
     if not path.is_file():

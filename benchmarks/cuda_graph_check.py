@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import dump_json, environment  # noqa: E402
+from benchmarks.common import dump_results  # noqa: E402
 
 GAMMA = 4
 
@@ -101,9 +101,7 @@ def main() -> None:
         results[name] = run(load_pair(args.model_dir, device="cuda", max_gamma=GAMMA))
         print(name, results[name], flush=True)
     if args.json:
-        dump_json(args.json, {"command": "python benchmarks/cuda_graph_check.py "
-                              + " ".join(sys.argv[1:]), "environment": environment(),
-                              "results": results})
+        dump_results(args.json, results=results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import dump_json, environment  # noqa: E402
+from benchmarks.common import dump_results  # noqa: E402
 
 SETTINGS = {"T=1": (1.0, 1.0), "T=0.7 top-p 0.9": (0.7, 0.9)}
 GAMMA = 4
@@ -118,9 +118,7 @@ def main() -> None:
     print(tabulate([{k: r[k] for k in ("vocab", "setting", "scan", "sample_ms", "verify_ms")}
                     for r in rows], headers="keys", tablefmt="github", floatfmt=".3f"))
     if args.json:
-        dump_json(args.json, {"command": "python benchmarks/device_sampling_cost.py "
-                              + " ".join(sys.argv[1:]), "environment": environment(),
-                              "rows": rows})
+        dump_results(args.json, rows=rows)
 
 
 if __name__ == "__main__":

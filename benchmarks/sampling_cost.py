@@ -24,7 +24,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import dump_json, environment  # noqa: E402
+from benchmarks.common import dump_results  # noqa: E402
 
 
 def full_sort(z: np.ndarray, top_k: int, top_p: float, temperature: float) -> np.ndarray:
@@ -95,9 +95,7 @@ def main() -> None:
                    headers=["V", "rows", "scale", "sampling", "full sort ms",
                             "adjust_logits ms", "speedup", "same"]))
     if args.json:
-        dump_json(args.json, {"command": "python benchmarks/sampling_cost.py "
-                              + " ".join(sys.argv[1:]), "environment": environment(),
-                              "rows": rows})
+        dump_results(args.json, rows=rows)
 
 
 if __name__ == "__main__":
