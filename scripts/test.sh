@@ -30,7 +30,7 @@ sys.exit(0 if v == '$ORT_LOWEST' else f'expected onnxruntime $ORT_LOWEST, got {v
 ort_tests=()
 for t in test_ort_backend test_static_path test_verify_graph test_cli_default_pair \
          test_default_pair test_greedy_output test_export_safety test_export_int8 \
-         test_export_vocab; do
+         test_overlap; do
     if [ -f "tests/$t.py" ]; then
         ort_tests+=("tests/$t.py")
     fi
