@@ -111,7 +111,7 @@ def test_a_chain_longer_than_the_model_was_loaded_for_is_refused(pair):
         StaticOrtModel(default_model_dir() / "draft", Device("cpu"), chain_length=-1)
 
 
-@pytest.mark.parametrize("gamma", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("gamma", [1, 3, 8])
 def test_pipelined_iterations_are_the_references(pair, gamma):
     """The overlapped loop on ONNX Runtime and pipelined_generate on the same models agree
     on every iteration: tokens, accepted counts, warm iterations, draft calls."""
@@ -133,9 +133,9 @@ def test_pipelined_iterations_are_the_references(pair, gamma):
         assert res.stats.mode == "pipelined" and res.stats.overlap.shadow_s > 0
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 40])
 def test_pipelined_greedy_output_is_greedy_autoregressive_output(pair, n):
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:2]:
         want = _ar(pair, prompt, n)
         for gamma in (1, 4, 8):
             with pair.generator(DecodeConfig(max_new_tokens=n), gamma=gamma,
