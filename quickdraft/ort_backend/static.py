@@ -281,6 +281,10 @@ class _CacheSlot:
 
     def bind_common(self, io) -> None:
         io.bind_ortvalue_input(_MASK, self.mask)
+        self.bind_caches(io)
+
+    def bind_caches(self, io) -> None:
+        """Each layer's cache buffer as its past and its present (written in place)."""
         m = self.model
         for past, present, value in zip(m.past_names, m.present_names, self.cache):
             io.bind_ortvalue_input(past, value)
@@ -452,9 +456,7 @@ class _Chain:
             b = self.session.io_binding()
             b.bind_input(_INPUT_IDS, kind, dev, np.int64, [1, 1], ids_at + j * item)
             b.bind_input(_MASK, kind, dev, np.int64, [1, T], masks_at + j * T * item)
-            for past, present, value in zip(model.past_names, model.present_names, slot.cache):
-                b.bind_ortvalue_input(past, value)
-                b.bind_ortvalue_output(present, value)
+            slot.bind_caches(b)
             b.bind_ortvalue_output(_LOGITS, self.logits)
             next_id = ids_at + (j + 1) * item
             if self.sampled:
@@ -519,6 +521,7 @@ class Launched:
     def __init__(self, finish):
         self._finish = finish
         self._tokens: np.ndarray | None = None
+        self.chain = None  # the chain it launched, if any
         self.rows = None  # a sampled chain's q rows on the device (RowsOnDevice)
 
     def wait(self) -> np.ndarray:
@@ -612,15 +615,29 @@ class StaticDecodeState(TokenState):
         (valid until this state's next sampled chain)."""
         from quickdraft.ort_backend.verify_graph import DeviceRows
 
+        uniforms = np.asarray(uniforms)
+        launched = self._launch(lambda slot: slot.sampled_chain(sampling, compute), token,
+                                len(uniforms), uniforms)
+        launched.rows = DeviceRows(launched.chain.rows, len(uniforms), self.model.vocab_size,
+                                   np.dtype(compute), self.model.device)
+        return launched
+
+    def launch_chain(self, token: int, length: int) -> Launched:
+        """Enqueue ``length`` greedy steps from ``token``, each step's argmax the next one's
+        input, all on the device (the model's ``chain_length`` steps at most); ``wait()``
+        returns the ``length`` tokens [length] int64 and the state then holds ``token`` and
+        all of them but the last (which, as after :meth:`append_greedy`, is not consumed)."""
+        return self._launch(lambda slot: slot.chain, token, length)
+
+    def _launch(self, chain_of, token: int, length: int, uniforms=None) -> Launched:
+        """Launch ``length`` steps of the chain ``chain_of(slot)`` from ``token``."""
         slot = self._live()
         (token,) = self._checked([token])
-        uniforms = np.asarray(uniforms)
-        length = len(uniforms)
         if not 1 <= length <= self.model.chain_length:
             raise ValueError(
                 f"a chain of {length} steps needs a model loaded with chain_length >= "
                 f"{length} (this one: {self.model.chain_length})")
-        chain = slot.sampled_chain(sampling, compute)
+        chain = chain_of(slot)
         t0 = time.perf_counter()
         chain.launch(token, len(self._tokens), length, uniforms)
         self._tokens.append(token)
@@ -628,41 +645,13 @@ class StaticDecodeState(TokenState):
         def finish() -> np.ndarray:
             self._check_thread()
             self._pending = None
-            tokens = chain.wait(length)  # [length]
+            tokens = self._check_valid(chain.wait(length))  # [length]
             self._tokens.extend(tokens[:-1].tolist())
             self.times.record_call(length, t0, calls=length)
             return tokens
 
         self._pending = Launched(finish)
-        self._pending.rows = DeviceRows(chain.rows, length, self.model.vocab_size,
-                                        np.dtype(compute), self.model.device)
-        return self._pending
-
-    def launch_chain(self, token: int, length: int) -> Launched:
-        """Enqueue ``length`` greedy steps from ``token``, each step's argmax the next one's
-        input, all on the device (the model's ``chain_length`` steps at most); ``wait()``
-        returns the ``length`` tokens [length] int64 and the state then holds ``token`` and
-        all of them but the last (which, as after :meth:`append_greedy`, is not consumed)."""
-        slot = self._live()
-        (token,) = self._checked([token])
-        chain = slot.chain
-        if chain is None or not 1 <= length <= chain.length:
-            raise ValueError(
-                f"a chain of {length} steps needs a model loaded with chain_length >= "
-                f"{length} (this one: {self.model.chain_length})")
-        t0 = time.perf_counter()
-        chain.launch(token, len(self._tokens), length)
-        self._tokens.append(token)
-
-        def finish() -> np.ndarray:
-            self._check_thread()
-            self._pending = None
-            chain_tokens = self._check_valid(chain.wait(length))  # [length]
-            self._tokens.extend(chain_tokens[:-1].tolist())
-            self.times.record_call(length, t0, calls=length)
-            return chain_tokens
-
-        self._pending = Launched(finish)
+        self._pending.chain = chain
         return self._pending
 
     def append_device(self, tokens: Sequence[int]):
