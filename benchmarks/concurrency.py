@@ -3,7 +3,7 @@
     python benchmarks/concurrency.py [--model-dir DIR] [--device auto|cpu|cuda] \\
         [--streams 1,4,16] [--requests-per-stream 4] [--max-tokens 128] [--gamma 4|auto] \\
         [--drafter model] [--temperature 0] [--json OUT.json] [--time-limit SECONDS] \\
-        [--mode http,direct,direct-ar]
+        [--mode http,direct,direct-lanes,direct-ar]
 
 No ``--model-dir``: the bundled pair (on the CPU with ``--device auto``), as ``quickdraft
 serve`` does. Modes, each over one loaded pair:
@@ -12,7 +12,10 @@ serve`` does. Modes, each over one loaded pair:
   ``--max-concurrency`` = the most streams); S asyncio clients (httpx), each sending its
   requests one after another as streamed ``/v1/completions``;
 - ``direct``: the same requests as scheduler jobs (``Engine.load`` + ``Scheduler.submit``,
-  the server minus HTTP, SSE and asyncio), so the difference is the HTTP overhead;
+  the server minus HTTP, SSE and asyncio), every stream verified alone (``lanes=0``), so
+  the difference is the HTTP overhead and the lanes;
+- ``direct-lanes``: ``direct`` with the server's default lanes (a static export: the
+  streams' proposals verified in one target call, ``score_lanes``), as ``http`` runs;
 - ``direct-ar``: ``direct`` with autoregressive jobs (gamma None), the baseline; the server
   itself has no autoregressive mode (a request's gamma is >= 1 or auto).
 
@@ -53,8 +56,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import dump_json, environment, error_record, log, worker_env  # noqa: E402
 
-MODES = ("http", "direct", "direct-ar")
-BACKEND = {"http": "http", "direct": "direct", "direct-ar": "direct"}
+MODES = ("http", "direct", "direct-lanes", "direct-ar")
+BACKEND = {"http": "http", "direct": "direct", "direct-lanes": "direct-lanes",
+           "direct-ar": "direct"}
 PROMPT_SEED = 20240601
 GRACE_S = 5.0  # past a phase's deadline: the scheduler's own timeout should have fired
 POLL_S = 0.5
@@ -247,7 +251,9 @@ def metrics_delta(before: dict, after: dict) -> dict:
             "draft_tokens": drafted, "accepted_tokens": d("quickdraft_accepted_tokens_total"),
             "acceptance_rate": d("quickdraft_accepted_tokens_total") / drafted
             if drafted else None,
-            "alpha_running": after.get("quickdraft_alpha")}
+            "alpha_running": after.get("quickdraft_alpha"),
+            "lane_calls": d("quickdraft_lane_calls_total"),
+            "lane_streams": d("quickdraft_lane_streams_sum")}
 
 
 # ----------------------------------------------------------------------------- http
@@ -433,8 +439,9 @@ class DirectBackend:
     """The server's engine in this process (``Engine.load``: the same loading, scheduler
     and metrics as ``quickdraft serve``), driven through ``Scheduler.submit``."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, lanes: int | None):
         self.settings = settings
+        self.lanes = lanes  # None: the server's default
         self.engine = None
         self.info: dict = {}
 
@@ -443,12 +450,15 @@ class DirectBackend:
         from quickdraft.serve.settings import ServeSettings
 
         s = self.settings
-        self.engine = Engine.load(ServeSettings(
+        serve = ServeSettings(
             model_dir=s.model_dir, device=s.device, gamma=s.gamma, drafter=s.drafter,
-            max_concurrency=s.most, max_queue=s.most * s.requests_per_stream + 16))
+            max_concurrency=s.most, max_queue=s.most * s.requests_per_stream + 16,
+            lanes=self.lanes)
+        self.engine = Engine.load(serve)
         pair = self.engine.pair
         self.info = {"device": str(pair.device), "device_note": pair.device_note,
-                     "max_gamma": pair.max_draft, "model": self.engine.name}
+                     "max_gamma": pair.max_draft, "model": self.engine.name,
+                     "lanes": serve.resolved_lanes()}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -632,7 +642,7 @@ def brief(row: dict) -> str:
 def open_backend(kind: str, settings: Settings, budget: Budget, log_path: Path):
     if kind == "http":
         return HttpBackend(settings, log_path, start_timeout=max(10.0, budget.left() / 2))
-    return DirectBackend(settings)
+    return DirectBackend(settings, lanes=None if kind == "direct-lanes" else 0)
 
 
 # ----------------------------------------------------------------------------- report
@@ -694,18 +704,21 @@ def table(results: dict) -> str:
 
     headers = ["mode", "streams", "aggregate tok/s", "speedup over 1 stream",
                "per-stream tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "latency p50/p99 s",
-               "mismatches", "alpha"]
+               "mismatches", "alpha", "streams per target call"]
     rows = []
     for r in results["rows"]:
         s = r.get("summary") or {}
         get = s.get
+        m = r.get("server_metrics") or {}
+        per_call = (m["lane_streams"] / m["lane_calls"] if m.get("lane_calls") else
+                    1.0 if r["mode"] != "direct-ar" and s else None)
         rows.append([
             r["mode"], r["streams"], fmt(get("aggregate_tok_s"), ".1f"),
             fmt(r.get("speedup_over_1_stream"), ".2f"), fmt(get("per_stream_tok_s"), ".1f"),
             "/".join(fmt((get("ttft_ms") or {}).get(q), ".1f") for q in ("p50", "p99")),
             "/".join(fmt((get("itl_ms") or {}).get(q), ".2f") for q in ("p50", "p99")),
             "/".join(fmt((get("latency_s") or {}).get(q), ".2f") for q in ("p50", "p99")),
-            mismatch_cell(r), fmt(get("alpha_mean"), ".3f")])
+            mismatch_cell(r), fmt(get("alpha_mean"), ".3f"), fmt(per_call, ".1f")])
     return tabulate(rows, headers=headers, tablefmt="github")
 
 

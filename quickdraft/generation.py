@@ -27,6 +27,7 @@ from quickdraft.protocols import (
     Drafter,
     LanguageModel,
     SamplingDrafter,
+    Scores,
     TokenDraw,
     Verdict,
     Verifier,
@@ -51,6 +52,13 @@ __all__ = [
     "speculative_step",
     "speculative_generate",
     "speculative_stream",
+    "speculative_iterations",
+    "SpeculativeIterations",
+    "Proposal",
+    "propose",
+    "step_result",
+    "host_decide",
+    "wants_greedy",
     "autoregressive_generate",
     "autoregressive_stream",
     "check_pair",
@@ -288,6 +296,12 @@ def _check_request(model: LanguageModel, prompt_ids: Sequence[int], max_new_toke
         )
 
 
+def wants_greedy(candidates: Candidates, sampling: SamplingConfig) -> bool:
+    """Whether a proposal is decided on the target's argmax ids alone (greedy sampling,
+    checked candidates), not on its logits rows."""
+    return greedy_applies(sampling.greedy, candidates.checked)
+
+
 def host_verify(
     target: DecodeState,
     scored: Sequence[int],
@@ -302,26 +316,49 @@ def host_verify(
     the host, :func:`~quickdraft.sampling.adjust_logits` shapes them into p and
     :func:`quickdraft.verification.verify` decides (greedy, with checked candidates: only
     the target's argmax ids come to the host, :func:`~quickdraft.protocols.advance_greedy`).
+    Scoring and deciding are apart (:func:`host_decide`), so a target call made elsewhere
+    (several sequences in one call) is decided the same way.
 
     Candidates marked ``checked`` (q rows from ``adjust_logits``, tokens drawn from them)
     skip verify's input checks. Greedy sampling with such candidates decides with
     :func:`quickdraft.verification.verify_greedy` on the target's argmax tokens, which is
     what ``verify`` returns on the one-hot rows (tests/test_verification.py proves it).
     """
+    k = len(candidates.tokens) + 1
+    if wants_greedy(candidates, sampling):
+        scores = Scores(greedy=advance_greedy(target, scored, k))  # [>= gamma + 1]
+    else:
+        scores = Scores(logits=advance(target, scored, min_new=k))  # [>= gamma + 1, V]
+    return host_decide(scores, candidates, sampling, accept_uniforms, sample_uniform,
+                       lenience=lenience)
+
+
+def host_decide(
+    scores: Scores,
+    candidates: Candidates,
+    sampling: SamplingConfig,
+    accept_uniforms: np.ndarray,
+    sample_uniform: float,
+    *,
+    lenience: float = 1.0,
+) -> Verdict:
+    """:func:`host_verify`'s decision on a target call's :class:`~quickdraft.protocols.Scores`
+    (their last gamma + 1 rows): greedy ids where :func:`wants_greedy`, else logits rows
+    (on the host, or anything ``numpy.asarray`` copies there)."""
     if not 0.0 < lenience <= 1.0:
         raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
     x = candidates.tokens  # [gamma]
     gamma = len(x)
     if candidates.checked:
         check_uniforms(accept_uniforms, sample_uniform)
-        if greedy_applies(sampling.greedy, candidates.checked):
+        if wants_greedy(candidates, sampling):
             # p is one-hot on the target's argmax tokens: only those are needed
-            choices = advance_greedy(target, scored, gamma + 1)[-(gamma + 1) :]  # [gamma + 1]
+            choices = np.asarray(scores.greedy)[-(gamma + 1):]  # [gamma + 1]
             n, token = verify_greedy(choices, x)
             reached = min(n + 1, gamma)
             # beta_i = sum_x min(p_i(x), q_i(x)) = q_i(choice_i) on one-hot p_i
             return Verdict(n, token, candidates.q_at(choices[:reached]).tolist())
-    logits = advance(target, scored, min_new=gamma + 1)[-(gamma + 1) :]  # [gamma + 1, V]
+    logits = np.asarray(scores.logits)[-(gamma + 1):]  # [gamma + 1, V]
     q = candidates.probs  # [gamma, V]
     p = adjust_logits(logits, sampling)  # [gamma + 1, V]
     n, token = verify(p, q, x, accept_uniforms, sample_uniform, lenience=lenience,
@@ -341,6 +378,38 @@ def check_uniforms(uniforms: np.ndarray, *more: float) -> None:
             raise ValueError(f"uniform must be in [0, 1), got {v}")
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """The first half of an iteration: the drafter's candidates and the uniforms that will
+    decide them."""
+
+    scored: list[int]  # the sequence so far, then the candidates: what the target scores
+    candidates: Candidates
+    accept_uniforms: np.ndarray  # [k] for the k candidates
+    sample_uniform: float
+
+
+def propose(drafter: Drafter, ids: Sequence[int], draft_uniforms: np.ndarray,
+            accept_uniforms: np.ndarray, sample_uniform: float) -> Proposal:
+    """The drafter proposes k <= len(draft_uniforms) tokens after ``ids``."""
+    cand = drafter.get_candidates(ids, len(draft_uniforms), draft_uniforms)
+    k = len(cand.tokens)
+    if k > len(draft_uniforms):
+        raise ValueError(f"the drafter proposed {k} tokens, more than the {len(draft_uniforms)} "
+                         "it was allowed (get_candidates must respect max_tokens)")
+    return Proposal(list(ids) + cand.tokens.tolist(), cand, accept_uniforms[:k],
+                    float(sample_uniform))
+
+
+def step_result(proposal: Proposal, verdict: Verdict) -> StepResult:
+    """The iteration a verdict on ``proposal`` makes: accepted tokens, then the recovered
+    or bonus one."""
+    n, token, betas = verdict
+    cand = proposal.candidates
+    return StepResult(cand.tokens[:n].tolist() + [token], n, list(betas), cand.model_calls,
+                      len(cand.tokens))
+
+
 def speculative_step(
     target: DecodeState,
     drafter: Drafter,
@@ -358,16 +427,10 @@ def speculative_step(
     and the uniforms (draft [m], accept [m] of which the first n_draft are used, sample).
 
     ``verifier`` scores and decides (default :func:`host_verify`)."""
-    cand = drafter.get_candidates(ids, len(draft_uniforms), draft_uniforms)
-    k = len(cand.tokens)
-    if k > len(draft_uniforms):
-        raise ValueError(f"the drafter proposed {k} tokens, more than the {len(draft_uniforms)} "
-                         "it was allowed (get_candidates must respect max_tokens)")
-    scored = list(ids) + cand.tokens.tolist()
+    p = propose(drafter, ids, draft_uniforms, accept_uniforms, sample_uniform)
     verify_with = host_verify if verifier is None else verifier
-    n, token, betas = verify_with(target, scored, cand, sampling, accept_uniforms[:k],
-                                  sample_uniform, lenience=lenience)
-    return StepResult(cand.tokens[:n].tolist() + [token], n, list(betas), cand.model_calls, k)
+    return step_result(p, verify_with(target, p.scored, p.candidates, sampling,
+                                      p.accept_uniforms, p.sample_uniform, lenience=lenience))
 
 
 def _drafter_for(draft: LanguageModel | None, drafter: Drafter | None, gamma: int | None,
@@ -403,7 +466,7 @@ def _draft_limit(drafter: Drafter, max_draft: int | None) -> int:
     return min(bounds)
 
 
-def speculative_stream(
+def speculative_iterations(
     target: LanguageModel,
     draft: LanguageModel | None,
     prompt_ids: Sequence[int],
@@ -419,8 +482,9 @@ def speculative_stream(
     state: DecodeState | None = None,
     verifier: Verifier | None = None,
     max_draft: int | None = None,
-) -> Iterator[list[int]]:
-    """Yield the new tokens of each iteration as soon as they are verified.
+) -> SpeculativeIterations:
+    """The iterations of a speculative generation, checked and ready to run
+    (:class:`SpeculativeIterations`; :func:`speculative_stream` runs them).
 
     Pass a draft model and ``gamma`` (a :class:`ModelDrafter`), or any ``drafter``, which
     decides each proposal's length; the loop caps it at the remaining budget and at
@@ -446,26 +510,86 @@ def speculative_stream(
             f"the target state holds {len(state.tokens)} tokens; to continue a prompt of "
             f"{len(prompt_ids)} it may hold at most {len(prompt_ids) - 1} (rewind it first)"
         )
-    eos = _eos_set(eos_id)
-    stats = stats if stats is not None else GenerationStats()
-    ids = list(prompt_ids)
-    produced = 0
-    while produced < max_new_tokens:
-        remaining = max_new_tokens - produced
-        m = draft_budget(remaining, limit)
-        u = rng.random(2 * m + 1)  # [2 m + 1] draft, accept and sample uniforms
-        step = speculative_step(
-            state, drafter, ids, sampling, u[:m], u[m : 2 * m], float(u[2 * m]),
-            lenience=lenience, verifier=verifier,
-        )
-        out = _truncate_at_eos(step.tokens[:remaining], eos)
-        ids.extend(out)
-        produced += len(out)
-        stats.record(step, produced)
-        drafter.update_candidate_strategy(ids, step.n_accepted)
-        yield out
-        if out[-1] in eos:
-            break
+    return SpeculativeIterations(
+        state, drafter, prompt_ids, max_new_tokens=max_new_tokens, limit=limit,
+        sampling=sampling, rng=rng, eos=_eos_set(eos_id), lenience=lenience,
+        verifier=host_verify if verifier is None else verifier,
+        stats=stats if stats is not None else GenerationStats())
+
+
+class SpeculativeIterations:
+    """The loop of a speculative generation with its halves apart: :meth:`propose`, then
+    :meth:`commit` of a verdict on it, from this loop's verifier (:meth:`step`) or from a
+    call that scored several sequences at once. Made by :func:`speculative_iterations`."""
+
+    def __init__(self, state: DecodeState, drafter: Drafter, prompt_ids: Sequence[int], *,
+                 max_new_tokens: int, limit: int, sampling: SamplingConfig,
+                 rng: np.random.Generator, eos: frozenset[int], lenience: float,
+                 verifier: Verifier, stats: GenerationStats):
+        self.state, self.drafter, self.verifier = state, drafter, verifier
+        self.sampling, self.lenience, self.rng, self.eos = sampling, lenience, rng, eos
+        self.max_new_tokens, self.limit, self.stats = max_new_tokens, limit, stats
+        self.ids = list(prompt_ids)
+        self.produced = 0
+        self._ended = False  # EOS came
+
+    @property
+    def done(self) -> bool:
+        return self._ended or self.produced >= self.max_new_tokens
+
+    def propose(self) -> Proposal:
+        remaining = self.max_new_tokens - self.produced
+        m = draft_budget(remaining, self.limit)
+        u = self.rng.random(2 * m + 1)  # [2 m + 1] draft, accept and sample uniforms
+        return propose(self.drafter, self.ids, u[:m], u[m : 2 * m], float(u[2 * m]))
+
+    def commit(self, proposal: Proposal, verdict: Verdict) -> list[int]:
+        """Take the verdict on :meth:`propose`'s last proposal; return the new tokens."""
+        step = step_result(proposal, verdict)
+        out = _truncate_at_eos(step.tokens[: self.max_new_tokens - self.produced], self.eos)
+        self.ids.extend(out)
+        self.produced += len(out)
+        self.stats.record(step, self.produced)
+        self.drafter.update_candidate_strategy(self.ids, step.n_accepted)
+        self._ended = out[-1] in self.eos
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while not self.done:
+            yield self.step()
+
+    def step(self) -> list[int]:
+        """One whole iteration, verified by this loop's verifier."""
+        p = self.propose()
+        return self.commit(p, self.verifier(self.state, p.scored, p.candidates, self.sampling,
+                                            p.accept_uniforms, p.sample_uniform,
+                                            lenience=self.lenience))
+
+
+def speculative_stream(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompt_ids: Sequence[int],
+    *,
+    gamma: int | None = None,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: np.random.Generator,
+    eos_id: EosIds = None,
+    drafter: Drafter | None = None,
+    lenience: float = 1.0,
+    stats: GenerationStats | None = None,
+    state: DecodeState | None = None,
+    verifier: Verifier | None = None,
+    max_draft: int | None = None,
+) -> Iterator[list[int]]:
+    """Yield the new tokens of each iteration as soon as they are verified; the arguments
+    are :func:`speculative_iterations`'."""
+    loop = speculative_iterations(
+        target, draft, prompt_ids, gamma=gamma, max_new_tokens=max_new_tokens,
+        sampling=sampling, rng=rng, eos_id=eos_id, drafter=drafter, lenience=lenience,
+        stats=stats, state=state, verifier=verifier, max_draft=max_draft)
+    yield from loop
 
 
 def speculative_generate(

@@ -39,6 +39,9 @@ __all__ = [
     "ClosableState",
     "Verdict",
     "Verifier",
+    "Scores",
+    "Decider",
+    "LaneModel",
     "supports",
     "advance",
     "advance_greedy",
@@ -328,6 +331,15 @@ class Verdict(NamedTuple):
     betas: list[float]  # beta at draft positions 0..min(n, gamma - 1), the ones reached
 
 
+class Scores(NamedTuple):
+    """What one target call gave a proposal, for its verifier to decide on: the greedy ids
+    after each appended token [k] int64 (greedy decisions), or the logits rows [k, V] (a
+    host array, or rows on the device that ``numpy.asarray`` copies to the host)."""
+
+    greedy: np.ndarray | None = None
+    logits: object | None = None
+
+
 class Verifier(Protocol):
     """The second half of a speculative iteration: score the proposal, then decide.
 
@@ -351,6 +363,44 @@ class Verifier(Protocol):
         lenience: float = 1.0,
     ) -> Verdict:
         """accept_uniforms [gamma] and sample_uniform in [0, 1) -> the :class:`Verdict`."""
+        ...
+
+
+class Decider(Protocol):
+    """A verifier's decision alone, on a target call made elsewhere (one call for several
+    sequences: :class:`LaneModel`): the :class:`Verdict` a :class:`Verifier` would give on
+    the same scores."""
+
+    def __call__(
+        self,
+        scores: Scores,
+        candidates: Candidates,
+        sampling: SamplingConfig,
+        accept_uniforms: np.ndarray,
+        sample_uniform: float,
+        *,
+        lenience: float = 1.0,
+    ) -> Verdict: ...
+
+
+@runtime_checkable
+class LaneModel(Protocol):
+    """A model that scores several sequences in one call, each state in a lane of its own
+    (its caches bound to that lane)."""
+
+    @property
+    def lane_tokens(self) -> int:
+        """The most tokens one lane takes per call (0: no lanes)."""
+        ...
+
+    def in_lane(self, state: DecodeState) -> bool:
+        """Whether ``state`` holds a lane of this model."""
+        ...
+
+    def score_lanes(self, states: Sequence[DecodeState], tokens: Sequence[Sequence[int]],
+                    greedy: Sequence[bool]) -> list[Scores]:
+        """Append ``tokens[i]`` to ``states[i]`` (distinct lanes) in one call; give each its
+        :class:`Scores`: greedy ids where ``greedy[i]``, else its logits rows."""
         ...
 
 

@@ -1,7 +1,8 @@
 """A load test of quickdraft serve on 127.0.0.1: 32 concurrent clients x 3 requests each,
-every one with its own prompt and seed. No response may be lost, duplicated or mixed up:
-each equals the same request run alone. Latency percentiles are printed (-s shows them).
-Bounded: a wall-clock cap of 60 s on the whole load."""
+every one with its own prompt and seed, the server verifying its streams' proposals
+together (lanes). No response may be lost, duplicated or mixed up: each equals the same
+request run alone, on a pair without lanes. Latency percentiles are printed (-s shows
+them). Bounded: a wall-clock cap of 60 s on the whole load."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_32_clients_x_3_requests_no_lost_or_mixed_responses():
                           temperature=r["temperature"], top_p=r["top_p"],
                           seed=r["seed"]).text for r in reqs]
     assert len(set(expected)) > len(expected) // 2  # the requests really differ
-    app = create_app(ServeSettings(max_concurrency=8, max_queue=128), pair=pair)
+    served = load_pair(default_model_dir(), device="cpu", max_gamma=8, lanes=8)
+    app = create_app(ServeSettings(max_concurrency=8, max_queue=128), pair=served)
     with ServerThread(app) as s:
         got: dict[int, str] = {}
         latency: dict[int, float] = {}
@@ -103,11 +105,13 @@ def test_32_clients_x_3_requests_no_lost_or_mixed_responses():
     wrong = [i for i in range(len(reqs)) if got[i] != expected[i]]
     assert not wrong, f"{len(wrong)} responses differ from the request run alone: {wrong[:5]}"
     assert health["active"] == 0 and health["queued"] == 0
+    assert health["lane_calls"] > 0  # streams were verified together
     lat = sorted(latency.values())
     q = statistics.quantiles(lat, n=100)
     print(f"\nquickdraft serve load: {len(reqs)} requests from {CLIENTS} clients in "
           f"{wall:.2f} s; latency p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, "
           f"max {lat[-1] * 1000:.0f} ms; streamed time to first text p50 "
           f"{statistics.median(ttft.values()) * 1000:.0f} ms; generators made "
-          f"{health['generators_made']}, reused {health['generators_reused']}")
+          f"{health['generators_made']}, reused {health['generators_reused']}; target calls "
+          f"over several streams {health['lane_calls']}")
     assert wall < CAP_S

@@ -27,8 +27,10 @@ from quickdraft.generation import (
     ModelDrafter,
     autoregressive_stream,
     check_pair,
+    host_decide,
     host_verify,
-    speculative_stream,
+    speculative_iterations,
+    wants_greedy,
 )
 from quickdraft.manifest import GREEDY_OUTPUT, KV_CACHES, load_manifest
 from quickdraft.ort_backend.device import (
@@ -49,6 +51,7 @@ from quickdraft.protocols import (
     DecodeState,
     DeviceState,
     Drafter,
+    LaneModel,
     MeasuredState,
     SamplingDrafter,
     StatefulDrafter,
@@ -63,6 +66,7 @@ __all__ = [
     "OrtStats",
     "Generation",
     "Piece",
+    "LaneRequest",
     "Pair",
     "Generator",
     "load_model",
@@ -86,18 +90,22 @@ def _check_verify(verify: str) -> None:
 
 def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
                graph_steps: Sequence[int] = (1,), cuda_graph: bool = False,
-               chain_length: int = 0, options=None):
+               chain_length: int = 0, lanes: int = 0, options=None):
     """The loaded model for an exported folder, by its manifest's ``kv_cache``:
     :class:`OrtModel` (dynamic) or :class:`StaticOrtModel` (static; ``graph_steps`` get
-    fixed bindings, captured as CUDA graphs with ``cuda_graph`` on CUDA, and its states
-    can launch greedy chains of up to ``chain_length`` steps)."""
+    fixed bindings, captured as CUDA graphs with ``cuda_graph`` on CUDA, its states can
+    launch greedy chains of up to ``chain_length`` steps, and ``lanes`` of them are
+    scored in one call). ``lanes`` needs a static export."""
     m = load_manifest(folder)
     kind = m.kv_cache
     if kind == "static":
         return StaticOrtModel(folder, device, graph_steps=graph_steps,
                               cuda_graph=bool(cuda_graph and device.kind == "cuda"),
                               chain_length=chain_length if GREEDY_OUTPUT in m.output_names
-                              else 0, options=options)
+                              else 0, lanes=lanes, options=options)
+    if lanes > 1:
+        raise ValueError(f"{folder}: lanes (several sequences in one target call) need a "
+                         "static export: export with --kv-cache static")
     if kind == "dynamic":
         return OrtModel(folder, device, options=options)
     raise ModelFolderError(
@@ -315,6 +323,14 @@ class Generation:
         }
 
 
+class LaneRequest(NamedTuple):
+    """What :meth:`Generator.begin_step` asks a call over several sequences to score."""
+
+    state: DecodeState  # the target state, in a lane of its model
+    tokens: list[int]  # to append to it
+    greedy: bool  # the verdict needs the greedy ids alone (else the logits rows)
+
+
 class Piece(NamedTuple):
     """One step's output: its token ids and the text they completed (may be '')."""
 
@@ -448,7 +464,7 @@ def _eos_ids(manifest) -> frozenset[int]:
 
 def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: int = 0,
               draft: bool = True, cuda_graph: bool = True, max_gamma: int = DEFAULT_MAX_GAMMA,
-              draft_threads: int | None = DEFAULT_DRAFT_THREADS) -> Pair:
+              draft_threads: int | None = DEFAULT_DRAFT_THREADS, lanes: int = 0) -> Pair:
     """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``,
     dynamic or static caches alike (:func:`load_model`), with the tokenizer.
 
@@ -459,7 +475,11 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
     unless ``cuda_graph`` is False. ``draft_threads``: intra-op threads of the draft's
     session on the CPU (None: ONNX Runtime's default). One by default: a draft step is
     too small to split, and idle worker threads spin on the cores the target needs.
+    ``lanes`` >= 2: the target scores that many sequences' proposals in one call
+    (:meth:`StaticOrtModel.score_lanes`; a static export); the server batches with it.
     """
+    if not _is_int(lanes) or lanes < 0:
+        raise ValueError(f"lanes must be an integer >= 0, got {lanes!r}")
     if not _is_int(max_gamma) or max_gamma < 1:
         raise ValueError(f"max_gamma must be an integer >= 1, got {max_gamma!r}")
     root = Path(model_dir)
@@ -493,7 +513,8 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
         # a draft's continuations beside the verification (pipelined): stand-in + gamma
         chain = max_gamma + 1 if role == "draft" else 0
         return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph,
-                          chain_length=chain, options=options)
+                          chain_length=chain, lanes=lanes if role == "target" else 0,
+                          options=options)
 
     note = None
     if device == "auto" and manifest.execution_provider == "cpu":
@@ -646,6 +667,8 @@ class Generator:
         self.stats: OrtStats | None = None
         self.result: Generation | None = None  # of the last pieces() / generate()
         self._engine: Iterator[list[int]] | None = None
+        self._loop = None  # the sequential speculative loop (SpeculativeIterations)
+        self._proposal = None  # begin_step's, until end_step
         self._done = True
         self._closed = False
         self._marks: tuple[ModelTimes, ModelTimes] | None = None  # times after the prefill
@@ -775,15 +798,75 @@ class Generator:
 
     def step(self) -> list[int]:
         """One iteration: the tokens it added ([] once the generation is done)."""
-        self._check_thread()
-        if self.stats is None:
-            raise ValueError("nothing to step: call prefill(prompt) first")
+        self._check_stepping()
         if self._done:
             return []
         if self._engine is None:
             self._engine = self._start_engine()
         t0 = time.perf_counter()
         piece = next(self._engine, None)
+        return self._took(piece, t0)
+
+    @property
+    def lane_ready(self) -> bool:
+        """Whether :meth:`begin_step` can hand this generator's next target call to a call
+        over several sequences: a sequential speculative generation in progress, its target
+        state in a lane of its model (:class:`~quickdraft.protocols.LaneModel`)."""
+        return (self.speculative and not self.pipelined and not self._done
+                and self.stats is not None and self._proposal is None
+                and supports(self.target, LaneModel) and self.target.in_lane(self._state))
+
+    def begin_step(self) -> LaneRequest:
+        """The first half of :meth:`step` (where :attr:`lane_ready`): the drafter proposes,
+        the target state is rewound to what it shares with the proposal; returns what the
+        target must score. :meth:`end_step` finishes the step with the scores."""
+        self._check_stepping()
+        if not self.lane_ready:
+            raise ValueError("begin_step needs a speculative generation in progress whose "
+                             "target state holds a lane (load the target with lanes >= 2)")
+        if self._engine is None:
+            self._engine = self._start_engine()
+        t0 = time.perf_counter()
+        p = self._loop.propose()
+        k = len(p.candidates.tokens) + 1  # the last gamma + 1 tokens are (re-)scored
+        common = rewind_to_common_prefix(self._state, p.scored, k)
+        self._proposal = p
+        self.stats.decode_s += time.perf_counter() - t0
+        return LaneRequest(self._state, p.scored[common:],
+                           wants_greedy(p.candidates, self.config.sampling))
+
+    def end_step(self, scores=None) -> list[int]:
+        """The second half of :meth:`step`: decide on ``scores`` (the
+        :class:`~quickdraft.protocols.Scores` of :meth:`begin_step`'s tokens, appended to
+        its state) with this generator's verifier; None: score them alone first. Returns
+        the tokens the step added."""
+        self._check_thread()
+        if self._proposal is None:
+            raise ValueError("end_step needs a begin_step first")
+        p, self._proposal = self._proposal, None
+        t0 = time.perf_counter()
+        c, loop = self.config, self._loop
+        if scores is None:
+            verdict = loop.verifier(self._state, p.scored, p.candidates, c.sampling,
+                                    p.accept_uniforms, p.sample_uniform, lenience=c.lenience)
+        else:
+            decide = (self._verifier.decide if isinstance(self._verifier, GraphVerifier)
+                      else host_decide)
+            t1 = time.perf_counter()
+            verdict = decide(scores, p.candidates, c.sampling, p.accept_uniforms,
+                             p.sample_uniform, lenience=c.lenience)
+            self.stats.verify_s += time.perf_counter() - t1
+        return self._took(loop.commit(p, verdict), t0)
+
+    def _check_stepping(self) -> None:
+        self._check_thread()
+        if self.stats is None:
+            raise ValueError("nothing to step: call prefill(prompt) first")
+        if self._proposal is not None:
+            raise ValueError("begin_step's proposal waits for end_step")
+
+    def _took(self, piece: list[int] | None, t0: float) -> list[int]:
+        """Bookkeeping after an iteration that started at ``t0`` gave ``piece``."""
         self.stats.decode_s += time.perf_counter() - t0
         self._update_times()
         if self._cost_aware and self.stats.draft.calls and self.stats.target.calls:
@@ -829,9 +912,10 @@ class Generator:
                 self._state, self.drafter, self.ids, gamma=self.drafter.gamma,
                 max_new_tokens=remaining, rng=self._rng, eos_id=self.eos_ids,
                 stats=self.stats.generation, times=self.stats.overlap)
-        return speculative_stream(self.target, None, self.ids, drafter=self.drafter,
-                                  verifier=self._timed_verifier(), lenience=c.lenience,
-                                  max_draft=self.max_draft, **common)
+        self._loop = speculative_iterations(
+            self.target, None, self.ids, drafter=self.drafter, verifier=self._timed_verifier(),
+            lenience=c.lenience, max_draft=self.max_draft, **common)
+        return iter(self._loop)
 
     def _timed_verifier(self):
         """The verifier, adding its time less the target calls inside it to ``verify_s``."""
@@ -856,6 +940,7 @@ class Generator:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+        self._loop = self._proposal = None
 
     def close(self) -> None:
         """End the sequence: its cache buffers go back to the models (idempotent)."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quickdraft.manifest import GREEDY_OUTPUT
+from quickdraft.manifest import GREEDY_OUTPUT, INT8_FOLD_OPTION
 from quickdraft.ort_backend.device import Device
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 
@@ -28,6 +28,8 @@ _INPUT_IDS, _MASK, _LOGITS = "input_ids", "attention_mask", "logits"
 # calls after which ONNX Runtime 1.31 replays a step's captured CUDA graph, one run each
 CAPTURE_CALLS = 2
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# where a session made from a serialized graph finds the weights' external data
+EXTERNAL_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 
 
 class StaticModelError(ModelFolderError):
@@ -51,6 +53,13 @@ class StaticOrtModel(ExportedModel):
         chain_length: the longest greedy chain a state can launch at once
             (:meth:`StaticDecodeState.launch_chain`): that many 1-token steps, each with its
             own binding (and CUDA graph), feeding each other's argmax on the device. 0: none.
+        lanes: sequences one call can score together (:meth:`score_lanes`, each state in
+            a lane of its own): that many cache slots are made up front and bound to a
+            second session of the graph of :func:`~quickdraft.ort_backend.lanes_graph.
+            lanes_graph` (which loads the weights again), with a binding (and CUDA graph)
+            per step length of ``graph_steps``. The last ``max(graph_steps)`` cache
+            positions are then scratch for lanes idle in a call: ``max_length`` is that
+            much shorter. 0 or 1: none.
         provider_options: extra CUDA execution provider options (strings), merged over
             ``device_id`` and ``enable_cuda_graph``.
         options (onnxruntime.SessionOptions | None): the session's options (default:
@@ -79,6 +88,7 @@ class StaticOrtModel(ExportedModel):
         graph_steps: Sequence[int] = (1,),
         cuda_graph: bool = False,
         chain_length: int = 0,
+        lanes: int = 0,
         provider_options: dict | None = None,
         options=None,
     ):
@@ -125,6 +135,9 @@ class StaticOrtModel(ExportedModel):
         self._free: list[_CacheSlot] = []  # buffers of closed states, to reuse
         self._graph_ids = 0  # CUDA graph ids handed out so far
         self.slots_made = 0  # cache slots allocated (states made without a free slot)
+        if isinstance(lanes, bool) or int(lanes) != lanes or lanes < 0:
+            raise ValueError(f"lanes must be an integer >= 0, got {lanes!r}")
+        self._lanes = _Lanes(self, int(lanes)) if lanes > 1 else None
 
     def _check_manifest(self) -> None:
         super()._check_manifest()
@@ -146,19 +159,73 @@ class StaticOrtModel(ExportedModel):
 
     @property
     def max_length(self) -> int:
+        if self._lanes is not None:  # the idle lanes' scratch positions
+            return self.cache_length - self._lanes.max_step
         return self.cache_length
 
     def new_state(self) -> StaticDecodeState:
-        """A new sequence with its own caches (reusing a closed state's buffers if any)."""
+        """A new sequence with its own caches (reusing a closed state's buffers if any, a
+        free lane's first)."""
         with self._lock:
-            slot = self._free.pop() if self._free else None
-            if slot is None:
-                first = self._graph_ids + 1
-                self._graph_ids += len(self.graph_steps) + self.chain_length
-                self.slots_made += 1
+            slot = None
+            if self._free:
+                lane = [i for i, s in enumerate(self._free) if s.lane is not None]
+                slot = self._free.pop(lane[-1] if lane else -1)
         if slot is None:
-            slot = _CacheSlot(self, first)
+            slot = self._new_slot()
         return StaticDecodeState(self, slot)
+
+    def _new_slot(self, lane: int | None = None) -> _CacheSlot:
+        with self._lock:
+            first = self._graph_ids + 1
+            self._graph_ids += len(self.graph_steps) + self.chain_length
+            self.slots_made += 1
+        return _CacheSlot(self, first, lane)
+
+    # -- lanes: LaneModel ------------------------------------------------------------------
+
+    @property
+    def lanes(self) -> int:
+        """Sequences one :meth:`score_lanes` call takes (0: none)."""
+        return 0 if self._lanes is None else self._lanes.count
+
+    @property
+    def lane_tokens(self) -> int:
+        """The most tokens one lane takes per call (0: no lanes)."""
+        return 0 if self._lanes is None else self._lanes.max_step
+
+    def in_lane(self, state) -> bool:
+        return isinstance(state, StaticDecodeState) and state.model is self and \
+            state.lane is not None
+
+    def score_lanes(self, states: Sequence[StaticDecodeState],
+                    tokens: Sequence[Sequence[int]], greedy: Sequence[bool]) -> list:
+        """Append ``tokens[i]`` to ``states[i]`` (each in its own lane) in one run of the
+        lanes session; return each one's :class:`~quickdraft.protocols.Scores`: its greedy
+        ids [k_i] on the host where ``greedy[i]``, else its logits rows [k_i, V] where they
+        lie (:class:`~quickdraft.ort_backend.verify_graph.DeviceLogits`). Shorter lists
+        are padded to the step length used; the padding is written past each sequence's
+        end (overwritten later, as after a rewind) and its rows are not returned."""
+        if self._lanes is None:
+            raise ValueError("this model has no lanes: load it with lanes >= 2")
+        if not (len(states) == len(tokens) == len(greedy)) or not states:
+            raise ValueError("score_lanes needs one token list and one greedy flag per state")
+        entries = []
+        for state, toks in zip(states, tokens):
+            if not self.in_lane(state):
+                raise ValueError("score_lanes takes states of this model that hold a lane "
+                                 "(StaticOrtModel.new_state hands lanes out first)")
+            entries.append(state._lane_entry(toks))  # (slot, tokens, past length)
+        if len({slot.lane for slot, _, _ in entries}) != len(entries):
+            raise ValueError("two of the states share a lane")
+        t0 = time.perf_counter()
+        result = self._lanes.run(entries, greedy)
+        for state, (_, toks, _) in zip(states, entries):
+            state._consumed(toks, t0)
+        for scores in result:
+            if scores.greedy is not None:
+                states[0]._check_valid(scores.greedy)
+        return result
 
     def prepare_sampled(self, sampling, compute: str = "float32") -> bool:
         """Build the sampled-chain session for these settings now (its first use would);
@@ -195,6 +262,7 @@ class StaticOrtModel(ExportedModel):
             return entry[0], entry[1] - steps + 1
 
     def _release(self, slot: _CacheSlot) -> None:
+        slot.end = 0  # nothing in it is valid any more
         with self._lock:
             self._free.append(slot)
 
@@ -227,11 +295,12 @@ class _CacheSlot:
     max_length, head_dim] bound as past AND present (written in place), the mask
     [1, max_length], and a binding per step length with its own graph id."""
 
-    def __init__(self, model: StaticOrtModel, first_graph_id: int):
+    def __init__(self, model: StaticOrtModel, first_graph_id: int, lane: int | None = None):
         import onnxruntime as ort
 
         kind, dev = model.device.kind, model.device.device_id
         self.model = model
+        self.lane = lane  # the lane of the model's lanes session its caches are bound to
         # on the CPU an OrtValue made from a NumPy array uses that array's memory
         self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(model.cache_shape, model.np_dtype),
                                                        kind, dev)
@@ -250,6 +319,9 @@ class _CacheSlot:
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
         if model.cuda_graph:
             self._capture()
+        # the end of the last write: no valid position lies past it (a lane idle in a lanes
+        # call writes its scratch there, attending to no more than it must)
+        self.end = 0
 
     def _capture(self) -> None:
         """Capture every fixed-length step's CUDA graph now, on token 0 at position 0.
@@ -306,6 +378,7 @@ class _CacheSlot:
         mask = self.mask_host
         mask[0, :total] = 1
         mask[0, total:] = 0
+        self.end = total
         if self.on_device:  # on the CPU the bound buffer is the host array itself
             self.mask.update_inplace(mask)  # bound by every binding of this slot
         step = self.steps.get(k)
@@ -338,6 +411,142 @@ class _CacheSlot:
         if step is not None:
             return step.read_greedy()
         return np.array(self.generic_greedy.numpy()[0])  # [k]
+
+
+class _Lanes:
+    """A model's lanes: ``count`` cache slots bound, lane b to inputs and outputs
+    ``lane_name(..., b)``, to one session of :func:`lanes_graph`, with a binding (and graph
+    id) per step length. A call writes every lane's row of input_ids [count, k] and of the
+    mask [count, T]: a lane in the call its tokens (padded to k) after its past; an idle
+    lane k scratch positions past its last write (``_CacheSlot.end``, no later than T - k:
+    the model's ``max_length`` keeps them free), so it attends to no more than it holds."""
+
+    def __init__(self, model: StaticOrtModel, count: int):
+        import onnx
+        import onnxruntime as ort
+
+        from quickdraft.ort_backend.device import create_session, session_options
+        from quickdraft.ort_backend.lanes_graph import lanes_graph
+
+        self.model, self.count = model, count
+        self.max_step = max(model.graph_steps)
+        if self.max_step >= model.cache_length:
+            raise ValueError(f"lanes need a cache longer than the longest step "
+                             f"({self.max_step}): load with a larger cache_length")
+        proto = lanes_graph(onnx.load(str(model._model_path), load_external_data=False),
+                            count, model.past_names, model.present_names)
+        options = session_options()
+        options.intra_op_num_threads = model.options.intra_op_num_threads
+        options.enable_mem_pattern = model.MEM_PATTERN
+        if model.manifest.weights == "int8":  # as the model's own session
+            options.add_session_config_entry(INT8_FOLD_OPTION, "1")
+        options.add_session_config_entry(EXTERNAL_FOLDER_OPTION, str(model._model_path.parent))
+        self.session = create_session(proto.SerializeToString(), model.device, options,
+                                      model._cuda_options,
+                                      name=f"{model.folder} in {count} lanes")
+        kind, dev = model.device.kind, model.device.device_id
+        self.slots = [model._new_slot(lane=b) for b in range(count)]
+        T = model.cache_length
+        self.mask_host = np.ones((count, T), dtype=np.int64)  # [lanes, T]
+        self._positions = np.arange(T)  # [T]
+        self.mask = ort.OrtValue.ortvalue_from_numpy(self.mask_host, kind, dev)
+        self.on_device = kind != "cpu"
+        self.steps = {k: _LaneStep(self, k, i + 1) for i, k in enumerate(model.graph_steps)}
+        if model.cuda_graph:  # every lane idle: only scratch positions are written
+            for step in self.steps.values():
+                for _ in range(CAPTURE_CALLS):
+                    step.run()
+        with model._lock:
+            model._free.extend(reversed(self.slots))  # handed out first, lane 0 first
+
+    def run(self, entries: list[tuple[_CacheSlot, list[int], int]],
+            greedy: Sequence[bool]) -> list:
+        from quickdraft.protocols import Scores
+
+        longest = max(len(toks) for _, toks, _ in entries)
+        k = min((s for s in self.steps if s >= longest), default=None)
+        if k is None:
+            raise ValueError(f"a lane takes at most {self.max_step} tokens per call, got "
+                             f"{longest}")
+        step = self.steps[k]
+        T = self.model.cache_length
+        ends = np.array([min(slot.end, T - k) + k for slot in self.slots])  # idle lanes
+        step.ids_host[:] = 0
+        for slot, toks, past in entries:
+            b = slot.lane
+            step.ids_host[b, : len(toks)] = toks
+            ends[b] = slot.end = past + k
+        self.mask_host[:] = self._positions[None, :] < ends[:, None]  # [lanes, T]
+        mask = self.mask_host
+        if self.on_device:  # on the CPU the bound buffers are the host arrays
+            self.mask.update_inplace(mask)
+            step.ids.update_inplace(step.ids_host)
+        step.run()
+        out: list = [None] * len(entries)
+        if any(greedy):
+            if step.greedy is not None:
+                ids = step.greedy.numpy()  # [lanes, k]
+            else:
+                from quickdraft.sampling import greedy_tokens
+
+                ids = greedy_tokens(step.host_logits().reshape(-1, self.model.vocab_size)
+                                    ).reshape(self.count, k)  # [lanes, k]
+        for i, ((slot, toks, _), g) in enumerate(zip(entries, greedy)):
+            if g:
+                out[i] = Scores(greedy=np.array(ids[slot.lane, : len(toks)]))  # [k_i]
+            else:
+                out[i] = Scores(logits=step.rows(slot.lane, len(toks)))  # [k_i, V]
+        return out
+
+
+class _LaneStep:
+    """One step length of the lanes session: input_ids [lanes, k], logits [lanes, k, V] and
+    greedy tokens [lanes, k] buffers, and a binding of every lane's caches."""
+
+    def __init__(self, lanes: _Lanes, k: int, graph_id: int):
+        import onnxruntime as ort
+
+        from quickdraft.ort_backend.lanes_graph import lane_name
+
+        model = lanes.model
+        kind, dev = model.device.kind, model.device.device_id
+        self.lanes, self.k = lanes, k
+        self.ids_host = np.zeros((lanes.count, k), dtype=np.int64)  # [lanes, k]
+        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
+        V = model.manifest.vocab_size
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            (lanes.count, k, V), model.np_dtype, kind, dev)  # [lanes, k, V]
+        self.greedy = ort.OrtValue.ortvalue_from_shape_and_type(
+            (lanes.count, k), np.int64, kind, dev) if model.has_greedy else None
+        b = self.binding = lanes.session.io_binding()
+        b.bind_ortvalue_input(_INPUT_IDS, self.ids)
+        b.bind_ortvalue_input(_MASK, lanes.mask)
+        for lane, slot in enumerate(lanes.slots):
+            for past, present, value in zip(model.past_names, model.present_names, slot.cache):
+                b.bind_ortvalue_input(lane_name(past, lane), value)
+                b.bind_ortvalue_output(lane_name(present, lane), value)
+        b.bind_ortvalue_output(_LOGITS, self.logits)
+        if self.greedy is not None:
+            b.bind_ortvalue_output(GREEDY_OUTPUT, self.greedy)
+        self.options = _run_options(graph_id if model.cuda_graph else None)
+        self._host: np.ndarray | None = None  # the logits on the host, once read this run
+
+    def run(self) -> None:
+        self.lanes.session.run_with_iobinding(self.binding, self.options)
+        self._host = None
+
+    def host_logits(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self.logits.numpy()  # [lanes, k, V]
+        return self._host
+
+    def rows(self, lane: int, count: int):
+        """Lane ``lane``'s first ``count`` logits rows, where they lie."""
+        from quickdraft.ort_backend.verify_graph import DeviceLogits
+
+        return DeviceLogits(self.logits, lane * self.k, count, self.lanes.model.vocab_size,
+                            self.lanes.model.np_dtype, self.lanes.model.device,
+                            self.host_logits)
 
 
 class _StepBinding:
@@ -505,6 +714,7 @@ class _Chain:
         for b, options in zip(self.bindings[:length], self.options[:length]):
             self.session.run_with_iobinding(b, options)
         self.slot.calls["captured_steps"] += length
+        self.slot.end = past_length + length
 
     def wait(self, length: int) -> np.ndarray:
         """The chain's ``length`` tokens [length] int64, once the device is done."""
@@ -543,6 +753,26 @@ class StaticDecodeState(TokenState):
         super().__init__(model)
         self._slot: _CacheSlot | None = slot
         self._pending: Launched | None = None  # work launched and not waited for
+
+    @property
+    def lane(self) -> int | None:
+        """The lane of its model's lanes session this state's caches are bound to (None:
+        none, it is scored alone)."""
+        return None if self._slot is None else self._slot.lane
+
+    def _lane_entry(self, tokens: Sequence[int]) -> tuple[_CacheSlot, list[int], int]:
+        """What a lanes call needs of this state: its slot, the checked tokens, where they
+        go."""
+        slot = self._live()
+        tokens = self._checked(tokens)
+        if not tokens:
+            raise ValueError("a lane needs at least one token to score")
+        return slot, tokens, len(self._tokens)
+
+    def _consumed(self, tokens: list[int], t0: float) -> None:
+        """A lanes call appended ``tokens`` (started at ``t0``)."""
+        self.times.record_call(len(tokens), t0)
+        self._tokens.extend(tokens)
 
     @property
     def calls(self) -> dict:

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quickdraft.generation import host_verify
+from quickdraft.generation import host_decide, host_verify
 from quickdraft.ort_backend.device import Device, create_session, helper_options
 from quickdraft.protocols import (
     Candidates,
     DecodeState,
+    Scores,
     Verdict,
     advance,
     rewind_to_common_prefix,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from onnxruntime import SessionOptions
 
 __all__ = [
+    "DeviceLogits",
     "DeviceRows",
     "DeviceSampler",
     "DeviceVerifier",
@@ -107,6 +109,30 @@ class DeviceRows:
 
     def numpy(self) -> np.ndarray:
         return np.array(self.value.numpy()[: self.count])  # [count, V]
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self.numpy()
+        return rows if dtype is None else rows.astype(dtype)
+
+
+class DeviceLogits:
+    """``rows`` logits rows [rows, V] of one sequence inside a larger device buffer (a lane
+    of a call that scored several sequences), starting at row ``start`` of ``value``'s
+    flattened [*, V] rows: the verification graph binds them in place; ``numpy()`` reads
+    them through ``host``, a shared host copy of the whole buffer made on first use."""
+
+    def __init__(self, value, start: int, rows: int, vocab: int, dtype, device: Device,
+                 host):
+        self.value, self.start, self.rows, self.vocab = value, int(start), int(rows), int(vocab)
+        self.dtype, self.device, self._host = np.dtype(dtype), device, host
+
+    @property
+    def data_ptr(self) -> int:
+        return self.value.data_ptr() + self.start * self.vocab * self.dtype.itemsize
+
+    def numpy(self) -> np.ndarray:
+        flat = self._host().reshape(-1, self.vocab)  # [*, V]
+        return flat[self.start : self.start + self.rows]  # [rows, V]
 
     def __array__(self, dtype=None, copy=None):
         rows = self.numpy()
@@ -256,6 +282,13 @@ class DeviceVerifier:
         one), host arrays through a copy."""
         import onnxruntime as ort
 
+        if isinstance(target, DeviceLogits) and target.device == self.device and \
+                target.dtype == np.dtype(self.logits_np):
+            self.binding.bind_input("target_logits", self.device.kind, self.device.device_id,
+                                    target.dtype.type, [1, target.rows, self.vocab],
+                                    target.data_ptr)
+            self._bound_target = None
+            return
         if isinstance(target, ort.OrtValue):
             if target is not self._bound_target:
                 self.binding.bind_ortvalue_input("target_logits", target)
@@ -343,16 +376,26 @@ class GraphVerifier:
             # static model computes them in its own graph); otherwise on one-hot rows.
             return host_verify(target, scored, candidates, sampling, accept_uniforms,
                                sample_uniform, lenience=lenience)
-        if lenience != 1.0:
-            raise ValueError(
-                f"the verification graph applies the exact rule (lenience 1), not {lenience}; "
-                "verify on the host (quickdraft.generation.host_verify) for the lossy rule"
-            )
+        _check_exact(lenience)
         logits = advance_device(target, scored, gamma + 1)  # [1, k, V] or [k, V], k >= g + 1
+        return self.decide(Scores(logits=logits), candidates, sampling, accept_uniforms,
+                           sample_uniform, lenience=lenience)
+
+    def decide(self, scores: Scores, candidates: Candidates, sampling: SamplingConfig,
+               accept_uniforms: np.ndarray, sample_uniform: float, *,
+               lenience: float = 1.0) -> Verdict:
+        """The :class:`~quickdraft.protocols.Decider` half: the verdict on a target call
+        made elsewhere (its logits as an OrtValue, :class:`DeviceLogits` or host rows;
+        greedy: :func:`~quickdraft.generation.host_decide` on its ids)."""
+        gamma = len(candidates.tokens)
+        if sampling.greedy or gamma == 0:
+            return host_decide(scores, candidates, sampling, accept_uniforms, sample_uniform,
+                               lenience=lenience)
+        _check_exact(lenience)
         rows = (candidates.rows_on_device if candidates.rows_on_device is not None
                 else candidates.probs)  # [gamma, V], in place where a sampler left them
         n, token, beta = self.get(gamma, sampling).run(
-            logits, rows, candidates.tokens, accept_uniforms, sample_uniform)
+            scores.logits, rows, candidates.tokens, accept_uniforms, sample_uniform)
         if not (0 <= token < self.vocab and 0 <= n <= gamma and np.isfinite(beta).all()):
             # the host path refuses such rows in adjust_logits; the graph has no raise
             raise ValueError(
@@ -361,3 +404,10 @@ class GraphVerifier:
                 "use a larger temperature, or 0 for greedy decoding")
         reached = min(n + 1, gamma)
         return Verdict(n, token, beta[:reached].astype(float).tolist())
+
+
+def _check_exact(lenience: float) -> None:
+    if lenience != 1.0:
+        raise ValueError(
+            f"the verification graph applies the exact rule (lenience 1), not {lenience}; "
+            "verify on the host (quickdraft.generation.host_verify) for the lossy rule")

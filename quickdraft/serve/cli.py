@@ -42,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Serve an exported pair over HTTP: /v1/completions, /v1/chat/completions, "
             "/v1/models, /health and /metrics (Prometheus). One loaded pair; a scheduler "
             "thread decodes up to --max-concurrency streams at once, one speculative "
-            "iteration each in turn. Same settings and seed: the same output as "
+            "iteration each in turn, their proposals verified in one target call (--lanes). "
+            "Same settings and seed: the same output as "
             "`quickdraft generate`. Needs the serve extra: pip install 'quickdraft[serve]'."
         ),
     )
@@ -65,6 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="default drafting strategy (a request's drafter field overrides it)")
     p.add_argument("--max-concurrency", type=_positive_int(1), default=8,
                    help="streams decoded at once, each with its own caches (default 8)")
+    p.add_argument("--lanes", type=_positive_int(0), default=None, metavar="N",
+                   help="streams whose proposals one target call verifies (a static "
+                   "export; each lane keeps a stream's caches from the start; default: "
+                   "--max-concurrency, at most 16; 0: every stream verified alone)")
     p.add_argument("--max-queue", type=_positive_int(0), default=64,
                    help="requests waiting for a stream; beyond it: 429 (default 64)")
     p.add_argument("--timeout", type=_seconds, default=None, metavar="S",
@@ -89,7 +94,8 @@ def _settings(args):
     return ServeSettings(model_dir=args.model_dir, model_name=args.model_name,
                          device=args.device, gamma=args.gamma, drafter=args.drafter,
                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                         timeout=args.timeout, shutdown_timeout=args.shutdown_timeout)
+                         lanes=args.lanes, timeout=args.timeout,
+                         shutdown_timeout=args.shutdown_timeout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_ray(settings, replicas=args.replicas, host=args.host, port=args.port)
     print(f"quickdraft serve: {settings.served_name()} on http://{args.host}:{args.port}/v1 "
-          f"(max concurrency {settings.max_concurrency}, queue {settings.max_queue})",
+          f"(max concurrency {settings.max_concurrency}, queue {settings.max_queue}, lanes "
+          f"{settings.resolved_lanes()})",
           file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
                 log_level=args.log_level, lifespan="on",

@@ -5,7 +5,10 @@ A :class:`~quickdraft.ort_backend.generator.Generator` and its states belong to 
 that made it, so all of them live on the scheduler's thread. Each round it admits waiting
 jobs up to ``max_concurrency`` active streams, then gives every active stream one unit of
 work (its prefill, or one speculative iteration) in round-robin order: a long request
-never blocks short ones for more than one iteration per round. Events go back to the
+never blocks short ones for more than one iteration per round. When the target has lanes
+(:class:`~quickdraft.protocols.LaneModel`), the speculative streams whose states hold one
+are verified together: each drafts (``begin_step``), one target call scores every
+proposal (``score_lanes``), each decides and takes its tokens (``end_step``). Events go back to the
 caller through ``job.emit`` (the server passes ``loop.call_soon_threadsafe`` onto an
 ``asyncio.Queue``). Generators of finished jobs are pooled and reused when the next job's
 settings allow it (their caches reset, so a reused one gives exactly what a fresh one
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 from quickdraft.ort_backend.generator import DecodeConfig
 from quickdraft.ort_backend.text import StreamDecoder
+from quickdraft.protocols import LaneModel, supports
 
 __all__ = ["Job", "Delta", "Done", "Failed", "Scheduler", "QueueFull", "ShuttingDown",
            "stop_holdback"]
@@ -151,7 +155,10 @@ class Scheduler:
         self.generators_made = 0
         self.generators_closed = 0
         self.generators_reused = 0
+        self.lane_calls = 0  # target calls that verified several streams at once
         self.error: BaseException | None = None  # what ended the thread, if not a stop
+        target = pair.target
+        self._lanes = target if supports(target, LaneModel) and target.lane_tokens else None
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -188,6 +195,7 @@ class Scheduler:
                     "pooled": len(self._pool), "generators_made": self.generators_made,
                     "generators_closed": self.generators_closed,
                     "generators_reused": self.generators_reused,
+                    "lane_calls": self.lane_calls,
                     "max_concurrency": self.max_concurrency, "max_queue": self.max_queue}
 
     def retry_after_s(self) -> int:
@@ -230,8 +238,15 @@ class Scheduler:
                     self._gauges()
                 # queued jobs can be cancelled or time out without waiting for a stream
                 self._sweep_waiting()
+                together = [j for j in round_ if self._lanes is not None
+                            and j.gen is not None and j.gen.lane_ready]
+                if len(together) > 1:
+                    self._advance_together(together)
+                else:
+                    together = []
                 for job in round_:
-                    self._advance(job)
+                    if job not in together:
+                        self._advance(job)
                 with self._cv:
                     self._active = [j for j in self._active if not j.finished]
                     self._gauges()
@@ -323,18 +338,24 @@ class Scheduler:
         if event is not None:
             self._emit(job, event)
 
-    def _advance(self, job: Job) -> None:
-        """One unit of work for ``job``: its prefill, or one iteration."""
+    def _live(self, job: Job) -> bool:
+        """False (and the job ended) when it was cancelled or ran out of time."""
         if job.finished:
-            return
+            return False
         if job.cancelled:
             self._end(job, None, "cancelled")
-            return
-        now = time.monotonic()
-        if job.deadline is not None and now >= job.deadline:
+            return False
+        if job.deadline is not None and time.monotonic() >= job.deadline:
             self._end(job, _timeout(job), "timeout")
+            return False
+        return True
+
+    def _advance(self, job: Job) -> None:
+        """One unit of work for ``job``: its prefill, or one iteration."""
+        if not self._live(job):
             return
-        try:
+
+        def unit() -> None:
             if job.gen is None:
                 job.gen = self._acquire(job)
                 job.gen.prefill(job.prompt_ids)
@@ -343,16 +364,61 @@ class Scheduler:
                 if self.metrics is not None:
                     self.metrics.prompt_tokens.inc(len(job.prompt_ids))
                 return
-            self._step(job)
-        except (ValueError, TypeError) as e:  # settings the request gave (checked before)
-            self._end(job, Failed(400, str(e)), "error")
+            self._took(job, job.gen.step())
+
+        self._guarded(job, unit)
+
+    def _advance_together(self, jobs: list[Job]) -> None:
+        """One iteration of each job, their proposals verified in one target call (each
+        lane takes at most ``lane_tokens``; a longer one is verified alone)."""
+        asked = []
+        for job in jobs:
+            if self._live(job):
+                self._guarded(job, lambda j=job: asked.append((j, j.gen.begin_step())))
+        lanes = self._lanes
+        fits = [(j, r) for j, r in asked if len(r.tokens) <= lanes.lane_tokens]
+        scores: list = []
+        if fits:
+            try:
+                scores = lanes.score_lanes([r.state for _, r in fits],
+                                           [r.tokens for _, r in fits],
+                                           [r.greedy for _, r in fits])
+            except Exception as e:  # every stream of the call fails alike
+                for job, _ in fits:
+                    self._fail(job, e)
+                fits = []
+            else:
+                self.lane_calls += 1
+                if self.metrics is not None:
+                    self.metrics.lane_calls.inc()
+                    self.metrics.lane_streams.observe(len(fits))
+        done = {id(j) for j, _ in fits}
+        for (job, _), sc in zip(fits, scores):
+            self._guarded(job, lambda j=job, sc=sc: self._took(j, j.gen.end_step(sc)))
+        for job, _ in asked:
+            if id(job) not in done and not job.finished:
+                self._guarded(job, lambda j=job: self._took(j, j.gen.end_step(None)))
+
+    def _guarded(self, job: Job, work) -> bool:
+        """Run ``work()``; a failure ends ``job`` with a 400 (settings the request gave,
+        checked before) or a 500, never the thread. True when it ran."""
+        try:
+            work()
+            return True
         except Exception as e:
+            self._fail(job, e)
+            return False
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if isinstance(e, (ValueError, TypeError)):
+            self._end(job, Failed(400, str(e)), "error")
+        else:
             self._end(job, Failed(500, f"generation failed: {type(e).__name__}: {e}",
                                   "server_error"), "error")
 
-    def _step(self, job: Job) -> None:
+    def _took(self, job: Job, tokens: list[int]) -> None:
+        """A step of ``job`` gave ``tokens``: metrics, text, stop strings, events."""
         gen = job.gen
-        tokens = gen.step()
         now = time.monotonic()
         m = self.metrics
         if tokens:

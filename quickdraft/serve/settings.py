@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ServeSettings", "BUNDLED_MODEL_NAME"]
+__all__ = ["ServeSettings", "BUNDLED_MODEL_NAME", "MAX_AUTO_LANES"]
 
 BUNDLED_MODEL_NAME = "quickdraft-default"  # the served name of the bundled pair
+MAX_AUTO_LANES = 16  # lanes=None: at most this many (each holds a stream's caches up front)
 
 
 def _check_gamma(gamma) -> None:
@@ -34,6 +35,9 @@ class ServeSettings:
     drafter: str = "model"
     max_concurrency: int = 8  # streams decoded at once (each its own Generator and caches)
     max_queue: int = 64  # requests waiting for a stream; more get 429
+    # streams whose proposals one target call verifies (a static export's lanes); None:
+    # max_concurrency, at most MAX_AUTO_LANES, for a static export; 0: each stream alone
+    lanes: int | None = None
     timeout: float | None = None  # seconds per request (queue wait included)
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on shutdown
     max_body_bytes: int = 1 << 20
@@ -48,8 +52,10 @@ class ServeSettings:
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got "
                              f"{self.drafter!r}")
-        for name in ("max_concurrency", "max_queue"):
+        for name in ("max_concurrency", "max_queue", "lanes"):
             value = getattr(self, name)
+            if value is None:
+                continue
             low = 1 if name == "max_concurrency" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -79,6 +85,19 @@ class ServeSettings:
         if self.gamma is not None:
             return self.gamma
         return BUNDLED_GAMMA if self.bundled else 5
+
+    def resolved_lanes(self) -> int:
+        """Lanes to load the target with: 0 for a dynamic export or one stream at a time."""
+        from quickdraft.manifest import load_manifest
+
+        static = load_manifest(self.resolved_model_dir() / "target").kv_cache == "static"
+        if not static or self.max_concurrency < 2:
+            if self.lanes and self.lanes > 1 and not static:
+                raise ValueError("lanes need a static export (--kv-cache static); serve "
+                                 "this one with --lanes 0")
+            return 0
+        lanes = min(self.max_concurrency, MAX_AUTO_LANES) if self.lanes is None else self.lanes
+        return lanes if lanes > 1 else 0
 
     def served_name(self) -> str:
         if self.model_name:
