@@ -7,10 +7,13 @@ use it: one autoregressive generator reused across prompts, two live at once (tw
 slots on one model), a speculative generator reused, both kinds alive together, a
 fresh generator per request, and pipelined decoding (the target's verify call and the
 draft's chain in flight at once), reused and beside a sequential speculative generator,
-with and without graphs. Each prompt's tokens are compared with autoregressive
-decoding of the same pair loaded without CUDA graphs; each entry is the index of the
-first token that differs (None: all equal). Prompts: the first ``--prompts`` of those
-``benchmarks/concurrency.py`` sends.
+with and without graphs, and lanes (the target loaded with lanes: a speculative generator
+alone, reused; all prompts stepped together through ``score_lanes``; both without
+graphs). Each prompt's tokens are compared with autoregressive decoding of the same pair
+loaded without CUDA graphs; each entry is the index of the first token that differs
+(None: all equal). ``steps`` compares one history's step logits on a lane's cache slot
+with a plain slot's, per step length (max |difference|, argmax equal). Prompts: the first
+``--prompts`` of those ``benchmarks/concurrency.py`` sends.
 """
 
 from __future__ import annotations
@@ -74,9 +77,46 @@ def scenarios(config, prompts, reference):
             return [[diff(i, a.generate(p)), diff(i, s.generate(p)), diff(i, a.generate(p))]
                     for i, p in enumerate(prompts)]
 
+    def together(pair):
+        gens = [pair.generator(config, gamma=GAMMA) for _ in prompts]
+        for g, p in zip(gens, prompts):
+            g.prefill(p)
+        while any(g.lane_ready for g in gens):
+            ready = [g for g in gens if g.lane_ready]
+            asks = [g.begin_step() for g in ready]
+            scores = pair.target.score_lanes([a.state for a in asks], [a.tokens for a in asks],
+                                             [a.greedy for a in asks])
+            for g, sc in zip(ready, scores):
+                g.end_step(sc)
+        out = [[first_difference(reference[i], g.new_tokens)] for i, g in enumerate(gens)]
+        for g in gens:
+            g.close()
+        return out
+
     return {"autoregressive": autoregressive, "two_autoregressive": two_autoregressive,
             "speculative": speculative, "both": both, "fresh": fresh,
-            "pipelined": pipelined, "pipelined_and_speculative": pipelined_and_speculative}
+            "pipelined": pipelined, "pipelined_and_speculative": pipelined_and_speculative,
+            "lanes_alone": speculative, "lanes_together": together}
+
+
+def step_logits(plain, lanes, history: list[int], steps=(1, 2, 5)) -> dict:
+    """The logits of one history's next steps on a lane's slot and on a plain slot."""
+    import numpy as np
+
+    out = {}
+    for k in steps:
+        a, b = plain.target.new_state(), lanes.target.new_state()
+        try:
+            for s in (a, b):
+                s.append_greedy(history[:-k])
+            x, y = a.append(history[-k:]), b.append(history[-k:])  # [k, V]
+            out[k] = {"lane": b.lane, "max_abs": float(np.abs(x.astype(np.float32) -
+                                                               y.astype(np.float32)).max()),
+                      "argmax_equal": bool((x.argmax(-1) == y.argmax(-1)).all())}
+        finally:
+            a.close()
+            b.close()
+    return out
 
 
 def main() -> None:
@@ -85,21 +125,36 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke run of the same scenarios (no graphs there)")
     args = ap.parse_args()
     from benchmarks.concurrency import make_requests
     from quickdraft.ort_backend import DecodeConfig, load_pair
 
     config = DecodeConfig(max_new_tokens=args.tokens)
-    plain = load_pair(args.model_dir, device="cuda", max_gamma=GAMMA, cuda_graph=False)
+    plain = load_pair(args.model_dir, device=args.device, max_gamma=GAMMA, cuda_graph=False)
     prompts = [r.prompt for r in make_requests(plain.tokenizer, args.prompts, 32)]
     with plain.generator(config) as g:
         reference = [g.generate(p).tokens for p in prompts]
-    results = {"pipelined_without_graphs":
-               scenarios(config, prompts, reference)["pipelined"](plain)}
-    del plain
-    for name, run in scenarios(config, prompts, reference).items():
-        results[name] = run(load_pair(args.model_dir, device="cuda", max_gamma=GAMMA))
+    runs = scenarios(config, prompts, reference)
+    results = {"pipelined_without_graphs": runs["pipelined"](plain)}
+    lanes_plain = load_pair(args.model_dir, device=args.device, max_gamma=GAMMA, cuda_graph=False,
+                            lanes=4)
+    results["lanes_alone_without_graphs"] = runs["lanes_alone"](lanes_plain)
+    results["lanes_together_without_graphs"] = runs["lanes_together"](lanes_plain)
+    del lanes_plain
+    for name, run in runs.items():
+        lanes = 4 if name.startswith("lanes") else 0
+        results[name] = run(load_pair(args.model_dir, device=args.device, max_gamma=GAMMA,
+                                      lanes=lanes))
         print(name, results[name], flush=True)
+    graphs = load_pair(args.model_dir, device=args.device, max_gamma=GAMMA)
+    lanes = load_pair(args.model_dir, device=args.device, max_gamma=GAMMA, lanes=4)
+    history = plain.tokenizer.encode(prompts[0]).ids + reference[0][:40]
+    results["steps"] = {"plain_vs_lane_slot": step_logits(graphs, lanes, history),
+                        "no_graphs_vs_lane_slot": step_logits(plain, lanes, history)}
+    print("steps", results["steps"], flush=True)
+    del plain
     if args.json:
         dump_results(args.json, results=results)
 

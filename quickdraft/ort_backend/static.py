@@ -28,6 +28,8 @@ _INPUT_IDS, _MASK, _LOGITS = "input_ids", "attention_mask", "logits"
 # calls after which ONNX Runtime 1.31 replays a step's captured CUDA graph, one run each
 CAPTURE_CALLS = 2
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# the first CUDA graph id of a lanes session (apart from every cache slot's own ids)
+LANES_GRAPH_IDS = 1 << 20
 # where a session made from a serialized graph finds the weights' external data
 EXTERNAL_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 
@@ -433,6 +435,8 @@ class _Lanes:
         if self.max_step >= model.cache_length:
             raise ValueError(f"lanes need a cache longer than the longest step "
                              f"({self.max_step}): load with a larger cache_length")
+        kind, dev = model.device.kind, model.device.device_id
+        self.slots = [model._new_slot(lane=b) for b in range(count)]  # their steps captured
         proto = lanes_graph(onnx.load(str(model._model_path), load_external_data=False),
                             count, model.past_names, model.present_names)
         options = session_options()
@@ -444,14 +448,13 @@ class _Lanes:
         self.session = create_session(proto.SerializeToString(), model.device, options,
                                       model._cuda_options,
                                       name=f"{model.folder} in {count} lanes")
-        kind, dev = model.device.kind, model.device.device_id
-        self.slots = [model._new_slot(lane=b) for b in range(count)]
         T = model.cache_length
         self.mask_host = np.ones((count, T), dtype=np.int64)  # [lanes, T]
         self._positions = np.arange(T)  # [T]
         self.mask = ort.OrtValue.ortvalue_from_numpy(self.mask_host, kind, dev)
         self.on_device = kind != "cpu"
-        self.steps = {k: _LaneStep(self, k, i + 1) for i, k in enumerate(model.graph_steps)}
+        self.steps = {k: _LaneStep(self, k, LANES_GRAPH_IDS + i)
+                      for i, k in enumerate(model.graph_steps)}
         if model.cuda_graph:  # every lane idle: only scratch positions are written
             for step in self.steps.values():
                 for _ in range(CAPTURE_CALLS):
