@@ -221,3 +221,40 @@ def test_scheduler_verifies_streams_together_and_each_gets_its_own_tokens(pairs)
         with alone.generator(c, gamma=3) as g:
             assert done[i] == g.generate(p).text, i
     assert scheduler.lane_calls > 0
+
+
+def test_lanes_belong_to_one_thread_at_a_time(target_dir):
+    """On CUDA a lane's graphs are captured on the thread that takes the lanes (ONNX Runtime
+    keeps them per thread): while a thread's state holds a lane, states made elsewhere get
+    none and a lanes call from another thread is refused; once every lane is free again,
+    another thread takes them."""
+    import threading
+
+    model = StaticOrtModel(target_dir, Device("cpu"), graph_steps=STEPS, lanes=2)
+    mine = model.new_state()
+    assert mine.lane is not None
+    other: dict = {}
+
+    def elsewhere():
+        s = model.new_state()
+        other["lane"] = s.lane
+        try:
+            model.score_lanes([mine], [[1]], [True])
+        except RuntimeError as e:
+            other["error"] = str(e)
+        s.close()
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    assert other["lane"] is None
+    assert "belong to the thread" in other["error"]
+    second = model.new_state()
+    assert second.lane is not None and second.lane != mine.lane
+    mine.close()
+    second.close()
+    t = threading.Thread(target=lambda: other.update(lane=model.new_state().lane))
+    t.start()
+    t.join()
+    assert other["lane"] is not None  # all lanes were free: that thread took them
+    assert model.new_state().lane is None  # and holds one, so this thread gets none

@@ -166,23 +166,30 @@ class StaticOrtModel(ExportedModel):
         return self.cache_length
 
     def new_state(self) -> StaticDecodeState:
-        """A new sequence with its own caches (reusing a closed state's buffers if any, a
-        free lane's first)."""
+        """A new sequence with its own caches: a free lane's first (the lanes belong to one
+        thread at a time: the one that takes a lane while none is held), else a closed
+        state's buffers whose CUDA graphs this thread captured, else new ones (their graphs
+        captured here)."""
+        me = threading.get_ident()
         with self._lock:
-            slot = None
-            if self._free:
-                lane = [i for i, s in enumerate(self._free) if s.lane is not None]
-                slot = self._free.pop(lane[-1] if lane else -1)
+            lanes = self._lanes
+            if lanes is not None and lanes.thread != me and \
+                    sum(s.lane is not None for s in self._free) == lanes.count:
+                lanes.take(me)  # on CUDA: every lane's graphs captured on this thread
+            mine = [i for i, s in enumerate(self._free)
+                    if s.thread is None or s.thread == me]
+            lane = [i for i in mine if self._free[i].lane is not None]
+            slot = self._free.pop(lane[-1] if lane else mine[-1]) if mine else None
         if slot is None:
             slot = self._new_slot()
         return StaticDecodeState(self, slot)
 
-    def _new_slot(self, lane: int | None = None) -> _CacheSlot:
+    def _new_slot(self, lane: int | None = None, *, capture: bool = True) -> _CacheSlot:
         with self._lock:
             first = self._graph_ids + 1
             self._graph_ids += len(self.graph_steps) + self.chain_length
             self.slots_made += 1
-        return _CacheSlot(self, first, lane)
+        return _CacheSlot(self, first, lane, capture=capture)
 
     # -- lanes: LaneModel ------------------------------------------------------------------
 
@@ -197,6 +204,8 @@ class StaticOrtModel(ExportedModel):
         return 0 if self._lanes is None else self._lanes.max_step
 
     def in_lane(self, state) -> bool:
+        """Whether ``state`` holds a lane (states made on the lanes' thread get them
+        first)."""
         return isinstance(state, StaticDecodeState) and state.model is self and \
             state.lane is not None
 
@@ -210,6 +219,9 @@ class StaticOrtModel(ExportedModel):
         end (overwritten later, as after a rewind) and its rows are not returned."""
         if self._lanes is None:
             raise ValueError("this model has no lanes: load it with lanes >= 2")
+        if self._lanes.thread != threading.get_ident():
+            raise RuntimeError("the lanes belong to the thread whose states hold them: score "
+                               "them there")
         if not (len(states) == len(tokens) == len(greedy)) or not states:
             raise ValueError("score_lanes needs one token list and one greedy flag per state")
         entries = []
@@ -297,7 +309,8 @@ class _CacheSlot:
     max_length, head_dim] bound as past AND present (written in place), the mask
     [1, max_length], and a binding per step length with its own graph id."""
 
-    def __init__(self, model: StaticOrtModel, first_graph_id: int, lane: int | None = None):
+    def __init__(self, model: StaticOrtModel, first_graph_id: int, lane: int | None = None,
+                 *, capture: bool = True):
         import onnxruntime as ort
 
         kind, dev = model.device.kind, model.device.device_id
@@ -319,7 +332,11 @@ class _CacheSlot:
                       if model.chain_length else None)
         self.sampled_chains: dict[tuple, _Chain] = {}  # (sampling, compute) -> its chain
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
-        if model.cuda_graph:
+        # the thread that captured its CUDA graphs: ONNX Runtime keeps them per thread, and
+        # one used from another thread is captured again on a real call, which runs a
+        # 1-token greedy step more than once (None: no graphs, any thread)
+        self.thread: int | None = None
+        if model.cuda_graph and capture:
             self._capture()
         # the end of the last write: no valid position lies past it (a lane idle in a lanes
         # call writes its scratch there, attending to no more than it must)
@@ -339,6 +356,7 @@ class _CacheSlot:
         if self.chain is not None:
             self.chain.capture()
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
+        self.thread = threading.get_ident()
 
     def sampled_chain(self, sampling, compute: str) -> _Chain:
         """This slot's sampled chain for ``sampling`` (made, and captured, on first use)."""
@@ -436,7 +454,9 @@ class _Lanes:
             raise ValueError(f"lanes need a cache longer than the longest step "
                              f"({self.max_step}): load with a larger cache_length")
         kind, dev = model.device.kind, model.device.device_id
-        self.slots = [model._new_slot(lane=b) for b in range(count)]  # their steps captured
+        # captured by take(), on the thread that uses them
+        self.slots = [model._new_slot(lane=b, capture=False) for b in range(count)]
+        self.thread: int | None = None  # the thread the lanes belong to
         proto = lanes_graph(onnx.load(str(model._model_path), load_external_data=False),
                             count, model.past_names, model.present_names)
         options = session_options()
@@ -455,12 +475,22 @@ class _Lanes:
         self.on_device = kind != "cpu"
         self.steps = {k: _LaneStep(self, k, LANES_GRAPH_IDS + i)
                       for i, k in enumerate(model.graph_steps)}
-        if model.cuda_graph:  # every lane idle: only scratch positions are written
+        model._free.extend(reversed(self.slots))  # handed out first, lane 0 first
+
+    def take(self, thread: int) -> None:
+        """The lanes belong to ``thread`` (the caller's) from now on; on CUDA every lane's
+        graphs and the lanes session's are captured here, while no lane holds a sequence
+        (every lane idle: only scratch positions are written)."""
+        if self.model.cuda_graph:
+            for slot in self.slots:
+                slot._capture()
+                slot.end = 0
             for step in self.steps.values():
                 for _ in range(CAPTURE_CALLS):
                     step.run()
-        with model._lock:
-            model._free.extend(reversed(self.slots))  # handed out first, lane 0 first
+        self.thread = thread
+        for slot in self.slots:
+            slot.thread = thread
 
     def run(self, entries: list[tuple[_CacheSlot, list[int], int]],
             greedy: Sequence[bool]) -> list:
