@@ -566,30 +566,11 @@ class SpeculativeIterations:
                                             lenience=self.lenience))
 
 
-def speculative_stream(
-    target: LanguageModel,
-    draft: LanguageModel | None,
-    prompt_ids: Sequence[int],
-    *,
-    gamma: int | None = None,
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    rng: np.random.Generator,
-    eos_id: EosIds = None,
-    drafter: Drafter | None = None,
-    lenience: float = 1.0,
-    stats: GenerationStats | None = None,
-    state: DecodeState | None = None,
-    verifier: Verifier | None = None,
-    max_draft: int | None = None,
-) -> Iterator[list[int]]:
-    """Yield the new tokens of each iteration as soon as they are verified; the arguments
-    are :func:`speculative_iterations`'."""
-    loop = speculative_iterations(
-        target, draft, prompt_ids, gamma=gamma, max_new_tokens=max_new_tokens,
-        sampling=sampling, rng=rng, eos_id=eos_id, drafter=drafter, lenience=lenience,
-        stats=stats, state=state, verifier=verifier, max_draft=max_draft)
-    yield from loop
+def speculative_stream(target: LanguageModel, draft: LanguageModel | None,
+                       prompt_ids: Sequence[int], **options) -> Iterator[list[int]]:
+    """Yield the new tokens of each iteration as soon as they are verified; the options
+    are :func:`speculative_iterations`' (``rng`` and ``max_new_tokens`` among them)."""
+    yield from speculative_iterations(target, draft, prompt_ids, **options)
 
 
 def speculative_generate(

@@ -28,10 +28,9 @@ python -m pip install -q --no-deps --target "$lowest" "onnxruntime==$ORT_LOWEST"
 PYTHONPATH="$lowest" python -c "import onnxruntime, sys; v = onnxruntime.__version__; \
 sys.exit(0 if v == '$ORT_LOWEST' else f'expected onnxruntime $ORT_LOWEST, got {v}')"
 ort_tests=()
-# the runtime's own paths: sessions, static caches and CUDA-graph bindings, the device
-# graphs, the bundled (int8) pair, greedy outputs, launched calls and chains
-for t in test_ort_backend test_static_path test_verify_graph test_default_pair \
-         test_greedy_output test_overlap; do
+# the paths that lean on the runtime's contrib operators: static caches and their
+# bindings, the device graphs, the bundled (int8) pair, launched calls and chains, lanes
+for t in test_static_path test_verify_graph test_default_pair test_overlap test_lanes; do
     if [ -f "tests/$t.py" ]; then
         ort_tests+=("tests/$t.py")
     fi
