@@ -81,8 +81,13 @@ def scenarios(config, prompts, reference):
         gens = [pair.generator(config, gamma=GAMMA) for _ in prompts]
         for g, p in zip(gens, prompts):
             g.prefill(p)
-        while any(g.lane_ready for g in gens):
+        while not all(g.done for g in gens):
+            for g in gens:  # the generators beyond the lanes step alone
+                if not g.done and not g.lane_ready:
+                    g.step()
             ready = [g for g in gens if g.lane_ready]
+            if not ready:
+                continue
             asks = [g.begin_step() for g in ready]
             scores = pair.target.score_lanes([a.state for a in asks], [a.tokens for a in asks],
                                              [a.greedy for a in asks])

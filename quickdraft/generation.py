@@ -324,6 +324,7 @@ def host_verify(
     :func:`quickdraft.verification.verify_greedy` on the target's argmax tokens, which is
     what ``verify`` returns on the one-hot rows (tests/test_verification.py proves it).
     """
+    _check_decision(candidates, lenience, accept_uniforms, sample_uniform)  # before scoring
     k = len(candidates.tokens) + 1
     if wants_greedy(candidates, sampling):
         scores = Scores(greedy=advance_greedy(target, scored, k))  # [>= gamma + 1]
@@ -345,12 +346,10 @@ def host_decide(
     """:func:`host_verify`'s decision on a target call's :class:`~quickdraft.protocols.Scores`
     (their last gamma + 1 rows): greedy ids where :func:`wants_greedy`, else logits rows
     (on the host, or anything ``numpy.asarray`` copies there)."""
-    if not 0.0 < lenience <= 1.0:
-        raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
+    _check_decision(candidates, lenience, accept_uniforms, sample_uniform)
     x = candidates.tokens  # [gamma]
     gamma = len(x)
     if candidates.checked:
-        check_uniforms(accept_uniforms, sample_uniform)
         if wants_greedy(candidates, sampling):
             # p is one-hot on the target's argmax tokens: only those are needed
             choices = np.asarray(scores.greedy)[-(gamma + 1):]  # [gamma + 1]
@@ -366,6 +365,16 @@ def host_decide(
     reached = min(n + 1, gamma)
     betas = beta(p[:reached], q[:reached]).tolist()  # [reached]
     return Verdict(n, token, betas)
+
+
+def _check_decision(candidates: Candidates, lenience: float, accept_uniforms: np.ndarray,
+                    sample_uniform: float) -> None:
+    """The checks a decision makes before it touches anything (checked candidates skip
+    verify's own, so their uniforms are checked here)."""
+    if not 0.0 < lenience <= 1.0:
+        raise ValueError(f"lenience must be in (0, 1], got {lenience}; 1 is exact sampling")
+    if candidates.checked:
+        check_uniforms(accept_uniforms, sample_uniform)
 
 
 def check_uniforms(uniforms: np.ndarray, *more: float) -> None:

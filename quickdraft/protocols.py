@@ -334,10 +334,12 @@ class Verdict(NamedTuple):
 class Scores(NamedTuple):
     """What one target call gave a proposal, for its verifier to decide on: the greedy ids
     after each appended token [k] int64 (greedy decisions), or the logits rows [k, V] (a
-    host array, or rows on the device that ``numpy.asarray`` copies to the host)."""
+    host array, or rows on the device that ``numpy.asarray`` copies to the host); or, in
+    ``error``, why this sequence's rows cannot be decided on (the others of the call can)."""
 
     greedy: np.ndarray | None = None
     logits: object | None = None
+    error: str | None = None
 
 
 class Verifier(Protocol):
@@ -395,6 +397,10 @@ class LaneModel(Protocol):
 
     def in_lane(self, state: DecodeState) -> bool:
         """Whether ``state`` holds a lane of this model."""
+        ...
+
+    def new_state(self, lane: bool = True) -> DecodeState:
+        """A new state, in a free lane when ``lane`` and one is free."""
         ...
 
     def score_lanes(self, states: Sequence[DecodeState], tokens: Sequence[Sequence[int]],

@@ -162,14 +162,27 @@ def test_generators_stepped_together_give_what_each_gives_alone(pairs):
     got, calls = _stepped_together(together, prompts, _settings(), 24)
     want = _alone(alone, prompts, _settings(), 24)
     assert got == want
-    assert calls >= max(len(t) for t, _ in want) // 5  # shared calls, not one per stream
+    iterations = [len(acc) for _, acc in want]
+    assert max(iterations) <= calls < sum(iterations)  # calls shared by the streams
     assert all(any(n > 0 for n in acc) for _, acc in got[:2])  # greedy streams accepted
 
 
 def test_end_step_without_scores_verifies_alone_and_misuse_is_refused(pairs):
     together, alone = pairs
     config = DecodeConfig(max_new_tokens=12)
-    g = together.generator(config, gamma=3)
+    with together.generator(config, gamma=3) as g:
+        _misuse_and_alone(g, together, alone, config)
+    with together.generator(DecodeConfig(max_new_tokens=4)) as ar:  # autoregressive
+        ar.prefill("x = 1")
+        assert not ar.lane_ready
+        specs = [together.generator(config, gamma=3) for _ in range(together.target.lanes)]
+        for s in specs:  # the autoregressive one took no lane: every speculative one has one
+            s.prefill("y = 2")
+            assert s.lane_ready
+            s.close()
+
+
+def _misuse_and_alone(g, together, alone, config):
     with pytest.raises(ValueError, match="call prefill"):
         g.begin_step()
     g.prefill("def f(x):")
@@ -187,10 +200,6 @@ def test_end_step_without_scores_verifies_alone_and_misuse_is_refused(pairs):
     with alone.generator(config, gamma=3) as ref:
         ref.generate("def f(x):")
         assert g.new_tokens == ref.new_tokens
-    g.close()
-    with together.generator(DecodeConfig(max_new_tokens=4)) as ar:  # autoregressive
-        ar.prefill("x = 1")
-        assert not ar.lane_ready
 
 
 def test_scheduler_verifies_streams_together_and_each_gets_its_own_tokens(pairs):
@@ -258,3 +267,109 @@ def test_lanes_belong_to_one_thread_at_a_time(target_dir):
     t.join()
     assert other["lane"] is not None  # all lanes were free: that thread took them
     assert model.new_state().lane is None  # and holds one, so this thread gets none
+
+
+def test_end_step_refuses_scores_it_cannot_decide_on(pairs):
+    """Refused scores leave the proposal waiting: the right ones (or None) finish it."""
+    from quickdraft.protocols import Scores
+
+    together, alone = pairs
+    config = DecodeConfig(max_new_tokens=12)
+    a, b = (together.generator(config, gamma=3) for _ in range(2))
+    try:
+        a.prefill("def f(x):")
+        b.prefill("import os")
+        ask_a, ask_b = a.begin_step(), b.begin_step()
+        with pytest.raises(ValueError, match="not of this generator's proposal"):
+            a.end_step(Scores(greedy=np.zeros(4, dtype=np.int64)))  # nothing appended yet
+        got = together.target.score_lanes([ask_a.state, ask_b.state],
+                                          [ask_a.tokens, ask_b.tokens], [True, True])
+        with pytest.raises(ValueError, match="needs the target's greedy ids"):
+            b.end_step(Scores(logits=got[1].greedy))
+        with pytest.raises(RuntimeError, match="failed for this sequence: bad rows"):
+            b.end_step(Scores(error="bad rows"))
+        b.end_step(got[1])
+        a.end_step(got[0])
+        for g in (a, b):
+            while not g.done:
+                g.step()
+        for g, p in ((a, "def f(x):"), (b, "import os")):
+            with alone.generator(config, gamma=3) as ref:
+                assert g.new_tokens == ref.generate(p).tokens
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lane_refuses_to_grow_into_the_scratch_positions(models):
+    lanes, _ = models
+    s = lanes.new_state()
+    try:
+        assert s.lane is not None
+        s.append([1] * (lanes.max_length - 1))
+        with pytest.raises(ValueError, match="a lane may hold"):
+            s.append([1, 2])
+        with pytest.raises(ValueError, match="a lane may hold"):
+            lanes.score_lanes([s], [[1, 2]], [True])
+        assert len(s.tokens) == lanes.max_length - 1
+    finally:
+        s.close()
+
+
+def test_lanes_graph_refuses_other_readers_of_the_caches_and_extra_inputs(target_dir):
+    real = onnx.load(str(target_dir / "model.onnx"), load_external_data=False)
+    past = [i.name for i in real.graph.input if i.name.startswith("past_key_values")]
+    present = [o.name for o in real.graph.output if o.name.startswith("present")]
+    from onnx import helper
+
+    reader = type(real)()
+    reader.CopyFrom(real)
+    reader.graph.node.append(helper.make_node("Shape", [past[0]], ["cache_shape"]))
+    with pytest.raises(LanesGraphError, match="reads the caches"):
+        lanes_graph(reader, 2, past, present)
+    extra = type(real)()
+    extra.CopyFrom(real)
+    node = next(n for n in extra.graph.node if n.op_type == "GroupQueryAttention")
+    while len(node.input) < 11:
+        node.input.append("")
+    node.input[10] = "attention_bias"
+    with pytest.raises(LanesGraphError, match="past the rotary caches"):
+        lanes_graph(extra, 2, past, present)
+
+
+def test_a_failed_lanes_call_fails_its_streams_only(pairs, monkeypatch):
+    import queue
+
+    from quickdraft.serve.scheduler import Done, Failed, Job, Scheduler
+
+    together, alone = pairs
+    scheduler = Scheduler(together, max_concurrency=4).start()
+    calls = {"n": 0}
+    real = type(together.target).score_lanes
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(together.target), "score_lanes", flaky)
+    events: queue.Queue = queue.Queue()
+    try:
+        config = DecodeConfig(max_new_tokens=16)
+        for i, p in enumerate(["def f(x):", "import os\n", "class A:"]):
+            scheduler.submit(Job(together.tokenizer.encode(p).ids, config, 3, "model",
+                                 emit=lambda e, i=i: events.put((i, e))))
+        got = dict(events.get(timeout=60) for _ in range(3))
+        failed = [i for i, e in got.items() if isinstance(e, Failed)]
+        assert failed and all(got[i].status == 500 and "device lost" in got[i].message
+                              for i in failed)
+        # the scheduler goes on: a new request is answered as alone
+        scheduler.submit(Job(together.tokenizer.encode("x = 1").ids, config, 3, "model",
+                             emit=lambda e: events.put((9, e))))
+        _, done = events.get(timeout=60)
+        assert isinstance(done, Done)
+        with alone.generator(config, gamma=3) as g:
+            assert done.text == g.generate("x = 1").text
+    finally:
+        scheduler.stop()

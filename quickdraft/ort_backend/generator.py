@@ -646,7 +646,9 @@ class Generator:
         self._thread = threading.get_ident()
         self._kv_cache = target.manifest.kv_cache if exported else "dynamic"
         self._device = str(target.device) if exported else "cpu"
-        self._state = target.new_state()
+        # a lane only for what can use one: a sequential speculative generation
+        self._state = (target.new_state(lane=drafter is not None and not pipelined)
+                       if supports(target, LaneModel) else target.new_state())
         # autoregressive sampling next to the target's logits, as Pair.drafter for a draft
         if device_sampling is None:
             device_sampling = samples_on_device(target, config.sampling)
@@ -669,6 +671,7 @@ class Generator:
         self._engine: Iterator[list[int]] | None = None
         self._loop = None  # the sequential speculative loop (SpeculativeIterations)
         self._proposal = None  # begin_step's, until end_step
+        self._model_mark = 0.0  # the target state's model seconds at begin_step
         self._done = True
         self._closed = False
         self._marks: tuple[ModelTimes, ModelTimes] | None = None  # times after the prefill
@@ -831,6 +834,7 @@ class Generator:
         k = len(p.candidates.tokens) + 1  # the last gamma + 1 tokens are (re-)scored
         common = rewind_to_common_prefix(self._state, p.scored, k)
         self._proposal = p
+        self._model_mark = _model_s(self._state)  # the shared call counts in decode_s
         self.stats.decode_s += time.perf_counter() - t0
         return LaneRequest(self._state, p.scored[common:],
                            wants_greedy(p.candidates, self.config.sampling))
@@ -838,18 +842,32 @@ class Generator:
     def end_step(self, scores=None) -> list[int]:
         """The second half of :meth:`step`: decide on ``scores`` (the
         :class:`~quickdraft.protocols.Scores` of :meth:`begin_step`'s tokens, appended to
-        its state) with this generator's verifier; None: score them alone first. Returns
-        the tokens the step added."""
+        its state) with this generator's verifier; None: score them alone first (also the
+        way on after a call over several sequences failed). Returns the tokens the step
+        added."""
         self._check_thread()
-        if self._proposal is None:
+        p, c, loop = self._proposal, self.config, self._loop
+        if p is None:
             raise ValueError("end_step needs a begin_step first")
-        p, self._proposal = self._proposal, None
+        if scores is not None:  # refused scores leave the proposal waiting
+            if scores.error is not None:
+                raise RuntimeError(f"the target call failed for this sequence: {scores.error}"
+                                   " (end_step(None) verifies the proposal alone)")
+            if self._state.tokens != p.scored:
+                raise ValueError("end_step's scores are not of this generator's proposal: "
+                                 "its state does not hold the tokens begin_step asked for")
+            greedy = wants_greedy(p.candidates, c.sampling)
+            if (scores.greedy if greedy else scores.logits) is None:
+                what = "greedy ids" if greedy else "logits"
+                raise ValueError(f"end_step needs the target's {what} for this proposal "
+                                 "(LaneRequest.greedy says which)")
+        self._proposal = None
         t0 = time.perf_counter()
-        c, loop = self.config, self._loop
         if scores is None:
             verdict = loop.verifier(self._state, p.scored, p.candidates, c.sampling,
                                     p.accept_uniforms, p.sample_uniform, lenience=c.lenience)
         else:
+            self.stats.decode_s += _model_s(self._state) - self._model_mark
             decide = (self._verifier.decide if isinstance(self._verifier, GraphVerifier)
                       else host_decide)
             t1 = time.perf_counter()

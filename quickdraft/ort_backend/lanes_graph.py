@@ -19,6 +19,7 @@ __all__ = ["ATTENTION", "LanesGraphError", "lane_name", "lanes_graph"]
 
 ATTENTION = "GroupQueryAttention"
 _QKV, _KEY, _VALUE, _PAST_KEY, _PAST_VALUE, _SEQLENS = range(6)
+_SIN_CACHE = 8  # inputs past it (position ids, an attention bias, ...) are batch-shaped
 
 
 class LanesGraphError(ValueError):
@@ -57,6 +58,10 @@ def lanes_graph(model, lanes: int, past_names: Sequence[str], present_names: Seq
             raise LanesGraphError(f"{n.name}: its caches are not graph inputs and outputs")
         if n.domain != "com.microsoft":
             raise LanesGraphError(f"{n.name}: {ATTENTION} outside com.microsoft")
+        extra = [x for x in n.input[_SIN_CACHE + 1:] if x]
+        if extra:
+            raise LanesGraphError(f"{n.name}: {ATTENTION} with input {extra[0]} past the "
+                                  "rotary caches, which lanes do not split")
 
     out = type(model)()
     out.CopyFrom(model)

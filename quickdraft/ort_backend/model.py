@@ -110,6 +110,11 @@ class ExportedModel:
         # every file the manifest names resolves inside the folder (symlinks followed)
         self._model_path = m.check_files(folder, error=error)
 
+    @property
+    def model_path(self):
+        """The graph file the manifest names (checked inside the folder)."""
+        return self._model_path
+
     # -- LanguageModel -------------------------------------------------------------------
 
     @property

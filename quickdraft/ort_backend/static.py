@@ -165,23 +165,28 @@ class StaticOrtModel(ExportedModel):
             return self.cache_length - self._lanes.max_step
         return self.cache_length
 
-    def new_state(self) -> StaticDecodeState:
-        """A new sequence with its own caches: a free lane's first (the lanes belong to one
-        thread at a time: the one that takes a lane while none is held), else a closed
-        state's buffers whose CUDA graphs this thread captured, else new ones (their graphs
-        captured here)."""
-        me = threading.get_ident()
+    def new_state(self, lane: bool = True) -> StaticDecodeState:
+        """A new sequence with its own caches: a free lane's first (``lane`` False: never;
+        the lanes belong to one thread at a time, the one that takes a lane while none is
+        held), else a closed state's buffers whose CUDA graphs this thread captured (or a
+        finished thread did: captured again here), else new ones (captured here)."""
+        me = threading.current_thread()
         with self._lock:
             lanes = self._lanes
-            if lanes is not None and lanes.thread != me and \
+            if lane and lanes is not None and lanes.thread is not me and \
                     sum(s.lane is not None for s in self._free) == lanes.count:
                 lanes.take(me)  # on CUDA: every lane's graphs captured on this thread
-            mine = [i for i, s in enumerate(self._free)
-                    if s.thread is None or s.thread == me]
-            lane = [i for i in mine if self._free[i].lane is not None]
-            slot = self._free.pop(lane[-1] if lane else mine[-1]) if mine else None
+            usable = [i for i, s in enumerate(self._free)
+                      if s.thread is None or s.thread is me
+                      or (s.lane is None and not s.thread.is_alive())]
+            lanes_free = [i for i in usable if self._free[i].lane is not None]
+            plain = [i for i in usable if self._free[i].lane is None]
+            pick = lanes_free[-1] if lane and lanes_free else plain[-1] if plain else None
+            slot = self._free.pop(pick) if pick is not None else None
         if slot is None:
             slot = self._new_slot()
+        elif slot.thread is not None and slot.thread is not me:  # its thread has finished
+            slot._capture()
         return StaticDecodeState(self, slot)
 
     def _new_slot(self, lane: int | None = None, *, capture: bool = True) -> _CacheSlot:
@@ -219,9 +224,10 @@ class StaticOrtModel(ExportedModel):
         end (overwritten later, as after a rewind) and its rows are not returned."""
         if self._lanes is None:
             raise ValueError("this model has no lanes: load it with lanes >= 2")
-        if self._lanes.thread != threading.get_ident():
-            raise RuntimeError("the lanes belong to the thread whose states hold them: score "
-                               "them there")
+        if self._lanes.thread is not threading.current_thread():
+            raise RuntimeError("the lanes belong to the thread whose states hold them (ONNX "
+                               "Runtime keeps CUDA graphs per thread): make the states and "
+                               "score them on one thread")
         if not (len(states) == len(tokens) == len(greedy)) or not states:
             raise ValueError("score_lanes needs one token list and one greedy flag per state")
         entries = []
@@ -236,9 +242,6 @@ class StaticOrtModel(ExportedModel):
         result = self._lanes.run(entries, greedy)
         for state, (_, toks, _) in zip(states, entries):
             state._consumed(toks, t0)
-        for scores in result:
-            if scores.greedy is not None:
-                states[0]._check_valid(scores.greedy)
         return result
 
     def prepare_sampled(self, sampling, compute: str = "float32") -> bool:
@@ -332,10 +335,11 @@ class _CacheSlot:
                       if model.chain_length else None)
         self.sampled_chains: dict[tuple, _Chain] = {}  # (sampling, compute) -> its chain
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
-        # the thread that captured its CUDA graphs: ONNX Runtime keeps them per thread, and
-        # one used from another thread is captured again on a real call, which runs a
-        # 1-token greedy step more than once (None: no graphs, any thread)
-        self.thread: int | None = None
+        # the thread (a threading.Thread) that captured its CUDA graphs, or that holds its
+        # lane: ONNX Runtime keeps graphs per thread, and one used from another thread is
+        # captured again on a real call, which runs a 1-token greedy step more than once
+        # (None: a plain slot without graphs, any thread)
+        self.thread: threading.Thread | None = None
         if model.cuda_graph and capture:
             self._capture()
         # the end of the last write: no valid position lies past it (a lane idle in a lanes
@@ -356,7 +360,8 @@ class _CacheSlot:
         if self.chain is not None:
             self.chain.capture()
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
-        self.thread = threading.get_ident()
+        self.thread = threading.current_thread()
+        self.end = 0
 
     def sampled_chain(self, sampling, compute: str) -> _Chain:
         """This slot's sampled chain for ``sampling`` (made, and captured, on first use)."""
@@ -395,6 +400,12 @@ class _CacheSlot:
                 f"sequence of {total} tokens exceeds the static cache of {m.cache_length} "
                 "tokens; export with a larger --max-length or load with a larger cache_length"
             )
+        if self.lane is not None and total > m.max_length:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds the {m.max_length} a lane may hold (the "
+                f"last {m.cache_length - m.max_length} positions of a lane's cache are "
+                "scratch for lanes calls); shorten the sequence, or load with fewer lanes' "
+                "steps (a lower max_gamma) or lanes=0")
         mask = self.mask_host
         mask[0, :total] = 1
         mask[0, total:] = 0
@@ -456,15 +467,18 @@ class _Lanes:
         kind, dev = model.device.kind, model.device.device_id
         # captured by take(), on the thread that uses them
         self.slots = [model._new_slot(lane=b, capture=False) for b in range(count)]
-        self.thread: int | None = None  # the thread the lanes belong to
-        proto = lanes_graph(onnx.load(str(model._model_path), load_external_data=False),
+        self.thread: threading.Thread | None = None  # the thread the lanes belong to
+        proto = lanes_graph(onnx.load(str(model.model_path), load_external_data=False),
                             count, model.past_names, model.present_names)
-        options = session_options()
-        options.intra_op_num_threads = model.options.intra_op_num_threads
-        options.enable_mem_pattern = model.MEM_PATTERN
+        options, own = session_options(), model.options  # the model's settings that matter
+        options.intra_op_num_threads = own.intra_op_num_threads
+        options.inter_op_num_threads = own.inter_op_num_threads
+        options.execution_mode = own.execution_mode
+        options.graph_optimization_level = own.graph_optimization_level
+        options.enable_mem_pattern = own.enable_mem_pattern
         if model.manifest.weights == "int8":  # as the model's own session
             options.add_session_config_entry(INT8_FOLD_OPTION, "1")
-        options.add_session_config_entry(EXTERNAL_FOLDER_OPTION, str(model._model_path.parent))
+        options.add_session_config_entry(EXTERNAL_FOLDER_OPTION, str(model.model_path.parent))
         self.session = create_session(proto.SerializeToString(), model.device, options,
                                       model._cuda_options,
                                       name=f"{model.folder} in {count} lanes")
@@ -477,14 +491,13 @@ class _Lanes:
                       for i, k in enumerate(model.graph_steps)}
         model._free.extend(reversed(self.slots))  # handed out first, lane 0 first
 
-    def take(self, thread: int) -> None:
+    def take(self, thread: threading.Thread) -> None:
         """The lanes belong to ``thread`` (the caller's) from now on; on CUDA every lane's
         graphs and the lanes session's are captured here, while no lane holds a sequence
         (every lane idle: only scratch positions are written)."""
         if self.model.cuda_graph:
             for slot in self.slots:
                 slot._capture()
-                slot.end = 0
             for step in self.steps.values():
                 for _ in range(CAPTURE_CALLS):
                     step.run()
@@ -516,19 +529,22 @@ class _Lanes:
             step.ids.update_inplace(step.ids_host)
         step.run()
         out: list = [None] * len(entries)
-        if any(greedy):
-            if step.greedy is not None:
-                ids = step.greedy.numpy()  # [lanes, k]
-            else:
+        ids = step.greedy.numpy() if any(greedy) and step.greedy is not None else None
+        V = self.model.vocab_size
+        for i, ((slot, toks, _), g) in enumerate(zip(entries, greedy)):
+            if not g:
+                out[i] = Scores(logits=step.rows(slot.lane, len(toks)))  # [k_i, V]
+                continue
+            if ids is not None:
+                mine = np.array(ids[slot.lane, : len(toks)])  # [k_i]
+            else:  # a graph without greedy_tokens: this lane's rows on the host
                 from quickdraft.sampling import greedy_tokens
 
-                ids = greedy_tokens(step.host_logits().reshape(-1, self.model.vocab_size)
-                                    ).reshape(self.count, k)  # [lanes, k]
-        for i, ((slot, toks, _), g) in enumerate(zip(entries, greedy)):
-            if g:
-                out[i] = Scores(greedy=np.array(ids[slot.lane, : len(toks)]))  # [k_i]
-            else:
-                out[i] = Scores(logits=step.rows(slot.lane, len(toks)))  # [k_i, V]
+                mine = greedy_tokens(step.rows(slot.lane, len(toks)).numpy())  # [k_i]
+            out[i] = (Scores(greedy=mine) if mine.max() < V else
+                      Scores(error="logits contain NaN or an infinity; the model produced "
+                             "invalid scores for this sequence (with fp16 weights this is "
+                             "usually an overflow: export it in fp32)"))
         return out
 
 
@@ -800,7 +816,12 @@ class StaticDecodeState(TokenState):
         tokens = self._checked(tokens)
         if not tokens:
             raise ValueError("a lane needs at least one token to score")
-        return slot, tokens, len(self._tokens)
+        past, limit = len(self._tokens), self.model.max_length
+        if past + len(tokens) > limit:
+            raise ValueError(
+                f"sequence of {past + len(tokens)} tokens exceeds the {limit} a lane may hold "
+                "(its last positions are scratch for lanes calls); shorten the sequence")
+        return slot, tokens, past
 
     def _consumed(self, tokens: list[int], t0: float) -> None:
         """A lanes call appended ``tokens`` (started at ``t0``)."""

@@ -119,7 +119,8 @@ class DeviceLogits:
     """``rows`` logits rows [rows, V] of one sequence inside a larger device buffer (a lane
     of a call that scored several sequences), starting at row ``start`` of ``value``'s
     flattened [*, V] rows: the verification graph binds them in place; ``numpy()`` reads
-    them through ``host``, a shared host copy of the whole buffer made on first use."""
+    them through ``host``, a shared host copy of the whole buffer made on first use. Valid
+    until the next call that writes the buffer (the next lanes call of that step length)."""
 
     def __init__(self, value, start: int, rows: int, vocab: int, dtype, device: Device,
                  host):

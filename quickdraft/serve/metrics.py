@@ -60,8 +60,8 @@ class Metrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.latency = Histogram("quickdraft_request_latency_seconds", "Arrival to the last "
                                  "token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.lane_calls = Counter("quickdraft_lane_calls", "Target calls that verified several "
-                                  "streams' proposals at once", registry=r)
+        self.lane_calls = Counter("quickdraft_lane_calls", "Target calls that verified two or "
+                                  "more streams' proposals at once", registry=r)
         self.lane_streams = Histogram("quickdraft_lane_streams", "Streams verified per such "
                                       "call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self._lock = threading.Lock()

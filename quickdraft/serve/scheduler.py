@@ -377,15 +377,18 @@ class Scheduler:
                 self._guarded(job, lambda j=job: asked.append((j, j.gen.begin_step())))
         lanes = self._lanes
         fits = [(j, r) for j, r in asked if len(r.tokens) <= lanes.lane_tokens]
+        if len(fits) < 2:  # a call over every lane pays for all of them: verify alone
+            fits = []
         scores: list = []
         if fits:
             try:
                 scores = lanes.score_lanes([r.state for _, r in fits],
                                            [r.tokens for _, r in fits],
                                            [r.greedy for _, r in fits])
-            except Exception as e:  # every stream of the call fails alike
+            except Exception as e:  # every stream of the call fails alike: not theirs
                 for job, _ in fits:
-                    self._fail(job, e)
+                    self._end(job, Failed(500, f"generation failed: {type(e).__name__}: {e}",
+                                          "server_error"), "error")
                 fits = []
             else:
                 self.lane_calls += 1

@@ -54,7 +54,7 @@ class ServeSettings:
                              f"{self.drafter!r}")
         for name in ("max_concurrency", "max_queue", "lanes"):
             value = getattr(self, name)
-            if value is None:
+            if value is None and name == "lanes":
                 continue
             low = 1 if name == "max_concurrency" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -96,7 +96,8 @@ class ServeSettings:
                 raise ValueError("lanes need a static export (--kv-cache static); serve "
                                  "this one with --lanes 0")
             return 0
-        lanes = min(self.max_concurrency, MAX_AUTO_LANES) if self.lanes is None else self.lanes
+        lanes = MAX_AUTO_LANES if self.lanes is None else self.lanes
+        lanes = min(lanes, self.max_concurrency)  # an idle lane still runs in every call
         return lanes if lanes > 1 else 0
 
     def served_name(self) -> str:
