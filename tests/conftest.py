@@ -21,6 +21,56 @@ import pytest  # noqa: E402
 
 # the hypothesis profiles ("ci": derandomized) are registered in the repository's conftest.py
 
+def _fingerprint(source) -> tuple:
+    """A model source as the builder sees it: a local folder's files (names, sizes, mtimes),
+    else the name."""
+    from pathlib import Path
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return (str(source),)
+    return (str(folder.resolve()),) + tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
+        if p.is_file())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_builder_run_per_input(tmp_path_factory):
+    """onnxruntime-genai's model builder (a child process of a few seconds) runs once per
+    distinct source and settings in a session; a later identical run gets a copy of its
+    output. What quickdraft does with that output is still done, and tested, every time."""
+    import shutil
+
+    try:
+        from quickdraft.export import builder
+    except ImportError:
+        yield
+        return
+    real = builder.run_builder
+    store = tmp_path_factory.mktemp("builder-outputs")
+    done: dict = {}
+
+    def run_once(source, out_dir, *, dtype, device, cache_dir, local=True,
+                 extra_options=None, **kwargs):
+        key = (_fingerprint(source), dtype, device, local,
+               tuple(sorted((extra_options or {}).items())))
+        if key not in done:
+            output = real(source, out_dir, dtype=dtype, device=device, cache_dir=cache_dir,
+                          local=local, extra_options=extra_options, **kwargs)
+            snapshot = store / str(len(done))
+            shutil.copytree(out_dir, snapshot)
+            done[key] = (snapshot, output)
+            return output
+        snapshot, output = done[key]
+        shutil.copytree(snapshot, out_dir, dirs_exist_ok=True)
+        return output
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(builder, "run_builder", run_once)
+    yield
+    patch.undo()
+
+
 def _needs_export_stack():
     for name in ("torch", "transformers", "optimum.exporters.onnx", "onnxruntime", "onnx"):
         pytest.importorskip(name)
