@@ -32,6 +32,15 @@ the corpus depends on what the machine has installed.
 
 The time budget fixes the number of steps once, from the measured time of the first steps
 (recorded; pass ``--target-steps/--draft-steps`` to repeat a run step for step).
+
+``--call-seconds S`` makes a long run fit calls of a limited length: the call stops after
+about S seconds, keeping ``OUT/checkpoint.pt`` (the model in training with its optimizer,
+the window sampler's state, the fixed step count, the models already trained) and the
+token streams (``OUT/streams.npz``); the same command again continues, the same steps on
+the same windows, until the pair is trained, saved and evaluated:
+
+    for i in 1 2 3 4; do python benchmarks/train_pair.py --out OUT --device cuda \\
+        --target-seconds 900 --draft-seconds 600 --call-seconds 540; done
 """
 
 from __future__ import annotations
@@ -178,14 +187,18 @@ def digest(files: list[Path], texts: list[str]) -> str:
 
 def train_model(name: str, model, stream, *, seconds: float, steps: int | None, batch: int,
                 ctx: int, lr: float, cfg: TrainConfig, device: str, seed: int,
-                teacher=None, distill_weight: float = 0.0, extra=None) -> dict:
+                teacher=None, distill_weight: float = 0.0, extra=None,
+                resume: dict | None = None, stop_at: float | None = None) -> dict:
     """``benchmarks.training.train`` on random windows of ``stream`` (seeded; half of each
     batch from ``extra`` when given), for a fixed number of steps or for the time budget;
-    logs the loss (and its KL and CE parts) ten times."""
+    logs the loss (and its KL and CE parts) ten times. ``stop_at`` / ``resume``: as
+    ``training.train``'s, ``resume`` also carrying the window sampler's state (``rng``)."""
     import numpy as np
     import torch
 
     g = np.random.default_rng(seed)
+    if resume is not None:
+        g.bit_generator.state = resume["rng"]  # the windows continue where they stopped
     data = torch.from_numpy(stream.astype(np.int64))
     batches = training.mixed_windows(
         data, extra, batch, ctx, lambda high, n: torch.from_numpy(g.integers(0, high, size=n)))
@@ -199,11 +212,11 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
 
     def on_step(s, total, loss, kl, ce):
         if steps is None and s < 8:  # the calibration steps (reading the loss waits for it)
-            seen["smooth"] = float(loss)
+            seen["smooth"] = float(loss.detach())
             return
         log_every = max(1, total // 10)
         if (s + 1) % log_every == 0 or s + 1 == total:
-            value, ce_value = ema("smooth", float(loss)), ema("ce", float(ce))
+            value, ce_value = ema("smooth", float(loss.detach())), ema("ce", float(ce))
             parts = "" if kl is None else f" (KL {ema('kl', float(kl)):.3f}, CE {ce_value:.3f})"
             log(f"{name} step {s + 1}/{total} loss {value:.3f}{parts} "
                 f"({time.perf_counter() - t_start:.0f}s)")
@@ -212,10 +225,16 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
                         seconds=seconds, warmup_steps=cfg.warmup_steps,
                         weight_decay=cfg.weight_decay, fused=device == "cuda", autocast=True,
                         compile=cfg.compile, teacher=teacher, distill_weight=distill_weight,
-                        on_step=on_step, log=log)
+                        on_step=on_step, log=log, resume=resume, stop_at=stop_at)
+    spent = tr["seconds"] + (resume["seconds"] if resume is not None else 0.0)
+    calls = 1 + (resume["calls"] if resume is not None else 0)
+    if not tr["done"]:
+        return {"done": False, "resume": {**tr["resume"], "rng": g.bit_generator.state,
+                                          "seconds": spent, "calls": calls}}
     n = tr["steps"]
-    return {"steps": n, "batch": batch, "ctx": ctx, "lr": lr, "seconds": round(tr["seconds"], 2),
-            "tokens_seen": n * batch * ctx, "tokens_per_s": n * batch * ctx / tr["seconds"],
+    return {"done": True, "steps": n, "batch": batch, "ctx": ctx, "lr": lr,
+            "seconds": round(spent, 2), "calls": calls,
+            "tokens_seen": n * batch * ctx, "tokens_per_s": n * batch * ctx / spent,
             "final_loss": seen["smooth"], "final_ce": seen["ce"], "final_kl": seen["kl"],
             "objective": tr["objective"], "distill_weight": tr["distill_weight"],
             "teacher": "target" if tr["distill_weight"] else None,
@@ -240,21 +259,10 @@ def prompts_from(stream, n: int, length: int, eos: int, offset: int = 64) -> lis
 # ----------------------------------------------------------------------------- main
 
 
-def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
-    import numpy as np
-    import torch
-
+def _corpus_and_tokens(out: Path, cfg: TrainConfig, info: dict):
+    """The corpus read and split, the tokenizer trained on it (saved in ``out``), both
+    token streams; their facts go into ``info``."""
     from quickdraft.export.toy import train_tokenizer
-
-    if not 0.0 <= cfg.distill_weight <= 1.0:
-        raise ValueError(f"distill_weight must lie in [0, 1], got {cfg.distill_weight}; pass "
-                         "--distill-weight between 0 (cross entropy alone) and 1 (KL alone)")
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    t_all = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    info: dict = {"name": "trained", "kind": "trained", "config": asdict(cfg), "device": device}
 
     t0 = time.perf_counter()
     c = corpus_files(cfg.corpus_mb)
@@ -290,18 +298,83 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
     }
     log(f"tokenizer: {len(tokenizer)} tokens, {len(train_stream) / 1e6:.1f}M training tokens, "
         f"{len(held_stream) / 1e6:.2f}M held-out ({info['tokenizer']['seconds']}s)")
+    return tokenizer, train_stream, held_stream
+
+
+def _checkpoint(out: Path) -> Path:
+    return out / "checkpoint.pt"
+
+
+def train_pair(out: Path, cfg: TrainConfig, device: str,
+               call_seconds: float | None = None) -> dict:
+    """Train, save and evaluate the pair; with ``call_seconds``, stop after about that
+    long, keeping ``out/checkpoint.pt`` (the models, the optimizer, the sampler and the
+    schedule) and the token streams, and return ``{"incomplete": True}``: the same call
+    again continues where this one stopped, the same steps on the same windows."""
+    import numpy as np
+    import torch
+
+
+    stop_at = None if call_seconds is None else time.perf_counter() + float(call_seconds)
+    ckpt = _checkpoint(out)
+    saved = (torch.load(ckpt, weights_only=False) if call_seconds is not None and ckpt.is_file()
+             else None)
+    if saved is not None and saved["config"] != asdict(cfg):
+        raise ValueError(f"{ckpt} was made with other settings; remove it (or the --out "
+                         "folder) to start again, or pass the same options")
+
+    if not 0.0 <= cfg.distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must lie in [0, 1], got {cfg.distill_weight}; pass "
+                         "--distill-weight between 0 (cross entropy alone) and 1 (KL alone)")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t_all = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict = {"name": "trained", "kind": "trained", "config": asdict(cfg), "device": device}
+
+    streams = out / "streams.npz"
+    if saved is not None and streams.is_file():  # a resumed run: the same tokens as before
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+        with np.load(streams) as z:
+            train_stream, held_stream = z["train"], z["held"]
+        info["corpus"], info["tokenizer"] = saved["info"]["corpus"], saved["info"]["tokenizer"]
+        log(f"corpus and tokens of the first call ({streams})")
+    else:
+        tokenizer, train_stream, held_stream = _corpus_and_tokens(out, cfg, info)
+        if call_seconds is not None:
+            np.savez(streams, train=train_stream, held=held_stream)
 
     models = {}
     sampled = None
+    finished = {} if saved is None else saved["finished"]  # role -> its info entry
+    if saved is not None and "target_samples" in saved["info"]:
+        info["target_samples"] = saved["info"]["target_samples"]
     for role, shape, seconds, steps, lr in (
             ("target", cfg.target, cfg.target_seconds, cfg.target_steps, cfg.target_lr),
             ("draft", cfg.draft, cfg.draft_seconds, cfg.draft_steps, cfg.draft_lr)):
+        if role in finished:  # trained by an earlier call
+            from transformers import LlamaForCausalLM
+
+            models[role] = LlamaForCausalLM.from_pretrained(out / "hf" / role).eval()
+            info[role] = finished[role]
+            log(f"{role}: trained by an earlier call")
+            continue
         model = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
                                      max_positions=cfg.max_positions, tie=False, seed=cfg.seed)
+        resume = None
+        if saved is not None and saved.get("role") == role:
+            model.load_state_dict(saved["model"])
+            resume = saved["resume"]
         params = sum(p.numel() for p in model.parameters())
         log(f"{role}: {params / 1e6:.2f}M parameters {shape}")
         distilled = role == "draft" and cfg.distill_weight > 0
-        if role == "draft" and cfg.draft_samples:
+        if role == "draft" and cfg.draft_samples and saved is not None and \
+                saved.get("samples") is not None:
+            sampled = torch.from_numpy(saved["samples"])
+        elif role == "draft" and cfg.draft_samples:
             t0 = time.perf_counter()
             sampled = training.sample_stream(
                 models["target"], torch.from_numpy(train_stream.astype(np.int64)),
@@ -316,7 +389,17 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
                          batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg, device=device,
                          seed=cfg.seed, teacher=models["target"] if distilled else None,
                          distill_weight=cfg.distill_weight if distilled else 0.0,
-                         extra=sampled)
+                         extra=sampled, resume=resume, stop_at=stop_at)
+        samples = None if sampled is None else sampled.numpy()
+        if not tr["done"]:  # this call's time is up: keep everything the next one needs
+            torch.save({"config": asdict(cfg), "finished": finished, "role": role,
+                        "model": model.state_dict(), "resume": tr["resume"],
+                        "samples": samples, "info": info}, ckpt)
+            log(f"{role}: stopped at step {tr['resume']['step']} of {tr['resume']['steps']}; "
+                f"run the same command again to continue ({ckpt})")
+            return {"incomplete": True, "role": role, "step": tr["resume"]["step"],
+                    "steps": tr["resume"]["steps"], "checkpoint": str(ckpt)}
+        del tr["done"]
         model.generation_config.eos_token_id = None  # benchmarks generate the full length
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.to("cpu").save_pretrained(out / "hf" / role, safe_serialization=True)
@@ -324,6 +407,10 @@ def train_pair(out: Path, cfg: TrainConfig, device: str) -> dict:
         info[role] = {"parameters": params, "weight_bytes": 2 * params,  # as run: fp16
                       "shape": shape, "training": tr}
         models[role] = model
+        finished[role] = info[role]
+        if call_seconds is not None:  # a crash later does not train this role again
+            torch.save({"config": asdict(cfg), "finished": finished, "samples": samples,
+                        "info": info}, ckpt)
     info["draft_fraction"] = info["draft"]["parameters"] / info["target"]["parameters"]
     info["distill_weight"] = cfg.distill_weight  # how the draft was trained (0: CE alone)
 
@@ -370,12 +457,18 @@ def main(argv: list[str] | None = None) -> int:
                  "num_prompts", "draft_samples", "sample_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
+    ap.add_argument("--call-seconds", type=float, default=None,
+                    help="stop after about this long, keeping a checkpoint in --out; the same "
+                    "command again continues (runs that fit a time limit per call)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**(SMOKE if args.smoke else {}))
     for k, v in vars(args).items():
         if k in TrainConfig.__dataclass_fields__ and v is not None and v is not False:
             setattr(cfg, k, v)
-    info = train_pair(args.out, cfg, args.device)
+    info = train_pair(args.out, cfg, args.device, call_seconds=args.call_seconds)
+    if info.get("incomplete"):
+        log(f"not finished: {info['role']} at step {info['step']} of {info['steps']}")
+        return 0
     log(f"done in {info['total_seconds']}s: {args.out}")
     return 0
 

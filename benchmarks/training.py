@@ -135,7 +135,8 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
           steps: int | None = None, seconds: float | None = None, warmup_steps: int = 100,
           weight_decay: float = 0.1, fused: bool = False, autocast: bool = False,
           compile: bool = False, teacher=None, distill_weight: float = 0.0,
-          on_step: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+          on_step: Callable | None = None, log: Callable[[str], None] = print,
+          resume: dict | None = None, stop_at: float | None = None) -> dict:
     """Train ``model`` on ``batches`` (see the module's docstring for one step).
 
     ``steps`` fixes the number of steps; without it, the steps that fit in ``seconds``,
@@ -143,6 +144,13 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
     of 10,000 steps and count as training). ``autocast``: bf16 on CUDA. ``on_step(step,
     steps, loss, kl, ce)`` is called after each step (tensors: reading one waits for the
     device). Returns steps, seconds and the objective; the model is left in eval mode.
+
+    Resumable: ``stop_at`` (a ``time.perf_counter()`` value) ends the run after the step
+    that passes it; the result then has ``done`` False and ``resume``, the optimizer state
+    and the next step, which a later call passes back as ``resume`` (with the model's
+    weights restored and ``batches`` continuing where they stopped) to finish the same
+    schedule. ``seconds`` and ``stop_at`` need the step count fixed (``steps``) when
+    resuming.
     """
     import torch
 
@@ -203,7 +211,11 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
 
     t_start = time.perf_counter()
     first = 0
-    if steps is None:  # steps 3..7 (teacher forward included) measure the step time
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        first, steps = int(resume["step"]), int(resume["steps"])
+        log(f"{name}: resuming at step {first} of {steps}")
+    elif steps is None:  # steps 3..7 (teacher forward included) measure the step time
         provisional = 10_000
         for s in range(8):
             if s == 3:
@@ -217,16 +229,23 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
         steps = max(8, int((seconds - (time.perf_counter() - t_start)) / per_step) + 8)
         first = 8
         log(f"{name}: {per_step * 1e3:.1f} ms/step -> {steps} steps in ~{seconds:.0f}s")
+    done = steps
     for s in range(first, steps):
         out = one_step(s, steps)
         if on_step:
             on_step(s, steps, *out)
+        if stop_at is not None and s + 1 < steps and time.perf_counter() >= stop_at:
+            done = s + 1
+            break
     sync()
     model.eval()
-    return {"steps": steps, "seconds": time.perf_counter() - t_start,
-            "objective": (f"{distill_weight:g} * KL(target || {name}) + "
-                          f"{1 - distill_weight:g} * CE" if distill else "CE"),
-            "distill_weight": distill_weight if distill else 0.0}
+    out = {"steps": steps, "seconds": time.perf_counter() - t_start, "done": done == steps,
+           "objective": (f"{distill_weight:g} * KL(target || {name}) + "
+                         f"{1 - distill_weight:g} * CE" if distill else "CE"),
+           "distill_weight": distill_weight if distill else 0.0}
+    if done < steps:
+        out["resume"] = {"optimizer": opt.state_dict(), "step": done, "steps": steps}
+    return out
 
 
 def heldout_windows(stream, ctx: int, n: int):

@@ -335,6 +335,38 @@ def test_train_pair_helpers():
     assert len(ps) == 3 and all(len(p) == 8 and 0 not in p for p in ps)
 
 
+def test_train_pair_stopped_and_resumed_trains_the_same_pair(tmp_path):
+    """benchmarks/train_pair.py --call-seconds: a run stopped after every step and resumed
+    from its checkpoint ends with the weights, held-out losses and alphas of a run that
+    never stopped (the same steps on the same windows, the optimizer state restored)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    from benchmarks.train_pair import SMOKE, TrainConfig, train_pair
+
+    cfg = TrainConfig(**{**SMOKE, "target_steps": 3, "draft_steps": 3})
+    whole = train_pair(tmp_path / "whole", cfg, "cpu")
+    parts, calls = tmp_path / "parts", 0
+    while True:
+        calls += 1
+        info = train_pair(parts, cfg, "cpu", call_seconds=0.0)  # one step per call
+        if not info.get("incomplete"):
+            break
+        assert calls < 10
+    assert calls == 5  # 3 + 3 steps, one stop after each but the last of each model
+    strip = {"seconds"}
+    assert {k: v for k, v in info["heldout"].items() if k not in strip} == \
+        {k: v for k, v in whole["heldout"].items() if k not in strip}
+    for role in ("target", "draft"):
+        a = load_file(str(tmp_path / "whole" / "hf" / role / "model.safetensors"))
+        b = load_file(str(parts / "hf" / role / "model.safetensors"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert info[role]["training"]["calls"] > 1
+    with pytest.raises(ValueError, match="other settings"):
+        train_pair(parts, TrainConfig(**{**SMOKE, "target_steps": 4}), "cpu", call_seconds=0)
+
+
 def test_greedy_divergence_on_the_bundled_pair_finds_none():
     """benchmarks/greedy_divergence.py: the bundled fp32 pair's greedy speculative tokens
     equal its autoregressive ones, and the row it analyses at a divergence is the one
