@@ -203,32 +203,41 @@ def _misuse_and_alone(g, together, alone, config):
 
 
 def test_scheduler_verifies_streams_together_and_each_gets_its_own_tokens(pairs):
+    """Streams of every drafting strategy and several gammas share lanes calls; each gets
+    what its request gives alone (greedy, and seeded sampling where the draws do not
+    depend on measured times)."""
     import queue
 
     from quickdraft.serve.scheduler import Done, Job, Scheduler
 
     together, alone = pairs
-    prompts = ["def fib(n):", "import os\n", "class Stack:\n    def", "for i in range(3):",
-               "x = [", "try:\n"]
+    requests = [  # drafter, gamma, temperature, prompt
+        ("model", 3, 0.0, "def fib(n):"),
+        ("ngram", 4, 0.0, "import os\nimport sys\nimport os"),
+        ("auto", 3, 0.0, "class Stack:\n    def push(self, x):\n        self.items"),
+        ("model", 4, 0.7, "for i in range(3):"),
+        ("ngram", 3, 0.8, "x = [x for x in"),
+        ("model", "auto", 0.0, "try:\n"),
+    ]
     configs = [DecodeConfig(max_new_tokens=10 + 3 * i, seed=i,
-                            sampling=SamplingConfig(temperature=0.0 if i % 2 else 0.7))
-               for i in range(len(prompts))]
+                            sampling=SamplingConfig(temperature=t))
+               for i, (_, _, t, _) in enumerate(requests)]
     scheduler = Scheduler(together, max_concurrency=4).start()
     events: queue.Queue = queue.Queue()
     try:
-        for i, (p, c) in enumerate(zip(prompts, configs)):
-            scheduler.submit(Job(together.tokenizer.encode(p).ids, c, 3, "model",
+        for i, ((drafter, gamma, _, p), c) in enumerate(zip(requests, configs)):
+            scheduler.submit(Job(together.tokenizer.encode(p).ids, c, gamma, drafter,
                                  emit=lambda e, i=i: events.put((i, e))))
         done = {}
-        while len(done) < len(prompts):
+        while len(done) < len(requests):
             i, e = events.get(timeout=60)
             assert isinstance(e, Done), e
             done[i] = e.text
     finally:
         scheduler.stop()
-    for i, (p, c) in enumerate(zip(prompts, configs)):
-        with alone.generator(c, gamma=3) as g:
-            assert done[i] == g.generate(p).text, i
+    for i, ((drafter, gamma, _, p), c) in enumerate(zip(requests, configs)):
+        with alone.generator(c, gamma=gamma, drafter=drafter) as g:
+            assert done[i] == g.generate(p).text, requests[i]
     assert scheduler.lane_calls > 0
 
 
