@@ -330,8 +330,7 @@ def host_verify(
         scores = Scores(greedy=advance_greedy(target, scored, k))  # [>= gamma + 1]
     else:
         scores = Scores(logits=advance(target, scored, min_new=k))  # [>= gamma + 1, V]
-    return host_decide(scores, candidates, sampling, accept_uniforms, sample_uniform,
-                       lenience=lenience)
+    return _decide(scores, candidates, sampling, accept_uniforms, sample_uniform, lenience)
 
 
 def host_decide(
@@ -347,6 +346,12 @@ def host_decide(
     (their last gamma + 1 rows): greedy ids where :func:`wants_greedy`, else logits rows
     (on the host, or anything ``numpy.asarray`` copies there)."""
     _check_decision(candidates, lenience, accept_uniforms, sample_uniform)
+    return _decide(scores, candidates, sampling, accept_uniforms, sample_uniform, lenience)
+
+
+def _decide(scores: Scores, candidates: Candidates, sampling: SamplingConfig,
+            accept_uniforms: np.ndarray, sample_uniform: float, lenience: float) -> Verdict:
+    """:func:`host_decide` after its checks."""
     x = candidates.tokens  # [gamma]
     gamma = len(x)
     if candidates.checked:

@@ -48,6 +48,7 @@ from quickdraft.pipelined import PipelinedStats
 from quickdraft.protocols import (
     ClosableState,
     CostAwareDrafter,
+    Decider,
     DecodeState,
     DeviceState,
     Drafter,
@@ -643,6 +644,9 @@ class Generator:
         self.verify = verify  # "host" or "device": where sampled proposals are verified
         self._verifier = (GraphVerifier.for_model(target, compute=compute)
                           if verify == "device" else host_verify)
+        # the verifier's decision alone, on scores from a call over several sequences
+        self._decide: Decider = (self._verifier.decide if verify == "device"
+                                 else host_decide)
         self._thread = threading.get_ident()
         self._kv_cache = target.manifest.kv_cache if exported else "dynamic"
         self._device = str(target.device) if exported else "cpu"
@@ -747,9 +751,9 @@ class Generator:
         self._close_engine()
         speculative = self.speculative
         greedy = config.sampling.greedy
-        if speculative and isinstance(self._verifier, GraphVerifier) and not greedy:
+        if speculative and self.verify == "device" and not greedy:
             self._verifier.prepare(self.max_draft or 1, config.sampling)  # sessions up front
-        where = "device" if isinstance(self._verifier, GraphVerifier) and not greedy else "host"
+        where = "device" if self.verify == "device" and not greedy else "host"
         mode = "speculative" if speculative else "autoregressive"
         stats = OrtStats(mode="pipelined" if self.pipelined else mode,
                          device=self._device, prompt_tokens=len(ids),
@@ -868,10 +872,8 @@ class Generator:
                                     p.accept_uniforms, p.sample_uniform, lenience=c.lenience)
         else:
             self.stats.decode_s += _model_s(self._state) - self._model_mark
-            decide = (self._verifier.decide if isinstance(self._verifier, GraphVerifier)
-                      else host_decide)
             t1 = time.perf_counter()
-            verdict = decide(scores, p.candidates, c.sampling, p.accept_uniforms,
+            verdict = self._decide(scores, p.candidates, c.sampling, p.accept_uniforms,
                              p.sample_uniform, lenience=c.lenience)
             self.stats.verify_s += time.perf_counter() - t1
         return self._took(loop.commit(p, verdict), t0)

@@ -340,11 +340,11 @@ class _CacheSlot:
         # captured again on a real call, which runs a 1-token greedy step more than once
         # (None: a plain slot without graphs, any thread)
         self.thread: threading.Thread | None = None
-        if model.cuda_graph and capture:
-            self._capture()
         # the end of the last write: no valid position lies past it (a lane idle in a lanes
         # call writes its scratch there, attending to no more than it must)
         self.end = 0
+        if model.cuda_graph and capture:
+            self._capture()
 
     def _capture(self) -> None:
         """Capture every fixed-length step's CUDA graph now, on token 0 at position 0.
@@ -387,6 +387,17 @@ class _CacheSlot:
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
 
+    def check_lane_room(self, total: int) -> None:
+        """Refuse a lane's sequence of ``total`` tokens that would reach the last positions,
+        the lanes calls' scratch."""
+        m = self.model
+        if self.lane is not None and total > m.max_length:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds the {m.max_length} a lane may hold (the "
+                f"last {m.cache_length - m.max_length} positions of a lane's cache are "
+                "scratch for lanes calls); shorten the sequence, or load with fewer lanes' "
+                "steps (a lower max_gamma) or lanes=0")
+
     def run(self, tokens: list[int], past_length: int, *, launch: bool = False):
         """Write ``tokens`` at positions ``past_length ..`` of the caches; return the logits
         OrtValue [1, len(tokens), V] on the device (a fixed-length step's own buffer,
@@ -400,12 +411,7 @@ class _CacheSlot:
                 f"sequence of {total} tokens exceeds the static cache of {m.cache_length} "
                 "tokens; export with a larger --max-length or load with a larger cache_length"
             )
-        if self.lane is not None and total > m.max_length:
-            raise ValueError(
-                f"sequence of {total} tokens exceeds the {m.max_length} a lane may hold (the "
-                f"last {m.cache_length - m.max_length} positions of a lane's cache are "
-                "scratch for lanes calls); shorten the sequence, or load with fewer lanes' "
-                "steps (a lower max_gamma) or lanes=0")
+        self.check_lane_room(total)
         mask = self.mask_host
         mask[0, :total] = 1
         mask[0, total:] = 0
@@ -523,9 +529,8 @@ class _Lanes:
             step.ids_host[b, : len(toks)] = toks
             ends[b] = slot.end = past + k
         self.mask_host[:] = self._positions[None, :] < ends[:, None]  # [lanes, T]
-        mask = self.mask_host
         if self.on_device:  # on the CPU the bound buffers are the host arrays
-            self.mask.update_inplace(mask)
+            self.mask.update_inplace(self.mask_host)
             step.ids.update_inplace(step.ids_host)
         step.run()
         out: list = [None] * len(entries)
@@ -816,11 +821,8 @@ class StaticDecodeState(TokenState):
         tokens = self._checked(tokens)
         if not tokens:
             raise ValueError("a lane needs at least one token to score")
-        past, limit = len(self._tokens), self.model.max_length
-        if past + len(tokens) > limit:
-            raise ValueError(
-                f"sequence of {past + len(tokens)} tokens exceeds the {limit} a lane may hold "
-                "(its last positions are scratch for lanes calls); shorten the sequence")
+        past = len(self._tokens)
+        slot.check_lane_room(past + len(tokens))
         return slot, tokens, past
 
     def _consumed(self, tokens: list[int], t0: float) -> None:

@@ -155,7 +155,7 @@ class Scheduler:
         self.generators_made = 0
         self.generators_closed = 0
         self.generators_reused = 0
-        self.lane_calls = 0  # target calls that verified several streams at once
+        self.lane_calls = 0  # target calls that verified two or more streams at once
         self.error: BaseException | None = None  # what ended the thread, if not a stop
         target = pair.target
         self._lanes = target if supports(target, LaneModel) and target.lane_tokens else None
@@ -371,10 +371,14 @@ class Scheduler:
     def _advance_together(self, jobs: list[Job]) -> None:
         """One iteration of each job, their proposals verified in one target call (each
         lane takes at most ``lane_tokens``; a longer one is verified alone)."""
-        asked = []
+        asked = []  # (job, its LaneRequest)
+
+        def begin(job: Job) -> None:
+            asked.append((job, job.gen.begin_step()))
+
         for job in jobs:
             if self._live(job):
-                self._guarded(job, lambda j=job: asked.append((j, j.gen.begin_step())))
+                self._guarded(job, lambda j=job: begin(j))
         lanes = self._lanes
         fits = [(j, r) for j, r in asked if len(r.tokens) <= lanes.lane_tokens]
         if len(fits) < 2:  # a call over every lane pays for all of them: verify alone
