@@ -202,13 +202,15 @@ class Runner:
 
 
     def pipelined(self, prompt, n: int, gamma: int, *, seed: int | None = 0):
-        """Greedy pipelined decoding with the draft model (the Generator's
-        ``pipelined``): the statistics of :meth:`_run` and the loop's ``pipeline`` dict
-        (iterations, warm ones, draft calls waited for and in the shadow, the seconds of
-        each part)."""
+        """Pipelined decoding with the draft model (the Generator's ``pipelined``; sampled:
+        drawn on the device): the statistics of :meth:`_run` and the loop's ``pipeline``
+        dict (iterations, warm ones, draft calls waited for and in the shadow, the seconds
+        of each part)."""
         from quickdraft.generation import ModelDrafter
+        from quickdraft.ort_backend.device_draft import DeviceModelDrafter
 
-        drafter = ModelDrafter(self.draft, self.sampling, gamma)
+        kind = ModelDrafter if self.sampling.greedy else DeviceModelDrafter
+        drafter = kind(self.draft, self.sampling, gamma)
         tokens, s, out = self._run(drafter, prompt, n, seed, pipelined=True)
         out.update(s.as_dict()["pipeline"])
         out["target"] = {"mean_call_ms": _ms_per_call(s.target)}

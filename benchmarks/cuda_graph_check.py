@@ -11,7 +11,9 @@ with and without graphs, and lanes (the target loaded with lanes: a speculative 
 alone, reused; all prompts stepped together through ``score_lanes``; both without
 graphs). Each prompt's tokens are compared with autoregressive decoding of the same pair
 loaded without CUDA graphs; each entry is the index of the first token that differs
-(None: all equal). ``steps`` compares one history's step logits on a lane's cache slot
+(None: all equal). ``sampled``: seeded sampling (prompt i with seed i), sequential and
+pipelined (draws and verdicts on the device, two row banks), each run twice on one
+generator, with CUDA graphs against the same without them. ``steps`` compares one history's step logits on a lane's cache slot
 with a plain slot's, per step length (max |difference|, argmax equal). Prompts: the first
 ``--prompts`` of those ``benchmarks/concurrency.py`` sends.
 """
@@ -104,6 +106,24 @@ def scenarios(config, prompts, reference):
             "lanes_alone": speculative, "lanes_together": together}
 
 
+SAMPLING = dict(temperature=0.8, top_p=0.95)
+
+
+def sampled_runs(pair, config, prompts) -> dict:
+    """{"sequential" | "pipelined": tokens per prompt and run} of seeded sampling."""
+    from dataclasses import replace
+
+    out = {}
+    for name, pipelined in (("sequential", False), ("pipelined", True)):
+        runs = []
+        for i, p in enumerate(prompts):
+            with pair.generator(replace(config, seed=i), gamma=GAMMA,
+                                pipelined=pipelined) as g:
+                runs.append([g.generate(p).tokens for _ in range(2)])
+        out[name] = runs
+    return out
+
+
 def step_logits(plain, lanes, history: list[int], steps=(1, 2, 5)) -> dict:
     """The logits of one history's next steps on a lane's slot and on a plain slot."""
     import numpy as np
@@ -154,6 +174,16 @@ def main() -> None:
                                       lanes=lanes))
         print(name, results[name], flush=True)
     graphs = load_pair(args.model_dir, device=args.device, max_gamma=GAMMA)
+    from quickdraft.sampling import SamplingConfig
+
+    sampled = DecodeConfig(max_new_tokens=args.tokens, sampling=SamplingConfig(**SAMPLING))
+    want, got = sampled_runs(plain, sampled, prompts), sampled_runs(graphs, sampled, prompts)
+    results["sampled"] = {
+        name: [[first_difference(w[0], t) for t in g] for w, g in zip(want[name], got[name])]
+        for name in want}
+    results["sampled_without_graphs_repeat"] = {
+        name: [first_difference(w[0], w[1]) for w in want[name]] for name in want}
+    print("sampled", results["sampled"], flush=True)
     lanes = load_pair(args.model_dir, device=args.device, max_gamma=GAMMA, lanes=4)
     history = plain.tokenizer.encode(prompts[0]).ids + reference[0][:40]
     results["steps"] = {"plain_vs_lane_slot": step_logits(graphs, lanes, history),

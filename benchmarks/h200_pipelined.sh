@@ -4,9 +4,10 @@
 # /tmp/ortgpu.env first). Results under $OUT.
 #   bash benchmarks/h200_pipelined.sh 1b      # 1.1B pair: make, export, systems, pipelined
 #                                             # gamma 4 and 8, sampled T=1 and T=0.7/top-p 0.9
+#                                             # (sequential and pipelined at gamma 4)
 #   bash benchmarks/h200_pipelined.sh checks  # the 1b pair: CUDA graphs against none
 #                                             # (pipelined included), serving concurrency
-#   bash benchmarks/h200_pipelined.sh 7b      # 7B pair, greedy: the same systems
+#   bash benchmarks/h200_pipelined.sh 7b      # 7B pair: the same systems, greedy and T=1
 #   bash benchmarks/h200_pipelined.sh sampling  # the sampling and verification graphs'
 #                                               # cost per call, blocked against one-level
 set -euo pipefail
@@ -26,7 +27,7 @@ case ${1:?1b, checks, 7b or sampling} in
         --json "$out/concurrency_1b.json" ;;
   7b)
     python3 benchmarks/bench.py --pairs 7b --clean --systems "$systems" --pipelined 4,8 \
-        --samplings none --tag pipelined-7b --budget 570 --out "$out/7b" ;;
+        --samplings 1.0:1.0 --tag pipelined-7b --budget 570 --out "$out/7b" ;;
   sampling)
     python3 benchmarks/device_sampling_cost.py --device cuda --vocab 32000 49152 \
         --json "$out/device_sampling_cost.json" ;;

@@ -400,12 +400,16 @@ def render(results: dict) -> str:
                                 fmt(sp.get("tokens_per_s"), ".0f"), fmt(sp.get("speedup"), ".2f"),
                                 fmt(sp.get("alpha"), ".3f"), fmt(sp.get("cost_ratio_c"), ".3f"),
                                 fmt(sp.get("theoretical_improvement"), ".2f"),
-                                fmt(sp.get("realized_over_theoretical"), ".2f")])
+                                fmt(sp.get("realized_over_theoretical"), ".2f"),
+                                *_sampled_pipelined(r.get("pipelined"))])
         if sampled:
             parts.append(f"### {pname}: sampled (seeded per prompt; autoregressive sampling at "
-                         "the same settings beside it)\n\n" + table(
+                         "the same settings beside it; pipelined: the draft's continuation "
+                         "launched beside the verify call)\n\n" + table(
                              ["path", "T", "top-p", "gamma", "AR tok/s", "spec tok/s",
-                              "speedup", "alpha", "c", "theory", "realized / theory"],
+                              "speedup", "alpha", "c", "theory", "realized / theory",
+                              "pipelined tok/s", "pipelined speedup", "warm",
+                              "effective c", "pipelined realized / theory"],
                              sampled))
 
         piped = []
@@ -443,6 +447,14 @@ def render(results: dict) -> str:
                  for e in errs[-30:]]
         parts.append(f"### Errors and unavailable stages ({len(errs)})\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _sampled_pipelined(row: dict | None) -> list[str]:
+    """A sampled row's pipelined cells (dashes where it was not run)."""
+    row = row or {}
+    return [fmt(row.get("tokens_per_s"), ".0f"), fmt(row.get("speedup"), ".2f"),
+            fmt(row.get("warm_share"), ".2f"), fmt(row.get("effective_c"), ".3f"),
+            fmt(row.get("realized_over_theoretical"), ".2f")]
 
 
 def merge(parts: list[dict]) -> dict:

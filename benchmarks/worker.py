@@ -187,9 +187,10 @@ def _check_len(tokens_list, n):
 
 
 def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: float,
-                  warmup: int, repeats: int, c) -> dict:
+                  warmup: int, repeats: int, c, costs=None) -> dict:
     """Autoregressive and speculative sampling at ``temperature`` / ``top_p``, each prompt
-    with its own seed, timed side by side as the greedy runs are."""
+    with its own seed, timed side by side as the greedy runs are; with ``costs`` (the cost
+    stage's ms per target and draft call), pipelined sampling at ``gamma`` too."""
     from benchmarks import adapters
     from benchmarks.analysis import compare, summarize_spec
     from quickdraft.sampling import SamplingConfig
@@ -214,7 +215,12 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     sp["cost_ratio_c"] = c if c is not None else sp["cost_ratio_c_loop"]
     sp.update(compare(ar["tokens_per_s"], sp["tokens_per_s"], sp.get("alpha"), gamma,
                       sp.get("cost_ratio_c")))
-    return {"temperature": temperature, "top_p": top_p, "gamma": gamma, "ar": ar, "spec": sp}
+    out = {"temperature": temperature, "top_p": top_p, "gamma": gamma, "ar": ar, "spec": sp}
+    if costs is not None:
+        t_ms, d_ms = costs
+        out["pipelined"] = _pipelined_row(runner, prompts, n, gamma, None, ar["tokens_per_s"],
+                                          t_ms, d_ms, warmup, repeats, sp, seeded=True)
+    return out
 
 
 def task_qd(spec: dict, rec: Record) -> None:
@@ -358,19 +364,25 @@ def task_qd(spec: dict, rec: Record) -> None:
         with rec.step(f"sampled-{temperature}-{top_p}"):
             sampled = rec.data.get("sampled") or []
             sampled.append(_sampled_runs(pair, prompts, n, gamma, float(temperature),
-                                         float(top_p), warmup, repeats, c_protocol))
+                                         float(top_p), warmup, repeats, c_protocol,
+                                         (t_ms, d_ms) if spec.get("pipelined") else None))
             rec.set("sampled", sampled)
             r = sampled[-1]
             log(f"qd-{path} T={temperature} top_p={top_p} gamma {gamma}: AR "
                 f"{r['ar']['tokens_per_s']:.0f} tok/s, speculative "
                 f"{r['spec']['tokens_per_s']:.0f} tok/s, speedup "
                 f"{_f(r['spec'].get('speedup')):.2f}, alpha {_f(r['spec'].get('alpha')):.3f}")
+            if "pipelined" in r:
+                pr = r["pipelined"]
+                log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {gamma}: "
+                    f"{pr['tokens_per_s']:.0f} tok/s, speedup {_f(pr.get('speedup')):.2f}, "
+                    f"effective c {_f(pr.get('effective_c')):.3f}")
 
     for g in spec.get("pipelined") or []:
         with rec.step(f"pipelined-{g}"):
             sequential = [r for r in [rec.data.get("spec") or {}, *(rec.data.get("sweep") or [])]
                           if r.get("gamma") == g]
-            row = _pipelined_row(pair, prompts, n, int(g), ref, ar_tps, t_ms, d_ms,
+            row = _pipelined_row(pair.runner, prompts, n, int(g), ref, ar_tps, t_ms, d_ms,
                                  warmup, repeats, sequential[0] if sequential else None)
             rec.set("pipelined", (rec.data.get("pipelined") or []) + [row])
             r = {k: _f(row.get(k)) for k in ("speedup", "sequential_tokens_per_s",
@@ -407,11 +419,13 @@ def task_qd(spec: dict, rec: Record) -> None:
     rec.set("memory", mem.mark("end"))
 
 
-def _pipelined_row(pair, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, warmup: int,
-                   repeats: int, sequential: dict | None) -> dict:
-    """Greedy pipelined decoding at ``g``: rate, tokens equal to autoregressive decoding,
-    and where the iterations' time went against the calls measured alone (``t_ms`` /
-    ``d_ms``: ms per target / draft call of k tokens, from the cost stage).
+def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, warmup: int,
+                   repeats: int, sequential: dict | None, *, seeded: bool = False) -> dict:
+    """Pipelined decoding at ``g`` with ``runner`` (an ``adapters.Runner``, greedy or
+    sampled): rate, tokens equal to autoregressive decoding (``ref``, greedy; None: not
+    compared), and where the iterations' time went against the calls measured alone
+    (``t_ms`` / ``d_ms``: ms per target / draft call of k tokens, from the cost stage).
+    ``seeded``: prompt i runs with seed i, as the sampled rows beside it.
 
     ``effective_c``: (iteration ms - the verify call alone) / (g x one target step): the
     draft's time the verification did not hide (host work included), in Theorem 3.8's
@@ -421,13 +435,14 @@ def _pipelined_row(pair, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, warmu
     from quickdraft import theory
 
     def run_all():
-        return [pair.runner.pipelined(p, n, g) for p in prompts]
+        return [runner.pipelined(p, n, g, seed=i if seeded else 0)
+                for i, p in enumerate(prompts)]
 
     outs, times = timed_runs(run_all, warmup=warmup, repeats=repeats)
     toks, stats = [t for t, _ in outs], [s for _, s in outs]
     _check_len(toks, n)
     mismatch = []
-    for i, (t, r) in enumerate(zip(toks, ref)):
+    for i, (t, r) in enumerate(zip(toks, ref or [])):
         try:
             check_greedy_equal(t, r)
         except AssertionError as e:

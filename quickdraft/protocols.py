@@ -293,9 +293,12 @@ class SampledChainState(DecodeState, Protocol):
         ...
 
     def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling: SamplingConfig,
-                             compute: str = "float32") -> SampledLaunch:
+                             compute: str = "float32", bank: int = 0) -> SampledLaunch:
         """Enqueue ``len(uniforms)`` steps from ``token``, step j drawing with
-        ``uniforms[j]``; the state then holds ``token`` and every drawn token but the last."""
+        ``uniforms[j]``; the state then holds ``token`` and every drawn token but the last.
+        ``bank`` (0 or 1): the rows buffer the q rows go to; a chain overwrites only the
+        rows of its own bank, so a proposal's rows stay readable while the next chain runs
+        in the other one."""
         ...
 
 

@@ -407,6 +407,30 @@ def test_sampled_runs_are_parsed_and_reported():
     assert "| qd-fast | 0.70 | 0.90  | 4     | 100      | 180        | 1.80    |" in text
 
 
+def test_sampled_runs_time_pipelined_sampling_beside_them():
+    """The harness's sampled rows on the bundled pair (CPU, tiny): with the cost stage's
+    costs a pipelined row is timed beside the sequential ones, seeded as they are, and the
+    report shows it."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import adapters, worker
+    from quickdraft.ort_backend.cli import default_model_dir
+
+    pair = adapters.load("fast", default_model_dir(), device="cpu", max_gamma=2)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    t_ms = adapters.step_costs(pair.target, prompts[0], [1, 2, 3], reps=2)
+    d_ms = adapters.step_costs(pair.draft, prompts[0], [1], reps=2)
+    row = worker._sampled_runs(pair, prompts, 10, 2, 0.8, 0.9, 0, 1, 0.1, (t_ms, d_ms))
+    piped = row["pipelined"]
+    assert piped["tokens_per_s"] > 0 and 0.0 <= piped["warm_share"] <= 1.0
+    assert piped["greedy_equal"] is None and piped["sequential_tokens_per_s"] == \
+        row["spec"]["tokens_per_s"]
+    assert piped["stats"]["mode"] == "pipelined"
+    assert "effective_c" in piped and "realized_over_theoretical" in piped
+    results = {"pairs": {"p": {"systems": {"qd-fast": {"status": "ok", "sampled": [row]}}}}}
+    text = report.render(results)
+    assert "pipelined tok/s" in text and f"{piped['tokens_per_s']:.0f}" in text
+
+
 def test_node_profile_counts_the_bundled_draft_step():
     """benchmarks/node_profile.py on the CPU: every node of a draft step is in ONNX
     Runtime's profile, and the weight bytes its matrix products read, folded int8 storage

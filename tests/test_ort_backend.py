@@ -9,7 +9,6 @@ target with its weights perturbed (mixed acceptance counts under greedy decoding
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
+
+from goodness import chi2, chi2_quantile  # noqa: E402
 
 from quickdraft.cli import main as cli_main  # noqa: E402
 from quickdraft.generation import speculative_generate  # noqa: E402
@@ -289,23 +290,6 @@ def test_same_seed_same_output(loaded):
     assert c.tokens != a.tokens
 
 
-def _chi2_quantile(df: int, alpha: float) -> float:
-    """Upper-alpha quantile of chi-square(df), Wilson-Hilferty (within ~1% for df >= 3)."""
-    z = {1e-3: 3.0902323}[alpha]
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def _chi2(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
-    """Pearson's statistic of ``counts`` against ``p`` over the tokens with an expected count
-    of 5 or more (the others pooled into one cell), and its degrees of freedom."""
-    expected = counts.sum() * p
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    return float(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep])), int(keep.sum()) - 1
-
-
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
                                       SamplingConfig(temperature=0.8, top_p=0.9)])
 def test_sampled_first_token_follows_the_target(loaded, sampling):
@@ -332,13 +316,13 @@ def test_sampled_first_token_follows_the_target(loaded, sampling):
     gen.close()
     assert 0.1 * runs < rejected_first < 0.9 * runs  # accepted and recovered tokens both seen
     assert counts[p == 0].sum() == 0  # never a token the target cannot produce
-    chi2, df = _chi2(counts, p)
+    stat, df = chi2(counts, p)
     assert df >= 5
-    assert chi2 < _chi2_quantile(df, 1e-3), (chi2, df)
+    assert stat < chi2_quantile(df, 1e-3), (stat, df)
     from_q = np.bincount(np.random.default_rng(0).choice(len(q), size=runs, p=q),
                          minlength=len(q)).astype(float)
-    chi2_q, df_q = _chi2(from_q, p)
-    assert chi2_q > _chi2_quantile(df_q, 1e-3)
+    chi2_q, df_q = chi2(from_q, p)
+    assert chi2_q > chi2_quantile(df_q, 1e-3)
 
 
 def test_eos_stops_generation(loaded):

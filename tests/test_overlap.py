@@ -1,8 +1,10 @@
-"""Pipelined greedy decoding on ONNX Runtime: launched calls and device-side greedy chains
-give the tokens the sequential calls give, and the overlapped loop makes exactly the
-iterations of the NumPy reference (quickdraft.pipelined) on the same models, so its output
-is greedy autoregressive decoding's. Run on the CPU provider, which executes the same
-bindings as CUDA (there the launches simply finish before they return)."""
+"""Pipelined decoding on ONNX Runtime: launched calls and device-side chains give what the
+sequential calls give, and the overlapped loop makes exactly the iterations of the NumPy
+reference (quickdraft.pipelined) on the same models with the same uniforms, greedy (so its
+output is greedy autoregressive decoding's) and sampled (draws and verdicts on the device,
+so its output follows the target; checked end to end on the first token). Run on the CPU
+provider, which executes the same bindings as CUDA (there the launches simply finish
+before they return)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from hypothesis import strategies as st
 
 for _name in ("onnxruntime", "onnx", "tokenizers"):
     pytest.importorskip(_name)
+
+from goodness import chi2, chi2_quantile  # noqa: E402
 
 from quickdraft.generation import ModelDrafter  # noqa: E402
 from quickdraft.ort_backend import DecodeConfig, Generator, load_pair  # noqa: E402
@@ -26,7 +30,7 @@ from quickdraft.pipelined import (  # noqa: E402
     verify_greedy_without_bonus,
     verify_without_bonus,
 )
-from quickdraft.sampling import SamplingConfig  # noqa: E402
+from quickdraft.sampling import SamplingConfig, adjust_logits  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0.0)
 PROMPTS = ["Once upon a time", "The little dog", "She said that the"]
@@ -175,8 +179,13 @@ def test_a_pipelined_generator_continues_a_shared_prefix_and_after_a_rewind(pair
 
 
 def test_what_the_pipelined_loop_cannot_run_is_refused_with_the_fix(pair):
-    with pytest.raises(ValueError, match="greedy"):
-        pair.generator(DecodeConfig(sampling=SamplingConfig(0.7)), gamma=4, pipelined=True)
+    sampled = DecodeConfig(sampling=SamplingConfig(0.7))
+    with pytest.raises(ValueError, match="DeviceModelDrafter"):
+        pair.generator(sampled, gamma=4, pipelined=True, device_sampling=False)
+    with pytest.raises(ValueError, match="verify must be 'device'"):
+        pair.generator(sampled, gamma=4, pipelined=True, verify="host")
+    with pytest.raises(ValueError, match="same compute"):
+        pair.generator(sampled, gamma=4, pipelined=True, compute="float64")
     with pytest.raises(ValueError, match="ModelDrafter"):
         pair.generator(DecodeConfig(), drafter="ngram", pipelined=True)
     with pytest.raises(ValueError, match="lenience"):
@@ -233,7 +242,7 @@ def test_a_failed_verify_call_leaves_no_state_waiting(pair, monkeypatch):
         def wait(self):
             raise ValueError("logits contain NaN")
 
-    def failing_verify(target, scored, rows):
+    def failing_verify(target, scored, rows, greedy):
         overlap.rewind_to_common_prefix(target, scored, rows)
         return Failing()
 
@@ -248,3 +257,110 @@ def test_a_failed_verify_call_leaves_no_state_waiting(pair, monkeypatch):
     state.append_greedy([ids[0]])
     drafter.state.close()
     state.close()
+
+
+SAMPLED = [SamplingConfig(1.0), SamplingConfig(0.8, top_k=40, top_p=0.9)]
+
+
+@pytest.mark.parametrize("sampling", SAMPLED)
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_pipelined_sampled_iterations_are_the_references(pair, sampling, gamma):
+    """Sampled: the draft draws inside its chains and the verification graph decides on the
+    rows where they lie, and every iteration is pipelined_generate's on the same models with
+    the same seed (the reference draws and decides in float64 on host copies of the
+    logits): tokens, accepted counts, warm iterations, draft calls, beta. The float32 graphs
+    could part from it only where a uniform falls within rounding of a decision boundary
+    (about 1e-7 per decision: under 1e-4 for these runs)."""
+    n = 40
+    warm = 0
+    for seed in (0, 1):
+        prompt = PROMPTS[seed]
+        config = DecodeConfig(max_new_tokens=n, sampling=sampling, seed=seed)
+        with pair.generator(config, gamma=gamma, pipelined=True) as gen:
+            res = gen.generate(prompt)
+        ref = pipelined_generate(pair.target, pair.draft, _ids(pair, prompt), gamma=gamma,
+                                 max_new_tokens=n, sampling=sampling, eos_id=pair.eos_ids,
+                                 rng=np.random.default_rng(seed))
+        got, want = res.stats.generation, ref.stats
+        assert res.tokens == ref.tokens
+        assert got.accepted_per_iteration == want.accepted_per_iteration
+        assert got.checked_per_iteration == want.checked_per_iteration
+        assert (got.warm_iterations, got.open_draft_calls, got.shadow_draft_calls) == \
+            (want.warm_iterations, want.open_draft_calls, want.shadow_draft_calls)
+        np.testing.assert_allclose(got.beta_per_position, want.beta_per_position, atol=1e-5)
+        assert res.stats.mode == "pipelined" and res.stats.verifier == "device"
+        warm += got.warm_iterations
+    if gamma == 1:
+        assert warm > 0  # pre-drafted proposals (their rows in the other bank) were verified
+
+
+def test_pipelined_sampling_first_token_follows_the_target(pair):
+    """End to end on the bundled pair: the first token of pipelined sampling (gamma 2)
+    against the exact target distribution, 1000 draws from one prefill (rewind to the
+    prompt, one step; the generator's random stream goes on). Chi-square goodness of fit
+    at a false-alarm rate of 1e-4; the same test on draws from the draft's q must fail."""
+    runs, sampling = 1000, SamplingConfig(1.0, top_k=12)
+    prompt = _ids(pair, PROMPTS[0])
+    p = adjust_logits(pair.target.new_state().append(prompt)[-1], sampling)  # [V] exact
+    q = adjust_logits(pair.draft.new_state().append(prompt)[-1], sampling)  # [V]
+    counts = np.zeros_like(p)
+    rejected_first = 0
+    with pair.generator(DecodeConfig(max_new_tokens=6, sampling=sampling, seed=7), gamma=2,
+                        pipelined=True) as gen:
+        gen.prefill(prompt)
+        for _ in range(runs):
+            gen.rewind(len(prompt))
+            counts[gen.step()[0]] += 1
+            rejected_first += gen.stats.generation.accepted_per_iteration[-1] == 0
+    assert 0.05 * runs < rejected_first < 0.95 * runs  # accepted and recovered both seen
+    assert counts[p == 0].sum() == 0
+    stat, df = chi2(counts, p)
+    assert df >= 4
+    assert stat < chi2_quantile(df, 1e-4), (stat, df)
+    from_q = np.bincount(np.random.default_rng(0).choice(len(q), size=runs, p=q),
+                         minlength=len(q)).astype(float)
+    stat_q, df_q = chi2(from_q, p)
+    assert stat_q > chi2_quantile(df_q, 1e-4)
+
+
+def test_a_sampled_chain_writes_only_its_own_banks_rows(pair):
+    """Two row banks: a chain in bank 1 leaves bank 0's rows as they were (a proposal's q
+    rows stay readable while the continuation is drafted), and each bank's draws are the
+    tokens and rows a chain in bank 0 gives from the same state and uniforms."""
+    sampling = SAMPLED[0]  # a model keeps sampled-chain sessions for a few settings
+    ids = _ids(pair, PROMPTS[1])
+    state = pair.draft.new_state()
+    assert state.prepare_sampled_chain(sampling)
+    state.append(ids[:-1])
+    u = np.random.default_rng(3).random(5)
+    first = state.launch_sampled_chain(ids[-1], u, sampling, bank=0)
+    tokens, rows = first.wait(), first.rows.numpy()
+    state.rewind(len(ids) - 1)
+    second = state.launch_sampled_chain(ids[-1], u, sampling, bank=1)
+    assert second.wait().tolist() == tokens.tolist()
+    np.testing.assert_array_equal(second.rows.numpy(), rows)
+    np.testing.assert_array_equal(first.rows.numpy(), rows)  # bank 0 untouched
+    state.rewind(len(ids) - 1)
+    other = state.launch_sampled_chain(ids[-1], u[::-1].copy(), sampling, bank=1)
+    other.wait()
+    np.testing.assert_array_equal(first.rows.numpy(), rows)
+    with pytest.raises(ValueError, match="bank must be 0 or 1"):
+        state.launch_sampled_chain(ids[-1], u, sampling, bank=2)
+    state.close()
+
+
+def test_launched_device_logits_equal_appended_ones(pair):
+    ids = _ids(pair, PROMPTS[2])
+    a, b = pair.target.new_state(), pair.target.new_state()
+    try:
+        want = a.append(ids)
+        b.append(ids[:-3])
+        launched = b.launch_device(ids[-3:])
+        with pytest.raises(RuntimeError, match="launched work"):
+            b.append([ids[0]])
+        got = launched.wait().numpy()[0]  # [3, V]
+        np.testing.assert_allclose(got, want[-3:], atol=1e-5)
+        assert b.tokens == a.tokens
+    finally:
+        a.close()
+        b.close()

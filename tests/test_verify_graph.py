@@ -137,6 +137,40 @@ def test_logits_graph_matches_verify(compute, case):
     np.testing.assert_allclose(got_beta, beta(p[:gamma], q), atol=1e-5)
 
 
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+@SETTINGS
+@given(case=logit_cases())
+def test_stand_in_graph_matches_verify_without_bonus(compute, case):
+    """The pipelined verdict's graph (gamma candidates, the last a stand-in for the bonus,
+    its q row given apart, the target scoring only gamma positions) decides as
+    quickdraft.pipelined.verify_without_bonus; a recovered token only after a rejection."""
+    from quickdraft.pipelined import verify_without_bonus
+
+    target, q, x, u, s, cfg = case
+    m = len(x)
+    logits = target[:-1]  # the target scored the candidates' m positions (and a prefill)
+    rows = logits[-m:]
+    p = adjust_logits(rows, cfg)  # [m, V]
+    n, recovered = verify_without_bonus(p, q, x, u, s)
+    assume_clear_of_boundaries(np.concatenate([p, p[-1:]]), q, x, u, s, n, compute,
+                               cfg.top_p, _softmax_tempered_topk(rows, cfg))
+    graph = verifier(m, target.shape[1], cfg, compute, stand_in=True)
+    got_n, got_token, got_beta = graph.run(logits, q[:-1] if m > 1 else None, x, u, s,
+                                           stand_in_probs=q[-1:])
+    assert got_n == n and (n == m or got_token == recovered)
+    np.testing.assert_allclose(got_beta, beta(p, q), atol=1e-5)
+
+
+def test_a_stand_in_verifier_takes_the_stand_in_row_apart():
+    cfg = SamplingConfig(1.0)
+    with pytest.raises(ValueError, match="stand_in_probs"):
+        verifier(2, 4, cfg, stand_in=True).run(np.zeros((2, 4)), np.full((1, 4), 0.25),
+                                               [0, 1], [0.5, 0.5], 0.5)
+    with pytest.raises(ValueError, match="stand_in_probs"):
+        verifier(2, 4, cfg).run(np.zeros((3, 4)), np.full((2, 4), 0.25), [0, 1], [0.5, 0.5],
+                                0.5, stand_in_probs=np.full((1, 4), 0.25))
+
+
 @st.composite
 def prob_cases(draw):
     """Arbitrary p and q rows: random weights with zeros, p == q, disjoint supports."""

@@ -78,9 +78,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--autoregressive", action="store_true",
                    help="decode with the target alone, one token per call (the baseline)")
     p.add_argument("--pipelined", action="store_true",
-                   help="greedy, static pair: the draft drafts the next proposal while the "
-                   "target verifies this one (on CUDA both calls in flight at once; on "
-                   "the CPU nothing overlaps and the plain loop is faster)")
+                   help="static pair: the draft drafts the next proposal while the "
+                   "target verifies this one, greedy or sampled (sampled draws on the "
+                   "device); on CUDA both calls are in flight at once, on the CPU nothing "
+                   "overlaps and the plain loop is faster")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device-verify", dest="verify", action="store_const", const="device",
                        help="verify with an ONNX graph next to the target's logits (default "

@@ -40,7 +40,12 @@ from quickdraft.ort_backend.device import (
     session_options,
 )
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, OrtModel
-from quickdraft.ort_backend.overlap import OverlapTimes, overlapped_greedy_stream
+from quickdraft.ort_backend.overlap import (
+    GreedyHalves,
+    OverlapTimes,
+    SampledHalves,
+    overlapped_stream,
+)
 from quickdraft.ort_backend.static import StaticDecodeState, StaticOrtModel
 from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
 from quickdraft.ort_backend.verify_graph import DEVICE_MIN_TEMPERATURE, GraphVerifier
@@ -140,11 +145,10 @@ def samples_on_device(model, sampling: SamplingConfig) -> bool:
             and model.device.kind == "cuda")
 
 
-def _check_pipelined(target, drafter, config: DecodeConfig) -> None:
+def _check_pipelined(target, drafter, config: DecodeConfig, verify: str, compute: str) -> None:
     """Refuse, naming the fix, what the pipelined loop cannot run."""
-    if not config.sampling.greedy:
-        raise ValueError("pipelined decoding runs greedy (temperature 0); sample with the "
-                         "sequential speculative loop (pipelined=False)")
+    from quickdraft.ort_backend.device_draft import DeviceModelDrafter
+
     if config.lenience != 1.0:
         raise ValueError("pipelined decoding applies the exact rule: lenience must be 1")
     if not isinstance(drafter, ModelDrafter):
@@ -164,6 +168,19 @@ def _check_pipelined(target, drafter, config: DecodeConfig) -> None:
             f"pipelined decoding at gamma {drafter.gamma} drafts chains of {drafter.gamma + 1} "
             f"steps; load the draft with chain_length >= {drafter.gamma + 1} (load_pair "
             f"gives max_gamma + 1; this draft has {drafter.model.chain_length})")
+    if config.sampling.greedy:
+        return
+    if not (isinstance(drafter, DeviceModelDrafter) and drafter.chained):
+        raise ValueError(
+            "pipelined sampling draws the draft's tokens inside its chains on the device: "
+            "give a DeviceModelDrafter (Pair.generator(..., pipelined=True) makes one; "
+            "device_sampling must not be False), within the model's sampled-chain settings")
+    if verify != "device":
+        raise ValueError("pipelined sampling verifies with the verification graph next to "
+                         "the draft's rows: verify must be 'device' or 'auto'")
+    if drafter.compute != compute:
+        raise ValueError(f"the drafter's rows are {drafter.compute} but the verification "
+                         f"graph computes in {compute}: give both the same compute")
 
 
 def _is_int(x) -> bool:
@@ -441,8 +458,11 @@ class Pair:
         draft model proposing ``gamma`` tokens; autoregressive with neither.
         ``device_sampling``: as :meth:`drafter`'s, for a drafter made here, and for
         autoregressive sampling (the target's tokens drawn next to its logits).
-        ``pipelined``: the draft model drafts while the target verifies (greedy, static
-        pair; see :class:`Generator`)."""
+        ``pipelined``: the draft model drafts while the target verifies (a static pair;
+        sampled tokens are then drawn on the device unless ``device_sampling`` is False;
+        see :class:`Generator`)."""
+        if pipelined and device_sampling is None and not config.sampling.greedy:
+            device_sampling = True  # the continuation's draws happen inside its chain
         if isinstance(drafter, str):
             drafter = self.drafter(config.sampling, 4 if gamma is None else gamma, drafter,
                                    seed=config.seed, device_sampling=device_sampling)
@@ -597,9 +617,11 @@ class Generator:
         max_draft: the most draft tokens per iteration (the target's compiled steps).
         pipelined: while the target verifies a proposal, the draft already drafts the next
             one, as if every token were kept (:mod:`quickdraft.pipelined`); on CUDA both
-            calls are in flight at once (:mod:`quickdraft.ort_backend.overlap`). Greedy,
-            with a :class:`ModelDrafter` over a static draft loaded with
-            ``chain_length >= gamma + 1`` (``load_pair`` does) and a static target.
+            calls are in flight at once (:mod:`quickdraft.ort_backend.overlap`). A
+            :class:`ModelDrafter` over a static draft loaded with ``chain_length >= gamma
+            + 1`` (``load_pair`` does) and a static target; sampled, a chained
+            :class:`~quickdraft.ort_backend.device_draft.DeviceModelDrafter` and the
+            verification graph (``verify`` "device" or "auto").
 
     ``prefill`` starts a generation (again and again: the prefix the caches share with
     the new prompt is kept), ``step`` runs one iteration, ``rewind`` cuts the sequence.
@@ -615,8 +637,6 @@ class Generator:
         _check_verify(verify)
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
-        if pipelined:
-            _check_pipelined(target, drafter, config)
         self.pipelined = bool(pipelined)
         if drafter is not None and supports(drafter, SamplingDrafter) and \
                 drafter.sampling not in (None, config.sampling):
@@ -635,6 +655,8 @@ class Generator:
         if verify == "device" and config.lenience != 1.0:
             raise ValueError("the verification graph applies the exact rule: verify the "
                              "lossy rule (lenience < 1) on the host")
+        if pipelined:
+            _check_pipelined(target, drafter, config, verify, compute)
         self.target = target
         self.drafter = drafter
         self.config = config
@@ -642,6 +664,7 @@ class Generator:
         self.eos_ids: frozenset[int] = frozenset(int(e) for e in eos_ids)
         self.max_draft = max_draft
         self.verify = verify  # "host" or "device": where sampled proposals are verified
+        self._compute = compute  # the verification graph's arithmetic
         self._verifier = (GraphVerifier.for_model(target, compute=compute)
                           if verify == "device" else host_verify)
         # the verifier's decision alone, on scores from a call over several sequences
@@ -751,8 +774,11 @@ class Generator:
         self._close_engine()
         speculative = self.speculative
         greedy = config.sampling.greedy
-        if speculative and self.verify == "device" and not greedy:
-            self._verifier.prepare(self.max_draft or 1, config.sampling)  # sessions up front
+        if speculative and self.verify == "device" and not greedy:  # sessions up front
+            if self.pipelined:
+                self._verifier.prepare(self.drafter.gamma, config.sampling, stand_in=True)
+            else:
+                self._verifier.prepare(self.max_draft or 1, config.sampling)
         where = "device" if self.verify == "device" and not greedy else "host"
         mode = "speculative" if speculative else "autoregressive"
         stats = OrtStats(mode="pipelined" if self.pipelined else mode,
@@ -928,10 +954,12 @@ class Generator:
         if not self.speculative:
             return autoregressive_stream(self.target, self.ids, draw=self._draw, **common)
         if self.pipelined:
-            return overlapped_greedy_stream(
-                self._state, self.drafter, self.ids, gamma=self.drafter.gamma,
-                max_new_tokens=remaining, rng=self._rng, eos_id=self.eos_ids,
-                stats=self.stats.generation, times=self.stats.overlap)
+            halves = (GreedyHalves(self.drafter) if c.sampling.greedy else
+                      SampledHalves(self.drafter, self._verifier, c.sampling, self._compute))
+            return overlapped_stream(
+                self._state, halves, self.ids, gamma=self.drafter.gamma,
+                max_new_tokens=remaining, rng=self._rng, vocab_size=self.target.vocab_size,
+                eos_id=self.eos_ids, stats=self.stats.generation, times=self.stats.overlap)
         self._loop = speculative_iterations(
             self.target, None, self.ids, drafter=self.drafter, verifier=self._timed_verifier(),
             lenience=c.lenience, max_draft=self.max_draft, **common)

@@ -1,10 +1,14 @@
-"""Pipelined greedy decoding on ONNX Runtime: the draft drafts while the target verifies.
+"""Pipelined decoding on ONNX Runtime: the draft drafts while the target verifies.
 
 :mod:`quickdraft.pipelined`'s scheme (PEARL's post-verify) with both models in flight at
 once. Each iteration launches the target's verify call (enqueued on its session's CUDA
-stream, not waited for), then the draft's whole continuation as one greedy chain on the
-draft session's stream (``StaticDecodeState.launch_chain``), and the host waits once, for
-both. On the CPU every launch runs to its end: the same tokens, one after the other.
+stream, not waited for), then the draft's whole continuation as one chain on the draft
+session's stream, and the host waits once, for both. Greedy: the chain feeds each step's
+argmax to the next (``StaticDecodeState.launch_chain``) and the verdict reads argmax ids.
+Sampled: each step draws inside the draft's run (``launch_sampled_chain``), its q rows stay
+on the device in one of two banks (the proposal's in one, the continuation's in the
+other), and the verification graph decides there (``GraphVerifier.decide_without_bonus``).
+On the CPU every launch runs to its end: the same tokens, one after the other.
 docs/explanation/pipelined.md has the scheme, its proof and its walltime.
 """
 
@@ -24,6 +28,7 @@ from quickdraft.generation import (
     check_uniforms,
 )
 from quickdraft.ort_backend.static import StaticDecodeState
+from quickdraft.ort_backend.verify_graph import DeviceRows, GraphVerifier
 from quickdraft.pipelined import (
     PipelinedStats,
     PipelinedStep,
@@ -31,9 +36,16 @@ from quickdraft.pipelined import (
     pipeline_lengths,
     verify_greedy_without_bonus,
 )
-from quickdraft.protocols import Candidates, launch_greedy_chain, rewind_to_common_prefix
+from quickdraft.protocols import (
+    Candidates,
+    catch_up,
+    launch_greedy_chain,
+    rewind_to_common_prefix,
+)
+from quickdraft.sampling import SamplingConfig
 
-__all__ = ["OverlapTimes", "overlapped_greedy_stream"]
+__all__ = ["OverlapTimes", "GreedyHalves", "SampledHalves", "overlapped_stream",
+           "overlapped_greedy_stream"]
 
 
 @dataclass
@@ -47,11 +59,96 @@ class OverlapTimes:
         return {"open_s": self.open_s, "shadow_s": self.shadow_s}
 
 
-def _launch_verify(target: StaticDecodeState, scored: list[int], rows: int):
+@dataclass
+class Drafted:
+    """Draft tokens with their q rows where they lie (None: greedy, one-hot) and the row
+    bank holding them."""
+
+    tokens: list[int]
+    rows: DeviceRows | None = None
+    bank: int = 0
+
+
+def _launch_verify(target: StaticDecodeState, scored: list[int], rows: int, greedy: bool):
     """Enqueue the target's call on the tokens of ``scored`` it has not consumed (at least
-    the last ``rows``); its ``wait()`` gives the greedy tokens of the last ``rows``."""
+    the last ``rows``); its ``wait()`` gives the greedy tokens of them (``greedy``) or
+    their logits on the device."""
     common = rewind_to_common_prefix(target, scored, rows)
-    return target.launch_greedy(scored[common:])
+    tokens = scored[common:]
+    return target.launch_greedy(tokens) if greedy else target.launch_device(tokens)
+
+
+class GreedyHalves:
+    """The greedy loop's model calls and verdict: argmax chains and ids."""
+
+    greedy = True
+
+    def __init__(self, drafter: ModelDrafter):
+        self.draft = drafter.state
+
+    def propose(self, ids: list[int], uniforms: np.ndarray, bank: int) -> Drafted:
+        """A cold proposal of ``len(uniforms)`` tokens, drafted while the target waits."""
+        check_uniforms(uniforms)
+        k = len(uniforms)
+        return Drafted(launch_greedy_chain(self.draft, ids, k).wait().tolist() if k else [])
+
+    def launch_continuation(self, scored: list[int], uniforms: np.ndarray, bank: int):
+        return launch_greedy_chain(self.draft, scored, len(uniforms))
+
+    def continuation(self, launched, bank: int) -> Drafted:
+        return Drafted(launched.wait().tolist())
+
+    def verdict(self, scores, x: Drafted, y: Drafted, accept_uniforms: np.ndarray,
+                sample_uniform: float) -> tuple[int, int | None, list[float]]:
+        m = len(x.tokens) + 1
+        choices = scores[-m:]  # [k + 1] the target's argmax ids
+        n, recovered = verify_greedy_without_bonus(choices, np.array(x.tokens + y.tokens[:1]))
+        return n, recovered, greedy_betas(n, m)
+
+
+class SampledHalves:
+    """The sampled loop's model calls and verdict: chains that draw on the device into
+    two row banks, and the verification graph on the rows where they lie.
+
+    ``drafter``: its state a SampledChainState whose chains take gamma + 1 steps;
+    ``verifier``: the target's :class:`GraphVerifier`, computing in ``compute`` (the
+    chains' arithmetic)."""
+
+    greedy = False
+
+    def __init__(self, drafter: ModelDrafter, verifier: GraphVerifier, sampling: SamplingConfig,
+                 compute: str = "float32"):
+        self.draft, self.verifier = drafter.state, verifier
+        self.sampling, self.compute = sampling, compute
+
+    def _launch(self, ids: list[int], uniforms: np.ndarray, bank: int):
+        check_uniforms(uniforms)
+        return self.draft.launch_sampled_chain(catch_up(self.draft, ids), uniforms,
+                                               self.sampling, self.compute, bank)
+
+    def propose(self, ids: list[int], uniforms: np.ndarray, bank: int) -> Drafted:
+        if not len(uniforms):
+            return Drafted([], None, bank)
+        return self.continuation(self._launch(ids, uniforms, bank), bank)
+
+    def launch_continuation(self, scored: list[int], uniforms: np.ndarray, bank: int):
+        return self._launch(scored, uniforms, bank)
+
+    def continuation(self, launched, bank: int) -> Drafted:
+        return Drafted(launched.wait().tolist(), launched.rows, bank)
+
+    def verdict(self, scores, x: Drafted, y: Drafted, accept_uniforms: np.ndarray,
+                sample_uniform: float) -> tuple[int, int | None, list[float]]:
+        candidates = np.array(x.tokens + y.tokens[:1], dtype=np.int64)  # [k + 1]
+        return self.verifier.decide_without_bonus(
+            scores, x.rows, y.rows.slice(0, 1), candidates, self.sampling,
+            accept_uniforms, sample_uniform)
+
+
+def _rest(y: Drafted) -> Drafted:
+    """y_2..y_L of a continuation, in its bank: the next proposal."""
+    rows = None if y.rows is None else y.rows.slice(1, y.rows.count - 1)
+    return Drafted(y.tokens[1:], rows, y.bank)
 
 
 def _settle(launched) -> None:
@@ -61,6 +158,79 @@ def _settle(launched) -> None:
         launched.wait()
     except Exception:  # noqa: BLE001 - the caller's wait reports it
         pass
+
+
+def overlapped_stream(
+    target: StaticDecodeState,
+    halves: GreedyHalves | SampledHalves,
+    prompt_ids: Sequence[int],
+    *,
+    gamma: int,
+    max_new_tokens: int,
+    rng: np.random.Generator,
+    vocab_size: int,
+    eos_id: EosIds = None,
+    stats: PipelinedStats | None = None,
+    times: OverlapTimes | None = None,
+) -> Iterator[list[int]]:
+    """Yield each iteration's new tokens, pipelined: the iterations of
+    :func:`quickdraft.pipelined.pipelined_generate` on these models with the same
+    uniforms (``rng.random(k_open + L + k + 2)`` per iteration: open draft, shadow draft,
+    accept, sample), so the output follows the target exactly (greedy: it is greedy
+    autoregressive decoding's).
+
+    ``halves``: :class:`GreedyHalves` or :class:`SampledHalves` over the draft's state (a
+    :class:`StaticDecodeState` whose chains take gamma + 1 steps). ``target``: the
+    target's state, holding fewer tokens than the prompt.
+    """
+    eos = _eos_set(eos_id)
+    stats = stats if stats is not None else PipelinedStats(gamma=gamma)
+    times = times if times is not None else OverlapTimes()
+    ids, produced = list(prompt_ids), 0
+    pending: Drafted | None = None  # the pre-drafted proposal, if the last one was kept
+    while produced < max_new_tokens:
+        k, L = pipeline_lengths(max_new_tokens - produced, gamma,
+                                None if pending is None else len(pending.tokens))
+        warm = pending is not None
+        k_open = 0 if warm else k
+        u = rng.random(k_open + L + k + 2)  # [k_open + L + k + 2] as the reference draws
+        t0 = time.perf_counter()
+        # the proposal x: pre-drafted in the last iteration's shadow, or drafted now in one
+        # chain (one wait, not k)
+        x = pending if warm else halves.propose(ids, u[:k_open], bank=0)
+        t1 = time.perf_counter()
+        scored = ids + x.tokens
+        # p_1..p_{k+1}, not waited for; beside it y_1..y_L, in the other row bank
+        verifying = _launch_verify(target, scored, k + 1, halves.greedy)
+        try:
+            drafting = halves.launch_continuation(scored, u[k_open : k_open + L], 1 - x.bank)
+        except BaseException:
+            _settle(verifying)
+            raise
+        try:
+            scores = verifying.wait()
+        finally:
+            _settle(drafting)  # waited for even when the target's call failed
+        y = halves.continuation(drafting, 1 - x.bank)  # [L]
+        times.open_s += t1 - t0
+        times.shadow_s += time.perf_counter() - t1
+        # the verdict on x_1..x_k and the stand-in y_1, in the bonus's place
+        n, recovered, betas = halves.verdict(scores, x, y, u[k_open + L : -1], float(u[-1]))
+        candidates = x.tokens + y.tokens[:1]  # [k + 1]
+        if recovered is None:  # all k + 1 kept: y_2..y_L is the next proposal
+            tokens, pending = candidates, _rest(y)
+        else:
+            tokens, pending = candidates[:n] + [recovered], None
+        nxt = None if pending is None else Candidates(
+            np.array(pending.tokens, dtype=np.int64), None, 0, True, vocab_size=vocab_size)
+        step = PipelinedStep(tokens, n, k + 1, betas, nxt, warm, k_open, L, L)
+        piece = _truncate_at_eos(tokens, eos)
+        ids += piece
+        produced += len(piece)
+        stats.record(step, produced)
+        yield piece
+        if piece[-1] in eos:
+            break
 
 
 def overlapped_greedy_stream(
@@ -75,66 +245,12 @@ def overlapped_greedy_stream(
     stats: PipelinedStats | None = None,
     times: OverlapTimes | None = None,
 ) -> Iterator[list[int]]:
-    """Yield each iteration's new tokens, greedy (temperature 0) and pipelined: the same
-    tokens as greedy autoregressive decoding, and the same iterations as
-    :func:`quickdraft.pipelined.pipelined_generate` on these models.
-
-    ``drafter``: a greedy :class:`ModelDrafter` whose state (a :class:`StaticDecodeState`
-    of a model with ``chain_length >= gamma + 1``) drafts the cold proposals (its greedy
-    proposal, run as one chain) and the continuations. ``target``: the target's state,
-    holding fewer tokens than the prompt. ``rng`` gives the reference's uniforms per
-    iteration (greedy decisions read none).
-    """
-    eos = _eos_set(eos_id)
-    stats = stats if stats is not None else PipelinedStats(gamma=gamma)
-    times = times if times is not None else OverlapTimes()
-    draft = drafter.state
-    ids, produced = list(prompt_ids), 0
-    pending: list[int] | None = None  # the pre-drafted proposal, if the last one was kept
-    while produced < max_new_tokens:
-        k, L = pipeline_lengths(max_new_tokens - produced, gamma,
-                                None if pending is None else len(pending))
-        warm = pending is not None
-        k_open = 0 if warm else k
-        u = rng.random(k_open + L + k + 2)  # [k_open + L + k + 2] as the reference draws
-        t0 = time.perf_counter()
-        # the proposal x: pre-drafted in the last iteration's shadow, or drafted now, as
-        # the drafter's greedy proposal is, in one chain on the device (one wait, not k)
-        check_uniforms(u[:k_open])
-        if warm:
-            x = pending
-        else:
-            x = launch_greedy_chain(draft, ids, k).wait().tolist() if k else []
-        t1 = time.perf_counter()
-        scored = ids + x
-        verifying = _launch_verify(target, scored, k + 1)  # p_1..p_{k+1}, not waited for
-        try:
-            drafting = launch_greedy_chain(draft, scored, L)  # y_1..y_L beside it
-        except BaseException:
-            _settle(verifying)
-            raise
-        try:
-            choices = verifying.wait()[-(k + 1):]  # [k + 1] the target's argmax ids
-        finally:
-            _settle(drafting)  # waited for even when the target's call failed
-        y = drafting.wait()  # [L]
-        times.open_s += t1 - t0
-        times.shadow_s += time.perf_counter() - t1
-        # the verdict on x_1..x_k and the stand-in y_1, in the bonus's place
-        candidates = np.array(x + [int(y[0])], dtype=np.int64)  # [k + 1]
-        n, recovered = verify_greedy_without_bonus(choices, candidates)
-        if recovered is None:  # all k + 1 kept: y_2..y_L is the next proposal
-            tokens, pending = candidates.tolist(), y[1:].tolist()
-        else:
-            tokens, pending = candidates[:n].tolist() + [recovered], None
-        nxt = None if pending is None else Candidates(
-            np.array(pending, dtype=np.int64), None, 0, True, vocab_size=target.model.vocab_size)
-        step = PipelinedStep(tokens, n, k + 1, greedy_betas(n, k + 1), nxt, warm,
-                             k_open, L, L)
-        piece = _truncate_at_eos(tokens, eos)
-        ids += piece
-        produced += len(piece)
-        stats.record(step, produced)
-        yield piece
-        if piece[-1] in eos:
-            break
+    """:func:`overlapped_stream` greedy (temperature 0): the same tokens as greedy
+    autoregressive decoding. ``drafter``: a greedy :class:`ModelDrafter` whose state (a
+    :class:`StaticDecodeState` of a model with ``chain_length >= gamma + 1``) drafts the
+    cold proposals and the continuations; ``rng`` gives the reference's uniforms per
+    iteration (greedy decisions read none)."""
+    return overlapped_stream(target, GreedyHalves(drafter), prompt_ids, gamma=gamma,
+                             max_new_tokens=max_new_tokens, rng=rng,
+                             vocab_size=target.model.vocab_size, eos_id=eos_id, stats=stats,
+                             times=times)

@@ -333,7 +333,8 @@ class _CacheSlot:
         self.generic_greedy = None  # the greedy_tokens OrtValue of the last generic run
         self.chain = (_Chain(self, model.chain_length, first_graph_id + len(self.steps))
                       if model.chain_length else None)
-        self.sampled_chains: dict[tuple, _Chain] = {}  # (sampling, compute) -> its chain
+        # (sampling, compute, bank) -> its chain: each bank has its own q rows
+        self.sampled_chains: dict[tuple, _Chain] = {}
         self.calls = {"captured_steps": 0, "generic_steps": 0, "uploads_skipped": 0}
         # the thread (a threading.Thread) that captured its CUDA graphs, or that holds its
         # lane: ONNX Runtime keeps graphs per thread, and one used from another thread is
@@ -363,9 +364,10 @@ class _CacheSlot:
         self.thread = threading.current_thread()
         self.end = 0
 
-    def sampled_chain(self, sampling, compute: str) -> _Chain:
-        """This slot's sampled chain for ``sampling`` (made, and captured, on first use)."""
-        key = (sampling, compute)
+    def sampled_chain(self, sampling, compute: str, bank: int = 0) -> _Chain:
+        """This slot's sampled chain for ``sampling`` in row bank ``bank`` (made, and
+        captured, on first use)."""
+        key = (sampling, compute, bank)
         chain = self.sampled_chains.get(key)
         if chain is None:
             m = self.model
@@ -777,10 +779,11 @@ class _Chain:
 
 
 class Launched:
-    """Greedy tokens of work enqueued without waiting for it
-    (:meth:`StaticDecodeState.launch_greedy`, :meth:`~StaticDecodeState.launch_chain`).
-    ``wait()`` blocks until the device is done and returns them (the same array again on
-    later calls). On the CPU the work is already done when it is launched."""
+    """What work enqueued without waiting for it gives: greedy tokens
+    (:meth:`StaticDecodeState.launch_greedy`, :meth:`~StaticDecodeState.launch_chain`) or
+    logits on the device (:meth:`~StaticDecodeState.launch_device`). ``wait()`` blocks
+    until the device is done and returns them (the same again on later calls). On the CPU
+    the work is already done when it is launched."""
 
     def __init__(self, finish):
         self._finish = finish
@@ -882,6 +885,31 @@ class StaticDecodeState(TokenState):
         self._pending = Launched(finish)
         return self._pending
 
+    def launch_device(self, tokens: Sequence[int]) -> Launched:
+        """:meth:`append_device` without waiting: the call is enqueued on the device and
+        this returns; ``wait()`` gives the logits OrtValue [1, len(tokens), V] on the device
+        (the step's own buffer, valid until its next call). Until then the state accepts no
+        other call. A length without a fixed-length step runs to the end first."""
+        slot = self._live()
+        tokens = self._checked(tokens)
+        if not tokens:
+            raise ValueError("launch_device needs at least one token")
+        t0 = time.perf_counter()
+        value = slot.run(tokens, len(self._tokens), launch=True)
+        self._tokens.extend(tokens)
+        step = slot.steps.get(len(tokens))
+
+        def finish():
+            self._check_thread()
+            self._pending = None
+            if step is not None:
+                step.synchronize()
+            self.times.record_call(len(tokens), t0)
+            return value
+
+        self._pending = Launched(finish)
+        return self._pending
+
     @property
     def max_chain(self) -> int:
         """The longest chain :meth:`launch_chain` takes: the model's ``chain_length``."""
@@ -893,17 +921,19 @@ class StaticDecodeState(TokenState):
         return self.model.prepare_sampled(sampling, compute)
 
     def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling,
-                             compute: str = "float32") -> Launched:
+                             compute: str = "float32", bank: int = 0) -> Launched:
         """:meth:`launch_chain` with each step's token drawn, not its argmax: step j draws
         with ``uniforms[j]`` from q = ``adjust_logits`` of its logits (the sampling graph's
         steps, inside the model's run), one step per uniform. ``wait()`` returns the tokens;
         the returned object's ``rows`` are the q rows they were drawn from, on the device
-        (valid until this state's next sampled chain)."""
+        (valid until this state's next sampled chain in the same ``bank``, 0 or 1)."""
         from quickdraft.ort_backend.verify_graph import DeviceRows
 
+        if bank not in (0, 1):
+            raise ValueError(f"bank must be 0 or 1, got {bank!r}")
         uniforms = np.asarray(uniforms)
-        launched = self._launch(lambda slot: slot.sampled_chain(sampling, compute), token,
-                                len(uniforms), uniforms)
+        launched = self._launch(lambda slot: slot.sampled_chain(sampling, compute, bank),
+                                token, len(uniforms), uniforms)
         launched.rows = DeviceRows(launched.chain.rows, len(uniforms), self.model.vocab_size,
                                    np.dtype(compute), self.model.device)
         return launched

@@ -20,10 +20,12 @@ from quickdraft.ort_backend.device import Device, create_session, helper_options
 from quickdraft.protocols import (
     Candidates,
     DecodeState,
+    DeviceState,
     Scores,
     Verdict,
     advance,
     rewind_to_common_prefix,
+    supports,
 )
 from quickdraft.sampling import SamplingConfig
 from quickdraft.verification import build_sample_graph, build_verify_graph
@@ -43,8 +45,8 @@ __all__ = [
     "shared_session",
 ]
 
-# (device, gamma, vocab, sampling, logits dtype, compute) -> InferenceSession, least
-# recently used first; sessions evicted here live on in the verifiers that hold them
+# (device, gamma, vocab, sampling, logits dtype, compute, stand_in) -> InferenceSession,
+# least recently used first; sessions evicted here live on in the verifiers that hold them
 _SESSIONS: OrderedDict[tuple, object] = OrderedDict()
 _SESSIONS_LOCK = threading.Lock()
 _SESSIONS_MAX = 64
@@ -55,18 +57,20 @@ DEVICE_MIN_TEMPERATURE = 1e-30
 
 
 def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: Device,
-                   logits_dtype: str = "fp32", compute: str = "float32"):
-    """The verification graph's ``InferenceSession`` for these settings, built once per
-    process and shared (ONNX Runtime runs one session from several threads; each caller
-    binds its own inputs and outputs)."""
-    return _shared((device, int(gamma), int(vocab), sampling, logits_dtype, compute))
+                   logits_dtype: str = "fp32", compute: str = "float32",
+                   stand_in: bool = False):
+    """The verification graph's ``InferenceSession`` for these settings (``stand_in``: the
+    pipelined verdict's graph), built once per process and shared (ONNX Runtime runs one
+    session from several threads; each caller binds its own inputs and outputs)."""
+    return _shared((device, int(gamma), int(vocab), sampling, logits_dtype, compute,
+                    bool(stand_in)))
 
 
 def shared_sample_session(vocab: int, sampling: SamplingConfig, *, device: Device,
                           logits_dtype: str = "fp32", compute: str = "float32"):
     """The sampling graph's (:func:`~quickdraft.verification.build_sample_graph`) shared
     ``InferenceSession`` for these settings, as :func:`shared_session`."""
-    return _shared((device, None, int(vocab), sampling, logits_dtype, compute))
+    return _shared((device, None, int(vocab), sampling, logits_dtype, compute, False))
 
 
 def _shared(key: tuple):
@@ -84,31 +88,40 @@ def _shared(key: tuple):
 
 def _new_session(key: tuple, options):
     """The verification graph's session (gamma an int) or the sampling graph's (None)."""
-    device, gamma, vocab, sampling, logits_dtype, compute = key
+    device, gamma, vocab, sampling, logits_dtype, compute, stand_in = key
     if gamma is None:
         model, name = build_sample_graph(vocab, sampling, logits_dtype=logits_dtype,
                                          compute=compute), "the sampling graph"
     else:
         model, name = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
-                                         compute=compute), "the verification graph"
+                                         compute=compute, stand_in=stand_in), \
+            "the verification graph"
     return create_session(model.SerializeToString(), device, options, name=name)
 
 
 class DeviceRows:
-    """The first ``count`` rows of a :class:`DeviceSampler`'s q buffer, where they lie:
-    a verifier on the same device binds them without a copy; ``numpy()`` copies them to
-    the host [count, V]. Valid until the sampler writes its rows again."""
+    """``count`` rows of a q buffer on the device (a :class:`DeviceSampler`'s or a sampled
+    chain's), from row ``start``, where they lie: a verifier on the same device binds them
+    without a copy; ``numpy()`` copies them to the host [count, V]. Valid until the buffer
+    is written again."""
 
-    def __init__(self, value, count: int, vocab: int, dtype, device: Device):
+    def __init__(self, value, count: int, vocab: int, dtype, device: Device, start: int = 0):
         self.value, self.count, self.vocab = value, int(count), int(vocab)
-        self.dtype, self.device = np.dtype(dtype), device
+        self.dtype, self.device, self.start = np.dtype(dtype), device, int(start)
 
     @property
     def data_ptr(self) -> int:
-        return self.value.data_ptr()
+        return self.value.data_ptr() + self.start * self.vocab * self.dtype.itemsize
 
     def numpy(self) -> np.ndarray:
-        return np.array(self.value.numpy()[: self.count])  # [count, V]
+        return np.array(self.value.numpy()[self.start : self.start + self.count])  # [count, V]
+
+    def slice(self, start: int, count: int) -> DeviceRows:
+        """Rows ``start .. start + count`` of these rows."""
+        if not (0 <= start and 0 <= count and start + count <= self.count):
+            raise ValueError(f"rows {start}..{start + count} are not among {self.count} rows")
+        return DeviceRows(self.value, count, self.vocab, self.dtype, self.device,
+                          self.start + start)
 
     def __array__(self, dtype=None, copy=None):
         rows = self.numpy()
@@ -197,25 +210,33 @@ class DeviceVerifier:
     the draft's tokens, q and uniforms into host arrays, copies them into their device
     buffers (on the CPU they are the same memory) and rebinds only a new target; n, the next
     token and beta [gamma] come back in host buffers. One caller at a time per verifier.
+
+    ``stand_in``: the pipelined verdict's graph (``build_verify_graph(stand_in=True)``):
+    gamma candidates, the last one's q row given apart (``run``'s ``stand_in_probs``).
     """
 
     def __init__(self, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
                  device: Device = Device("cpu"), logits_dtype: str = "fp32",
-                 compute: str = "float32", options=None):
+                 compute: str = "float32", options=None, stand_in: bool = False):
         import onnxruntime as ort
 
         self.gamma, self.vocab, self.sampling = int(gamma), int(vocab), sampling
-        self.device = device
+        self.device, self.stand_in = device, bool(stand_in)
         self.compute = np.dtype(compute).type
-        key = (device, self.gamma, self.vocab, sampling, logits_dtype, compute)
+        key = (device, self.gamma, self.vocab, sampling, logits_dtype, compute, self.stand_in)
         self.session = (shared_session(*key[1:4], device=device, logits_dtype=logits_dtype,
-                                       compute=compute)
+                                       compute=compute, stand_in=self.stand_in)
                         if options is None else _new_session(key, options))
         self.logits_np = LOGITS_TYPES[logits_dtype][0]  # known: the graph was built
         self.binding = self.session.io_binding()
         g = self.gamma
+        # q rows per input: the proposal's, and the stand-in's apart
+        self._q_rows = {"draft_probs": g - 1, "stand_in_probs": 1} if self.stand_in else \
+            {"draft_probs": g}
+        self._q_rows = {name: rows for name, rows in self._q_rows.items() if rows}
         self._inputs = {  # host arrays of the inputs
-            "draft_probs": np.zeros((g, self.vocab), self.compute),  # [gamma, V]
+            **{name: np.zeros((rows, self.vocab), self.compute)  # [rows, V]
+               for name, rows in self._q_rows.items()},
             "draft_tokens": np.zeros(g, np.int64),  # [gamma]
             "accept_uniforms": np.zeros(g, self.compute),  # [gamma]
             "sample_uniform": np.zeros(1, self.compute),  # [1]
@@ -241,41 +262,46 @@ class DeviceVerifier:
             self._out_values.append(value)
             self.binding.bind_ortvalue_output(name, value)
         self._bound_target = None  # the OrtValue bound as the target, if one is
-        self._probs_rebound = False  # draft_probs bound to a DeviceSampler's rows
+        self._rebound: set[str] = set()  # q inputs bound to rows where they lie
 
     def run(self, target, draft_probs, draft_tokens, accept_uniforms,
-            sample_uniform) -> tuple[int, int, np.ndarray]:
-        """(n, next_token, beta [gamma]) for one iteration."""
+            sample_uniform, stand_in_probs=None) -> tuple[int, int, np.ndarray]:
+        """(n, next_token, beta [gamma]) for one iteration (``stand_in_probs``: the last
+        candidate's q row [1, V], for a ``stand_in`` verifier; ``draft_probs`` then holds the
+        other gamma - 1 rows, None for none)."""
         g = self.gamma
+        if self.stand_in == (stand_in_probs is None):
+            raise ValueError("a stand-in verifier takes stand_in_probs, another does not")
         self._bind_target(target)
         inputs, out = self._inputs, self._outputs
-        in_place = self._bind_draft_probs(draft_probs)
+        given = {"draft_probs": draft_probs, "stand_in_probs": stand_in_probs}
+        in_place = {name for name in self._q_rows if self._bind_rows(name, given[name])}
+        for name in self._q_rows.keys() - in_place:
+            inputs[name][...] = np.reshape(np.asarray(given[name]), inputs[name].shape)
         inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
-        if not in_place:
-            inputs["draft_probs"][...] = np.reshape(np.asarray(draft_probs), (g, self.vocab))
         inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
         inputs["sample_uniform"][0] = sample_uniform
         if self._on_device:
             for name, value in self._in_values.items():
-                if not (in_place and name == "draft_probs"):
+                if name not in in_place:
                     value.update_inplace(inputs[name])
         self.session.run_with_iobinding(self.binding)
         return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
 
-    def _bind_draft_probs(self, draft_probs) -> bool:
-        """Bind q where a DeviceSampler wrote it (same device and type, gamma rows): True;
-        else this verifier's own buffer, filled from the host: False."""
-        direct = (isinstance(draft_probs, DeviceRows) and draft_probs.device == self.device
-                  and draft_probs.dtype == np.dtype(self.compute)
-                  and draft_probs.count == self.gamma and draft_probs.vocab == self.vocab)
+    def _bind_rows(self, name: str, rows) -> bool:
+        """Bind the q input ``name`` where the rows lie (DeviceRows on this device, of this
+        type and count): True; else this verifier's own buffer, filled from the host."""
+        count = self._q_rows[name]
+        direct = (isinstance(rows, DeviceRows) and rows.device == self.device
+                  and rows.dtype == np.dtype(self.compute)
+                  and rows.count == count and rows.vocab == self.vocab)
         if direct:
-            self.binding.bind_input("draft_probs", self.device.kind, self.device.device_id,
-                                    draft_probs.dtype.type, [self.gamma, self.vocab],
-                                    draft_probs.data_ptr)
-            self._probs_rebound = True
-        elif self._probs_rebound:
-            self.binding.bind_ortvalue_input("draft_probs", self._in_values["draft_probs"])
-            self._probs_rebound = False
+            self.binding.bind_input(name, self.device.kind, self.device.device_id,
+                                    rows.dtype.type, [count, self.vocab], rows.data_ptr)
+            self._rebound.add(name)
+        elif name in self._rebound:
+            self.binding.bind_ortvalue_input(name, self._in_values[name])
+            self._rebound.discard(name)
         return direct
 
     def _bind_target(self, target) -> None:
@@ -311,7 +337,7 @@ def advance_device(state, ids: Sequence[int], min_new: int):
     """:func:`quickdraft.protocols.advance` returning the logits as the state has them:
     a device OrtValue [1, k, V] from a static state (no copy), else host rows [k, V]; at
     least the last ``min_new`` tokens are (re-)appended."""
-    if not hasattr(state, "append_device"):
+    if not supports(state, DeviceState):
         return advance(state, ids, min_new)
     common = rewind_to_common_prefix(state, ids, min_new)
     return state.append_device(list(ids[common:]))
@@ -340,7 +366,7 @@ class GraphVerifier:
                  options: SessionOptions | None = None):
         self.vocab, self.device = int(vocab), device
         self.logits_dtype, self.compute, self.options = logits_dtype, compute, options
-        self._verifiers: dict[tuple[int, SamplingConfig], DeviceVerifier] = {}
+        self._verifiers: dict[tuple[int, SamplingConfig, bool], DeviceVerifier] = {}
 
     @classmethod
     def for_model(cls, model, *, compute: str = "float32", options=None) -> GraphVerifier:
@@ -350,22 +376,25 @@ class GraphVerifier:
         return cls(model.vocab_size, device=model.device, compute=compute, options=options,
                    logits_dtype=model.manifest.dtype if static else "fp32")
 
-    def get(self, gamma: int, sampling: SamplingConfig) -> DeviceVerifier:
-        """The DeviceVerifier for ``gamma`` draft tokens (sampling: temperature > 0)."""
-        key = (int(gamma), sampling)
+    def get(self, gamma: int, sampling: SamplingConfig, *,
+            stand_in: bool = False) -> DeviceVerifier:
+        """The DeviceVerifier for ``gamma`` draft tokens (sampling: temperature > 0;
+        ``stand_in``: the pipelined verdict's, gamma candidates with the stand-in last)."""
+        key = (int(gamma), sampling, bool(stand_in))
         if key not in self._verifiers:
             self._verifiers[key] = DeviceVerifier(
                 gamma, self.vocab, sampling, device=self.device, logits_dtype=self.logits_dtype,
-                compute=self.compute, options=self.options)
+                compute=self.compute, options=self.options, stand_in=stand_in)
         return self._verifiers[key]
 
-    def prepare(self, gamma: int, sampling: SamplingConfig) -> None:
+    def prepare(self, gamma: int, sampling: SamplingConfig, *, stand_in: bool = False) -> None:
         """Make the verifiers for every draft length 1..gamma now (outside timed code);
-        nothing for greedy sampling, which is verified on the host."""
+        nothing for greedy sampling, which is verified on the host. ``stand_in``: the
+        pipelined verdict's, for 1..gamma + 1 candidates."""
         if sampling.greedy:
             return
-        for g in range(1, int(gamma) + 1):
-            self.get(g, sampling)
+        for g in range(1, int(gamma) + 1 + int(stand_in)):
+            self.get(g, sampling, stand_in=stand_in)
 
     def __call__(self, target: DecodeState, scored: Sequence[int], candidates: Candidates,
                  sampling: SamplingConfig, accept_uniforms: np.ndarray, sample_uniform: float,
@@ -405,6 +434,28 @@ class GraphVerifier:
                 "use a larger temperature, or 0 for greedy decoding")
         reached = min(n + 1, gamma)
         return Verdict(n, token, beta[:reached].astype(float).tolist())
+
+
+    def decide_without_bonus(self, logits, proposal_rows, stand_in_rows, candidates,
+                             sampling: SamplingConfig, accept_uniforms: np.ndarray,
+                             sample_uniform: float) -> tuple[int, int | None, list[float]]:
+        """The pipelined verdict (:func:`quickdraft.pipelined.verify_without_bonus`) on the
+        device: candidates [m] (the proposal and the stand-in, last), the target's logits
+        of their m positions (the last m rows of ``logits``), q as the proposal's rows
+        [m - 1, V] (None when m is 1) and the stand-in's [1, V], each where it lies.
+        -> (n, recovered or None when all m are kept, beta at the candidates reached)."""
+        m = len(candidates)
+        n, token, beta = self.get(m, sampling, stand_in=True).run(
+            logits, proposal_rows, candidates, accept_uniforms, sample_uniform,
+            stand_in_probs=stand_in_rows)
+        if not (0 <= n <= m and (n == m or 0 <= token < self.vocab)
+                and np.isfinite(beta).all()):
+            raise ValueError(
+                f"the target's distribution at temperature {sampling.temperature:g} is not "
+                "finite (the logits overflow when divided by it, or the model produced NaN): "
+                "use a larger temperature, or 0 for greedy decoding")
+        reached = min(n + 1, m)
+        return n, (None if n == m else token), beta[:reached].astype(float).tolist()
 
 
 def _check_exact(lenience: float) -> None:

@@ -198,6 +198,7 @@ def build_verify_graph(
     *,
     logits_dtype: str = "fp32",
     compute: str = "float32",
+    stand_in: bool = False,
 ):
     """:func:`quickdraft.verification.verify` (lenience 1) after ``adjust_logits`` of the
     target's logits, as an ``onnx.ModelProto``.
@@ -207,6 +208,13 @@ def build_verify_graph(
     ``accept_uniforms`` [gamma] and ``sample_uniform`` [1] in ``compute`` ("float32" or
     "float64"), ``draft_tokens`` [gamma] int64. Outputs: ``n`` [1] and ``next_token`` [1]
     int64, ``beta`` [gamma] in ``compute`` (:func:`quickdraft.theory.beta` of p_i, q_i).
+
+    ``stand_in``: the pipelined verdict (:func:`quickdraft.pipelined.verify_without_bonus`)
+    on gamma candidates, the last a stand-in for the bonus: the target scored only gamma
+    positions (the last gamma rows of ``target_logits`` are used, S >= gamma), and q comes
+    in two inputs, ``draft_probs`` [gamma - 1, V] (the proposal's rows; absent when gamma
+    is 1) and ``stand_in_probs`` [1, V], which may lie in different buffers. When all gamma
+    are kept ``next_token`` is meaningless (no bonus is drawn without p_{gamma + 1}).
 
     ``sampling`` is what q was adjusted with; temperature 0 is refused: greedy is decided
     by :func:`quickdraft.verification.verify_greedy` on the target's argmax ids.
@@ -222,23 +230,42 @@ def build_verify_graph(
     gamma, vocab = int(gamma), int(vocab)
     np_type, onnx_type = COMPUTE_TYPES[compute]
     b = _Builder(np_type, vocab)
-    g1 = gamma + 1
     value = helper.make_tensor_value_info
-    inputs = [
-        value("target_logits", LOGITS_TYPES[logits_dtype][1], [1, "S", vocab]),
-        value("draft_probs", onnx_type, [gamma, vocab]),
-        value("draft_tokens", TensorProto.INT64, [gamma]),
-        value("accept_uniforms", onnx_type, [gamma]),
-        value("sample_uniform", onnx_type, [1]),
-    ]
-    q, x, u, s = "draft_probs", "draft_tokens", "accept_uniforms", "sample_uniform"
+    proposal = gamma - 1 if stand_in else gamma  # q rows in draft_probs
+    inputs = [value("target_logits", LOGITS_TYPES[logits_dtype][1], [1, "S", vocab])]
+    if proposal:
+        inputs.append(value("draft_probs", onnx_type, [proposal, vocab]))
+    if stand_in:
+        inputs.append(value("stand_in_probs", onnx_type, [1, vocab]))
+    inputs += [value("draft_tokens", TensorProto.INT64, [gamma]),
+               value("accept_uniforms", onnx_type, [gamma]),
+               value("sample_uniform", onnx_type, [1])]
 
     # host_verify: p = adjust_logits(logits[-(gamma + 1):], sampling)
+    scored = gamma if stand_in else gamma + 1  # rows the target scored
     z = b.op("Squeeze", ["target_logits", b.ints(0)])  # [S, V]
-    z = b.op("Cast", [b.rows(z, -g1, _INT64_MAX)], to=onnx_type)  # [gamma + 1, V]
-    p = _adjust(b, z, sampling)  # [gamma + 1, V]
+    z = b.op("Cast", [b.rows(z, -scored, _INT64_MAX)], to=onnx_type)  # [scored, V]
+    p = _adjust(b, z, sampling)  # [scored, V]
+    if stand_in:  # verify_without_bonus: p_gamma stands in for the row the bonus would read
+        p = b.op("Concat", [p, b.rows(p, -1, _INT64_MAX)], axis=0)  # [gamma + 1, V]
+        q = (b.op("Concat", ["draft_probs", "stand_in_probs"], axis=0) if proposal
+             else "stand_in_probs")  # [gamma, V]
+    else:
+        q = "draft_probs"  # [gamma, V]
+    _verify_nodes(b, p, q, "draft_tokens", "accept_uniforms", "sample_uniform", gamma)
+    outputs = [value("n", TensorProto.INT64, [1]),
+               value("next_token", TensorProto.INT64, [1]),
+               value("beta", onnx_type, [gamma])]
+    return _model(b, "quickdraft_verify", inputs, outputs)
 
-    # verify_batch, step for step (B = 1)
+
+def _verify_nodes(b: _Builder, p: str, q: str, x: str, u: str, s: str, gamma: int) -> None:
+    """verify_batch step for step (B = 1) on p [gamma + 1, V], q [gamma, V], the tokens x
+    [gamma], accept uniforms u [gamma] and the sample uniform s [1] -> the graph outputs
+    ``n``, ``next_token`` and ``beta``."""
+    from onnx import TensorProto
+
+    vocab = b.vocab
     x_col = b.op("Unsqueeze", [x, b.ints(1)])  # [gamma, 1]
     p_g = b.rows(p, 0, gamma)  # [gamma, V]
     p_x = _at(b, p_g, x_col)  # [gamma]
@@ -254,14 +281,8 @@ def build_verify_graph(
     q_n = b.op("Gather", [q_pad, n], axis=0)  # [1, V]
     weights = _residual_distribution(b, p_n, q_n)  # [1, V]
     _inverse_cdf(b, weights, s, out="next_token")  # [1]
-
     # theory.beta(p[:gamma], q): the acceptance probability at each position
     b.op("ReduceSum", [b.op("Min", [p_g, q]), b.ints(-1)], out="beta", keepdims=0)  # [gamma]
-
-    outputs = [value("n", TensorProto.INT64, [1]),
-               value("next_token", TensorProto.INT64, [1]),
-               value("beta", onnx_type, [gamma])]
-    return _model(b, "quickdraft_verify", inputs, outputs)
 
 
 def build_sample_graph(vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
