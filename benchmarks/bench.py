@@ -172,6 +172,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="random pairs: fraction of tokens where the draft agrees (~alpha)")
     ap.add_argument("--target-seconds", type=float, default=None, help="train: target budget")
     ap.add_argument("--draft-seconds", type=float, default=None, help="train: draft budget")
+    ap.add_argument("--target-lr", type=float, default=None, help="train: target peak lr")
+    ap.add_argument("--draft-lr", type=float, default=None, help="train: draft peak lr")
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
     ap.add_argument("--distill-weight", type=float, default=None,
@@ -336,6 +338,7 @@ class Bench:
                 overrides = {"target_seconds": a.target_seconds, "draft_seconds": a.draft_seconds,
                              "target_steps": a.target_steps, "draft_steps": a.draft_steps,
                              "distill_weight": a.distill_weight,
+                             "target_lr": a.target_lr, "draft_lr": a.draft_lr,
                              "batch": a.train_batch, "corpus_mb": a.corpus_mb,
                              "prompt_len": a.prompt_len, "num_prompts": a.num_prompts,
                              "compile": a.compile or None}

@@ -81,7 +81,9 @@ class TrainConfig:
     target_steps: int | None = None  # overrides the time budget
     draft_steps: int | None = None
     batch: int = 32
-    target_lr: float = 1e-3
+    # peak learning rates; 1e-3 for the target diverged (NaN) near step 1,500 of a 5,068-step
+    # schedule on the H200 (runs of ~3,300 steps had trained at it)
+    target_lr: float = 6e-4
     draft_lr: float = 3e-3
     # draft loss: distill_weight * KL(p || q) + (1 - distill_weight) * CE; 0 = CE alone
     distill_weight: float = 0.9
@@ -448,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="pair folder to write")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps (CPU)")
-    for name in ("target_seconds", "draft_seconds", "corpus_mb", "tokenizer_mb"):
+    for name in ("target_seconds", "draft_seconds", "corpus_mb", "tokenizer_mb", "target_lr",
+                 "draft_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
     ap.add_argument("--distill-weight", type=float,
                     help="draft loss: w * KL(target || draft) + (1 - w) * CE (default 0.9; "

@@ -8,7 +8,9 @@ held-out windows and the evaluation are these.
 
 One step: AdamW (betas 0.9 / 0.95, eps 1e-8, weight decay on matrices only), linear warmup
 over ``min(warmup_steps, steps // 10)`` steps and a cosine decay to 10% of ``lr``, gradient
-norm clipped at 1, on a window batch [B, ctx + 1]. The loss is the cross entropy of the
+norm clipped at 1, on a window batch [B, ctx + 1]; a loss that turns NaN or infinite stops
+the run within ``FINITE_CHECK_EVERY`` steps (it never recovers). The loss is the cross
+entropy of the
 next token; with a teacher and a distillation weight w > 0 it is
 ``(1 - w) * CE + w * KL(teacher || model)`` at temperature 1 (the draft learns the
 target's whole next-token distribution, which is what alpha = 1 - TV(p, q) rewards). The
@@ -25,7 +27,10 @@ import time
 from collections.abc import Callable, Iterator
 
 __all__ = ["build_llama", "encode", "random_windows", "mixed_windows", "sample_stream", "train",
-           "heldout_windows", "evaluate"]
+           "heldout_windows", "evaluate", "FINITE_CHECK_EVERY"]
+
+# steps between reads of the all-losses-finite flag (a read waits for the device)
+FINITE_CHECK_EVERY = 50
 
 
 def build_llama(shape: dict, tokenizer, *, vocab_size: int, max_positions: int, tie: bool,
@@ -209,6 +214,23 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
         if device == "cuda":
             torch.cuda.synchronize()
 
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far finite
+    checked = [0]  # steps run when the flag was last read
+
+    def check_finite(loss, step: int, total: int, now: bool = False) -> None:
+        """Fold ``loss`` into the flag; read it every FINITE_CHECK_EVERY steps (``now``:
+        at once)."""
+        finite.logical_and_(torch.isfinite(loss.detach()))
+        if not now and (step + 1) % FINITE_CHECK_EVERY:
+            return
+        if not bool(finite):
+            raise FloatingPointError(
+                f"{name}: the loss became NaN or infinite between steps {checked[0] + 1} and "
+                f"{step + 1} (learning rate {lr_at(step, total):.3g} there, peak {lr:g}); "
+                "training does not recover from it: lower the learning rate (train_pair.py "
+                "--target-lr / --draft-lr) or lengthen the warmup")
+        checked[0] = step + 1
+
     t_start = time.perf_counter()
     first = 0
     if resume is not None:
@@ -222,6 +244,7 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
                 sync()
                 t0 = time.perf_counter()
             out = one_step(s, provisional)
+            check_finite(out[0], s, provisional)
             if on_step:
                 on_step(s, provisional, *out)
         sync()
@@ -229,12 +252,15 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
         steps = max(8, int((seconds - (time.perf_counter() - t_start)) / per_step) + 8)
         first = 8
         log(f"{name}: {per_step * 1e3:.1f} ms/step -> {steps} steps in ~{seconds:.0f}s")
+    checked[0] = first
     done = steps
     for s in range(first, steps):
         out = one_step(s, steps)
+        stopping = stop_at is not None and s + 1 < steps and time.perf_counter() >= stop_at
+        check_finite(out[0], s, steps, now=stopping or s + 1 == steps)
         if on_step:
             on_step(s, steps, *out)
-        if stop_at is not None and s + 1 < steps and time.perf_counter() >= stop_at:
+        if stopping:
             done = s + 1
             break
     sync()

@@ -367,6 +367,37 @@ def test_train_pair_stopped_and_resumed_trains_the_same_pair(tmp_path):
         train_pair(parts, TrainConfig(**{**SMOKE, "target_steps": 4}), "cpu", call_seconds=0)
 
 
+def test_a_diverging_run_stops_with_the_fix_named():
+    """A loss that turns NaN or infinite (here a learning rate of 1e6) stops the run within
+    FINITE_CHECK_EVERY steps, naming the steps and the fix, instead of training on NaN."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import training
+
+    class Ids:
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=64)
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 64, (2000,), generator=g)
+
+    def batches():
+        return training.random_windows(stream, 4, 16, lambda high, n: torch.randint(
+            0, high, (n,), generator=g))
+
+    def model():
+        return training.build_llama(shape, Ids, vocab_size=64, max_positions=64, tie=False,
+                                    seed=0)
+
+    with pytest.raises(FloatingPointError, match=r"between steps 1 and 50 .*--target-lr"):
+        training.train("target", model(), batches(), lr=1e6, device="cpu", steps=200,
+                       warmup_steps=1, log=lambda line: None)
+    out = training.train("target", model(), batches(), lr=1e-3, device="cpu", steps=60,
+                         warmup_steps=1, log=lambda line: None)
+    assert out["done"] and out["steps"] == 60
+
+
 def test_greedy_divergence_on_the_bundled_pair_finds_none():
     """benchmarks/greedy_divergence.py: the bundled fp32 pair's greedy speculative tokens
     equal its autoregressive ones, and the row it analyses at a divergence is the one
