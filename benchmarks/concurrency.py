@@ -3,7 +3,7 @@
     python benchmarks/concurrency.py [--model-dir DIR] [--device auto|cpu|cuda] \\
         [--streams 1,4,16] [--requests-per-stream 4] [--max-tokens 128] [--gamma 4|auto] \\
         [--drafter model] [--temperature 0] [--json OUT.json] [--time-limit SECONDS] \\
-        [--mode http,direct,direct-lanes,direct-ar]
+        [--mode http,direct,direct-lanes,direct-lanes-verify,direct-ar]
 
 No ``--model-dir``: the bundled pair (on the CPU with ``--device auto``), as ``quickdraft
 serve`` does. Modes, each over one loaded pair:
@@ -15,7 +15,10 @@ serve`` does. Modes, each over one loaded pair:
   the server minus HTTP, SSE and asyncio), every stream verified alone (``lanes=0``), so
   the difference is the HTTP overhead and the lanes;
 - ``direct-lanes``: ``direct`` with the server's default lanes (a static export: the
-  streams' proposals verified in one target call, ``score_lanes``), as ``http`` runs;
+  streams' proposals verified in one target call, ``score_lanes``, and the greedy ones
+  drafted as one chain of the draft's lanes, ``chain_lanes``), as ``http`` runs;
+- ``direct-lanes-verify``: ``direct-lanes`` with every proposal drafted alone
+  (``--no-draft-lanes``): what drafting together adds;
 - ``direct-ar``: ``direct`` with autoregressive jobs (gamma None), the baseline; the server
   itself has no autoregressive mode (a request's gamma is >= 1 or auto).
 
@@ -56,9 +59,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import dump_json, environment, error_record, log, worker_env  # noqa: E402
 
-MODES = ("http", "direct", "direct-lanes", "direct-ar")
+MODES = ("http", "direct", "direct-lanes", "direct-lanes-verify", "direct-ar")
 BACKEND = {"http": "http", "direct": "direct", "direct-lanes": "direct-lanes",
-           "direct-ar": "direct"}
+           "direct-lanes-verify": "direct-lanes-verify", "direct-ar": "direct"}
 PROMPT_SEED = 20240601
 GRACE_S = 5.0  # past a phase's deadline: the scheduler's own timeout should have fired
 POLL_S = 0.5
@@ -439,9 +442,10 @@ class DirectBackend:
     """The server's engine in this process (``Engine.load``: the same loading, scheduler
     and metrics as ``quickdraft serve``), driven through ``Scheduler.submit``."""
 
-    def __init__(self, settings: Settings, lanes: int | None):
+    def __init__(self, settings: Settings, lanes: int | None, draft_lanes: bool = True):
         self.settings = settings
         self.lanes = lanes  # None: the server's default
+        self.draft_lanes = draft_lanes
         self.engine = None
         self.info: dict = {}
 
@@ -453,12 +457,12 @@ class DirectBackend:
         serve = ServeSettings(
             model_dir=s.model_dir, device=s.device, gamma=s.gamma, drafter=s.drafter,
             max_concurrency=s.most, max_queue=s.most * s.requests_per_stream + 16,
-            lanes=self.lanes)
+            lanes=self.lanes, draft_lanes=self.draft_lanes)
         self.engine = Engine.load(serve)
         pair = self.engine.pair
         self.info = {"device": str(pair.device), "device_note": pair.device_note,
                      "max_gamma": pair.max_draft, "model": self.engine.name,
-                     "lanes": serve.resolved_lanes()}
+                     "lanes": serve.resolved_lanes(), "draft_lanes": self.draft_lanes}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -642,7 +646,8 @@ def brief(row: dict) -> str:
 def open_backend(kind: str, settings: Settings, budget: Budget, log_path: Path):
     if kind == "http":
         return HttpBackend(settings, log_path, start_timeout=max(10.0, budget.left() / 2))
-    return DirectBackend(settings, lanes=None if kind == "direct-lanes" else 0)
+    return DirectBackend(settings, lanes=None if kind.startswith("direct-lanes") else 0,
+                         draft_lanes=kind != "direct-lanes-verify")
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Serving with lanes on the H200: the streams' proposals verified in one target call,
-# against every stream verified alone and against autoregressive jobs, side by side in one
-# run (benchmarks/concurrency.py's direct, direct-lanes and direct-ar modes), after the
+# Serving with lanes on the H200: the streams' proposals verified in one target call
+# (and drafted as one chain of the draft's lanes), against the same with every proposal
+# drafted alone, every stream verified alone and autoregressive jobs, side by side in one
+# run (benchmarks/concurrency.py's direct, direct-lanes, direct-lanes-verify and direct-ar
+# modes; MODES overrides), after the
 # CUDA-graph check of every decoding scenario (lanes included). One GPU call per pair, on a
 # machine prepared by ../shared/device (source /tmp/ortgpu.env first).
 #   bash benchmarks/h200_lanes.sh 1b   # make and export the 1.1B pair, check, 1/4/16 streams
@@ -18,5 +20,6 @@ dir=/tmp/qdbench/pairs/$pair/qd-fast
     --json "$out/cuda_graph_check_$pair.json"
 python3 benchmarks/concurrency.py --model-dir "$dir" \
     --device cuda --streams 1,4,16 --requests-per-stream 2 --max-tokens 128 --gamma 4 \
-    --mode direct,direct-lanes,direct-ar --time-limit "${TIME_LIMIT:-300}" \
+    --mode "${MODES:-direct,direct-lanes,direct-lanes-verify,direct-ar}" \
+    --time-limit "${TIME_LIMIT:-300}" \
     --json "$out/concurrency_lanes_$pair.json"

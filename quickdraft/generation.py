@@ -22,6 +22,7 @@ import numpy as np
 from quickdraft.protocols import (
     BoundedDrafter,
     Candidates,
+    ChainPlan,
     ChainState,
     DecodeState,
     Drafter,
@@ -34,6 +35,7 @@ from quickdraft.protocols import (
     advance,
     advance_greedy,
     greedy_append,
+    lag_behind,
     launch_greedy_chain,
     supports,
 )
@@ -221,6 +223,24 @@ class ModelDrafter:
                 logits = self.state.append([int(tokens[i])])[-1]  # [V]
         k = len(rows)
         return Candidates(tokens[:k], np.stack(rows), model_calls=k, checked=True)
+
+    def plan_chain(self, ids: Sequence[int], max_tokens: int) -> ChainPlan | None:
+        """:class:`~quickdraft.protocols.ChainPlanner`: the greedy proposal after ``ids``
+        as one chain of this drafter's state (None when sampling, when the state runs no
+        chain that long, or when there is nothing to draft)."""
+        gamma = min(self.gamma, int(max_tokens))
+        if gamma < 1 or not self.sampling.greedy or not (
+                supports(self.state, ChainState) and self.state.max_chain >= gamma):
+            return None
+        lag = lag_behind(self.state, ids)
+        return ChainPlan(self.state, lag[:-1], lag[-1], gamma)
+
+    def from_chain(self, plan: ChainPlan) -> Candidates:
+        if plan.tokens is None or len(plan.tokens) != plan.length:
+            raise ValueError("from_chain needs a plan that was run (its tokens filled)")
+        return Candidates(np.asarray(plan.tokens, dtype=np.int64), None,
+                          model_calls=plan.length, checked=True,
+                          vocab_size=self.model.vocab_size)
 
     def _greedy_candidates(self, ids: Sequence[int], gamma: int,
                            uniforms: np.ndarray) -> Candidates:
@@ -546,16 +566,28 @@ class SpeculativeIterations:
         self.ids = list(prompt_ids)
         self.produced = 0
         self._ended = False  # EOS came
+        self._drawn: np.ndarray | None = None  # the next iteration's uniforms, once drawn
 
     @property
     def done(self) -> bool:
         return self._ended or self.produced >= self.max_new_tokens
 
-    def propose(self) -> Proposal:
-        remaining = self.max_new_tokens - self.produced
-        m = draft_budget(remaining, self.limit)
-        u = self.rng.random(2 * m + 1)  # [2 m + 1] draft, accept and sample uniforms
-        return propose(self.drafter, self.ids, u[:m], u[m : 2 * m], float(u[2 * m]))
+    def draw(self) -> int:
+        """Draw the next iteration's uniforms now (once; :meth:`propose` uses them) and
+        return its draft budget."""
+        if self._drawn is None:
+            remaining = self.max_new_tokens - self.produced
+            m = draft_budget(remaining, self.limit)
+            self._drawn = self.rng.random(2 * m + 1)  # [2 m + 1] draft, accept, sample
+        return (len(self._drawn) - 1) // 2
+
+    def propose(self, drafter: Drafter | None = None) -> Proposal:
+        """The drafter's proposal (``drafter``: one standing in for this loop's, e.g. with a
+        proposal made elsewhere) with this iteration's uniforms."""
+        m = self.draw()
+        u, self._drawn = self._drawn, None
+        return propose(drafter or self.drafter, self.ids, u[:m], u[m : 2 * m],
+                       float(u[2 * m]))
 
     def commit(self, proposal: Proposal, verdict: Verdict) -> list[int]:
         """Take the verdict on :meth:`propose`'s last proposal; return the new tokens."""

@@ -42,12 +42,17 @@ __all__ = [
     "Scores",
     "Decider",
     "LaneModel",
+    "ChainPlan",
+    "ChainPlanner",
+    "LaneChainModel",
     "supports",
     "advance",
     "advance_greedy",
     "greedy_append",
     "launch_greedy_chain",
     "catch_up",
+    "lag_behind",
+    "fill",
     "rewind_to_common_prefix",
 ]
 
@@ -413,6 +418,47 @@ class LaneModel(Protocol):
         ...
 
 
+@runtime_checkable
+class LaneChainModel(LaneModel, Protocol):
+    """A model whose lanes also run greedy chains: several states' chains as one."""
+
+    @property
+    def lane_chain_length(self) -> int:
+        """The longest chain one call runs (0: none)."""
+        ...
+
+    def chain_lanes(self, states: Sequence[DecodeState], tokens: Sequence[int],
+                    lengths: Sequence[int]) -> list[np.ndarray]:
+        """From ``tokens[i]``, ``lengths[i]`` greedy steps of ``states[i]`` (distinct lanes),
+        each step's argmax the next one's input, in one call; each state's tokens."""
+        ...
+
+
+class ChainPlan:
+    """A greedy proposal as one chain that someone else may run (with other sequences'
+    chains, :meth:`LaneChainModel.chain_lanes`): the ``state`` appends ``lag`` first (what
+    it lacks of the sequence but the last token), then chains ``length`` steps from
+    ``token``. ``tokens`` holds the chain's output once run (None until then)."""
+
+    def __init__(self, state: DecodeState, lag: list[int], token: int, length: int):
+        self.state, self.lag, self.token, self.length = state, lag, int(token), int(length)
+        self.tokens: np.ndarray | None = None  # [length], filled by whoever runs it
+
+
+@runtime_checkable
+class ChainPlanner(Protocol):
+    """A drafter whose next proposal can be a :class:`ChainPlan` run elsewhere."""
+
+    def plan_chain(self, ids: Sequence[int], max_tokens: int) -> ChainPlan | None:
+        """The proposal after ``ids`` (at most ``max_tokens``) as a chain, its state rewound
+        to what it shares with ``ids``; None when the proposal is not one greedy chain."""
+        ...
+
+    def from_chain(self, plan: ChainPlan) -> Candidates:
+        """The candidates of a plan that was run (``plan.tokens`` filled)."""
+        ...
+
+
 _SUPPORTS: dict[tuple[type, type], bool] = {}
 
 
@@ -481,13 +527,24 @@ def greedy_append(state: DecodeState, tokens: Sequence[int]) -> np.ndarray:
     return greedy_tokens(state.append(tokens))
 
 
+def lag_behind(state: DecodeState, ids: Sequence[int]) -> list[int]:
+    """Rewind ``state`` to the prefix it shares with ``ids`` (leaving at least the last
+    token) and return the tokens of ``ids`` it lacks, the last one included."""
+    common = rewind_to_common_prefix(state, ids, 1)
+    return list(ids[common:])
+
+
+def fill(state: DecodeState, tokens: Sequence[int]) -> None:
+    """Append ``tokens`` for their caches alone: the cheapest call that fills them."""
+    (state.append_greedy if supports(state, GreedyState) else state.append)(list(tokens))
+
+
 def catch_up(state: DecodeState, ids: Sequence[int]) -> int:
     """Bring ``state`` to ``ids[:-1]`` (keeping the prefix it shares, one call for what it
     lacks, normally nothing) and return ``ids[-1]``: the token a chain starts from."""
-    common = rewind_to_common_prefix(state, ids, 1)
-    lag = list(ids[common:])
-    if len(lag) > 1:  # only the cache matters: the cheapest call that fills it
-        (state.append_greedy if supports(state, GreedyState) else state.append)(lag[:-1])
+    lag = lag_behind(state, ids)
+    if len(lag) > 1:
+        fill(state, lag[:-1])
     return lag[-1]
 
 

@@ -55,7 +55,11 @@ def test_pipelined_flag_gives_the_speculative_tokens_and_refuses_what_it_cannot_
     assert piped["stats"]["mode"] == "pipelined" and piped["tokens"] == spec["tokens"]
     pipe = piped["stats"]["pipeline"]
     assert pipe["shadow_draft_calls"] > 0 and pipe["iterations"] == piped["stats"]["iterations"]
-    for extra, why in ((["--temperature", "0.7"], "greedy"), (["--drafter", "ngram"], "drafter"),
-                       (["--gamma", "auto"], "fixed gamma")):
+    assert main([*args, "--gamma", "3", "--pipelined", "--temperature", "0.7"]) == 0
+    sampled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sampled["stats"]["mode"] == "pipelined" and sampled["stats"]["verifier"] == "device"
+    assert len(sampled["tokens"]) == 24
+    for extra, why in ((["--temperature", "0.7", "--host-verify"], "verify must be 'device'"),
+                       (["--drafter", "ngram"], "drafter"), (["--gamma", "auto"], "fixed gamma")):
         assert main([*args, "--pipelined", *extra]) != 0
         assert why in capsys.readouterr().err

@@ -18,6 +18,7 @@ from quickdraft.ort_backend import DecodeConfig, Device, load_pair  # noqa: E402
 from quickdraft.ort_backend.cli import default_model_dir  # noqa: E402
 from quickdraft.ort_backend.lanes_graph import LanesGraphError, lanes_graph  # noqa: E402
 from quickdraft.ort_backend.static import StaticOrtModel  # noqa: E402
+from quickdraft.protocols import fill  # noqa: E402
 from quickdraft.sampling import SamplingConfig  # noqa: E402
 
 TOL = 1e-4  # |logit difference| between one call over many rows and a call over fewer
@@ -126,7 +127,7 @@ def _settings():
     ]
 
 
-def _stepped_together(pair, prompts, settings, budget):
+def _stepped_together(pair, prompts, settings, budget, *, draft_together=False):
     gens = [pair.generator(DecodeConfig(max_new_tokens=budget + i, sampling=s, seed=10 + i),
                            gamma=g, verify=v) for i, (s, g, v) in enumerate(settings)]
     for g, p in zip(gens, prompts):
@@ -134,6 +135,15 @@ def _stepped_together(pair, prompts, settings, budget):
     calls = 0
     while any(g.lane_ready for g in gens):
         ready = [g for g in gens if g.lane_ready]
+        if draft_together:  # the greedy proposals as one chain of the draft's lanes
+            plans = [p for p in (g.plan_draft() for g in ready) if p is not None]
+            for plan in plans:
+                if plan.lag:
+                    fill(plan.state, plan.lag)
+            outs = pair.draft.chain_lanes([p.state for p in plans], [p.token for p in plans],
+                                          [p.length for p in plans]) if plans else []
+            for plan, tokens in zip(plans, outs):
+                plan.tokens = tokens
         asks = [g.begin_step() for g in ready]
         scores = pair.target.score_lanes([a.state for a in asks], [a.tokens for a in asks],
                                          [a.greedy for a in asks])
@@ -156,10 +166,15 @@ def _alone(pair, prompts, settings, budget):
     return out
 
 
-def test_generators_stepped_together_give_what_each_gives_alone(pairs):
+@pytest.mark.parametrize("draft_together", [False, True])
+def test_generators_stepped_together_give_what_each_gives_alone(pairs, draft_together):
+    """Verified in one target call per round (and, ``draft_together``, the greedy streams'
+    proposals drafted as one chain of the draft's lanes): each stream's tokens and accepted
+    counts are what it gives alone."""
     together, alone = pairs
     prompts = ["def fib(n):", "import os\nimport sys\n", "class Stack:\n    def", "for i in"]
-    got, calls = _stepped_together(together, prompts, _settings(), 24)
+    got, calls = _stepped_together(together, prompts, _settings(), 24,
+                                   draft_together=draft_together)
     want = _alone(alone, prompts, _settings(), 24)
     assert got == want
     iterations = [len(acc) for _, acc in want]
@@ -213,6 +228,8 @@ def test_scheduler_verifies_streams_together_and_each_gets_its_own_tokens(pairs)
     together, alone = pairs
     requests = [  # drafter, gamma, temperature, prompt
         ("model", 3, 0.0, "def fib(n):"),
+        ("model", 4, 0.0, "while True:\n    x"),
+        ("model", 2, 0.0, "import numpy as np\n"),
         ("ngram", 4, 0.0, "import os\nimport sys\nimport os"),
         ("auto", 3, 0.0, "class Stack:\n    def push(self, x):\n        self.items"),
         ("model", 4, 0.7, "for i in range(3):"),
@@ -238,7 +255,51 @@ def test_scheduler_verifies_streams_together_and_each_gets_its_own_tokens(pairs)
     for i, ((drafter, gamma, _, p), c) in enumerate(zip(requests, configs)):
         with alone.generator(c, gamma=gamma, drafter=drafter) as g:
             assert done[i] == g.generate(p).text, requests[i]
-    assert scheduler.lane_calls > 0
+    assert scheduler.lane_calls > 0 and scheduler.draft_lane_calls > 0
+
+
+def test_draft_lanes_chain_each_state_as_alone(pairs):
+    """chain_lanes: the greedy chains of several states (different lengths, positions,
+    after rewinds) in one chain of the draft's lanes give each state's launch_chain alone,
+    leave each state holding what launch_chain leaves, and a lane idle in the chain gives
+    its own chain afterwards as if nothing had run."""
+    together, alone = pairs
+    draft, ref = together.draft, alone.draft
+    assert draft.lanes == 4 and draft.lane_chain_length == 5
+    prompts = [list(together.tokenizer.encode(t).ids) for t in
+               ("def fib(n):", "import os\nimport sys\n", "class Stack:\n    def", "x = 1")]
+    states = [draft.new_state() for _ in prompts]
+    refs = [ref.new_state() for _ in prompts]
+    try:
+        assert all(draft.in_lane(s) for s in states)
+        for s, r, ids in zip(states, refs, prompts):
+            s.append(ids[:-1])
+            r.append(ids[:-1])
+        heads = [ids[-1] for ids in prompts]
+        for lengths, rewind in (([4, 2, 5], 0), ([1, 3, 3], 2)):
+            if rewind:
+                for s, r in zip(states, refs):
+                    s.rewind(len(s.tokens) - rewind)
+                    r.rewind(len(r.tokens) - rewind)
+                heads = [s.tokens[-1] for s in states[:3]]
+                for s, r in zip(states[:3], refs[:3]):
+                    s.rewind(len(s.tokens) - 1)
+                    r.rewind(len(r.tokens) - 1)
+            got = draft.chain_lanes(states[:3], heads[:3], lengths)
+            want = [r.launch_chain(h, n).wait() for r, h, n in zip(refs, heads, lengths)]
+            for g, w, s, r in zip(got, want, states, refs):
+                assert g.tolist() == w.tolist() and s.tokens == r.tokens
+            heads = [int(g[-1]) for g in got] + heads[3:]
+        idle = draft.chain_lanes([states[3]], [prompts[3][-1]], [4])[0]
+        assert idle.tolist() == refs[3].launch_chain(prompts[3][-1], 4).wait().tolist()
+        with pytest.raises(ValueError, match=r"chain lengths must be integers in \[1, 5\]"):
+            draft.chain_lanes(states[:1], [1], [6])
+        with pytest.raises(ValueError, match="share a lane"):
+            draft.chain_lanes([states[0], states[0]], [1, 1], [1, 1])
+        assert together.target.lane_chain_length == 0  # no chains: the target scores
+    finally:
+        for s in states + refs:
+            s.close()
 
 
 def test_lanes_belong_to_one_thread_at_a_time(target_dir):

@@ -106,6 +106,7 @@ def test_32_clients_x_3_requests_no_lost_or_mixed_responses():
     assert not wrong, f"{len(wrong)} responses differ from the request run alone: {wrong[:5]}"
     assert health["active"] == 0 and health["queued"] == 0
     assert health["lane_calls"] > 0  # streams were verified together
+    assert health["draft_lane_calls"] > 0  # greedy streams' proposals drafted together
     lat = sorted(latency.values())
     q = statistics.quantiles(lat, n=100)
     print(f"\nquickdraft serve load: {len(reqs)} requests from {CLIENTS} clients in "
@@ -113,5 +114,6 @@ def test_32_clients_x_3_requests_no_lost_or_mixed_responses():
           f"max {lat[-1] * 1000:.0f} ms; streamed time to first text p50 "
           f"{statistics.median(ttft.values()) * 1000:.0f} ms; generators made "
           f"{health['generators_made']}, reused {health['generators_reused']}; target calls "
-          f"over several streams {health['lane_calls']}")
+          f"over several streams {health['lane_calls']}, draft chains over several "
+          f"{health['draft_lane_calls']}")
     assert wall < CAP_S

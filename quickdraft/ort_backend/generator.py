@@ -27,6 +27,7 @@ from quickdraft.generation import (
     ModelDrafter,
     autoregressive_stream,
     check_pair,
+    check_uniforms,
     host_decide,
     host_verify,
     speculative_iterations,
@@ -51,6 +52,8 @@ from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabular
 from quickdraft.ort_backend.verify_graph import DEVICE_MIN_TEMPERATURE, GraphVerifier
 from quickdraft.pipelined import PipelinedStats
 from quickdraft.protocols import (
+    ChainPlan,
+    ChainPlanner,
     ClosableState,
     CostAwareDrafter,
     Decider,
@@ -485,7 +488,8 @@ def _eos_ids(manifest) -> frozenset[int]:
 
 def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: int = 0,
               draft: bool = True, cuda_graph: bool = True, max_gamma: int = DEFAULT_MAX_GAMMA,
-              draft_threads: int | None = DEFAULT_DRAFT_THREADS, lanes: int = 0) -> Pair:
+              draft_threads: int | None = DEFAULT_DRAFT_THREADS, lanes: int = 0,
+              draft_lanes: bool = True) -> Pair:
     """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``,
     dynamic or static caches alike (:func:`load_model`), with the tokenizer.
 
@@ -497,7 +501,9 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
     session on the CPU (None: ONNX Runtime's default). One by default: a draft step is
     too small to split, and idle worker threads spin on the cores the target needs.
     ``lanes`` >= 2: the target scores that many sequences' proposals in one call
-    (:meth:`StaticOrtModel.score_lanes`; a static export); the server batches with it.
+    (:meth:`StaticOrtModel.score_lanes`; a static export), and, with ``draft_lanes``, the
+    draft runs that many sequences' greedy proposals as one chain
+    (:meth:`StaticOrtModel.chain_lanes`); the server batches with them.
     """
     if not _is_int(lanes) or lanes < 0:
         raise ValueError(f"lanes must be an integer >= 0, got {lanes!r}")
@@ -533,8 +539,10 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
             options = target_options(manifest, where, speculative=draft)
         # a draft's continuations beside the verification (pipelined): stand-in + gamma
         chain = max_gamma + 1 if role == "draft" else 0
+        # the draft's lanes run the streams' greedy proposals as one chain
         return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph,
-                          chain_length=chain, lanes=lanes if role == "target" else 0,
+                          chain_length=chain, lanes=lanes if role == "target" or (
+                              role == "draft" and draft_lanes) else 0,
                           options=options)
 
     note = None
@@ -596,6 +604,24 @@ def _times(state: DecodeState) -> ModelTimes:
 def _model_s(state: DecodeState) -> float:
     """Seconds the state has spent in its model so far (0 for a state that does not time)."""
     return state.times.decode_s if supports(state, MeasuredState) else 0.0
+
+
+class _FromPlan:
+    """The drafter for one step whose proposal is a chain already run (a filled
+    :class:`~quickdraft.protocols.ChainPlan`)."""
+
+    def __init__(self, drafter: Drafter, plan: ChainPlan):
+        self.drafter, self.plan = drafter, plan
+
+    def get_candidates(self, ids: Sequence[int], max_tokens: int, uniforms: np.ndarray):
+        check_uniforms(uniforms)
+        if self.plan.length > max_tokens:
+            raise ValueError(f"the plan drafts {self.plan.length} tokens, more than the "
+                             f"{max_tokens} this step allows")
+        return self.drafter.from_chain(self.plan)
+
+    def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
+        self.drafter.update_candidate_strategy(ids, n_accepted)
 
 
 class Generator:
@@ -698,6 +724,7 @@ class Generator:
         self._engine: Iterator[list[int]] | None = None
         self._loop = None  # the sequential speculative loop (SpeculativeIterations)
         self._proposal = None  # begin_step's, until end_step
+        self._plan: ChainPlan | None = None  # plan_draft's, until begin_step
         self._model_mark = 0.0  # the target state's model seconds at begin_step
         self._done = True
         self._closed = False
@@ -836,6 +863,7 @@ class Generator:
             return []
         if self._engine is None:
             self._engine = self._start_engine()
+        self._plan = None  # drafted alone, with the uniforms plan_draft drew
         t0 = time.perf_counter()
         piece = next(self._engine, None)
         return self._took(piece, t0)
@@ -849,10 +877,28 @@ class Generator:
                 and self.stats is not None and self._proposal is None
                 and supports(self.target, LaneModel) and self.target.in_lane(self._state))
 
+    def plan_draft(self) -> ChainPlan | None:
+        """Before :meth:`begin_step` (where :attr:`lane_ready`): this step's proposal as a
+        greedy chain of the drafter's state (:class:`~quickdraft.protocols.ChainPlanner`)
+        that a caller may run together with other generators' (the draft model's
+        ``chain_lanes``) and fill; :meth:`begin_step` then proposes its tokens. None when
+        the drafter plans no chain (sampling, another strategy): it drafts in begin_step.
+        An unfilled plan is drafted alone. The step's uniforms are drawn here."""
+        self._check_stepping()
+        if not self.lane_ready or not supports(self.drafter, ChainPlanner):
+            return None
+        if self._engine is None:
+            self._engine = self._start_engine()
+        t0 = time.perf_counter()
+        self._plan = self.drafter.plan_chain(self._loop.ids, self._loop.draw())
+        self.stats.decode_s += time.perf_counter() - t0
+        return self._plan
+
     def begin_step(self) -> LaneRequest:
-        """The first half of :meth:`step` (where :attr:`lane_ready`): the drafter proposes,
-        the target state is rewound to what it shares with the proposal; returns what the
-        target must score. :meth:`end_step` finishes the step with the scores."""
+        """The first half of :meth:`step` (where :attr:`lane_ready`): the drafter proposes
+        (or the filled plan of :meth:`plan_draft` is the proposal), the target state is
+        rewound to what it shares with the proposal; returns what the target must score.
+        :meth:`end_step` finishes the step with the scores."""
         self._check_stepping()
         if not self.lane_ready:
             raise ValueError("begin_step needs a speculative generation in progress whose "
@@ -860,7 +906,9 @@ class Generator:
         if self._engine is None:
             self._engine = self._start_engine()
         t0 = time.perf_counter()
-        p = self._loop.propose()
+        plan, self._plan = self._plan, None
+        planned = plan is not None and plan.tokens is not None
+        p = self._loop.propose(_FromPlan(self.drafter, plan) if planned else None)
         k = len(p.candidates.tokens) + 1  # the last gamma + 1 tokens are (re-)scored
         common = rewind_to_common_prefix(self._state, p.scored, k)
         self._proposal = p
@@ -988,7 +1036,7 @@ class Generator:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-        self._loop = self._proposal = None
+        self._loop = self._proposal = self._plan = None
 
     def close(self) -> None:
         """End the sequence: its cache buffers go back to the models (idempotent)."""

@@ -162,7 +162,7 @@ class StaticOrtModel(ExportedModel):
     @property
     def max_length(self) -> int:
         if self._lanes is not None:  # the idle lanes' scratch positions
-            return self.cache_length - self._lanes.max_step
+            return self.cache_length - self._lanes.scratch
         return self.cache_length
 
     def new_state(self, lane: bool = True) -> StaticDecodeState:
@@ -224,10 +224,7 @@ class StaticOrtModel(ExportedModel):
         end (overwritten later, as after a rewind) and its rows are not returned."""
         if self._lanes is None:
             raise ValueError("this model has no lanes: load it with lanes >= 2")
-        if self._lanes.thread is not threading.current_thread():
-            raise RuntimeError("the lanes belong to the thread whose states hold them (ONNX "
-                               "Runtime keeps CUDA graphs per thread): make the states and "
-                               "score them on one thread")
+        self._check_lanes_thread()
         if not (len(states) == len(tokens) == len(greedy)) or not states:
             raise ValueError("score_lanes needs one token list and one greedy flag per state")
         entries = []
@@ -243,6 +240,57 @@ class StaticOrtModel(ExportedModel):
         for state, (_, toks, _) in zip(states, entries):
             state._consumed(toks, t0)
         return result
+
+    @property
+    def lane_chain_length(self) -> int:
+        """The longest greedy chain :meth:`chain_lanes` runs (0: none: no lanes, no chains
+        or no greedy_tokens output)."""
+        return 0 if self._lanes is None or self._lanes.chain is None else \
+            self._lanes.chain.length
+
+    def chain_lanes(self, states: Sequence[StaticDecodeState], tokens: Sequence[int],
+                    lengths: Sequence[int]) -> list[np.ndarray]:
+        """Greedy chains of several states (each in its own lane) in one chain of the lanes
+        session: from ``tokens[i]``, ``lengths[i]`` steps each feeding its argmax to the
+        next, all on the device, one wait. Every lane runs ``max(lengths)`` steps (a lane
+        wanting fewer writes its extra steps past its end, as after a rewind). Returns each
+        state's tokens [lengths[i]]; each state then holds its token and all of them but the
+        last, as after :meth:`StaticDecodeState.launch_chain`."""
+        if self.lane_chain_length == 0:
+            raise ValueError("this model runs no chains in lanes: load it with lanes >= 2 "
+                             "and chain_length >= 1 (a graph with greedy_tokens)")
+        self._check_lanes_thread()
+        if not (len(states) == len(tokens) == len(lengths)) or not states:
+            raise ValueError("chain_lanes needs one token and one length per state")
+        if any(isinstance(n, bool) or int(n) != n or not 1 <= n <= self.lane_chain_length
+               for n in lengths):
+            raise ValueError(f"chain lengths must be integers in [1, "
+                             f"{self.lane_chain_length}], got {list(lengths)}")
+        longest = int(max(lengths))
+        entries = []
+        for state, token in zip(states, tokens):
+            if not self.in_lane(state):
+                raise ValueError("chain_lanes takes states of this model that hold a lane "
+                                 "(StaticOrtModel.new_state hands lanes out first)")
+            slot, (first,), past = state._lane_entry([token])
+            slot.check_lane_room(past + longest)
+            entries.append((slot, first, past))
+        if len({slot.lane for slot, _, _ in entries}) != len(entries):
+            raise ValueError("two of the states share a lane")
+        t0 = time.perf_counter()
+        ids = self._lanes.chain.run(entries, longest)  # [longest, lanes]
+        out = []
+        for state, (slot, first, _), n in zip(states, entries, lengths):
+            mine = state._check_valid(np.array(ids[: int(n), slot.lane]))  # [n]
+            state._consumed([first] + mine[:-1].tolist(), t0, calls=int(n))
+            out.append(mine)
+        return out
+
+    def _check_lanes_thread(self) -> None:
+        if self._lanes.thread is not threading.current_thread():
+            raise RuntimeError("the lanes belong to the thread whose states hold them (ONNX "
+                               "Runtime keeps CUDA graphs per thread): make the states and "
+                               "score them on one thread")
 
     def prepare_sampled(self, sampling, compute: str = "float32") -> bool:
         """Build the sampled-chain session for these settings now (its first use would);
@@ -468,10 +516,13 @@ class _Lanes:
         from quickdraft.ort_backend.lanes_graph import lanes_graph
 
         self.model, self.count = model, count
-        self.max_step = max(model.graph_steps)
-        if self.max_step >= model.cache_length:
+        self.max_step = max(model.graph_steps)  # the most tokens a lane takes per call
+        # a greedy chain of the lanes session (a model with chains and greedy_tokens)
+        chain = model.chain_length if model.has_greedy else 0
+        self.scratch = max(self.max_step, chain)  # positions an idle lane may write
+        if self.scratch >= model.cache_length:
             raise ValueError(f"lanes need a cache longer than the longest step "
-                             f"({self.max_step}): load with a larger cache_length")
+                             f"({self.scratch}): load with a larger cache_length")
         kind, dev = model.device.kind, model.device.device_id
         # captured by take(), on the thread that uses them
         self.slots = [model._new_slot(lane=b, capture=False) for b in range(count)]
@@ -497,6 +548,8 @@ class _Lanes:
         self.on_device = kind != "cpu"
         self.steps = {k: _LaneStep(self, k, LANES_GRAPH_IDS + i)
                       for i, k in enumerate(model.graph_steps)}
+        self.chain = (_LaneChain(self, chain, LANES_GRAPH_IDS + len(self.steps))
+                      if chain else None)
         model._free.extend(reversed(self.slots))  # handed out first, lane 0 first
 
     def take(self, thread: threading.Thread) -> None:
@@ -509,6 +562,8 @@ class _Lanes:
             for step in self.steps.values():
                 for _ in range(CAPTURE_CALLS):
                     step.run()
+            if self.chain is not None:
+                self.chain.capture()
         self.thread = thread
         for slot in self.slots:
             slot.thread = thread
@@ -603,6 +658,76 @@ class _LaneStep:
         return DeviceLogits(self.logits, lane * self.k, count, self.lanes.model.vocab_size,
                             self.lanes.model.np_dtype, self.lanes.model.device,
                             self.host_logits)
+
+
+class _LaneChain:
+    """``length`` 1-token steps of the lanes session that feed each other on the device:
+    step j reads every lane's id at row j of ids [length + 1, lanes] and writes the lanes'
+    argmax ids to row j + 1, with its own mask [lanes, T], binding and graph id; one logits
+    buffer serves them all. So the greedy chains of every lane run as one chain, launched at
+    once and read back in one copy. A lane idle in a chain writes scratch positions past
+    its last write (at most T - length: the model's ``max_length`` keeps them free)."""
+
+    def __init__(self, lanes: _Lanes, length: int, first_graph_id: int):
+        import onnxruntime as ort
+
+        from quickdraft.ort_backend.lanes_graph import lane_name
+
+        model = lanes.model
+        kind, dev = model.device.kind, model.device.device_id
+        n, T, V = lanes.count, model.cache_length, model.manifest.vocab_size
+        self.lanes, self.length = lanes, length
+        self.ids_host = np.zeros((length + 1, n), dtype=np.int64)  # [length + 1, lanes]
+        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
+        self.masks_host = np.zeros((length, n, T), dtype=np.int64)  # [length, lanes, T]
+        self.masks = ort.OrtValue.ortvalue_from_numpy(self.masks_host, kind, dev)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            (n, 1, V), model.np_dtype, kind, dev)  # [lanes, 1, V]
+        self.on_device = kind != "cpu"
+        ids_at, masks_at, item = self.ids.data_ptr(), self.masks.data_ptr(), 8  # int64
+        self.bindings, self.options = [], []
+        for j in range(length):
+            b = lanes.session.io_binding()
+            b.bind_input(_INPUT_IDS, kind, dev, np.int64, [n, 1], ids_at + j * n * item)
+            b.bind_input(_MASK, kind, dev, np.int64, [n, T], masks_at + j * n * T * item)
+            for lane, slot in enumerate(lanes.slots):
+                for past, present, value in zip(model.past_names, model.present_names,
+                                                slot.cache):
+                    b.bind_ortvalue_input(lane_name(past, lane), value)
+                    b.bind_ortvalue_output(lane_name(present, lane), value)
+            b.bind_ortvalue_output(_LOGITS, self.logits)
+            b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [n, 1],
+                          ids_at + (j + 1) * n * item)
+            self.bindings.append(b)
+            self.options.append(_run_options(first_graph_id + j if model.cuda_graph else None,
+                                             no_sync=self.on_device))
+        self._positions = np.arange(T)  # [T]
+
+    def capture(self) -> None:
+        """Capture every step's CUDA graph with every lane idle (scratch writes only)."""
+        for _ in range(CAPTURE_CALLS):
+            self.run([], self.length)
+
+    def run(self, entries: list[tuple[_CacheSlot, int, int]], length: int) -> np.ndarray:
+        """``length`` steps; ``entries``: (slot, first token, past length) of the lanes in
+        the chain. -> the ids [length, lanes] each step wrote (idle lanes' are scratch)."""
+        T = self.lanes.model.cache_length
+        base = np.array([min(slot.end, T - length) for slot in self.lanes.slots])  # [lanes]
+        self.ids_host[0] = 0
+        for slot, token, past in entries:
+            base[slot.lane] = past
+            self.ids_host[0, slot.lane] = token
+        ends = base[None, :] + 1 + np.arange(length)[:, None]  # [length, lanes] valid lengths
+        self.masks_host[:length] = self._positions[None, None, :] < ends[:, :, None]
+        if self.on_device:  # on the CPU the bound buffers are the host arrays
+            self.masks.update_inplace(self.masks_host)
+            self.ids.update_inplace(self.ids_host)
+        for b, options in zip(self.bindings[:length], self.options[:length]):
+            self.lanes.session.run_with_iobinding(b, options)
+        self.bindings[length - 1].synchronize_outputs()
+        for slot, _, past in entries:
+            slot.end = past + length
+        return np.array(self.ids.numpy()[1 : length + 1])  # [length, lanes]
 
 
 class _StepBinding:
@@ -828,9 +953,9 @@ class StaticDecodeState(TokenState):
         slot.check_lane_room(past + len(tokens))
         return slot, tokens, past
 
-    def _consumed(self, tokens: list[int], t0: float) -> None:
-        """A lanes call appended ``tokens`` (started at ``t0``)."""
-        self.times.record_call(len(tokens), t0)
+    def _consumed(self, tokens: list[int], t0: float, calls: int = 1) -> None:
+        """A lanes call appended ``tokens`` (started at ``t0``; ``calls`` steps of it)."""
+        self.times.record_call(len(tokens), t0, calls=calls)
         self._tokens.extend(tokens)
 
     @property

@@ -70,6 +70,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="streams whose proposals one target call verifies (a static "
                    "export; each lane keeps a stream's caches from the start; default: "
                    "--max-concurrency, at most 16; 0: every stream verified alone)")
+    p.add_argument("--no-draft-lanes", dest="draft_lanes", action="store_false",
+                   help="with lanes: draft every stream's proposal alone (default: the "
+                   "greedy streams' proposals run as one chain of the draft's lanes)")
     p.add_argument("--max-queue", type=_positive_int(0), default=64,
                    help="requests waiting for a stream; beyond it: 429 (default 64)")
     p.add_argument("--timeout", type=_seconds, default=None, metavar="S",
@@ -94,7 +97,8 @@ def _settings(args):
     return ServeSettings(model_dir=args.model_dir, model_name=args.model_name,
                          device=args.device, gamma=args.gamma, drafter=args.drafter,
                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                         lanes=args.lanes, timeout=args.timeout,
+                         lanes=args.lanes, draft_lanes=args.draft_lanes,
+                         timeout=args.timeout,
                          shutdown_timeout=args.shutdown_timeout)
 
 

@@ -64,6 +64,9 @@ class Metrics:
                                   "more streams' proposals at once", registry=r)
         self.lane_streams = Histogram("quickdraft_lane_streams", "Streams verified per such "
                                       "call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.draft_lane_calls = Counter("quickdraft_draft_lane_calls", "Draft chains that "
+                                        "drafted two or more streams' proposals at once",
+                                        registry=r)
         self._lock = threading.Lock()
         self._betas = [0.0, 0]  # sum, count
         self._counts = [0, 0]  # accepted, drafted

@@ -8,7 +8,10 @@ work (its prefill, or one speculative iteration) in round-robin order: a long re
 never blocks short ones for more than one iteration per round. When the target has lanes
 (:class:`~quickdraft.protocols.LaneModel`), the speculative streams whose states hold one
 are verified together: each drafts (``begin_step``), one target call scores every
-proposal (``score_lanes``), each decides and takes its tokens (``end_step``). Events go back to the
+proposal (``score_lanes``), each decides and takes its tokens (``end_step``). When the draft
+has lanes too (:class:`~quickdraft.protocols.LaneChainModel`), the greedy proposals are
+drafted together first: each plans its chain (``plan_draft``), the lagging tokens go in one
+draft call, every chain runs as one (``chain_lanes``). Events go back to the
 caller through ``job.emit`` (the server passes ``loop.call_soon_threadsafe`` onto an
 ``asyncio.Queue``). Generators of finished jobs are pooled and reused when the next job's
 settings allow it (their caches reset, so a reused one gives exactly what a fresh one
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 from quickdraft.ort_backend.generator import DecodeConfig
 from quickdraft.ort_backend.text import StreamDecoder
-from quickdraft.protocols import LaneModel, supports
+from quickdraft.protocols import LaneChainModel, LaneModel, fill, supports
 
 __all__ = ["Job", "Delta", "Done", "Failed", "Scheduler", "QueueFull", "ShuttingDown",
            "stop_holdback"]
@@ -156,9 +159,13 @@ class Scheduler:
         self.generators_closed = 0
         self.generators_reused = 0
         self.lane_calls = 0  # target calls that verified two or more streams at once
+        self.draft_lane_calls = 0  # draft chains that drafted two or more streams at once
         self.error: BaseException | None = None  # what ended the thread, if not a stop
-        target = pair.target
+        target, draft = pair.target, pair.draft
         self._lanes = target if supports(target, LaneModel) and target.lane_tokens else None
+        self._draft_lanes = (draft if self._lanes is not None and draft is not None
+                             and supports(draft, LaneChainModel) and draft.lane_chain_length
+                             else None)
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -196,6 +203,7 @@ class Scheduler:
                     "generators_closed": self.generators_closed,
                     "generators_reused": self.generators_reused,
                     "lane_calls": self.lane_calls,
+                    "draft_lane_calls": self.draft_lane_calls,
                     "max_concurrency": self.max_concurrency, "max_queue": self.max_queue}
 
     def retry_after_s(self) -> int:
@@ -376,6 +384,8 @@ class Scheduler:
         def begin(job: Job) -> None:
             asked.append((job, job.gen.begin_step()))
 
+        if self._draft_lanes is not None:
+            self._draft_together(jobs)
         for job in jobs:
             if self._live(job):
                 self._guarded(job, lambda j=job: begin(j))
@@ -405,6 +415,43 @@ class Scheduler:
         for job, _ in asked:
             if id(job) not in done and not job.finished:
                 self._guarded(job, lambda j=job: self._took(j, j.gen.end_step(None)))
+
+    def _draft_together(self, jobs: list[Job]) -> None:
+        """The greedy proposals of ``jobs`` drafted together: each plans its chain, the
+        tokens their draft states lack go in one draft call (longer lags alone), and every
+        chain runs as one. A failure leaves the plans unfilled: each job then drafts alone
+        in ``begin_step``, where its own error, if any, is its own."""
+        draft, planned = self._draft_lanes, []
+
+        def plan(job: Job) -> None:
+            p = job.gen.plan_draft()
+            if p is not None and draft.in_lane(p.state) and p.length <= draft.lane_chain_length:
+                planned.append(p)
+
+        for job in jobs:
+            if self._live(job):
+                self._guarded(job, lambda j=job: plan(j))
+        if len(planned) < 2:  # a chain over every lane pays for all of them: draft alone
+            return
+        try:
+            lagging = [p for p in planned if p.lag]
+            short = [p for p in lagging if len(p.lag) <= draft.lane_tokens]
+            if len(short) > 1:
+                draft.score_lanes([p.state for p in short], [p.lag for p in short],
+                                  [True] * len(short))
+            for p in lagging:
+                if len(short) < 2 or p not in short:
+                    fill(p.state, p.lag)
+                p.lag = []
+            outs = draft.chain_lanes([p.state for p in planned], [p.token for p in planned],
+                                     [p.length for p in planned])
+        except Exception:  # noqa: BLE001 - each drafts alone, and fails alone if it must
+            return
+        for p, tokens in zip(planned, outs):
+            p.tokens = tokens
+        self.draft_lane_calls += 1
+        if self.metrics is not None:
+            self.metrics.draft_lane_calls.inc()
 
     def _guarded(self, job: Job, work) -> bool:
         """Run ``work()``; a failure ends ``job`` with a 400 (settings the request gave,

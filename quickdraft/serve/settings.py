@@ -38,6 +38,8 @@ class ServeSettings:
     # streams whose proposals one target call verifies (a static export's lanes); None:
     # max_concurrency, at most MAX_AUTO_LANES, for a static export; 0: each stream alone
     lanes: int | None = None
+    # with lanes: the draft runs the greedy streams' proposals as one chain of its own lanes
+    draft_lanes: bool = True
     timeout: float | None = None  # seconds per request (queue wait included)
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on shutdown
     max_body_bytes: int = 1 << 20
