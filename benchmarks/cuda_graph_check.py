@@ -13,8 +13,9 @@ graphs). Each prompt's tokens are compared with autoregressive decoding of the s
 loaded without CUDA graphs; each entry is the index of the first token that differs
 (None: all equal). ``sampled``: seeded sampling (prompt i with seed i), sequential and
 pipelined (draws and verdicts on the device, two row banks), each run twice on one
-generator, with CUDA graphs against the same without them. ``steps`` compares one history's step logits on a lane's cache slot
-with a plain slot's, per step length (max |difference|, argmax equal). Prompts: the first
+generator, with CUDA graphs against the same without them. ``steps`` compares one
+history's step logits on a lane's cache slot with a plain slot's, per step length (max
+|difference|, argmax equal). Prompts: the first
 ``--prompts`` of those ``benchmarks/concurrency.py`` sends.
 """
 
