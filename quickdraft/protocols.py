@@ -423,6 +423,11 @@ class LaneChainModel(LaneModel, Protocol):
     """A model whose lanes also run greedy chains: several states' chains as one."""
 
     @property
+    def lanes(self) -> int:
+        """Lanes every call runs (busy or idle)."""
+        ...
+
+    @property
     def lane_chain_length(self) -> int:
         """The longest chain one call runs (0: none)."""
         ...

@@ -258,6 +258,14 @@ def test_scheduler_verifies_streams_together_and_each_gets_its_own_tokens(pairs)
     assert scheduler.lane_calls > 0 and scheduler.draft_lane_calls > 0
 
 
+def test_the_scheduler_drafts_together_when_half_the_lanes_are_busy():
+    from quickdraft.serve.scheduler import draft_together_pays
+
+    assert draft_together_pays(16, 16) and draft_together_pays(8, 16)
+    assert not draft_together_pays(4, 16) and not draft_together_pays(7, 16)
+    assert draft_together_pays(2, 4) and not draft_together_pays(1, 2)
+
+
 def test_draft_lanes_chain_each_state_as_alone(pairs):
     """chain_lanes: the greedy chains of several states (different lengths, positions,
     after rewinds) in one chain of the draft's lanes give each state's launch_chain alone,

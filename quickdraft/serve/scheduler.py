@@ -31,6 +31,15 @@ from quickdraft.ort_backend.generator import DecodeConfig
 from quickdraft.ort_backend.text import StreamDecoder
 from quickdraft.protocols import LaneChainModel, LaneModel, fill, supports
 
+# a chain of the draft's lanes runs every lane: drafted together only when at least this
+# share of them is busy (H200, 1.1B pair, 16 lanes: 16 streams gained 26%, 4 lost 11%)
+DRAFT_TOGETHER_MIN_SHARE = 0.5
+
+
+def draft_together_pays(streams: int, lanes: int) -> bool:
+    """Whether ``streams`` planned proposals are drafted as one chain of ``lanes`` lanes."""
+    return streams >= max(2, DRAFT_TOGETHER_MIN_SHARE * lanes)
+
 __all__ = ["Job", "Delta", "Done", "Failed", "Scheduler", "QueueFull", "ShuttingDown",
            "stop_holdback"]
 
@@ -431,7 +440,7 @@ class Scheduler:
         for job in jobs:
             if self._live(job):
                 self._guarded(job, lambda j=job: plan(j))
-        if len(planned) < 2:  # a chain over every lane pays for all of them: draft alone
+        if not draft_together_pays(len(planned), draft.lanes):
             return
         try:
             lagging = [p for p in planned if p.lag]
