@@ -25,3 +25,19 @@ def chi2(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
     exp = np.append(expected[big], expected[~big].sum())
     keep = exp > 0
     return float(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep])), int(keep.sum()) - 1
+
+
+def check_fit(counts: np.ndarray, p: np.ndarray, q: np.ndarray, alpha: float, *,
+              min_df: int) -> None:
+    """Assert that draws ``counts`` [V] fit ``p`` at the false-alarm rate ``alpha``, never
+    landing where p is 0, and that the same test rejects as many seeded draws from ``q``
+    (so it has the power to see a sampler that ignores p)."""
+    assert counts[p == 0].sum() == 0  # never a token the target cannot produce
+    stat, df = chi2(counts, p)
+    assert df >= min_df
+    assert stat < chi2_quantile(df, alpha), (stat, df)
+    runs = int(counts.sum())
+    from_q = np.bincount(np.random.default_rng(0).choice(len(q), size=runs, p=q),
+                         minlength=len(q)).astype(float)
+    stat_q, df_q = chi2(from_q, p)
+    assert stat_q > chi2_quantile(df_q, alpha), (stat_q, df_q)
