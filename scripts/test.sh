@@ -36,5 +36,6 @@ for t in test_static_path test_verify_graph test_default_pair test_overlap test_
     fi
 done
 echo "again with onnxruntime $ORT_LOWEST: ${ort_tests[*]}"
+# the statistical tests of a sampler's law (thousands of generations) run once, above
 PYTHONPATH="$lowest" python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci \
-    "${ort_tests[@]}"
+    -k "not follows_the_target" "${ort_tests[@]}"
