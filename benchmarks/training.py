@@ -226,7 +226,8 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
         if not bool(finite):
             raise FloatingPointError(
                 f"{name}: the loss became NaN or infinite between steps {checked[0] + 1} and "
-                f"{step + 1} (learning rate {lr_at(step, total):.3g} there, peak {lr:g}); "
+                f"{step + 1} (learning rate {lr_at(step, total):.3g} at step {step + 1}, "
+                f"peak {lr:g}); "
                 "training does not recover from it: lower the learning rate (train_pair.py "
                 "--target-lr / --draft-lr) or lengthen the warmup")
         checked[0] = step + 1
@@ -252,7 +253,8 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
         steps = max(8, int((seconds - (time.perf_counter() - t_start)) / per_step) + 8)
         first = 8
         log(f"{name}: {per_step * 1e3:.1f} ms/step -> {steps} steps in ~{seconds:.0f}s")
-    checked[0] = first
+    if resume is not None:
+        checked[0] = first
     done = steps
     for s in range(first, steps):
         out = one_step(s, steps)

@@ -229,11 +229,14 @@ class ModelDrafter:
         as one chain of this drafter's state (None when sampling, when the state runs no
         chain that long, or when there is nothing to draft)."""
         gamma = min(self.gamma, int(max_tokens))
-        if gamma < 1 or not self.sampling.greedy or not (
-                supports(self.state, ChainState) and self.state.max_chain >= gamma):
+        if gamma < 1 or not self.sampling.greedy or not self._chains(gamma):
             return None
         lag = lag_behind(self.state, ids)
         return ChainPlan(self.state, lag[:-1], lag[-1], gamma)
+
+    def _chains(self, gamma: int) -> bool:
+        """Whether this drafter's state drafts ``gamma`` greedy tokens as one chain."""
+        return supports(self.state, ChainState) and self.state.max_chain >= gamma
 
     def from_chain(self, plan: ChainPlan) -> Candidates:
         if plan.tokens is None or len(plan.tokens) != plan.length:
@@ -249,7 +252,7 @@ class ModelDrafter:
         device for a model that computes them there; a :class:`ChainState` runs all gamma
         steps in one launch) and q stays one-hot on the tokens."""
         check_uniforms(uniforms[:gamma])  # unused, but must still be uniforms
-        if supports(self.state, ChainState) and self.state.max_chain >= gamma:
+        if self._chains(gamma):
             tokens = launch_greedy_chain(self.state, ids, gamma).wait()  # [gamma], one wait
             return Candidates(np.asarray(tokens, dtype=np.int64), None, model_calls=gamma,
                               checked=True, vocab_size=self.model.vocab_size)
@@ -566,26 +569,20 @@ class SpeculativeIterations:
         self.ids = list(prompt_ids)
         self.produced = 0
         self._ended = False  # EOS came
-        self._drawn: np.ndarray | None = None  # the next iteration's uniforms, once drawn
 
     @property
     def done(self) -> bool:
         return self._ended or self.produced >= self.max_new_tokens
 
-    def draw(self) -> int:
-        """Draw the next iteration's uniforms now (once; :meth:`propose` uses them) and
-        return its draft budget."""
-        if self._drawn is None:
-            remaining = self.max_new_tokens - self.produced
-            m = draft_budget(remaining, self.limit)
-            self._drawn = self.rng.random(2 * m + 1)  # [2 m + 1] draft, accept, sample
-        return (len(self._drawn) - 1) // 2
+    def budget(self) -> int:
+        """The most draft tokens the next iteration may propose."""
+        return draft_budget(self.max_new_tokens - self.produced, self.limit)
 
     def propose(self, drafter: Drafter | None = None) -> Proposal:
         """The drafter's proposal (``drafter``: one standing in for this loop's, e.g. with a
         proposal made elsewhere) with this iteration's uniforms."""
-        m = self.draw()
-        u, self._drawn = self._drawn, None
+        m = self.budget()
+        u = self.rng.random(2 * m + 1)  # [2 m + 1] draft, accept and sample uniforms
         return propose(drafter or self.drafter, self.ids, u[:m], u[m : 2 * m],
                        float(u[2 * m]))
 

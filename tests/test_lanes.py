@@ -151,7 +151,9 @@ def _stepped_together(pair, prompts, settings, budget, *, draft_together=False):
         for g, sc in zip(ready, scores):
             g.end_step(sc)
     out = [(g.new_tokens, g.stats.generation.accepted_per_iteration) for g in gens]
-    for g in gens:
+    for g in gens:  # the shared calls, the draft's among them, count in each one's time
+        s = g.stats
+        assert s.decode_s >= s.target.decode_s + s.draft.decode_s
         g.close()
     return out, calls
 
@@ -299,6 +301,14 @@ def test_draft_lanes_chain_each_state_as_alone(pairs):
                 assert g.tolist() == w.tolist() and s.tokens == r.tokens
             heads = [int(g[-1]) for g in got] + heads[3:]
         idle = draft.chain_lanes([states[3]], [prompts[3][-1]], [4])[0]
+        # a state near its end takes its own steps beside a longer chain (the extra steps
+        # fall in the scratch positions)
+        states[0].rewind(0)
+        states[0].append([prompts[0][0]] * (draft.max_length - 2))
+        got = draft.chain_lanes(states[:2], [prompts[0][0], heads[1]], [1, 5])
+        assert len(got[0]) == 1 and len(states[0].tokens) == draft.max_length - 1
+        with pytest.raises(ValueError, match="a lane may hold"):
+            draft.chain_lanes(states[:1], [prompts[0][0]], [2])
         assert idle.tolist() == refs[3].launch_chain(prompts[3][-1], 4).wait().tolist()
         with pytest.raises(ValueError, match=r"chain lengths must be integers in \[1, 5\]"):
             draft.chain_lanes(states[:1], [1], [6])

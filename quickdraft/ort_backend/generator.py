@@ -179,8 +179,11 @@ def _check_pipelined(target, drafter, config: DecodeConfig, verify: str, compute
             "give a DeviceModelDrafter (Pair.generator(..., pipelined=True) makes one; "
             "device_sampling must not be False), within the model's sampled-chain settings")
     if verify != "device":
-        raise ValueError("pipelined sampling verifies with the verification graph next to "
-                         "the draft's rows: verify must be 'device' or 'auto'")
+        raise ValueError(
+            "pipelined sampling verifies with the verification graph next to the draft's "
+            "rows: verify must be 'device' (or 'auto' where it resolves to the device: a "
+            "static target, onnx installed, lenience 1 and a temperature of at least "
+            f"{DEVICE_MIN_TEMPERATURE:g}); this generator would verify on the host")
     if drafter.compute != compute:
         raise ValueError(f"the drafter's rows are {drafter.compute} but the verification "
                          f"graph computes in {compute}: give both the same compute")
@@ -725,6 +728,7 @@ class Generator:
         self._loop = None  # the sequential speculative loop (SpeculativeIterations)
         self._proposal = None  # begin_step's, until end_step
         self._plan: ChainPlan | None = None  # plan_draft's, until begin_step
+        self._draft_mark = 0.0  # the draft states' model seconds at plan_draft
         self._model_mark = 0.0  # the target state's model seconds at begin_step
         self._done = True
         self._closed = False
@@ -863,7 +867,7 @@ class Generator:
             return []
         if self._engine is None:
             self._engine = self._start_engine()
-        self._plan = None  # drafted alone, with the uniforms plan_draft drew
+        self._plan = None  # drafted alone
         t0 = time.perf_counter()
         piece = next(self._engine, None)
         return self._took(piece, t0)
@@ -883,15 +887,16 @@ class Generator:
         that a caller may run together with other generators' (the draft model's
         ``chain_lanes``) and fill; :meth:`begin_step` then proposes its tokens. None when
         the drafter plans no chain (sampling, another strategy): it drafts in begin_step.
-        An unfilled plan is drafted alone. The step's uniforms are drawn here."""
+        An unfilled plan is drafted alone. Nothing random is drawn here."""
         self._check_stepping()
         if not self.lane_ready or not supports(self.drafter, ChainPlanner):
             return None
         if self._engine is None:
             self._engine = self._start_engine()
         t0 = time.perf_counter()
-        self._plan = self.drafter.plan_chain(self._loop.ids, self._loop.draw())
+        self._plan = self.drafter.plan_chain(self._loop.ids, self._loop.budget())
         self.stats.decode_s += time.perf_counter() - t0
+        self._draft_mark = self._draft_times().decode_s  # the shared draft calls count too
         return self._plan
 
     def begin_step(self) -> LaneRequest:
@@ -907,6 +912,8 @@ class Generator:
             self._engine = self._start_engine()
         t0 = time.perf_counter()
         plan, self._plan = self._plan, None
+        if plan is not None:  # the draft calls made for it since plan_draft
+            self.stats.decode_s += self._draft_times().decode_s - self._draft_mark
         planned = plan is not None and plan.tokens is not None
         p = self._loop.propose(_FromPlan(self.drafter, plan) if planned else None)
         k = len(p.candidates.tokens) + 1  # the last gamma + 1 tokens are (re-)scored

@@ -268,12 +268,13 @@ class StaticOrtModel(ExportedModel):
                              f"{self.lane_chain_length}], got {list(lengths)}")
         longest = int(max(lengths))
         entries = []
-        for state, token in zip(states, tokens):
+        for state, token, n in zip(states, tokens, lengths):
             if not self.in_lane(state):
                 raise ValueError("chain_lanes takes states of this model that hold a lane "
                                  "(StaticOrtModel.new_state hands lanes out first)")
             slot, (first,), past = state._lane_entry([token])
-            slot.check_lane_room(past + longest)
+            # its own steps; the extra ones (up to longest) fall in the scratch positions
+            slot.check_lane_room(past + int(n))
             entries.append((slot, first, past))
         if len({slot.lane for slot, _, _ in entries}) != len(entries):
             raise ValueError("two of the states share a lane")
@@ -412,17 +413,24 @@ class _CacheSlot:
         self.thread = threading.current_thread()
         self.end = 0
 
-    def sampled_chain(self, sampling, compute: str, bank: int = 0) -> _Chain:
+    def sampled_chain(self, sampling, compute: str, bank: int = 0, at: int = 0) -> _Chain:
         """This slot's sampled chain for ``sampling`` in row bank ``bank`` (made, and
-        captured, on first use)."""
+        captured, on first use, at position ``at``: where the launch that asks for it
+        writes next, so no valid position is touched)."""
         key = (sampling, compute, bank)
         chain = self.sampled_chains.get(key)
         if chain is None:
             m = self.model
             session, first = m._sampled_session(sampling, compute, m.chain_length)
+            if m.cuda_graph and at + m.chain_length > m.cache_length:
+                raise ValueError(
+                    f"a sampled chain's CUDA graphs are captured past the sequence's end, and "
+                    f"{m.cache_length - at} positions are left of the {m.chain_length} they "
+                    "write: prepare the chains (prepare_sampled_chain) while the state is "
+                    "short, as DeviceModelDrafter does")
             chain = _Chain(self, m.chain_length, first, session=session, compute=compute)
             if m.cuda_graph:
-                chain.capture()
+                chain.capture(at)
             self.sampled_chains[key] = chain
         return chain
 
@@ -446,7 +454,8 @@ class _CacheSlot:
                 f"sequence of {total} tokens exceeds the {m.max_length} a lane may hold (the "
                 f"last {m.cache_length - m.max_length} positions of a lane's cache are "
                 "scratch for lanes calls); shorten the sequence, or load with fewer lanes' "
-                "steps (a lower max_gamma) or lanes=0")
+                "steps (a lower max_gamma), lanes=0, or for a draft draft_lanes=False "
+                "(quickdraft serve --no-draft-lanes)")
 
     def run(self, tokens: list[int], past_length: int, *, launch: bool = False):
         """Write ``tokens`` at positions ``past_length ..`` of the caches; return the logits
@@ -578,8 +587,7 @@ class _Lanes:
             raise ValueError(f"a lane takes at most {self.max_step} tokens per call, got "
                              f"{longest}")
         step = self.steps[k]
-        T = self.model.cache_length
-        ends = np.array([min(slot.end, T - k) + k for slot in self.slots])  # idle lanes
+        ends = _idle_starts(self.slots, k) + k  # [lanes] idle lanes' scratch
         step.ids_host[:] = 0
         for slot, toks, past in entries:
             b = slot.lane
@@ -660,6 +668,13 @@ class _LaneStep:
                             self.host_logits)
 
 
+def _idle_starts(slots: Sequence[_CacheSlot], k: int) -> np.ndarray:
+    """Where each lane writes ``k`` scratch positions when idle in a call: just past its
+    last write, and never past the cache's end [lanes]."""
+    T = slots[0].model.cache_length
+    return np.array([min(slot.end, T - k) for slot in slots])
+
+
 class _LaneChain:
     """``length`` 1-token steps of the lanes session that feed each other on the device:
     step j reads every lane's id at row j of ids [length + 1, lanes] and writes the lanes'
@@ -711,8 +726,7 @@ class _LaneChain:
     def run(self, entries: list[tuple[_CacheSlot, int, int]], length: int) -> np.ndarray:
         """``length`` steps; ``entries``: (slot, first token, past length) of the lanes in
         the chain. -> the ids [length, lanes] each step wrote (idle lanes' are scratch)."""
-        T = self.lanes.model.cache_length
-        base = np.array([min(slot.end, T - length) for slot in self.lanes.slots])  # [lanes]
+        base = _idle_starts(self.lanes.slots, length)  # [lanes]
         self.ids_host[0] = 0
         for slot, token, past in entries:
             base[slot.lane] = past
@@ -864,15 +878,19 @@ class _Chain:
                                              no_sync=slot.on_device))
         self._positions = np.arange(T)  # [T]
 
-    def capture(self) -> None:
+    def capture(self, at: int | None = None) -> None:
         """Capture every step's CUDA graph (ONNX Runtime runs a graph more than once in the
-        calls that capture it), at the last positions of the cache: no sequence has read
-        them before the state's own append rewrites them."""
-        past = self.slot.model.cache_length - self.length
+        calls that capture it), at position ``at`` (None: the last positions of the cache,
+        for a slot holding nothing yet): past the slot's valid positions, which the
+        state's own writes replace."""
+        T = self.slot.model.cache_length
+        past = T - self.length if at is None else at
         uniforms = np.full(self.length, 0.5) if self.sampled else None
+        counted = self.slot.calls["captured_steps"]
         for _ in range(CAPTURE_CALLS):
             self.launch(0, past, self.length, uniforms)
             self.wait(self.length)
+        self.slot.calls["captured_steps"] = counted  # not the sequence's steps
 
     def launch(self, token: int, past_length: int, length: int,
                uniforms: np.ndarray | None = None) -> None:
@@ -1042,8 +1060,14 @@ class StaticDecodeState(TokenState):
 
     def prepare_sampled_chain(self, sampling, compute: str = "float32") -> bool:
         """Whether :meth:`launch_sampled_chain` can run these settings (its session is
-        built now): :meth:`StaticOrtModel.prepare_sampled`."""
-        return self.model.prepare_sampled(sampling, compute)
+        built now: :meth:`StaticOrtModel.prepare_sampled`); for a state holding nothing yet
+        both row banks' chains are made (and captured) now too."""
+        ready = self.model.prepare_sampled(sampling, compute)
+        if ready and not self._tokens:
+            slot = self._live()
+            for bank in (0, 1):
+                slot.sampled_chain(sampling, compute, bank, at=0)
+        return ready
 
     def launch_sampled_chain(self, token: int, uniforms: np.ndarray, sampling,
                              compute: str = "float32", bank: int = 0) -> Launched:
@@ -1057,7 +1081,8 @@ class StaticDecodeState(TokenState):
         if bank not in (0, 1):
             raise ValueError(f"bank must be 0 or 1, got {bank!r}")
         uniforms = np.asarray(uniforms)
-        launched = self._launch(lambda slot: slot.sampled_chain(sampling, compute, bank),
+        at = len(self._tokens)  # where the chain writes: a new chain is captured there
+        launched = self._launch(lambda slot: slot.sampled_chain(sampling, compute, bank, at),
                                 token, len(uniforms), uniforms)
         launched.rows = DeviceRows(launched.chain.rows, len(uniforms), self.model.vocab_size,
                                    np.dtype(compute), self.model.device)

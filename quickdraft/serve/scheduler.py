@@ -169,6 +169,8 @@ class Scheduler:
         self.generators_reused = 0
         self.lane_calls = 0  # target calls that verified two or more streams at once
         self.draft_lane_calls = 0  # draft chains that drafted two or more streams at once
+        self.draft_lane_errors = 0  # such chains that failed (their streams drafted alone)
+        self.last_draft_lane_error: str | None = None
         self.error: BaseException | None = None  # what ended the thread, if not a stop
         target, draft = pair.target, pair.draft
         self._lanes = target if supports(target, LaneModel) and target.lane_tokens else None
@@ -213,6 +215,7 @@ class Scheduler:
                     "generators_reused": self.generators_reused,
                     "lane_calls": self.lane_calls,
                     "draft_lane_calls": self.draft_lane_calls,
+                    "draft_lane_errors": self.draft_lane_errors,
                     "max_concurrency": self.max_concurrency, "max_queue": self.max_queue}
 
     def retry_after_s(self) -> int:
@@ -454,7 +457,9 @@ class Scheduler:
                 p.lag = []
             outs = draft.chain_lanes([p.state for p in planned], [p.token for p in planned],
                                      [p.length for p in planned])
-        except Exception:  # noqa: BLE001 - each drafts alone, and fails alone if it must
+        except Exception as e:  # noqa: BLE001 - each drafts alone, and fails alone if it must
+            self.draft_lane_errors += 1
+            self.last_draft_lane_error = f"{type(e).__name__}: {e}"
             return
         for p, tokens in zip(planned, outs):
             p.tokens = tokens
