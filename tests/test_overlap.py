@@ -298,6 +298,14 @@ def test_pipelined_sampled_iterations_are_the_references(pair, sampling, gamma):
         assert warm > 0  # pre-drafted proposals (their rows in the other bank) were verified
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_pipelined_sampling_at_the_end_of_a_budget_is_the_references(pair, n):
+    """The last iterations of a budget: a lone stand-in (a verdict graph of one candidate,
+    no proposal rows) and short continuations."""
+    _as_the_reference(pair, PROMPTS[0], 4, DecodeConfig(max_new_tokens=n, sampling=SAMPLED[1],
+                                                        seed=n))
+
+
 def test_pipelined_sampling_first_token_follows_the_target(pair):
     """End to end on the bundled pair: the first token of pipelined sampling (gamma 2)
     against the exact target distribution, 1000 draws from one prefill (rewind to the
