@@ -1013,8 +1013,8 @@ class Generator:
                       SampledHalves(self.drafter, self._verifier, c.sampling, self._compute))
             return overlapped_stream(
                 self._state, halves, self.ids, gamma=self.drafter.gamma,
-                max_new_tokens=remaining, rng=self._rng, vocab_size=self.target.vocab_size,
-                eos_id=self.eos_ids, stats=self.stats.generation, times=self.stats.overlap)
+                max_new_tokens=remaining, rng=self._rng, eos_id=self.eos_ids,
+                stats=self.stats.generation, times=self.stats.overlap)
         self._loop = speculative_iterations(
             self.target, None, self.ids, drafter=self.drafter, verifier=self._timed_verifier(),
             lenience=c.lenience, max_draft=self.max_draft, **common)

@@ -98,11 +98,12 @@ class GreedyHalves:
     def continuation(self, launched, bank: int) -> Drafted:
         return Drafted(launched.wait().tolist())
 
-    def verdict(self, scores, x: Drafted, y: Drafted, accept_uniforms: np.ndarray,
-                sample_uniform: float) -> tuple[int, int | None, list[float]]:
-        m = len(x.tokens) + 1
+    def verdict(self, scores, x: Drafted, y: Drafted, candidates: list[int],
+                accept_uniforms: np.ndarray, sample_uniform: float
+                ) -> tuple[int, int | None, list[float]]:
+        m = len(candidates)
         choices = scores[-m:]  # [k + 1] the target's argmax ids
-        n, recovered = verify_greedy_without_bonus(choices, np.array(x.tokens + y.tokens[:1]))
+        n, recovered = verify_greedy_without_bonus(choices, np.array(candidates))
         return n, recovered, greedy_betas(n, m)
 
 
@@ -137,12 +138,12 @@ class SampledHalves:
     def continuation(self, launched, bank: int) -> Drafted:
         return Drafted(launched.wait().tolist(), launched.rows, bank)
 
-    def verdict(self, scores, x: Drafted, y: Drafted, accept_uniforms: np.ndarray,
-                sample_uniform: float) -> tuple[int, int | None, list[float]]:
-        candidates = np.array(x.tokens + y.tokens[:1], dtype=np.int64)  # [k + 1]
+    def verdict(self, scores, x: Drafted, y: Drafted, candidates: list[int],
+                accept_uniforms: np.ndarray, sample_uniform: float
+                ) -> tuple[int, int | None, list[float]]:
         return self.verifier.decide_without_bonus(
-            scores, x.rows, y.rows.slice(0, 1), candidates, self.sampling,
-            accept_uniforms, sample_uniform)
+            scores, x.rows, y.rows.slice(0, 1), np.array(candidates, dtype=np.int64),
+            self.sampling, accept_uniforms, sample_uniform)
 
 
 def _rest(y: Drafted) -> Drafted:
@@ -168,7 +169,6 @@ def overlapped_stream(
     gamma: int,
     max_new_tokens: int,
     rng: np.random.Generator,
-    vocab_size: int,
     eos_id: EosIds = None,
     stats: PipelinedStats | None = None,
     times: OverlapTimes | None = None,
@@ -215,14 +215,16 @@ def overlapped_stream(
         times.open_s += t1 - t0
         times.shadow_s += time.perf_counter() - t1
         # the verdict on x_1..x_k and the stand-in y_1, in the bonus's place
-        n, recovered, betas = halves.verdict(scores, x, y, u[k_open + L : -1], float(u[-1]))
         candidates = x.tokens + y.tokens[:1]  # [k + 1]
+        n, recovered, betas = halves.verdict(scores, x, y, candidates, u[k_open + L : -1],
+                                             float(u[-1]))
         if recovered is None:  # all k + 1 kept: y_2..y_L is the next proposal
             tokens, pending = candidates, _rest(y)
         else:
             tokens, pending = candidates[:n] + [recovered], None
         nxt = None if pending is None else Candidates(
-            np.array(pending.tokens, dtype=np.int64), None, 0, True, vocab_size=vocab_size)
+            np.array(pending.tokens, dtype=np.int64), None, 0, True,
+            vocab_size=target.model.vocab_size)
         step = PipelinedStep(tokens, n, k + 1, betas, nxt, warm, k_open, L, L)
         piece = _truncate_at_eos(tokens, eos)
         ids += piece
@@ -251,6 +253,5 @@ def overlapped_greedy_stream(
     cold proposals and the continuations; ``rng`` gives the reference's uniforms per
     iteration (greedy decisions read none)."""
     return overlapped_stream(target, GreedyHalves(drafter), prompt_ids, gamma=gamma,
-                             max_new_tokens=max_new_tokens, rng=rng,
-                             vocab_size=target.model.vocab_size, eos_id=eos_id, stats=stats,
-                             times=times)
+                             max_new_tokens=max_new_tokens, rng=rng, eos_id=eos_id,
+                             stats=stats, times=times)

@@ -447,12 +447,14 @@ class Scheduler:
             return
         try:
             lagging = [p for p in planned if p.lag]
-            short = [p for p in lagging if len(p.lag) <= draft.lane_tokens]
-            if len(short) > 1:
-                draft.score_lanes([p.state for p in short], [p.lag for p in short],
-                                  [True] * len(short))
+            together = [p for p in lagging if len(p.lag) <= draft.lane_tokens]
+            if len(together) > 1:  # their lags in one call, the others alone
+                draft.score_lanes([p.state for p in together], [p.lag for p in together],
+                                  [True] * len(together))
+            else:
+                together = []
             for p in lagging:
-                if len(short) < 2 or p not in short:
+                if p not in together:
                     fill(p.state, p.lag)
                 p.lag = []
             outs = draft.chain_lanes([p.state for p in planned], [p.token for p in planned],
