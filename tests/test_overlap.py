@@ -22,7 +22,7 @@ from quickdraft.generation import ModelDrafter  # noqa: E402
 from quickdraft.ort_backend import DecodeConfig, Generator, load_pair  # noqa: E402
 from quickdraft.ort_backend.cli import default_model_dir  # noqa: E402
 from quickdraft.ort_backend.device import Device  # noqa: E402
-from quickdraft.ort_backend.overlap import overlapped_greedy_stream  # noqa: E402
+from quickdraft.ort_backend.overlap import GreedyHalves, overlapped_stream  # noqa: E402
 from quickdraft.ort_backend.static import StaticOrtModel  # noqa: E402
 from quickdraft.pipelined import (  # noqa: E402
     PipelinedStats,
@@ -172,9 +172,9 @@ def test_pipelined_stops_at_eos_where_autoregressive_decoding_does(pair):
     state.append(ids[:-1])
     drafter = ModelDrafter(pair.draft, GREEDY, 4)
     stats = PipelinedStats(gamma=4)
-    pieces = list(overlapped_greedy_stream(state, drafter, ids, gamma=4, max_new_tokens=40,
-                                           rng=np.random.default_rng(1), eos_id=eos,
-                                           stats=stats))
+    pieces = list(overlapped_stream(state, GreedyHalves(drafter), ids, gamma=4,
+                                    max_new_tokens=40, rng=np.random.default_rng(1),
+                                    eos_id=eos, stats=stats))
     assert sum(pieces, []) == want and stats.new_tokens == len(want)
     state.close()
     drafter.state.close()
@@ -267,8 +267,8 @@ def test_a_failed_verify_call_leaves_no_state_waiting(pair, monkeypatch):
     state = pair.target.new_state()
     drafter = ModelDrafter(pair.draft, GREEDY, 4)
     with pytest.raises(ValueError, match="NaN"):
-        list(overlapped_greedy_stream(state, drafter, ids, gamma=4, max_new_tokens=8,
-                                      rng=np.random.default_rng(0)))
+        list(overlapped_stream(state, GreedyHalves(drafter), ids, gamma=4, max_new_tokens=8,
+                               rng=np.random.default_rng(0)))
     drafter.state.append_greedy([ids[0]])  # not "launched work not waited for"
     state.append_greedy([ids[0]])
     drafter.state.close()

@@ -44,8 +44,7 @@ from quickdraft.protocols import (
 )
 from quickdraft.sampling import SamplingConfig
 
-__all__ = ["OverlapTimes", "GreedyHalves", "SampledHalves", "overlapped_stream",
-           "overlapped_greedy_stream"]
+__all__ = ["OverlapTimes", "GreedyHalves", "SampledHalves", "overlapped_stream"]
 
 
 @dataclass
@@ -233,25 +232,3 @@ def overlapped_stream(
         yield piece
         if piece[-1] in eos:
             break
-
-
-def overlapped_greedy_stream(
-    target: StaticDecodeState,
-    drafter: ModelDrafter,
-    prompt_ids: Sequence[int],
-    *,
-    gamma: int,
-    max_new_tokens: int,
-    rng: np.random.Generator,
-    eos_id: EosIds = None,
-    stats: PipelinedStats | None = None,
-    times: OverlapTimes | None = None,
-) -> Iterator[list[int]]:
-    """:func:`overlapped_stream` greedy (temperature 0): the same tokens as greedy
-    autoregressive decoding. ``drafter``: a greedy :class:`ModelDrafter` whose state (a
-    :class:`StaticDecodeState` of a model with ``chain_length >= gamma + 1``) drafts the
-    cold proposals and the continuations; ``rng`` gives the reference's uniforms per
-    iteration (greedy decisions read none)."""
-    return overlapped_stream(target, GreedyHalves(drafter), prompt_ids, gamma=gamma,
-                             max_new_tokens=max_new_tokens, rng=rng, eos_id=eos_id,
-                             stats=stats, times=times)
