@@ -60,6 +60,30 @@ def export(path: str, hf_target: Path, hf_draft: Path, out: Path, *, device: str
             "report_seconds": getattr(report, "seconds", None)}
 
 
+def export_draft(hf_draft: Path, target_export: Path, out: Path, *, device: str) -> dict:
+    """The fast path's folder of another draft for an exported target: ``out/draft``
+    exported alone (static cache, the dtype of ``device``), ``out/target`` a link to
+    ``target_export`` (the same cache length: both models' context)."""
+    t0 = time.perf_counter()
+    try:
+        from quickdraft.export import export_model
+    except ImportError as e:
+        raise Unavailable(f"quickdraft.export.export_model: {e}") from e
+    if not (target_export / "quickdraft.json").is_file():
+        raise Unavailable(f"{target_export} holds no exported target: export the pair first")
+    out.mkdir(parents=True, exist_ok=True)
+    export_model(hf_draft, out / "draft", dtype=dtype_for(device), device=device,
+                 kv_cache="static", validate=False, overwrite=True, role="draft")
+    link = out / "target"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target_export.resolve(), target_is_directory=True)
+    return {"path": "fast", "dtype": dtype_for(device), "device": device,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "draft_bytes": sum(p.stat().st_size for p in (out / "draft").rglob("*")
+                               if p.is_file())}
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -41,8 +41,7 @@ from benchmarks.common import (  # noqa: E402
     error_record,
     load_json,
     log,
-    run_logged,
-    worker_env,
+    run_worker,
 )
 
 PAIRS = ("trained", "1b", "7b", "tiny")
@@ -69,7 +68,7 @@ class Tee:
             st.flush()
 
 
-def _ints(s: str) -> list[int]:
+def parse_ints(s: str) -> list[int]:
     out = []
     for part in s.split(","):
         part = part.strip()
@@ -81,11 +80,11 @@ def _ints(s: str) -> list[int]:
     return out
 
 
-def _floats(s: str) -> list[float]:
+def parse_floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
 
-def _samplings(s: str) -> list[list[float]]:
+def parse_samplings(s: str) -> list[list[float]]:
     """"1.0:1.0,0.7:0.9" -> [[1.0, 1.0], [0.7, 0.9]] (temperature, top_p); "none" -> []."""
     if s.strip().lower() == "none":
         return []
@@ -142,6 +141,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="sampled runs of quickdraft at --gamma, as temperature:top_p pairs "
                     "(autoregressive and speculative side by side, seeded per prompt); "
                     "'none' for greedy only")
+    ap.add_argument("--sampling-gammas", default="",
+                    help="gammas of the sampled runs, e.g. 4,7 (default: --gamma)")
     ap.add_argument("--pipelined", default="",
                     help="gammas of pipelined greedy decoding on the fast path (the draft "
                     "drafting beside the verification), e.g. 4,8; '' for none")
@@ -202,17 +203,37 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.pairs = _names(args.pairs or "1b", PAIRS)
     args.stages = _names(args.stages, STAGES)
     args.systems = _names(args.systems, SYSTEMS)
-    args.gammas = _ints(args.gammas)
-    args.alphas = _floats(args.alphas)
-    args.pipelined = _ints(args.pipelined) if args.pipelined else []
-    args.samplings = _samplings(args.samplings)
-    args.hf_gammas = _ints(args.hf_gammas) if args.hf_gammas else [args.gamma]
+    args.gammas = parse_ints(args.gammas)
+    args.alphas = parse_floats(args.alphas)
+    args.pipelined = parse_ints(args.pipelined) if args.pipelined else []
+    args.samplings = parse_samplings(args.samplings)
+    args.sampling_gammas = (parse_ints(args.sampling_gammas) if args.sampling_gammas
+                            else [args.gamma])
+    args.hf_gammas = parse_ints(args.hf_gammas) if args.hf_gammas else [args.gamma]
     args.force = [x for x in args.force.split(",") if x]
     args.work = (args.work or Path("/tmp/qdbench")).resolve()
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
                        REPO / "runs" / "bench-out")
     args.out = Path(out).resolve()
     return args
+
+
+def common_spec(a: argparse.Namespace, pair_dir: Path) -> dict:
+    """What every system's worker task takes from the measurement options ``a``."""
+    return {"pair_dir": str(pair_dir), "device": a.device, "new_tokens": a.new_tokens,
+            "gamma": a.gamma, "gammas": a.gammas, "warmup": a.warmup, "repeats": a.repeats,
+            "sweep_repeats": a.sweep_repeats, "cache": a.cache}
+
+
+def qd_spec(a: argparse.Namespace, pair_dir: Path, path: str, controlled: bool) -> dict:
+    """The ``qd`` worker task's spec: quickdraft's ``path`` ("fast" or "generic") on the
+    pair in ``pair_dir``, measured as the options ``a`` say."""
+    return {**common_spec(a, pair_dir), "path": path,
+            "alphas": a.alphas if controlled else [], "controlled": controlled,
+            "cost_reps": a.cost_reps, "samplings": a.samplings,
+            "sampling_gammas": a.sampling_gammas,
+            "pipelined": a.pipelined if path == "fast" else [],
+            "cuda_graph": not a.no_cuda_graph, "seed": 0}
 
 
 class Bench:
@@ -234,7 +255,7 @@ class Bench:
         r["environment"] = environment()
         r["settings"] = {k: getattr(args, k) for k in (
             "device", "new_tokens", "prompt_len", "gamma", "gammas", "alphas", "samplings",
-            "hf_gammas",
+            "sampling_gammas", "hf_gammas",
             "warmup", "repeats", "sweep_repeats", "cost_reps", "agreement", "smoke")}
         r["settings"]["cuda_graph"] = not args.no_cuda_graph
         self.first_error = len(r["errors"])  # errors of earlier calls are not this call's
@@ -282,28 +303,8 @@ class Bench:
                                            "message": f"skipped: {left:.0f}s of budget left"})
             self.save()
             return None
-        tasks = self.work / "tasks"
-        tasks.mkdir(exist_ok=True)
-        safe = key.replace("/", "_")
-        spec_path, result_path = tasks / f"{safe}.spec.json", tasks / f"{safe}.result.json"
-        dump_json(spec_path, spec)
-        if result_path.exists():
-            result_path.unlink()
-        t0 = time.monotonic()
-        rc = run_logged([sys.executable, "-m", "benchmarks.worker", task, str(spec_path),
-                         str(result_path)], timeout=left - 3,
-                        env=worker_env(env, pythonpath=pythonpath), prefix=f"[{key}] ",
-                        cwd=REPO)
-        res = load_json(result_path) or {"status": "crashed", "errors": []}
-        if rc == 124:
-            res["status"] = "timeout"
-            res["errors"].append({"kind": "error", "type": "Timeout",
-                                  "message": f"killed at the time limit ({left - 3:.0f}s)"})
-        elif rc != 0 or res.get("status") == "running":
-            res["status"] = f"crashed (exit {rc})"
-            res["errors"].append({"kind": "error", "type": "Crash",
-                                  "message": f"worker exited with {rc} before finishing"})
-        res["wall_seconds"] = round(time.monotonic() - t0, 2)
+        res = run_worker(task, key, spec, self.work / "tasks", timeout=left - 3,
+                         env=env, pythonpath=pythonpath)
         for e in res.get("errors") or []:
             self.results["errors"].append({**e, "where": {"task": key}})
         log(f"{key}: {res.get('status')} in {res['wall_seconds']:.0f}s")
@@ -400,9 +401,7 @@ class Bench:
             log(f"{name}: no pair, no systems")
             return
         controlled = a.controlled == "all" or (a.controlled == "random" and name != "trained")
-        common = {"pair_dir": str(d), "device": a.device, "new_tokens": a.new_tokens,
-                  "gamma": a.gamma, "gammas": a.gammas, "warmup": a.warmup,
-                  "repeats": a.repeats, "sweep_repeats": a.sweep_repeats, "cache": a.cache}
+        common = common_spec(a, d)
         reference = None
         for system in a.systems:
             key = f"{name}/{system}"
@@ -417,13 +416,7 @@ class Bench:
                     "kind": "unavailable", "message": "CUDA graphs need CUDA"}]}
                 continue
             if system.startswith("qd-"):
-                path = system[3:]
-                res = self.run_task("qd", key, {
-                    **common, "path": path, "alphas": a.alphas if controlled else [],
-                    "controlled": controlled, "cost_reps": a.cost_reps,
-                    "samplings": a.samplings,
-                    "pipelined": a.pipelined if path == "fast" else [],
-                    "cuda_graph": not a.no_cuda_graph, "seed": 0})
+                res = self.run_task("qd", key, qd_spec(a, d, system[3:], controlled))
                 if res and res.get("reference_tokens") and reference is None:
                     reference = res["reference_tokens"]
             elif system.startswith("genai"):

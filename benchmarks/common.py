@@ -342,3 +342,31 @@ def run_logged(cmd: list[str], *, timeout: float, env: dict | None = None, prefi
         log(f"{prefix.strip()} killed at its time limit ({timeout:.0f}s)")
         return 124
     return proc.returncode
+
+
+def run_worker(task: str, key: str, spec: dict, tasks: Path, *, timeout: float,
+               env: dict | None = None, pythonpath: str | None = None) -> dict:
+    """Run one ``benchmarks.worker`` task in its own process (``key`` names its spec and
+    result files in ``tasks``); its result dict, with ``status`` "timeout" or "crashed"
+    and an error added when the process did not finish, and ``wall_seconds``."""
+    tasks.mkdir(parents=True, exist_ok=True)
+    safe = key.replace("/", "_")
+    spec_path, result_path = tasks / f"{safe}.spec.json", tasks / f"{safe}.result.json"
+    dump_json(spec_path, spec)
+    if result_path.exists():
+        result_path.unlink()
+    t0 = time.monotonic()
+    rc = run_logged([sys.executable, "-m", "benchmarks.worker", task, str(spec_path),
+                     str(result_path)], timeout=timeout,
+                    env=worker_env(env, pythonpath=pythonpath), prefix=f"[{key}] ", cwd=REPO)
+    res = load_json(result_path) or {"status": "crashed", "errors": []}
+    if rc == 124:
+        res["status"] = "timeout"
+        res["errors"].append({"kind": "error", "type": "Timeout",
+                              "message": f"killed at the time limit ({timeout:.0f}s)"})
+    elif rc != 0 or res.get("status") == "running":
+        res["status"] = f"crashed (exit {rc})"
+        res["errors"].append({"kind": "error", "type": "Crash",
+                              "message": f"worker exited with {rc} before finishing"})
+    res["wall_seconds"] = round(time.monotonic() - t0, 2)
+    return res

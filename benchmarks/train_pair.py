@@ -303,6 +303,91 @@ def _corpus_and_tokens(out: Path, cfg: TrainConfig, info: dict):
     return tokenizer, train_stream, held_stream
 
 
+def save_model(model, tokenizer, folder: Path) -> None:
+    """A trained model as the benchmarks load it: a Hugging Face folder with the
+    tokenizer, generating the full length (no EOS)."""
+    model.generation_config.eos_token_id = None  # benchmarks generate the full length
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to("cpu").save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def draft_shape(text: str) -> dict:
+    """"512x1" -> a Llama draft shape: hidden size 512, 1 layer, heads of 64 (as many
+    key-value heads), an MLP 2.75 times as wide (rounded to 64; 704 at 256)."""
+    hidden, _, layers = text.strip().lower().partition("x")
+    try:
+        d, n = int(hidden), int(layers)
+    except ValueError:
+        raise ValueError(f"draft shape {text!r} is not HIDDENxLAYERS, e.g. 512x1") from None
+    if d < 64 or d % 64 or n < 1:
+        raise ValueError(f"draft shape {text!r}: the hidden size must be a positive multiple "
+                         "of 64 (heads of 64) and the layers at least 1, e.g. 512x1")
+    return dict(hidden_size=d, num_hidden_layers=n, num_attention_heads=d // 64,
+                num_key_value_heads=d // 64, intermediate_size=64 * round(d * 2.75 / 64))
+
+
+def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
+                  seconds: float | None = None, steps: int | None = None) -> dict:
+    """A draft of ``shape`` distilled from the trained target of ``pair`` (a folder
+    ``train_pair`` wrote) as the pair's own draft was: its batch, window, peak learning
+    rate, loss, seed and windows of the corpus (not the target's samples), for ``seconds``
+    (default: the pair's draft budget) or ``steps``. Saved to ``out/hf/draft``; returns its
+    entry (parameters, training) with the held-out loss and alphas on the pair's held-out
+    windows, the target's beside them."""
+    import numpy as np
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from benchmarks.common import load_json
+
+    info = load_json(pair / "pair.json")
+    if not info or "config" not in info:
+        raise FileNotFoundError(f"{pair / 'pair.json'} is missing: {pair} is not a trained "
+                                "pair; run benchmarks/train_pair.py first")
+    cfg = TrainConfig(**info["config"])
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(pair / "tokenizer")
+    train_stream, held_stream = load_streams(pair)
+    target = LlamaForCausalLM.from_pretrained(pair / "hf" / "target").eval()
+    model = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
+                                 max_positions=cfg.max_positions, tie=False, seed=cfg.seed)
+    params = sum(p.numel() for p in model.parameters())
+    embedding = 2 * len(tokenizer) * shape["hidden_size"]  # the input table and the head
+    log(f"draft {shape}: {params / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M embedding)")
+    distilled = cfg.distill_weight > 0
+    tr = train_model("draft", model, train_stream,
+                     seconds=cfg.draft_seconds if seconds is None else seconds,
+                     steps=steps, batch=cfg.batch, ctx=cfg.ctx, lr=cfg.draft_lr, cfg=cfg,
+                     device=device, seed=cfg.seed, teacher=target if distilled else None,
+                     distill_weight=cfg.distill_weight if distilled else 0.0)
+    del tr["done"]
+    windows = training.heldout_windows(held_stream.astype(np.int64), cfg.ctx, cfg.eval_windows)
+    heldout = training.evaluate(target.to(device), model.to(device), torch.from_numpy(windows),
+                                device, batch=4, autocast=True)
+    save_model(model, tokenizer, out / "hf" / "draft")
+    return {"parameters": params, "embedding_parameters": embedding,
+            "weight_bytes": 2 * params, "shape": shape, "training": tr,
+            "target_parameters": info["target"]["parameters"],
+            "draft_fraction": params / info["target"]["parameters"],
+            "pair_used_target_samples": bool(cfg.draft_samples),
+            "heldout": {**heldout, "windows": len(windows)}}
+
+
+def load_streams(out: Path):
+    """The training and held-out token streams a ``train_pair`` run kept in ``out``."""
+    import numpy as np
+
+    path = out / "streams.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {out} is not a pair trained by "
+                                "benchmarks/train_pair.py (or bench.py's train stage); "
+                                "train it first")
+    with np.load(path) as z:
+        return z["train"], z["held"]
+
+
 def _checkpoint(out: Path) -> Path:
     return out / "checkpoint.pt"
 
@@ -340,14 +425,12 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
         from transformers import PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-        with np.load(streams) as z:
-            train_stream, held_stream = z["train"], z["held"]
+        train_stream, held_stream = load_streams(out)
         info["corpus"], info["tokenizer"] = saved["info"]["corpus"], saved["info"]["tokenizer"]
         log(f"corpus and tokens of the first call ({streams})")
-    else:
+    else:  # kept: a resumed call and benchmarks/draft_shapes.py read the same tokens
         tokenizer, train_stream, held_stream = _corpus_and_tokens(out, cfg, info)
-        if call_seconds is not None:
-            np.savez(streams, train=train_stream, held=held_stream)
+        np.savez(streams, train=train_stream, held=held_stream)
 
     models = {}
     sampled = None
@@ -402,10 +485,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
             return {"incomplete": True, "role": role, "step": tr["resume"]["step"],
                     "steps": tr["resume"]["steps"], "checkpoint": str(ckpt)}
         del tr["done"]
-        model.generation_config.eos_token_id = None  # benchmarks generate the full length
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.to("cpu").save_pretrained(out / "hf" / role, safe_serialization=True)
-        tokenizer.save_pretrained(out / "hf" / role)
+        save_model(model, tokenizer, out / "hf" / role)
         info[role] = {"parameters": params, "weight_bytes": 2 * params,  # as run: fp16
                       "shape": shape, "training": tr}
         models[role] = model

@@ -5,12 +5,13 @@
 A fresh process per task keeps the systems apart (one's allocator pools do not count in
 another's peak memory; a crash or a hang costs one task) and lets the orchestrator kill a
 task at its time limit. The result file is rewritten after every step, so a killed task
-still leaves what it measured. Tasks: bandwidth, train, make, export, genai-build, qd,
-genai, hf.
+still leaves what it measured. Tasks: bandwidth, train, make, export, distill,
+genai-build, qd, genai, hf.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from benchmarks.common import (  # noqa: E402
     GpuMemory,
     Record,
     Unavailable,
+    dump_json,
     load_json,
     log,
     median,
@@ -142,6 +144,27 @@ def task_export(spec: dict, rec: Record) -> None:
                                       validate=bool(spec.get("validate"))))
 
 
+def task_distill(spec: dict, rec: Record) -> None:
+    """A draft of another shape for a trained pair (``benchmarks.train_pair.distill_draft``)
+    in ``out_dir``, exported beside the pair's exported target: a pair folder the qd task
+    measures (its pair.json the pair's, with this draft's entry and held-out numbers)."""
+    from benchmarks import adapters
+    from benchmarks.train_pair import distill_draft
+
+    pair, out, device = Path(spec["pair_dir"]), Path(spec["out_dir"]), spec["device"]
+    draft = distill_draft(pair, spec["shape"], out, device, seconds=spec.get("seconds"),
+                          steps=spec.get("steps"))
+    rec.set("draft", draft)
+    info = load_json(pair / "pair.json")
+    dump_json(out / "pair.json", {**info, "draft": {k: v for k, v in draft.items()
+                                                    if k != "heldout"},
+                                  "draft_fraction": draft["draft_fraction"],
+                                  "heldout": draft["heldout"], "distilled_for": str(pair)})
+    shutil.copy(pair / "prompts.json", out / "prompts.json")
+    rec.set("export", adapters.export_draft(out / "hf" / "draft", pair / "qd-fast" / "target",
+                                            out / "qd-fast", device=device))
+
+
 def task_genai_build(spec: dict, rec: Record) -> None:
     from benchmarks import genai
 
@@ -244,7 +267,7 @@ def task_qd(spec: dict, rec: Record) -> None:
     total = n * len(prompts)
     gammas = [int(g) for g in spec["gammas"]]
     gamma = int(spec["gamma"])
-    max_gamma = max(gammas + [gamma])
+    max_gamma = max(gammas + [gamma] + [int(g) for g in spec.get("sampling_gammas") or []])
     warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
     sweep_repeats = int(spec.get("sweep_repeats", max(1, repeats - 1)))
     rec.set("config", {k: spec[k] for k in ("path", "device", "new_tokens", "gamma", "gammas",
@@ -360,21 +383,23 @@ def task_qd(spec: dict, rec: Record) -> None:
             rec.set("sweep", sweep)
         _record_best_gamma(rec, sweep)
 
-    for temperature, top_p in spec.get("samplings") or []:
-        with rec.step(f"sampled-{temperature}-{top_p}"):
+    samplings = [(t, p, int(g)) for t, p in spec.get("samplings") or []
+                 for g in spec.get("sampling_gammas") or [gamma]]
+    for temperature, top_p, g in samplings:
+        with rec.step(f"sampled-{temperature}-{top_p}-{g}"):
             sampled = rec.data.get("sampled") or []
-            sampled.append(_sampled_runs(pair, prompts, n, gamma, float(temperature),
+            sampled.append(_sampled_runs(pair, prompts, n, g, float(temperature),
                                          float(top_p), warmup, repeats, c_protocol,
                                          (t_ms, d_ms) if spec.get("pipelined") else None))
             rec.set("sampled", sampled)
             r = sampled[-1]
-            log(f"qd-{path} T={temperature} top_p={top_p} gamma {gamma}: AR "
+            log(f"qd-{path} T={temperature} top_p={top_p} gamma {g}: AR "
                 f"{r['ar']['tokens_per_s']:.0f} tok/s, speculative "
                 f"{r['spec']['tokens_per_s']:.0f} tok/s, speedup "
                 f"{_f(r['spec'].get('speedup')):.2f}, alpha {_f(r['spec'].get('alpha')):.3f}")
             if "pipelined" in r:
                 pr = r["pipelined"]
-                log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {gamma}: "
+                log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {g}: "
                     f"{pr['tokens_per_s']:.0f} tok/s, speedup {_f(pr.get('speedup')):.2f}, "
                     f"effective c {_f(pr.get('effective_c')):.3f}")
 
@@ -688,6 +713,7 @@ TASKS = {
     "train": task_train,
     "make": task_make,
     "export": task_export,
+    "distill": task_distill,
     "genai-build": task_genai_build,
     "qd": task_qd,
     "genai": task_genai,
