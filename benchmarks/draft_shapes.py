@@ -51,6 +51,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--draft-seconds", type=float, default=None,
                     help="training budget of each shape (default: the pair's draft budget)")
     ap.add_argument("--draft-steps", type=int, default=None, help="or a fixed step count")
+    ap.add_argument("--draft-lr", type=float, default=None,
+                    help="peak learning rate of every shape (default: the pair's draft rate "
+                         "times its hidden size over the shape's)")
     ap.add_argument("--out", type=Path, default=Path("runs/draft-shapes"))
     ap.add_argument("--work", type=Path, default=None,
                     help="the shapes' folders (default: PAIR_DIR/../PAIRNAME-shapes)")
@@ -92,6 +95,7 @@ def summary(name: str, draft: dict, qd: dict) -> dict:
     row = {"shape": name, "parameters": draft.get("parameters"),
            "draft_fraction": draft.get("draft_fraction"),
            "training_steps": (draft.get("training") or {}).get("steps"),
+           "lr": (draft.get("training") or {}).get("lr"),
            "alpha_T0_heldout": (draft.get("heldout") or {}).get("alpha_T0"),
            "alpha_T1_heldout": (draft.get("heldout") or {}).get("alpha_T1"),
            "draft_step_ms": (costs.get("draft_step_ms") or {}).get("1"),
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         res = task("distill", f"{name}/distill", {
             "pair_dir": str(a.pair_dir), "out_dir": str(folder), "shape": shape,
             "device": a.device, "seconds": None if a.draft_steps else seconds,
-            "steps": a.draft_steps})
+            "steps": a.draft_steps, "lr": a.draft_lr})
         if res.get("status") != "ok" or "export" not in res:
             dump_json(out_json, result)
             continue

@@ -328,13 +328,15 @@ def draft_shape(text: str) -> dict:
 
 
 def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
-                  seconds: float | None = None, steps: int | None = None) -> dict:
+                  seconds: float | None = None, steps: int | None = None,
+                  lr: float | None = None) -> dict:
     """A draft of ``shape`` distilled from the trained target of ``pair`` (a folder
-    ``train_pair`` wrote) as the pair's own draft was: its batch, window, peak learning
-    rate, loss, seed and windows of the corpus (not the target's samples), for ``seconds``
-    (default: the pair's draft budget) or ``steps``. Saved to ``out/hf/draft``; returns its
-    entry (parameters, training) with the held-out loss and alphas on the pair's held-out
-    windows, the target's beside them."""
+    ``train_pair`` wrote) as the pair's own draft was: its batch, window, loss, seed and
+    windows of the corpus (not the target's samples), for ``seconds`` (default: the pair's
+    draft budget) or ``steps``. The peak learning rate ``lr`` defaults to the pair's draft
+    rate scaled by the hidden sizes (own / this; Adam's rule for wider layers). Saved to
+    ``out/hf/draft``; returns its entry (parameters, training) with the held-out loss and
+    alphas on the pair's held-out windows, the target's beside them."""
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -357,9 +359,11 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     embedding = 2 * len(tokenizer) * shape["hidden_size"]  # the input table and the head
     log(f"draft {shape}: {params / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M embedding)")
     distilled = cfg.distill_weight > 0
+    if lr is None:
+        lr = cfg.draft_lr * cfg.draft["hidden_size"] / shape["hidden_size"]
     tr = train_model("draft", model, train_stream,
                      seconds=cfg.draft_seconds if seconds is None else seconds,
-                     steps=steps, batch=cfg.batch, ctx=cfg.ctx, lr=cfg.draft_lr, cfg=cfg,
+                     steps=steps, batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg,
                      device=device, seed=cfg.seed, teacher=target if distilled else None,
                      distill_weight=cfg.distill_weight if distilled else 0.0)
     del tr["done"]

@@ -153,7 +153,7 @@ def task_distill(spec: dict, rec: Record) -> None:
 
     pair, out, device = Path(spec["pair_dir"]), Path(spec["out_dir"]), spec["device"]
     draft = distill_draft(pair, spec["shape"], out, device, seconds=spec.get("seconds"),
-                          steps=spec.get("steps"))
+                          steps=spec.get("steps"), lr=spec.get("lr"))
     rec.set("draft", draft)
     info = load_json(pair / "pair.json")
     dump_json(out / "pair.json", {**info, "draft": {k: v for k, v in draft.items()
