@@ -183,6 +183,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--corpus-mb", type=float, default=None)
     ap.add_argument("--compile", action="store_true", help="train: torch.compile")
+    ap.add_argument("--draft-shape", default=None,
+                    help="train: the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2)")
     ap.add_argument("--force", default="",
                     help="comma list of stages to redo even if their output exists")
     ap.add_argument("--clean", action="store_true",
@@ -207,6 +209,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.alphas = parse_floats(args.alphas)
     args.pipelined = parse_ints(args.pipelined) if args.pipelined else []
     args.samplings = parse_samplings(args.samplings)
+    if args.draft_shape:
+        from benchmarks.train_pair import draft_shape
+
+        try:
+            args.draft_shape = draft_shape(args.draft_shape)
+        except ValueError as e:
+            raise SystemExit(f"--draft-shape: {e}") from None
     args.sampling_gammas = (parse_ints(args.sampling_gammas) if args.sampling_gammas
                             else [args.gamma])
     args.hf_gammas = parse_ints(args.hf_gammas) if args.hf_gammas else [args.gamma]
@@ -342,7 +351,7 @@ class Bench:
                              "target_lr": a.target_lr, "draft_lr": a.draft_lr,
                              "batch": a.train_batch, "corpus_mb": a.corpus_mb,
                              "prompt_len": a.prompt_len, "num_prompts": a.num_prompts,
-                             "compile": a.compile or None}
+                             "compile": a.compile or None, "draft": a.draft_shape}
                 if a.smoke:
                     overrides["num_prompts"] = a.num_prompts or 2
                 spec = {"pair_dir": str(d), "device": a.device, "smoke": a.smoke,

@@ -544,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                  "num_prompts", "draft_samples", "sample_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
+    ap.add_argument("--draft-shape", default=None,
+                    help="the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2, the paper's)")
     ap.add_argument("--call-seconds", type=float, default=None,
                     help="stop after about this long, keeping a checkpoint in --out; the same "
                     "command again continues (runs that fit a time limit per call)")
@@ -552,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in vars(args).items():
         if k in TrainConfig.__dataclass_fields__ and v is not None and v is not False:
             setattr(cfg, k, v)
+    if args.draft_shape:
+        try:
+            cfg.draft = draft_shape(args.draft_shape)
+        except ValueError as e:
+            raise SystemExit(f"--draft-shape: {e}") from None
     info = train_pair(args.out, cfg, args.device, call_seconds=args.call_seconds)
     if info.get("incomplete"):
         log(f"not finished: {info['role']} at step {info['step']} of {info['steps']}")
