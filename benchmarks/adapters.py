@@ -71,10 +71,13 @@ def export_draft(hf_draft: Path, target_export: Path, out: Path, *, device: str)
         raise Unavailable(f"quickdraft.export.export_model: {e}") from e
     if not (target_export / "quickdraft.json").is_file():
         raise Unavailable(f"{target_export} holds no exported target: export the pair first")
+    link = out / "target"
+    if link.exists() and not link.is_symlink():
+        raise Unavailable(f"{link} is a folder of its own, not a link to an exported target: "
+                          "give export_draft a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     export_model(hf_draft, out / "draft", dtype=dtype_for(device), device=device,
                  kv_cache="static", validate=False, overwrite=True, role="draft")
-    link = out / "target"
     if link.is_symlink():
         link.unlink()
     link.symlink_to(target_export.resolve(), target_is_directory=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench import parse_ints, parse_samplings, qd_spec  # noqa: E402
+from benchmarks.bench import MIN_SECONDS, parse_ints, parse_samplings, qd_spec  # noqa: E402
 from benchmarks.common import dump_json, environment, load_json, log, run_worker  # noqa: E402
 from benchmarks.report import fmt, table  # noqa: E402
 
@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return a.budget - (time.monotonic() - t0)
 
     def task(kind: str, key: str, spec: dict) -> dict:
-        res = run_worker(kind, key, spec, a.work / "tasks", timeout=max(1.0, left() - 3))
+        if left() < MIN_SECONDS[kind]:
+            res = {"status": "skipped", "wall_seconds": 0.0, "errors": [
+                {"kind": "skipped", "message": f"skipped: {left():.0f}s of budget left"}]}
+        else:
+            res = run_worker(kind, key, spec, a.work / "tasks", timeout=left() - 3)
         result["runs"].setdefault(key.split("/")[0], {})[kind] = res
         result["errors"] += [{**e, "where": key} for e in res.get("errors") or []]
         log(f"{key}: {res.get('status')} in {res['wall_seconds']:.0f}s")

@@ -10,8 +10,9 @@
 #   bash benchmarks/h200_trained.sh shapes   # wider drafts of one layer for the same
 #                                            # target: held-out alpha, c, speedups
 # A longer target run, over two calls (TARGET_SECONDS, default 620; the first call stops
-# with a checkpoint, the second continues, then exports and measures as `pair` does):
-#   bash benchmarks/h200_trained.sh train && bash benchmarks/h200_trained.sh finish
+# with a checkpoint, exit status 3; the second continues and, once the pair is trained,
+# exports and measures as `pair` does). `pair` and `train` start from an empty work folder:
+#   bash benchmarks/h200_trained.sh train; bash benchmarks/h200_trained.sh finish
 set -euo pipefail
 out=${OUT:-runs/h200}
 work=/tmp/qdbench
@@ -33,12 +34,13 @@ systems() {
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }
 case ${1:?pair, shapes, train or finish} in
-  pair) train "${TARGET_SECONDS:-240}" && systems ;;
+  pair) rm -rf "$work"; train "${TARGET_SECONDS:-240}" && systems ;;
   shapes)
     python3 benchmarks/draft_shapes.py --pair-dir "$pair" --shapes "${SHAPES:-512x1,768x1}" \
         --draft-seconds "${SHAPE_SECONDS:-75}" --pipelined 4 \
         --budget "${SHAPES_BUDGET:-320}" --out "$out/shapes" ;;
-  train) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
+  train)  # exit status 3: stopped with a checkpoint, as planned
+    rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
   finish) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" && systems ;;
   *) echo "unknown step $1: pair, shapes, train or finish" >&2; exit 2 ;;
 esac

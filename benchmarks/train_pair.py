@@ -63,6 +63,7 @@ from benchmarks import training  # noqa: E402
 from benchmarks.common import PAPER_ALPHA, REPO, dump_json, log  # noqa: E402
 
 HELDOUT_EVERY = 20
+INCOMPLETE = 3  # the exit status of a call that stopped with a checkpoint (--call-seconds)
 
 
 @dataclass
@@ -211,13 +212,17 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
     t_start = time.perf_counter()
     seen = {"loss": None, "ce": None, "kl": None}  # the batch losses last logged
 
+    def keep(loss, kl, ce):
+        seen.update(loss=float(loss.detach()), ce=float(ce), kl=None if kl is None else float(kl))
+
     def on_step(s, total, loss, kl, ce):
         if steps is None and s < 8:  # the calibration steps (reading the loss waits for it)
+            if s == 7:  # the last of them stands in until a later step is logged
+                keep(loss, kl, ce)
             return
         log_every = max(1, total // 10)
         if (s + 1) % log_every == 0 or s + 1 == total:
-            seen.update(loss=float(loss.detach()), ce=float(ce),
-                        kl=None if kl is None else float(kl))
+            keep(loss, kl, ce)
             parts = "" if kl is None else f" (KL {seen['kl']:.3f}, CE {seen['ce']:.3f})"
             log(f"{name} step {s + 1}/{total} loss {seen['loss']:.3f}{parts} "
                 f"({time.perf_counter() - t_start:.0f}s)")
@@ -236,7 +241,9 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
     return {"done": True, "steps": n, "batch": batch, "ctx": ctx, "lr": lr,
             "seconds": round(spent, 2), "calls": calls,
             "tokens_seen": n * batch * ctx, "tokens_per_s": n * batch * ctx / spent,
-            "epochs": n * batch * ctx / max(1, len(stream)),  # times each token was seen
+            # times each corpus token was seen (with ``extra``, half of each batch is not)
+            "epochs": n * (batch - (batch // 2 if extra is not None else 0)) * ctx
+            / max(1, len(stream)),
             "final_loss": seen["loss"], "final_ce": seen["ce"], "final_kl": seen["kl"],
             "objective": tr["objective"], "distill_weight": tr["distill_weight"],
             "teacher": "target" if tr["distill_weight"] else None,
@@ -430,6 +437,10 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
         train_stream, held_stream = load_streams(out)
+        if len(train_stream) != saved["info"]["tokenizer"]["train_tokens"]:
+            raise ValueError(f"{streams} holds {len(train_stream)} training tokens, not the "
+                             f"{saved['info']['tokenizer']['train_tokens']} of {ckpt}: another "
+                             "run wrote into this folder; remove it to start again")
         info["corpus"], info["tokenizer"] = saved["info"]["corpus"], saved["info"]["tokenizer"]
         log(f"corpus and tokens of the first call ({streams})")
     else:  # kept: a resumed call and benchmarks/draft_shapes.py read the same tokens
@@ -562,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     info = train_pair(args.out, cfg, args.device, call_seconds=args.call_seconds)
     if info.get("incomplete"):
         log(f"not finished: {info['role']} at step {info['step']} of {info['steps']}")
-        return 0
+        return INCOMPLETE
     log(f"done in {info['total_seconds']}s: {args.out}")
     return 0
 
