@@ -184,7 +184,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--corpus-mb", type=float, default=None)
     ap.add_argument("--compile", action="store_true", help="train: torch.compile")
     ap.add_argument("--draft-shape", default=None,
-                    help="train: the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2)")
+                    help="train: the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2), or "
+                         "targetxLAYERS (the target's first layers)")
     ap.add_argument("--force", default="",
                     help="comma list of stages to redo even if their output exists")
     ap.add_argument("--clean", action="store_true",

@@ -47,7 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pair-dir", type=Path, required=True,
                     help="a trained pair (train_pair.py's folder, with qd-fast/ exported)")
     ap.add_argument("--shapes", default="512x1,512x2,768x1",
-                    help="comma list of HIDDENxLAYERS draft shapes")
+                    help="comma list of HIDDENxLAYERS draft shapes, or targetxLAYERS (the "
+                         "target's first layers, from its weights)")
     ap.add_argument("--draft-seconds", type=float, default=None,
                     help="training budget of each shape (default: the pair's draft budget)")
     ap.add_argument("--draft-steps", type=int, default=None, help="or a fixed step count")

@@ -321,17 +321,63 @@ def save_model(model, tokenizer, folder: Path) -> None:
 
 def draft_shape(text: str) -> dict:
     """"512x1" -> a Llama draft shape: hidden size 512, 1 layer, heads of 64 (as many
-    key-value heads), an MLP 2.75 times as wide (rounded to 64; 704 at 256)."""
+    key-value heads), an MLP 2.75 times as wide (rounded to 64; 704 at 256).
+    "targetx2" -> the target's first 2 layers, its embedding, final norm and head, their
+    weights copied from the trained target before distillation (:func:`draft_from_target`)."""
     hidden, _, layers = text.strip().lower().partition("x")
     try:
-        d, n = int(hidden), int(layers)
+        d, n = (0 if hidden == "target" else int(hidden)), int(layers)
     except ValueError:
-        raise ValueError(f"draft shape {text!r} is not HIDDENxLAYERS, e.g. 512x1") from None
+        raise ValueError(f"draft shape {text!r} is not HIDDENxLAYERS, e.g. 512x1, or "
+                         "targetxLAYERS") from None
+    if hidden == "target":
+        if n < 1:
+            raise ValueError(f"draft shape {text!r}: take at least 1 of the target's layers")
+        return {"from_target": True, "num_hidden_layers": n}
     if d < 64 or d % 64 or n < 1:
         raise ValueError(f"draft shape {text!r}: the hidden size must be a positive multiple "
                          "of 64 (heads of 64) and the layers at least 1, e.g. 512x1")
     return dict(hidden_size=d, num_hidden_layers=n, num_attention_heads=d // 64,
                 num_key_value_heads=d // 64, intermediate_size=64 * round(d * 2.75 / 64))
+
+
+def resolve_shape(shape: dict, target: dict) -> dict:
+    """A draft shape's Llama dimensions: a ``from_target`` shape takes the ``target``
+    shape's, with its own number of layers."""
+    if not shape.get("from_target"):
+        return shape
+    if shape["num_hidden_layers"] > target["num_hidden_layers"]:
+        raise ValueError(f"a draft of the target's first {shape['num_hidden_layers']} layers: "
+                         f"the target has {target['num_hidden_layers']}")
+    return {**target, "num_hidden_layers": shape["num_hidden_layers"]}
+
+
+def draft_lr(cfg: TrainConfig, shape: dict) -> float:
+    """The draft's peak learning rate: the target's for a draft made of the target's
+    layers (they continue at the rate they trained at), else the configured draft rate
+    scaled by the hidden sizes, the configured draft's over this one's (Adam's rule for
+    wider layers)."""
+    if shape.get("from_target"):
+        return cfg.target_lr
+    own = resolve_shape(cfg.draft, cfg.target)
+    return cfg.draft_lr * own["hidden_size"] / shape["hidden_size"]
+
+
+def draft_from_target(target, layers: int):
+    """A draft made of ``target``'s embedding, first ``layers`` decoder layers, final norm
+    and head, the weights copied (an early exit of the target), to be distilled further."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = layers
+    model = LlamaForCausalLM(config)
+    state = {k: v for k, v in target.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    model.load_state_dict(state)  # strict: every weight of the draft comes from the target
+    model.generation_config = copy.deepcopy(target.generation_config)
+    return model
 
 
 def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
@@ -340,10 +386,11 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     """A draft of ``shape`` distilled from the trained target of ``pair`` (a folder
     ``train_pair`` wrote) as the pair's own draft was: its batch, window, loss, seed and
     windows of the corpus (not the target's samples), for ``seconds`` (default: the pair's
-    draft budget) or ``steps``. The peak learning rate ``lr`` defaults to the pair's draft
-    rate scaled by the hidden sizes (own / this; Adam's rule for wider layers). Saved to
-    ``out/hf/draft``; returns its entry (parameters, training) with the held-out loss and
-    alphas on the pair's held-out windows, the target's beside them."""
+    draft budget) or ``steps``. ``shape`` may be the target's first layers
+    (``draft_shape("targetx1")``), starting from their weights. The peak learning rate
+    ``lr`` defaults to :func:`draft_lr`'s. Saved to ``out/hf/draft``; returns its entry
+    (parameters, training) with the held-out loss and alphas on the pair's held-out
+    windows, the target's beside them."""
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -360,14 +407,13 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     tokenizer = PreTrainedTokenizerFast.from_pretrained(pair / "tokenizer")
     train_stream, held_stream = load_streams(pair)
     target = LlamaForCausalLM.from_pretrained(pair / "hf" / "target").eval()
-    model = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
-                                 max_positions=cfg.max_positions, tie=False, seed=cfg.seed)
+    if lr is None:
+        lr = draft_lr(cfg, shape)
+    model, dims = _new_draft(shape, target, tokenizer, cfg)
     params = sum(p.numel() for p in model.parameters())
-    embedding = 2 * len(tokenizer) * shape["hidden_size"]  # the input table and the head
+    embedding = 2 * len(tokenizer) * dims["hidden_size"]  # the input table and the head
     log(f"draft {shape}: {params / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M embedding)")
     distilled = cfg.distill_weight > 0
-    if lr is None:
-        lr = cfg.draft_lr * cfg.draft["hidden_size"] / shape["hidden_size"]
     tr = train_model("draft", model, train_stream,
                      seconds=cfg.draft_seconds if seconds is None else seconds,
                      steps=steps, batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg,
@@ -379,11 +425,23 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
                                 device, batch=4, autocast=True)
     save_model(model, tokenizer, out / "hf" / "draft")
     return {"parameters": params, "embedding_parameters": embedding,
-            "weight_bytes": 2 * params, "shape": shape, "training": tr,
+            "weight_bytes": 2 * params, "shape": dims, "training": tr,
+            "init": "target" if shape.get("from_target") else "random",
             "target_parameters": info["target"]["parameters"],
             "draft_fraction": params / info["target"]["parameters"],
             "pair_used_target_samples": bool(cfg.draft_samples),
             "heldout": {**heldout, "windows": len(windows)}}
+
+
+def _new_draft(shape: dict, target, tokenizer, cfg: TrainConfig):
+    """(the draft model to train, its Llama dimensions): random weights from the seed, or
+    the target's first layers for a ``from_target`` shape."""
+    dims = resolve_shape(shape, {k: getattr(target.config, k) for k in cfg.target})
+    if shape.get("from_target"):
+        return draft_from_target(target, shape["num_hidden_layers"]), dims
+    return training.build_llama(dims, tokenizer, vocab_size=len(tokenizer),
+                                max_positions=cfg.max_positions, tie=False,
+                                seed=cfg.seed), dims
 
 
 def load_streams(out: Path):
@@ -462,8 +520,13 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
             info[role] = finished[role]
             log(f"{role}: trained by an earlier call")
             continue
-        model = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
-                                     max_positions=cfg.max_positions, tie=False, seed=cfg.seed)
+        if role == "draft":
+            model, dims = _new_draft(shape, models["target"], tokenizer, cfg)
+            lr = draft_lr(cfg, shape) if shape.get("from_target") else lr
+        else:
+            model, dims = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
+                                               max_positions=cfg.max_positions, tie=False,
+                                               seed=cfg.seed), shape
         resume = None
         if saved is not None and saved.get("role") == role:
             model.load_state_dict(saved["model"])
@@ -502,7 +565,9 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
         del tr["done"]
         save_model(model, tokenizer, out / "hf" / role)
         info[role] = {"parameters": params, "weight_bytes": 2 * params,  # as run: fp16
-                      "shape": shape, "training": tr}
+                      "shape": dims, "training": tr,
+                      **({"init": "target" if shape.get("from_target") else "random"}
+                         if role == "draft" else {})}
         models[role] = model
         finished[role] = info[role]
         if call_seconds is not None:  # a crash later does not train this role again
@@ -556,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
     ap.add_argument("--draft-shape", default=None,
-                    help="the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2, the paper's)")
+                    help="the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2, the paper's), "
+                         "or targetxLAYERS: the target's first layers, its weights to start")
     ap.add_argument("--call-seconds", type=float, default=None,
                     help="stop after about this long, keeping a checkpoint in --out; the same "
                     "command again continues (runs that fit a time limit per call)")

@@ -463,6 +463,47 @@ def test_a_draft_distilled_for_a_trained_pair_follows_the_pairs_recipe(tmp_path,
     assert wide["heldout"]["target_loss"] == info["heldout"]["target_loss"]
 
 
+def test_a_draft_of_all_the_targets_layers_is_the_target(tmp_path, smoke_pair):
+    """A draft made of the target's first layers starts from their weights: all of them,
+    untrained, are the target itself (alpha exactly 1 at T=0, 1 up to rounding at T=1);
+    one of them is a draft of its own that continues at the target's learning rate."""
+    from benchmarks.train_pair import distill_draft, draft_shape
+
+    pair_dir, info = smoke_pair
+    layers = info["target"]["shape"]["num_hidden_layers"]
+    whole = distill_draft(pair_dir, draft_shape(f"targetx{layers}"), tmp_path / "all", "cpu",
+                          steps=0)
+    assert whole["init"] == "target" and whole["shape"] == info["target"]["shape"]
+    assert whole["heldout"]["alpha_T0"] == 1.0
+    assert whole["heldout"]["alpha_T1"] == pytest.approx(1.0, abs=1e-5)
+    a, b = _weights(pair_dir / "hf" / "target"), _weights(tmp_path / "all" / "hf" / "draft")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    first = distill_draft(pair_dir, draft_shape("targetx1"), tmp_path / "one", "cpu", steps=1)
+    assert first["shape"]["num_hidden_layers"] == 1
+    assert first["training"]["lr"] == info["config"]["target_lr"]
+    assert first["heldout"]["alpha_T1"] < 1.0
+    with pytest.raises(ValueError, match="the target has"):
+        distill_draft(pair_dir, draft_shape(f"targetx{layers + 1}"), tmp_path / "x", "cpu",
+                      steps=0)
+
+
+def test_train_pair_can_start_the_draft_from_the_targets_layers(tmp_path):
+    """train_pair --draft-shape targetx1: the draft begins as the trained target's first
+    layer, embedding and head, so after 3 Adam steps at most 3 x lr away from them."""
+    from benchmarks.train_pair import SMOKE, TrainConfig, draft_shape, train_pair
+
+    cfg = TrainConfig(**{**SMOKE, **SMOKE_STEPS, "draft": draft_shape("targetx1")})
+    info = train_pair(tmp_path, cfg, "cpu")
+    assert info["draft"]["init"] == "target" and info["draft"]["shape"]["num_hidden_layers"] == 1
+    assert info["draft"]["training"]["lr"] == cfg.target_lr
+    t, d = _weights(tmp_path / "hf" / "target"), _weights(tmp_path / "hf" / "draft")
+    for key in ("model.embed_tokens.weight", "lm_head.weight",
+                "model.layers.0.mlp.down_proj.weight"):
+        moved = np.abs(d[key] - t[key]).max()
+        assert 0 < moved <= 3 * cfg.target_lr * 1.05, key
+    assert "model.layers.1.mlp.down_proj.weight" not in d
+
+
 def test_draft_shapes_are_parsed_with_heads_of_64():
     from benchmarks.train_pair import draft_shape
 
@@ -470,8 +511,9 @@ def test_draft_shapes_are_parsed_with_heads_of_64():
                                         num_attention_heads=4, num_key_value_heads=4,
                                         intermediate_size=704)  # the paper-shape draft
     assert draft_shape(" 768X1")["num_attention_heads"] == 12
-    for bad in ("512", "100x1", "512x0", "ax1"):
-        with pytest.raises(ValueError, match="HIDDENxLAYERS|multiple of 64"):
+    assert draft_shape("targetx2") == {"from_target": True, "num_hidden_layers": 2}
+    for bad in ("512", "100x1", "512x0", "ax1", "targetx0"):
+        with pytest.raises(ValueError, match="HIDDENxLAYERS|multiple of 64|at least 1"):
             draft_shape(bad)
 
 
