@@ -7,8 +7,9 @@
 #                                            # held-out alpha; export; every system beside
 #                                            # onnxruntime-genai: greedy, the gamma sweep,
 #                                            # pipelined, sampled at T=1
-#   bash benchmarks/h200_trained.sh shapes   # wider drafts of one layer for the same
-#                                            # target: held-out alpha, c, speedups
+#   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
+#                                            # layer; the target's first 1 and 2 layers, from
+#                                            # its weights): held-out alpha, c, speedups
 # A longer target run, over two calls (TARGET_SECONDS, default 620; the first call stops
 # with a checkpoint, exit status 3; the second continues and, once the pair is trained,
 # exports and measures as `pair` does). `pair` and `train` start from an empty work folder:
@@ -36,9 +37,9 @@ systems() {
 case ${1:?pair, shapes, train or finish} in
   pair) rm -rf "$work"; train "${TARGET_SECONDS:-240}" && systems ;;
   shapes)
-    python3 benchmarks/draft_shapes.py --pair-dir "$pair" --shapes "${SHAPES:-512x1,768x1}" \
-        --draft-seconds "${SHAPE_SECONDS:-75}" --pipelined 4 \
-        --budget "${SHAPES_BUDGET:-320}" --out "$out/shapes" ;;
+    python3 benchmarks/draft_shapes.py --pair-dir "$pair" \
+        --shapes "${SHAPES:-512x1,targetx1,targetx2}" --draft-seconds "${SHAPE_SECONDS:-90}" \
+        --pipelined 4 --budget "${SHAPES_BUDGET:-560}" --out "$out/shapes" ;;
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
   finish) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" && systems ;;
