@@ -9,7 +9,9 @@ its own: O(V^2) work for a row of V. quickdraft's graphs sum in blocks of
 ``quickdraft.verification.graph.SCAN_BLOCK`` entries and then over the blocks' totals;
 ``--blocks`` also times the one-level scan (a block as wide as the row) on the same
 inputs, and the tokens of both must be equal. Inputs lie on the device (IOBinding), as in
-decoding; medians of ``--repeats`` calls after warm-up.
+decoding; medians of ``--repeats`` calls after warm-up. On CUDA each setting also times a
+whole verdict as the sampled loop makes it (uploads, the run, the reads back), as
+``DeviceVerifier`` runs it and captured as a CUDA graph, and compares their verdicts.
 """
 
 from __future__ import annotations
@@ -80,9 +82,77 @@ def measure(device, vocab: int, temperature: float, top_p: float, block: int,
         v.bind_output(name, "cpu")
     verify_ms = _time(verify, v, repeats)
     n, nxt, _ = (o.tolist() for o in v.copy_outputs_to_cpu())
-    return {"vocab": vocab, "block": block, "temperature": temperature, "top_p": top_p,
-            "sample_ms": sample_ms, "verify_ms": verify_ms,
-            "tokens": [token, int(n[0]), int(nxt[0])]}
+    out = {"vocab": vocab, "block": block, "temperature": temperature, "top_p": top_p,
+           "sample_ms": sample_ms, "verify_ms": verify_ms,
+           "tokens": [token, int(n[0]), int(nxt[0])]}
+    if kind == "cuda":
+        out.update(_verify_iteration(device, vocab, sampling, z, q, x, u, repeats))
+    return out
+
+
+def _verify_iteration(device, vocab: int, sampling, z, q, x, u, repeats: int) -> dict:
+    """One sampled iteration's verdict as the loop makes it (the drafted tokens and the
+    uniforms uploaded, the graph run, n / next token / beta read back), ms per call: as
+    ``DeviceVerifier`` runs it (no CUDA graph, outputs bound on the host), and the same
+    graph captured as a CUDA graph (every input and output bound once on the device, the
+    outputs copied back after the replay), with the verdicts of both compared over
+    ``repeats`` calls of fresh uniforms; or why ONNX Runtime refused the capture."""
+    import onnxruntime as ort
+
+    from quickdraft.ort_backend.device import create_session, helper_options
+    from quickdraft.verification import graph
+
+    kind, dev = device.kind, device.device_id
+    model = graph.build_verify_graph(GAMMA, vocab, sampling, logits_dtype="fp16"
+                                     ).SerializeToString()
+    rng = np.random.default_rng(1)
+    draws = rng.random((repeats + 3, GAMMA + 1)).astype(np.float32)  # fresh uniforms per call
+    small = {"draft_tokens": x, "accept_uniforms": u[:GAMMA], "sample_uniform": u[-1:]}
+
+    def bound(session, outputs_on_device: bool):
+        b = session.io_binding()
+        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), kind, dev)
+                  for name, a in (("target_logits", z), ("draft_probs", q), *small.items())}
+        for name, value in values.items():
+            b.bind_ortvalue_input(name, value)
+        outs = {}
+        for name, shape, dtype in (("n", [1], np.int64), ("next_token", [1], np.int64),
+                                   ("beta", [GAMMA], np.float32)):
+            outs[name] = (ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, kind, dev)
+                          if outputs_on_device else
+                          ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)))
+            b.bind_ortvalue_output(name, outs[name])
+        return b, values, outs
+
+    def call(session, b, values, outs, row):
+        values["accept_uniforms"].update_inplace(row[:GAMMA].copy())
+        values["sample_uniform"].update_inplace(row[GAMMA:].copy())
+        values["draft_tokens"].update_inplace(x)
+        session.run_with_iobinding(b)
+        return int(outs["n"].numpy()[0]), int(outs["next_token"].numpy()[0])
+
+    def timed(session, b, values, outs):
+        verdicts, times = [], []
+        for i, row in enumerate(draws):
+            t0 = time.perf_counter()
+            verdicts.append(call(session, b, values, outs, row))
+            if i >= 3:  # warm-up (and, for the graph, its capture)
+                times.append(time.perf_counter() - t0)
+        return verdicts[3:], 1e3 * float(np.median(times))
+
+    plain = create_session(model, device, helper_options())
+    plain_verdicts, plain_ms = timed(plain, *bound(plain, False))
+    out = {"verify_iteration_ms": plain_ms}
+    try:
+        captured = create_session(model, device, helper_options(),
+                                  cuda_options={"enable_cuda_graph": "1"})
+        verdicts, graph_ms = timed(captured, *bound(captured, True))
+    except Exception as e:  # noqa: BLE001 - recorded: what stops the capture
+        out["verify_graph_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        return out
+    out["verify_graph_iteration_ms"] = graph_ms
+    out["verify_graph_equal"] = verdicts == plain_verdicts
+    return out
 
 
 def main() -> None:
@@ -115,8 +185,13 @@ def main() -> None:
                       and r["setting"] == name}
             if len(tokens) != 1:
                 print(f"note: vocab {vocab} {name}: tokens differ across scans: {tokens}")
-    print(tabulate([{k: r[k] for k in ("vocab", "setting", "scan", "sample_ms", "verify_ms")}
-                    for r in rows], headers="keys", tablefmt="github", floatfmt=".3f"))
+    keys = ("vocab", "setting", "scan", "sample_ms", "verify_ms", "verify_iteration_ms",
+            "verify_graph_iteration_ms", "verify_graph_equal")
+    print(tabulate([{k: r.get(k) for k in keys} for r in rows], headers="keys",
+                   tablefmt="github", floatfmt=".3f"))
+    for r in rows:
+        if "verify_graph_error" in r:
+            print(f"vocab {r['vocab']} {r['setting']}: no CUDA graph: {r['verify_graph_error']}")
     if args.json:
         dump_results(args.json, rows=rows)
 

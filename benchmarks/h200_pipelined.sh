@@ -9,7 +9,9 @@
 #                                             # (pipelined included), serving concurrency
 #   bash benchmarks/h200_pipelined.sh 7b      # 7B pair: the same systems, greedy and T=1
 #   bash benchmarks/h200_pipelined.sh sampling  # the sampling and verification graphs'
-#                                               # cost per call, blocked against one-level
+#                                               # cost per call, blocked against one-level;
+#                                               # a whole verdict with and without a CUDA
+#                                               # graph of the verification graph
 set -euo pipefail
 out=${OUT:-runs/h200}
 mkdir -p "$out"
@@ -29,7 +31,7 @@ case ${1:?1b, checks, 7b or sampling} in
     python3 benchmarks/bench.py --pairs 7b --clean --systems "$systems" --pipelined 4,8 \
         --samplings 1.0:1.0 --tag pipelined-7b --budget 570 --out "$out/7b" ;;
   sampling)
-    python3 benchmarks/device_sampling_cost.py --device cuda --vocab 32000 49152 \
+    python3 benchmarks/device_sampling_cost.py --device cuda --vocab 8192 32000 49152 \
         --json "$out/device_sampling_cost.json" ;;
   *) echo "unknown step $1: 1b, checks, 7b or sampling" >&2; exit 2 ;;
 esac
