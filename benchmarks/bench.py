@@ -111,6 +111,42 @@ def _names(s: str, allowed) -> list[str]:
     return out
 
 
+def add_measure_options(ap: argparse.ArgumentParser, *, samplings: str) -> None:
+    """The options of how quickdraft's systems are measured (:func:`qd_spec`), for every
+    script that runs the qd task; ``samplings``: their default."""
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--gamma", type=int, default=4, help="main draft length (all systems)")
+    ap.add_argument("--gammas", default="1..8", help="gamma sweep, e.g. 1..8 or 1,2,4")
+    ap.add_argument("--samplings", default=samplings,
+                    help="sampled runs of quickdraft, as temperature:top_p pairs "
+                    "(autoregressive and speculative side by side, seeded per prompt); "
+                    f"'none' for greedy only (default {samplings})")
+    ap.add_argument("--sampling-gammas", default="",
+                    help="gammas of the sampled runs, e.g. 4,7 (default: --gamma)")
+    ap.add_argument("--pipelined", default="",
+                    help="gammas of pipelined greedy decoding on the fast path (the draft "
+                    "drafting beside the verification), e.g. 4,8; '' for none")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep-repeats", type=int, default=1)
+    ap.add_argument("--cost-reps", type=int, default=10)
+    ap.add_argument("--cache", default="run", choices=["run", "export"],
+                    help="quickdraft's static cache length: sized to the run (prompt + new "
+                         "tokens + two verify steps, as onnxruntime-genai sizes its own; the "
+                         "default) or the export's default (its max_cache_length)")
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="fast path without CUDA graphs")
+
+
+def parse_measure_options(args: argparse.Namespace) -> None:
+    """:func:`add_measure_options`' strings to lists, in place."""
+    args.gammas = parse_ints(args.gammas)
+    args.pipelined = parse_ints(args.pipelined) if args.pipelined else []
+    args.samplings = parse_samplings(args.samplings)
+    args.sampling_gammas = (parse_ints(args.sampling_gammas) if args.sampling_gammas
+                            else [args.gamma])
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,22 +166,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"])
     ap.add_argument("--budget", type=float, default=560.0,
                     help="seconds this call may spend: no task starts after it (default 560)")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    add_measure_options(ap, samplings="1.0:1.0,0.7:0.9")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--num-prompts", type=int, default=None,
                     help="prompts per pair (default: 4 trained, 1 random)")
-    ap.add_argument("--gamma", type=int, default=4, help="main draft length (all systems)")
-    ap.add_argument("--gammas", default="1..8", help="gamma sweep, e.g. 1..8 or 1,2,4")
     ap.add_argument("--alphas", default="0.6,0.8,0.9", help="controlled-alpha runs")
-    ap.add_argument("--samplings", default="1.0:1.0,0.7:0.9",
-                    help="sampled runs of quickdraft at --gamma, as temperature:top_p pairs "
-                    "(autoregressive and speculative side by side, seeded per prompt); "
-                    "'none' for greedy only")
-    ap.add_argument("--sampling-gammas", default="",
-                    help="gammas of the sampled runs, e.g. 4,7 (default: --gamma)")
-    ap.add_argument("--pipelined", default="",
-                    help="gammas of pipelined greedy decoding on the fast path (the draft "
-                    "drafting beside the verification), e.g. 4,8; '' for none")
     ap.add_argument("--controlled", default="random",
                     choices=["random", "all", "none"],
                     help="pairs that get the controlled-alpha drafter (default: random pairs)")
@@ -155,18 +180,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="HF worker PYTHONPATH: keep (e.g. /tmp/site's transformers 4.57), "
                          "clear (the machine's own transformers), auto (keep, then clear if "
                          "that fails)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sweep-repeats", type=int, default=1)
     ap.add_argument("--hf-repeats", type=int, default=None,
                     help="timed runs for Hugging Face (slow on a busy host; default --repeats)")
-    ap.add_argument("--cost-reps", type=int, default=10)
-    ap.add_argument("--cache", default="run", choices=["run", "export"],
-                    help="quickdraft's static cache length: sized to the run (prompt + new "
-                         "tokens + two verify steps, as onnxruntime-genai sizes its own; the "
-                         "default) or the export's default (its max_cache_length)")
-    ap.add_argument("--no-cuda-graph", action="store_true",
-                    help="fast path without CUDA graphs")
     ap.add_argument("--export-validate", action="store_true",
                     help="let the exporters validate against PyTorch (slower)")
     ap.add_argument("--agreement", type=float, default=0.8,
@@ -206,10 +221,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.pairs = _names(args.pairs or "1b", PAIRS)
     args.stages = _names(args.stages, STAGES)
     args.systems = _names(args.systems, SYSTEMS)
-    args.gammas = parse_ints(args.gammas)
+    parse_measure_options(args)
     args.alphas = parse_floats(args.alphas)
-    args.pipelined = parse_ints(args.pipelined) if args.pipelined else []
-    args.samplings = parse_samplings(args.samplings)
     if args.draft_shape:
         from benchmarks.train_pair import draft_shape
 
@@ -217,8 +230,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             args.draft_shape = draft_shape(args.draft_shape)
         except ValueError as e:
             raise SystemExit(f"--draft-shape: {e}") from None
-    args.sampling_gammas = (parse_ints(args.sampling_gammas) if args.sampling_gammas
-                            else [args.gamma])
     args.hf_gammas = parse_ints(args.hf_gammas) if args.hf_gammas else [args.gamma]
     args.force = [x for x in args.force.split(",") if x]
     args.work = (args.work or Path("/tmp/qdbench")).resolve()

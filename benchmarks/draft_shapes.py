@@ -30,7 +30,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench import MIN_SECONDS, parse_ints, parse_samplings, qd_spec  # noqa: E402
+from benchmarks.bench import (  # noqa: E402
+    MIN_SECONDS,
+    add_measure_options,
+    parse_measure_options,
+    qd_spec,
+)
 from benchmarks.common import dump_json, environment, load_json, log, run_worker  # noqa: E402
 from benchmarks.report import fmt, table  # noqa: E402
 
@@ -61,18 +66,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--budget", type=float, default=560.0,
                     help="seconds this run may spend: no task starts after it")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--gammas", default="1..8")
-    ap.add_argument("--samplings", default="1.0:1.0", help="as bench.py's; 'none' for none")
-    ap.add_argument("--sampling-gammas", default="", help="as bench.py's (default: --gamma)")
-    ap.add_argument("--pipelined", default="", help="as bench.py's, e.g. 4,7")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sweep-repeats", type=int, default=1)
-    ap.add_argument("--cost-reps", type=int, default=10)
-    ap.add_argument("--cache", default="run", choices=["run", "export"])
-    ap.add_argument("--no-cuda-graph", action="store_true")
+    add_measure_options(ap, samplings="1.0:1.0")
     a = ap.parse_args(argv)
     from benchmarks.train_pair import draft_shape
 
@@ -80,10 +74,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         a.shapes = {s.strip().lower(): draft_shape(s) for s in a.shapes.split(",") if s.strip()}
     except ValueError as e:
         raise SystemExit(f"--shapes: {e}") from None
-    a.gammas = parse_ints(a.gammas)
-    a.samplings = parse_samplings(a.samplings)
-    a.sampling_gammas = parse_ints(a.sampling_gammas) if a.sampling_gammas else [a.gamma]
-    a.pipelined = parse_ints(a.pipelined) if a.pipelined else []
+    parse_measure_options(a)
     a.alphas = []
     a.pair_dir = a.pair_dir.resolve()
     a.work = (a.work or a.pair_dir.parent / f"{a.pair_dir.name}-shapes").resolve()

@@ -360,7 +360,7 @@ def draft_lr(cfg: TrainConfig, shape: dict) -> float:
     if shape.get("from_target"):
         return cfg.target_lr
     own = resolve_shape(cfg.draft, cfg.target)
-    return cfg.draft_lr * own["hidden_size"] / shape["hidden_size"]
+    return cfg.draft_lr * (own["hidden_size"] / shape["hidden_size"])  # exact at 1
 
 
 def draft_from_target(target, layers: int):
@@ -522,7 +522,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
             continue
         if role == "draft":
             model, dims = _new_draft(shape, models["target"], tokenizer, cfg)
-            lr = draft_lr(cfg, shape) if shape.get("from_target") else lr
+            lr = draft_lr(cfg, shape)  # the configured rate, or the target's for its layers
         else:
             model, dims = training.build_llama(shape, tokenizer, vocab_size=len(tokenizer),
                                                max_positions=cfg.max_positions, tie=False,

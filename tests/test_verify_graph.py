@@ -370,3 +370,18 @@ def test_tiny_temperature_is_verified_on_the_host_and_refused_clearly_on_the_dev
     with pair.generator(config, gamma=4, verify="device") as g:
         with pytest.raises(ValueError, match="not finite.*larger temperature"):
             g.generate("a")
+
+
+def test_a_verdict_on_a_distribution_that_was_not_finite_is_refused():
+    """Both verdicts, with and without a bonus, refuse what an overflowing graph returns
+    (a token outside the vocabulary, NaN beta); without a bonus the token of a verdict that
+    kept every candidate is not read, so its value does not matter."""
+    from quickdraft.ort_backend.verify_graph import _check_verdict
+    from quickdraft.sampling import SamplingConfig
+
+    cfg, ok = SamplingConfig(1.0), np.array([0.5, 0.5])
+    _check_verdict(2, -1, ok, 2, 8, cfg, bonus=False)  # all kept: no recovered token
+    for n, token, beta, bonus in ((2, -1, ok, True), (1, 8, ok, False),
+                                  (1, 3, np.array([0.5, np.nan]), False), (3, 0, ok, True)):
+        with pytest.raises(ValueError, match="not finite"):
+            _check_verdict(n, token, beta, 2, 8, cfg, bonus=bonus)

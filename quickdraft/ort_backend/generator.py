@@ -955,7 +955,7 @@ class Generator:
             self.stats.decode_s += _model_s(self._state) - self._model_mark
             t1 = time.perf_counter()
             verdict = self._decide(scores, p.candidates, c.sampling, p.accept_uniforms,
-                             p.sample_uniform, lenience=c.lenience)
+                                   p.sample_uniform, lenience=c.lenience)
             self.stats.verify_s += time.perf_counter() - t1
         return self._took(loop.commit(p, verdict), t0)
 

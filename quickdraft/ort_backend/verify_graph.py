@@ -426,15 +426,9 @@ class GraphVerifier:
                 else candidates.probs)  # [gamma, V], in place where a sampler left them
         n, token, beta = self.get(gamma, sampling).run(
             scores.logits, rows, candidates.tokens, accept_uniforms, sample_uniform)
-        if not (0 <= token < self.vocab and 0 <= n <= gamma and np.isfinite(beta).all()):
-            # the host path refuses such rows in adjust_logits; the graph has no raise
-            raise ValueError(
-                f"the target's distribution at temperature {sampling.temperature:g} is not "
-                "finite (the logits overflow when divided by it, or the model produced NaN): "
-                "use a larger temperature, or 0 for greedy decoding")
+        _check_verdict(n, token, beta, gamma, self.vocab, sampling, bonus=True)
         reached = min(n + 1, gamma)
         return Verdict(n, token, beta[:reached].astype(float).tolist())
-
 
     def decide_without_bonus(self, logits, proposal_rows, stand_in_rows, candidates,
                              sampling: SamplingConfig, accept_uniforms: np.ndarray,
@@ -448,14 +442,23 @@ class GraphVerifier:
         n, token, beta = self.get(m, sampling, stand_in=True).run(
             logits, proposal_rows, candidates, accept_uniforms, sample_uniform,
             stand_in_probs=stand_in_rows)
-        if not (0 <= n <= m and (n == m or 0 <= token < self.vocab)
-                and np.isfinite(beta).all()):
-            raise ValueError(
-                f"the target's distribution at temperature {sampling.temperature:g} is not "
-                "finite (the logits overflow when divided by it, or the model produced NaN): "
-                "use a larger temperature, or 0 for greedy decoding")
+        _check_verdict(n, token, beta, m, self.vocab, sampling, bonus=False)
         reached = min(n + 1, m)
         return n, (None if n == m else token), beta[:reached].astype(float).tolist()
+
+
+def _check_verdict(n: int, token: int, beta: np.ndarray, m: int, vocab: int,
+                   sampling: SamplingConfig, *, bonus: bool) -> None:
+    """Refuse a verdict on a distribution that was not finite: the host path refuses such
+    rows in adjust_logits, the graph has no raise. Without a ``bonus``, the token of a
+    verdict that kept all ``m`` candidates is not read."""
+    token_read = bonus or n < m
+    if not (0 <= n <= m and (not token_read or 0 <= token < vocab)
+            and np.isfinite(beta).all()):
+        raise ValueError(
+            f"the target's distribution at temperature {sampling.temperature:g} is not "
+            "finite (the logits overflow when divided by it, or the model produced NaN): "
+            "use a larger temperature, or 0 for greedy decoding")
 
 
 def _check_exact(lenience: float) -> None:

@@ -31,6 +31,9 @@ from quickdraft.ort_backend.generator import DecodeConfig
 from quickdraft.ort_backend.text import StreamDecoder
 from quickdraft.protocols import LaneChainModel, LaneModel, fill, supports
 
+__all__ = ["Job", "Delta", "Done", "Failed", "Scheduler", "QueueFull", "ShuttingDown",
+           "stop_holdback"]
+
 # a chain of the draft's lanes runs every lane: drafted together only when at least this
 # share of them is busy (H200, 1.1B pair, 16 lanes: 16 streams gained 26%, 4 lost 11%)
 DRAFT_TOGETHER_MIN_SHARE = 0.5
@@ -39,9 +42,6 @@ DRAFT_TOGETHER_MIN_SHARE = 0.5
 def draft_together_pays(streams: int, lanes: int) -> bool:
     """Whether ``streams`` planned proposals are drafted as one chain of ``lanes`` lanes."""
     return streams >= max(2, DRAFT_TOGETHER_MIN_SHARE * lanes)
-
-__all__ = ["Job", "Delta", "Done", "Failed", "Scheduler", "QueueFull", "ShuttingDown",
-           "stop_holdback"]
 
 
 class QueueFull(Exception):
@@ -392,15 +392,11 @@ class Scheduler:
         """One iteration of each job, their proposals verified in one target call (each
         lane takes at most ``lane_tokens``; a longer one is verified alone)."""
         asked = []  # (job, its LaneRequest)
-
-        def begin(job: Job) -> None:
-            asked.append((job, job.gen.begin_step()))
-
         if self._draft_lanes is not None:
             self._draft_together(jobs)
         for job in jobs:
             if self._live(job):
-                self._guarded(job, lambda j=job: begin(j))
+                self._guarded(job, lambda j=job: asked.append((j, j.gen.begin_step())))
         lanes = self._lanes
         fits = [(j, r) for j, r in asked if len(r.tokens) <= lanes.lane_tokens]
         if len(fits) < 2:  # a call over every lane pays for all of them: verify alone
