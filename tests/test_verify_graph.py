@@ -381,7 +381,7 @@ def test_a_verdict_on_a_distribution_that_was_not_finite_is_refused():
 
     cfg, ok = SamplingConfig(1.0), np.array([0.5, 0.5])
     _check_verdict(2, -1, ok, 2, 8, cfg, bonus=False)  # all kept: no recovered token
-    for n, token, beta, bonus in ((2, -1, ok, True), (1, 8, ok, False),
-                                  (1, 3, np.array([0.5, np.nan]), False), (3, 0, ok, True)):
+    for n, token, betas, bonus in ((2, -1, ok, True), (1, 8, ok, False),
+                                   (1, 3, np.array([0.5, np.nan]), False), (3, 0, ok, True)):
         with pytest.raises(ValueError, match="not finite"):
-            _check_verdict(n, token, beta, 2, 8, cfg, bonus=bonus)
+            _check_verdict(n, token, betas, 2, 8, cfg, bonus=bonus)
