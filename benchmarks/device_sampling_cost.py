@@ -32,6 +32,15 @@ SETTINGS = {"T=1": (1.0, 1.0), "T=0.7 top-p 0.9": (0.7, 0.9)}
 GAMMA = 4
 
 
+def _default_block() -> int:
+    from quickdraft.verification import graph
+
+    return graph.SCAN_BLOCK
+
+
+DEFAULT_BLOCK = _default_block()  # the graphs' scan as decoding builds them
+
+
 def _time(session, binding, repeats: int) -> float:
     for _ in range(3):
         session.run_with_iobinding(binding)
@@ -85,73 +94,50 @@ def measure(device, vocab: int, temperature: float, top_p: float, block: int,
     out = {"vocab": vocab, "block": block, "temperature": temperature, "top_p": top_p,
            "sample_ms": sample_ms, "verify_ms": verify_ms,
            "tokens": [token, int(n[0]), int(nxt[0])]}
-    if kind == "cuda":
+    if kind == "cuda" and block == DEFAULT_BLOCK:  # the verifiers' sessions are shared
         out.update(_verify_iteration(device, vocab, sampling, z, q, x, u, repeats))
     return out
 
 
 def _verify_iteration(device, vocab: int, sampling, z, q, x, u, repeats: int) -> dict:
-    """One sampled iteration's verdict as the loop makes it (the drafted tokens and the
-    uniforms uploaded, the graph run, n / next token / beta read back), ms per call: as
-    ``DeviceVerifier`` runs it (no CUDA graph, outputs bound on the host), and the same
-    graph captured as a CUDA graph (every input and output bound once on the device, the
-    outputs copied back after the replay), with the verdicts of both compared over
+    """One sampled iteration's verdict as the loop makes it (the drafted tokens, q and the
+    uniforms uploaded, the graph run, n / next token / beta read back), ms per call, by a
+    ``DeviceVerifier`` without and with ``cuda_graph`` (the target's logits bound on the
+    device, where a static model leaves them), the verdicts of both compared over
     ``repeats`` calls of fresh uniforms; or why ONNX Runtime refused the capture."""
     import onnxruntime as ort
 
-    from quickdraft.ort_backend.device import create_session, helper_options
-    from quickdraft.verification import graph
+    from quickdraft.ort_backend.verify_graph import DeviceVerifier
 
-    kind, dev = device.kind, device.device_id
-    model = graph.build_verify_graph(GAMMA, vocab, sampling, logits_dtype="fp16"
-                                     ).SerializeToString()
-    rng = np.random.default_rng(1)
-    draws = rng.random((repeats + 3, GAMMA + 1)).astype(np.float32)  # fresh uniforms per call
-    small = {"draft_tokens": x, "accept_uniforms": u[:GAMMA], "sample_uniform": u[-1:]}
+    target = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z), device.kind,
+                                              device.device_id)
+    draws = np.random.default_rng(1).random((repeats + 3, GAMMA + 1))  # fresh per call
 
-    def bound(session, outputs_on_device: bool):
-        b = session.io_binding()
-        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), kind, dev)
-                  for name, a in (("target_logits", z), ("draft_probs", q), *small.items())}
-        for name, value in values.items():
-            b.bind_ortvalue_input(name, value)
-        outs = {}
-        for name, shape, dtype in (("n", [1], np.int64), ("next_token", [1], np.int64),
-                                   ("beta", [GAMMA], np.float32)):
-            outs[name] = (ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, kind, dev)
-                          if outputs_on_device else
-                          ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)))
-            b.bind_ortvalue_output(name, outs[name])
-        return b, values, outs
-
-    def call(session, b, values, outs, row):
-        values["accept_uniforms"].update_inplace(row[:GAMMA].copy())
-        values["sample_uniform"].update_inplace(row[GAMMA:].copy())
-        values["draft_tokens"].update_inplace(x)
-        session.run_with_iobinding(b)
-        return int(outs["n"].numpy()[0]), int(outs["next_token"].numpy()[0])
-
-    def timed(session, b, values, outs):
+    def timed(verifier):
         verdicts, times = [], []
         for i, row in enumerate(draws):
             t0 = time.perf_counter()
-            verdicts.append(call(session, b, values, outs, row))
-            if i >= 3:  # warm-up (and, for the graph, its capture)
+            n, token, _ = verifier.run(target, q, x, row[:GAMMA], float(row[GAMMA]))
+            if i >= 3:  # warm-up (and, with a CUDA graph, its capture)
                 times.append(time.perf_counter() - t0)
-        return verdicts[3:], 1e3 * float(np.median(times))
+                verdicts.append((n, token))
+        return verdicts, 1e3 * float(np.median(times))
 
-    plain = create_session(model, device, helper_options())
-    plain_verdicts, plain_ms = timed(plain, *bound(plain, False))
+    def verifier(cuda_graph: bool):
+        return DeviceVerifier(GAMMA, vocab, sampling, device=device, logits_dtype="fp16",
+                              cuda_graph=cuda_graph)
+
+    plain_verdicts, plain_ms = timed(verifier(False))
     out = {"verify_iteration_ms": plain_ms}
     try:
-        captured = create_session(model, device, helper_options(),
-                                  cuda_options={"enable_cuda_graph": "1"})
-        verdicts, graph_ms = timed(captured, *bound(captured, True))
+        captured = verifier(True)
+        verdicts, graph_ms = timed(captured)
     except Exception as e:  # noqa: BLE001 - recorded: what stops the capture
         out["verify_graph_error"] = f"{type(e).__name__}: {str(e)[:400]}"
         return out
     out["verify_graph_iteration_ms"] = graph_ms
     out["verify_graph_equal"] = verdicts == plain_verdicts
+    out["verify_graphs"] = captured.graphs
     return out
 
 

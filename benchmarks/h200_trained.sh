@@ -7,6 +7,8 @@
 #                                            # held-out alpha; export; every system beside
 #                                            # onnxruntime-genai: greedy, the gamma sweep,
 #                                            # pipelined, sampled at T=1
+#   bash benchmarks/h200_trained.sh check    # the exported pair with CUDA graphs against
+#                                            # without (greedy, sampled: captured verdicts)
 #   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
 #                                            # layer; the target's first 1 and 2 layers, from
 #                                            # its weights): held-out alpha, c, speedups
@@ -34,8 +36,10 @@ systems() {
       --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas 4,7 --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }
-case ${1:?pair, shapes, train or finish} in
+case ${1:?pair, check, shapes, train or finish} in
   pair) rm -rf "$work"; train "${TARGET_SECONDS:-240}" && systems ;;
+  check)
+    python3 benchmarks/cuda_graph_check.py "$pair/qd-fast" --json "$out/cuda_graph_check.json" ;;
   shapes)
     python3 benchmarks/draft_shapes.py --pair-dir "$pair" \
         --shapes "${SHAPES:-512x1,targetx1,targetx2}" --draft-seconds "${SHAPE_SECONDS:-90}" \
@@ -43,5 +47,5 @@ case ${1:?pair, shapes, train or finish} in
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
   finish) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" && systems ;;
-  *) echo "unknown step $1: pair, shapes, train or finish" >&2; exit 2 ;;
+  *) echo "unknown step $1: pair, check, shapes, train or finish" >&2; exit 2 ;;
 esac

@@ -238,12 +238,31 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     sp["cost_ratio_c"] = c if c is not None else sp["cost_ratio_c_loop"]
     sp.update(compare(ar["tokens_per_s"], sp["tokens_per_s"], sp.get("alpha"), gamma,
                       sp.get("cost_ratio_c")))
+    if _captures_verdicts(runner):  # side by side: the verdicts without their CUDA graph
+        plain = adapters.Runner(base.target, base.draft, verify=base.verify,
+                                compute=base.compute, sampling=runner.sampling,
+                                verify_cuda_graph=False)
+        plain_outs, plain_times = timed_runs(
+            lambda: [plain.speculative(p, n, gamma, seed=i) for i, p in enumerate(prompts)],
+            warmup=warmup, repeats=repeats)
+        sp["uncaptured_verdicts"] = {
+            **rate(total, plain_times),
+            # the same seeds and arithmetic: the same tokens, captured or not
+            "tokens_equal": [t for t, _ in plain_outs] == [t for t, _ in outs]}
     out = {"temperature": temperature, "top_p": top_p, "gamma": gamma, "ar": ar, "spec": sp}
     if costs is not None:
         t_ms, d_ms = costs
         out["pipelined"] = _pipelined_row(runner, prompts, n, gamma, None, ar["tokens_per_s"],
                                           t_ms, d_ms, warmup, repeats, sp, seeded=True)
     return out
+
+
+def _captures_verdicts(runner) -> bool:
+    """Whether ``runner``'s sampled verdicts run as CUDA graphs: the verification graph
+    next to a static target loaded with them."""
+    target = runner.target
+    return (runner.verify != "host" and target.manifest.kv_cache == "static"
+            and target.cuda_graph and runner.verify_cuda_graph is not False)
 
 
 def task_qd(spec: dict, rec: Record) -> None:
@@ -397,6 +416,11 @@ def task_qd(spec: dict, rec: Record) -> None:
                 f"{r['ar']['tokens_per_s']:.0f} tok/s, speculative "
                 f"{r['spec']['tokens_per_s']:.0f} tok/s, speedup "
                 f"{_f(r['spec'].get('speedup')):.2f}, alpha {_f(r['spec'].get('alpha')):.3f}")
+            if "uncaptured_verdicts" in r["spec"]:
+                u = r["spec"]["uncaptured_verdicts"]
+                log(f"qd-{path} T={temperature} top_p={top_p} gamma {g}, verdicts without "
+                    f"their CUDA graph: {u['tokens_per_s']:.0f} tok/s, tokens equal "
+                    f"{u['tokens_equal']}")
             if "pipelined" in r:
                 pr = r["pipelined"]
                 log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {g}: "

@@ -35,7 +35,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 from quickdraft.generation import ModelDrafter, host_verify  # noqa: E402
 from quickdraft.ort_backend.device import helper_options  # noqa: E402
-from quickdraft.ort_backend.verify_graph import DeviceVerifier, GraphVerifier  # noqa: E402
+from quickdraft.ort_backend.verify_graph import (  # noqa: E402
+    MAX_GRAPHS,
+    CapturedGraphs,
+    DeviceVerifier,
+    GraphVerifier,
+)
 from quickdraft.protocols import Candidates  # noqa: E402
 from quickdraft.reference.models import TableModel  # noqa: E402
 from quickdraft.sampling import SamplingConfig, adjust_logits, sample_token  # noqa: E402
@@ -313,6 +318,42 @@ def test_sessions_are_shared_bindings_are_not():
         for (n, token, b_), (n0, token0, b0) in zip(got, alone[k:] + alone[:k]):
             assert (n, token) == (n0, token0)
             np.testing.assert_array_equal(b_, b0)
+
+
+def test_each_set_of_bound_addresses_gets_its_own_cuda_graph():
+    """A captured graph replays the addresses it was captured with: the same addresses
+    replay the same graph id, new ones get a new id (unique on the session, across the
+    verifiers sharing it) until the limit, and beyond it runs are uncaptured (-1)."""
+
+    class Session:  # stands in for an InferenceSession: ids are counted per session
+        pass
+
+    def graph_id(options):
+        return int(options.get_run_config_entry("gpu_graph_id"))
+
+    session = Session()
+    a, b = CapturedGraphs(session, limit=2), CapturedGraphs(session, limit=2)
+    first = graph_id(a.options({"target_logits": (1000, 5), "draft_probs": (2000, 4)}))
+    assert first >= 1  # 0 is ONNX Runtime's default id
+    assert graph_id(a.options({"draft_probs": (2000, 4), "target_logits": (1000, 5)})) == first
+    second = graph_id(a.options({"target_logits": (3000, 5), "draft_probs": (2000, 4)}))
+    other = graph_id(b.options({"target_logits": (1000, 5), "draft_probs": (2000, 4)}))
+    assert len({first, second, other}) == 3 and len(a) == 2
+    assert graph_id(a.options({"target_logits": (1000, 6)})) == -1  # past the limit
+    assert len(a) == 2
+    assert graph_id(CapturedGraphs(Session()).options({"x": 1})) == 1  # another session
+    assert MAX_GRAPHS >= 2
+
+
+def test_cuda_graphs_of_the_verdict_need_cuda():
+    with pytest.raises(ValueError, match="cuda_graph needs device cuda"):
+        DeviceVerifier(2, 10, SamplingConfig(), cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph needs device cuda"):
+        GraphVerifier(10, cuda_graph=True)
+    ver = GraphVerifier(10)
+    assert not ver.cuda_graph and ver.get(2, SamplingConfig()).graphs == 0
+    ver.close()  # nothing pooled off CUDA; the next call makes its verifiers again
+    assert ver.get(2, SamplingConfig()).graphs == 0
 
 
 def test_graph_uses_standard_operators_only():

@@ -651,6 +651,8 @@ class Generator:
             + 1`` (``load_pair`` does) and a static target; sampled, a chained
             :class:`~quickdraft.ort_backend.device_draft.DeviceModelDrafter` and the
             verification graph (``verify`` "device" or "auto").
+        verify_cuda_graph: run the verification graph as a CUDA graph (None: when the
+            target is a static model loaded with CUDA graphs).
 
     ``prefill`` starts a generation (again and again: the prefix the caches share with
     the new prompt is kept), ``step`` runs one iteration, ``rewind`` cuts the sequence.
@@ -662,7 +664,7 @@ class Generator:
                  config: DecodeConfig = DecodeConfig(), *, tokenizer=None,
                  eos_ids: Sequence[int] = (), verify: str = "auto", compute: str = "float32",
                  max_draft: int | None = None, device_sampling: bool | None = None,
-                 pipelined: bool = False):
+                 pipelined: bool = False, verify_cuda_graph: bool | None = None):
         _check_verify(verify)
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
@@ -694,7 +696,8 @@ class Generator:
         self.max_draft = max_draft
         self.verify = verify  # "host" or "device": where sampled proposals are verified
         self._compute = compute  # the verification graph's arithmetic
-        self._verifier = (GraphVerifier.for_model(target, compute=compute)
+        self._verifier = (GraphVerifier.for_model(target, compute=compute,
+                                                  cuda_graph=verify_cuda_graph)
                           if verify == "device" else host_verify)
         # the verifier's decision alone, on scores from a call over several sequences
         self._decide: Decider = (self._verifier.decide if verify == "device"
@@ -1054,6 +1057,8 @@ class Generator:
         for state in [self._state, *self._draft_states]:
             if supports(state, ClosableState):
                 state.close()
+        if self.verify == "device":
+            self._verifier.close()
         self._closed = True
         self._done = True
 

@@ -8,8 +8,10 @@ the target's logits (sampling, exact rule; greedy goes to
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -45,11 +47,21 @@ __all__ = [
     "shared_session",
 ]
 
-# (device, gamma, vocab, sampling, logits dtype, compute, stand_in) -> InferenceSession,
-# least recently used first; sessions evicted here live on in the verifiers that hold them
+# (device, gamma, vocab, sampling, logits dtype, compute, stand_in, cuda_graph) ->
+# InferenceSession, least recently used first; sessions evicted here live on in the
+# verifiers that hold them
 _SESSIONS: OrderedDict[tuple, object] = OrderedDict()
 _SESSIONS_LOCK = threading.Lock()
 _SESSIONS_MAX = 64
+# a session with CUDA graphs -> its next graph id (ids are per session)
+_GRAPH_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# shared-session key -> verifiers with CUDA graphs that closed GraphVerifiers handed back,
+# so a new sequence replays their captured graphs instead of capturing new ones
+_POOL: defaultdict[tuple, list] = defaultdict(list)
+_POOL_MAX = 32  # verifiers kept per key
+# CUDA graphs one verifier captures, one per set of bound addresses (a target's logits
+# buffer, where q lies); beyond them it runs uncaptured
+MAX_GRAPHS = 4
 
 
 # the graph divides float32 logits by T: below this, logits of a few thousand overflow
@@ -58,19 +70,20 @@ DEVICE_MIN_TEMPERATURE = 1e-30
 
 def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: Device,
                    logits_dtype: str = "fp32", compute: str = "float32",
-                   stand_in: bool = False):
+                   stand_in: bool = False, cuda_graph: bool = False):
     """The verification graph's ``InferenceSession`` for these settings (``stand_in``: the
-    pipelined verdict's graph), built once per process and shared (ONNX Runtime runs one
-    session from several threads; each caller binds its own inputs and outputs)."""
+    pipelined verdict's graph; ``cuda_graph``: with CUDA graphs enabled), built once per
+    process and shared (ONNX Runtime runs one session from several threads; each caller
+    binds its own inputs and outputs, and captures under its own graph ids)."""
     return _shared((device, int(gamma), int(vocab), sampling, logits_dtype, compute,
-                    bool(stand_in)))
+                    bool(stand_in), bool(cuda_graph)))
 
 
 def shared_sample_session(vocab: int, sampling: SamplingConfig, *, device: Device,
                           logits_dtype: str = "fp32", compute: str = "float32"):
     """The sampling graph's (:func:`~quickdraft.verification.build_sample_graph`) shared
     ``InferenceSession`` for these settings, as :func:`shared_session`."""
-    return _shared((device, None, int(vocab), sampling, logits_dtype, compute, False))
+    return _shared((device, None, int(vocab), sampling, logits_dtype, compute, False, False))
 
 
 def _shared(key: tuple):
@@ -88,7 +101,7 @@ def _shared(key: tuple):
 
 def _new_session(key: tuple, options):
     """The verification graph's session (gamma an int) or the sampling graph's (None)."""
-    device, gamma, vocab, sampling, logits_dtype, compute, stand_in = key
+    device, gamma, vocab, sampling, logits_dtype, compute, stand_in, cuda_graph = key
     if gamma is None:
         model, name = build_sample_graph(vocab, sampling, logits_dtype=logits_dtype,
                                          compute=compute), "the sampling graph"
@@ -96,7 +109,50 @@ def _new_session(key: tuple, options):
         model, name = build_verify_graph(gamma, vocab, sampling, logits_dtype=logits_dtype,
                                          compute=compute, stand_in=stand_in), \
             "the verification graph"
-    return create_session(model.SerializeToString(), device, options, name=name)
+    return create_session(model.SerializeToString(), device, options, name=name,
+                          cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None)
+
+
+def _next_graph_id(session) -> int:
+    """A CUDA graph id not yet handed out on ``session`` (from 1; 0 is ONNX Runtime's
+    default id)."""
+    with _SESSIONS_LOCK:
+        counter = _GRAPH_IDS.setdefault(session, itertools.count(1))
+        return next(counter)
+
+
+def _graph_run_options(graph_id: int):
+    """RunOptions replaying (or capturing) CUDA graph ``graph_id``; -1: run uncaptured."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
+class CapturedGraphs:
+    """One verifier's CUDA graphs on ``session``: a graph replays the addresses it was
+    captured with, so each set of bound addresses gets a graph id of its own (ids unique
+    on the session), up to ``limit``; further sets run uncaptured (id -1)."""
+
+    def __init__(self, session, limit: int = MAX_GRAPHS):
+        self.session, self.limit = session, int(limit)
+        self._options: dict[tuple, object] = {}  # addresses -> RunOptions of their graph
+        self._uncaptured = _graph_run_options(-1)
+
+    def __len__(self) -> int:
+        return len(self._options)
+
+    def options(self, addresses: dict) -> object:
+        """The RunOptions for a run with inputs bound at ``addresses`` (name -> a hashable
+        address)."""
+        key = tuple(sorted(addresses.items()))
+        options = self._options.get(key)
+        if options is None:
+            if len(self._options) >= self.limit:
+                return self._uncaptured
+            options = self._options[key] = _graph_run_options(_next_graph_id(self.session))
+        return options
 
 
 class DeviceRows:
@@ -213,19 +269,30 @@ class DeviceVerifier:
 
     ``stand_in``: the pipelined verdict's graph (``build_verify_graph(stand_in=True)``):
     gamma candidates, the last one's q row given apart (``run``'s ``stand_in_probs``).
+
+    ``cuda_graph`` (CUDA only): the graph is captured as a CUDA graph and replayed, one
+    launch instead of one per node. Every input and output is then bound on the device
+    (host logits are copied into a buffer of this verifier's) and a graph is captured per
+    set of bound addresses (:class:`CapturedGraphs`); ``graphs`` counts them.
     """
 
     def __init__(self, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
                  device: Device = Device("cpu"), logits_dtype: str = "fp32",
-                 compute: str = "float32", options=None, stand_in: bool = False):
+                 compute: str = "float32", options=None, stand_in: bool = False,
+                 cuda_graph: bool = False):
         import onnxruntime as ort
 
+        if cuda_graph and device.kind != "cuda":
+            raise ValueError("cuda_graph needs device cuda (CUDA graphs are a CUDA feature)")
         self.gamma, self.vocab, self.sampling = int(gamma), int(vocab), sampling
         self.device, self.stand_in = device, bool(stand_in)
+        self.cuda_graph = bool(cuda_graph)
         self.compute = np.dtype(compute).type
-        key = (device, self.gamma, self.vocab, sampling, logits_dtype, compute, self.stand_in)
+        key = (device, self.gamma, self.vocab, sampling, logits_dtype, compute, self.stand_in,
+               self.cuda_graph)
         self.session = (shared_session(*key[1:4], device=device, logits_dtype=logits_dtype,
-                                       compute=compute, stand_in=self.stand_in)
+                                       compute=compute, stand_in=self.stand_in,
+                                       cuda_graph=self.cuda_graph)
                         if options is None else _new_session(key, options))
         self.logits_np = LOGITS_TYPES[logits_dtype][0]  # known: the graph was built
         self.binding = self.session.io_binding()
@@ -256,13 +323,27 @@ class DeviceVerifier:
             value = ort.OrtValue.ortvalue_from_numpy(arr, device.kind, device.device_id)
             self._in_values[name] = value
             self.binding.bind_ortvalue_input(name, value)
-        self._out_values = []  # host OrtValues of the outputs (written by every run)
+        # the outputs' OrtValues, written by every run: host buffers, or with CUDA graphs
+        # device buffers read back after the run
+        self._out_values = {}
         for name, arr in self._outputs.items():
-            value = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._out_values.append(value)
+            value = (ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype,
+                                                               device.kind, device.device_id)
+                     if self.cuda_graph else ort.OrtValue.ortvalue_from_numpy(arr))
+            self._out_values[name] = value
             self.binding.bind_ortvalue_output(name, value)
         self._bound_target = None  # the OrtValue bound as the target, if one is
         self._rebound: set[str] = set()  # q inputs bound to rows where they lie
+        # with CUDA graphs: where the target's logits and q are bound (name -> address,
+        # rows), and a graph per set of them
+        self._addresses: dict[str, tuple[int, int]] = {}
+        self._graphs = CapturedGraphs(self.session) if self.cuda_graph else None
+        self._host_targets: dict[int, object] = {}  # rows -> a device buffer [1, rows, V]
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs this verifier has had captured (or is warming up) so far."""
+        return len(self._graphs) if self._graphs is not None else 0
 
     def run(self, target, draft_probs, draft_tokens, accept_uniforms,
             sample_uniform, stand_in_probs=None) -> tuple[int, int, np.ndarray]:
@@ -285,8 +366,13 @@ class DeviceVerifier:
             for name, value in self._in_values.items():
                 if name not in in_place:
                     value.update_inplace(inputs[name])
-        self.session.run_with_iobinding(self.binding)
-        return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
+        if not self.cuda_graph:
+            self.session.run_with_iobinding(self.binding)
+            return int(out["n"][0]), int(out["next_token"][0]), out["beta"].copy()
+        self.session.run_with_iobinding(self.binding, self._graphs.options(self._addresses))
+        values = self._out_values
+        return (int(values["n"].numpy()[0]), int(values["next_token"].numpy()[0]),
+                values["beta"].numpy())
 
     def _bind_rows(self, name: str, rows) -> bool:
         """Bind the q input ``name`` where the rows lie (DeviceRows on this device, of this
@@ -299,9 +385,11 @@ class DeviceVerifier:
             self.binding.bind_input(name, self.device.kind, self.device.device_id,
                                     rows.dtype.type, [count, self.vocab], rows.data_ptr)
             self._rebound.add(name)
+            self._addresses[name] = (rows.data_ptr, count)
         elif name in self._rebound:
             self.binding.bind_ortvalue_input(name, self._in_values[name])
             self._rebound.discard(name)
+            self._addresses.pop(name, None)
         return direct
 
     def _bind_target(self, target) -> None:
@@ -315,16 +403,32 @@ class DeviceVerifier:
                                     target.dtype.type, [1, target.rows, self.vocab],
                                     target.data_ptr)
             self._bound_target = None
+            self._addresses["target_logits"] = (target.data_ptr, target.rows)
             return
-        if isinstance(target, ort.OrtValue):
+        if isinstance(target, ort.OrtValue) and \
+                (not self.cuda_graph or target.device_name().lower() == self.device.kind):
             if target is not self._bound_target:
                 self.binding.bind_ortvalue_input("target_logits", target)
                 self._bound_target = target
+            self._addresses["target_logits"] = (target.data_ptr(), target.shape()[1])
             return
-        arr = np.asarray(target).reshape(1, -1, self.vocab)  # [1, S, V]
-        self.binding.bind_cpu_input(
-            "target_logits", np.ascontiguousarray(arr.astype(self.logits_np, copy=False)))
+        arr = np.asarray(target.numpy() if isinstance(target, ort.OrtValue) else target)
+        arr = np.ascontiguousarray(arr.reshape(1, -1, self.vocab).astype(  # [1, S, V]
+            self.logits_np, copy=False))
         self._bound_target = None
+        if not self.cuda_graph:
+            self.binding.bind_cpu_input("target_logits", arr)
+            return
+        # a captured graph reads from fixed addresses: the rows go into a buffer of ours
+        rows = arr.shape[1]
+        value = self._host_targets.get(rows)
+        if value is None:
+            value = self._host_targets[rows] = ort.OrtValue.ortvalue_from_numpy(
+                arr, self.device.kind, self.device.device_id)
+        else:
+            value.update_inplace(arr)
+        self.binding.bind_ortvalue_input("target_logits", value)
+        self._addresses["target_logits"] = (value.data_ptr(), rows)
 
     def __call__(self, target, draft_probs, draft_tokens, accept_uniforms,
                  sample_uniform) -> tuple[int, int]:
@@ -359,22 +463,35 @@ class GraphVerifier:
             logits of any model, the model's dtype for device logits).
         compute: "float32" or "float64", the graph's arithmetic.
         options: session options for private sessions (None: the shared ones).
+        cuda_graph: run the verifiers as CUDA graphs (CUDA only). Their captured graphs
+            outlive this object: :meth:`close` hands the verifiers to the next
+            GraphVerifier of the same settings. Where ONNX Runtime refuses to capture the
+            graph, the verifiers run without (``cuda_graph_refused`` says why).
     """
 
     def __init__(self, vocab: int, *, device: Device = Device("cpu"),
                  logits_dtype: str = "fp32", compute: str = "float32",
-                 options: SessionOptions | None = None):
+                 options: SessionOptions | None = None, cuda_graph: bool = False):
+        if cuda_graph and device.kind != "cuda":
+            raise ValueError("cuda_graph needs device cuda (CUDA graphs are a CUDA feature)")
         self.vocab, self.device = int(vocab), device
         self.logits_dtype, self.compute, self.options = logits_dtype, compute, options
+        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph_refused: str | None = None  # why ONNX Runtime would not capture
         self._verifiers: dict[tuple[int, SamplingConfig, bool], DeviceVerifier] = {}
 
     @classmethod
-    def for_model(cls, model, *, compute: str = "float32", options=None) -> GraphVerifier:
+    def for_model(cls, model, *, compute: str = "float32", options=None,
+                  cuda_graph: bool | None = None) -> GraphVerifier:
         """The verifier for ``model``'s logits (a StaticOrtModel's on its device, an
-        OrtModel's float32 host logits)."""
+        OrtModel's float32 host logits); ``cuda_graph`` None: as the model runs (a static
+        model loaded with CUDA graphs)."""
         static = model.manifest.kv_cache == "static"
+        if cuda_graph is None:
+            cuda_graph = static and model.cuda_graph
         return cls(model.vocab_size, device=model.device, compute=compute, options=options,
-                   logits_dtype=model.manifest.dtype if static else "fp32")
+                   logits_dtype=model.manifest.dtype if static else "fp32",
+                   cuda_graph=cuda_graph)
 
     def get(self, gamma: int, sampling: SamplingConfig, *,
             stand_in: bool = False) -> DeviceVerifier:
@@ -382,10 +499,49 @@ class GraphVerifier:
         ``stand_in``: the pipelined verdict's, gamma candidates with the stand-in last)."""
         key = (int(gamma), sampling, bool(stand_in))
         if key not in self._verifiers:
-            self._verifiers[key] = DeviceVerifier(
-                gamma, self.vocab, sampling, device=self.device, logits_dtype=self.logits_dtype,
-                compute=self.compute, options=self.options, stand_in=stand_in)
+            self._verifiers[key] = self._pooled(key) or self._new(key)
         return self._verifiers[key]
+
+    def _pool_key(self, key: tuple) -> tuple | None:
+        """Where verifiers of ``key`` wait between sequences (None: not pooled)."""
+        if not self.cuda_graph or self.cuda_graph_refused or self.options is not None:
+            return None
+        return (self.device, self.vocab, self.logits_dtype, self.compute, *key)
+
+    def _pooled(self, key: tuple) -> DeviceVerifier | None:
+        pool_key = self._pool_key(key)
+        if pool_key is None:
+            return None
+        with _SESSIONS_LOCK:
+            waiting = _POOL.get(pool_key)
+            return waiting.pop() if waiting else None
+
+    def _new(self, key: tuple) -> DeviceVerifier:
+        gamma, sampling, stand_in = key
+
+        def make(cuda_graph: bool) -> DeviceVerifier:
+            return DeviceVerifier(gamma, self.vocab, sampling, device=self.device,
+                                  logits_dtype=self.logits_dtype, compute=self.compute,
+                                  options=self.options, stand_in=stand_in,
+                                  cuda_graph=cuda_graph)
+
+        if self.cuda_graph and not self.cuda_graph_refused:
+            try:
+                return make(True)
+            except RuntimeError as e:  # ORT refuses graphs with nodes off the device
+                self.cuda_graph_refused = str(e)
+        return make(False)
+
+    def close(self) -> None:
+        """Hand the verifiers with CUDA graphs to the next GraphVerifier of these settings
+        (idempotent); the others are dropped."""
+        for key, verifier in self._verifiers.items():
+            pool_key = self._pool_key(key)
+            if pool_key is not None and verifier.cuda_graph:
+                with _SESSIONS_LOCK:
+                    if len(_POOL[pool_key]) < _POOL_MAX:
+                        _POOL[pool_key].append(verifier)
+        self._verifiers.clear()
 
     def prepare(self, gamma: int, sampling: SamplingConfig, *, stand_in: bool = False) -> None:
         """Make the verifiers for every draft length 1..gamma now (outside timed code);
