@@ -7,6 +7,9 @@
 #                                            # held-out alpha; export; every system beside
 #                                            # onnxruntime-genai: greedy, the gamma sweep,
 #                                            # pipelined, sampled at T=1
+#   bash benchmarks/h200_trained.sh genai    # the pair's greedy systems again, beside
+#                                            # onnxruntime-genai (for a `pair` call whose
+#                                            # training left too little budget for it)
 #   bash benchmarks/h200_trained.sh check    # the exported pair with CUDA graphs against
 #                                            # without (greedy, sampled: captured verdicts)
 #   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
@@ -36,8 +39,13 @@ systems() {
       --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas 4,7 --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }
-case ${1:?pair, check, shapes, train or finish} in
+case ${1:?pair, genai, check, shapes, train or finish} in
   pair) rm -rf "$work"; train "${TARGET_SECONDS:-240}" && systems ;;
+  genai)  # a fresh results file: the systems are measured again, side by side
+    rm -f "$work/results.json"
+    python3 benchmarks/bench.py --work "$work" --pairs trained --stages build,systems \
+        --num-prompts "${PROMPTS:-8}" --systems qd-fast,genai-graph,genai-spec-graph \
+        --samplings none --tag trained-genai --budget 300 --out "$out/genai" ;;
   check)
     python3 benchmarks/cuda_graph_check.py "$pair/qd-fast" --json "$out/cuda_graph_check.json" ;;
   shapes)
@@ -47,5 +55,5 @@ case ${1:?pair, check, shapes, train or finish} in
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
   finish) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" && systems ;;
-  *) echo "unknown step $1: pair, check, shapes, train or finish" >&2; exit 2 ;;
+  *) echo "unknown step $1: pair, genai, check, shapes, train or finish" >&2; exit 2 ;;
 esac
