@@ -163,11 +163,11 @@ class Runner:
     """
 
     def __init__(self, target, draft=None, *, sampling=None, verify: str = "auto",
-                 compute: str = "float32", verify_cuda_graph: bool | None = None):
+                 compute: str = "float32", capture_helpers: bool | None = None):
         self.target, self.draft = target, draft
         self.sampling = sampling if sampling is not None else greedy()
         self.verify, self.compute = verify, compute
-        self.verify_cuda_graph = verify_cuda_graph  # the Generator's
+        self.capture_helpers = capture_helpers  # the Generator's
 
     def generator(self, drafter, n: int, seed: int | None, max_draft: int | None = None,
                   pipelined: bool = False):
@@ -176,7 +176,7 @@ class Runner:
         config = DecodeConfig(max_new_tokens=n, sampling=self.sampling, seed=seed)
         return Generator(self.target, drafter, config, verify=self.verify,
                          compute=self.compute, max_draft=max_draft, pipelined=pipelined,
-                         verify_cuda_graph=self.verify_cuda_graph)
+                         capture_helpers=self.capture_helpers)
 
     def _run(self, drafter, prompt, n: int, seed: int | None, pipelined: bool = False):
         with self.generator(drafter, n, seed, pipelined=pipelined) as gen:

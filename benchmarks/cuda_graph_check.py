@@ -11,9 +11,10 @@ with and without graphs, and lanes (the target loaded with lanes: a speculative 
 alone, reused; all prompts stepped together through ``score_lanes``; both without
 graphs). Each prompt's tokens are compared with autoregressive decoding of the same pair
 loaded without CUDA graphs; each entry is the index of the first token that differs
-(None: all equal). ``sampled``: seeded sampling (prompt i with seed i), sequential and
-pipelined (draws and verdicts on the device, two row banks), each run twice on one
-generator, with CUDA graphs against the same without them. ``steps`` compares one
+(None: all equal). ``sampled``: seeded sampling (prompt i with seed i), autoregressive,
+sequential and pipelined speculative (draws and verdicts on the device, two row banks),
+each run twice on one generator, with CUDA graphs (the draws and verdicts captured too)
+against the same without them. ``steps`` compares one
 history's step logits on a lane's cache slot with a plain slot's, per step length (max
 |difference|, argmax equal). Prompts: the first
 ``--prompts`` of those ``benchmarks/concurrency.py`` sends.
@@ -111,14 +112,16 @@ SAMPLING = dict(temperature=0.8, top_p=0.95)
 
 
 def sampled_runs(pair, config, prompts) -> dict:
-    """{"sequential" | "pipelined": tokens per prompt and run} of seeded sampling."""
+    """{"autoregressive" | "sequential" | "pipelined": tokens per prompt and run} of seeded
+    sampling (autoregressive: the target's draws on the device)."""
     from dataclasses import replace
 
     out = {}
-    for name, pipelined in (("sequential", False), ("pipelined", True)):
+    for name, gamma, pipelined in (("autoregressive", None, False),
+                                   ("sequential", GAMMA, False), ("pipelined", GAMMA, True)):
         runs = []
         for i, p in enumerate(prompts):
-            with pair.generator(replace(config, seed=i), gamma=GAMMA,
+            with pair.generator(replace(config, seed=i), gamma=gamma,
                                 pipelined=pipelined) as g:
                 runs.append([g.generate(p).tokens for _ in range(2)])
         out[name] = runs

@@ -11,7 +11,8 @@ its own: O(V^2) work for a row of V. quickdraft's graphs sum in blocks of
 inputs, and the tokens of both must be equal. Inputs lie on the device (IOBinding), as in
 decoding; medians of ``--repeats`` calls after warm-up. On CUDA each setting also times a
 whole verdict as the sampled loop makes it (uploads, the run, the reads back), as
-``DeviceVerifier`` runs it and captured as a CUDA graph, and compares their verdicts.
+``DeviceVerifier`` runs it and captured as a CUDA graph, and compares their verdicts; and
+the same for one autoregressive draw (``DeviceSampler``).
 """
 
 from __future__ import annotations
@@ -94,8 +95,48 @@ def measure(device, vocab: int, temperature: float, top_p: float, block: int,
     out = {"vocab": vocab, "block": block, "temperature": temperature, "top_p": top_p,
            "sample_ms": sample_ms, "verify_ms": verify_ms,
            "tokens": [token, int(n[0]), int(nxt[0])]}
-    if kind == "cuda" and block == DEFAULT_BLOCK:  # the verifiers' sessions are shared
+    if kind == "cuda" and block == DEFAULT_BLOCK:  # the helpers' sessions are shared
         out.update(_verify_iteration(device, vocab, sampling, z, q, x, u, repeats))
+        out.update(_sample_iteration(device, vocab, sampling, z, repeats))
+    return out
+
+
+def _sample_iteration(device, vocab: int, sampling, z, repeats: int) -> dict:
+    """One draw as autoregressive sampling makes it (the uniform uploaded, the sampling
+    graph run on the last logits row where the model left it, the token read back), ms per
+    call, by a ``DeviceSampler`` without and with ``cuda_graph``, tokens compared over
+    ``repeats`` fresh uniforms; or why the capture was refused."""
+    import onnxruntime as ort
+
+    from quickdraft.ort_backend.verify_graph import DeviceSampler
+
+    logits = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[:, -1:]), device.kind,
+                                              device.device_id)  # [1, 1, V]
+    draws = np.random.default_rng(2).random(repeats + 3)
+
+    def timed(sampler):
+        tokens, times = [], []
+        for i, u in enumerate(draws):
+            t0 = time.perf_counter()
+            token = sampler.sample(logits, float(u), 0)
+            if i >= 3:  # warm-up (and, with a CUDA graph, its capture)
+                times.append(time.perf_counter() - t0)
+                tokens.append(token)
+        return tokens, 1e3 * float(np.median(times))
+
+    def sampler(cuda_graph: bool):
+        return DeviceSampler(vocab, sampling, 1, device=device, logits_dtype="fp16",
+                             cuda_graph=cuda_graph)
+
+    plain_tokens, plain_ms = timed(sampler(False))
+    out = {"sample_iteration_ms": plain_ms}
+    try:
+        tokens, graph_ms = timed(sampler(True))
+    except Exception as e:  # noqa: BLE001 - recorded: what stops the capture
+        out["sample_graph_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        return out
+    out["sample_graph_iteration_ms"] = graph_ms
+    out["sample_graph_equal"] = tokens == plain_tokens
     return out
 
 
@@ -171,13 +212,16 @@ def main() -> None:
                       and r["setting"] == name}
             if len(tokens) != 1:
                 print(f"note: vocab {vocab} {name}: tokens differ across scans: {tokens}")
-    keys = ("vocab", "setting", "scan", "sample_ms", "verify_ms", "verify_iteration_ms",
-            "verify_graph_iteration_ms", "verify_graph_equal")
+    keys = ("vocab", "setting", "scan", "sample_ms", "sample_iteration_ms",
+            "sample_graph_iteration_ms", "sample_graph_equal", "verify_ms",
+            "verify_iteration_ms", "verify_graph_iteration_ms", "verify_graph_equal")
     print(tabulate([{k: r.get(k) for k in keys} for r in rows], headers="keys",
                    tablefmt="github", floatfmt=".3f"))
     for r in rows:
-        if "verify_graph_error" in r:
-            print(f"vocab {r['vocab']} {r['setting']}: no CUDA graph: {r['verify_graph_error']}")
+        for what in ("sample", "verify"):
+            if f"{what}_graph_error" in r:
+                print(f"vocab {r['vocab']} {r['setting']}: no CUDA graph of the {what} graph: "
+                      f"{r[what + '_graph_error']}")
     if args.json:
         dump_results(args.json, rows=rows)
 

@@ -427,7 +427,8 @@ def render(results: dict) -> str:
                 sampled.append([sname, fmt(r.get("temperature"), ".2f"),
                                 fmt(r.get("top_p"), ".2f"), fmt(r.get("gamma"), "d"),
                                 fmt(ar.get("tokens_per_s"), ".0f"),
-                                fmt(sp.get("tokens_per_s"), ".0f"), fmt(sp.get("speedup"), ".2f"),
+                                fmt(sp.get("tokens_per_s"), ".0f"), _uncaptured(ar, sp),
+                                fmt(sp.get("speedup"), ".2f"),
                                 fmt(sp.get("alpha"), ".3f"), fmt(sp.get("cost_ratio_c"), ".3f"),
                                 fmt(sp.get("theoretical_improvement"), ".2f"),
                                 fmt(sp.get("realized_over_theoretical"), ".2f"),
@@ -437,7 +438,8 @@ def render(results: dict) -> str:
                          "the same settings beside it; pipelined: the draft's continuation "
                          "launched beside the verify call)\n\n" + table(
                              ["path", "T", "top-p", "gamma", "AR tok/s", "spec tok/s",
-                              "speedup", "alpha", "c", "theory", "realized / theory",
+                              "uncaptured AR / spec tok/s (tokens equal)", "speedup",
+                              "alpha", "c", "theory", "realized / theory",
                               "pipelined tok/s", "pipelined speedup", "warm",
                               "effective c", "pipelined realized / theory"],
                              sampled))
@@ -477,6 +479,16 @@ def render(results: dict) -> str:
                  for e in errs[-30:]]
         parts.append(f"### Errors and unavailable stages ({len(errs)})\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _uncaptured(ar: dict, sp: dict) -> str:
+    """The same sampled runs with the draws and verdicts not captured as CUDA graphs."""
+    d, v = ar.get("uncaptured_draws"), sp.get("uncaptured_verdicts")
+    if not d or not v:
+        return "-"
+    equal = "yes" if d.get("tokens_equal") and v.get("tokens_equal") else "NO"
+    return (f"{fmt(d.get('tokens_per_s'), '.0f')} / {fmt(v.get('tokens_per_s'), '.0f')} "
+            f"({equal})")
 
 
 def _sampled_pipelined(row: dict | None) -> list[str]:

@@ -229,7 +229,7 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     def spec_all():
         return [runner.speculative(p, n, gamma, seed=i) for i, p in enumerate(prompts)]
 
-    _, ar_times = timed_runs(ar_all, warmup=warmup, repeats=repeats)
+    ar_outs, ar_times = timed_runs(ar_all, warmup=warmup, repeats=repeats)
     outs, spec_times = timed_runs(spec_all, warmup=warmup, repeats=repeats)
     _check_len([t for t, _ in outs], n)
     ar = rate(total, ar_times)
@@ -238,17 +238,21 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     sp["cost_ratio_c"] = c if c is not None else sp["cost_ratio_c_loop"]
     sp.update(compare(ar["tokens_per_s"], sp["tokens_per_s"], sp.get("alpha"), gamma,
                       sp.get("cost_ratio_c")))
-    if _captures_verdicts(runner):  # side by side: the verdicts without their CUDA graph
+    if _captures_helpers(runner):  # side by side: the draws and verdicts uncaptured
         plain = adapters.Runner(base.target, base.draft, verify=base.verify,
                                 compute=base.compute, sampling=runner.sampling,
-                                verify_cuda_graph=False)
+                                capture_helpers=False)
+        plain_ar, plain_ar_times = timed_runs(
+            lambda: [plain.autoregressive(p, n, seed=i) for i, p in enumerate(prompts)],
+            warmup=warmup, repeats=repeats)
         plain_outs, plain_times = timed_runs(
             lambda: [plain.speculative(p, n, gamma, seed=i) for i, p in enumerate(prompts)],
             warmup=warmup, repeats=repeats)
-        sp["uncaptured_verdicts"] = {
-            **rate(total, plain_times),
-            # the same seeds and arithmetic: the same tokens, captured or not
-            "tokens_equal": [t for t, _ in plain_outs] == [t for t, _ in outs]}
+        # the same seeds and arithmetic: the same tokens, captured or not
+        ar["uncaptured_draws"] = {**rate(total, plain_ar_times), "tokens_equal":
+                                  [t for t, _ in plain_ar] == [t for t, _ in ar_outs]}
+        sp["uncaptured_verdicts"] = {**rate(total, plain_times), "tokens_equal":
+                                     [t for t, _ in plain_outs] == [t for t, _ in outs]}
     out = {"temperature": temperature, "top_p": top_p, "gamma": gamma, "ar": ar, "spec": sp}
     if costs is not None:
         t_ms, d_ms = costs
@@ -257,12 +261,12 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     return out
 
 
-def _captures_verdicts(runner) -> bool:
-    """Whether ``runner``'s sampled verdicts run as CUDA graphs: the verification graph
-    next to a static target loaded with them."""
+def _captures_helpers(runner) -> bool:
+    """Whether ``runner``'s sampled draws and verdicts run as CUDA graphs: next to a static
+    target loaded with them."""
     target = runner.target
-    return (runner.verify != "host" and target.manifest.kv_cache == "static"
-            and target.cuda_graph and runner.verify_cuda_graph is not False)
+    return (target.manifest.kv_cache == "static" and target.cuda_graph
+            and runner.capture_helpers is not False)
 
 
 def task_qd(spec: dict, rec: Record) -> None:
@@ -417,10 +421,11 @@ def task_qd(spec: dict, rec: Record) -> None:
                 f"{r['spec']['tokens_per_s']:.0f} tok/s, speedup "
                 f"{_f(r['spec'].get('speedup')):.2f}, alpha {_f(r['spec'].get('alpha')):.3f}")
             if "uncaptured_verdicts" in r["spec"]:
-                u = r["spec"]["uncaptured_verdicts"]
-                log(f"qd-{path} T={temperature} top_p={top_p} gamma {g}, verdicts without "
-                    f"their CUDA graph: {u['tokens_per_s']:.0f} tok/s, tokens equal "
-                    f"{u['tokens_equal']}")
+                u, d = r["spec"]["uncaptured_verdicts"], r["ar"]["uncaptured_draws"]
+                log(f"qd-{path} T={temperature} top_p={top_p} gamma {g}, draws and verdicts "
+                    f"without their CUDA graphs: AR {d['tokens_per_s']:.0f} tok/s, "
+                    f"speculative {u['tokens_per_s']:.0f} tok/s, tokens equal "
+                    f"{d['tokens_equal']} / {u['tokens_equal']}")
             if "pipelined" in r:
                 pr = r["pipelined"]
                 log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {g}: "

@@ -585,16 +585,22 @@ def test_sampled_runs_are_parsed_and_reported():
     results = {"pairs": {"p": {"systems": {"qd-fast": {"status": "ok", "sampled": [row]}}}}}
     text = report.render(results)
     assert "### p: sampled" in text
-    assert "| qd-fast | 0.70 | 0.90  | 4     | 100      | 180        | 1.80    |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| qd-fast | 0.70"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:7] == ["qd-fast", "0.70", "0.90", "4", "100", "180", "-"]  # - : uncaptured
+    assert cells[7] == "1.80"
 
 
-def test_sampled_runs_time_pipelined_sampling_beside_them():
+def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     """The harness's sampled rows on the bundled pair (CPU, tiny): with the cost stage's
     costs a pipelined row is timed beside the sequential ones, seeded as they are, and the
-    report shows it."""
+    report shows it; where the draws and verdicts are captured (made to look so here), the
+    same runs uncaptured are timed beside them, their tokens compared."""
     pytest.importorskip("onnxruntime")
     from benchmarks import adapters, worker
     from quickdraft.ort_backend.cli import default_model_dir
+
+    monkeypatch.setattr(worker, "_captures_helpers", lambda runner: True)
 
     pair = adapters.load("fast", default_model_dir(), device="cpu", max_gamma=2)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
@@ -607,9 +613,13 @@ def test_sampled_runs_time_pipelined_sampling_beside_them():
         row["spec"]["tokens_per_s"]
     assert piped["stats"]["mode"] == "pipelined"
     assert "effective_c" in piped and "realized_over_theoretical" in piped
+    draws, verdicts = row["ar"]["uncaptured_draws"], row["spec"]["uncaptured_verdicts"]
+    assert draws["tokens_equal"] and verdicts["tokens_equal"]  # the same seeds, same tokens
+    assert draws["tokens_per_s"] > 0 and verdicts["tokens_per_s"] > 0
     results = {"pairs": {"p": {"systems": {"qd-fast": {"status": "ok", "sampled": [row]}}}}}
     text = report.render(results)
     assert "pipelined tok/s" in text and f"{piped['tokens_per_s']:.0f}" in text
+    assert f"{draws['tokens_per_s']:.0f} / {verdicts['tokens_per_s']:.0f} (yes)" in text
 
 
 def test_node_profile_counts_the_bundled_draft_step():

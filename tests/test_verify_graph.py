@@ -34,10 +34,11 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from quickdraft.generation import ModelDrafter, host_verify  # noqa: E402
-from quickdraft.ort_backend.device import helper_options  # noqa: E402
+from quickdraft.ort_backend.device import Device, helper_options  # noqa: E402
 from quickdraft.ort_backend.verify_graph import (  # noqa: E402
     MAX_GRAPHS,
     CapturedGraphs,
+    DeviceSampler,
     DeviceVerifier,
     GraphVerifier,
 )
@@ -348,6 +349,12 @@ def test_each_set_of_bound_addresses_gets_its_own_cuda_graph():
 def test_cuda_graphs_of_the_verdict_need_cuda():
     with pytest.raises(ValueError, match="cuda_graph needs device cuda"):
         DeviceVerifier(2, 10, SamplingConfig(), cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph needs device cuda"):
+        DeviceSampler(10, SamplingConfig(), 1, device=Device("cpu"), cuda_graph=True)
+    sampler = DeviceSampler.take(10, SamplingConfig(), 1, device=Device("cpu"))
+    sampler.close()  # not pooled off CUDA: the next take makes a new one
+    again = DeviceSampler.take(10, SamplingConfig(), 1, device=Device("cpu"))
+    assert again is not sampler and again.graphs == 0
     with pytest.raises(ValueError, match="cuda_graph needs device cuda"):
         GraphVerifier(10, cuda_graph=True)
     ver = GraphVerifier(10)

@@ -83,11 +83,20 @@ class DeviceModelDrafter(ModelDrafter):
 class DeviceDraw:
     """:class:`~quickdraft.protocols.TokenDraw` on the device, for autoregressive sampling
     from a static model: the sampling graph draws next to the logits (``append_device``),
-    and only the token id reaches the host."""
+    and only the token id reaches the host. ``cuda_graph``: the draw as a CUDA graph (None:
+    when the model runs with them); :meth:`close` keeps it for the next sequence."""
 
-    def __init__(self, model, sampling: SamplingConfig, *, compute: str = "float32"):
-        self.sampler = DeviceSampler(model.vocab_size, sampling, 1, device=model.device,
-                                     logits_dtype=model.manifest.dtype, compute=compute)
+    def __init__(self, model, sampling: SamplingConfig, *, compute: str = "float32",
+                 cuda_graph: bool | None = None):
+        if cuda_graph is None:
+            cuda_graph = model.cuda_graph
+        self.sampler = DeviceSampler.take(model.vocab_size, sampling, 1, device=model.device,
+                                          logits_dtype=model.manifest.dtype, compute=compute,
+                                          cuda_graph=cuda_graph)
+
+    def close(self) -> None:
+        """This sequence is done: its sampler (and captured graph) goes to the next."""
+        self.sampler.close()
 
     def first(self, state: DecodeState, ids: Sequence[int], u: float) -> int:
         return self.sampler.sample(advance_device(state, list(ids), 1), u, 0)

@@ -458,7 +458,8 @@ class Pair:
     def generator(self, config: DecodeConfig = DecodeConfig(), *,
                   gamma: int | str | None = None, drafter: Drafter | str | None = None,
                   verify: str = "auto", compute: str = "float32",
-                  device_sampling: bool | None = None, pipelined: bool = False) -> Generator:
+                  device_sampling: bool | None = None, pipelined: bool = False,
+                  capture_helpers: bool | None = None) -> Generator:
         """A :class:`Generator` for one sequence: speculative with ``drafter`` (a Drafter,
         or one of :data:`DRAFTERS` by name, proposing ``gamma`` tokens, default 4), or the
         draft model proposing ``gamma`` tokens; autoregressive with neither.
@@ -466,7 +467,7 @@ class Pair:
         autoregressive sampling (the target's tokens drawn next to its logits).
         ``pipelined``: the draft model drafts while the target verifies (a static pair;
         sampled tokens are then drawn on the device unless ``device_sampling`` is False;
-        see :class:`Generator`)."""
+        see :class:`Generator`). ``capture_helpers``: as :class:`Generator`'s."""
         if pipelined and device_sampling is None and not config.sampling.greedy:
             device_sampling = True  # the continuation's draws happen inside its chain
         if isinstance(drafter, str):
@@ -480,7 +481,7 @@ class Pair:
         return Generator(self.target, drafter, config, tokenizer=self.tokenizer,
                          eos_ids=self.eos_ids, verify=verify, compute=compute,
                          max_draft=self.max_draft, device_sampling=device_sampling,
-                         pipelined=pipelined)
+                         pipelined=pipelined, capture_helpers=capture_helpers)
 
 
 def _eos_ids(manifest) -> frozenset[int]:
@@ -651,8 +652,9 @@ class Generator:
             + 1`` (``load_pair`` does) and a static target; sampled, a chained
             :class:`~quickdraft.ort_backend.device_draft.DeviceModelDrafter` and the
             verification graph (``verify`` "device" or "auto").
-        verify_cuda_graph: run the verification graph as a CUDA graph (None: when the
-            target is a static model loaded with CUDA graphs).
+        capture_helpers: run the verification graph and the target's sampling graph
+            (autoregressive sampling on the device) as CUDA graphs (None: when the target
+            is a static model loaded with CUDA graphs).
 
     ``prefill`` starts a generation (again and again: the prefix the caches share with
     the new prompt is kept), ``step`` runs one iteration, ``rewind`` cuts the sequence.
@@ -664,7 +666,7 @@ class Generator:
                  config: DecodeConfig = DecodeConfig(), *, tokenizer=None,
                  eos_ids: Sequence[int] = (), verify: str = "auto", compute: str = "float32",
                  max_draft: int | None = None, device_sampling: bool | None = None,
-                 pipelined: bool = False, verify_cuda_graph: bool | None = None):
+                 pipelined: bool = False, capture_helpers: bool | None = None):
         _check_verify(verify)
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
@@ -697,7 +699,7 @@ class Generator:
         self.verify = verify  # "host" or "device": where sampled proposals are verified
         self._compute = compute  # the verification graph's arithmetic
         self._verifier = (GraphVerifier.for_model(target, compute=compute,
-                                                  cuda_graph=verify_cuda_graph)
+                                                  cuda_graph=capture_helpers)
                           if verify == "device" else host_verify)
         # the verifier's decision alone, on scores from a call over several sequences
         self._decide: Decider = (self._verifier.decide if verify == "device"
@@ -718,7 +720,8 @@ class Generator:
             if not supports(self._state, DeviceState):
                 raise ValueError("device sampling needs a target whose logits stay on the "
                                  "device (a static export, --kv-cache static)")
-            self._draw = DeviceDraw(target, config.sampling, compute=compute)
+            self._draw = DeviceDraw(target, config.sampling, compute=compute,
+                                    cuda_graph=capture_helpers)
         self._draft_states: list[DecodeState] = (
             list(drafter.states) if drafter is not None and supports(drafter, StatefulDrafter)
             else [])
@@ -1059,6 +1062,8 @@ class Generator:
                 state.close()
         if self.verify == "device":
             self._verifier.close()
+        if self._draw is not None:
+            self._draw.close()
         self._closed = True
         self._done = True
 

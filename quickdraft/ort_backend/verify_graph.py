@@ -55,10 +55,10 @@ _SESSIONS_LOCK = threading.Lock()
 _SESSIONS_MAX = 64
 # a session with CUDA graphs -> its next graph id (ids are per session)
 _GRAPH_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# shared-session key -> verifiers with CUDA graphs that closed GraphVerifiers handed back,
+# settings -> verifiers and samplers with CUDA graphs that closed sequences handed back,
 # so a new sequence replays their captured graphs instead of capturing new ones
 _POOL: defaultdict[tuple, list] = defaultdict(list)
-_POOL_MAX = 32  # verifiers kept per key
+_POOL_MAX = 32  # objects kept per key
 # CUDA graphs one verifier captures, one per set of bound addresses (a target's logits
 # buffer, where q lies); beyond them it runs uncaptured
 MAX_GRAPHS = 4
@@ -80,10 +80,12 @@ def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: 
 
 
 def shared_sample_session(vocab: int, sampling: SamplingConfig, *, device: Device,
-                          logits_dtype: str = "fp32", compute: str = "float32"):
+                          logits_dtype: str = "fp32", compute: str = "float32",
+                          cuda_graph: bool = False):
     """The sampling graph's (:func:`~quickdraft.verification.build_sample_graph`) shared
     ``InferenceSession`` for these settings, as :func:`shared_session`."""
-    return _shared((device, None, int(vocab), sampling, logits_dtype, compute, False, False))
+    return _shared((device, None, int(vocab), sampling, logits_dtype, compute, False,
+                    bool(cuda_graph)))
 
 
 def _shared(key: tuple):
@@ -119,6 +121,20 @@ def _next_graph_id(session) -> int:
     with _SESSIONS_LOCK:
         counter = _GRAPH_IDS.setdefault(session, itertools.count(1))
         return next(counter)
+
+
+def _take_pooled(key: tuple):
+    """An object a closed sequence handed back under ``key``, or None."""
+    with _SESSIONS_LOCK:
+        waiting = _POOL.get(key)
+        return waiting.pop() if waiting else None
+
+
+def _hand_back(key: tuple, obj) -> None:
+    """Keep ``obj`` (its captured CUDA graphs) for the next sequence of ``key``."""
+    with _SESSIONS_LOCK:
+        if len(_POOL[key]) < _POOL_MAX:
+            _POOL[key].append(obj)
 
 
 def _graph_run_options(graph_id: int):
@@ -214,16 +230,29 @@ class DeviceSampler:
     a model's logits where they lie (an OrtValue [1, S, V]) and a uniform, returns the token
     and writes the q row it was drawn from into row ``row`` of this sampler's buffer
     [rows, V], so only the token crosses to the host and the verification graph reads q in
-    place. One caller at a time; ``rows`` is the longest proposal."""
+    place. One caller at a time; ``rows`` is the longest proposal.
+
+    ``cuda_graph`` (CUDA only): the sampling graph is captured and replayed, a graph per
+    logits buffer and row (:class:`CapturedGraphs`, up to ``2 * rows``); the token then
+    comes back from a device buffer. :meth:`take` and :meth:`close` keep such samplers
+    for the next sequence of the same settings.
+    """
 
     def __init__(self, vocab: int, sampling: SamplingConfig, rows: int, *, device: Device,
-                 logits_dtype: str = "fp32", compute: str = "float32"):
+                 logits_dtype: str = "fp32", compute: str = "float32",
+                 cuda_graph: bool = False):
         import onnxruntime as ort
 
+        if cuda_graph and device.kind != "cuda":
+            raise ValueError("cuda_graph needs device cuda (CUDA graphs are a CUDA feature)")
         self.vocab, self.rows, self.device = int(vocab), int(rows), device
         self.dtype = np.dtype(compute)
+        self.cuda_graph = bool(cuda_graph)
+        self.key = (device, self.vocab, sampling, self.rows, logits_dtype, compute,
+                    self.cuda_graph)  # the settings a pooled sampler must match
         self.session = shared_sample_session(vocab, sampling, device=device,
-                                             logits_dtype=logits_dtype, compute=compute)
+                                             logits_dtype=logits_dtype, compute=compute,
+                                             cuda_graph=self.cuda_graph)
         self.binding = self.session.io_binding()
         self.probs = ort.OrtValue.ortvalue_from_shape_and_type(
             (self.rows, self.vocab), self.dtype.type, device.kind, device.device_id)  # [rows, V]
@@ -232,9 +261,35 @@ class DeviceSampler:
                                                          device.device_id)
         self._token_host = np.zeros(1, np.int64)  # [1]
         self.binding.bind_ortvalue_input("uniform", self._uniform)
-        self.binding.bind_ortvalue_output("token", ort.OrtValue.ortvalue_from_numpy(
-            self._token_host))
+        self._token = (ort.OrtValue.ortvalue_from_shape_and_type(
+            (1,), np.int64, device.kind, device.device_id) if self.cuda_graph
+            else ort.OrtValue.ortvalue_from_numpy(self._token_host))
+        self.binding.bind_ortvalue_output("token", self._token)
         self._row_bytes = self.vocab * self.dtype.itemsize
+        self._graphs = (CapturedGraphs(self.session, limit=max(MAX_GRAPHS, 2 * self.rows))
+                        if self.cuda_graph else None)
+
+    @classmethod
+    def take(cls, vocab: int, sampling: SamplingConfig, rows: int, *, device: Device,
+             logits_dtype: str = "fp32", compute: str = "float32",
+             cuda_graph: bool = False) -> DeviceSampler:
+        """A sampler of these settings: one a closed sequence handed back (with its captured
+        graphs) where there is one, else a new one."""
+        key = (device, int(vocab), sampling, int(rows), logits_dtype, compute, bool(cuda_graph))
+        pooled = _take_pooled(("sampler", *key)) if cuda_graph else None
+        return pooled or cls(vocab, sampling, rows, device=device, logits_dtype=logits_dtype,
+                             compute=compute, cuda_graph=cuda_graph)
+
+    def close(self) -> None:
+        """Hand a sampler with CUDA graphs to the next :meth:`take` of its settings (the
+        caller uses it no more)."""
+        if self.cuda_graph:
+            _hand_back(("sampler", *self.key), self)
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs this sampler has had captured (or is warming up) so far."""
+        return len(self._graphs) if self._graphs is not None else 0
 
     def sample(self, logits, uniform: float, row: int) -> int:
         """The token drawn with ``uniform`` from q = adjust_logits(last row of ``logits``)
@@ -248,8 +303,12 @@ class DeviceSampler:
         self.binding.bind_output("probs", self.device.kind, self.device.device_id,
                                  self.dtype.type, [1, self.vocab],
                                  self.probs.data_ptr() + row * self._row_bytes)
-        self.session.run_with_iobinding(self.binding)
-        return int(self._token_host[0])
+        if not self.cuda_graph:
+            self.session.run_with_iobinding(self.binding)
+            return int(self._token_host[0])
+        where = {"logits": (logits.data_ptr(), logits.shape()[1]), "row": row}
+        self.session.run_with_iobinding(self.binding, self._graphs.options(where))
+        return int(self._token.numpy()[0])
 
     def rows_view(self, count: int) -> DeviceRows:
         """The first ``count`` q rows written."""
@@ -506,15 +565,11 @@ class GraphVerifier:
         """Where verifiers of ``key`` wait between sequences (None: not pooled)."""
         if not self.cuda_graph or self.cuda_graph_refused or self.options is not None:
             return None
-        return (self.device, self.vocab, self.logits_dtype, self.compute, *key)
+        return ("verifier", self.device, self.vocab, self.logits_dtype, self.compute, *key)
 
     def _pooled(self, key: tuple) -> DeviceVerifier | None:
         pool_key = self._pool_key(key)
-        if pool_key is None:
-            return None
-        with _SESSIONS_LOCK:
-            waiting = _POOL.get(pool_key)
-            return waiting.pop() if waiting else None
+        return None if pool_key is None else _take_pooled(pool_key)
 
     def _new(self, key: tuple) -> DeviceVerifier:
         gamma, sampling, stand_in = key
@@ -538,9 +593,7 @@ class GraphVerifier:
         for key, verifier in self._verifiers.items():
             pool_key = self._pool_key(key)
             if pool_key is not None and verifier.cuda_graph:
-                with _SESSIONS_LOCK:
-                    if len(_POOL[pool_key]) < _POOL_MAX:
-                        _POOL[pool_key].append(verifier)
+                _hand_back(pool_key, verifier)
         self._verifiers.clear()
 
     def prepare(self, gamma: int, sampling: SamplingConfig, *, stand_in: bool = False) -> None:
