@@ -163,11 +163,15 @@ class Runner:
     """
 
     def __init__(self, target, draft=None, *, sampling=None, verify: str = "auto",
-                 compute: str = "float32", capture_helpers: bool | None = None):
+                 compute: str = "float32", capture_helpers: bool | None = None,
+                 shadow_rule=None):
+        from quickdraft.pipelined import ShadowRule
+
         self.target, self.draft = target, draft
         self.sampling = sampling if sampling is not None else greedy()
         self.verify, self.compute = verify, compute
         self.capture_helpers = capture_helpers  # the Generator's
+        self.shadow_rule = shadow_rule or ShadowRule()  # the Generator's
 
     def generator(self, drafter, n: int, seed: int | None, max_draft: int | None = None,
                   pipelined: bool = False):
@@ -176,7 +180,7 @@ class Runner:
         config = DecodeConfig(max_new_tokens=n, sampling=self.sampling, seed=seed)
         return Generator(self.target, drafter, config, verify=self.verify,
                          compute=self.compute, max_draft=max_draft, pipelined=pipelined,
-                         capture_helpers=self.capture_helpers)
+                         capture_helpers=self.capture_helpers, shadow_rule=self.shadow_rule)
 
     def _run(self, drafter, prompt, n: int, seed: int | None, pipelined: bool = False):
         with self.generator(drafter, n, seed, pipelined=pipelined) as gen:

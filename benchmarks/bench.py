@@ -111,6 +111,19 @@ def _names(s: str, allowed) -> list[str]:
     return out
 
 
+def parse_rates(s: str) -> list[float]:
+    """'0.3,0.5' -> [0.3, 0.5] (rates in [0, 1]); '' -> []."""
+    try:
+        rates = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--shadow-keep-rates: {s!r} is not a comma list of numbers, e.g. "
+                         "0.3,0.5") from None
+    bad = [r for r in rates if not 0.0 <= r <= 1.0]
+    if bad:
+        raise SystemExit(f"--shadow-keep-rates: {bad} outside [0, 1]")
+    return rates
+
+
 def add_measure_options(ap: argparse.ArgumentParser, *, samplings: str) -> None:
     """The options of how quickdraft's systems are measured (:func:`qd_spec`), for every
     script that runs the qd task; ``samplings``: their default."""
@@ -126,6 +139,9 @@ def add_measure_options(ap: argparse.ArgumentParser, *, samplings: str) -> None:
     ap.add_argument("--pipelined", default="",
                     help="gammas of pipelined greedy decoding on the fast path (the draft "
                     "drafting beside the verification), e.g. 4,8; '' for none")
+    ap.add_argument("--shadow-keep-rates", default="",
+                    help="pipelined rows again with a ShadowRule of each min_keep_rate "
+                    "(continuations only while the running keep rate reaches it), e.g. 0.3,0.5")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-repeats", type=int, default=1)
@@ -142,6 +158,7 @@ def parse_measure_options(args: argparse.Namespace) -> None:
     """:func:`add_measure_options`' strings to lists, in place."""
     args.gammas = parse_ints(args.gammas)
     args.pipelined = parse_ints(args.pipelined) if args.pipelined else []
+    args.shadow_keep_rates = parse_rates(args.shadow_keep_rates)
     args.samplings = parse_samplings(args.samplings)
     args.sampling_gammas = (parse_ints(args.sampling_gammas) if args.sampling_gammas
                             else [args.gamma])
@@ -254,6 +271,7 @@ def qd_spec(a: argparse.Namespace, pair_dir: Path, path: str, controlled: bool) 
             "cost_reps": a.cost_reps, "samplings": a.samplings,
             "sampling_gammas": a.sampling_gammas,
             "pipelined": a.pipelined if path == "fast" else [],
+            "shadow_keep_rates": a.shadow_keep_rates if path == "fast" else [],
             "cuda_graph": not a.no_cuda_graph, "seed": 0}
 
 

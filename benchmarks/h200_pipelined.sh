@@ -19,7 +19,8 @@ systems=qd-fast,genai-graph,genai-spec-graph
 case ${1:?1b, checks, 7b or sampling} in
   1b)
     python3 benchmarks/bench.py --pairs 1b --num-prompts 2 --systems "$systems" \
-        --pipelined 4,8 --samplings 1.0:1.0,0.7:0.9 --tag pipelined-1b --budget 560 \
+        --pipelined 4,8 --shadow-keep-rates 0.3 --samplings 1.0:1.0,0.7:0.9 \
+        --tag pipelined-1b --budget 560 \
         --out "$out/1b" ;;
   checks)
     python3 benchmarks/cuda_graph_check.py /tmp/qdbench/pairs/1b/qd-fast \

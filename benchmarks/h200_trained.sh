@@ -6,7 +6,9 @@
 #                                            # sources), tokenizer, target 240 s, draft 90 s,
 #                                            # held-out alpha; export; every system beside
 #                                            # onnxruntime-genai: greedy, the gamma sweep,
-#                                            # pipelined, sampled at T=1
+#                                            # pipelined (also with a ShadowRule of
+#                                            # min_keep_rate KEEP_RATES, default 0.3),
+#                                            # sampled at T=1
 #   bash benchmarks/h200_trained.sh genai    # the pair's greedy systems again, beside
 #                                            # onnxruntime-genai (for a `pair` call whose
 #                                            # training left too little budget for it)
@@ -36,6 +38,7 @@ systems() {
   python3 benchmarks/bench.py --work "$work" --pairs trained \
       --stages bandwidth,export,build,systems --num-prompts "${PROMPTS:-8}" \
       --systems qd-fast,genai-graph,genai-spec-graph --pipelined 4,7 \
+      --shadow-keep-rates "${KEEP_RATES:-0.3}" \
       --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas 4,7 --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }

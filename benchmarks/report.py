@@ -446,7 +446,8 @@ def render(results: dict) -> str:
 
         piped = []
         for r in ((pair.get("systems") or {}).get("qd-fast") or {}).get("pipelined") or []:
-            piped.append([fmt(r.get("gamma"), "d"), fmt(r.get("tokens_per_s"), ".0f"),
+            piped.append([fmt(r.get("gamma"), "d"), fmt(r.get("min_keep_rate", 0.0), ".2f"),
+                          fmt(r.get("tokens_per_s"), ".0f"),
                           fmt(r.get("sequential_tokens_per_s"), ".0f"),
                           fmt(r.get("speedup"), ".2f"), fmt(r.get("alpha"), ".3f"),
                           fmt(r.get("warm_share"), ".2f"),
@@ -460,7 +461,8 @@ def render(results: dict) -> str:
         if piped:
             parts.append(f"### {pname}: pipelined (greedy; the draft's continuation launched "
                          "beside the verify call)\n\n" + table(
-                             ["gamma", "tok/s", "sequential tok/s", "speedup", "alpha",
+                             ["gamma", "min keep rate", "tok/s", "sequential tok/s",
+                              "speedup", "alpha",
                               "warm", "open ms/iter", "shadow / verify alone ms",
                               "hidden", "effective c", "theory", "realized / theory",
                               "greedy equal"], piped))

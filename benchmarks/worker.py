@@ -210,10 +210,11 @@ def _check_len(tokens_list, n):
 
 
 def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: float,
-                  warmup: int, repeats: int, c, costs=None) -> dict:
+                  warmup: int, repeats: int, c, costs=None, rates=()) -> dict:
     """Autoregressive and speculative sampling at ``temperature`` / ``top_p``, each prompt
     with its own seed, timed side by side as the greedy runs are; with ``costs`` (the cost
-    stage's ms per target and draft call), pipelined sampling at ``gamma`` too."""
+    stage's ms per target and draft call), pipelined sampling at ``gamma`` too, and again
+    with a ShadowRule of each min_keep_rate in ``rates``."""
     from benchmarks import adapters
     from benchmarks.analysis import compare, summarize_spec
     from quickdraft.sampling import SamplingConfig
@@ -258,7 +259,22 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
         t_ms, d_ms = costs
         out["pipelined"] = _pipelined_row(runner, prompts, n, gamma, None, ar["tokens_per_s"],
                                           t_ms, d_ms, warmup, repeats, sp, seeded=True)
+        out["pipelined_rules"] = [
+            _pipelined_row(_with_rule(runner, r), prompts, n, gamma, None, ar["tokens_per_s"],
+                           t_ms, d_ms, warmup, repeats, sp, seeded=True)
+            for r in rates]
     return out
+
+
+def _with_rule(runner, min_keep_rate: float):
+    """``runner`` pipelining with ShadowRule(min_keep_rate)."""
+    from benchmarks import adapters
+    from quickdraft.pipelined import ShadowRule
+
+    return adapters.Runner(runner.target, runner.draft, verify=runner.verify,
+                           compute=runner.compute, sampling=runner.sampling,
+                           capture_helpers=runner.capture_helpers,
+                           shadow_rule=ShadowRule(min_keep_rate=min_keep_rate))
 
 
 def _captures_helpers(runner) -> bool:
@@ -406,6 +422,7 @@ def task_qd(spec: dict, rec: Record) -> None:
             rec.set("sweep", sweep)
         _record_best_gamma(rec, sweep)
 
+    rates = [float(r) for r in spec.get("shadow_keep_rates") or []]  # pipelined rules
     samplings = [(t, p, int(g)) for t, p in spec.get("samplings") or []
                  for g in spec.get("sampling_gammas") or [gamma]]
     for temperature, top_p, g in samplings:
@@ -413,7 +430,8 @@ def task_qd(spec: dict, rec: Record) -> None:
             sampled = rec.data.get("sampled") or []
             sampled.append(_sampled_runs(pair, prompts, n, g, float(temperature),
                                          float(top_p), warmup, repeats, c_protocol,
-                                         (t_ms, d_ms) if spec.get("pipelined") else None))
+                                         (t_ms, d_ms) if spec.get("pipelined") else None,
+                                         rates))
             rec.set("sampled", sampled)
             r = sampled[-1]
             log(f"qd-{path} T={temperature} top_p={top_p} gamma {g}: AR "
@@ -426,23 +444,25 @@ def task_qd(spec: dict, rec: Record) -> None:
                     f"without their CUDA graphs: AR {d['tokens_per_s']:.0f} tok/s, "
                     f"speculative {u['tokens_per_s']:.0f} tok/s, tokens equal "
                     f"{d['tokens_equal']} / {u['tokens_equal']}")
-            if "pipelined" in r:
-                pr = r["pipelined"]
-                log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {g}: "
-                    f"{pr['tokens_per_s']:.0f} tok/s, speedup {_f(pr.get('speedup')):.2f}, "
+            for pr in [r["pipelined"], *r["pipelined_rules"]] if "pipelined" in r else []:
+                log(f"qd-{path} T={temperature} top_p={top_p} pipelined gamma {g} "
+                    f"(min keep rate {pr['min_keep_rate']}): {pr['tokens_per_s']:.0f} tok/s, "
+                    f"speedup {_f(pr.get('speedup')):.2f}, warm {pr['warm_share']:.2f}, "
                     f"effective c {_f(pr.get('effective_c')):.3f}")
 
-    for g in spec.get("pipelined") or []:
-        with rec.step(f"pipelined-{g}"):
+    for g, keep in [(g, k) for g in spec.get("pipelined") or [] for k in [None, *rates]]:
+        with rec.step(f"pipelined-{g}" + ("" if keep is None else f"-rule-{keep}")):
             sequential = [r for r in [rec.data.get("spec") or {}, *(rec.data.get("sweep") or [])]
                           if r.get("gamma") == g]
-            row = _pipelined_row(pair.runner, prompts, n, int(g), ref, ar_tps, t_ms, d_ms,
+            runner = pair.runner if keep is None else _with_rule(pair.runner, keep)
+            row = _pipelined_row(runner, prompts, n, int(g), ref, ar_tps, t_ms, d_ms,
                                  warmup, repeats, sequential[0] if sequential else None)
             rec.set("pipelined", (rec.data.get("pipelined") or []) + [row])
             r = {k: _f(row.get(k)) for k in ("speedup", "sequential_tokens_per_s",
                                                "warm_share", "shadow_over_verify",
                                                "hidden_share", "effective_c")}
-            log(f"qd-{path} pipelined gamma {g}: {row['tokens_per_s']:.0f} tok/s, speedup "
+            log(f"qd-{path} pipelined gamma {g} (min keep rate {row['min_keep_rate']}): "
+                f"{row['tokens_per_s']:.0f} tok/s, speedup "
                 f"{r['speedup']:.2f} (sequential {r['sequential_tokens_per_s']:.0f} tok/s), "
                 f"warm {r['warm_share']:.2f}, shadow / verify {r['shadow_over_verify']:.2f}, "
                 f"hidden {r['hidden_share']:.2f}, effective c {r['effective_c']:.3f}, "
@@ -504,6 +524,7 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
     total = lambda key: sum(float(s.get(key) or 0.0) for s in stats)  # noqa: E731
     iters = max(1.0, total("iterations"))
     row = {**rate(n * len(prompts), times), "gamma": g, "iterations": int(iters),
+           "min_keep_rate": runner.shadow_rule.min_keep_rate,
            "greedy_equal": (not mismatch) if ref else None, "mismatches": mismatch,
            "warm_share": total("warm_iterations") / iters,
            "tokens_per_iteration": n * len(prompts) / iters,

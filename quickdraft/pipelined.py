@@ -40,6 +40,7 @@ from quickdraft.theory import beta
 from quickdraft.verification import verify, verify_greedy
 
 __all__ = [
+    "ShadowRule",
     "PipelinedStats",
     "PipelinedResult",
     "PipelinedStep",
@@ -138,9 +139,10 @@ class PipelinedResult:
 class PipelinedStep:
     """One pipelined iteration."""
 
-    tokens: list[int]  # x_<n + [recovered], or x + [y_1] when all k + 1 were kept
+    tokens: list[int]  # x_<n + [recovered], or x + [y_1] when all k + 1 were kept (no
+    # continuation: x_<n + [recovered or bonus])
     n_accepted: int  # candidates kept, 0..k + 1 (candidate k + 1 is the stand-in y_1)
-    checked: int  # candidates: k + 1
+    checked: int  # candidates: k + 1 (no continuation: k)
     betas: list[float]  # beta at the candidates reached, min(n + 1, k + 1) of them
     pending: Candidates | None  # y_2..y_L, the next proposal; None: it is drafted afresh
     warm: bool  # the proposal was pre-drafted in the last iteration's shadow
@@ -149,17 +151,52 @@ class PipelinedStep:
     pre_drafted: int  # L, the continuation's tokens
 
 
-def pipeline_lengths(remaining: int, gamma: int, pending: int | None) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ShadowRule:
+    """Whether an iteration drafts a continuation in the target's shadow, decided from
+    earlier iterations only (so the output law stays the target's): while the running rate
+    at which iterations kept all their candidates is at least ``min_keep_rate``. A
+    continuation is used only when everything is kept; when that is rare, drafting it costs
+    the target's call more than it saves. An iteration without one is Algorithm 1's: its
+    proposal, and the bonus drawn from p_{k+1}."""
+
+    min_keep_rate: float = 0.0  # 0: every iteration has a continuation (plain pipelining)
+    memory: float = 0.8  # the past's weight in the running rate, in [0, 1)
+    start: float = 1.0  # the running rate before the first iteration
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_keep_rate <= 1.0:
+            raise ValueError(f"min_keep_rate must be in [0, 1], got {self.min_keep_rate}")
+        if not 0.0 <= self.memory < 1.0:
+            raise ValueError(f"memory must be in [0, 1), got {self.memory}")
+        if not 0.0 <= self.start <= 1.0:
+            raise ValueError(f"start must be in [0, 1], got {self.start}")
+
+    def shadow(self, rate: float) -> bool:
+        """Draft a continuation at the running keep rate ``rate``?"""
+        return rate >= self.min_keep_rate
+
+    def update(self, rate: float, step: PipelinedStep) -> float:
+        """The running rate after ``step`` (kept: every candidate it checked accepted)."""
+        kept = step.n_accepted == step.checked
+        return self.memory * rate + (1.0 - self.memory) * float(kept)
+
+
+def pipeline_lengths(remaining: int, gamma: int, pending: int | None,
+                     shadow: bool = True) -> tuple[int, int]:
     """(k, L) for an iteration while ``remaining`` tokens are still wanted: k proposal tokens
     (``pending`` of them pre-drafted, None: min(gamma, remaining - 1) drafted now) and L
     continuation tokens, the stand-in and a next proposal of at most gamma tokens that
-    itself leaves room for a stand-in: min(gamma + 1, max(1, remaining - k - 1)).
+    itself leaves room for a stand-in: min(gamma + 1, max(1, remaining - k - 1)). Without
+    ``shadow`` L is 0 (an iteration of Algorithm 1), unless k is 0: a stand-in alone.
 
     A pre-drafted proposal always fits (it was cut to fit when it was drafted), and the
-    lengths depend only on the budget: never on a token or a uniform."""
+    lengths depend only on the budget and ``shadow``: never on a token or a uniform."""
     k = min(gamma, remaining - 1) if pending is None else pending
     if not 0 <= k <= remaining - 1:
         raise ValueError(f"a proposal of {k} tokens does not fit {remaining} wanted tokens")
+    if not shadow and k > 0:
+        return k, 0
     return k, min(gamma + 1, max(1, remaining - k - 1))
 
 
@@ -218,16 +255,26 @@ def pipelined_step(
 ) -> PipelinedStep:
     """One pipelined iteration, pure given the states and the uniforms: open [k] (the
     proposal's draws; empty when ``pending``, the proposal pre-drafted last iteration, is
-    given), shadow [L] (the continuation's), accept [k + 1], sample."""
-    if len(shadow_uniforms) < 1:
-        raise ValueError("the continuation needs at least one token: its first is the stand-in")
+    given), shadow [L] (the continuation's; empty: no continuation, Algorithm 1 with the
+    bonus), accept [k + 1], sample."""
     # the proposal x_1..x_k: pre-drafted in the last call's shadow, or drafted now (target waits)
     x = pending if pending is not None else drafter.get_candidates(
         ids, len(open_uniforms), open_uniforms)
     k = len(x.tokens)
+    if len(shadow_uniforms) < 1 and k < 1:
+        raise ValueError("an iteration needs a proposal or a continuation (its first token "
+                         "is the stand-in)")
     scored = list(ids) + x.tokens.tolist()  # ids + x
     # one target call; in its shadow the draft continues from x_k as if every x_i were kept
     p = target_probs(target, scored, k + 1, sampling)  # [k + 1, V]
+    open_calls = 0 if pending is not None else x.model_calls
+    if not len(shadow_uniforms):  # no continuation: Algorithm 1, the bonus from p_{k+1}
+        n, token = verify(p, x.probs, x.tokens, accept_uniforms[:k], sample_uniform,
+                          validate=not x.checked)
+        reached = min(n + 1, k)
+        return PipelinedStep(x.tokens[:n].tolist() + [token], n, k,
+                             beta(p[:reached], x.probs[:reached]).tolist(), None,
+                             pending is not None, open_calls, 0, 0)
     y = drafter.get_candidates(scored, len(shadow_uniforms), shadow_uniforms)  # [L] y_1..y_L
     # the verdict: Algorithm 1 on x_1..x_k and the stand-in y_1, in the bonus's place
     candidates = np.append(x.tokens, y.tokens[:1])  # [k + 1]
@@ -241,7 +288,7 @@ def pipelined_step(
     reached = min(n + 1, k + 1)
     return PipelinedStep(
         tokens, n, k + 1, beta(p[:reached], q[:reached]).tolist(), nxt, pending is not None,
-        0 if pending is not None else x.model_calls, y.model_calls, len(y.tokens),
+        open_calls, y.model_calls, len(y.tokens),
     )
 
 
@@ -255,13 +302,15 @@ def pipelined_generate(
     sampling: SamplingConfig = SamplingConfig(),
     rng: np.random.Generator,
     eos_id: EosIds = None,
+    rule: ShadowRule = ShadowRule(),
 ) -> PipelinedResult:
     """Pipelined speculative sampling: the output follows the target's distribution.
 
     Each iteration checks gamma + 1 candidates (fewer near ``max_new_tokens``): the
-    proposal and the stand-in. Uniforms per iteration: ``rng.random(k_open + L + k + 2)``
-    (open draft, shadow draft, accept, sample; k_open = 0 for a pre-drafted proposal).
-    Returns the new tokens and :class:`PipelinedStats`.
+    proposal and the stand-in; where ``rule`` declines a continuation, the proposal of
+    gamma and the bonus. Uniforms per iteration: ``rng.random(k_open + L + k + 2)`` (open
+    draft, shadow draft, accept, sample; k_open = 0 for a pre-drafted proposal, L = 0
+    without a continuation). Returns the new tokens and :class:`PipelinedStats`.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
@@ -277,9 +326,11 @@ def pipelined_generate(
     stats = PipelinedStats(gamma=gamma)
     ids, out = list(prompt_ids), []
     pending: Candidates | None = None  # the pre-drafted proposal, if the last one was kept
+    rate = rule.start  # the running keep rate the rule decides on
     while len(out) < max_new_tokens:
         k, L = pipeline_lengths(max_new_tokens - len(out), gamma,
-                                None if pending is None else len(pending.tokens))
+                                None if pending is None else len(pending.tokens),
+                                rule.shadow(rate))
         k_open = 0 if pending is not None else k
         u = rng.random(k_open + L + k + 2)  # [k_open + L + k + 2] open, shadow, accept, sample
         step = pipelined_step(state, drafter, ids, pending, sampling, u[:k_open],
@@ -288,6 +339,7 @@ def pipelined_generate(
         ids += piece
         out += piece
         stats.record(step, len(out))
+        rate = rule.update(rate, step)
         pending = step.pending
         if piece[-1] in eos:
             break

@@ -252,34 +252,40 @@ def draft_paths(draft, prefix, m, sampling):
             yield [v] + vs, [x] + xs, w * w2
 
 
-def exact_pipelined_sequences(target, draft, prompt, gamma, n_tokens, sampling):
+def exact_pipelined_sequences(target, draft, prompt, gamma, n_tokens, sampling, rule=None):
     """Exact distribution over the first ``n_tokens`` output tokens of
     :func:`quickdraft.pipelined.pipelined_generate`, integrated over every uniform of every
     iteration: the proposal's draft cells (when it is drafted afresh), the continuation's
-    draft cells, the accept cells of the k + 1 candidates and the sample cells. Each branch
-    of the history carries the proposal it continues with (None: drafted afresh)."""
-    from quickdraft.pipelined import pipeline_lengths, pipelined_step
+    draft cells, the accept cells of the candidates and the sample cells. Each branch of
+    the history carries the proposal it continues with (None: drafted afresh) and the
+    running keep rate ``rule`` (a ShadowRule; None: the default) decides on."""
+    from quickdraft.pipelined import ShadowRule, pipeline_lengths, pipelined_step
 
-    frontier = {((), None): (1.0, None)}  # (emitted, pending tokens) -> (weight, pending)
+    rule = rule or ShadowRule()
+    # (emitted, pending tokens, rate) -> (weight, pending)
+    frontier = {((), None, rule.start): (1.0, None)}
     done: dict[tuple[int, ...], float] = {}
     while frontier:
         nxt: dict = {}
-        for (seq, held), (w, pending) in frontier.items():
+        for (seq, held, rate), (w, pending) in frontier.items():
             ids = list(prompt) + list(seq)
             k, L = pipeline_lengths(n_tokens - len(seq), gamma,
-                                    None if held is None else len(held))
+                                    None if held is None else len(held), rule.shadow(rate))
+            m = k + 1 if L else k  # candidates: the proposal, and the stand-in if any
             for v_open, x_open, w_open in draft_paths(draft, ids, 0 if held else k, sampling):
                 x = list(held) if held is not None else x_open
                 for v_shadow, y, w_shadow in draft_paths(draft, ids + x, L, sampling):
-                    c = x + y[:1]  # [k + 1] the candidates: the proposal and the stand-in
+                    c = x + y[:1]  # [m] the candidates
                     p = adjust_logits(np.stack([target.score(ids + x[:i]) for i in range(k + 1)]),
                                       sampling)  # [k + 1, V]
-                    q = adjust_logits(np.stack([draft.score(ids + c[:i]) for i in range(k + 1)]),
-                                      sampling)  # [k + 1, V]
-                    s_cells = cells(sample_breakpoints(np.concatenate([p, p[-1:]]), q))
-                    per_pos = [accept_cells(p[i, c[i]], q[i, c[i]]) for i in range(k + 1)]
+                    q = adjust_logits(np.stack([draft.score(ids + c[:i]) for i in range(m)]),
+                                      sampling)  # [m, V]
+                    # the sample cells: p_{k+1} is the bonus's row, or unused past a stand-in
+                    p_rows = np.concatenate([p, p[-1:]]) if L else p  # [m + 1, V]
+                    s_cells = cells(sample_breakpoints(p_rows, q))
+                    per_pos = [accept_cells(p[i, c[i]], q[i, c[i]]) for i in range(m)]
                     for combo in itertools.product(*per_pos):
-                        u = np.array([a[0] for a in combo])  # [k + 1]
+                        u = np.array([a[0] for a in combo] + [0.5] * (k + 1 - m))  # [k + 1]
                         w_accept = float(np.prod([a[1] for a in combo]))
                         for s, w_s in zip(*s_cells):
                             step = pipelined_step(
@@ -292,7 +298,8 @@ def exact_pipelined_sequences(target, draft, prompt, gamma, n_tokens, sampling):
                                 done[new[:n_tokens]] = done.get(new[:n_tokens], 0.0) + weight
                                 continue
                             key = (new, None if step.pending is None
-                                   else tuple(step.pending.tokens.tolist()))
+                                   else tuple(step.pending.tokens.tolist()),
+                                   rule.update(rate, step))
                             old = nxt.get(key, (0.0, step.pending))
                             nxt[key] = (old[0] + weight, old[1])
         frontier = nxt

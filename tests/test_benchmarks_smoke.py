@@ -575,6 +575,10 @@ def test_sampled_runs_are_parsed_and_reported():
 
     assert bench.parse_samplings("1.0:1.0,0.7:0.9") == [[1.0, 1.0], [0.7, 0.9]]
     assert bench.parse_samplings("0.8") == [[0.8, 1.0]] and bench.parse_samplings("none") == []
+    assert bench.parse_rates("0.3, 0.5") == [0.3, 0.5] and bench.parse_rates("") == []
+    for bad in ("x", "1.5"):
+        with pytest.raises(SystemExit, match="--shadow-keep-rates"):
+            bench.parse_rates(bad)
     for bad in ("0:1", "0.7:1.5", "warm:0.9"):
         with pytest.raises(SystemExit, match="--samplings"):
             bench.parse_samplings(bad)
@@ -606,8 +610,12 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     t_ms = adapters.step_costs(pair.target, prompts[0], [1, 2, 3], reps=2)
     d_ms = adapters.step_costs(pair.draft, prompts[0], [1], reps=2)
-    row = worker._sampled_runs(pair, prompts, 10, 2, 0.8, 0.9, 0, 1, 0.1, (t_ms, d_ms))
+    row = worker._sampled_runs(pair, prompts, 10, 2, 0.8, 0.9, 0, 1, 0.1, (t_ms, d_ms),
+                               rates=(0.6,))
     piped = row["pipelined"]
+    (ruled,) = row["pipelined_rules"]  # the same, continuations only at a keep rate >= 0.6
+    assert piped["min_keep_rate"] == 0.0 and ruled["min_keep_rate"] == 0.6
+    assert ruled["shadow_draft_calls"] <= piped["shadow_draft_calls"]
     assert piped["tokens_per_s"] > 0 and 0.0 <= piped["warm_share"] <= 1.0
     assert piped["greedy_equal"] is None and piped["sequential_tokens_per_s"] == \
         row["spec"]["tokens_per_s"]

@@ -59,7 +59,15 @@ def test_pipelined_flag_gives_the_speculative_tokens_and_refuses_what_it_cannot_
     sampled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sampled["stats"]["mode"] == "pipelined" and sampled["stats"]["verifier"] == "device"
     assert len(sampled["tokens"]) == 24
+    # continuations only while every candidate keeps being kept: still the same tokens
+    assert main([*args, "--gamma", "3", "--pipelined", "--min-keep-rate", "1"]) == 0
+    ruled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ruled["tokens"] == spec["tokens"]
+    assert ruled["stats"]["pipeline"]["shadow_draft_calls"] < pipe["shadow_draft_calls"]
     for extra, why in ((["--temperature", "0.7", "--host-verify"], "verify must be 'device'"),
-                       (["--drafter", "ngram"], "drafter"), (["--gamma", "auto"], "fixed gamma")):
+                       (["--drafter", "ngram"], "drafter"), (["--gamma", "auto"], "fixed gamma"),
+                       (["--min-keep-rate", "2"], "--min-keep-rate must be in [0, 1]")):
         assert main([*args, "--pipelined", *extra]) != 0
         assert why in capsys.readouterr().err
+    assert main([*args, "--min-keep-rate", "0.5"]) != 0
+    assert "add --pipelined" in capsys.readouterr().err

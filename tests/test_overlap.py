@@ -26,6 +26,7 @@ from quickdraft.ort_backend.overlap import GreedyHalves, overlapped_stream  # no
 from quickdraft.ort_backend.static import StaticOrtModel  # noqa: E402
 from quickdraft.pipelined import (  # noqa: E402
     PipelinedStats,
+    ShadowRule,
     pipelined_generate,
     verify_greedy_without_bonus,
     verify_without_bonus,
@@ -134,14 +135,29 @@ def test_pipelined_iterations_are_the_references(pair, gamma):
         assert res.stats.overlap.shadow_s > 0
 
 
-def _as_the_reference(pair, prompt, gamma, config):
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0)])
+def test_iterations_without_a_continuation_are_the_references(pair, sampling):
+    """With a rule that declines continuations after misses, the overlapped loop still
+    makes pipelined_generate's iterations, both kinds of them (greedy and sampled)."""
+    rule = ShadowRule(min_keep_rate=0.5, memory=0.5)
+    for prompt in PROMPTS[:2]:
+        res = _as_the_reference(pair, prompt, 4,
+                                DecodeConfig(max_new_tokens=40, seed=3, sampling=sampling),
+                                rule)
+        stats = res.stats.generation
+        checked = stats.checked_per_iteration
+        assert 4 in checked and 5 in checked  # with and without a continuation
+
+
+def _as_the_reference(pair, prompt, gamma, config, rule=ShadowRule()):
     """A pipelined generation, checked iteration for iteration against pipelined_generate
     on the same models with the config's seed; the Generation."""
-    with pair.generator(config, gamma=gamma, pipelined=True) as gen:
+    with pair.generator(config, gamma=gamma, pipelined=True, shadow_rule=rule) as gen:
         res = gen.generate(prompt)
     ref = pipelined_generate(pair.target, pair.draft, _ids(pair, prompt), gamma=gamma,
                              max_new_tokens=config.max_new_tokens, sampling=config.sampling,
-                             eos_id=pair.eos_ids, rng=np.random.default_rng(config.seed))
+                             eos_id=pair.eos_ids, rng=np.random.default_rng(config.seed),
+                             rule=rule)
     got, want = res.stats.generation, ref.stats
     assert res.tokens == ref.tokens
     assert got.accepted_per_iteration == want.accepted_per_iteration

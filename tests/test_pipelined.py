@@ -14,7 +14,12 @@ from test_generation import SAMPLINGS, Z_LIMIT, random_tables
 
 from quickdraft import pipelined
 from quickdraft.generation import ModelDrafter, autoregressive_generate
-from quickdraft.pipelined import pipeline_lengths, pipelined_generate, pipelined_step
+from quickdraft.pipelined import (
+    ShadowRule,
+    pipeline_lengths,
+    pipelined_generate,
+    pipelined_step,
+)
 from quickdraft.reference import TableModel
 from quickdraft.sampling import SamplingConfig
 from quickdraft.theory import expected_tokens
@@ -51,6 +56,65 @@ def test_sequences_follow_the_target_exactly(vocab, gamma, n_tokens, sampling, s
     target, draft = random_tables(vocab, seed, draft_kind)
     want = exact_target_sequences(target, [1], n_tokens, cfg)
     assert_same_law(exact_pipelined_sequences(target, draft, [1], gamma, n_tokens, cfg), want)
+
+
+# rules that decline continuations: after misses (a keep rate below 1/2 after two in a
+# row), and always (every iteration Algorithm 1's but those with nothing to verify)
+RULES = {"after misses": ShadowRule(min_keep_rate=0.5, memory=0.5),
+         "never": ShadowRule(min_keep_rate=1.0, memory=0.0, start=0.0)}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("vocab,gamma,n_tokens,sampling,seed,draft_kind", [
+    (2, 2, 6, "all", 2, "random"),
+    (3, 2, 5, "temperature", 7, "random"),
+    (3, 1, 5, "plain", 8, "disjoint"),
+])
+def test_sequences_follow_the_target_exactly_whatever_the_rule(
+        rule, vocab, gamma, n_tokens, sampling, seed, draft_kind):
+    """Iterations that skip the continuation (Algorithm 1's, with the bonus) as the rule
+    decides from the iterations before them: the sequence law is still the target's."""
+    cfg = SAMPLINGS[sampling]
+    target, draft = random_tables(vocab, seed, draft_kind)
+    want = exact_target_sequences(target, [1], n_tokens, cfg)
+    got = exact_pipelined_sequences(target, draft, [1], gamma, n_tokens, cfg, RULES[rule])
+    assert_same_law(got, want)
+
+
+def test_the_exact_test_sees_a_wrong_bonus(monkeypatch):
+    """The integrator covers iterations without a continuation: a bonus drawn from p_1
+    instead of p_{k+1} moves the sequence law away from the target's."""
+    from quickdraft.verification import verify
+
+    def first_row_bonus(p, q, x, u, s, *, validate=True):
+        return verify(np.concatenate([p[:-1], p[:1]]), q, x, u, s, validate=validate)
+
+    monkeypatch.setattr(pipelined, "verify", first_row_bonus)
+    cfg = SAMPLINGS["plain"]
+    target, draft = random_tables(3, 7, "random")
+    got = exact_pipelined_sequences(target, draft, [1], 2, 5, cfg, RULES["never"])
+    want = exact_target_sequences(target, [1], 5, cfg)
+    assert max(abs(got.get(s, 0.0) - want.get(s, 0.0)) for s in set(got) | set(want)) > 1e-3
+
+
+def test_the_rule_decides_from_the_keep_rate():
+    """Continuations while the running keep rate is high enough; the generation's
+    iterations without one are counted (no shadow calls, checked = proposal)."""
+    rule = ShadowRule(min_keep_rate=0.5, memory=0.5)
+    assert rule.shadow(rule.start) and rule.shadow(0.5) and not rule.shadow(0.49)
+    step = pipelined.PipelinedStep([1, 2], 1, 2, [1.0, 0.0], None, False, 2, 3, 3)
+    assert rule.update(1.0, step) == 0.5  # a rejection halves it
+    kept = pipelined.PipelinedStep([1, 2, 3], 3, 3, [1.0] * 3, None, False, 2, 3, 3)
+    assert rule.update(0.5, kept) == 0.75
+    target, draft = random_tables(6, 3, "random")
+    cfg = SamplingConfig(temperature=1.0)
+    never = pipelined_generate(target, draft, [1], gamma=3, max_new_tokens=40, sampling=cfg,
+                               rng=np.random.default_rng(0), rule=RULES["never"])
+    assert never.stats.shadow_draft_calls <= 1  # only a last stand-in, if any
+    assert never.stats.warm_iterations == 0
+    always = pipelined_generate(target, draft, [1], gamma=3, max_new_tokens=40, sampling=cfg,
+                                rng=np.random.default_rng(0))
+    assert always.stats.shadow_draft_calls > 10
 
 
 def _unchecked_stand_in(p, q, x, u, s, *, validate=True):
@@ -226,13 +290,20 @@ def test_vocabulary_mismatch_and_bad_parts_are_refused():
         pipeline_lengths(3, 2, 3)  # a pre-drafted proposal longer than the budget allows
     target, draft = random_tables(4, 0, "random")
     cfg = SamplingConfig()
-    with pytest.raises(ValueError, match="stand-in"):
+    with pytest.raises(ValueError, match="a proposal or a continuation"):
         pipelined_step(target.new_state(), ModelDrafter(draft, cfg, 3), [1], None, cfg,
-                       np.array([0.5]), np.zeros(0), np.array([0.5, 0.5]), 0.5)
+                       np.zeros(0), np.zeros(0), np.array([0.5]), 0.5)
+    for bad, field in (({"min_keep_rate": 1.5}, "min_keep_rate"), ({"memory": 1.0}, "memory"),
+                       ({"start": -0.1}, "start")):
+        with pytest.raises(ValueError, match=field):
+            ShadowRule(**bad)
 
 
 def test_lengths_follow_the_budget():
     assert pipeline_lengths(10, 4, None) == (4, 5)  # a proposal, a stand-in and gamma more
+    assert pipeline_lengths(10, 4, None, shadow=False) == (4, 0)  # Algorithm 1's iteration
+    assert pipeline_lengths(10, 4, 0, shadow=False) == (0, 5)  # nothing to verify: a stand-in
+    assert pipeline_lengths(1, 4, None, shadow=False) == (0, 1)
     assert pipeline_lengths(5, 4, 4) == (4, 1)  # the stand-in fills the budget
     assert pipeline_lengths(1, 4, None) == (0, 1)  # the stand-in alone
     assert pipeline_lengths(3, 1, 0) == (0, 2)

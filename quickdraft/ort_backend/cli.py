@@ -82,6 +82,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "target verifies this one, greedy or sampled (sampled draws on the "
                    "device); on CUDA both calls are in flight at once, on the CPU nothing "
                    "overlaps and the plain loop is faster")
+    p.add_argument("--min-keep-rate", type=float, default=0.0, metavar="RATE",
+                   help="with --pipelined: draft the next proposal beside the verification "
+                   "only while the running rate of iterations that kept every candidate is "
+                   "at least RATE (0, the default: always); the others verify as the plain "
+                   "loop does")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device-verify", dest="verify", action="store_const", const="device",
                        help="verify with an ONNX graph next to the target's logits (default "
@@ -164,6 +169,7 @@ def _rounds(spec_gen, auto_gen, prompt: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from quickdraft.ort_backend.generator import DEFAULT_MAX_GAMMA, DecodeConfig, load_pair
+    from quickdraft.pipelined import ShadowRule
     from quickdraft.sampling import SamplingConfig
 
     bundled = not args.model_dir
@@ -198,10 +204,16 @@ def run(args: argparse.Namespace) -> int:
     if args.pipelined and (args.autoregressive or args.drafter != "model"):
         raise ValueError("--pipelined drafts with the draft model: drop --autoregressive "
                          "and --drafter")
+    if args.min_keep_rate and not args.pipelined:
+        raise ValueError("--min-keep-rate decides when a pipelined loop drafts ahead: add "
+                         "--pipelined, or drop it")
+    if not 0.0 <= args.min_keep_rate <= 1.0:
+        raise ValueError(f"--min-keep-rate must be in [0, 1], got {args.min_keep_rate}")
+    rule = ShadowRule(min_keep_rate=args.min_keep_rate)
     spec_gen = pair.generator(config, gamma=None if args.autoregressive else gamma,
                               drafter=None if args.autoregressive or args.pipelined
                               else args.drafter, verify=args.verify,
-                              pipelined=args.pipelined)
+                              pipelined=args.pipelined, shadow_rule=rule)
     out = sys.stdout
     with spec_gen:
         if args.stream:

@@ -50,7 +50,7 @@ from quickdraft.ort_backend.overlap import (
 from quickdraft.ort_backend.static import StaticDecodeState, StaticOrtModel
 from quickdraft.ort_backend.text import StreamDecoder, load_tokenizer, vocabulary
 from quickdraft.ort_backend.verify_graph import DEVICE_MIN_TEMPERATURE, GraphVerifier
-from quickdraft.pipelined import PipelinedStats
+from quickdraft.pipelined import PipelinedStats, ShadowRule
 from quickdraft.protocols import (
     ChainPlan,
     ChainPlanner,
@@ -459,7 +459,8 @@ class Pair:
                   gamma: int | str | None = None, drafter: Drafter | str | None = None,
                   verify: str = "auto", compute: str = "float32",
                   device_sampling: bool | None = None, pipelined: bool = False,
-                  capture_helpers: bool | None = None) -> Generator:
+                  capture_helpers: bool | None = None,
+                  shadow_rule: ShadowRule = ShadowRule()) -> Generator:
         """A :class:`Generator` for one sequence: speculative with ``drafter`` (a Drafter,
         or one of :data:`DRAFTERS` by name, proposing ``gamma`` tokens, default 4), or the
         draft model proposing ``gamma`` tokens; autoregressive with neither.
@@ -467,7 +468,8 @@ class Pair:
         autoregressive sampling (the target's tokens drawn next to its logits).
         ``pipelined``: the draft model drafts while the target verifies (a static pair;
         sampled tokens are then drawn on the device unless ``device_sampling`` is False;
-        see :class:`Generator`). ``capture_helpers``: as :class:`Generator`'s."""
+        see :class:`Generator`). ``capture_helpers``, ``shadow_rule``: as
+        :class:`Generator`'s."""
         if pipelined and device_sampling is None and not config.sampling.greedy:
             device_sampling = True  # the continuation's draws happen inside its chain
         if isinstance(drafter, str):
@@ -481,7 +483,8 @@ class Pair:
         return Generator(self.target, drafter, config, tokenizer=self.tokenizer,
                          eos_ids=self.eos_ids, verify=verify, compute=compute,
                          max_draft=self.max_draft, device_sampling=device_sampling,
-                         pipelined=pipelined, capture_helpers=capture_helpers)
+                         pipelined=pipelined, capture_helpers=capture_helpers,
+                         shadow_rule=shadow_rule)
 
 
 def _eos_ids(manifest) -> frozenset[int]:
@@ -652,6 +655,9 @@ class Generator:
             + 1`` (``load_pair`` does) and a static target; sampled, a chained
             :class:`~quickdraft.ort_backend.device_draft.DeviceModelDrafter` and the
             verification graph (``verify`` "device" or "auto").
+        shadow_rule: which pipelined iterations draft the next proposal beside the verify
+            call (:class:`~quickdraft.pipelined.ShadowRule`; the default: all of them);
+            the others verify their proposal with the bonus, as sequential decoding does.
         capture_helpers: run the verification graph and the target's sampling graph
             (autoregressive sampling on the device) as CUDA graphs (None: when the target
             is a static model loaded with CUDA graphs).
@@ -666,8 +672,12 @@ class Generator:
                  config: DecodeConfig = DecodeConfig(), *, tokenizer=None,
                  eos_ids: Sequence[int] = (), verify: str = "auto", compute: str = "float32",
                  max_draft: int | None = None, device_sampling: bool | None = None,
-                 pipelined: bool = False, capture_helpers: bool | None = None):
+                 pipelined: bool = False, capture_helpers: bool | None = None,
+                 shadow_rule: ShadowRule = ShadowRule()):
         _check_verify(verify)
+        if not isinstance(shadow_rule, ShadowRule):
+            raise TypeError("shadow_rule must be a quickdraft.pipelined.ShadowRule")
+        self.shadow_rule = shadow_rule
         if not isinstance(config, DecodeConfig):
             raise TypeError("config must be a DecodeConfig")
         self.pipelined = bool(pipelined)
@@ -1020,7 +1030,7 @@ class Generator:
             return overlapped_stream(
                 self._state, halves, self.ids, gamma=self.drafter.gamma,
                 max_new_tokens=remaining, rng=self._rng, eos_id=self.eos_ids,
-                stats=self.stats.generation, times=self.stats.overlap)
+                stats=self.stats.generation, times=self.stats.overlap, rule=self.shadow_rule)
         self._loop = speculative_iterations(
             self.target, None, self.ids, drafter=self.drafter, verifier=self._timed_verifier(),
             lenience=c.lenience, max_draft=self.max_draft, **common)

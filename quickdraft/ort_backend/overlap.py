@@ -32,17 +32,20 @@ from quickdraft.ort_backend.verify_graph import DeviceRows, GraphVerifier
 from quickdraft.pipelined import (
     PipelinedStats,
     PipelinedStep,
+    ShadowRule,
     greedy_betas,
     pipeline_lengths,
     verify_greedy_without_bonus,
 )
 from quickdraft.protocols import (
     Candidates,
+    Scores,
     catch_up,
     launch_greedy_chain,
     rewind_to_common_prefix,
 )
 from quickdraft.sampling import SamplingConfig
+from quickdraft.verification import verify_greedy
 
 __all__ = ["OverlapTimes", "GreedyHalves", "SampledHalves", "overlapped_stream"]
 
@@ -105,6 +108,13 @@ class GreedyHalves:
         n, recovered = verify_greedy_without_bonus(choices, np.array(candidates))
         return n, recovered, greedy_betas(n, m)
 
+    def verdict_with_bonus(self, scores, x: Drafted, accept_uniforms: np.ndarray,
+                           sample_uniform: float) -> tuple[int, int, list[float]]:
+        """Algorithm 1's verdict on x alone (an iteration without a continuation)."""
+        k = len(x.tokens)
+        n, token = verify_greedy(np.asarray(scores[-(k + 1):]), np.array(x.tokens))
+        return n, token, greedy_betas(n, k)
+
 
 class SampledHalves:
     """The sampled loop's model calls and verdict: chains that draw on the device into
@@ -144,6 +154,15 @@ class SampledHalves:
             scores, x.rows, y.rows.slice(0, 1), np.array(candidates, dtype=np.int64),
             self.sampling, accept_uniforms, sample_uniform)
 
+    def verdict_with_bonus(self, scores, x: Drafted, accept_uniforms: np.ndarray,
+                           sample_uniform: float) -> tuple[int, int, list[float]]:
+        """Algorithm 1's verdict on x alone, on its rows where they lie (an iteration
+        without a continuation)."""
+        candidates = Candidates(np.array(x.tokens, dtype=np.int64), None, 0, True,
+                                vocab_size=self.verifier.vocab, rows_on_device=x.rows)
+        return self.verifier.decide(Scores(logits=scores), candidates, self.sampling,
+                                    accept_uniforms, sample_uniform)
+
 
 def _rest(y: Drafted) -> Drafted:
     """y_2..y_L of a continuation, in its bank: the next proposal."""
@@ -160,6 +179,37 @@ def _settle(launched) -> None:
         pass
 
 
+def _shadowed(halves, verifying, scored: list[int], x: Drafted, k: int, L: int,
+              u: np.ndarray, k_open: int, warm: bool, vocab: int, times: OverlapTimes,
+              t0: float, t1: float) -> tuple[PipelinedStep, Drafted | None]:
+    """The rest of an iteration with a continuation: y_1..y_L drafted beside the target's
+    call ``verifying``, then the verdict on x and the stand-in y_1. -> (the step, the next
+    proposal when all k + 1 were kept)."""
+    try:
+        drafting = halves.launch_continuation(scored, u[k_open : k_open + L], 1 - x.bank)
+    except BaseException:
+        _settle(verifying)
+        raise
+    try:
+        scores = verifying.wait()
+    finally:
+        _settle(drafting)  # waited for even when the target's call failed
+    y = halves.continuation(drafting, 1 - x.bank)  # [L]
+    times.open_s += t1 - t0
+    times.shadow_s += time.perf_counter() - t1
+    # the verdict on x_1..x_k and the stand-in y_1, in the bonus's place
+    candidates = x.tokens + y.tokens[:1]  # [k + 1]
+    n, recovered, betas = halves.verdict(scores, x, y, candidates, u[k_open + L : -1],
+                                         float(u[-1]))
+    if recovered is None:  # all k + 1 kept: y_2..y_L is the next proposal
+        tokens, pending = candidates, _rest(y)
+    else:
+        tokens, pending = candidates[:n] + [recovered], None
+    nxt = None if pending is None else Candidates(
+        np.array(pending.tokens, dtype=np.int64), None, 0, True, vocab_size=vocab)
+    return PipelinedStep(tokens, n, k + 1, betas, nxt, warm, k_open, L, L), pending
+
+
 def overlapped_stream(
     target: StaticDecodeState,
     halves: GreedyHalves | SampledHalves,
@@ -171,6 +221,7 @@ def overlapped_stream(
     eos_id: EosIds = None,
     stats: PipelinedStats | None = None,
     times: OverlapTimes | None = None,
+    rule: ShadowRule = ShadowRule(),
 ) -> Iterator[list[int]]:
     """Yield each iteration's new tokens, pipelined: the iterations of
     :func:`quickdraft.pipelined.pipelined_generate` on these models with the same
@@ -180,16 +231,20 @@ def overlapped_stream(
 
     ``halves``: :class:`GreedyHalves` or :class:`SampledHalves` over the draft's state (a
     :class:`StaticDecodeState` whose chains take gamma + 1 steps). ``target``: the
-    target's state, holding fewer tokens than the prompt.
+    target's state, holding fewer tokens than the prompt. ``rule``: which iterations
+    draft a continuation (the others verify the proposal with the bonus, as the
+    reference's).
     """
     eos = _eos_set(eos_id)
     stats = stats if stats is not None else PipelinedStats(gamma=gamma)
     times = times if times is not None else OverlapTimes()
     ids, produced = list(prompt_ids), 0
     pending: Drafted | None = None  # the pre-drafted proposal, if the last one was kept
+    rate = rule.start  # the running keep rate the rule decides on
     while produced < max_new_tokens:
         k, L = pipeline_lengths(max_new_tokens - produced, gamma,
-                                None if pending is None else len(pending.tokens))
+                                None if pending is None else len(pending.tokens),
+                                rule.shadow(rate))
         warm = pending is not None
         k_open = 0 if warm else k
         u = rng.random(k_open + L + k + 2)  # [k_open + L + k + 2] as the reference draws
@@ -201,34 +256,24 @@ def overlapped_stream(
         scored = ids + x.tokens
         # p_1..p_{k+1}, not waited for; beside it y_1..y_L, in the other row bank
         verifying = _launch_verify(target, scored, k + 1, halves.greedy)
-        try:
-            drafting = halves.launch_continuation(scored, u[k_open : k_open + L], 1 - x.bank)
-        except BaseException:
-            _settle(verifying)
-            raise
-        try:
+        if not L:  # no continuation: Algorithm 1 on x, the bonus from p_{k+1}
             scores = verifying.wait()
-        finally:
-            _settle(drafting)  # waited for even when the target's call failed
-        y = halves.continuation(drafting, 1 - x.bank)  # [L]
-        times.open_s += t1 - t0
-        times.shadow_s += time.perf_counter() - t1
-        # the verdict on x_1..x_k and the stand-in y_1, in the bonus's place
-        candidates = x.tokens + y.tokens[:1]  # [k + 1]
-        n, recovered, betas = halves.verdict(scores, x, y, candidates, u[k_open + L : -1],
-                                             float(u[-1]))
-        if recovered is None:  # all k + 1 kept: y_2..y_L is the next proposal
-            tokens, pending = candidates, _rest(y)
+            times.open_s += t1 - t0
+            times.shadow_s += time.perf_counter() - t1
+            n, token, betas = halves.verdict_with_bonus(scores, x, u[k_open : k_open + k],
+                                                        float(u[-1]))
+            pending = None
+            step = PipelinedStep(x.tokens[:n] + [int(token)], n, k, betas, None, warm, k_open,
+                                 0, 0)
         else:
-            tokens, pending = candidates[:n] + [recovered], None
-        nxt = None if pending is None else Candidates(
-            np.array(pending.tokens, dtype=np.int64), None, 0, True,
-            vocab_size=target.model.vocab_size)
-        step = PipelinedStep(tokens, n, k + 1, betas, nxt, warm, k_open, L, L)
+            step, pending = _shadowed(halves, verifying, scored, x, k, L, u, k_open, warm,
+                                      target.model.vocab_size, times, t0, t1)
+        tokens = step.tokens
         piece = _truncate_at_eos(tokens, eos)
         ids += piece
         produced += len(piece)
         stats.record(step, produced)
+        rate = rule.update(rate, step)
         yield piece
         if piece[-1] in eos:
             break
