@@ -143,7 +143,7 @@ class PipelinedStep:
     # continuation: x_<n + [recovered or bonus])
     n_accepted: int  # candidates kept, 0..k + 1 (candidate k + 1 is the stand-in y_1)
     checked: int  # candidates: k + 1 (no continuation: k)
-    betas: list[float]  # beta at the candidates reached, min(n + 1, k + 1) of them
+    betas: list[float]  # beta at the candidates reached, min(n + 1, checked) of them
     pending: Candidates | None  # y_2..y_L, the next proposal; None: it is drafted afresh
     warm: bool  # the proposal was pre-drafted in the last iteration's shadow
     open_calls: int  # draft calls for the proposal, made while the target waited
@@ -272,7 +272,7 @@ def pipelined_step(
         n, token = verify(p, x.probs, x.tokens, accept_uniforms[:k], sample_uniform,
                           validate=not x.checked)
         reached = min(n + 1, k)
-        return PipelinedStep(x.tokens[:n].tolist() + [token], n, k,
+        return PipelinedStep(x.tokens[:n].tolist() + [int(token)], n, k,
                              beta(p[:reached], x.probs[:reached]).tolist(), None,
                              pending is not None, open_calls, 0, 0)
     y = drafter.get_candidates(scored, len(shadow_uniforms), shadow_uniforms)  # [L] y_1..y_L
@@ -307,13 +307,15 @@ def pipelined_generate(
     """Pipelined speculative sampling: the output follows the target's distribution.
 
     Each iteration checks gamma + 1 candidates (fewer near ``max_new_tokens``): the
-    proposal and the stand-in; where ``rule`` declines a continuation, the proposal of
-    gamma and the bonus. Uniforms per iteration: ``rng.random(k_open + L + k + 2)`` (open
+    proposal and the stand-in; where ``rule`` declines a continuation, the proposal alone
+    (then the bonus). Uniforms per iteration: ``rng.random(k_open + L + k + 2)`` (open
     draft, shadow draft, accept, sample; k_open = 0 for a pre-drafted proposal, L = 0
     without a continuation). Returns the new tokens and :class:`PipelinedStats`.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
+    if not isinstance(rule, ShadowRule):
+        raise TypeError("rule must be a quickdraft.pipelined.ShadowRule")
     if isinstance(gamma, bool) or int(gamma) != gamma or gamma < 1:
         raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
     check_pair(target, draft)
