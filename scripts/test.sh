@@ -14,7 +14,8 @@ python -m pip install -q -e ".[test,export,ort,docs,bench,serve]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
 ruff check quickdraft tests benchmarks scripts
-python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci "$@"
+# two workers (pytest-xdist), each taking whole files: a file's fixtures are built once
+python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci -n 2 --dist loadfile "$@"
 if [ "$#" -gt 0 ]; then
     exit 0
 fi
@@ -38,4 +39,4 @@ done
 echo "again with onnxruntime $ORT_LOWEST: ${ort_tests[*]}"
 # the statistical tests of a sampler's law (thousands of generations) run once, above
 PYTHONPATH="$lowest" python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci \
-    -k "not follows_the_target" "${ort_tests[@]}"
+    -n 2 --dist loadfile -k "not follows_the_target" "${ort_tests[@]}"
