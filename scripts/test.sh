@@ -39,4 +39,4 @@ done
 echo "again with onnxruntime $ORT_LOWEST: ${ort_tests[*]}"
 # the statistical tests of a sampler's law (thousands of generations) run once, above
 PYTHONPATH="$lowest" python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci \
-    -n 2 --dist loadfile -k "not follows_the_target" "${ort_tests[@]}"
+    -k "not follows_the_target" "${ort_tests[@]}"
