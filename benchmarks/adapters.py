@@ -173,6 +173,13 @@ class Runner:
         self.capture_helpers = capture_helpers  # the Generator's
         self.shadow_rule = shadow_rule or ShadowRule()  # the Generator's
 
+    def variant(self, **changes) -> Runner:
+        """This runner with some of its settings changed (``sampling``, ``verify``,
+        ``compute``, ``capture_helpers``, ``shadow_rule``)."""
+        settings = dict(sampling=self.sampling, verify=self.verify, compute=self.compute,
+                        capture_helpers=self.capture_helpers, shadow_rule=self.shadow_rule)
+        return Runner(self.target, self.draft, **{**settings, **changes})
+
     def generator(self, drafter, n: int, seed: int | None, max_draft: int | None = None,
                   pipelined: bool = False):
         from quickdraft.ort_backend import DecodeConfig, Generator

@@ -28,18 +28,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import dump_results  # noqa: E402
+from quickdraft.verification.graph import SCAN_BLOCK as DEFAULT_BLOCK  # noqa: E402
 
 SETTINGS = {"T=1": (1.0, 1.0), "T=0.7 top-p 0.9": (0.7, 0.9)}
 GAMMA = 4
 
-
-def _default_block() -> int:
-    from quickdraft.verification import graph
-
-    return graph.SCAN_BLOCK
-
-
-DEFAULT_BLOCK = _default_block()  # the graphs' scan as decoding builds them
 
 
 def _time(session, binding, repeats: int) -> float:

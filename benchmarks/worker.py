@@ -215,13 +215,10 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     with its own seed, timed side by side as the greedy runs are; with ``costs`` (the cost
     stage's ms per target and draft call), pipelined sampling at ``gamma`` too, and again
     with a ShadowRule of each min_keep_rate in ``rates``."""
-    from benchmarks import adapters
     from benchmarks.analysis import compare, summarize_spec
     from quickdraft.sampling import SamplingConfig
 
-    base = pair.runner
-    runner = adapters.Runner(base.target, base.draft, verify=base.verify, compute=base.compute,
-                             sampling=SamplingConfig(temperature=temperature, top_p=top_p))
+    runner = pair.runner.variant(sampling=SamplingConfig(temperature=temperature, top_p=top_p))
     total = n * len(prompts)
 
     def ar_all():
@@ -240,9 +237,7 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     sp.update(compare(ar["tokens_per_s"], sp["tokens_per_s"], sp.get("alpha"), gamma,
                       sp.get("cost_ratio_c")))
     if _captures_helpers(runner):  # side by side: the draws and verdicts uncaptured
-        plain = adapters.Runner(base.target, base.draft, verify=base.verify,
-                                compute=base.compute, sampling=runner.sampling,
-                                capture_helpers=False)
+        plain = runner.variant(capture_helpers=False)
         plain_ar, plain_ar_times = timed_runs(
             lambda: [plain.autoregressive(p, n, seed=i) for i, p in enumerate(prompts)],
             warmup=warmup, repeats=repeats)
@@ -268,21 +263,17 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
 
 def _with_rule(runner, min_keep_rate: float):
     """``runner`` pipelining with ShadowRule(min_keep_rate)."""
-    from benchmarks import adapters
     from quickdraft.pipelined import ShadowRule
 
-    return adapters.Runner(runner.target, runner.draft, verify=runner.verify,
-                           compute=runner.compute, sampling=runner.sampling,
-                           capture_helpers=runner.capture_helpers,
-                           shadow_rule=ShadowRule(min_keep_rate=min_keep_rate))
+    return runner.variant(shadow_rule=ShadowRule(min_keep_rate=min_keep_rate))
 
 
 def _captures_helpers(runner) -> bool:
-    """Whether ``runner``'s sampled draws and verdicts run as CUDA graphs: next to a static
-    target loaded with them."""
-    target = runner.target
-    return (target.manifest.kv_cache == "static" and target.cuda_graph
-            and runner.capture_helpers is not False)
+    """Whether ``runner``'s sampled draws and verdicts run as CUDA graphs."""
+    from quickdraft.ort_backend.verify_graph import captures_helpers
+
+    return (runner.capture_helpers if runner.capture_helpers is not None
+            else captures_helpers(runner.target))
 
 
 def task_qd(spec: dict, rec: Record) -> None:

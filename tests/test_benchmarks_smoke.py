@@ -611,11 +611,11 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     t_ms = adapters.step_costs(pair.target, prompts[0], [1, 2, 3], reps=2)
     d_ms = adapters.step_costs(pair.draft, prompts[0], [1], reps=2)
     row = worker._sampled_runs(pair, prompts, 10, 2, 0.8, 0.9, 0, 1, 0.1, (t_ms, d_ms),
-                               rates=(0.6,))
+                               rates=(1.0,))
     piped = row["pipelined"]
-    (ruled,) = row["pipelined_rules"]  # the same, continuations only at a keep rate >= 0.6
-    assert piped["min_keep_rate"] == 0.0 and ruled["min_keep_rate"] == 0.6
-    assert ruled["shadow_draft_calls"] <= piped["shadow_draft_calls"]
+    (ruled,) = row["pipelined_rules"]  # the same, continuations only until the first miss
+    assert piped["min_keep_rate"] == 0.0 and ruled["min_keep_rate"] == 1.0
+    assert ruled["shadow_draft_calls"] < piped["shadow_draft_calls"]
     assert piped["tokens_per_s"] > 0 and 0.0 <= piped["warm_share"] <= 1.0
     assert piped["greedy_equal"] is None and piped["sequential_tokens_per_s"] == \
         row["spec"]["tokens_per_s"]

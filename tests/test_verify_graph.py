@@ -358,9 +358,32 @@ def test_cuda_graphs_of_the_verdict_need_cuda():
     with pytest.raises(ValueError, match="cuda_graph needs device cuda"):
         GraphVerifier(10, cuda_graph=True)
     ver = GraphVerifier(10)
-    assert not ver.cuda_graph and ver.get(2, SamplingConfig()).graphs == 0
+    first = ver.get(2, SamplingConfig())
+    assert not ver.cuda_graph and first.graphs == 0 and ver.get(2, SamplingConfig()) is first
     ver.close()  # nothing pooled off CUDA; the next call makes its verifiers again
-    assert ver.get(2, SamplingConfig()).graphs == 0
+    assert ver.get(2, SamplingConfig()) is not first
+    kept = DeviceVerifier.take(2, 10, SamplingConfig())
+    kept.close()
+    assert DeviceVerifier.take(2, 10, SamplingConfig()) is not kept
+
+
+def test_a_refused_capture_falls_back_to_uncaptured_verdicts(monkeypatch):
+    """Where ONNX Runtime refuses to capture the graph, the GraphVerifier says why and
+    makes its verifiers without CUDA graphs from then on (none is made on CUDA here)."""
+    made = []
+
+    def take(gamma, vocab, sampling, *, cuda_graph, **kw):
+        made.append(cuda_graph)
+        if cuda_graph:
+            raise RuntimeError("nodes not partitioned to the CUDA EP")
+        return ("uncaptured", gamma)
+
+    monkeypatch.setattr(DeviceVerifier, "take", staticmethod(take))
+    ver = GraphVerifier(10, device=Device("cuda"), cuda_graph=True)
+    assert ver.get(2, SamplingConfig()) == ("uncaptured", 2)
+    assert "not partitioned" in ver.cuda_graph_refused
+    assert ver.get(3, SamplingConfig()) == ("uncaptured", 3)
+    assert made == [True, False, False]  # not tried again
 
 
 def test_graph_uses_standard_operators_only():

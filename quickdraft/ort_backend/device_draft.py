@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from quickdraft.generation import ModelDrafter, check_uniforms
-from quickdraft.ort_backend.verify_graph import DeviceSampler, advance_device
+from quickdraft.ort_backend.verify_graph import DeviceSampler, advance_device, captures_helpers
 from quickdraft.protocols import (
     Candidates,
     DecodeState,
@@ -89,7 +89,7 @@ class DeviceDraw:
     def __init__(self, model, sampling: SamplingConfig, *, compute: str = "float32",
                  cuda_graph: bool | None = None):
         if cuda_graph is None:
-            cuda_graph = model.cuda_graph
+            cuda_graph = captures_helpers(model)
         self.sampler = DeviceSampler.take(model.vocab_size, sampling, 1, device=model.device,
                                           logits_dtype=model.manifest.dtype, compute=compute,
                                           cuda_graph=cuda_graph)

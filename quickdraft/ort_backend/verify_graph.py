@@ -43,6 +43,7 @@ __all__ = [
     "DeviceVerifier",
     "GraphVerifier",
     "advance_device",
+    "captures_helpers",
     "shared_sample_session",
     "shared_session",
 ]
@@ -123,15 +124,31 @@ def _next_graph_id(session) -> int:
         return next(counter)
 
 
-def _take_pooled(key: tuple):
+def captures_helpers(model) -> bool:
+    """Whether the helper graphs next to ``model`` (verdicts, draws) run as CUDA graphs by
+    default: beside a static model loaded with them."""
+    return model.manifest.kv_cache == "static" and model.cuda_graph
+
+
+def _pool_key(kind: str, cuda_graph: bool, options, *settings) -> tuple | None:
+    """Where a helper of ``kind`` ("verifier", "sampler") with these settings waits between
+    sequences: only one with CUDA graphs on a shared session is kept (None: not pooled)."""
+    return (kind, *settings) if cuda_graph and options is None else None
+
+
+def _take_pooled(key: tuple | None):
     """An object a closed sequence handed back under ``key``, or None."""
+    if key is None:
+        return None
     with _SESSIONS_LOCK:
         waiting = _POOL.get(key)
         return waiting.pop() if waiting else None
 
 
-def _hand_back(key: tuple, obj) -> None:
+def _hand_back(key: tuple | None, obj) -> None:
     """Keep ``obj`` (its captured CUDA graphs) for the next sequence of ``key``."""
+    if key is None:
+        return
     with _SESSIONS_LOCK:
         if len(_POOL[key]) < _POOL_MAX:
             _POOL[key].append(obj)
@@ -248,8 +265,8 @@ class DeviceSampler:
         self.vocab, self.rows, self.device = int(vocab), int(rows), device
         self.dtype = np.dtype(compute)
         self.cuda_graph = bool(cuda_graph)
-        self.key = (device, self.vocab, sampling, self.rows, logits_dtype, compute,
-                    self.cuda_graph)  # the settings a pooled sampler must match
+        self._pool_key = _pool_key("sampler", self.cuda_graph, None, device, self.vocab,
+                                   sampling, self.rows, logits_dtype, compute)
         self.session = shared_sample_session(vocab, sampling, device=device,
                                              logits_dtype=logits_dtype, compute=compute,
                                              cuda_graph=self.cuda_graph)
@@ -275,16 +292,16 @@ class DeviceSampler:
              cuda_graph: bool = False) -> DeviceSampler:
         """A sampler of these settings: one a closed sequence handed back (with its captured
         graphs) where there is one, else a new one."""
-        key = (device, int(vocab), sampling, int(rows), logits_dtype, compute, bool(cuda_graph))
-        pooled = _take_pooled(("sampler", *key)) if cuda_graph else None
-        return pooled or cls(vocab, sampling, rows, device=device, logits_dtype=logits_dtype,
-                             compute=compute, cuda_graph=cuda_graph)
+        key = _pool_key("sampler", cuda_graph, None, device, int(vocab), sampling, int(rows),
+                        logits_dtype, compute)
+        return _take_pooled(key) or cls(vocab, sampling, rows, device=device,
+                                        logits_dtype=logits_dtype, compute=compute,
+                                        cuda_graph=cuda_graph)
 
     def close(self) -> None:
         """Hand a sampler with CUDA graphs to the next :meth:`take` of its settings (the
         caller uses it no more)."""
-        if self.cuda_graph:
-            _hand_back(("sampler", *self.key), self)
+        _hand_back(self._pool_key, self)
 
     @property
     def graphs(self) -> int:
@@ -349,6 +366,7 @@ class DeviceVerifier:
         self.compute = np.dtype(compute).type
         key = (device, self.gamma, self.vocab, sampling, logits_dtype, compute, self.stand_in,
                self.cuda_graph)
+        self._pool_key = _pool_key("verifier", self.cuda_graph, options, *key[:-1])
         self.session = (shared_session(*key[1:4], device=device, logits_dtype=logits_dtype,
                                        compute=compute, stand_in=self.stand_in,
                                        cuda_graph=self.cuda_graph)
@@ -398,6 +416,25 @@ class DeviceVerifier:
         self._addresses: dict[str, tuple[int, int]] = {}
         self._graphs = CapturedGraphs(self.session) if self.cuda_graph else None
         self._host_targets: dict[int, object] = {}  # rows -> a device buffer [1, rows, V]
+
+    @classmethod
+    def take(cls, gamma: int, vocab: int, sampling: SamplingConfig = SamplingConfig(), *,
+             device: Device = Device("cpu"), logits_dtype: str = "fp32",
+             compute: str = "float32", options=None, stand_in: bool = False,
+             cuda_graph: bool = False) -> DeviceVerifier:
+        """A verifier of these settings: one a closed sequence handed back (with its
+        captured graphs) where there is one, else a new one."""
+        key = _pool_key("verifier", cuda_graph, options, device, int(gamma), int(vocab),
+                        sampling, logits_dtype, compute, bool(stand_in))
+        return _take_pooled(key) or cls(gamma, vocab, sampling, device=device,
+                                        logits_dtype=logits_dtype, compute=compute,
+                                        options=options, stand_in=stand_in,
+                                        cuda_graph=cuda_graph)
+
+    def close(self) -> None:
+        """Hand a verifier with CUDA graphs to the next :meth:`take` of its settings (the
+        caller uses it no more)."""
+        _hand_back(self._pool_key, self)
 
     @property
     def graphs(self) -> int:
@@ -547,7 +584,7 @@ class GraphVerifier:
         model loaded with CUDA graphs)."""
         static = model.manifest.kv_cache == "static"
         if cuda_graph is None:
-            cuda_graph = static and model.cuda_graph
+            cuda_graph = captures_helpers(model)
         return cls(model.vocab_size, device=model.device, compute=compute, options=options,
                    logits_dtype=model.manifest.dtype if static else "fp32",
                    cuda_graph=cuda_graph)
@@ -558,27 +595,17 @@ class GraphVerifier:
         ``stand_in``: the pipelined verdict's, gamma candidates with the stand-in last)."""
         key = (int(gamma), sampling, bool(stand_in))
         if key not in self._verifiers:
-            self._verifiers[key] = self._pooled(key) or self._new(key)
+            self._verifiers[key] = self._take(key)
         return self._verifiers[key]
 
-    def _pool_key(self, key: tuple) -> tuple | None:
-        """Where verifiers of ``key`` wait between sequences (None: not pooled)."""
-        if not self.cuda_graph or self.cuda_graph_refused or self.options is not None:
-            return None
-        return ("verifier", self.device, self.vocab, self.logits_dtype, self.compute, *key)
-
-    def _pooled(self, key: tuple) -> DeviceVerifier | None:
-        pool_key = self._pool_key(key)
-        return None if pool_key is None else _take_pooled(pool_key)
-
-    def _new(self, key: tuple) -> DeviceVerifier:
+    def _take(self, key: tuple) -> DeviceVerifier:
         gamma, sampling, stand_in = key
 
         def make(cuda_graph: bool) -> DeviceVerifier:
-            return DeviceVerifier(gamma, self.vocab, sampling, device=self.device,
-                                  logits_dtype=self.logits_dtype, compute=self.compute,
-                                  options=self.options, stand_in=stand_in,
-                                  cuda_graph=cuda_graph)
+            return DeviceVerifier.take(gamma, self.vocab, sampling, device=self.device,
+                                       logits_dtype=self.logits_dtype, compute=self.compute,
+                                       options=self.options, stand_in=stand_in,
+                                       cuda_graph=cuda_graph)
 
         if self.cuda_graph and not self.cuda_graph_refused:
             try:
@@ -590,10 +617,8 @@ class GraphVerifier:
     def close(self) -> None:
         """Hand the verifiers with CUDA graphs to the next GraphVerifier of these settings
         (idempotent); the others are dropped."""
-        for key, verifier in self._verifiers.items():
-            pool_key = self._pool_key(key)
-            if pool_key is not None and verifier.cuda_graph:
-                _hand_back(pool_key, verifier)
+        for verifier in self._verifiers.values():
+            verifier.close()
         self._verifiers.clear()
 
     def prepare(self, gamma: int, sampling: SamplingConfig, *, stand_in: bool = False) -> None:
