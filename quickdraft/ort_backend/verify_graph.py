@@ -188,6 +188,24 @@ class CapturedGraphs:
         return options
 
 
+class _CapturedHelper:
+    """What the helpers with CUDA graphs share: their graphs (``_graphs``, None without)
+    and the pool (``_pool_key``) their ``take`` draws from."""
+
+    _graphs: CapturedGraphs | None
+    _pool_key: tuple | None
+
+    def close(self) -> None:
+        """Hand this helper, with its CUDA graphs, to the next ``take`` of its settings (the
+        caller uses it no more); one without graphs is dropped."""
+        _hand_back(self._pool_key, self)
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs this helper has had captured (or is warming up) so far."""
+        return len(self._graphs) if self._graphs is not None else 0
+
+
 class DeviceRows:
     """``count`` rows of a q buffer on the device (a :class:`DeviceSampler`'s or a sampled
     chain's), from row ``start``, where they lie: a verifier on the same device binds them
@@ -242,7 +260,7 @@ class DeviceLogits:
         return rows if dtype is None else rows.astype(dtype)
 
 
-class DeviceSampler:
+class DeviceSampler(_CapturedHelper):
     """Samples draft tokens on the device (:func:`shared_sample_session`): each call takes
     a model's logits where they lie (an OrtValue [1, S, V]) and a uniform, returns the token
     and writes the q row it was drawn from into row ``row`` of this sampler's buffer
@@ -298,16 +316,6 @@ class DeviceSampler:
                                         logits_dtype=logits_dtype, compute=compute,
                                         cuda_graph=cuda_graph)
 
-    def close(self) -> None:
-        """Hand a sampler with CUDA graphs to the next :meth:`take` of its settings (the
-        caller uses it no more)."""
-        _hand_back(self._pool_key, self)
-
-    @property
-    def graphs(self) -> int:
-        """CUDA graphs this sampler has had captured (or is warming up) so far."""
-        return len(self._graphs) if self._graphs is not None else 0
-
     def sample(self, logits, uniform: float, row: int) -> int:
         """The token drawn with ``uniform`` from q = adjust_logits(last row of ``logits``)
         (an OrtValue on this device); q goes to row ``row`` of :attr:`probs`."""
@@ -332,7 +340,7 @@ class DeviceSampler:
         return DeviceRows(self.probs, count, self.vocab, self.dtype, self.device)
 
 
-class DeviceVerifier:
+class DeviceVerifier(_CapturedHelper):
     """Runs the verification graph on a device; ``verifier(...) -> (n, next_token)``.
 
     The target logits may be a NumPy array ([S, V] or [1, S, V]) or an OrtValue
@@ -430,16 +438,6 @@ class DeviceVerifier:
                                         logits_dtype=logits_dtype, compute=compute,
                                         options=options, stand_in=stand_in,
                                         cuda_graph=cuda_graph)
-
-    def close(self) -> None:
-        """Hand a verifier with CUDA graphs to the next :meth:`take` of its settings (the
-        caller uses it no more)."""
-        _hand_back(self._pool_key, self)
-
-    @property
-    def graphs(self) -> int:
-        """CUDA graphs this verifier has had captured (or is warming up) so far."""
-        return len(self._graphs) if self._graphs is not None else 0
 
     def run(self, target, draft_probs, draft_tokens, accept_uniforms,
             sample_uniform, stand_in_probs=None) -> tuple[int, int, np.ndarray]:
