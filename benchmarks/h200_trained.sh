@@ -14,6 +14,9 @@
 #                                            # training left too little budget for it)
 #   bash benchmarks/h200_trained.sh check    # the exported pair with CUDA graphs against
 #                                            # without (greedy, sampled: captured verdicts)
+#   bash benchmarks/h200_trained.sh host     # host time per iteration on the exported pair
+#                                            # (greedy and T=1, gamma 4), with a cProfile
+#                                            # of where it goes
 #   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
 #                                            # layer; the target's first 1 and 2 layers, from
 #                                            # its weights): held-out alpha, c, speedups
@@ -42,7 +45,7 @@ systems() {
       --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas 4,7 --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }
-case ${1:?pair, genai, check, shapes, train or finish} in
+case ${1:?pair, genai, check, host, shapes, train or finish} in
   pair) rm -rf "$work"; train "${TARGET_SECONDS:-240}" && systems ;;
   genai)  # a fresh results file: the systems are measured again, side by side
     rm -f "$work/results.json"
@@ -51,6 +54,10 @@ case ${1:?pair, genai, check, shapes, train or finish} in
         --samplings none --tag trained-genai --budget 300 --out "$out/genai" ;;
   check)
     python3 benchmarks/cuda_graph_check.py "$pair/qd-fast" --json "$out/cuda_graph_check.json" ;;
+  host)
+    python3 benchmarks/host_overhead.py --pairs static --static-dir "$pair/qd-fast" \
+        --device cuda --gammas 4 --temperatures 0 1 --repeats 5 --profile 3 \
+        --json "$out/host_overhead.json" ;;
   shapes)
     python3 benchmarks/draft_shapes.py --pair-dir "$pair" \
         --shapes "${SHAPES:-512x1,targetx1,targetx2}" --draft-seconds "${SHAPE_SECONDS:-90}" \
@@ -58,5 +65,5 @@ case ${1:?pair, genai, check, shapes, train or finish} in
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
   finish) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" && systems ;;
-  *) echo "unknown step $1: pair, genai, check, shapes, train or finish" >&2; exit 2 ;;
+  *) echo "unknown step $1: pair, genai, check, host, shapes, train or finish" >&2; exit 2 ;;
 esac

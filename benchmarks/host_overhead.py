@@ -24,6 +24,10 @@ seed every round); the table shows medians. Prefill is excluded.
     python benchmarks/host_overhead.py --pairs default --json out.json
 
 At temperature 0 every speculative output must equal the autoregressive one (checked).
+``--profile N`` then runs N more generations of each system under ``cProfile`` and adds
+the functions with the most time of their own (ms per iteration) to each row, ORT's run
+calls among them: where the host time goes (profiling slows the Python side, so read the
+shares, not the absolute times).
 ``--device cuda`` runs the same on a GPU (the static pair then has to be a CUDA export:
 ``--dtype fp16 --device cuda``, given with ``--static-dir``).
 
@@ -138,6 +142,28 @@ def run_once(gen, prompt, clock: OrtClock) -> dict:
     }
 
 
+def host_profile(gen, prompt, clock: OrtClock, runs: int, top: int = 15) -> list[dict]:
+    """The ``top`` functions by own time over ``runs`` profiled generations, per
+    iteration."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    iterations = 0
+    for _ in range(runs):
+        profiler.enable()
+        r = run_once(gen, prompt, clock)
+        profiler.disable()
+        iterations += r["iterations"]
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(file).name}:{line}({fn})",
+             "calls_per_iteration": nc / iterations,
+             "ms_per_iteration": 1e3 * tt / iterations,
+             "cumulative_ms_per_iteration": 1e3 * ct / iterations}
+            for (file, line, fn), (_, nc, tt, ct, _) in rows]
+
+
 def measure_pair(name: str, folder: Path, args) -> list[dict]:
     from quickdraft.ort_backend import DecodeConfig, load_pair
     from quickdraft.sampling import SamplingConfig
@@ -164,6 +190,8 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
         for _ in range(args.repeats):
             for label, gen in systems:
                 runs[label].append(run_once(gen, prompt, clock))
+        profiles = {label: host_profile(gen, prompt, clock, args.profile)
+                    for label, gen in systems} if args.profile else {}
         for _, gen in systems:
             gen.close()
         ar_ms_per_token = None
@@ -192,6 +220,8 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
                 "speedup_over_ar": ar_ms_per_token / ms_per_token,
                 "tokens": rs[0]["tokens"],
             })
+            if label in profiles:
+                rows[-1]["host_profile"] = profiles[label]
     return rows
 
 
@@ -205,6 +235,17 @@ def table(rows: list[dict]) -> str:
           f"{r['tokens_per_s']:.0f}", f"{r['speedup_over_ar']:.2f}x") for r in rows],
         headers=("pair", "T", "system", "tok/it", "ms/it", "ORT ms/it", "host ms/it",
                  "host ms/token", "tokens/s", "vs AR"),
+        tablefmt="github", disable_numparse=True)
+
+
+def profile_table(row: dict, top: int = 10) -> str:
+    from tabulate import tabulate
+
+    return tabulate(
+        [(p["function"], f"{p['calls_per_iteration']:.1f}", f"{p['ms_per_iteration']:.3f}",
+          f"{p['cumulative_ms_per_iteration']:.3f}") for p in row["host_profile"][:top]],
+        headers=(f"{row['pair']} T={row['temperature']:g} {row['system']}: function",
+                 "calls/it", "own ms/it", "cumulative ms/it"),
         tablefmt="github", disable_numparse=True)
 
 
@@ -244,6 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16, help="random prompt (static pair)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then N profiled generations per system (cProfile, own time)")
     ap.add_argument("--json", type=Path, help="write the rows and the settings here")
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"),
                     help="print two --json results side by side and exit")
@@ -276,6 +319,9 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(), "device": args.device, "argv": sys.argv[1:],
             "rows": rows}, indent=1))
     print(table(rows))
+    for row in rows:
+        if "host_profile" in row and row["system"] != "AR":
+            print(profile_table(row))
     return 0
 
 
