@@ -24,6 +24,11 @@
 # with a checkpoint, exit status 3; the second continues and, once the pair is trained,
 # exports and measures as `pair` does). `pair` and `train` start from an empty work folder:
 #   bash benchmarks/h200_trained.sh train; bash benchmarks/h200_trained.sh finish
+# DRAFT_SHAPE picks the draft (train_pair.py --draft-shape; default the paper's 256x2):
+# DRAFT_SHAPE=targetx2 DRAFT_SECONDS=400 starts it from the target's first two layers, the
+# fastest draft measured for this target (held-out alpha 0.833). That does not fit one call
+# beside the target's training: TARGET_SECONDS=240 DRAFT_SHAPE=targetx2 DRAFT_SECONDS=400
+# with `train`, then `finish` (again while it exits 3), the same variables each time
 set -euo pipefail
 out=${OUT:-runs/h200}
 work=/tmp/qdbench
@@ -33,7 +38,8 @@ mkdir -p "$out"
 # rows measured in separate processes (1,666-1,852 tok/s)
 train() {  # $1: target seconds; further arguments go to train_pair.py
   python3 benchmarks/train_pair.py --out "$pair" --device cuda --target-seconds "$1" \
-      --draft-seconds "${DRAFT_SECONDS:-90}" --num-prompts "${PROMPTS:-8}" "${@:2}" 2>&1 \
+      --draft-seconds "${DRAFT_SECONDS:-90}" --num-prompts "${PROMPTS:-8}" \
+      ${DRAFT_SHAPE:+--draft-shape "$DRAFT_SHAPE"} "${@:2}" 2>&1 \
       | tee -a "$out/train.log"
 }
 systems() {

@@ -142,19 +142,21 @@ def run_once(gen, prompt, clock: OrtClock) -> dict:
     }
 
 
-def host_profile(gen, prompt, clock: OrtClock, runs: int, top: int = 15) -> list[dict]:
-    """The ``top`` functions by own time over ``runs`` profiled generations, per
-    iteration."""
+def host_profile(gen, prompt, runs: int, top: int = 15) -> list[dict]:
+    """The ``top`` functions by own time over the decode steps of ``runs`` profiled
+    generations, per iteration."""
     import cProfile
     import pstats
 
     profiler = cProfile.Profile()
     iterations = 0
-    for _ in range(runs):
+    for _ in range(runs):  # the decode steps only, as run_once times them
+        gen.prefill(prompt)
         profiler.enable()
-        r = run_once(gen, prompt, clock)
+        while not gen.done:
+            gen.step()
         profiler.disable()
-        iterations += r["iterations"]
+        iterations += gen.stats.generation.iterations
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
     return [{"function": f"{Path(file).name}:{line}({fn})",
@@ -190,7 +192,7 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
         for _ in range(args.repeats):
             for label, gen in systems:
                 runs[label].append(run_once(gen, prompt, clock))
-        profiles = {label: host_profile(gen, prompt, clock, args.profile)
+        profiles = {label: host_profile(gen, prompt, args.profile)
                     for label, gen in systems} if args.profile else {}
         for _, gen in systems:
             gen.close()

@@ -212,7 +212,8 @@ def goals(results: dict) -> list[dict]:
         for run in sysres(pair, "qd-fast").get("sampled") or []:
             if run.get("temperature") == temperature and run.get("top_p") == 1.0:
                 vals += [(run.get("spec") or {}).get("speedup"),
-                         (run.get("pipelined") or {}).get("speedup")]
+                         (run.get("pipelined") or {}).get("speedup"),
+                         *(_rule_speedup(run, rule) for rule in run.get("pipelined_rules") or [])]
         vals = [v for v in vals if _ok(v)]
         return max(vals) if vals else None
 
@@ -444,6 +445,27 @@ def render(results: dict) -> str:
                               "effective c", "pipelined realized / theory"],
                              sampled))
 
+        ruled = []
+        for r in ((pair.get("systems") or {}).get("qd-fast") or {}).get("sampled") or []:
+            for rule in r.get("pipelined_rules") or []:
+                ruled.append(["qd-fast", fmt(r.get("temperature"), ".2f"),
+                              fmt(r.get("top_p"), ".2f"), fmt(rule.get("gamma"), "d"),
+                              fmt(rule.get("min_keep_rate"), ".2f"),
+                              fmt((r.get("ar") or {}).get("tokens_per_s"), ".0f"),
+                              fmt((r.get("spec") or {}).get("tokens_per_s"), ".0f"),
+                              fmt((r.get("pipelined") or {}).get("tokens_per_s"), ".0f"),
+                              fmt(rule.get("tokens_per_s"), ".0f"),
+                              fmt(_rule_speedup(r, rule), ".2f"),
+                              fmt(rule.get("alpha"), ".3f"), fmt(rule.get("warm_share"), ".2f"),
+                              fmt(rule.get("tokens_per_iteration"), ".2f")])
+        if ruled:
+            parts.append(f"### {pname}: sampled, pipelined with a ShadowRule (a continuation "
+                         "drafted only while the running rate of iterations that kept every "
+                         "candidate is at least the min keep rate)\n\n" + table(
+                             ["path", "T", "top-p", "gamma", "min keep rate", "AR tok/s",
+                              "sequential tok/s", "pipelined tok/s (no rule)", "tok/s",
+                              "speedup", "alpha", "warm", "tokens/iter"], ruled))
+
         piped = []
         for r in ((pair.get("systems") or {}).get("qd-fast") or {}).get("pipelined") or []:
             piped.append([fmt(r.get("gamma"), "d"), fmt(r.get("min_keep_rate", 0.0), ".2f"),
@@ -491,6 +513,13 @@ def _uncaptured(ar: dict, sp: dict) -> str:
     equal = "yes" if d.get("tokens_equal") and v.get("tokens_equal") else "NO"
     return (f"{fmt(d.get('tokens_per_s'), '.0f')} / {fmt(v.get('tokens_per_s'), '.0f')} "
             f"({equal})")
+
+
+def _rule_speedup(run: dict, rule: dict) -> float | None:
+    """A sampled ShadowRule row's rate over autoregressive sampling at its settings."""
+    ar = (run.get("ar") or {}).get("tokens_per_s")
+    tps = rule.get("tokens_per_s")
+    return tps / ar if _ok(ar) and _ok(tps) else None
 
 
 def _sampled_pipelined(row: dict | None) -> list[str]:

@@ -628,6 +628,39 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     text = report.render(results)
     assert "pipelined tok/s" in text and f"{piped['tokens_per_s']:.0f}" in text
     assert f"{draws['tokens_per_s']:.0f} / {verdicts['tokens_per_s']:.0f} (yes)" in text
+    assert "pipelined with a ShadowRule" in text  # the rule's row, its rate over AR sampling
+    rule_rows = [[c.strip() for c in x.strip("|").split("|")] for x in
+                 text.split("pipelined with a ShadowRule")[1].split("###")[0].splitlines()
+                 if x.startswith("| qd-fast")]
+    (cells,) = rule_rows
+    assert cells[:5] == ["qd-fast", "0.80", "0.90", "2", "1.00"]
+    assert cells[8] == f"{ruled['tokens_per_s']:.0f}"
+    assert cells[9] == f"{ruled['tokens_per_s'] / row['ar']['tokens_per_s']:.2f}"
+
+
+def test_host_profile_finds_the_run_calls_of_a_generation():
+    """benchmarks/host_overhead.py --profile: a profiled generation on the bundled pair lists
+    the functions of its decode steps by their own time per iteration, most first, ONNX
+    Runtime's run call first on the CPU."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import host_overhead
+    from quickdraft.ort_backend import DecodeConfig, load_pair
+    from quickdraft.ort_backend.cli import default_model_dir
+
+    pair = load_pair(default_model_dir(), device="cpu")
+    gen = pair.generator(DecodeConfig(max_new_tokens=8, seed=0), gamma=2)
+    prompt = list(pair.tokenizer.encode("import os\n").ids)
+    rows = host_overhead.host_profile(gen, prompt, runs=2, top=8)
+    gen.close()
+    assert len(rows) == 8
+    own = [r["ms_per_iteration"] for r in rows]
+    assert own == sorted(own, reverse=True) and own[-1] >= 0
+    assert "run_with_iobinding" in rows[0]["function"]  # on the CPU the models' time leads
+    assert rows[0]["calls_per_iteration"] >= 2  # the draft's step and the target's verify
+    assert not any("prefill" in r["function"] for r in rows)  # decode steps only
+    text = host_overhead.profile_table({"pair": "default", "temperature": 0.0,
+                                        "system": "SD g=2", "host_profile": rows})
+    assert "calls/it" in text and rows[0]["function"] in text
 
 
 def test_node_profile_counts_the_bundled_draft_step():
