@@ -37,7 +37,7 @@ from benchmarks.bench import (  # noqa: E402
     qd_spec,
 )
 from benchmarks.common import dump_json, environment, load_json, log, run_worker  # noqa: E402
-from benchmarks.report import fmt, table  # noqa: E402
+from benchmarks.report import fmt, greedy_cell, table  # noqa: E402
 
 OWN = "own"  # the row of the pair's own draft
 # seconds a shape needs beyond its training (the teacher's evaluation, the export, the
@@ -98,6 +98,7 @@ def summary(name: str, draft: dict, qd: dict) -> dict:
            "realized_over_theoretical": spec.get("realized_over_theoretical"),
            "best_gamma": best.get("measured"), "best_tokens_per_s": best.get("tokens_per_s"),
            "best_speedup": best.get("speedup"), "greedy_equal": spec.get("greedy_equal"),
+           "mismatches": spec.get("mismatches"), "divergences": spec.get("divergences"),
            "status": qd.get("status")}
     row["sampled"] = [{"temperature": s["temperature"], "top_p": s["top_p"],
                        "gamma": s["gamma"], "speedup": (s.get("spec") or {}).get("speedup"),
@@ -138,7 +139,7 @@ def render(rows: list[dict], gamma: int) -> str:
                              for p in r.get("pipelined") or [] if p["gamma"] == g), "-")
                        for g in piped],
                      fmt(r.get("realized_over_theoretical"), ".2f"),
-                     fmt(r.get("greedy_equal"))])
+                     greedy_cell(r)])
     return table(headers, body)
 
 

@@ -57,6 +57,20 @@ def _autoregressive_row(model, prompt: list[int], generated: list[int]) -> np.nd
         state.close()
 
 
+def margin_at(target, prompt: list[int], reference: list[int], at: int) -> dict:
+    """Where greedy output parts from ``reference`` (greedy autoregressive decoding's
+    tokens after ``prompt``) at new token ``at``: the target's two best tokens there
+    through autoregressive decoding's path, and the margin between their logits (a margin
+    near 0 is a tie that kernel rounding can break either way)."""
+    return {"at": at, **_top2(_autoregressive_row(target, list(prompt), list(reference[:at])))}
+
+
+def _top2(row: np.ndarray) -> dict:
+    """A logits row's two best tokens and the margin between them [V] -> [2]."""
+    top = np.argsort(-row)[:2]
+    return {"top2": [int(t) for t in top], "margin": float(row[top[0]] - row[top[1]])}
+
+
 def first_divergence(pair, prompt: str | list[int], gamma: int, tokens: int) -> dict:
     from quickdraft.ort_backend import DecodeConfig
 
@@ -71,9 +85,9 @@ def first_divergence(pair, prompt: str | list[int], gamma: int, tokens: int) -> 
         return rec
     context = ids + a.tokens[:at]  # the token at `at` is predicted by the last position
     one = _autoregressive_row(pair.target, ids, a.tokens[:at])  # [V]
-    top = np.argsort(-one)[:2]
     rec.update(at=at, autoregressive=int(a.tokens[at]), speculative=int(s.tokens[at]),
-               top2=[int(t) for t in top], margin=float(one[top[0]] - one[top[1]]))
+               **_top2(one))
+    best = rec["top2"][0]
     chosen = {}
     for k in range(2, gamma + 2):  # a k-token step whose row r is the position in question
         for r in range(k):
@@ -87,7 +101,7 @@ def first_divergence(pair, prompt: str | list[int], gamma: int, tokens: int) -> 
             chosen[f"k{k}_row{r}"] = {"argmax": int(np.argmax(row)),
                                       "max_abs_diff_vs_1": float(np.abs(row - one).max())}
     rec["steps"] = chosen
-    rec["flips"] = sorted(key for key, v in chosen.items() if v["argmax"] != int(top[0]))
+    rec["flips"] = sorted(key for key, v in chosen.items() if v["argmax"] != best)
     return rec
 
 

@@ -61,6 +61,18 @@ def fmt(x, spec: str = ".2f", dash: str = "-") -> str:
     return format(x, spec)
 
 
+def greedy_cell(row: dict) -> str:
+    """A greedy row's "greedy equal" cell: yes / NO, and where the harness measured it, how
+    many prompts parted and the target's widest 1-token margin where they did (about 0:
+    a near-tie that kernel rounding breaks either way; wide: a bug)."""
+    equal = row.get("greedy_equal")
+    if equal is not False or not row.get("divergences"):
+        return fmt(equal)
+    widest = max(d["margin"] for d in row["divergences"])
+    count = len(row.get("mismatches") or row["divergences"])
+    return f"NO ({count} prompt{'s' if count > 1 else ''}; margin {widest:.3g})"
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown pipe table with padded columns (cells already formatted), each column as
     wide as its widest cell or header."""
@@ -122,6 +134,7 @@ def _spec_row(sp: dict, sysname: str, res: dict) -> dict:
             sp.get("torch_max_allocated_mib") or _peak(res)),
         "greedy_equal": _equal(sp.get("greedy_equal", sp.get(
             "equal_to_qd_reference", sp.get("equal_to_greedy")))),
+        "divergences": sp.get("divergences"), "mismatches": sp.get("mismatches"),
     }
 
 
@@ -377,7 +390,8 @@ def render(results: dict) -> str:
                  else "-"),
                 fmt(r.get("peak_mib"), ".0f") + (
                     "" if r.get("greedy_equal") is None else
-                    ("" if r["greedy_equal"] else " (output differs)")),
+                    ("" if r["greedy_equal"] else " (output differs" + (
+                        f": {greedy_cell(r)[4:-1]})" if r.get("divergences") else ")"))),
             ])
         parts.append(f"### {pname}: systems\n\n" + table(
             ["system", "mode", "gamma", "tok/s", "ms/token", "x floor", "speedup", "alpha",
@@ -479,7 +493,7 @@ def render(results: dict) -> str:
                           fmt(r.get("hidden_share"), ".2f"), fmt(r.get("effective_c"), ".3f"),
                           fmt(r.get("theoretical_improvement"), ".2f"),
                           fmt(r.get("realized_over_theoretical"), ".2f"),
-                          fmt(r.get("greedy_equal"))])
+                          greedy_cell(r)])
         if piped:
             parts.append(f"### {pname}: pipelined (greedy; the draft's continuation launched "
                          "beside the verify call)\n\n" + table(

@@ -283,7 +283,7 @@ def task_qd(spec: dict, rec: Record) -> None:
 
     from benchmarks import adapters
     from benchmarks.analysis import compare, summarize_spec
-    from benchmarks.controlled import ControlledAlphaDrafter, check_greedy_equal
+    from benchmarks.controlled import ControlledAlphaDrafter
     from benchmarks.models import prompts_of
     from quickdraft import theory
 
@@ -370,12 +370,6 @@ def task_qd(spec: dict, rec: Record) -> None:
         outs, times = timed_runs(run_all, warmup=warm, repeats=reps)
         toks = [t for t, _ in outs]
         _check_len(toks, n)
-        mismatch = []
-        for i, (t, r) in enumerate(zip(toks, ref)):
-            try:
-                check_greedy_equal(t, r)
-            except AssertionError as e:  # recorded: fp16 kernels for 1 and gamma + 1 tokens
-                mismatch.append(f"prompt {i}: {e}")  # can round a near-tie differently
         summary = summarize_spec([s for _, s in outs], g)
         # c of Theorem 3.8: a draft call over a target call of one token (the paper's
         # definition), from the cost stage; the loop's own ratio (its target calls score
@@ -383,8 +377,7 @@ def task_qd(spec: dict, rec: Record) -> None:
         summary["cost_ratio_c_loop"] = summary.pop("cost_ratio_c", None)
         summary["cost_ratio_c"] = c_protocol if c_protocol is not None else \
             summary["cost_ratio_c_loop"]
-        res = {**rate(total, times), **summary,
-               "greedy_equal": (not mismatch) if ref else None, "mismatches": mismatch,
+        res = {**rate(total, times), **summary, **greedy_check(pair.target, prompts, toks, ref),
                "stats": _slim(outs[0][1])}
         res.update(compare(ar_tps, res["tokens_per_s"], res.get("alpha"), g,
                            res.get("cost_ratio_c")))
@@ -484,6 +477,35 @@ def task_qd(spec: dict, rec: Record) -> None:
     rec.set("memory", mem.mark("end"))
 
 
+def greedy_check(target, prompts, toks, ref, ties: int = 2) -> dict:
+    """Whether greedy output ``toks`` equals autoregressive decoding's ``ref`` (None: not
+    compared), the mismatches, and for the first ``ties`` prompts that part, the target's
+    margin between its two best logits where they part (``divergences``): fp16 kernels
+    for 1 and gamma + 1 tokens can round a near-tie (margin about 0) either way, while a
+    wide margin means a bug."""
+    from benchmarks.controlled import check_greedy_equal
+    from benchmarks.greedy_divergence import margin_at
+
+    if not ref:
+        return {"greedy_equal": None, "mismatches": []}
+    mismatch, divergences = [], []
+    for i, (t, r) in enumerate(zip(toks, ref)):
+        try:
+            check_greedy_equal(t, r)
+        except AssertionError as e:
+            mismatch.append(f"prompt {i}: {e}")
+            if len(divergences) < ties:
+                at = next((j for j, (a, b) in enumerate(zip(t, r)) if a != b), None)
+                if at is not None:
+                    divergences.append({"prompt": i, "autoregressive": int(r[at]),
+                                        "speculative": int(t[at]),
+                                        **margin_at(target, prompts[i], r, at)})
+    out = {"greedy_equal": not mismatch, "mismatches": mismatch}
+    if divergences:
+        out["divergences"] = divergences
+    return out
+
+
 def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, warmup: int,
                    repeats: int, sequential: dict | None, *, seeded: bool = False) -> dict:
     """Pipelined decoding at ``g`` with ``runner`` (an ``adapters.Runner``, greedy or
@@ -496,7 +518,6 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
     draft's time the verification did not hide (host work included), in Theorem 3.8's
     units. ``hidden_share``: of the continuation's L = g + 1 draft steps, the share that
     did not lengthen the shadow beyond the verify call alone."""
-    from benchmarks.controlled import check_greedy_equal
     from quickdraft import theory
 
     def run_all():
@@ -506,17 +527,11 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
     outs, times = timed_runs(run_all, warmup=warmup, repeats=repeats)
     toks, stats = [t for t, _ in outs], [s for _, s in outs]
     _check_len(toks, n)
-    mismatch = []
-    for i, (t, r) in enumerate(zip(toks, ref or [])):
-        try:
-            check_greedy_equal(t, r)
-        except AssertionError as e:
-            mismatch.append(f"prompt {i}: {e}")
     total = lambda key: sum(float(s.get(key) or 0.0) for s in stats)  # noqa: E731
     iters = max(1.0, total("iterations"))
     row = {**rate(n * len(prompts), times), "gamma": g, "iterations": int(iters),
            "min_keep_rate": runner.shadow_rule.min_keep_rate,
-           "greedy_equal": (not mismatch) if ref else None, "mismatches": mismatch,
+           **greedy_check(runner.target, prompts, toks, ref),
            "warm_share": total("warm_iterations") / iters,
            "tokens_per_iteration": n * len(prompts) / iters,
            "alpha": total("beta_sum") / max(1.0, total("beta_count")),

@@ -638,6 +638,31 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     assert cells[9] == f"{ruled['tokens_per_s'] / row['ar']['tokens_per_s']:.2f}"
 
 
+def test_greedy_check_measures_the_targets_margin_where_output_parts():
+    """The harness's greedy check on the bundled pair: output equal to autoregressive
+    decoding passes; output made to part at token 3 is caught there, and the target's two
+    best tokens at that point (through autoregressive decoding's path) put the
+    autoregressive token first, by a positive margin, which the report cell shows."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import adapters, worker
+    from quickdraft.ort_backend.cli import default_model_dir
+
+    pair = adapters.load("fast", default_model_dir(), device="cpu", max_gamma=2)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    ref = [adapters.autoregressive(pair, p, 8)[0] for p in prompts]
+    assert worker.greedy_check(pair.target, prompts, ref, ref) == {
+        "greedy_equal": True, "mismatches": []}
+    assert worker.greedy_check(pair.target, prompts, ref, None)["greedy_equal"] is None
+    parted = [list(ref[0]), ref[1][:3] + [(ref[1][3] + 1) % 512] + ref[1][4:]]
+    out = worker.greedy_check(pair.target, prompts, parted, ref)
+    assert out["greedy_equal"] is False and len(out["mismatches"]) == 1
+    (d,) = out["divergences"]
+    assert (d["prompt"], d["at"], d["autoregressive"]) == (1, 3, ref[1][3])
+    assert d["top2"][0] == ref[1][3] and d["margin"] > 0
+    assert report.greedy_cell(out) == f"NO (1 prompt; margin {d['margin']:.3g})"
+    assert report.greedy_cell({"greedy_equal": True}) == "yes"
+
+
 def test_host_profile_finds_the_run_calls_of_a_generation():
     """benchmarks/host_overhead.py --profile: a profiled generation on the bundled pair lists
     the functions of its decode steps by their own time per iteration, most first, ONNX
