@@ -68,9 +68,10 @@ def greedy_cell(row: dict) -> str:
     equal = row.get("greedy_equal")
     if equal is not False or not row.get("divergences"):
         return fmt(equal)
-    widest = max(d["margin"] for d in row["divergences"])
+    margins = [d["margin"] for d in row["divergences"] if "margin" in d]
     count = len(row.get("mismatches") or row["divergences"])
-    return f"NO ({count} prompt{'s' if count > 1 else ''}; margin {widest:.3g})"
+    prompts = f"{count} prompt{'s' if count > 1 else ''}"
+    return f"NO ({prompts}; margin {max(margins):.3g})" if margins else f"NO ({prompts})"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -497,9 +497,12 @@ def greedy_check(target, prompts, toks, ref, ties: int = 2) -> dict:
             if len(divergences) < ties:
                 at = next((j for j, (a, b) in enumerate(zip(t, r)) if a != b), None)
                 if at is not None:
-                    divergences.append({"prompt": i, "autoregressive": int(r[at]),
-                                        "speculative": int(t[at]),
-                                        **margin_at(target, prompts[i], r, at)})
+                    d = {"prompt": i, "autoregressive": int(r[at]), "speculative": int(t[at])}
+                    try:
+                        d.update(margin_at(target, prompts[i], r, at))
+                    except Exception as e:  # noqa: BLE001 - the row is kept, the cause said
+                        d["error"] = f"{type(e).__name__}: {e}"
+                    divergences.append(d)
     out = {"greedy_equal": not mismatch, "mismatches": mismatch}
     if divergences:
         out["divergences"] = divergences

@@ -661,6 +661,9 @@ def test_greedy_check_measures_the_targets_margin_where_output_parts():
     assert d["top2"][0] == ref[1][3] and d["margin"] > 0
     assert report.greedy_cell(out) == f"NO (1 prompt; margin {d['margin']:.3g})"
     assert report.greedy_cell({"greedy_equal": True}) == "yes"
+    failed = {"greedy_equal": False, "mismatches": ["prompt 1", "prompt 2"],
+              "divergences": [{"prompt": 1, "error": "RuntimeError: no slot"}]}
+    assert report.greedy_cell(failed) == "NO (2 prompts)"  # an analysis that failed: no margin
 
 
 def test_host_profile_finds_the_run_calls_of_a_generation():
