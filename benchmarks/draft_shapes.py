@@ -90,6 +90,8 @@ def summary(name: str, draft: dict, qd: dict) -> dict:
            "lr": (draft.get("training") or {}).get("lr"),
            "alpha_T0_heldout": (draft.get("heldout") or {}).get("alpha_T0"),
            "alpha_T1_heldout": (draft.get("heldout") or {}).get("alpha_T1"),
+           "alpha_T0_own_text": (draft.get("own_text") or {}).get("alpha_T0"),
+           "alpha_T1_own_text": (draft.get("own_text") or {}).get("alpha_T1"),
            "draft_step_ms": (costs.get("draft_step_ms") or {}).get("1"),
            "c": costs.get("cost_ratio_c"),
            "ar_tokens_per_s": (qd.get("ar") or {}).get("tokens_per_s"),
@@ -118,7 +120,8 @@ def _label(s: dict) -> str:
 def render(rows: list[dict], gamma: int) -> str:
     sampled = list(dict.fromkeys(_label(s) for r in rows for s in r.get("sampled") or []))
     piped = list(dict.fromkeys(p["gamma"] for r in rows for p in r.get("pipelined") or []))
-    headers = ["draft", "params (M)", "of target", "held-out alpha T=0 / T=1", "draft ms",
+    headers = ["draft", "params (M)", "of target", "held-out alpha T=0 / T=1",
+               "own-text alpha T=0 / T=1", "draft ms",
                "c", "AR tok/s", "alpha (loop)", f"speedup gamma {gamma}",
                "best gamma: speedup", *sampled,
                *[f"pipelined gamma {g}: speedup / effective c" for g in piped],
@@ -129,6 +132,8 @@ def render(rows: list[dict], gamma: int) -> str:
                      fmt(r.get("draft_fraction"), ".3f"),
                      f"{fmt(r.get('alpha_T0_heldout'), '.3f')} / "
                      f"{fmt(r.get('alpha_T1_heldout'), '.3f')}",
+                     f"{fmt(r.get('alpha_T0_own_text'), '.3f')} / "
+                     f"{fmt(r.get('alpha_T1_own_text'), '.3f')}",
                      fmt(r.get("draft_step_ms"), ".3f"), fmt(r.get("c"), ".3f"),
                      fmt(r.get("ar_tokens_per_s"), ".0f"), fmt(r.get("alpha"), ".3f"),
                      fmt(r.get("speedup"), ".2f"),
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         dump_json(out_json, result)
 
     own = {**pair_info["draft"], "draft_fraction": pair_info.get("draft_fraction"),
-           "heldout": pair_info.get("heldout")}
+           "heldout": pair_info.get("heldout"), "own_text": pair_info.get("own_text")}
     measured(OWN, a.pair_dir, own)
     seconds = a.draft_seconds or pair_info["config"]["draft_seconds"]
     for name, shape in a.shapes.items():

@@ -28,7 +28,9 @@
 # DRAFT_SHAPE=targetx2 DRAFT_SECONDS=400 starts it from the target's first two layers, the
 # fastest draft measured for this target (held-out alpha 0.833). That does not fit one call
 # beside the target's training: TARGET_SECONDS=240 DRAFT_SHAPE=targetx2 DRAFT_SECONDS=400
-# with `train`, then `finish` (again while it exits 3), the same variables each time
+# with `train`, then `finish` (again while it exits 3), the same variables each time.
+# DRAFT_SAMPLES=N: half of every draft batch from N continuations the target wrote (half
+# greedy, half sampled at SAMPLE_T / SAMPLE_TOP_P, default 0.8 / 0.95)
 set -euo pipefail
 out=${OUT:-runs/h200}
 work=/tmp/qdbench
@@ -39,7 +41,9 @@ mkdir -p "$out"
 train() {  # $1: target seconds; further arguments go to train_pair.py
   python3 benchmarks/train_pair.py --out "$pair" --device cuda --target-seconds "$1" \
       --draft-seconds "${DRAFT_SECONDS:-90}" --num-prompts "${PROMPTS:-8}" \
-      ${DRAFT_SHAPE:+--draft-shape "$DRAFT_SHAPE"} "${@:2}" 2>&1 \
+      ${DRAFT_SHAPE:+--draft-shape "$DRAFT_SHAPE"} \
+      ${DRAFT_SAMPLES:+--draft-samples "$DRAFT_SAMPLES" --sample-temperature "${SAMPLE_T:-0.8}" \
+                       --sample-top-p "${SAMPLE_TOP_P:-0.95}"} "${@:2}" 2>&1 \
       | tee -a "$out/train.log"
 }
 systems() {
@@ -48,7 +52,7 @@ systems() {
       --stages bandwidth,export,build,systems --num-prompts "${PROMPTS:-8}" \
       --systems qd-fast,genai-graph,genai-spec-graph --pipelined 4,7 \
       --shadow-keep-rates "${KEEP_RATES:-0.3}" \
-      --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas 4,7 --tag trained \
+      --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas "${SAMPLING_GAMMAS:-4,7}" --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }
 case ${1:?pair, genai, check, host, shapes, train or finish} in

@@ -350,11 +350,14 @@ def render(results: dict) -> str:
     for pname, pair in _pairs(results).items():
         info = pair.get("info") or {}
         t, d = info.get("target") or {}, info.get("draft") or {}
-        h = info.get("heldout") or {}
+        h, own = info.get("heldout") or {}, info.get("own_text") or {}
         alpha = "-"
         if h:
             alpha = (f"T=0 {fmt(h.get('alpha_T0'), '.3f')} / T=1 {fmt(h.get('alpha_T1'), '.3f')}"
                      f" (paper {PAPER_ALPHA['T0']} / {PAPER_ALPHA['T1']})")
+        if own:
+            alpha += (f"; on its own text T=0 {fmt(own.get('alpha_T0'), '.3f')} / T=1 "
+                      f"{fmt(own.get('alpha_T1'), '.3f')}")
         elif info.get("draft_agreement") is not None:
             alpha = f"by construction ~{info['draft_agreement']}"
         rows.append([pname, fmt((t.get("parameters") or 0) / 1e6, ".1f") + "M",

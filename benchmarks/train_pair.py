@@ -15,11 +15,14 @@ frozen target's forward on the batch, under the same autocast, is part of every 
 and of its time budget), KL and CE averaged over the tokens. Matching p as a whole is what
 alpha = 1 - TV(p, q) rewards. With ``--draft-samples N`` half of every draft batch are
 windows of N continuations the trained target wrote itself (half greedy, half sampled at
-T=0.8; ``benchmarks.training.sample_stream``): the text speculative decoding meets. Both
-models are then saved as Hugging Face folders
-(safetensors and the tokenizer) and evaluated on held-out files: loss, and the acceptance
-rate alpha at T=0 and T=1 (mean over held-out positions of sum_x min(p(x), q(x)),
-quickdraft.theory.beta), beside the paper's 0.88 / 0.89 for its 97M / 6M pair.
+``--sample-temperature`` / ``--sample-top-p``, 0.8 / 0.95; ``benchmarks.training.
+sample_stream``): the text speculative decoding meets. Both models are then saved as
+Hugging Face folders (safetensors and the tokenizer) and evaluated on held-out files: loss,
+and the acceptance rate alpha at T=0 and T=1 (mean over held-out positions of
+sum_x min(p(x), q(x)), quickdraft.theory.beta), beside the paper's 0.88 / 0.89 for its
+97M / 6M pair; and on the target's own continuations of held-out prompts (``own_text``:
+alpha T=0 over its greedy continuations, T=1 over continuations it sampled at T=1), the
+rate a decoding loop meets.
 
 Corpus: the ``*.py`` files of the running interpreter's standard library and its
 site-packages (not the folders on PYTHONPATH, not this repository), deduplicated, sorted by
@@ -105,6 +108,8 @@ class TrainConfig:
     # batch is drawn from them (0: the draft trains on the corpus alone)
     draft_samples: int = 0
     sample_tokens: int = 128  # tokens of each such continuation
+    sample_temperature: float = 0.8  # the sampled half's temperature
+    sample_top_p: float = 0.95  # and its top-p
 
 
 SMOKE = dict(
@@ -380,6 +385,20 @@ def draft_from_target(target, layers: int):
     return model
 
 
+def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str) -> dict:
+    """Alpha on the target's own continuations (``training.own_text_alpha``) of
+    ``cfg.eval_windows`` held-out prompts, ``cfg.sample_tokens`` tokens each: the acceptance
+    rate decoding meets, which held-out text need not show."""
+    import torch
+
+    prompts = prompts_from(held_stream, cfg.eval_windows, cfg.prompt_len, eos, offset=96)
+    t0 = time.perf_counter()
+    out = training.own_text_alpha(target, draft, torch.tensor(prompts, dtype=torch.int64),
+                                  new_tokens=cfg.sample_tokens, device=device,
+                                  seed=cfg.seed + 1, batch=4, autocast=True)
+    return {**out, "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
                   seconds: float | None = None, steps: int | None = None,
                   lr: float | None = None) -> dict:
@@ -423,8 +442,9 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     windows = training.heldout_windows(held_stream.astype(np.int64), cfg.ctx, cfg.eval_windows)
     heldout = training.evaluate(target.to(device), model.to(device), torch.from_numpy(windows),
                                 device, batch=4, autocast=True)
+    own = own_text(target, model, held_stream, tokenizer.eos_token_id, cfg, device)
     save_model(model, tokenizer, out / "hf" / "draft")
-    return {"parameters": params, "embedding_parameters": embedding,
+    return {"own_text": own, "parameters": params, "embedding_parameters": embedding,
             "weight_bytes": 2 * params, "shape": dims, "training": tr,
             "init": "target" if shape.get("from_target") else "random",
             "target_parameters": info["target"]["parameters"],
@@ -542,7 +562,8 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
             sampled = training.sample_stream(
                 models["target"], torch.from_numpy(train_stream.astype(np.int64)),
                 n=cfg.draft_samples, new_tokens=cfg.sample_tokens, device=device,
-                seed=cfg.seed, eos=tokenizer.eos_token_id)
+                seed=cfg.seed, eos=tokenizer.eos_token_id,
+                temperature=cfg.sample_temperature, top_p=cfg.sample_top_p)
             info["target_samples"] = {"sequences": cfg.draft_samples,
                                       "new_tokens": cfg.sample_tokens, "tokens": len(sampled),
                                       "seconds": round(time.perf_counter() - t0, 2)}
@@ -590,6 +611,11 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
     log(f"held-out: target loss {h['target_loss']:.3f}, draft loss {h['draft_loss']:.3f}, "
         f"alpha T=0 {h['alpha_T0']:.3f} (paper {PAPER_ALPHA['T0']}), alpha T=1 "
         f"{h['alpha_T1']:.3f} (paper {PAPER_ALPHA['T1']}) over {h['positions']} positions")
+    info["own_text"] = own_text(models["target"], models["draft"], held_stream,
+                               tokenizer.eos_token_id, cfg, device)
+    o = info["own_text"]
+    log(f"on the target's own continuations: alpha T=0 {o['alpha_T0']:.3f}, T=1 "
+        f"{o['alpha_T1']:.3f} ({o['sequences']} x {o['new_tokens']} tokens)")
     prompts = prompts_from(held_stream, cfg.num_prompts, cfg.prompt_len, tokenizer.eos_token_id)
     # long windows: the copied text of the drafting-strategy benchmark's copy-heavy prompts
     long = prompts_from(held_stream, cfg.num_prompts, 4 * cfg.prompt_len + 32,
@@ -619,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("target_steps", "draft_steps", "batch", "seed", "vocab_size", "eval_windows",
                  "num_prompts", "draft_samples", "sample_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in ("sample_temperature", "sample_top_p"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float,
+                        help="the sampled half of --draft-samples (default 0.8 / 0.95)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
     ap.add_argument("--draft-shape", default=None,
                     help="the draft as HIDDENxLAYERS, e.g. 512x1 (default 256x2, the paper's), "

@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 
 __all__ = ["build_llama", "encode", "random_windows", "mixed_windows", "sample_stream", "train",
-           "heldout_windows", "evaluate", "FINITE_CHECK_EVERY"]
+           "heldout_windows", "evaluate", "continuations", "own_text_alpha",
+           "FINITE_CHECK_EVERY"]
 
 # steps between reads of the all-losses-finite flag (a read waits for the device)
 FINITE_CHECK_EVERY = 50
@@ -91,11 +92,12 @@ def mixed_windows(stream, extra, batch: int, ctx: int, next_starts: Callable[[in
 
 
 def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: int,
-                  eos: int, prompt_tokens: int = 32):
+                  eos: int, prompt_tokens: int = 32, temperature: float = 0.8,
+                  top_p: float = 0.95):
     """The target's own continuations [N] (a token stream, each followed by EOS): ``n``
     of ``new_tokens`` tokens, half greedy (what greedy speculative decoding meets) and half
-    sampled at T=0.8 / top-p 0.95, after ``prompt_tokens``-token prompts from the training
-    stream, a quarter of them at the start of a file."""
+    sampled at ``temperature`` / ``top_p``, after ``prompt_tokens``-token prompts from the
+    training stream, a quarter of them at the start of a file."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -113,8 +115,8 @@ def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: 
                                              enabled=device == "cuda"):
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=new_tokens, do_sample=not greedy,
-                                 temperature=0.8 if not greedy else None,
-                                 top_p=0.95 if not greedy else None, top_k=None,
+                                 temperature=temperature if not greedy else None,
+                                 top_p=top_p if not greedy else None, top_k=None,
                                  pad_token_id=eos, eos_token_id=None)
         for row in gen[:, prompt_tokens:].cpu():
             out.append(torch.cat([row, torch.tensor([eos])]))
@@ -293,11 +295,12 @@ def heldout_windows(stream, ctx: int, n: int):
 
 
 def evaluate(target, draft, windows, device: str, *, batch: int = 8,
-             autocast: bool = False) -> dict:
+             autocast: bool = False, skip: int = 0) -> dict:
     """Held-out loss of both models and alpha at T=0 and T=1 over every position of
-    ``windows`` (a tensor [n, ctx + 1]): alpha = the mean of sum_x min(p(x), q(x)) over
-    the positions (``quickdraft.theory``), of the greedy one-hot rows at T=0 (argmax
-    agreement) and of the softmaxes at T=1. ``autocast``: bf16 forwards on CUDA."""
+    ``windows`` (a tensor [n, ctx + 1]) after the first ``skip``: alpha = the mean of
+    sum_x min(p(x), q(x)) over the positions (``quickdraft.theory``), of the greedy
+    one-hot rows at T=0 (argmax agreement) and of the softmaxes at T=1. ``autocast``: bf16
+    forwards on CUDA."""
     import numpy as np
     import torch
 
@@ -311,10 +314,10 @@ def evaluate(target, draft, windows, device: str, *, batch: int = 8,
     with torch.no_grad():
         for i in range(0, len(windows), batch):
             chunk = windows[i: i + batch].to(device)
-            inputs, labels = chunk[:, :-1], chunk[:, 1:]
+            inputs, labels = chunk[:, :-1], chunk[:, 1 + skip:]
             with cast:
                 lp, lq = target(input_ids=inputs).logits, draft(input_ids=inputs).logits
-            lp, lq = lp.float(), lq.float()  # [B, ctx, V]
+            lp, lq = lp[:, skip:].float(), lq[:, skip:].float()  # [B, ctx - skip, V]
             for name, lg in (("target", lp), ("draft", lq)):
                 nll[name].append(torch.nn.functional.cross_entropy(
                     lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), reduction="none"
@@ -333,4 +336,56 @@ def evaluate(target, draft, windows, device: str, *, batch: int = 8,
         out[f"{name}_ppl"] = math.exp(loss)
     out["alpha_T0"] = float(sum(betas[0.0]) / positions)
     out["alpha_T1"] = float(sum(betas[1.0]) / positions)
+    return out
+
+
+def continuations(model, prompts, *, new_tokens: int, temperature: float, device: str,
+                  uniforms=None, autocast: bool = False):
+    """``model``'s own continuations [n, new_tokens] of ``prompts`` [n, P] (tensors), one
+    token per step with its KV cache: the argmax at ``temperature`` 0, else the inverse
+    CDF of the softmax at ``temperature`` at ``uniforms`` [new_tokens, n] (CPU floats
+    drawn by the caller)."""
+    import torch
+
+    if temperature > 0 and (uniforms is None or tuple(uniforms.shape) != (new_tokens,
+                                                                          len(prompts))):
+        raise ValueError(f"sampling {new_tokens} tokens for {len(prompts)} prompts needs "
+                         f"uniforms of shape ({new_tokens}, {len(prompts)})")
+    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device == "cuda"
+            else contextlib.nullcontext())
+    model.to(device).eval()
+    ids, past, out = prompts.to(device), None, []
+    with torch.no_grad(), cast:
+        for k in range(new_tokens):
+            step = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past, z = step.past_key_values, step.logits[:, -1].float()  # [n, V]
+            if temperature > 0:
+                cdf = torch.cumsum(torch.softmax(z / temperature, dim=-1), dim=-1)  # [n, V]
+                u = uniforms[k].to(device, cdf.dtype)[:, None] * cdf[:, -1:]  # [n, 1]
+                ids = torch.searchsorted(cdf, u, right=True).clamp_max(z.shape[-1] - 1)
+            else:
+                ids = z.argmax(dim=-1, keepdim=True)  # [n, 1]
+            out.append(ids)
+    return torch.cat(out, dim=1).cpu()  # [n, new_tokens]
+
+
+def own_text_alpha(target, draft, prompts, *, new_tokens: int, device: str, seed: int,
+                   batch: int = 8, autocast: bool = False) -> dict:
+    """Alpha on the text decoding meets: at T=0 over the target's greedy continuations of
+    ``prompts`` [n, P], at T=1 over its continuations sampled at T=1 (uniforms from
+    ``seed``), only at the positions that predict a continuation's tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    skip = prompts.shape[1] - 1
+    out = {"sequences": len(prompts), "prompt_tokens": prompts.shape[1],
+           "new_tokens": new_tokens}
+    for t, key in ((0.0, "alpha_T0"), (1.0, "alpha_T1")):
+        u = torch.rand(new_tokens, len(prompts), generator=g) if t > 0 else None
+        cont = continuations(target, prompts, new_tokens=new_tokens, temperature=t,
+                             device=device, uniforms=u, autocast=autocast)
+        ev = evaluate(target, draft, torch.cat([prompts, cont], dim=1), device, batch=batch,
+                      autocast=autocast, skip=skip)
+        out[key] = ev[key]
+        out["positions"] = ev["positions"]
     return out

@@ -283,13 +283,24 @@ def test_draft_shapes_rows_read_the_measured_results():
         "pipelined": [{"gamma": 4, "tokens_per_s": 600.0, "speedup": 3.0,
                        "effective_c": 0.02, "greedy_equal": True}]}))
     draft = {"parameters": 11.6e6, "draft_fraction": 0.12, "training": {"steps": 9, "lr": 1e-3},
-             "heldout": {"alpha_T0": 0.6, "alpha_T1": 0.58}}
+             "heldout": {"alpha_T0": 0.6, "alpha_T1": 0.58},
+             "own_text": {"alpha_T0": 0.71, "alpha_T1": 0.52}}
     row = summary("512x1", draft, qd)
     assert row["draft_step_ms"] == 0.25 and row["c"] == 0.05 and row["best_gamma"] == 4
     assert row["sampled"][0]["speedup"] == 1.3 and row["pipelined"][0]["effective_c"] == 0.02
     text = render([row], 4)
     assert "T=1 gamma 4: speedup" in text and "| 512x1 | 11.6" in text
-    assert "3.00 / 0.020" in text and "0.600 / 0.580" in text
+    assert "3.00 / 0.020" in text and "0.600 / 0.580" in text and "0.710 / 0.520" in text
+
+
+def test_report_shows_a_trained_pairs_alpha_on_held_out_and_on_its_own_text():
+    pytest.importorskip("tabulate")
+    r = _results()
+    r["pairs"]["7b"]["info"].update(heldout={"alpha_T0": 0.81, "alpha_T1": 0.8},
+                                    own_text={"alpha_T0": 0.93, "alpha_T1": 0.74})
+    text = report.render(r)
+    assert "T=0 0.810 / T=1 0.800" in text
+    assert "on its own text T=0 0.930 / T=1 0.740" in text
 
 
 def test_report_merge_later_wins():
@@ -455,6 +466,9 @@ def test_a_draft_distilled_for_a_trained_pair_follows_the_pairs_recipe(tmp_path,
     for key in ("alpha_T0", "alpha_T1", "draft_loss", "target_loss"):
         assert again["heldout"][key] == info["heldout"][key]
     assert again["parameters"] == info["draft"]["parameters"]
+    strip = {"seconds"}
+    assert {k: v for k, v in again["own_text"].items() if k not in strip} == \
+        {k: v for k, v in info["own_text"].items() if k not in strip}
 
     wide = distill_draft(pair_dir, draft_shape("64x1"), tmp_path / "wide", "cpu", steps=2)
     assert wide["shape"]["num_hidden_layers"] == 1 and wide["training"]["steps"] == 2
@@ -476,15 +490,52 @@ def test_a_draft_of_all_the_targets_layers_is_the_target(tmp_path, smoke_pair):
     assert whole["init"] == "target" and whole["shape"] == info["target"]["shape"]
     assert whole["heldout"]["alpha_T0"] == 1.0
     assert whole["heldout"]["alpha_T1"] == pytest.approx(1.0, abs=1e-5)
+    assert whole["own_text"]["alpha_T0"] == 1.0
+    assert whole["own_text"]["alpha_T1"] == pytest.approx(1.0, abs=1e-5)
     a, b = _weights(pair_dir / "hf" / "target"), _weights(tmp_path / "all" / "hf" / "draft")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     first = distill_draft(pair_dir, draft_shape("targetx1"), tmp_path / "one", "cpu", steps=1)
     assert first["shape"]["num_hidden_layers"] == 1
     assert first["training"]["lr"] == info["config"]["target_lr"]
     assert first["heldout"]["alpha_T1"] < 1.0
+    assert first["own_text"]["alpha_T1"] < 1.0
     with pytest.raises(ValueError, match="the target has"):
         distill_draft(pair_dir, draft_shape(f"targetx{layers + 1}"), tmp_path / "x", "cpu",
                       steps=0)
+
+
+def test_the_targets_own_continuations_are_its_argmax_and_its_inverse_cdf(smoke_pair):
+    """training.continuations (one token per step with the KV cache) writes what a whole
+    forward pass over the text so far picks: its argmax at T=0, at T=1 the first token
+    whose cumulative softmax exceeds the given uniform."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.training import continuations, own_text_alpha
+
+    pair_dir, info = smoke_pair
+    target = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "target").eval()
+    prompts = torch.randint(3, info["vocab_size"], (3, 5), generator=torch.Generator()
+                            .manual_seed(0))
+    u = torch.rand(6, 3, generator=torch.Generator().manual_seed(1))
+    for t in (0.0, 1.0):
+        cont = continuations(target, prompts, new_tokens=6, temperature=t, device="cpu",
+                             uniforms=u if t else None)
+        assert cont.shape == (3, 6)
+        with torch.no_grad():
+            z = target(input_ids=torch.cat([prompts, cont], 1)).logits[:, 4:-1].double()
+        if t == 0:
+            assert torch.equal(cont, z.argmax(-1))
+        else:
+            cdf = torch.cumsum(torch.softmax(z, -1), -1)  # [3, 6, V]
+            below = torch.gather(cdf, -1, (cont - 1).clamp_min(0)[..., None])[..., 0]
+            at = torch.gather(cdf, -1, cont[..., None])[..., 0]
+            ut = u.T.double()
+            assert bool(((below <= ut + 1e-5) | (cont == 0)).all() and (at >= ut - 1e-5).all())
+    with pytest.raises(ValueError, match="uniforms of shape"):
+        continuations(target, prompts, new_tokens=6, temperature=1.0, device="cpu")
+    same = own_text_alpha(target, target, prompts, new_tokens=4, device="cpu", seed=0)
+    assert same["alpha_T0"] == 1.0 and same["positions"] == 3 * 4
 
 
 def test_train_pair_can_start_the_draft_from_the_targets_layers(tmp_path):
