@@ -393,9 +393,12 @@ def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str
 
     prompts = prompts_from(held_stream, cfg.eval_windows, cfg.prompt_len, eos, offset=96)
     t0 = time.perf_counter()
-    out = training.own_text_alpha(target, draft, torch.tensor(prompts, dtype=torch.int64),
-                                  new_tokens=cfg.sample_tokens, device=device,
-                                  seed=cfg.seed + 1, batch=4, autocast=True)
+    try:  # a measurement beside the trained pair: its failure must not lose the pair
+        out = training.own_text_alpha(target, draft, torch.tensor(prompts, dtype=torch.int64),
+                                      new_tokens=cfg.sample_tokens, device=device,
+                                      seed=cfg.seed + 1, batch=4, autocast=True)
+    except (RuntimeError, ValueError) as e:
+        out = {"error": f"{type(e).__name__}: {e}"}
     return {**out, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -615,7 +618,8 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
                                tokenizer.eos_token_id, cfg, device)
     o = info["own_text"]
     log(f"on the target's own continuations: alpha T=0 {o['alpha_T0']:.3f}, T=1 "
-        f"{o['alpha_T1']:.3f} ({o['sequences']} x {o['new_tokens']} tokens)")
+        f"{o['alpha_T1']:.3f} ({o['sequences']} x {o['new_tokens']} tokens)" if "error" not in o
+        else f"alpha on the target's own continuations not measured: {o['error']}")
     prompts = prompts_from(held_stream, cfg.num_prompts, cfg.prompt_len, tokenizer.eos_token_id)
     # long windows: the copied text of the drafting-strategy benchmark's copy-heavy prompts
     long = prompts_from(held_stream, cfg.num_prompts, 4 * cfg.prompt_len + 32,
