@@ -32,6 +32,7 @@
 # DRAFT_SAMPLES=N: half of every draft batch from N continuations the target wrote (half
 # greedy, half sampled at SAMPLE_T / SAMPLE_TOP_P, default 0.8 / 0.95)
 set -euo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts run by path import the project
 out=${OUT:-runs/h200}
 work=/tmp/qdbench
 pair=$work/pairs/trained
