@@ -30,7 +30,7 @@
 # beside the target's training: TARGET_SECONDS=240 DRAFT_SHAPE=targetx2 DRAFT_SECONDS=400
 # with `train`, then `finish` (again while it exits 3), the same variables each time.
 # DRAFT_SAMPLES=N: half of every draft batch from N continuations the target wrote (half
-# greedy, half sampled at SAMPLE_T / SAMPLE_TOP_P, default 0.8 / 0.95)
+# greedy, half sampled at SAMPLE_T / SAMPLE_TOP_P, default 0.8 / 0.95; SAMPLE_BATCH at once)
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts run by path import the project
 out=${OUT:-runs/h200}
@@ -44,7 +44,8 @@ train() {  # $1: target seconds; further arguments go to train_pair.py
       --draft-seconds "${DRAFT_SECONDS:-90}" --num-prompts "${PROMPTS:-8}" \
       ${DRAFT_SHAPE:+--draft-shape "$DRAFT_SHAPE"} \
       ${DRAFT_SAMPLES:+--draft-samples "$DRAFT_SAMPLES" --sample-temperature "${SAMPLE_T:-0.8}" \
-                       --sample-top-p "${SAMPLE_TOP_P:-0.95}"} "${@:2}" 2>&1 \
+                       --sample-top-p "${SAMPLE_TOP_P:-0.95}" \
+                       --sample-batch "${SAMPLE_BATCH:-256}"} "${@:2}" 2>&1 \
       | tee -a "$out/train.log"
 }
 systems() {

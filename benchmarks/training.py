@@ -93,24 +93,28 @@ def mixed_windows(stream, extra, batch: int, ctx: int, next_starts: Callable[[in
 
 def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: int,
                   eos: int, prompt_tokens: int = 32, temperature: float = 0.8,
-                  top_p: float = 0.95):
+                  top_p: float = 0.95, batch: int = 256):
     """The target's own continuations [N] (a token stream, each followed by EOS): ``n``
-    of ``new_tokens`` tokens, half greedy (what greedy speculative decoding meets) and half
-    sampled at ``temperature`` / ``top_p``, after ``prompt_tokens``-token prompts from the
-    training stream, a quarter of them at the start of a file."""
+    of ``new_tokens`` tokens, written ``batch`` at a time, alternate batches greedy (what
+    greedy speculative decoding meets) and sampled at ``temperature`` / ``top_p``, after
+    ``prompt_tokens``-token prompts from the training stream, a quarter of them at the
+    start of a file."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     starts = (stream[:-prompt_tokens - 1] == eos).nonzero().flatten() + 1  # file starts
     out = []
     model.to(device).eval()
-    for first in range(0, n, 256):
-        rows = min(256, n - first)
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    for first in range(0, n, batch):
+        rows = min(batch, n - first)
         pick = torch.randint(0, len(stream) - prompt_tokens, (rows,), generator=g)
-        files = starts[torch.randint(0, len(starts), (rows // 4,), generator=g)]
-        pick[: rows // 4] = files
+        if len(starts):  # a stream of one file has no file starts to begin at
+            files = starts[torch.randint(0, len(starts), (rows // 4,), generator=g)]
+            pick[: rows // 4] = files
         ids = stream[pick[:, None] + torch.arange(prompt_tokens)[None]].to(device)
-        greedy = (first // 256) % 2 == 0
+        greedy = (first // batch) % 2 == 0
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
                                              enabled=device == "cuda"):
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -538,6 +538,33 @@ def test_the_targets_own_continuations_are_its_argmax_and_its_inverse_cdf(smoke_
     assert same["alpha_T0"] == 1.0 and same["positions"] == 3 * 4
 
 
+def test_the_targets_samples_come_in_batches_greedy_then_sampled(smoke_pair):
+    """training.sample_stream: n continuations of new_tokens, each followed by EOS, written
+    ``batch`` at a time; a greedy batch's rows are the target's argmax continuations."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.train_pair import load_streams
+    from benchmarks.training import sample_stream
+
+    pair_dir, info = smoke_pair
+    target = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "target").eval()
+    target.generation_config.eos_token_id = None
+    train, _ = load_streams(pair_dir)
+    stream = torch.from_numpy(train.astype(np.int64))
+    eos = int(train.max()) + 1  # a token the stream never holds: no file starts
+    out = sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
+                        prompt_tokens=6, batch=2)
+    rows = out.reshape(3, 5)
+    assert (rows[:, -1] == eos).all() and not (rows[:, :-1] == eos).any()
+    again = sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
+                          prompt_tokens=6, batch=3)  # one batch: all greedy
+    assert torch.equal(again.reshape(3, 5)[:2], rows[:2])  # the same prompts, greedy
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
+                      batch=0)
+
+
 def test_train_pair_can_start_the_draft_from_the_targets_layers(tmp_path):
     """train_pair --draft-shape targetx1: the draft begins as the trained target's first
     layer, embedding and head, so after 3 Adam steps at most 3 x lr away from them."""
