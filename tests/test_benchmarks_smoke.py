@@ -800,3 +800,18 @@ def test_partial_sorts_are_timed_beside_the_full_sort():
     for c in (SamplingConfig(0.7, top_p=0.9), SamplingConfig(1.0, top_k=50)):
         assert np.array_equal(adjust_logits(z, c),
                               sampling_cost.full_sort(z, c.top_k, c.top_p, c.temperature))
+
+
+def test_sample_throughput_times_both_ways_of_writing_the_targets_text(tmp_path):
+    pytest.importorskip("transformers")
+    from benchmarks.sample_throughput import main
+
+    out = tmp_path / "t.json"
+    assert main(["--device", "cpu", "--smoke", "--sequences", "3", "--new-tokens", "2",
+                 "--batches", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"].split()[0], r["sequences"]) for r in rows] == \
+        [("sample_stream", 3), ("continuations", 4)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="positive integers"):
+        main(["--device", "cpu", "--smoke", "--batches", "0"])
