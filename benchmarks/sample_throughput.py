@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """How fast a target writes its own continuations for draft training, by batch size.
 
-Times ``benchmarks.training.sample_stream`` (Hugging Face ``generate``: alternate batches
-greedy and sampled, the pair's ``--draft-samples``) and ``training.continuations`` (one
-token per step with the KV cache, sampled at T=1 from given uniforms) on a random-weight
-Llama of the trained pair's target shape (97.5M, vocabulary 8192), over a random token
-stream, each batch size after a warm-up, side by side in one process:
+Times Hugging Face ``generate`` (sampling at T=1, what ``training.sample_stream`` used
+before) and ``training.continuations`` (one token per step with the KV cache, sampled at
+T=1 from given uniforms; what ``sample_stream`` uses now) on a random-weight Llama of the
+trained pair's target shape (97.5M, vocabulary 8192), over 32-token prompts of a random
+token stream, each batch size after a warm-up, side by side in one process:
 
     python benchmarks/sample_throughput.py --device cuda --sequences 4096 \\
         --batches 256,1024,4096 --json sample_throughput.json
@@ -49,23 +49,29 @@ def _timed(device: str, run, warm) -> float:
 
 
 def _rows_at(model, stream, batch: int, sequences: int, new_tokens: int, device: str,
-             seed: int, g) -> list[dict]:
-    """Both methods at one batch size: ``max(sequences, batch)`` continuations each."""
+             g) -> list[dict]:
+    """Both methods at one batch size: ``sequences`` continuations each, rounded up to
+    whole batches."""
     import torch
 
     n = max(sequences, batch)
-
-    def generate(count: int, k: int):
-        return training.sample_stream(model, stream, n=count, new_tokens=k, device=device,
-                                      seed=seed, eos=0, temperature=1.0, top_p=1.0,
-                                      batch=batch)
-
-    s = _timed(device, lambda: generate(n, new_tokens), lambda: generate(2 * batch, 4))
-    rows = [{"method": "sample_stream (generate)", "batch": batch, "sequences": n,
-             "seconds": s, "tokens_per_s": n * new_tokens / s}]
     prompts = stream[: batch * 32].reshape(batch, 32)  # [batch, 32]
-    u = torch.rand(new_tokens, batch, generator=g)  # [new_tokens, batch]
     calls = -(-n // batch)
+
+    def generate(k: int):
+        ids = prompts.to(device)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                             enabled=device == "cuda"):
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=k, do_sample=True, temperature=1.0,
+                                  top_p=None, top_k=None, pad_token_id=0,
+                                  eos_token_id=None)
+
+    s = _timed(device, lambda: [generate(new_tokens) for _ in range(calls)],
+               lambda: generate(min(4, new_tokens)))
+    rows = [{"method": "generate", "batch": batch, "sequences": calls * batch,
+             "seconds": s, "tokens_per_s": calls * batch * new_tokens / s}]
+    u = torch.rand(new_tokens, batch, generator=g)  # [new_tokens, batch]
 
     def loop(k: int):
         return training.continuations(model, prompts, new_tokens=k, temperature=1.0,
@@ -94,7 +100,7 @@ def measure(device: str, sequences: int, new_tokens: int, batches: list[int],
     stream[::2000] = 0  # file boundaries
     rows = []
     for batch in batches:
-        rows += _rows_at(model, stream, batch, sequences, new_tokens, device, seed, g)
+        rows += _rows_at(model, stream, batch, sequences, new_tokens, device, g)
         log(f"batch {batch}: generate {rows[-2]['tokens_per_s']:.0f} tok/s, KV loop "
             f"{rows[-1]['tokens_per_s']:.0f} tok/s")
     return {"rows": rows, "parameters": sum(p.numel() for p in model.parameters()),

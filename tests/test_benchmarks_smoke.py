@@ -534,13 +534,20 @@ def test_the_targets_own_continuations_are_its_argmax_and_its_inverse_cdf(smoke_
             assert bool(((below <= ut + 1e-5) | (cont == 0)).all() and (at >= ut - 1e-5).all())
     with pytest.raises(ValueError, match="uniforms of shape"):
         continuations(target, prompts, new_tokens=6, temperature=1.0, device="cpu")
+    greedy = continuations(target, prompts, new_tokens=6, temperature=0.0, device="cpu")
+    # a nucleus of one token (a tiny top-p) is the argmax whatever the uniforms
+    assert torch.equal(continuations(target, prompts, new_tokens=6, temperature=1.0,
+                                     device="cpu", uniforms=u, top_p=1e-6), greedy)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        continuations(target, prompts, new_tokens=6, temperature=1.0, device="cpu",
+                      uniforms=u, top_p=0.0)
     same = own_text_alpha(target, target, prompts, new_tokens=4, device="cpu", seed=0)
     assert same["alpha_T0"] == 1.0 and same["positions"] == 3 * 4
 
 
 def test_the_targets_samples_come_in_batches_greedy_then_sampled(smoke_pair):
     """training.sample_stream: n continuations of new_tokens, each followed by EOS, written
-    ``batch`` at a time; a greedy batch's rows are the target's argmax continuations."""
+    ``batch`` at a time, the first batch greedy; the same seed gives the same samples."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -560,6 +567,8 @@ def test_the_targets_samples_come_in_batches_greedy_then_sampled(smoke_pair):
     again = sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
                           prompt_tokens=6, batch=3)  # one batch: all greedy
     assert torch.equal(again.reshape(3, 5)[:2], rows[:2])  # the same prompts, greedy
+    assert torch.equal(sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0,
+                                     eos=eos, prompt_tokens=6, batch=2), out)  # seeded
     with pytest.raises(ValueError, match="batch must be at least 1"):
         sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
                       batch=0)
@@ -811,7 +820,7 @@ def test_sample_throughput_times_both_ways_of_writing_the_targets_text(tmp_path)
                  "--batches", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"].split()[0], r["sequences"]) for r in rows] == \
-        [("sample_stream", 3), ("continuations", 4)]
+        [("generate", 4), ("continuations", 4)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="positive integers"):
         main(["--device", "cpu", "--smoke", "--batches", "0"])
