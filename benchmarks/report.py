@@ -355,9 +355,9 @@ def render(results: dict) -> str:
         if h:
             alpha = (f"T=0 {fmt(h.get('alpha_T0'), '.3f')} / T=1 {fmt(h.get('alpha_T1'), '.3f')}"
                      f" (paper {PAPER_ALPHA['T0']} / {PAPER_ALPHA['T1']})")
-        if own:
-            alpha += (f"; on its own text T=0 {fmt(own.get('alpha_T0'), '.3f')} / T=1 "
-                      f"{fmt(own.get('alpha_T1'), '.3f')}")
+            if own and "error" not in own:
+                alpha += (f"; on its own text T=0 {fmt(own.get('alpha_T0'), '.3f')} / T=1 "
+                          f"{fmt(own.get('alpha_T1'), '.3f')}")
         elif info.get("draft_agreement") is not None:
             alpha = f"by construction ~{info['draft_agreement']}"
         rows.append([pname, fmt((t.get("parameters") or 0) / 1e6, ".1f") + "M",

@@ -60,8 +60,7 @@ def _rows_at(model, stream, batch: int, sequences: int, new_tokens: int, device:
 
     def generate(k: int):
         ids = prompts.to(device)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
-                                             enabled=device == "cuda"):
+        with torch.no_grad(), training.bf16(device):  # generate draws from torch's RNG
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=k, do_sample=True, temperature=1.0,
                                   top_p=None, top_k=None, pad_token_id=0,
@@ -96,7 +95,8 @@ def measure(device: str, sequences: int, new_tokens: int, batches: list[int],
     model.generation_config.eos_token_id = None  # the full length, as the pair's samples
     model.to(device).eval()
     g = torch.Generator().manual_seed(seed)
-    stream = torch.randint(1, cfg.vocab_size, (200_000,), generator=g)  # [N]
+    length = max(200_000, 32 * max(batches))  # room for every batch's 32-token prompts
+    stream = torch.randint(1, cfg.vocab_size, (length,), generator=g)  # [N]
     stream[::2000] = 0  # file boundaries
     rows = []
     for batch in batches:

@@ -386,6 +386,23 @@ def draft_from_target(target, layers: int):
     return model
 
 
+def check_samples(cfg: TrainConfig) -> None:
+    """The target-sample settings, checked before anything trains (they are used only after
+    the target has)."""
+    if cfg.draft_samples < 0:
+        raise ValueError(f"--draft-samples must be 0 (none) or more, got {cfg.draft_samples}")
+    if not cfg.draft_samples:
+        return
+    if cfg.sample_tokens < 1 or cfg.sample_batch < 1:
+        raise ValueError(f"--sample-tokens and --sample-batch must be at least 1, got "
+                         f"{cfg.sample_tokens} and {cfg.sample_batch}")
+    if cfg.sample_temperature <= 0:
+        raise ValueError(f"--sample-temperature must be above 0 (the sampled half; the other "
+                         f"half is greedy), got {cfg.sample_temperature}")
+    if not 0 < cfg.sample_top_p <= 1:
+        raise ValueError(f"--sample-top-p must lie in (0, 1], got {cfg.sample_top_p}")
+
+
 def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str) -> dict:
     """Alpha on the target's own continuations (``training.own_text_alpha``) of
     ``cfg.eval_windows`` held-out prompts, ``cfg.sample_tokens`` tokens each: the acceptance
@@ -393,6 +410,8 @@ def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str
     import torch
 
     prompts = prompts_from(held_stream, cfg.eval_windows, cfg.prompt_len, eos, offset=96)
+    if not prompts:
+        return {"error": f"no {cfg.prompt_len}-token prompt inside one held-out file"}
     t0 = time.perf_counter()
     try:  # a measurement beside the trained pair: its failure must not lose the pair
         out = training.own_text_alpha(target, draft, torch.tensor(prompts, dtype=torch.int64),
@@ -413,7 +432,7 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     (``draft_shape("targetx1")``), starting from their weights. The peak learning rate
     ``lr`` defaults to :func:`draft_lr`'s. Saved to ``out/hf/draft``; returns its entry
     (parameters, training) with the held-out loss and alphas on the pair's held-out
-    windows, the target's beside them."""
+    windows, the target's beside them, and alpha on the target's own text (``own_text``)."""
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -506,6 +525,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise ValueError(f"distill_weight must lie in [0, 1], got {cfg.distill_weight}; pass "
                          "--distill-weight between 0 (cross entropy alone) and 1 (KL alone)")
+    check_samples(cfg)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -27,11 +27,20 @@ import time
 from collections.abc import Callable, Iterator
 
 __all__ = ["build_llama", "encode", "random_windows", "mixed_windows", "sample_stream", "train",
-           "heldout_windows", "evaluate", "continuations", "own_text_alpha",
+           "heldout_windows", "evaluate", "continuations", "own_text_alpha", "bf16",
            "FINITE_CHECK_EVERY"]
 
 # steps between reads of the all-losses-finite flag (a read waits for the device)
 FINITE_CHECK_EVERY = 50
+
+
+def bf16(device: str, enabled: bool = True):
+    """The bf16 autocast context on CUDA when ``enabled``, else a null context."""
+    import torch
+
+    if enabled and device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build_llama(shape: dict, tokenizer, *, vocab_size: int, max_positions: int, tie: bool,
@@ -95,18 +104,20 @@ def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: 
                   eos: int, prompt_tokens: int = 32, temperature: float = 0.8,
                   top_p: float = 0.95, batch: int = 256):
     """The target's own continuations [N] (a token stream, each followed by EOS): ``n``
-    of ``new_tokens`` tokens, written ``batch`` at a time by :func:`continuations`,
-    alternate batches greedy (what greedy speculative decoding meets) and sampled at
-    ``temperature`` / ``top_p`` (uniforms from ``seed``), after ``prompt_tokens``-token
-    prompts from the training stream, a quarter of them at the start of a file; bf16
-    autocast on CUDA."""
+    of ``new_tokens`` tokens, after ``prompt_tokens``-token prompts from the training
+    stream (a quarter of them at the start of a file), ``batch`` prompts at a time: the
+    first half of each batch greedy (what greedy speculative decoding meets), the rest
+    sampled at ``temperature`` / ``top_p`` (uniforms from ``seed``), each half one
+    :func:`continuations` call; bf16 autocast on CUDA."""
     import torch
 
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if temperature <= 0:
+        raise ValueError(f"the sampled half needs a temperature above 0, got {temperature}")
     g = torch.Generator().manual_seed(seed)
     starts = (stream[:-prompt_tokens - 1] == eos).nonzero().flatten() + 1  # file starts
     out = []
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
     for first in range(0, n, batch):
         rows = min(batch, n - first)
         pick = torch.randint(0, len(stream) - prompt_tokens, (rows,), generator=g)
@@ -114,12 +125,16 @@ def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: 
             files = starts[torch.randint(0, len(starts), (rows // 4,), generator=g)]
             pick[: rows // 4] = files
         ids = stream[pick[:, None] + torch.arange(prompt_tokens)[None]]  # [rows, P]
-        greedy = (first // batch) % 2 == 0
-        u = None if greedy else torch.rand(new_tokens, rows, generator=g)  # [k, rows]
-        cont = continuations(model, ids, new_tokens=new_tokens,
-                             temperature=0.0 if greedy else temperature, top_p=top_p,
-                             device=device, uniforms=u, autocast=True)  # [rows, k]
-        for row in cont:
+        half = rows // 2
+        u = torch.rand(new_tokens, rows - half, generator=g)  # [k, rows - half]
+        parts = [continuations(model, ids[half:], new_tokens=new_tokens,
+                               temperature=temperature, top_p=top_p, device=device,
+                               uniforms=u, autocast=True)]  # [rows - half, k]
+        if half:
+            parts.insert(0, continuations(model, ids[:half], new_tokens=new_tokens,
+                                          temperature=0.0, device=device,
+                                          autocast=True))  # [half, k]
+        for row in torch.cat(parts):
             out.append(torch.cat([row, torch.tensor([eos])]))
     return torch.cat(out)
 
@@ -184,8 +199,7 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
          {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
     fwd = torch.compile(model) if compile else model
-    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device == "cuda"
-            else contextlib.nullcontext())
+    cast = bf16(device, autocast)
 
     def lr_at(step: int, total: int) -> float:
         warm = max(1, min(warmup_steps, total // 10))
@@ -308,8 +322,7 @@ def evaluate(target, draft, windows, device: str, *, batch: int = 8,
     from quickdraft.sampling import SamplingConfig, adjust_logits
     from quickdraft.theory import alpha_from_distributions
 
-    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device == "cuda"
-            else contextlib.nullcontext())
+    cast = bf16(device, autocast)
     nll = {"target": [], "draft": []}
     betas = {0.0: [], 1.0: []}
     with torch.no_grad():
@@ -323,11 +336,11 @@ def evaluate(target, draft, windows, device: str, *, batch: int = 8,
                 nll[name].append(torch.nn.functional.cross_entropy(
                     lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), reduction="none"
                 ).cpu().numpy())
-            zp = lp.reshape(-1, lp.shape[-1]).cpu().numpy()  # [B * ctx, V]
-            zq = lq.reshape(-1, lq.shape[-1]).cpu().numpy()  # [B * ctx, V]
+            zp = lp.reshape(-1, lp.shape[-1]).cpu().numpy()  # [B * (ctx - skip), V]
+            zq = lq.reshape(-1, lq.shape[-1]).cpu().numpy()  # [B * (ctx - skip), V]
             for t in betas:
                 cfg = SamplingConfig(temperature=t)
-                p, q = adjust_logits(zp, cfg), adjust_logits(zq, cfg)  # [B * ctx, V]
+                p, q = adjust_logits(zp, cfg), adjust_logits(zq, cfg)  # [B * (ctx - skip), V]
                 betas[t].append(alpha_from_distributions(p, q) * len(zp))
     positions = sum(len(x) for x in nll["target"])
     out = {"positions": positions}
@@ -346,8 +359,8 @@ def continuations(model, prompts, *, new_tokens: int, temperature: float, device
     token per step with its KV cache: the argmax at ``temperature`` 0, else the inverse
     CDF of the softmax at ``temperature`` (nucleus ``top_p``: transformers'
     ``TopPLogitsWarper``) at ``uniforms`` [new_tokens, n] (CPU floats drawn by the
-    caller). A batch of 2,048 on the H200 writes 7.4x the tokens per second of
-    ``generate`` at 256 (``benchmarks/sample_throughput.py``)."""
+    caller). Faster than ``generate`` at the same batch
+    (``benchmarks/sample_throughput.py``)."""
     import torch
     from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -355,8 +368,7 @@ def continuations(model, prompts, *, new_tokens: int, temperature: float, device
                                                                           len(prompts))):
         raise ValueError(f"sampling {new_tokens} tokens for {len(prompts)} prompts needs "
                          f"uniforms of shape ({new_tokens}, {len(prompts)})")
-    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device == "cuda"
-            else contextlib.nullcontext())
+    cast = bf16(device, autocast)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     nucleus = TopPLogitsWarper(top_p) if top_p < 1 else None
@@ -364,15 +376,18 @@ def continuations(model, prompts, *, new_tokens: int, temperature: float, device
     ids, past, out = prompts.to(device), None, []
     with torch.no_grad(), cast:
         for k in range(new_tokens):
-            step = model(input_ids=ids, past_key_values=past, use_cache=True)
+            step = model(input_ids=ids, past_key_values=past, use_cache=True,
+                         logits_to_keep=1)
             past, z = step.past_key_values, step.logits[:, -1].float()  # [n, V]
             if temperature > 0:
                 z = z / temperature
                 if nucleus is not None:
                     z = nucleus(ids, z)  # [n, V], -inf outside the nucleus
                 cdf = torch.cumsum(torch.softmax(z, dim=-1), dim=-1)  # [n, V]
-                u = uniforms[k].to(device, cdf.dtype)[:, None] * cdf[:, -1:]  # [n, 1]
-                ids = torch.searchsorted(cdf, u, right=True).clamp_max(z.shape[-1] - 1)
+                total = cdf[:, -1:]  # [n, 1]
+                u = uniforms[k].to(device, cdf.dtype)[:, None] * total  # [n, 1]
+                u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+                ids = torch.searchsorted(cdf, u, right=True)  # [n, 1], below V
             else:
                 ids = z.argmax(dim=-1, keepdim=True)  # [n, 1]
             out.append(ids)
@@ -391,11 +406,11 @@ def own_text_alpha(target, draft, prompts, *, new_tokens: int, device: str, seed
     out = {"sequences": len(prompts), "prompt_tokens": prompts.shape[1],
            "new_tokens": new_tokens}
     for t, key in ((0.0, "alpha_T0"), (1.0, "alpha_T1")):
-        u = torch.rand(new_tokens, len(prompts), generator=g) if t > 0 else None
+        u = torch.rand(new_tokens, len(prompts), generator=g) if t > 0 else None  # [k, n]
         cont = continuations(target, prompts, new_tokens=new_tokens, temperature=t,
-                             device=device, uniforms=u, autocast=autocast)
-        ev = evaluate(target, draft, torch.cat([prompts, cont], dim=1), device, batch=batch,
-                      autocast=autocast, skip=skip)
+                             device=device, uniforms=u, autocast=autocast)  # [n, k]
+        text = torch.cat([prompts, cont], dim=1)  # [n, P + k]
+        ev = evaluate(target, draft, text, device, batch=batch, autocast=autocast, skip=skip)
         out[key] = ev[key]
         out["positions"] = ev["positions"]
     return out

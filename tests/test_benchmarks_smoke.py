@@ -301,6 +301,11 @@ def test_report_shows_a_trained_pairs_alpha_on_held_out_and_on_its_own_text():
     text = report.render(r)
     assert "T=0 0.810 / T=1 0.800" in text
     assert "on its own text T=0 0.930 / T=1 0.740" in text
+    r["pairs"]["7b"]["info"]["own_text"] = {"error": "RuntimeError: out of memory"}
+    text = report.render(r)  # a failed measurement: held-out alpha alone
+    assert "T=0 0.810 / T=1 0.800" in text and "own text" not in text
+    del r["pairs"]["7b"]["info"]["heldout"]
+    assert "by construction ~0.8" in report.render(r)
 
 
 def test_report_merge_later_wins():
@@ -543,35 +548,100 @@ def test_the_targets_own_continuations_are_its_argmax_and_its_inverse_cdf(smoke_
                       uniforms=u, top_p=0.0)
     same = own_text_alpha(target, target, prompts, new_tokens=4, device="cpu", seed=0)
     assert same["alpha_T0"] == 1.0 and same["positions"] == 3 * 4
+    # a nucleus of half the mass: every sampled token lies inside it
+    cont = continuations(target, prompts, new_tokens=6, temperature=1.0, device="cpu",
+                         uniforms=u, top_p=0.5)
+    with torch.no_grad():
+        z = target(input_ids=torch.cat([prompts, cont], 1)).logits[:, 4:-1].double()
+    probs = torch.softmax(z, -1)  # [3, 6, V]
+    ranked = probs.sort(-1, descending=True)
+    before = ranked.values.cumsum(-1) - ranked.values  # mass ranked above each token
+    rank = (ranked.indices == cont[..., None]).double().argmax(-1)  # [3, 6]
+    assert bool((torch.gather(before, -1, rank[..., None]) < 0.5 + 1e-6).all())
 
 
-def test_the_targets_samples_come_in_batches_greedy_then_sampled(smoke_pair):
-    """training.sample_stream: n continuations of new_tokens, each followed by EOS, written
-    ``batch`` at a time, the first batch greedy; the same seed gives the same samples."""
+def test_own_text_alpha_is_alpha_at_the_continuations_positions(smoke_pair):
+    """own_text_alpha: at T=0 the share of the target's greedy continuation tokens the
+    draft's argmax agrees with; at T=1 the mean of sum_x min(p, q) at the positions that
+    predict the continuation sampled with the seed's uniforms (computed here by hand)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.training import continuations, own_text_alpha
+
+    pair_dir, info = smoke_pair
+    target = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "target").eval()
+    draft = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "draft").eval()
+    prompts = torch.randint(3, info["vocab_size"], (2, 5), generator=torch.Generator()
+                            .manual_seed(3))
+    got = own_text_alpha(target, draft, prompts, new_tokens=7, device="cpu", seed=11)
+    g = torch.Generator().manual_seed(11)
+    want = {}
+    for t in (0.0, 1.0):
+        u = torch.rand(7, 2, generator=g) if t else None
+        cont = continuations(target, prompts, new_tokens=7, temperature=t, device="cpu",
+                             uniforms=u)
+        text = torch.cat([prompts, cont], 1)
+        with torch.no_grad():
+            zp = target(input_ids=text).logits[:, 4:-1].double()  # [2, 7, V]
+            zq = draft(input_ids=text).logits[:, 4:-1].double()
+        if t == 0:
+            want[t] = (zp.argmax(-1) == zq.argmax(-1)).double().mean().item()
+        else:
+            want[t] = torch.minimum(zp.softmax(-1), zq.softmax(-1)).sum(-1).mean().item()
+    assert got["positions"] == 14
+    assert got["alpha_T0"] == pytest.approx(want[0.0], abs=1e-9)
+    assert got["alpha_T1"] == pytest.approx(want[1.0], abs=1e-5)
+    assert 0 < got["alpha_T1"] < 1
+
+
+def test_the_targets_samples_are_half_greedy_half_sampled_in_every_batch(smoke_pair):
+    """training.sample_stream: n continuations of new_tokens, each followed by EOS, the
+    first half of every batch greedy (the same at any temperature), the rest sampled (they
+    change with it), however the batches fall; the same seed gives the same samples."""
     import torch
     from transformers import LlamaForCausalLM
 
     from benchmarks.train_pair import load_streams
     from benchmarks.training import sample_stream
 
-    pair_dir, info = smoke_pair
+    pair_dir, _ = smoke_pair
     target = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "target").eval()
-    target.generation_config.eos_token_id = None
     train, _ = load_streams(pair_dir)
     stream = torch.from_numpy(train.astype(np.int64))
     eos = int(train.max()) + 1  # a token the stream never holds: no file starts
-    out = sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
-                        prompt_tokens=6, batch=2)
-    rows = out.reshape(3, 5)
-    assert (rows[:, -1] == eos).all() and not (rows[:, :-1] == eos).any()
-    again = sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
-                          prompt_tokens=6, batch=3)  # one batch: all greedy
-    assert torch.equal(again.reshape(3, 5)[:2], rows[:2])  # the same prompts, greedy
-    assert torch.equal(sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0,
-                                     eos=eos, prompt_tokens=6, batch=2), out)  # seeded
+
+    def rows(temperature, batch, n=4):
+        out = sample_stream(target, stream, n=n, new_tokens=8, device="cpu", seed=0,
+                            eos=eos, prompt_tokens=6, temperature=temperature, top_p=1.0,
+                            batch=batch)
+        assert out.shape == (n * 9,) and (out.reshape(n, 9)[:, -1] == eos).all()
+        return out.reshape(n, 9)[:, :-1]
+
+    cool, hot = rows(0.5, 4), rows(50.0, 4)  # one batch of 4: rows 0-1 greedy
+    assert torch.equal(cool[:2], hot[:2]) and not torch.equal(cool[2:], hot[2:])
+    cool, hot = rows(0.5, 2), rows(50.0, 2)  # two batches of 2: rows 0 and 2 greedy
+    assert torch.equal(cool[[0, 2]], hot[[0, 2]])
+    assert not torch.equal(cool[[1, 3]], hot[[1, 3]])
+    one, other = rows(1.0, 8, n=1), rows(9.0, 8, n=1)  # a batch of one row: sampled
+    assert not torch.equal(one, other)
+    assert torch.equal(rows(0.5, 2), cool)  # seeded
     with pytest.raises(ValueError, match="batch must be at least 1"):
-        sample_stream(target, stream, n=3, new_tokens=4, device="cpu", seed=0, eos=eos,
-                      batch=0)
+        rows(1.0, 0)
+    with pytest.raises(ValueError, match="temperature above 0"):
+        rows(0.0, 2)
+
+
+def test_train_pair_refuses_bad_sample_settings_before_training(tmp_path):
+    from benchmarks.train_pair import SMOKE, TrainConfig, train_pair
+
+    for bad, match in (({"sample_top_p": 0.0}, "--sample-top-p"),
+                       ({"sample_temperature": -1.0}, "--sample-temperature"),
+                       ({"sample_batch": 0}, "--sample-batch")):
+        cfg = TrainConfig(**{**SMOKE, **SMOKE_STEPS, "draft_samples": 4, **bad})
+        with pytest.raises(ValueError, match=match):
+            train_pair(tmp_path / "x", cfg, "cpu")
+        assert not (tmp_path / "x").exists()  # nothing written
 
 
 def test_train_pair_can_start_the_draft_from_the_targets_layers(tmp_path):
