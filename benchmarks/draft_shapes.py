@@ -14,6 +14,10 @@ wider layers may buy alpha for little c; the speedup decides.
     python3 benchmarks/draft_shapes.py --pair-dir /tmp/qdbench/pairs/trained \\
         --shapes 512x1,512x2,768x1 --draft-seconds 100 --out runs/shapes
 
+``--samples N`` adds, after each shape, the same shape distilled with half of every batch
+from N continuations the target writes (``train_pair --draft-samples``; written once,
+kept in the work folder for every shape): row ``SHAPE+samples``, the same budget or steps.
+
 The pair needs its exported fast path (``bench.py --stages export``) and the token
 streams its training kept (``streams.npz``). Writes ``OUT/draft_shapes.json`` (after
 every task) and ``OUT/draft_shapes.md``.
@@ -57,6 +61,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--draft-seconds", type=float, default=None,
                     help="training budget of each shape (default: the pair's draft budget)")
     ap.add_argument("--draft-steps", type=int, default=None, help="or a fixed step count")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="also distill each shape with half of every batch from this many of "
+                         "the target's continuations (row SHAPE+samples)")
+    ap.add_argument("--sample-temperature", type=float, default=1.0,
+                    help="the sampled half of those continuations (the rest greedy)")
+    ap.add_argument("--sample-top-p", type=float, default=1.0)
+    ap.add_argument("--sample-batch", type=int, default=1024,
+                    help="continuations written at once")
     ap.add_argument("--draft-lr", type=float, default=None,
                     help="peak learning rate of every shape (default: the pair's draft rate "
                          "times its hidden size over the shape's)")
@@ -75,6 +87,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         raise SystemExit(f"--shapes: {e}") from None
     parse_measure_options(a)
+    a.variants = [(name, shape, None) for name, shape in a.shapes.items()]
+    if a.samples:
+        from benchmarks.train_pair import TrainConfig, check_samples
+
+        settings = {"draft_samples": a.samples, "sample_temperature": a.sample_temperature,
+                    "sample_top_p": a.sample_top_p, "sample_batch": a.sample_batch}
+        try:
+            check_samples(TrainConfig(**settings))
+        except ValueError as e:
+            raise SystemExit(str(e).replace("--draft-samples", "--samples")) from None
+        a.variants = [v for name, shape in a.shapes.items()
+                      for v in ((name, shape, None), (f"{name}+samples", shape, settings))]
     a.alphas = []
     a.pair_dir = a.pair_dir.resolve()
     a.work = (a.work or a.pair_dir.parent / f"{a.pair_dir.name}-shapes").resolve()
@@ -187,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
            "heldout": pair_info.get("heldout"), "own_text": pair_info.get("own_text")}
     measured(OWN, a.pair_dir, own)
     seconds = a.draft_seconds or pair_info["config"]["draft_seconds"]
-    for name, shape in a.shapes.items():
+    for name, shape, samples in a.variants:
         need = (0 if a.draft_steps else seconds) + OVERHEAD_SECONDS
         if left() < need:
             result["errors"].append({"kind": "skipped", "where": name,
@@ -199,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         res = task("distill", f"{name}/distill", {
             "pair_dir": str(a.pair_dir), "out_dir": str(folder), "shape": shape,
             "device": a.device, "seconds": None if a.draft_steps else seconds,
-            "steps": a.draft_steps, "lr": a.draft_lr})
+            "steps": a.draft_steps, "lr": a.draft_lr, "samples": samples,
+            "samples_cache": str(a.work / "target_samples.npz")})
         if res.get("status") != "ok" or "export" not in res:
             dump_json(out_json, result)
             continue

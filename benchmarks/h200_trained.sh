@@ -19,7 +19,10 @@
 #                                            # of where it goes
 #   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
 #                                            # layer; the target's first 1 and 2 layers, from
-#                                            # its weights): held-out alpha, c, speedups
+#                                            # its weights): held-out alpha, c, speedups;
+#                                            # SHAPE_STEPS fixes their steps, SHAPE_SAMPLES=N
+#                                            # adds each shape trained on N of the target's
+#                                            # continuations (at T=1, SAMPLE_BATCH at once)
 # A longer target run, over two calls (TARGET_SECONDS, default 620; the first call stops
 # with a checkpoint, exit status 3; the second continues and, once the pair is trained,
 # exports and measures as `pair` does). `pair` and `train` start from an empty work folder:
@@ -73,6 +76,8 @@ case ${1:?pair, genai, check, host, shapes, train or finish} in
   shapes)
     python3 benchmarks/draft_shapes.py --pair-dir "$pair" \
         --shapes "${SHAPES:-512x1,targetx1,targetx2}" --draft-seconds "${SHAPE_SECONDS:-90}" \
+        ${SHAPE_STEPS:+--draft-steps "$SHAPE_STEPS"} \
+        ${SHAPE_SAMPLES:+--samples "$SHAPE_SAMPLES" --sample-batch "${SAMPLE_BATCH:-2048}"} \
         --pipelined 4 --budget "${SHAPES_BUDGET:-560}" --out "$out/shapes" ;;
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;

@@ -56,7 +56,7 @@ import site
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -403,6 +403,39 @@ def check_samples(cfg: TrainConfig) -> None:
         raise ValueError(f"--sample-top-p must lie in (0, 1], got {cfg.sample_top_p}")
 
 
+SAMPLE_SETTINGS = ("draft_samples", "sample_tokens", "sample_temperature", "sample_top_p",
+                   "sample_batch")
+
+
+def target_samples(target, train_stream, eos: int, cfg: TrainConfig, device: str,
+                   cache: Path | None = None):
+    """``cfg.draft_samples`` continuations the target writes for its draft
+    (``training.sample_stream`` with ``cfg``'s sample settings and seed) and their entry
+    for the results; read back from ``cache`` (an .npz) when it holds the same settings,
+    else written there too."""
+    import json
+
+    import numpy as np
+    import torch
+
+    settings = {k: getattr(cfg, k) for k in SAMPLE_SETTINGS} | {"seed": cfg.seed}
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            if json.loads(str(z["settings"])) == settings:
+                stream = torch.from_numpy(z["samples"])
+                return stream, {**settings, "tokens": len(stream), "cached": True}
+    t0 = time.perf_counter()
+    stream = training.sample_stream(
+        target, torch.from_numpy(train_stream.astype(np.int64)), n=cfg.draft_samples,
+        new_tokens=cfg.sample_tokens, device=device, seed=cfg.seed, eos=eos,
+        temperature=cfg.sample_temperature, top_p=cfg.sample_top_p, batch=cfg.sample_batch)
+    entry = {**settings, "tokens": len(stream), "seconds": round(time.perf_counter() - t0, 2)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, samples=stream.numpy(), settings=json.dumps(settings))
+    return stream, entry
+
+
 def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str) -> dict:
     """Alpha on the target's own continuations (``training.own_text_alpha``) of
     ``cfg.eval_windows`` held-out prompts, ``cfg.sample_tokens`` tokens each: the acceptance
@@ -424,7 +457,8 @@ def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str
 
 def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
                   seconds: float | None = None, steps: int | None = None,
-                  lr: float | None = None) -> dict:
+                  lr: float | None = None, samples: dict | None = None,
+                  samples_cache: Path | None = None) -> dict:
     """A draft of ``shape`` distilled from the trained target of ``pair`` (a folder
     ``train_pair`` wrote) as the pair's own draft was: its batch, window, loss, seed and
     windows of the corpus (not the target's samples), for ``seconds`` (default: the pair's
@@ -432,7 +466,10 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     (``draft_shape("targetx1")``), starting from their weights. The peak learning rate
     ``lr`` defaults to :func:`draft_lr`'s. Saved to ``out/hf/draft``; returns its entry
     (parameters, training) with the held-out loss and alphas on the pair's held-out
-    windows, the target's beside them, and alpha on the target's own text (``own_text``)."""
+    windows, the target's beside them, and alpha on the target's own text (``own_text``).
+    ``samples``: sample settings (``SAMPLE_SETTINGS``, e.g. ``{"draft_samples": 4096}``)
+    over the pair's: half of every batch from the target's continuations, as
+    ``train_pair --draft-samples`` does, kept in ``samples_cache`` for the next draft."""
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -444,6 +481,11 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
         raise FileNotFoundError(f"{pair / 'pair.json'} is missing: {pair} is not a trained "
                                 "pair; run benchmarks/train_pair.py first")
     cfg = TrainConfig(**info["config"])
+    unknown = set(samples or {}) - set(SAMPLE_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown sample settings {sorted(unknown)}; use {SAMPLE_SETTINGS}")
+    cfg = replace(cfg, **{"draft_samples": 0, **(samples or {})})
+    check_samples(cfg)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = PreTrainedTokenizerFast.from_pretrained(pair / "tokenizer")
@@ -456,11 +498,17 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     embedding = 2 * len(tokenizer) * dims["hidden_size"]  # the input table and the head
     log(f"draft {shape}: {params / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M embedding)")
     distilled = cfg.distill_weight > 0
+    extra, sampled = None, None
+    if cfg.draft_samples:
+        extra, sampled = target_samples(target, train_stream, tokenizer.eos_token_id, cfg,
+                                        device, samples_cache)
+        log(f"target samples: {cfg.draft_samples} x {cfg.sample_tokens} tokens"
+            + (" (cached)" if sampled.get("cached") else f" ({sampled['seconds']}s)"))
     tr = train_model("draft", model, train_stream,
                      seconds=cfg.draft_seconds if seconds is None else seconds,
                      steps=steps, batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg,
                      device=device, seed=cfg.seed, teacher=target if distilled else None,
-                     distill_weight=cfg.distill_weight if distilled else 0.0)
+                     distill_weight=cfg.distill_weight if distilled else 0.0, extra=extra)
     del tr["done"]
     windows = training.heldout_windows(held_stream.astype(np.int64), cfg.ctx, cfg.eval_windows)
     heldout = training.evaluate(target.to(device), model.to(device), torch.from_numpy(windows),
@@ -472,7 +520,8 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
             "init": "target" if shape.get("from_target") else "random",
             "target_parameters": info["target"]["parameters"],
             "draft_fraction": params / info["target"]["parameters"],
-            "pair_used_target_samples": bool(cfg.draft_samples),
+            "pair_used_target_samples": bool(info["config"].get("draft_samples")),
+            "target_samples": sampled,
             "heldout": {**heldout, "windows": len(windows)}}
 
 
@@ -582,18 +631,12 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
                 saved.get("samples") is not None:
             sampled = torch.from_numpy(saved["samples"])
         elif role == "draft" and cfg.draft_samples:
-            t0 = time.perf_counter()
-            sampled = training.sample_stream(
-                models["target"], torch.from_numpy(train_stream.astype(np.int64)),
-                n=cfg.draft_samples, new_tokens=cfg.sample_tokens, device=device,
-                seed=cfg.seed, eos=tokenizer.eos_token_id,
-                temperature=cfg.sample_temperature, top_p=cfg.sample_top_p,
-                batch=cfg.sample_batch)
+            sampled, entry = target_samples(models["target"], train_stream,
+                                            tokenizer.eos_token_id, cfg, device)
             info["target_samples"] = {"sequences": cfg.draft_samples,
-                                      "new_tokens": cfg.sample_tokens, "tokens": len(sampled),
-                                      "seconds": round(time.perf_counter() - t0, 2)}
+                                      "new_tokens": cfg.sample_tokens, **entry}
             log(f"target samples: {cfg.draft_samples} x {cfg.sample_tokens} tokens "
-                f"({info['target_samples']['seconds']}s)")
+                f"({entry['seconds']}s)")
         tr = train_model(role, model, train_stream, seconds=seconds, steps=steps,
                          batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg, device=device,
                          seed=cfg.seed, teacher=models["target"] if distilled else None,

@@ -152,8 +152,11 @@ def task_distill(spec: dict, rec: Record) -> None:
     from benchmarks.train_pair import distill_draft
 
     pair, out, device = Path(spec["pair_dir"]), Path(spec["out_dir"]), spec["device"]
+    cache = spec.get("samples_cache")
     draft = distill_draft(pair, spec["shape"], out, device, seconds=spec.get("seconds"),
-                          steps=spec.get("steps"), lr=spec.get("lr"))
+                          steps=spec.get("steps"), lr=spec.get("lr"),
+                          samples=spec.get("samples"),
+                          samples_cache=Path(cache) if cache else None)
     rec.set("draft", draft)
     info = load_json(pair / "pair.json")
     dump_json(out / "pair.json", {**info, "draft": {k: v for k, v in draft.items()

@@ -482,6 +482,50 @@ def test_a_draft_distilled_for_a_trained_pair_follows_the_pairs_recipe(tmp_path,
     assert wide["heldout"]["target_loss"] == info["heldout"]["target_loss"]
 
 
+def test_a_draft_distilled_with_the_targets_samples_writes_them_once(tmp_path, smoke_pair):
+    """distill_draft(samples=...): half of every batch from the target's continuations,
+    written once into the cache and read back for the next draft (the same weights), a
+    different draft from the corpus-only one at the same steps."""
+    from benchmarks.train_pair import distill_draft
+
+    pair_dir, info = smoke_pair
+    shape, cache = info["draft"]["shape"], tmp_path / "samples.npz"
+    settings = {"draft_samples": 4, "sample_tokens": 20, "sample_batch": 2,
+                "sample_temperature": 1.0, "sample_top_p": 1.0}
+    first = distill_draft(pair_dir, shape, tmp_path / "a", "cpu", steps=2, samples=settings,
+                          samples_cache=cache)
+    assert cache.is_file() and not first["target_samples"].get("cached")
+    assert first["target_samples"]["tokens"] == 4 * 21  # longer than a window of 65
+    again = distill_draft(pair_dir, shape, tmp_path / "b", "cpu", steps=2, samples=settings,
+                          samples_cache=cache)
+    assert again["target_samples"]["cached"] is True
+    a, b = _weights(tmp_path / "a" / "hf" / "draft"), _weights(tmp_path / "b" / "hf" / "draft")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    plain = distill_draft(pair_dir, shape, tmp_path / "c", "cpu", steps=2)
+    c = _weights(tmp_path / "c" / "hf" / "draft")
+    assert plain["target_samples"] is None and not all(np.array_equal(a[k], c[k]) for k in a)
+    other = distill_draft(pair_dir, shape, tmp_path / "d", "cpu", steps=2,
+                          samples={**settings, "sample_temperature": 2.0}, samples_cache=cache)
+    assert not other["target_samples"].get("cached")  # other settings: written again
+    with pytest.raises(ValueError, match="unknown sample settings"):
+        distill_draft(pair_dir, shape, tmp_path / "e", "cpu", steps=1, samples={"top_p": 1})
+
+
+def test_draft_shapes_adds_a_samples_row_per_shape(tmp_path):
+    from benchmarks.draft_shapes import parse
+
+    a = parse(["--pair-dir", str(tmp_path), "--shapes", "512x1,targetx2", "--samples", "64"])
+    assert [(name, s is not None) for name, _, s in a.variants] == [
+        ("512x1", False), ("512x1+samples", True), ("targetx2", False),
+        ("targetx2+samples", True)]
+    assert a.variants[1][2] == {"draft_samples": 64, "sample_temperature": 1.0,
+                                "sample_top_p": 1.0, "sample_batch": 1024}
+    assert [v[0] for v in parse(["--pair-dir", str(tmp_path)]).variants] == \
+        ["512x1", "512x2", "768x1"]
+    with pytest.raises(SystemExit, match="--sample-top-p"):
+        parse(["--pair-dir", str(tmp_path), "--samples", "8", "--sample-top-p", "0"])
+
+
 def test_a_draft_of_all_the_targets_layers_is_the_target(tmp_path, smoke_pair):
     """A draft made of the target's first layers starts from their weights: all of them,
     untrained, are the target itself (alpha exactly 1 at T=0, 1 up to rounding at T=1);
