@@ -211,8 +211,13 @@ def main(argv: list[str] | None = None) -> int:
            "heldout": pair_info.get("heldout"), "own_text": pair_info.get("own_text")}
     measured(OWN, a.pair_dir, own)
     seconds = a.draft_seconds or pair_info["config"]["draft_seconds"]
+    own_steps = (pair_info["draft"].get("training") or {})
+    per_step = own_steps.get("seconds", 0.0) / max(1, own_steps.get("steps") or 1)
+    cached = False  # the first variant with samples writes them
     for name, shape, samples in a.variants:
-        need = (0 if a.draft_steps else seconds) + OVERHEAD_SECONDS
+        need = (a.draft_steps * per_step if a.draft_steps else seconds) + OVERHEAD_SECONDS
+        if samples and not cached:  # the target writes ~50,000 tokens a second on the H200
+            need += samples["draft_samples"] * pair_info["config"]["sample_tokens"] / 50_000
         if left() < need:
             result["errors"].append({"kind": "skipped", "where": name,
                                      "message": f"{left():.0f}s of budget left, {need:.0f}s "
@@ -225,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": a.device, "seconds": None if a.draft_steps else seconds,
             "steps": a.draft_steps, "lr": a.draft_lr, "samples": samples,
             "samples_cache": str(a.work / "target_samples.npz")})
+        cached = cached or bool(samples and res.get("status") == "ok")
         if res.get("status") != "ok" or "export" not in res:
             dump_json(out_json, result)
             continue

@@ -74,10 +74,13 @@ case ${1:?pair, genai, check, host, shapes, train or finish} in
         --device cuda --gammas 4 --temperatures 0 1 --repeats 5 --profile 3 \
         --json "$out/host_overhead.json" ;;
   shapes)
+    length=(--draft-seconds "${SHAPE_SECONDS:-90}")  # or a fixed step count
+    [ -z "${SHAPE_STEPS:-}" ] || length=(--draft-steps "$SHAPE_STEPS")
     python3 benchmarks/draft_shapes.py --pair-dir "$pair" \
-        --shapes "${SHAPES:-512x1,targetx1,targetx2}" --draft-seconds "${SHAPE_SECONDS:-90}" \
-        ${SHAPE_STEPS:+--draft-steps "$SHAPE_STEPS"} \
-        ${SHAPE_SAMPLES:+--samples "$SHAPE_SAMPLES" --sample-batch "${SAMPLE_BATCH:-2048}"} \
+        --shapes "${SHAPES:-512x1,targetx1,targetx2}" "${length[@]}" \
+        ${SHAPE_SAMPLES:+--samples "$SHAPE_SAMPLES" --sample-batch "${SAMPLE_BATCH:-4096}" \
+                         --sample-temperature "${SAMPLE_T:-1.0}" \
+                         --sample-top-p "${SAMPLE_TOP_P:-1.0}"} \
         --pipelined 4 --budget "${SHAPES_BUDGET:-560}" --out "$out/shapes" ;;
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;

@@ -407,23 +407,39 @@ SAMPLE_SETTINGS = ("draft_samples", "sample_tokens", "sample_temperature", "samp
                    "sample_batch")
 
 
+def _fingerprint(model) -> str:
+    """A short hash of a model's first and last parameters (which any training moves)."""
+    import numpy as np
+
+    params = list(model.parameters())
+    h = hashlib.sha256()
+    for t in (params[0], params[-1]):
+        h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
 def target_samples(target, train_stream, eos: int, cfg: TrainConfig, device: str,
                    cache: Path | None = None):
     """``cfg.draft_samples`` continuations the target writes for its draft
     (``training.sample_stream`` with ``cfg``'s sample settings and seed) and their entry
-    for the results; read back from ``cache`` (an .npz) when it holds the same settings,
-    else written there too."""
+    for the results; read back from ``cache`` (an .npz) when it holds them for the same
+    settings, target, stream and device, else written there too (whole or not at all)."""
     import json
 
     import numpy as np
     import torch
 
     settings = {k: getattr(cfg, k) for k in SAMPLE_SETTINGS} | {"seed": cfg.seed}
+    key = {**settings, "target": _fingerprint(target), "stream_tokens": len(train_stream),
+           "eos": int(eos), "device": device}
     if cache is not None and cache.is_file():
-        with np.load(cache) as z:
-            if json.loads(str(z["settings"])) == settings:
-                stream = torch.from_numpy(z["samples"])
-                return stream, {**settings, "tokens": len(stream), "cached": True}
+        try:
+            with np.load(cache) as z:
+                if json.loads(str(z["key"])) == key:
+                    stream = torch.from_numpy(z["samples"])
+                    return stream, {**settings, "tokens": len(stream), "cached": True}
+        except (OSError, ValueError, KeyError):  # a damaged cache is a miss
+            pass
     t0 = time.perf_counter()
     stream = training.sample_stream(
         target, torch.from_numpy(train_stream.astype(np.int64)), n=cfg.draft_samples,
@@ -432,7 +448,9 @@ def target_samples(target, train_stream, eos: int, cfg: TrainConfig, device: str
     entry = {**settings, "tokens": len(stream), "seconds": round(time.perf_counter() - t0, 2)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, samples=stream.numpy(), settings=json.dumps(settings))
+        part = cache.with_name(cache.name + ".part.npz")
+        np.savez(part, samples=stream.numpy(), key=json.dumps(key))
+        os.replace(part, cache)
     return stream, entry
 
 
@@ -461,12 +479,13 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
                   samples_cache: Path | None = None) -> dict:
     """A draft of ``shape`` distilled from the trained target of ``pair`` (a folder
     ``train_pair`` wrote) as the pair's own draft was: its batch, window, loss, seed and
-    windows of the corpus (not the target's samples), for ``seconds`` (default: the pair's
-    draft budget) or ``steps``. ``shape`` may be the target's first layers
-    (``draft_shape("targetx1")``), starting from their weights. The peak learning rate
-    ``lr`` defaults to :func:`draft_lr`'s. Saved to ``out/hf/draft``; returns its entry
-    (parameters, training) with the held-out loss and alphas on the pair's held-out
-    windows, the target's beside them, and alpha on the target's own text (``own_text``).
+    windows of the corpus (and the target's samples only with ``samples``), for
+    ``seconds`` (default: the pair's draft budget) or ``steps``. ``shape`` may be the
+    target's first layers (``draft_shape("targetx1")``), starting from their weights. The
+    peak learning rate ``lr`` defaults to :func:`draft_lr`'s. Saved to ``out/hf/draft``;
+    returns its entry (parameters, training) with the held-out loss and alphas on the
+    pair's held-out windows, the target's beside them, and alpha on the target's own text
+    (``own_text``).
     ``samples``: sample settings (``SAMPLE_SETTINGS``, e.g. ``{"draft_samples": 4096}``)
     over the pair's: half of every batch from the target's continuations, as
     ``train_pair --draft-samples`` does, kept in ``samples_cache`` for the next draft."""
@@ -480,12 +499,12 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     if not info or "config" not in info:
         raise FileNotFoundError(f"{pair / 'pair.json'} is missing: {pair} is not a trained "
                                 "pair; run benchmarks/train_pair.py first")
-    cfg = TrainConfig(**info["config"])
+    cfg = TrainConfig(**info["config"])  # the pair's: its training and evaluation
     unknown = set(samples or {}) - set(SAMPLE_SETTINGS)
     if unknown:
         raise ValueError(f"unknown sample settings {sorted(unknown)}; use {SAMPLE_SETTINGS}")
-    cfg = replace(cfg, **{"draft_samples": 0, **(samples or {})})
-    check_samples(cfg)
+    sampling = replace(cfg, **{"draft_samples": 0, **(samples or {})})  # this draft's samples
+    check_samples(sampling)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = PreTrainedTokenizerFast.from_pretrained(pair / "tokenizer")
@@ -499,10 +518,10 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     log(f"draft {shape}: {params / 1e6:.2f}M parameters ({embedding / 1e6:.2f}M embedding)")
     distilled = cfg.distill_weight > 0
     extra, sampled = None, None
-    if cfg.draft_samples:
-        extra, sampled = target_samples(target, train_stream, tokenizer.eos_token_id, cfg,
-                                        device, samples_cache)
-        log(f"target samples: {cfg.draft_samples} x {cfg.sample_tokens} tokens"
+    if sampling.draft_samples:
+        extra, sampled = target_samples(target, train_stream, tokenizer.eos_token_id,
+                                        sampling, device, samples_cache)
+        log(f"target samples: {sampling.draft_samples} x {sampling.sample_tokens} tokens"
             + (" (cached)" if sampled.get("cached") else f" ({sampled['seconds']}s)"))
     tr = train_model("draft", model, train_stream,
                      seconds=cfg.draft_seconds if seconds is None else seconds,
@@ -520,7 +539,7 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
             "init": "target" if shape.get("from_target") else "random",
             "target_parameters": info["target"]["parameters"],
             "draft_fraction": params / info["target"]["parameters"],
-            "pair_used_target_samples": bool(info["config"].get("draft_samples")),
+            "pair_used_target_samples": bool(cfg.draft_samples),
             "target_samples": sampled,
             "heldout": {**heldout, "windows": len(windows)}}
 

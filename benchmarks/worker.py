@@ -149,7 +149,7 @@ def task_distill(spec: dict, rec: Record) -> None:
     in ``out_dir``, exported beside the pair's exported target: a pair folder the qd task
     measures (its pair.json the pair's, with this draft's entry and held-out numbers)."""
     from benchmarks import adapters
-    from benchmarks.train_pair import distill_draft
+    from benchmarks.train_pair import SAMPLE_SETTINGS, distill_draft
 
     pair, out, device = Path(spec["pair_dir"]), Path(spec["out_dir"]), spec["device"]
     cache = spec.get("samples_cache")
@@ -159,8 +159,13 @@ def task_distill(spec: dict, rec: Record) -> None:
                           samples_cache=Path(cache) if cache else None)
     rec.set("draft", draft)
     info = load_json(pair / "pair.json")
-    dump_json(out / "pair.json", {**info, "draft": {k: v for k, v in draft.items()
-                                                    if k != "heldout"},
+    # the pair's config with this draft's sample settings; the pair's samples are not its
+    mine = {k: v for k, v in (draft.get("target_samples") or {}).items()
+            if k in SAMPLE_SETTINGS}
+    config = {**info["config"], "draft_samples": 0, **mine}
+    dump_json(out / "pair.json", {**{k: v for k, v in info.items() if k != "target_samples"},
+                                  "config": config,
+                                  "draft": {k: v for k, v in draft.items() if k != "heldout"},
                                   "draft_fraction": draft["draft_fraction"],
                                   "heldout": draft["heldout"], "distilled_for": str(pair)})
     shutil.copy(pair / "prompts.json", out / "prompts.json")

@@ -445,6 +445,26 @@ def test_train_pair_stopped_and_resumed_trains_the_same_pair(tmp_path, smoke_pai
         train_pair(parts, TrainConfig(**{**SMOKE, "target_steps": 4}), "cpu", call_seconds=0)
 
 
+def test_a_run_with_target_samples_resumes_with_the_same_samples(tmp_path):
+    """train_pair --draft-samples --call-seconds: the samples are written once, kept in the
+    checkpoint, and the resumed draft ends with the weights of a run that never stopped."""
+    from benchmarks.train_pair import SMOKE, TrainConfig, train_pair
+
+    cfg = TrainConfig(**{**SMOKE, **SMOKE_STEPS, "draft_samples": 4, "sample_tokens": 20,
+                         "sample_batch": 2})
+    whole = train_pair(tmp_path / "whole", cfg, "cpu")
+    assert whole["target_samples"]["tokens"] == 4 * 21
+    calls = 0
+    while (info := train_pair(tmp_path / "parts", cfg, "cpu", call_seconds=0.0)).get(
+            "incomplete"):
+        calls += 1
+        assert calls < 10
+    assert info["target_samples"]["tokens"] == 4 * 21
+    a = _weights(tmp_path / "whole" / "hf" / "draft")
+    b = _weights(tmp_path / "parts" / "hf" / "draft")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_a_resumed_run_refuses_token_streams_another_run_wrote(tmp_path):
     from benchmarks.train_pair import SMOKE, TrainConfig, load_streams, train_pair
 
@@ -509,6 +529,34 @@ def test_a_draft_distilled_with_the_targets_samples_writes_them_once(tmp_path, s
     assert not other["target_samples"].get("cached")  # other settings: written again
     with pytest.raises(ValueError, match="unknown sample settings"):
         distill_draft(pair_dir, shape, tmp_path / "e", "cpu", steps=1, samples={"top_p": 1})
+
+
+def test_target_samples_are_read_back_only_for_the_same_target(tmp_path, smoke_pair):
+    """train_pair.target_samples: the cache serves the same target and settings; another
+    model (here the pair's draft standing in for a retrained target) or a damaged file is a
+    miss that writes the cache again."""
+    from dataclasses import replace
+
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.train_pair import SMOKE, TrainConfig, load_streams, target_samples
+
+    pair_dir, _ = smoke_pair
+    train, _ = load_streams(pair_dir)
+    cfg = replace(TrainConfig(**SMOKE), draft_samples=2, sample_tokens=3, sample_batch=2)
+    target = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "target")
+    other = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "draft")
+    cache = tmp_path / "s.npz"
+    first, entry = target_samples(target, train, 0, cfg, "cpu", cache)
+    assert "cached" not in entry and cache.is_file()
+    again, entry = target_samples(target, train, 0, cfg, "cpu", cache)
+    assert entry["cached"] is True and np.array_equal(again.numpy(), first.numpy())
+    _, entry = target_samples(other, train, 0, cfg, "cpu", cache)
+    assert "cached" not in entry  # another model's samples are not these
+    cache.write_bytes(b"not an npz")
+    back, entry = target_samples(target, train, 0, cfg, "cpu", cache)
+    assert "cached" not in entry and np.array_equal(back.numpy(), first.numpy())
+    assert not list(tmp_path.glob("*.part*"))
 
 
 def test_draft_shapes_adds_a_samples_row_per_shape(tmp_path):
