@@ -650,12 +650,10 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
                 saved.get("samples") is not None:
             sampled = torch.from_numpy(saved["samples"])
         elif role == "draft" and cfg.draft_samples:
-            sampled, entry = target_samples(models["target"], train_stream,
-                                            tokenizer.eos_token_id, cfg, device)
-            info["target_samples"] = {"sequences": cfg.draft_samples,
-                                      "new_tokens": cfg.sample_tokens, **entry}
+            sampled, info["target_samples"] = target_samples(
+                models["target"], train_stream, tokenizer.eos_token_id, cfg, device)
             log(f"target samples: {cfg.draft_samples} x {cfg.sample_tokens} tokens "
-                f"({entry['seconds']}s)")
+                f"({info['target_samples']['seconds']}s)")
         tr = train_model(role, model, train_stream, seconds=seconds, steps=steps,
                          batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg, device=device,
                          seed=cfg.seed, teacher=models["target"] if distilled else None,
