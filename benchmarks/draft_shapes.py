@@ -16,7 +16,10 @@ wider layers may buy alpha for little c; the speedup decides.
 
 ``--samples N`` adds, after each shape, the same shape distilled with half of every batch
 from N continuations the target writes (``train_pair --draft-samples``; written once,
-kept in the work folder for every shape): row ``SHAPE+samples``, the same budget or steps.
+kept in the work folder for every shape): row ``SHAPE+samples``, the same budget or steps;
+with ``--samples-only``, only those rows. ``--divergences kl,tvd`` distills every row once
+per divergence of the draft loss (``training.DIVERGENCES``: KL(p || q), or the total
+variation, 1 - alpha at T=1), rows ``SHAPE+kl`` and ``SHAPE+tvd``; without it, the pair's.
 
 The pair needs its exported fast path (``bench.py --stages export``) and the token
 streams its training kept (``streams.npz``). Writes ``OUT/draft_shapes.json`` (after
@@ -69,6 +72,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sample-top-p", type=float, default=1.0)
     ap.add_argument("--sample-batch", type=int, default=1024,
                     help="continuations written at once")
+    ap.add_argument("--samples-only", action="store_true",
+                    help="with --samples, only the SHAPE+samples rows")
+    ap.add_argument("--divergences", default=None,
+                    help="comma list of draft-loss divergences (kl, tvd), a row each "
+                         "(default: the pair's, no suffix)")
     ap.add_argument("--draft-lr", type=float, default=None,
                     help="peak learning rate of every shape (default: the pair's draft rate "
                          "times its hidden size over the shape's)")
@@ -87,7 +95,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         raise SystemExit(f"--shapes: {e}") from None
     parse_measure_options(a)
-    a.variants = [(name, shape, None) for name, shape in a.shapes.items()]
+    data = [("", None)]  # (row suffix, sample settings): the corpus alone
+    if a.samples_only and not a.samples:
+        raise SystemExit("--samples-only needs --samples N (the rows it keeps)")
     if a.samples:
         from benchmarks.train_pair import TrainConfig, check_samples
 
@@ -97,8 +107,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             check_samples(TrainConfig(**settings))
         except ValueError as e:
             raise SystemExit(str(e).replace("--draft-samples", "--samples")) from None
-        a.variants = [v for name, shape in a.shapes.items()
-                      for v in ((name, shape, None), (f"{name}+samples", shape, settings))]
+        data = [("+samples", settings)] if a.samples_only else [*data, ("+samples", settings)]
+    divergences: list = [None]  # the pair's
+    if a.divergences is not None:
+        from benchmarks.training import DIVERGENCES
+
+        divergences = [d.strip().lower() for d in a.divergences.split(",") if d.strip()]
+        bad = [d for d in divergences if d not in DIVERGENCES]
+        if bad or not divergences:
+            raise SystemExit(f"--divergences: {', '.join(bad) or 'none given'}; use a comma "
+                             f"list of {', '.join(sorted(DIVERGENCES))}")
+    a.variants = [(name + suffix + (f"+{d}" if d else ""), shape, settings, d)
+                  for name, shape in a.shapes.items() for suffix, settings in data
+                  for d in dict.fromkeys(divergences)]
     a.alphas = []
     a.pair_dir = a.pair_dir.resolve()
     a.work = (a.work or a.pair_dir.parent / f"{a.pair_dir.name}-shapes").resolve()
@@ -111,6 +132,7 @@ def summary(name: str, draft: dict, qd: dict) -> dict:
     row = {"shape": name, "parameters": draft.get("parameters"),
            "draft_fraction": draft.get("draft_fraction"),
            "training_steps": (draft.get("training") or {}).get("steps"),
+           "divergence": (draft.get("training") or {}).get("divergence"),
            "lr": (draft.get("training") or {}).get("lr"),
            "alpha_T0_heldout": (draft.get("heldout") or {}).get("alpha_T0"),
            "alpha_T1_heldout": (draft.get("heldout") or {}).get("alpha_T1"),
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     own_steps = (pair_info["draft"].get("training") or {})
     per_step = own_steps.get("seconds", 0.0) / max(1, own_steps.get("steps") or 1)
     cached = False  # the first variant with samples writes them
-    for name, shape, samples in a.variants:
+    for name, shape, samples, divergence in a.variants:
         need = (a.draft_steps * per_step if a.draft_steps else seconds) + OVERHEAD_SECONDS
         if samples and not cached:  # the target writes ~50,000 tokens a second on the H200
             need += samples["draft_samples"] * pair_info["config"]["sample_tokens"] / 50_000
@@ -229,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "pair_dir": str(a.pair_dir), "out_dir": str(folder), "shape": shape,
             "device": a.device, "seconds": None if a.draft_steps else seconds,
             "steps": a.draft_steps, "lr": a.draft_lr, "samples": samples,
+            "divergence": divergence,
             "samples_cache": str(a.work / "target_samples.npz")})
         cached = cached or bool(samples and res.get("status") == "ok")
         if res.get("status") != "ok" or "export" not in res:

@@ -9,6 +9,9 @@
 #                                            # pipelined (also with a ShadowRule of
 #                                            # min_keep_rate KEEP_RATES, default 0.3),
 #                                            # sampled at T=1
+#   bash benchmarks/h200_trained.sh base     # the pair trained as `pair` trains it and
+#                                            # exported, nothing measured: the target that
+#                                            # `shapes` distills its drafts from
 #   bash benchmarks/h200_trained.sh genai    # the pair's greedy systems again, beside
 #                                            # onnxruntime-genai (for a `pair` call whose
 #                                            # training left too little budget for it)
@@ -22,7 +25,10 @@
 #                                            # its weights): held-out alpha, c, speedups;
 #                                            # SHAPE_STEPS fixes their steps, SHAPE_SAMPLES=N
 #                                            # adds each shape trained on N of the target's
-#                                            # continuations (at T=1, SAMPLE_BATCH at once)
+#                                            # continuations (at T=1, SAMPLE_BATCH at once;
+#                                            # SHAPE_SAMPLES_ONLY=1: only those rows);
+#                                            # SHAPE_DIVERGENCES=kl,tvd: each row once per
+#                                            # draft-loss divergence
 # A longer target run, over two calls (TARGET_SECONDS, default 620; the first call stops
 # with a checkpoint, exit status 3; the second continues and, once the pair is trained,
 # exports and measures as `pair` does). `pair` and `train` start from an empty work folder:
@@ -34,6 +40,7 @@
 # with `train`, then `finish` (again while it exits 3), the same variables each time.
 # DRAFT_SAMPLES=N: half of every draft batch from N continuations the target wrote (half
 # greedy, half sampled at SAMPLE_T / SAMPLE_TOP_P, default 0.8 / 0.95; SAMPLE_BATCH at once)
+# DISTILL_DIVERGENCE=tvd: the draft's loss on total variation (1 - alpha at T=1), not KL
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts run by path import the project
 out=${OUT:-runs/h200}
@@ -46,6 +53,7 @@ train() {  # $1: target seconds; further arguments go to train_pair.py
   python3 benchmarks/train_pair.py --out "$pair" --device cuda --target-seconds "$1" \
       --draft-seconds "${DRAFT_SECONDS:-90}" --num-prompts "${PROMPTS:-8}" \
       ${DRAFT_SHAPE:+--draft-shape "$DRAFT_SHAPE"} \
+      ${DISTILL_DIVERGENCE:+--distill-divergence "$DISTILL_DIVERGENCE"} \
       ${DRAFT_SAMPLES:+--draft-samples "$DRAFT_SAMPLES" --sample-temperature "${SAMPLE_T:-0.8}" \
                        --sample-top-p "${SAMPLE_TOP_P:-0.95}" \
                        --sample-batch "${SAMPLE_BATCH:-256}"} "${@:2}" 2>&1 \
@@ -60,8 +68,13 @@ systems() {
       --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas "${SAMPLING_GAMMAS:-4,7}" --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
 }
-case ${1:?pair, genai, check, host, shapes, train or finish} in
+case ${1:?pair, base, genai, check, host, shapes, train or finish} in
   pair) rm -rf "$work"; train "${TARGET_SECONDS:-240}" && systems ;;
+  base)
+    rm -rf "$work"; train "${TARGET_SECONDS:-240}"
+    cp "$pair/pair.json" "$out/pair.json"
+    python3 benchmarks/bench.py --work "$work" --pairs trained --stages export --systems qd-fast \
+        --num-prompts "${PROMPTS:-8}" --tag trained-base --budget 300 --out "$out/base" ;;
   genai)  # a fresh results file: the systems are measured again, side by side
     rm -f "$work/results.json"
     python3 benchmarks/bench.py --work "$work" --pairs trained --stages build,systems \
@@ -80,10 +93,13 @@ case ${1:?pair, genai, check, host, shapes, train or finish} in
         --shapes "${SHAPES:-512x1,targetx1,targetx2}" "${length[@]}" \
         ${SHAPE_SAMPLES:+--samples "$SHAPE_SAMPLES" --sample-batch "${SAMPLE_BATCH:-4096}" \
                          --sample-temperature "${SAMPLE_T:-1.0}" \
-                         --sample-top-p "${SAMPLE_TOP_P:-1.0}"} \
+                         --sample-top-p "${SAMPLE_TOP_P:-1.0}" \
+                         ${SHAPE_SAMPLES_ONLY:+--samples-only}} \
+        ${SHAPE_DIVERGENCES:+--divergences "$SHAPE_DIVERGENCES"} \
         --pipelined 4 --budget "${SHAPES_BUDGET:-560}" --out "$out/shapes" ;;
   train)  # exit status 3: stopped with a checkpoint, as planned
     rm -rf "$work"; train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" ;;
   finish) train "${TARGET_SECONDS:-620}" --call-seconds "${CALL_SECONDS:-530}" && systems ;;
-  *) echo "unknown step $1: pair, genai, check, host, shapes, train or finish" >&2; exit 2 ;;
+  *) echo "unknown step $1: pair, base, genai, check, host, shapes, train or finish" >&2
+     exit 2 ;;
 esac

@@ -8,12 +8,13 @@ for a fixed time budget from a fixed seed (bf16 autocast, fused AdamW, warmup + 
 windows of 512 tokens): the target first, on next-token cross entropy; then the draft,
 distilled from the trained target on the same windows. The draft's loss per batch is
 
-    w * KL(p || q) + (1 - w) * CE,    w = --distill-weight (0.9; 0 = cross entropy alone)
+    w * D(p, q) + (1 - w) * CE,    w = --distill-weight (0.9; 0 = cross entropy alone)
 
 with p and q the target's and the draft's next-token distributions at temperature 1 (the
 frozen target's forward on the batch, under the same autocast, is part of every draft step
-and of its time budget), KL and CE averaged over the tokens. Matching p as a whole is what
-alpha = 1 - TV(p, q) rewards. With ``--draft-samples N`` half of every draft batch are
+and of its time budget), D and CE averaged over the tokens. D is ``--distill-divergence``:
+``kl``, KL(p || q) (the default: matching p as a whole), or ``tvd``, the total variation
+distance, which is 1 - alpha at T=1 itself. With ``--draft-samples N`` half of every draft batch are
 windows of N continuations the trained target wrote itself (half greedy, half sampled at
 ``--sample-temperature`` / ``--sample-top-p``, 0.8 / 0.95; ``benchmarks.training.
 sample_stream``): the text speculative decoding meets. Both models are then saved as
@@ -89,8 +90,10 @@ class TrainConfig:
     # schedule on the H200 (runs of ~3,300 steps had trained at it)
     target_lr: float = 6e-4
     draft_lr: float = 3e-3
-    # draft loss: distill_weight * KL(p || q) + (1 - distill_weight) * CE; 0 = CE alone
+    # draft loss: distill_weight * D(p, q) + (1 - distill_weight) * CE; 0 = CE alone
     distill_weight: float = 0.9
+    # D: "kl" = KL(p || q); "tvd" = total variation, 1 - alpha at T=1 (training.DIVERGENCES)
+    distill_divergence: str = "kl"
     weight_decay: float = 0.1
     warmup_steps: int = 100
     seed: int = 0
@@ -200,11 +203,11 @@ def digest(files: list[Path], texts: list[str]) -> str:
 
 def train_model(name: str, model, stream, *, seconds: float, steps: int | None, batch: int,
                 ctx: int, lr: float, cfg: TrainConfig, device: str, seed: int,
-                teacher=None, distill_weight: float = 0.0, extra=None,
-                resume: dict | None = None, stop_at: float | None = None) -> dict:
+                teacher=None, distill_weight: float = 0.0, divergence: str = "kl",
+                extra=None, resume: dict | None = None, stop_at: float | None = None) -> dict:
     """``benchmarks.training.train`` on random windows of ``stream`` (seeded; half of each
     batch from ``extra`` when given), for a fixed number of steps or for the time budget;
-    logs the loss (and its KL and CE parts) ten times. ``stop_at`` / ``resume``: as
+    logs the loss (and its divergence and CE parts) ten times. ``stop_at`` / ``resume``: as
     ``training.train``'s, ``resume`` also carrying the window sampler's state (``rng``)."""
     import numpy as np
     import torch
@@ -229,7 +232,8 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
         log_every = max(1, total // 10)
         if (s + 1) % log_every == 0 or s + 1 == total:
             keep(loss, kl, ce)
-            parts = "" if kl is None else f" (KL {seen['kl']:.3f}, CE {seen['ce']:.3f})"
+            parts = ("" if kl is None else
+                     f" ({divergence.upper()} {seen['kl']:.3f}, CE {seen['ce']:.3f})")
             log(f"{name} step {s + 1}/{total} loss {seen['loss']:.3f}{parts} "
                 f"({time.perf_counter() - t_start:.0f}s)")
 
@@ -237,7 +241,8 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
                         seconds=seconds, warmup_steps=cfg.warmup_steps,
                         weight_decay=cfg.weight_decay, fused=device == "cuda", autocast=True,
                         compile=cfg.compile, teacher=teacher, distill_weight=distill_weight,
-                        on_step=on_step, log=log, resume=resume, stop_at=stop_at)
+                        divergence=divergence, on_step=on_step, log=log, resume=resume,
+                        stop_at=stop_at)
     spent = tr["seconds"] + (resume["seconds"] if resume is not None else 0.0)
     calls = 1 + (resume["calls"] if resume is not None else 0)
     if not tr["done"]:
@@ -250,7 +255,9 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
             # times each corpus token was seen (with ``extra``, half of each batch is not)
             "epochs": n * (batch - (batch // 2 if extra is not None else 0)) * ctx
             / max(1, len(stream)),
-            "final_loss": seen["loss"], "final_ce": seen["ce"], "final_kl": seen["kl"],
+            "final_loss": seen["loss"], "final_ce": seen["ce"],
+            # the last logged divergence (KL or TV, as ``divergence`` says)
+            "final_kl": seen["kl"], "divergence": tr["divergence"],
             "objective": tr["objective"], "distill_weight": tr["distill_weight"],
             "teacher": "target" if tr["distill_weight"] else None,
             "budget_seconds": seconds, "compiled": cfg.compile}
@@ -386,6 +393,14 @@ def draft_from_target(target, layers: int):
     return model
 
 
+def check_divergence(cfg: TrainConfig) -> None:
+    """The draft loss's divergence, checked before anything trains."""
+    if cfg.distill_divergence not in training.DIVERGENCES:
+        raise ValueError(f"--distill-divergence {cfg.distill_divergence!r} is not one of "
+                         f"{sorted(training.DIVERGENCES)}: pass kl (KL(p || q)) or tvd "
+                         "(total variation)")
+
+
 def check_samples(cfg: TrainConfig) -> None:
     """The target-sample settings, checked before anything trains (they are used only after
     the target has)."""
@@ -476,7 +491,7 @@ def own_text(target, draft, held_stream, eos: int, cfg: TrainConfig, device: str
 def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
                   seconds: float | None = None, steps: int | None = None,
                   lr: float | None = None, samples: dict | None = None,
-                  samples_cache: Path | None = None) -> dict:
+                  samples_cache: Path | None = None, divergence: str | None = None) -> dict:
     """A draft of ``shape`` distilled from the trained target of ``pair`` (a folder
     ``train_pair`` wrote) as the pair's own draft was: its batch, window, loss, seed and
     windows of the corpus (and the target's samples only with ``samples``), for
@@ -488,7 +503,8 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
     (``own_text``).
     ``samples``: sample settings (``SAMPLE_SETTINGS``, e.g. ``{"draft_samples": 4096}``)
     over the pair's: half of every batch from the target's continuations, as
-    ``train_pair --draft-samples`` does, kept in ``samples_cache`` for the next draft."""
+    ``train_pair --draft-samples`` does, kept in ``samples_cache`` for the next draft.
+    ``divergence``: the distillation's D (``training.DIVERGENCES``; default the pair's)."""
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -500,6 +516,9 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
         raise FileNotFoundError(f"{pair / 'pair.json'} is missing: {pair} is not a trained "
                                 "pair; run benchmarks/train_pair.py first")
     cfg = TrainConfig(**info["config"])  # the pair's: its training and evaluation
+    if divergence is not None:
+        cfg = replace(cfg, distill_divergence=divergence)
+    check_divergence(cfg)
     unknown = set(samples or {}) - set(SAMPLE_SETTINGS)
     if unknown:
         raise ValueError(f"unknown sample settings {sorted(unknown)}; use {SAMPLE_SETTINGS}")
@@ -527,7 +546,8 @@ def distill_draft(pair: Path, shape: dict, out: Path, device: str, *,
                      seconds=cfg.draft_seconds if seconds is None else seconds,
                      steps=steps, batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg,
                      device=device, seed=cfg.seed, teacher=target if distilled else None,
-                     distill_weight=cfg.distill_weight if distilled else 0.0, extra=extra)
+                     distill_weight=cfg.distill_weight if distilled else 0.0,
+                     divergence=cfg.distill_divergence, extra=extra)
     del tr["done"]
     windows = training.heldout_windows(held_stream.astype(np.int64), cfg.ctx, cfg.eval_windows)
     heldout = training.evaluate(target.to(device), model.to(device), torch.from_numpy(windows),
@@ -593,6 +613,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise ValueError(f"distill_weight must lie in [0, 1], got {cfg.distill_weight}; pass "
                          "--distill-weight between 0 (cross entropy alone) and 1 (KL alone)")
+    check_divergence(cfg)
     check_samples(cfg)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -658,7 +679,8 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
                          batch=cfg.batch, ctx=cfg.ctx, lr=lr, cfg=cfg, device=device,
                          seed=cfg.seed, teacher=models["target"] if distilled else None,
                          distill_weight=cfg.distill_weight if distilled else 0.0,
-                         extra=sampled, resume=resume, stop_at=stop_at)
+                         divergence=cfg.distill_divergence, extra=sampled, resume=resume,
+                         stop_at=stop_at)
         samples = None if sampled is None else sampled.numpy()
         if not tr["done"]:  # this call's time is up: keep everything the next one needs
             torch.save({"config": asdict(cfg), "finished": finished, "role": role,
@@ -681,6 +703,7 @@ def train_pair(out: Path, cfg: TrainConfig, device: str,
                         "info": info}, ckpt)
     info["draft_fraction"] = info["draft"]["parameters"] / info["target"]["parameters"]
     info["distill_weight"] = cfg.distill_weight  # how the draft was trained (0: CE alone)
+    info["distill_divergence"] = cfg.distill_divergence
 
     t0 = time.perf_counter()
     windows = training.heldout_windows(held_stream.astype(np.int64), cfg.ctx, cfg.eval_windows)
@@ -726,8 +749,11 @@ def main(argv: list[str] | None = None) -> int:
                  "draft_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
     ap.add_argument("--distill-weight", type=float,
-                    help="draft loss: w * KL(target || draft) + (1 - w) * CE (default 0.9; "
+                    help="draft loss: w * D(target, draft) + (1 - w) * CE (default 0.9; "
                          "0 = cross entropy alone)")
+    ap.add_argument("--distill-divergence", choices=sorted(training.DIVERGENCES),
+                    help="D of the draft loss: kl = KL(target || draft) (default), tvd = "
+                         "total variation, 1 - alpha at T=1")
     for name in ("target_steps", "draft_steps", "batch", "seed", "vocab_size", "eval_windows",
                  "num_prompts", "draft_samples", "sample_tokens", "sample_batch"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)

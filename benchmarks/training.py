@@ -12,9 +12,11 @@ norm clipped at 1, on a window batch [B, ctx + 1]; a loss that turns NaN or infi
 the run within ``FINITE_CHECK_EVERY`` steps (it never recovers). The loss is the cross
 entropy of the
 next token; with a teacher and a distillation weight w > 0 it is
-``(1 - w) * CE + w * KL(teacher || model)`` at temperature 1 (the draft learns the
-target's whole next-token distribution, which is what alpha = 1 - TV(p, q) rewards). The
-teacher's forward on the batch is part of the step (and of its time).
+``(1 - w) * CE + w * D(teacher, model)`` at temperature 1, D one of ``DIVERGENCES``:
+``"kl"``, KL(teacher || model) (the draft learns the target's whole next-token
+distribution), or ``"tvd"``, the total variation distance 1/2 sum_x |p(x) - q(x)|, which is
+exactly 1 - alpha at T=1 (a loss on the acceptance rate itself; DistillSpec, Zhou et al.
+2023). The teacher's forward on the batch is part of the step (and of its time).
 
 torch, transformers and NumPy are imported where used.
 """
@@ -28,10 +30,12 @@ from collections.abc import Callable, Iterator
 
 __all__ = ["build_llama", "encode", "random_windows", "mixed_windows", "sample_stream", "train",
            "heldout_windows", "evaluate", "continuations", "own_text_alpha", "bf16",
-           "FINITE_CHECK_EVERY"]
+           "FINITE_CHECK_EVERY", "DIVERGENCES"]
 
 # steps between reads of the all-losses-finite flag (a read waits for the device)
 FINITE_CHECK_EVERY = 50
+# the distillation divergences D(p, q) and their names in a training's objective
+DIVERGENCES = {"kl": "KL(target || {name})", "tvd": "TV(target, {name})"}
 
 
 def bf16(device: str, enabled: bool = True):
@@ -139,9 +143,9 @@ def sample_stream(model, stream, *, n: int, new_tokens: int, device: str, seed: 
     return torch.cat(out)
 
 
-def _loss(logits, labels, teacher_logits, weight: float):
-    """(loss, KL or None, CE): CE of ``labels`` [N] under ``logits`` [N, V] (fp32), mixed
-    with KL(teacher || model) when ``teacher_logits`` are given."""
+def _loss(logits, labels, teacher_logits, weight: float, divergence: str = "kl"):
+    """(loss, divergence or None, CE): CE of ``labels`` [N] under ``logits`` [N, V] (fp32),
+    mixed with D(teacher, model) when ``teacher_logits`` are given (``DIVERGENCES``)."""
     import torch
 
     flat = logits.float()  # [N, V]
@@ -149,24 +153,29 @@ def _loss(logits, labels, teacher_logits, weight: float):
     if teacher_logits is None:
         return ce, None, ce.detach()
     log_p = torch.log_softmax(teacher_logits.reshape(flat.shape).float(), dim=-1)  # [N, V]
-    kl = torch.nn.functional.kl_div(torch.log_softmax(flat, dim=-1), log_p, log_target=True,
-                                    reduction="batchmean")
-    return (1 - weight) * ce + weight * kl, kl.detach(), ce.detach()
+    log_q = torch.log_softmax(flat, dim=-1)  # [N, V]
+    if divergence == "kl":
+        d = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    else:  # "tvd": 1/2 sum_x |p - q|, the mean over rows of 1 - beta at T=1
+        d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1).mean()
+    return (1 - weight) * ce + weight * d, d.detach(), ce.detach()
 
 
 def train(name: str, model, batches: Iterator, *, lr: float, device: str,
           steps: int | None = None, seconds: float | None = None, warmup_steps: int = 100,
           weight_decay: float = 0.1, fused: bool = False, autocast: bool = False,
           compile: bool = False, teacher=None, distill_weight: float = 0.0,
-          on_step: Callable | None = None, log: Callable[[str], None] = print,
-          resume: dict | None = None, stop_at: float | None = None) -> dict:
+          divergence: str = "kl", on_step: Callable | None = None,
+          log: Callable[[str], None] = print, resume: dict | None = None,
+          stop_at: float | None = None) -> dict:
     """Train ``model`` on ``batches`` (see the module's docstring for one step).
 
     ``steps`` fixes the number of steps; without it, the steps that fit in ``seconds``,
     from the time of steps 3..7 (the first eight steps run under a provisional schedule
-    of 10,000 steps and count as training). ``autocast``: bf16 on CUDA. ``on_step(step,
-    steps, loss, kl, ce)`` is called after each step (tensors: reading one waits for the
-    device). Returns steps, seconds and the objective; the model is left in eval mode.
+    of 10,000 steps and count as training). ``autocast``: bf16 on CUDA. ``divergence``: the
+    distillation's D (``DIVERGENCES``). ``on_step(step, steps, loss, d, ce)`` is called
+    after each step (tensors: reading one waits for the device). Returns steps, seconds
+    and the objective; the model is left in eval mode.
 
     Resumable: ``stop_at`` (a ``time.perf_counter()`` value) ends the run after the step
     that passes it; the result then has ``done`` False and ``resume``, the optimizer state
@@ -180,6 +189,9 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"{name}: distill_weight must lie in [0, 1], got {distill_weight}; "
                          "pass a weight between 0 (cross entropy alone) and 1")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"{name}: unknown divergence {divergence!r}; use one of "
+                         f"{sorted(DIVERGENCES)}")
     if distill_weight > 0 and teacher is None:
         raise ValueError(f"{name}: distill_weight {distill_weight} needs a teacher model; "
                          "pass teacher= or distill_weight=0")
@@ -220,7 +232,7 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
                 with torch.no_grad():
                     t_logits = teach(input_ids=x).logits  # [B, ctx, V]
         loss, kl, ce = _loss(logits.reshape(-1, logits.shape[-1]), y, t_logits,
-                             distill_weight)
+                             distill_weight, divergence)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,9 +297,10 @@ def train(name: str, model, batches: Iterator, *, lr: float, device: str,
     sync()
     model.eval()
     out = {"steps": steps, "seconds": time.perf_counter() - t_start, "done": done == steps,
-           "objective": (f"{distill_weight:g} * KL(target || {name}) + "
-                         f"{1 - distill_weight:g} * CE" if distill else "CE"),
-           "distill_weight": distill_weight if distill else 0.0}
+           "objective": (f"{distill_weight:g} * {DIVERGENCES[divergence].format(name=name)}"
+                         f" + {1 - distill_weight:g} * CE" if distill else "CE"),
+           "distill_weight": distill_weight if distill else 0.0,
+           "divergence": divergence if distill else None}
     if done < steps:
         out["resume"] = {"optimizer": opt.state_dict(), "step": done, "steps": steps}
     return out

@@ -156,15 +156,19 @@ def task_distill(spec: dict, rec: Record) -> None:
     draft = distill_draft(pair, spec["shape"], out, device, seconds=spec.get("seconds"),
                           steps=spec.get("steps"), lr=spec.get("lr"),
                           samples=spec.get("samples"),
-                          samples_cache=Path(cache) if cache else None)
+                          samples_cache=Path(cache) if cache else None,
+                          divergence=spec.get("divergence"))
     rec.set("draft", draft)
     info = load_json(pair / "pair.json")
-    # the pair's config with this draft's sample settings; the pair's samples are not its
+    # the pair's config with this draft's sample settings and divergence; the pair's
+    # samples are not its
     mine = {k: v for k, v in (draft.get("target_samples") or {}).items()
             if k in SAMPLE_SETTINGS}
-    config = {**info["config"], "draft_samples": 0, **mine}
+    divergence = draft["training"].get("divergence") or info["config"].get(
+        "distill_divergence", "kl")
+    config = {**info["config"], "draft_samples": 0, **mine, "distill_divergence": divergence}
     dump_json(out / "pair.json", {**{k: v for k, v in info.items() if k != "target_samples"},
-                                  "config": config,
+                                  "config": config, "distill_divergence": divergence,
                                   "draft": {k: v for k, v in draft.items() if k != "heldout"},
                                   "draft_fraction": draft["draft_fraction"],
                                   "heldout": draft["heldout"], "distilled_for": str(pair)})

@@ -563,7 +563,7 @@ def test_draft_shapes_adds_a_samples_row_per_shape(tmp_path):
     from benchmarks.draft_shapes import parse
 
     a = parse(["--pair-dir", str(tmp_path), "--shapes", "512x1,targetx2", "--samples", "64"])
-    assert [(name, s is not None) for name, _, s in a.variants] == [
+    assert [(name, s is not None) for name, _, s, _ in a.variants] == [
         ("512x1", False), ("512x1+samples", True), ("targetx2", False),
         ("targetx2+samples", True)]
     assert a.variants[1][2] == {"draft_samples": 64, "sample_temperature": 1.0,
@@ -572,6 +572,119 @@ def test_draft_shapes_adds_a_samples_row_per_shape(tmp_path):
         ["512x1", "512x2", "768x1"]
     with pytest.raises(SystemExit, match="--sample-top-p"):
         parse(["--pair-dir", str(tmp_path), "--samples", "8", "--sample-top-p", "0"])
+
+
+def test_draft_shapes_adds_a_row_per_divergence(tmp_path):
+    from benchmarks.draft_shapes import parse
+
+    a = parse(["--pair-dir", str(tmp_path), "--shapes", "targetx2", "--divergences", "kl,tvd"])
+    assert [(v[0], v[3]) for v in a.variants] == [("targetx2+kl", "kl"), ("targetx2+tvd", "tvd")]
+    a = parse(["--pair-dir", str(tmp_path), "--shapes", "targetx2", "--samples", "8",
+               "--samples-only", "--divergences", "tvd"])
+    assert [(v[0], v[2] is not None, v[3]) for v in a.variants] == [
+        ("targetx2+samples+tvd", True, "tvd")]
+    assert [v[3] for v in parse(["--pair-dir", str(tmp_path)]).variants] == [None] * 3
+    with pytest.raises(SystemExit, match="--divergences: js; use a comma list of kl, tvd"):
+        parse(["--pair-dir", str(tmp_path), "--divergences", "kl,js"])
+    with pytest.raises(SystemExit, match="--samples-only needs --samples"):
+        parse(["--pair-dir", str(tmp_path), "--samples-only"])
+
+
+def test_the_total_variation_loss_is_one_minus_alpha_at_t1(smoke_pair):
+    """The ``tvd`` distillation loss on a batch is exactly 1 - alpha at T=1 as the held-out
+    evaluation (quickdraft.theory) measures it on the same windows; KL is another number."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.train_pair import load_streams
+    from benchmarks.training import _loss, evaluate, heldout_windows
+
+    pair_dir, info = smoke_pair
+    target = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "target").eval()
+    draft = LlamaForCausalLM.from_pretrained(pair_dir / "hf" / "draft").eval()
+    _, held = load_streams(pair_dir)
+    windows = torch.from_numpy(heldout_windows(held.astype(np.int64), 16, 3))  # [3, 17]
+    with torch.no_grad():
+        x, y = windows[:, :-1], windows[:, 1:].reshape(-1)
+        lp, lq = target(input_ids=x).logits, draft(input_ids=x).logits  # [3, 16, V]
+        lq = lq.reshape(-1, lq.shape[-1])  # [48, V]
+        loss, tv, ce = _loss(lq, y, lp, 1.0, "tvd")
+        _, kl, _ = _loss(lq, y, lp, 1.0, "kl")
+    alpha = evaluate(target, draft, windows, "cpu")["alpha_T1"]
+    assert float(loss) == float(tv)  # weight 1: the divergence alone
+    assert float(tv) == pytest.approx(1.0 - alpha, abs=1e-6)
+    assert 0.0 < float(tv) < 1.0 and float(kl) != pytest.approx(float(tv), abs=1e-3)
+    assert float(ce) == pytest.approx(torch.nn.functional.cross_entropy(lq, y).item())
+
+
+def test_a_draft_distilled_on_total_variation_records_its_loss(tmp_path, smoke_pair):
+    """distill_draft(divergence="tvd") trains on 0.9 * TV + 0.1 * CE from the same start and
+    windows as the pair's KL recipe: other weights, the objective recorded; an unknown
+    divergence is refused before anything trains."""
+    from benchmarks.train_pair import TrainConfig, check_divergence, distill_draft
+
+    pair_dir, info = smoke_pair
+    shape, steps = info["draft"]["shape"], SMOKE_STEPS["draft_steps"]
+    tv = distill_draft(pair_dir, shape, tmp_path / "tv", "cpu", steps=steps, divergence="tvd")
+    assert tv["training"]["objective"] == "0.9 * TV(target, draft) + 0.1 * CE"
+    assert tv["training"]["divergence"] == "tvd" and tv["training"]["steps"] == steps
+    assert info["draft"]["training"]["divergence"] == "kl"
+    a, b = _weights(pair_dir / "hf" / "draft"), _weights(tmp_path / "tv" / "hf" / "draft")
+    assert a.keys() == b.keys() and not all(np.array_equal(a[k], b[k]) for k in a)
+    assert 0.0 <= tv["heldout"]["alpha_T1"] <= 1.0
+    with pytest.raises(ValueError, match="--distill-divergence 'js' is not one of"):
+        distill_draft(pair_dir, shape, tmp_path / "x", "cpu", steps=1, divergence="js")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="pass kl"):
+        check_divergence(TrainConfig(distill_divergence="JS"))
+
+
+def test_the_distill_task_writes_a_pair_of_its_own_divergence(tmp_path, smoke_pair,
+                                                              monkeypatch):
+    """The draft_shapes worker's distill task: the folder's pair.json names the divergence
+    this draft trained on, in its config too (the export is replaced: it is the pair's)."""
+    from benchmarks import adapters, worker
+    from benchmarks.common import Record, load_json
+
+    pair_dir, info = smoke_pair
+    monkeypatch.setattr(adapters, "export_draft", lambda *a, **k: {"stub": True})
+    out = tmp_path / "tv"
+    rec = Record(tmp_path / "rec.json")
+    worker.task_distill({"pair_dir": str(pair_dir), "out_dir": str(out),
+                         "shape": info["draft"]["shape"], "device": "cpu", "steps": 1,
+                         "divergence": "tvd"}, rec)
+    written = load_json(out / "pair.json")
+    assert written["distill_divergence"] == written["config"]["distill_divergence"] == "tvd"
+    assert written["draft"]["training"]["divergence"] == "tvd"
+    assert load_json(pair_dir / "pair.json")["distill_divergence"] == "kl"
+    assert rec.data["export"] == {"stub": True}
+
+
+def test_training_on_total_variation_raises_alpha_at_t1():
+    """Steps on the TV loss alone (a fixed seed, CPU) raise a random draft's alpha at T=1
+    towards a fixed teacher's on the windows it trains on."""
+    import torch
+
+    from benchmarks.training import build_llama, evaluate, train
+
+    class Vocab:  # what build_llama reads of a tokenizer
+        pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    dims = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=64)
+    teacher = build_llama(dims, Vocab(), vocab_size=64, max_positions=64, tie=False, seed=1)
+    draft = build_llama(dims, Vocab(), vocab_size=64, max_positions=64, tie=False, seed=2)
+    windows = torch.from_numpy(np.random.default_rng(0).integers(3, 64, size=(4, 17)))
+    before = evaluate(teacher, draft, windows, "cpu")["alpha_T1"]
+    tr = train("draft", draft, iter([windows] * 40), lr=3e-3, device="cpu", steps=40,
+               warmup_steps=1, teacher=teacher, distill_weight=1.0, divergence="tvd",
+               log=lambda _: None)
+    after = evaluate(teacher, draft, windows, "cpu")["alpha_T1"]
+    assert tr["objective"] == "1 * TV(target, draft) + 0 * CE"
+    assert after > before + 0.02, (before, after)
+    with pytest.raises(ValueError, match="unknown divergence 'js'"):
+        train("draft", draft, iter([windows]), lr=1e-3, device="cpu", steps=1,
+              teacher=teacher, distill_weight=1.0, divergence="js")
 
 
 def test_a_draft_of_all_the_targets_layers_is_the_target(tmp_path, smoke_pair):
