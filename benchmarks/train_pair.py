@@ -260,7 +260,8 @@ def train_model(name: str, model, stream, *, seconds: float, steps: int | None, 
             "final_kl": seen["kl"], "divergence": tr["divergence"],
             "objective": tr["objective"], "distill_weight": tr["distill_weight"],
             "teacher": "target" if tr["distill_weight"] else None,
-            "budget_seconds": seconds, "compiled": cfg.compile}
+            "budget_seconds": None if steps is not None else seconds,  # steps fixed: none
+            "compiled": cfg.compile}
 
 
 def prompts_from(stream, n: int, length: int, eos: int, offset: int = 64) -> list[list[int]]:
