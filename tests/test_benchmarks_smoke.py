@@ -1099,3 +1099,21 @@ def test_sample_throughput_times_both_ways_of_writing_the_targets_text(tmp_path)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="positive integers"):
         main(["--device", "cpu", "--smoke", "--batches", "0"])
+
+
+def test_upload_cost_runs_and_checks_what_it_uploaded(tmp_path):
+    """benchmarks/upload_cost.py on the CPU: the chain model runs, the uploaded mask is the
+    one the session summed, every timing is recorded; a bad size names its flag."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks.common import load_json
+    from benchmarks.upload_cost import main
+
+    out = tmp_path / "u.json"
+    assert main(["--smoke", "--json", str(out)]) == 0
+    row = load_json(out)["result"]
+    assert row["device"] == "cpu" and row["weight_bytes_read"] == 3 * 32 * 32 * 2
+    for key in ("call_us", "launch_us", "upload_idle_us", "upload_after_launch_us",
+                "uploads_5_one_by_one_us", "upload_5_rows_at_once_us"):
+        assert row[key] > 0
+    with pytest.raises(SystemExit, match="--mask-tokens must be at least 1"):
+        main(["--smoke", "--mask-tokens", "0"])
