@@ -53,7 +53,8 @@ DRAFTERS = ("model", "ngram", "auto", "hierarchical", "bandit")
 
 
 def _bound(drafter: Drafter) -> int | None:
-    return int(drafter.max_tokens) if supports(drafter, BoundedDrafter) else None
+    bound = drafter.max_tokens if supports(drafter, BoundedDrafter) else None
+    return None if bound is None else int(bound)
 
 
 def _states(drafters: Sequence[Drafter]) -> list[DecodeState]:
@@ -156,11 +157,10 @@ class _Composite:
         return _sampling(self.parts)
 
     @property
-    def max_tokens(self) -> int:
+    def max_tokens(self) -> int | None:
+        """The largest of the parts' bounds; None when none of them has one."""
         bounds = [b for b in map(_bound, self.parts) if b is not None]
-        if not bounds:
-            raise ValueError("none of the drafters declares max_tokens")
-        return max(bounds)
+        return max(bounds) if bounds else None
 
     def update_candidate_strategy(self, ids: Sequence[int], n_accepted: int) -> None:
         for d in self.parts:

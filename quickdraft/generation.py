@@ -495,8 +495,9 @@ def _draft_limit(drafter: Drafter, max_draft: int | None) -> int:
     """The most draft tokens an iteration may ask for: the drafter's own bound and the
     runtime's compiled maximum, whichever is lower (one of them must be known)."""
     bounds = [int(max_draft)] if max_draft is not None else []
-    if supports(drafter, BoundedDrafter):
-        bounds.append(int(drafter.max_tokens))
+    own = drafter.max_tokens if supports(drafter, BoundedDrafter) else None
+    if own is not None:
+        bounds.append(int(own))
     if not bounds:
         raise ValueError("the drafter declares no max_tokens: pass max_draft, the most draft "
                          "tokens one iteration may propose")

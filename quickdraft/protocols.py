@@ -202,10 +202,11 @@ class Drafter(Protocol):
 class BoundedDrafter(Protocol):
     """A drafter that never proposes more than ``max_tokens`` tokens per iteration. The
     loop draws that many draft uniforms per iteration (and no more), so a seeded run is
-    the same whatever larger cap a runtime compiled for."""
+    the same whatever larger cap a runtime compiled for. None: no bound of its own (a
+    drafter made of unbounded drafters); the runtime's ``max_draft`` decides."""
 
     @property
-    def max_tokens(self) -> int: ...
+    def max_tokens(self) -> int | None: ...
 
 
 @runtime_checkable

@@ -137,13 +137,14 @@ def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig())
     m = np.max(z, axis=-1, keepdims=True)  # [..., 1]
     _check_maxima(m[..., 0])
     vocab = z.shape[-1]
+    z -= m  # [..., V] each row's max at 0: z / T cannot overflow, however small T is
     if config.temperature != 1.0:
-        z /= config.temperature
-        m = m / config.temperature  # = the max of z / T: dividing by T > 0 keeps the order
+        with np.errstate(over="ignore"):  # entries below the max may reach -inf: exp 0
+            z /= config.temperature  # dividing by T > 0 keeps the order and the max at 0
     if 0 < config.top_k < vocab:
         keep = np.stack([_top_k_row(row, config.top_k) for row in z.reshape(-1, vocab)])
         z = np.where(keep.reshape(z.shape), z, -np.inf)  # keeps the max (rank 0)
-    probs = _softmax_(z, m)  # [..., V]
+    probs = _softmax_(z, 0.0)  # [..., V] the max already subtracted
     if config.top_p < 1.0:
         keep = np.stack([_top_p_row(row, config.top_p) for row in probs.reshape(-1, vocab)])
         probs = np.where(keep.reshape(probs.shape), probs, 0.0)
@@ -205,8 +206,9 @@ def sample_token(probs: np.ndarray, u: float) -> int:
     return inverse_cdf_row(np.asarray(probs, dtype=np.float64), u)
 
 
-def _softmax_(z: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """softmax of z [..., V] with row maxima m [..., 1], computed in z's memory."""
+def _softmax_(z: np.ndarray, m) -> np.ndarray:
+    """softmax of z [..., V] with row maxima m [..., 1] (or 0 when already subtracted),
+    computed in z's memory; the sum is at least 1 (the max's term)."""
     z -= m
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)

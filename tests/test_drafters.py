@@ -299,3 +299,39 @@ def test_the_exact_enumeration_detects_a_wrong_drafter():
                                   _Misreporting(draft, SAMPLING, 2), bound=2)
     want = exact_target_sequences(target, prompt, n_tokens, SAMPLING)
     assert max(abs(got.get(s, 0.0) - w) for s, w in want.items()) > 1e-3
+
+
+class _Repeat:
+    """A drafter with no bound of its own: proposes the last token, as many as allowed."""
+
+    def get_candidates(self, ids, max_tokens, uniforms):
+        from quickdraft.protocols import Candidates
+
+        k = int(max_tokens)
+        return Candidates(tokens=np.full(k, ids[-1], dtype=np.int64), probs=None,
+                          model_calls=0, vocab_size=6)
+
+    def update_candidate_strategy(self, ids, n_accepted):
+        pass
+
+
+def test_a_fallback_of_unbounded_drafters_takes_the_runtimes_bound():
+    """A drafter made of drafters without a bound has none either (max_tokens None): the
+    caller's max_draft decides, and without one the loop asks for it by name."""
+    target = TableModel(np.random.default_rng(0).normal(size=(6, 6)))  # a bigram
+    both = FallbackDrafter(_Repeat(), _Repeat())
+    assert both.max_tokens is None
+    out = speculative_generate(target, None, [1, 2], drafter=both, max_draft=3,
+                               max_new_tokens=8, sampling=SamplingConfig(temperature=0.0),
+                               rng=np.random.default_rng(1))
+    want = autoregressive_generate(target, [1, 2], max_new_tokens=8,
+                                   sampling=SamplingConfig(temperature=0.0),
+                                   rng=np.random.default_rng(1))
+    assert out.tokens == want.tokens
+    assert max(out.stats.drafted_per_iteration) == 3  # the runtime's bound, reached
+    with pytest.raises(ValueError, match="declares no max_tokens: pass max_draft"):
+        speculative_generate(target, None, [1, 2], drafter=both, max_new_tokens=4,
+                             sampling=SamplingConfig(temperature=0.0),
+                             rng=np.random.default_rng(1))
+    bounded = FallbackDrafter(_Repeat(), NgramDrafter(6, max_tokens=2))
+    assert bounded.max_tokens == 2

@@ -30,7 +30,7 @@ def plain_adjust_logits(logits, config: SamplingConfig) -> np.ndarray:
         one_hot = np.zeros(z.shape, dtype=np.float64)
         np.put_along_axis(one_hot, np.argmax(z, axis=-1)[..., None], 1.0, axis=-1)
         return one_hot
-    z = z / config.temperature
+    z = (z - np.max(z, axis=-1, keepdims=True)) / config.temperature  # max 0: no overflow
     if 0 < config.top_k < vocab:
         order = np.argsort(-z, axis=-1, kind="stable")
         rank = np.empty_like(order)
@@ -59,7 +59,7 @@ def plain_inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 configs = st.builds(
     SamplingConfig,
-    temperature=st.sampled_from([0.0, 0.0, 1.0, 1.0, 0.7, 1.9, 1e-3]),
+    temperature=st.sampled_from([0.0, 0.0, 1.0, 1.0, 0.7, 1.9, 1e-3, 1e-300]),
     top_k=st.sampled_from([0, 0, 1, 2, 5]),
     top_p=st.sampled_from([1.0, 1.0, 0.9, 0.5, 0.05]),
 )
@@ -92,11 +92,23 @@ def logit_arrays(draw, allow_invalid: bool = False, max_vocab: int = 40):
 @settings(max_examples=400)
 @given(z=logit_arrays(), config=configs)
 def test_adjust_logits_is_the_plain_transformation_bit_for_bit(z, config):
-    with np.errstate(over="ignore", invalid="ignore"):  # tiny temperatures overflow alike
-        want = plain_adjust_logits(z, config)
-        got = adjust_logits(z, config)
+    got = adjust_logits(z, config)
     assert got.dtype == np.float64 and got.shape == z.shape
-    np.testing.assert_array_equal(got, want)  # NaN where both overflow
+    np.testing.assert_array_equal(got, plain_adjust_logits(z, config))
+    assert np.isfinite(got).all()  # tiny temperatures included: the max is subtracted first
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-30])
+def test_a_tiny_temperature_puts_all_mass_on_the_maxima(temperature):
+    """Near T=0 the distribution is the argmax's (shared by ties), never NaN: logits
+    divided by T before the max is subtracted would overflow to inf - inf."""
+    z = np.array([[1.0, 3.0, 2.0, 3.0 - 1e-9], [-5.0, 250.0, 249.0, -np.inf]])  # [2, 4]
+    probs = adjust_logits(z, SamplingConfig(temperature=temperature))
+    want = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(probs, want)
+    ties = adjust_logits(np.array([2.0, 7.0, 7.0]), SamplingConfig(temperature=temperature))
+    np.testing.assert_array_equal(ties, [0.0, 0.5, 0.5])
+    assert sample_token(probs[1], 0.999) == 1
 
 
 @settings(max_examples=150)

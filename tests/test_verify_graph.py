@@ -456,3 +456,20 @@ def test_a_verdict_on_a_distribution_that_was_not_finite_is_refused():
                                    (1, 3, np.array([0.5, np.nan]), False), (3, 0, ok, True)):
         with pytest.raises(ValueError, match="not finite"):
             _check_verdict(n, token, betas, 2, 8, cfg, bonus=bonus)
+
+
+def test_device_verification_of_a_model_that_is_not_exported_is_refused():
+    """verify="device" needs an exported model's logits; a NumPy model is refused with a
+    message naming the fix, before anything runs; "auto" verifies it on the host."""
+    from quickdraft.ort_backend.generator import DecodeConfig, Generator
+
+    rng = np.random.default_rng(0)
+    target = TableModel(rng.normal(size=(5, 5)))  # a bigram
+    sampling = SamplingConfig(temperature=1.0)
+    drafter = ModelDrafter(TableModel(rng.normal(size=(5, 5))), sampling, gamma=2)
+    cfg = DecodeConfig(sampling=sampling, max_new_tokens=3)
+    with pytest.raises(ValueError, match="TableModel is not an exported model: pass "
+                                         "verify='host'"):
+        Generator(target, drafter, cfg, verify="device")
+    with Generator(target, drafter, cfg) as gen:
+        assert gen.verify == "host"

@@ -695,6 +695,11 @@ class Generator:
             tiny = 0 < config.sampling.temperature < DEVICE_MIN_TEMPERATURE
             verify = ("device" if static and has_onnx and config.lenience == 1.0 and not tiny
                       else "host")
+        if verify == "device" and not exported:
+            raise ValueError(
+                f"verify='device' runs the verification graph in ONNX Runtime beside an "
+                f"exported model's logits; {type(target).__name__} is not an exported model: "
+                "pass verify='host' (or 'auto')")
         if verify == "device" and config.lenience != 1.0:
             raise ValueError("the verification graph applies the exact rule: verify the "
                              "lossy rule (lenience < 1) on the host")
