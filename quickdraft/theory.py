@@ -33,6 +33,11 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
+def _check_cost(name: str, c: float) -> None:
+    if not 0.0 <= c < np.inf:  # NaN fails too
+        raise ValueError(f"{name} must be a finite number >= 0, got {c}")
+
+
 def _check_gamma(gamma: int) -> None:
     if int(gamma) != gamma or gamma < 1:
         raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
@@ -88,8 +93,7 @@ def walltime_improvement(alpha: float, gamma: int, c: float) -> float:
 
     (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + 1)).
     """
-    if c < 0:
-        raise ValueError(f"c must be >= 0, got {c}")
+    _check_cost("c", c)
     return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
 
 
@@ -104,8 +108,7 @@ def pipelined_walltime_improvement(alpha: float, gamma: int, c: float, h: float)
     """
     if not 0.0 <= h <= 1.0:
         raise ValueError(f"h must be in [0, 1], got {h}")
-    if c < 0:
-        raise ValueError(f"c must be >= 0, got {c}")
+    _check_cost("c", c)
     kept = alpha ** (gamma + 1)  # P(the next proposal is pre-drafted)
     return expected_tokens(alpha, gamma) / (gamma * c * (1.0 - h * kept) + 1.0)
 
@@ -122,8 +125,7 @@ def operations_factor(alpha: float, gamma: int, c_hat: float = 0.0) -> float:
 
     (1 - alpha)(gamma c_hat + gamma + 1) / (1 - alpha^(gamma + 1)).
     """
-    if c_hat < 0:
-        raise ValueError(f"c_hat must be >= 0, got {c_hat}")
+    _check_cost("c_hat", c_hat)
     return (gamma * c_hat + gamma + 1.0) / expected_tokens(alpha, gamma)
 
 
@@ -133,6 +135,7 @@ def improvement_lower_bound(alpha: float, c: float) -> float:
     Speculative decoding helps whenever alpha > c.
     """
     _check_alpha(alpha)
+    _check_cost("c", c)
     return (1.0 + alpha) / (1.0 + c)
 
 

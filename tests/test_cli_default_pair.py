@@ -71,3 +71,15 @@ def test_pipelined_flag_gives_the_speculative_tokens_and_refuses_what_it_cannot_
         assert why in capsys.readouterr().err
     assert main([*args, "--min-keep-rate", "0.5"]) != 0
     assert "add --pipelined" in capsys.readouterr().err
+
+
+def test_conflicting_flags_are_refused_before_any_model_loads(tmp_path, capsys):
+    """Flag conflicts name the flags even when the model folder does not exist: they are
+    checked before loading (a 7B load would otherwise finish first)."""
+    missing = str(tmp_path / "no-such-pair")
+    for extra, why in ((["--pipelined", "--autoregressive"], "--pipelined drafts with"),
+                       (["--min-keep-rate", "0.5"], "add --pipelined"),
+                       (["--pipelined", "--min-keep-rate", "2"], "--min-keep-rate must be")):
+        assert main(["generate", "--model-dir", missing, "--prompt", "x", *extra]) != 0
+        err = capsys.readouterr().err
+        assert why in err and "no-such-pair" not in err

@@ -599,3 +599,30 @@ def test_cli_export_errors(hf_pair_dirs, tmp_path, capsys):
     assert cli_main(["export", "--target", "a", "--draft", "b", "--out", "c", "--dtype",
                      "int4"]) == 1
     assert "--kv-cache static" in capsys.readouterr().err
+
+
+def test_a_random_model_leaves_the_callers_torch_generator_alone(tmp_path):
+    """make_random_model seeds its own weights (the same seed, the same model) without
+    reseeding the process's torch generator."""
+    import torch
+    from safetensors.numpy import load_file
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    make_random_model("llama", tmp_path / "a", vocab_size=32, role="draft", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    make_random_model("llama", tmp_path / "b", vocab_size=32, role="draft", seed=5)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True, "24"])
+def test_export_refuses_validation_steps_that_are_not_a_count(steps, tmp_path):
+    """steps < 1 divided by zero in a quantized export's validation, or validated nothing;
+    refused before anything is read or written."""
+    for call in (lambda: export_model(tmp_path / "src", tmp_path / "out", steps=steps),
+                 lambda: export_pair(tmp_path / "t", tmp_path / "d", tmp_path / "pair",
+                                     steps=steps)):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            call()
+    assert not list(tmp_path.iterdir())

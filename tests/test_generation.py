@@ -357,3 +357,14 @@ def test_rewind_keeps_the_longest_common_prefix(have, ids, min_new):
         want += 1
     assert rewind_to_common_prefix(state, ids, min_new) == want
     assert state.tokens == have[:want]
+
+
+@pytest.mark.parametrize("kw,name", [({"add_k": 0.0}, "add_k"), ({"add_k": float("nan")}, "add_k"),
+                                     ({"lam": -1.0}, "lam"), ({"vocab_size": 0}, "vocab_size")])
+def test_an_ngram_model_whose_probabilities_would_not_normalise_is_refused(kw, name):
+    """add_k = 0 with no data gave a unigram of 0 / 0 (NaN everywhere)."""
+    args = {"order": 1, "vocab_size": 4, **kw}
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        NgramModel(**args)
+    p = NgramModel(order=1, vocab_size=4).probs([0])  # no data: the smoothed unigram
+    np.testing.assert_allclose(p, np.full(4, 0.25))

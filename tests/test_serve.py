@@ -582,6 +582,23 @@ def test_cli_registers_serve():
         build_parser().parse_args(["serve", "--max-concurrency", "0"])
 
 
+@pytest.mark.parametrize("flag,value,why", [("--port", "70000", "must be <= 65535"),
+                                            ("--port", "-1", "must be >= 0"),
+                                            ("--shutdown-timeout", "inf", "finite number >= 0"),
+                                            ("--shutdown-timeout", "-2", "finite number >= 0"),
+                                            ("--timeout", "0", "finite number > 0")])
+def test_cli_refuses_out_of_range_numbers_naming_the_flag(flag, value, why, capsys):
+    """Out of range, argparse names the flag (a port past 65535 used to reach the socket
+    layer as an OverflowError traceback)."""
+    from quickdraft.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag, value])
+    err = capsys.readouterr().err
+    assert flag in err and why in err
+    assert build_parser().parse_args(["serve", "--shutdown-timeout", "0"]).shutdown_timeout == 0
+
+
 def test_quickdraft_serve_command_starts_answers_and_stops_on_sigint(tmp_path):
     """The real command: `quickdraft serve` in a child process, one request, then Ctrl-C
     (SIGINT): uvicorn's lifespan shuts the scheduler down and the command exits 0."""

@@ -129,3 +129,15 @@ def test_pipelined_improvement_by_hand():
 def test_pipelined_bad_arguments(h, c):
     with pytest.raises(ValueError):
         theory.pipelined_walltime_improvement(0.5, 3, c, h)
+
+
+@pytest.mark.parametrize("c", [-1.0, float("nan"), float("inf")])
+def test_a_cost_ratio_that_is_not_a_finite_number_at_least_0_is_refused(c):
+    """c = -1 made the lower bound divide by zero; NaN passed every `c < 0` check."""
+    for call in (lambda: theory.walltime_improvement(0.8, 4, c),
+                 lambda: theory.pipelined_walltime_improvement(0.8, 4, c, 0.5),
+                 lambda: theory.improvement_lower_bound(0.8, c),
+                 lambda: theory.operations_factor(0.8, 4, c),
+                 lambda: theory.best_gamma(0.8, c)):
+        with pytest.raises(ValueError, match="must be a finite number >= 0"):
+            call()

@@ -9,6 +9,7 @@ The library is silent: progress goes to an optional ``progress(message)`` callba
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -243,6 +244,13 @@ def _check_dynamic(kv_cache: str, dtype: str, device: str, validate: bool,
     _check_options(dtype, device, validate)
 
 
+def _check_steps(steps) -> None:
+    """The greedy steps a validation compares, checked before anything is exported."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (the greedy steps the validation "
+                         f"compares with the source), got {steps!r}")
+
+
 def export_model(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -271,6 +279,7 @@ def export_model(
     and renamed into place, so a failed or interrupted export leaves nothing at ``out_dir``.
     ``overwrite`` replaces a previous export, never a folder of other files.
     """
+    _check_steps(steps)
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
     if kv_cache == "static":
         from quickdraft.export.builder import export_static_model
@@ -311,6 +320,7 @@ def export_pair(
     once when every export and its validation succeeded; on failure nothing is left
     behind.
     """
+    _check_steps(steps)
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
                    draft_draft=draft_draft)
     if dtype == "int8":  # int8 storage of fp32 weights: quickdraft.export.int8

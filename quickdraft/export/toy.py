@@ -81,31 +81,31 @@ def make_random_model(arch: str, out_dir: str | Path, tokenizer_dir: str | Path 
     shape.update(overrides)
     bos = tokenizer.bos_token_id if tokenizer is not None else 0
     eos = tokenizer.eos_token_id if tokenizer is not None else 0
-    torch.manual_seed(seed)
-    if arch in ("llama", "qwen2"):
-        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    with torch.random.fork_rng(devices=[]):  # the caller's torch RNG is left as it was
+        torch.manual_seed(seed)
+        if arch in ("llama", "qwen2"):
+            from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-        cfg_cls, model_cls = (
-            (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-        )
-        config = cfg_cls(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
-                         bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False, **shape)
-        model = model_cls(config)
-    elif arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
+            cfg_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if arch == "llama"
+                                  else (Qwen2Config, Qwen2ForCausalLM))
+            config = cfg_cls(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                             bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False, **shape)
+            model = model_cls(config)
+        elif arch == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=vocab_size, n_positions=max_position_embeddings,
-                            n_embd=shape["hidden_size"], n_layer=shape["num_hidden_layers"],
-                            n_head=shape["num_attention_heads"], bos_token_id=bos,
-                            eos_token_id=eos)
-        model = GPT2LMHeadModel(config)
-    else:
-        raise ValueError(f"unknown architecture {arch!r}; choose llama, qwen2 or gpt2")
-    # random init is small; widen the logits so sampling is not nearly uniform
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(4.0)
+            config = GPT2Config(vocab_size=vocab_size, n_positions=max_position_embeddings,
+                                n_embd=shape["hidden_size"], n_layer=shape["num_hidden_layers"],
+                                n_head=shape["num_attention_heads"], bos_token_id=bos,
+                                eos_token_id=eos)
+            model = GPT2LMHeadModel(config)
+        else:
+            raise ValueError(f"unknown architecture {arch!r}; choose llama, qwen2 or gpt2")
+        # random init is small; widen the logits so sampling is not nearly uniform
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(4.0)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:

@@ -193,14 +193,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--prompt is not valid UTF-8 text (byte {e.start} of it); pass UTF-8 text, "
             "e.g. convert it with iconv -t utf-8") from None
-    if config.lenience != 1.0:
-        print(f"quickdraft generate: lenience {config.lenience} is LOSSY: the output does not "
-              "follow the target's distribution exactly", file=sys.stderr)
-    pair = load_pair(model_dir, device=device, draft=not args.autoregressive,
-                     cuda_graph=args.cuda_graph,
-                     max_gamma=DEFAULT_MAX_GAMMA if gamma == "auto" else gamma)
-    if pair.device_note:
-        print(f"quickdraft generate: {pair.device_note}", file=sys.stderr)
     if args.pipelined and (args.autoregressive or args.drafter != "model"):
         raise ValueError("--pipelined drafts with the draft model: drop --autoregressive "
                          "and --drafter")
@@ -210,6 +202,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.min_keep_rate <= 1.0:
         raise ValueError(f"--min-keep-rate must be in [0, 1], got {args.min_keep_rate}")
     rule = ShadowRule(min_keep_rate=args.min_keep_rate)
+    if config.lenience != 1.0:
+        print(f"quickdraft generate: lenience {config.lenience} is LOSSY: the output does not "
+              "follow the target's distribution exactly", file=sys.stderr)
+    pair = load_pair(model_dir, device=device, draft=not args.autoregressive,
+                     cuda_graph=args.cuda_graph,
+                     max_gamma=DEFAULT_MAX_GAMMA if gamma == "auto" else gamma)
+    if pair.device_note:
+        print(f"quickdraft generate: {pair.device_note}", file=sys.stderr)
     spec_gen = pair.generator(config, gamma=None if args.autoregressive else gamma,
                               drafter=None if args.autoregressive or args.pipelined
                               else args.drafter, verify=args.verify,

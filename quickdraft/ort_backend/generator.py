@@ -407,7 +407,8 @@ class Pair:
         needs_model = kind != "ngram"
         if needs_model and self.draft is None:
             raise ValueError("this pair was loaded without its draft model (draft=False)")
-        rng = np.random.default_rng([0 if seed is None else seed, 1])  # not the loop's stream
+        # not the loop's stream; None: fresh entropy, as for the loop
+        rng = np.random.default_rng(None if seed is None else [seed, 1])
 
         # one state per model, shared by every strategy that drafts with it: the bandit's
         # arms switch without replaying the sequence into a second cache of the same model

@@ -88,6 +88,14 @@ class NgramModel:
     def __init__(self, order: int, vocab_size: int, lam: float = 1.0, add_k: float = 0.1):
         if order < 0:
             raise ValueError("order must be >= 0 (0 is a unigram model)")
+        if not 0 < add_k < np.inf:
+            raise ValueError(f"add_k must be a finite number > 0 (the unigram's pseudo-count "
+                             f"keeps every token possible and its normaliser positive), got "
+                             f"{add_k!r}")
+        if not 0 <= lam < np.inf:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if int(vocab_size) != vocab_size or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
         self.order = order  # context length (0 unigram, 1 bigram, ...)
         self.lam = lam  # weight of the lower-order estimate
         self.add_k = add_k  # pseudo-count of the unigram

@@ -11,7 +11,7 @@ from quickdraft.ort_backend.cli import _gamma
 __all__ = ["add_parser", "run"]
 
 
-def _positive_int(low: int):
+def _positive_int(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -19,18 +19,22 @@ def _positive_int(low: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
 
     return parse
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, *, zero: bool = False) -> float:
+    """A finite number of seconds above 0 (``zero``: 0 too)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number {'>=' if zero else '>'} 0, got {text}")
     return value
 
 
@@ -55,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "bundled pair, else the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                    "127.0.0.1)")
-    p.add_argument("--port", type=_positive_int(0), default=8000,
+    p.add_argument("--port", type=_positive_int(0, 65535), default=8000,
                    help="port (default 8000; 0: any free port)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default) uses CUDA when available (the bundled pair: the CPU)")
@@ -78,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                    help="seconds per request, queueing included: 504 (an error event in a "
                    "stream) past it (default: none)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--shutdown-timeout", type=lambda t: _seconds(t, zero=True), default=10.0,
+                   metavar="S",
                    help="on shutdown, seconds to finish in-flight requests before "
                    "cancelling them (default 10)")
     p.add_argument("--ray", action="store_true",
