@@ -439,7 +439,7 @@ def test_tiny_temperature_is_verified_on_the_host_and_refused_clearly_on_the_dev
         tokens = g.generate("a").tokens
         assert len(tokens) == 4 and all(0 <= t < pair.target.vocab_size for t in tokens)
     with pair.generator(config, gamma=4, verify="device") as g:
-        with pytest.raises(ValueError, match="not finite.*larger temperature"):
+        with pytest.raises(ValueError, match="below the 1e-30 the device graphs take"):
             g.generate("a")
 
 
@@ -473,3 +473,18 @@ def test_device_verification_of_a_model_that_is_not_exported_is_refused():
         Generator(target, drafter, cfg, verify="device")
     with Generator(target, drafter, cfg) as gen:
         assert gen.verify == "host"
+
+
+def test_the_device_graphs_refuse_a_temperature_their_division_would_overflow():
+    """Below MIN_TEMPERATURE the graphs' logits / T overflow float32: building one is
+    refused, naming the host; the host rule samples such a temperature as the argmax."""
+    from quickdraft.verification import build_sample_graph, build_verify_graph
+    from quickdraft.verification.graph import MIN_TEMPERATURE
+
+    tiny = SamplingConfig(temperature=MIN_TEMPERATURE / 10)
+    for build in (lambda: build_sample_graph(5, tiny), lambda: build_verify_graph(2, 5, tiny)):
+        with pytest.raises(ValueError, match="sample and verify such temperatures on the host"):
+            build()
+    build_sample_graph(5, SamplingConfig(temperature=MIN_TEMPERATURE))  # the lowest taken
+    p = adjust_logits(np.array([3.0, 1e4, -2.0, 9999.0]), tiny)
+    np.testing.assert_array_equal(p, [0.0, 1.0, 0.0, 0.0])

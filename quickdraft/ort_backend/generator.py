@@ -143,9 +143,10 @@ def target_options(manifest, device: Device, *, speculative: bool):
 
 def samples_on_device(model, sampling: SamplingConfig) -> bool:
     """Whether tokens sampled from ``model`` are drawn on its device by default: a static
-    model (its logits stay there) on CUDA, at temperature > 0."""
-    return (not sampling.greedy and isinstance(model, StaticOrtModel)
-            and model.device.kind == "cuda")
+    model (its logits stay there) on CUDA, at a temperature the device graphs take
+    (``DEVICE_MIN_TEMPERATURE`` or more)."""
+    return (sampling.temperature >= DEVICE_MIN_TEMPERATURE
+            and isinstance(model, StaticOrtModel) and model.device.kind == "cuda")
 
 
 def _check_pipelined(target, drafter, config: DecodeConfig, verify: str, compute: str) -> None:

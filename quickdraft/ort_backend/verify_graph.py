@@ -31,7 +31,7 @@ from quickdraft.protocols import (
 )
 from quickdraft.sampling import SamplingConfig
 from quickdraft.verification import build_sample_graph, build_verify_graph
-from quickdraft.verification.graph import LOGITS_TYPES
+from quickdraft.verification.graph import LOGITS_TYPES, MIN_TEMPERATURE
 
 if TYPE_CHECKING:
     from onnxruntime import SessionOptions
@@ -65,8 +65,8 @@ _POOL_MAX = 32  # objects kept per key
 MAX_GRAPHS = 4
 
 
-# the graph divides float32 logits by T: below this, logits of a few thousand overflow
-DEVICE_MIN_TEMPERATURE = 1e-30
+# the graphs' lowest temperature (quickdraft.verification.graph.MIN_TEMPERATURE)
+DEVICE_MIN_TEMPERATURE = MIN_TEMPERATURE
 
 
 def shared_session(gamma: int, vocab: int, sampling: SamplingConfig, *, device: Device,

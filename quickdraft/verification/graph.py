@@ -166,6 +166,11 @@ def _inverse_cdf(b: _Builder, weights: str, u: str, out: str) -> str:
     return b.op("Cast", [b.op("Min", [idx, last_positive])], out=out, to=TensorProto.INT64)
 
 
+# the graphs divide the logits by T before their softmax: below this, logits of a few
+# thousand overflow float32 (the host rule subtracts the row maximum first and takes any T)
+MIN_TEMPERATURE = 1e-30
+
+
 def _check_settings(vocab: int, sampling: SamplingConfig, logits_dtype: str, compute: str,
                     greedy_refusal: str) -> None:
     if vocab < 1:
@@ -176,6 +181,12 @@ def _check_settings(vocab: int, sampling: SamplingConfig, logits_dtype: str, com
         raise ValueError(f"logits_dtype must be fp32, fp16 or fp64, got {logits_dtype!r}")
     if sampling.greedy:
         raise ValueError(greedy_refusal)
+    if sampling.temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature {sampling.temperature:g} is below the {MIN_TEMPERATURE:g} the "
+            "device graphs take (their logits / T would overflow); sample and verify such "
+            "temperatures on the host (verify='host', device_sampling=False), or use 0 "
+            "for greedy decoding")
 
 
 def _model(b: _Builder, name: str, inputs: list, outputs: list):
