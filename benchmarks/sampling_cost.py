@@ -29,7 +29,8 @@ from benchmarks.common import dump_results  # noqa: E402
 
 def full_sort(z: np.ndarray, top_k: int, top_p: float, temperature: float) -> np.ndarray:
     """Temperature, top-k and top-p by a stable argsort of every row [R, V] -> [R, V]."""
-    z = np.asarray(z, dtype=np.float64) / temperature
+    z = np.asarray(z, dtype=np.float64)  # [R, V]
+    z = (z - z.max(axis=-1, keepdims=True)) / temperature  # the max at 0, as adjust_logits
     vocab = z.shape[-1]
     if 0 < top_k < vocab:
         order = np.argsort(-z, axis=-1, kind="stable")
