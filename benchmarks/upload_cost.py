@@ -98,38 +98,33 @@ def measure(device: str, d: int, n: int, t: int, k: int, repeats: int) -> dict:
 
     for _ in range(5):  # warm-up: allocations, kernels
         session.run_with_iobinding(binding)
-    call, launch, idle, busy, one_by_one, merged = [], [], [], [], [], []
+    times: dict[str, list[float]] = {k: [] for k in (
+        "call", "idle", "one_by_one", "merged", "launch", "busy")}
+
+    def timed(key: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        times[key].append(time.perf_counter() - t0)
+
     for r in range(repeats):
         mask_host[0, -1] = r % 2  # a different mask each time
-        t0 = time.perf_counter()
-        session.run_with_iobinding(binding)
-        call.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        mask.update_inplace(mask_host)
-        idle.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for v in singles:
-            v.update_inplace(mask_host)
-        one_by_one.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        many.update_inplace(many_host)
-        merged.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        session.run_with_iobinding(binding, no_sync)
-        t1 = time.perf_counter()
-        mask.update_inplace(mask_host)  # the call is still running, or done
-        busy.append(time.perf_counter() - t1)
-        launch.append(t1 - t0)
+        timed("call", lambda: session.run_with_iobinding(binding))
+        timed("idle", lambda: mask.update_inplace(mask_host))
+        timed("one_by_one", lambda: [v.update_inplace(mask_host) for v in singles])
+        timed("merged", lambda: many.update_inplace(many_host))
+        timed("launch", lambda: session.run_with_iobinding(binding, no_sync))
+        timed("busy", lambda: mask.update_inplace(mask_host))  # the call running, or done
         binding.synchronize_outputs()
     if int(total.numpy()) != int(mask_host.sum()):
         raise RuntimeError(f"mask_sum {int(total.numpy())} is not the uploaded mask's "
                            f"{int(mask_host.sum())}")
     return {"device": device, "d": d, "matmuls": n, "mask_tokens": t, "uploads": k,
             "repeats": repeats, "weight_bytes_read": n * d * d * 2,
-            "call_us": _median_us(call), "launch_us": _median_us(launch),
-            "upload_idle_us": _median_us(idle), "upload_after_launch_us": _median_us(busy),
-            f"uploads_{k}_one_by_one_us": _median_us(one_by_one),
-            f"upload_{k}_rows_at_once_us": _median_us(merged)}
+            "call_us": _median_us(times["call"]), "launch_us": _median_us(times["launch"]),
+            "upload_idle_us": _median_us(times["idle"]),
+            "upload_after_launch_us": _median_us(times["busy"]),
+            f"uploads_{k}_one_by_one_us": _median_us(times["one_by_one"]),
+            f"upload_{k}_rows_at_once_us": _median_us(times["merged"])}
 
 
 def main(argv: list[str] | None = None) -> int:
