@@ -344,7 +344,7 @@ BAD_BODIES = [
     ({"model": MODEL, "prompt": []}, "completions", 400, "prompt"),
     ({"model": MODEL, "prompt": [10**9]}, "completions", 400, "prompt"),
     ({"model": MODEL, "prompt": [-1]}, "completions", 400, "prompt"),
-    ({"model": MODEL, "prompt": [[1, 2]]}, "completions", 400, "prompt"),
+    ({"model": MODEL, "prompt": [[1, 2]]}, "completions", 400, "prompt.[0]"),
     ({"model": MODEL, "prompt": ["a", "b"]}, "completions", 400, "prompt"),
     ({"model": MODEL, "prompt": {"a": 1}}, "completions", 400, "prompt"),
     ({"model": MODEL, "prompt": LONG}, "completions", 400, "prompt"),
@@ -409,6 +409,64 @@ def test_bad_requests_get_openai_errors(server, body, endpoint, status, param):
     assert err["type"] == "invalid_request_error" and err["message"]
     if param is not None:
         assert err["param"] == param, err
+
+
+CHAT_BAD_BODIES = [
+    # (raw JSON body, param the 400 names, words of its message)
+    (b'{"model": "chat-pair", "messages": [{"role": "user", "content": "hi", '
+     b'"name": "\\ud800"}], "max_tokens": 2}', "messages.[0].name", "not valid UTF-8"),
+    (json.dumps({"model": "chat-pair", "messages": [{"role": "user", "content": "hi"}],
+                 "max_completion_tokens": 600}).encode(), "max_completion_tokens",
+     "use max_completion_tokens <="),
+    (json.dumps({"model": "chat-pair", "messages": [{"role": "user", "content": LONG}]}
+                ).encode(), "messages", "shorten the messages"),
+    (json.dumps({"model": "chat-pair", "messages": [{"role": "user", "content": "hi"}],
+                 "max_tokens": 5, "max_completion_tokens": 6}).encode(), None,
+     "give one of them"),
+    (json.dumps({"model": "chat-pair", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+                ).encode(), "messages.[0].content.[0].type", "'text'"),
+    (json.dumps({"model": "chat-pair", "messages": [
+        {"role": "user", "content": [{"type": "text"}]}]}).encode(),
+     "messages.[0].content.[0].text", "missing"),
+    (json.dumps({"model": "chat-pair", "messages": [{"role": "user", "content": "hi"}],
+                 "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(),
+     "tools", "not supported"),
+    (json.dumps({"model": "chat-pair", "messages": [{"role": "user", "content": "hi"}],
+                 "tool_choice": "auto"}).encode(), "tool_choice", "not supported"),
+    (json.dumps({"model": "chat-pair", "messages": [{"role": "user", "content": "hi"}],
+                 "response_format": {"type": "json_object"}}).encode(), "response_format",
+     "text response format"),
+]
+
+
+@pytest.mark.parametrize("body,param,words", CHAT_BAD_BODIES,
+                         ids=[f"chat{i}" for i in range(len(CHAT_BAD_BODIES))])
+def test_bad_chat_requests_name_their_own_fields(chat_server, body, param, words):
+    """A chat request's errors name its fields (messages, max_completion_tokens), never
+    a 500; a keep-alive connection goes on serving after each."""
+    with httpx.Client(base_url=chat_server.url, timeout=30) as http:
+        r = http.post("/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and words in err["message"], err
+        assert err["param"] == param, err
+        ok = http.post("/v1/chat/completions", json={
+            "model": "chat-pair", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2, "response_format": {"type": "text"}, "tool_choice": "none"})
+        assert ok.status_code == 200, ok.text
+
+
+def test_a_top_p_below_float32_is_the_top_token_not_an_error(server, pair):
+    """top_p 1e-300 rounds to 0 in the float32 verification graph: it is kept at the
+    smallest normal there, which keeps the top token as any top_p that small does."""
+    body = {"model": MODEL, "prompt": "def g(x):", "top_p": 1e-300, "max_tokens": 8,
+            "seed": 1}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    greedy = reference(pair, "def g(x):", max_tokens=8, temperature=0.0)
+    assert r.json()["choices"][0]["text"] == greedy.text
 
 
 def test_tiny_temperature_is_a_client_error_not_a_crash(server):

@@ -19,7 +19,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quickdraft.drafters import DRAFTERS
@@ -195,6 +202,11 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return v if v is None else _utf8(v, "name")
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -206,6 +218,53 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+    top_logprobs: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _tools(cls, v):
+        if v:
+            raise ValueError("tool and function calls are not supported")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _tool_choice(cls, v):
+        if v not in (None, "none"):
+            raise ValueError("tool and function calls are not supported")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError("only the text response format is supported")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v):
+        if v not in (None, 0):
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) and \
+                self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ: give one of them")
+        return self
+
+    def limit(self) -> tuple[int | None, str]:
+        """(the token limit, the field that set it)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 def _param(loc: tuple) -> str | None:
@@ -229,7 +288,8 @@ def _parse(model: type[BaseModel], data: dict):
         return model.model_validate(data)
     except ValidationError as e:
         errors = e.errors(include_url=False)
-        first = errors[0]
+        # the most specific error: of a union, the branch that got furthest into the value
+        first = max(errors, key=lambda err: len(err.get("loc", ())))
         param = _param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid value")
         if first.get("type") == "missing":
@@ -326,21 +386,24 @@ class Engine:
         return ids
 
     def job(self, req: _Request, ids: list[int], max_tokens: int | None, default_max: int | None,
-            emit) -> Job:
+            emit, *, prompt_field: str = "prompt", max_field: str = "max_tokens") -> Job:
+        """``prompt_field`` / ``max_field``: the request's fields errors name (a chat
+        request's are messages and max_tokens or max_completion_tokens)."""
         limit = self.context
         if limit is not None and len(ids) >= limit:
-            raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context is "
-                           f"{limit}: no room to generate; shorten the prompt", "prompt",
-                           code="context_length_exceeded")
+            raise APIError(400, f"{len(ids)} tokens of {prompt_field} leave no room to "
+                           f"generate in the model's context of {limit}: shorten the "
+                           f"{prompt_field}", prompt_field, code="context_length_exceeded")
         room = None if limit is None else limit - len(ids)
         if max_tokens is None:
             max_tokens = default_max if default_max is not None else room
             if room is not None:
                 max_tokens = min(max_tokens, room)
         elif room is not None and max_tokens > room:
-            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) "
-                           f"exceeds the model's context of {limit} tokens; use max_tokens "
-                           f"<= {room}", "max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{prompt_field} ({len(ids)} tokens) + {max_field} "
+                           f"({max_tokens}) exceeds the model's context of {limit} tokens; "
+                           f"use {max_field} <= {room}", max_field,
+                           code="context_length_exceeded")
         if req.top_k is not None and req.top_k > self.vocab:
             raise APIError(400, f"top_k: must be <= the vocabulary size {self.vocab} "
                            "(0 disables it)", "top_k")
@@ -531,15 +594,15 @@ def create_app(settings: ServeSettings | None = None, *, pair=None) -> FastAPI:
         if kind == "text":
             ids = engine.prompt_ids(req)
             max_tokens, default = req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS
+            fields = {"prompt_field": "prompt", "max_field": "max_tokens"}
         else:
             ids = engine.chat_ids(req)
-            max_tokens = req.max_tokens if req.max_tokens is not None else \
-                req.max_completion_tokens
-            default = None
+            (max_tokens, max_field), default = req.limit(), None
+            fields = {"prompt_field": "messages", "max_field": max_field}
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = engine.job(req, ids, max_tokens, default,
-                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), **fields)
         engine.submit(job)
         rid = ("cmpl-" if kind == "text" else "chatcmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

@@ -97,7 +97,11 @@ def _adjust(b: _Builder, z: str, sampling: SamplingConfig) -> str:
         sorted_p, order = b.op("TopK", [probs, b.ints(vocab)], n_out=2, axis=-1, largest=1,
                                sorted=1)  # [R, V]
         mass_before = b.op("Sub", [_cumsum(b, sorted_p), sorted_p])  # [R, V]
-        keep_sorted = b.op("Cast", [b.op("Less", [mass_before, b.const(sampling.top_p)])],
+        # a top_p below the compute type's smallest normal would round to 0 and keep
+        # nothing; at that floor the top token alone stays, as with any smaller top_p
+        # (its own mass is at least 1 / V)
+        top_p = max(sampling.top_p, float(np.finfo(b.np_type).tiny))
+        keep_sorted = b.op("Cast", [b.op("Less", [mass_before, b.const(top_p)])],
                            to=b.onnx_type)  # mass_before < top_p
         keep = b.op("ScatterElements", [b.fill_like(probs, 0.0), order, keep_sorted], axis=-1)
         probs = b.op("Where", [b.op("Greater", [keep, b.const(0.5)]), probs, b.const(0.0)])
