@@ -174,3 +174,22 @@ def test_cli_export_dtype_int8(tmp_path, hf_pair_dirs):
         export_pair(tmp_path / "model.gguf", hf_pair_dirs["draft"], tmp_path / "y",
                     dtype="int8")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_int8_checks_its_sources_and_options_before_snapping(tmp_path, hf_pair_dirs):
+    """--dtype int8 checks what the other exports check, before any weights are snapped:
+    a missing folder or a bad option is named, errors name the user's folders (not a
+    temporary copy), nothing is left behind; a new nested --out is made."""
+    target, draft = hf_pair_dirs["target"], hf_pair_dirs["draft"]
+    with pytest.raises(FileNotFoundError, match="nosuch"):
+        export_pair(target, tmp_path / "nosuch", tmp_path / "a", dtype="int8")
+    with pytest.raises(ValueError, match="max_length sets the length of static caches"):
+        export_pair(target, draft, tmp_path / "b", dtype="int8", max_length=64)
+    with pytest.raises(ValueError, match="max_length must be a whole number of at least 8"):
+        export_pair(target, draft, tmp_path / "c", dtype="int8", kv_cache="static",
+                    max_length=2)
+    assert not list(tmp_path.iterdir())
+    out = tmp_path / "new" / "nested" / "pair"
+    export_pair(target, draft, out, dtype="int8", steps=2)
+    assert load_manifest(out / "target").weights == "int8"
+    assert not list(out.parent.glob(".quickdraft-int8-*"))

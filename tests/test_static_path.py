@@ -504,5 +504,7 @@ def test_export_cli_kv_cache_errors(hf_pair_dirs, tmp_path, capsys):
     rc, _, err = _cli(capsys, *base, "--kv-cache", "static", "--device", "cuda")
     assert rc == 1 and "runs on cpu" in err
     rc, _, err = _cli(capsys, *base, "--kv-cache", "static", "--max-length", 10_000)
-    assert rc == 1 and "max_length must be in [1, 256]" in err
+    assert rc == 1 and "max_length must be in [8, 256]" in err
+    rc, _, err = _cli(capsys, *base, "--kv-cache", "static", "--max-length", 2)
+    assert rc == 1 and "a whole number of at least 8 tokens" in err  # failed in validation
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

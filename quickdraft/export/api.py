@@ -15,7 +15,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from quickdraft.export.checks import TASK, ExportError, SourceInfo, UnsupportedModelError
+from quickdraft.export.checks import (
+    TASK,
+    ExportError,
+    SourceInfo,
+    UnsupportedModelError,
+    check_models,
+)
 from quickdraft.export.common import (
     CACHE_TEMPLATES,
     MODEL_FILE,
@@ -337,6 +343,22 @@ def export_pair(
                     progress=progress, draft_draft=draft_draft)
 
 
+def _check_int8_sources(sources: dict, kv_cache: str, validate: bool, max_length) -> None:
+    """What an int8 export checks before it snaps any weights: the options, and the
+    sources as the other exports check them (Hugging Face folders of one vocabulary)."""
+    from quickdraft.export.builder import check_max_length
+    from quickdraft.export.int8 import check_int8_source
+
+    if kv_cache == "static":
+        check_max_length(max_length)
+    else:
+        _check_dynamic(kv_cache, "fp32", "cpu", validate, max_length)
+    for s in sources.values():
+        check_int8_source(s)
+    with quiet():
+        check_models(sources)
+
+
 def _export_pair_int8(target, draft, out, *, device: str = "cpu", draft_draft=None,
                       overwrite: bool = False, progress=None, **options) -> ExportReport:
     """``export_pair`` with int8 weight storage (``--dtype int8``): each source snapped to
@@ -360,6 +382,9 @@ def _export_pair_int8(target, draft, out, *, device: str = "cpu", draft_draft=No
         sources["draft_draft"] = draft_draft
     out = resolve_out(out)
     check_destination(out, list(sources.values()), overwrite)
+    _check_int8_sources(sources, options.get("kv_cache", "dynamic"),
+                        options.get("validate", True), options.get("max_length"))
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the other exports make it
     with tempfile.TemporaryDirectory(prefix=".quickdraft-int8-", dir=out.parent) as tmp:
         snapped = {role: snapped_copy(src, Path(tmp) / "sources" / role)
                    for role, src in sources.items()}

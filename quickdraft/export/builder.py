@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import numbers
 import os
 import shutil
 import subprocess
@@ -434,16 +435,34 @@ def check_source(info: SourceInfo) -> None:
         )
 
 
+# the shortest static cache: room for a validation prompt and a few proposals
+MIN_CACHE_LENGTH = 8
+
+
+def check_max_length(max_length) -> None:
+    """A static cache length given by the caller: a whole number of at least
+    ``MIN_CACHE_LENGTH`` (checked before any model is read; the contexts later)."""
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or \
+            max_length < MIN_CACHE_LENGTH:
+        raise ValueError(f"max_length must be a whole number of at least {MIN_CACHE_LENGTH} "
+                         f"tokens (a static cache holds a prompt and its proposals), got "
+                         f"{max_length!r}")
+
+
 def cache_length(infos: Sequence[SourceInfo], max_length: int | None) -> int:
     """The static cache length of ``infos``: ``max_length``, which must fit every model's
     context (the rotary tables end there), or by default the smallest context."""
+    check_max_length(max_length)
     contexts = [context_length(info.config) for info in infos]
     length = min(contexts) if max_length is None else int(max_length)
     for info, context in zip(infos, contexts):
-        if not 1 <= length <= context:
+        if not MIN_CACHE_LENGTH <= length <= context:
             raise ValueError(
-                f"{info.source}: max_length must be in [1, {context}] (the model's "
-                f"max_position_embeddings: the rotary tables end there), got {max_length}"
+                f"{info.source}: max_length must be in [{MIN_CACHE_LENGTH}, {context}] (the "
+                f"model's max_position_embeddings: the rotary tables end there), got "
+                f"{length}"
             )
     return length
 
@@ -496,6 +515,7 @@ def _static_options(dtype: str, device: str, max_length: int | None, validate: b
                     steps: int, progress: Progress | None):
     """Check the options; return ``precheck`` and ``prepare`` for :mod:`.output`."""
     check_options(dtype, device)
+    check_max_length(max_length)
     provider = execution_provider(dtype, device)
     if validate and device == "cuda":
         check_cuda_validation(dtype)

@@ -148,16 +148,21 @@ def store_int8(folder: str | os.PathLike) -> dict:
     return {"matrices": len(stored), "bytes_before": before, "bytes_after": after}
 
 
-def snapped_copy(source: str | os.PathLike, dest: Path) -> Path:
-    """A Hugging Face folder at ``dest``: ``source`` (a folder or hub id) in fp32 with its
-    weights snapped to the int8 grid, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_int8_source(source: str | os.PathLike) -> None:
+    """Refuse a source int8 storage cannot read: a GGUF file."""
     if str(source).lower().endswith(".gguf"):
         raise ValueError(
             f"{source}: --dtype int8 reads Hugging Face folders; export the GGUF with --dtype "
             "fp32, or convert it to a folder first (transformers' from_pretrained(..., "
             "gguf_file=...) and save_pretrained)")
+
+
+def snapped_copy(source: str | os.PathLike, dest: Path) -> Path:
+    """A Hugging Face folder at ``dest``: ``source`` (a folder or hub id) in fp32 with its
+    weights snapped to the int8 grid, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_int8_source(source)
     model = AutoModelForCausalLM.from_pretrained(source).float()
     snap_to_int8(model)
     model.save_pretrained(dest, safe_serialization=True)
