@@ -626,3 +626,19 @@ def test_export_refuses_validation_steps_that_are_not_a_count(steps, tmp_path):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             call()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content", ["[]", '{"model": {"vocab": {"a": 0}}, "added_tokens": '
+                                     '[{"content": "b"}]}', "{not json"])
+def test_a_malformed_tokenizer_json_is_named_not_a_traceback(hf_pair_dirs, tmp_path, content,
+                                                              monkeypatch):
+    """A tokenizer.json that is not what tokenizers writes: an UnsupportedModelError naming
+    the file and the fix (it was an AttributeError, a KeyError or a bare JSON message)."""
+    draft = tmp_path / "draft"
+    shutil.copytree(hf_pair_dirs["draft"], draft)
+    (draft / "tokenizer.json").write_text(content)
+    _no_export(monkeypatch)
+    with pytest.raises(UnsupportedModelError, match="tokenizer.json is not a tokenizers JSON "
+                                                    "file.*save_pretrained"):
+        export_pair(hf_pair_dirs["target"], draft, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -508,3 +508,13 @@ def test_export_cli_kv_cache_errors(hf_pair_dirs, tmp_path, capsys):
     rc, _, err = _cli(capsys, *base, "--kv-cache", "static", "--max-length", 2)
     assert rc == 1 and "a whole number of at least 8 tokens" in err  # failed in validation
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_gamma_the_static_cache_cannot_hold_is_refused_naming_gamma(static_llama_pair):
+    """gamma + 1 target tokens and a draft chain of gamma + 1 steps after one cached token:
+    at most cache - 2. gamma = cache - 1 passed the check and failed on the draft's
+    chain_length, a parameter the user never set."""
+    from quickdraft.ort_backend import load_pair
+
+    with pytest.raises(ValueError, match=f"use --gamma <= {EXPORT_CACHE - 2}"):
+        load_pair(static_llama_pair, device="cpu", max_gamma=EXPORT_CACHE - 1)

@@ -246,22 +246,35 @@ def logits_width(config) -> int:
     return int(config.vocab_size)
 
 
+def _tokenizer_json_vocab(data) -> dict[str, int] | None:
+    """token -> id of a parsed tokenizer.json (None: a model without a vocabulary table);
+    malformed data raises ValueError, TypeError, KeyError, IndexError or AttributeError."""
+    if not isinstance(data, dict):
+        raise ValueError("the file holds no JSON object")
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        mapping = dict(vocab)
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        mapping = {entry[0]: i for i, entry in enumerate(vocab)}
+    else:
+        return None
+    for tok in data.get("added_tokens") or []:
+        mapping[tok["content"]] = tok["id"]
+    return mapping
+
+
 def _tokenizer_vocab(folder: Path, source: str) -> dict[str, int]:
     """token -> id over the whole tokenizer (base vocabulary and added tokens)."""
     tj = folder / "tokenizer.json"
     if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
-        model = data.get("model") or {}
-        vocab = model.get("vocab")
-        if isinstance(vocab, dict):
-            mapping = dict(vocab)
-        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-            mapping = {entry[0]: i for i, entry in enumerate(vocab)}
-        else:
-            mapping = None
+        try:
+            mapping = _tokenizer_json_vocab(json.loads(tj.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise UnsupportedModelError(
+                f"{source}: {tj} is not a tokenizers JSON file quickdraft can read "
+                f"({type(e).__name__}: {e}); save the tokenizer again with "
+                "tokenizer.save_pretrained") from None
         if mapping is not None:
-            for tok in data.get("added_tokens") or []:
-                mapping[tok["content"]] = tok["id"]
             return mapping
     from transformers import AutoTokenizer
 

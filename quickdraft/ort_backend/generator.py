@@ -534,11 +534,13 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
             "pair (make one with `quickdraft export --target ... --draft ... --out ...`)"
         )
     manifest = load_manifest(root / "target")
-    if draft and manifest.kv_cache == "static" and max_gamma + 1 > manifest.max_cache_length:
+    if draft and manifest.kv_cache == "static" and max_gamma + 2 > manifest.max_cache_length:
+        # target steps of gamma + 1 tokens, draft chains of gamma + 1 steps past a token
         raise ValueError(
-            f"--gamma {max_gamma} needs target steps of {max_gamma + 1} tokens, more than "
-            f"this export's static cache of {manifest.max_cache_length}; use --gamma <= "
-            f"{manifest.max_cache_length - 1}")
+            f"--gamma {max_gamma} needs target steps and draft chains of {max_gamma + 1} "
+            f"tokens after at least one cached token, more than this export's static cache "
+            f"of {manifest.max_cache_length} holds; use --gamma <= "
+            f"{manifest.max_cache_length - 2}")
     target_steps = range(1, max_gamma + 2) if draft else (1,)
     draft_options = session_options(threads=draft_threads)  # checks draft_threads
 
