@@ -99,6 +99,6 @@ def test_the_api_refuses_what_is_not_a_prompt():
 
 
 def test_gamma_beyond_a_static_cache_names_gamma(static_llama_pair):
-    with pytest.raises(ValueError, match=r"--gamma 1000 needs target steps of 1001 tokens.*"
-                                         r"--gamma <= 199"):
+    with pytest.raises(ValueError, match=r"--gamma 1000 needs target steps and draft chains "
+                                         r"of 1001 tokens.*--gamma <= 198"):
         load_pair(static_llama_pair, device="cpu", max_gamma=1000)

@@ -642,3 +642,18 @@ def test_a_malformed_tokenizer_json_is_named_not_a_traceback(hf_pair_dirs, tmp_p
                                                     "file.*save_pretrained"):
         export_pair(hf_pair_dirs["target"], draft, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_model_type_is_refused_not_guessed(hf_pair_dirs, tmp_path,
+                                                           monkeypatch):
+    """transformers guesses a missing model_type from the folder's name ("cfg_empty" reads
+    as MPT); quickdraft refuses the config, naming the field, and invalid JSON too."""
+    _no_export(monkeypatch)
+    target, out = hf_pair_dirs["target"], tmp_path / "out"
+    for name, text in (("cfg_empty", "{}"), ("my-gpt2-copy", "[]"), ("broken", "{oops")):
+        folder = tmp_path / name
+        shutil.copytree(hf_pair_dirs["draft"], folder)
+        (folder / "config.json").write_text(text)
+        with pytest.raises(UnsupportedModelError, match="model_type|not valid JSON"):
+            export_pair(target, folder, out)
+    assert not out.exists()

@@ -146,6 +146,17 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, bool]:
 def _load_config(folder: Path, source: str):
     from transformers import AutoConfig
 
+    path = folder / "config.json"
+    if path.is_file():  # a hub cache or a folder: read before transformers guesses
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UnsupportedModelError(f"{source}: {path} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            # transformers would guess the architecture from the folder's name
+            raise UnsupportedModelError(
+                f"{source}: {path} names no model_type (e.g. \"llama\"); save the model "
+                "again with save_pretrained, or add the field")
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except ValueError as e:
