@@ -77,6 +77,17 @@ Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Int = Annotated[int, Field(strict=True)]
 
 
+def _refuse(*fields: str, unless: tuple = (None,), falsy: bool = False, why: str):
+    """A validator of ``fields`` that refuses every value but ``unless`` (``falsy``: every
+    value but a falsy one) with ``why``: the fields quickdraft does not compute."""
+    def check(cls, v):
+        if (bool(v) if falsy else v not in unless):
+            raise ValueError(why)
+        return v
+
+    return field_validator(*fields)(classmethod(check))
+
+
 def _utf8(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
@@ -107,18 +118,14 @@ class _Request(BaseModel):
     frequency_penalty: Float | None = None
     logit_bias: dict | None = None
     logprobs: Any = None
+    top_logprobs: Any = None
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         return _utf8(v, "model")
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        if v not in (None, 1):
-            raise ValueError("only n = 1 is supported (one choice per request)")
-        return v
+    _n = _refuse("n", unless=(None, 1), why="only n = 1 is supported (one choice per request)")
 
     @field_validator("stop")
     @classmethod
@@ -134,27 +141,12 @@ class _Request(BaseModel):
             _utf8(s, "stop")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v):
-        if v not in (None, 0):
-            raise ValueError("penalties are not supported (they would change the target's "
-                             "distribution); leave them at 0")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return v
+    _penalty = _refuse("presence_penalty", "frequency_penalty", unless=(None, 0),
+                       why="penalties are not supported (they would change the target's "
+                           "distribution); leave them at 0")
+    _bias = _refuse("logit_bias", falsy=True, why="logit_bias is not supported")
+    _logprobs = _refuse("logprobs", "top_logprobs", unless=(None, False, 0),
+                        why="logprobs are not supported")
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -168,26 +160,9 @@ class CompletionRequest(_Request):
     best_of: Annotated[int, Field(strict=True)] | None = None
     suffix: str | None = None
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        if v not in (None, 1):
-            raise ValueError("only best_of = 1 is supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
-        return v
+    _echo = _refuse("echo", falsy=True, why="echo is not supported")
+    _best_of = _refuse("best_of", unless=(None, 1), why="only best_of = 1 is supported")
+    _suffix = _refuse("suffix", falsy=True, why="suffix (insertion) is not supported")
 
 
 class TextPart(BaseModel):
@@ -223,34 +198,17 @@ class ChatRequest(_Request):
     functions: list | None = None
     function_call: Any = None
     response_format: dict | None = None
-    top_logprobs: Any = None
 
-    @field_validator("tools", "functions")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tool and function calls are not supported")
-        return v
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _tool_choice(cls, v):
-        if v not in (None, "none"):
-            raise ValueError("tool and function calls are not supported")
-        return v
+    _tools = _refuse("tools", "functions", falsy=True,
+                     why="tool and function calls are not supported")
+    _tool_choice = _refuse("tool_choice", "function_call", unless=(None, "none"),
+                           why="tool and function calls are not supported")
 
     @field_validator("response_format")
     @classmethod
     def _format(cls, v):
         if v is not None and v.get("type", "text") != "text":
             raise ValueError("only the text response format is supported")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v):
-        if v not in (None, 0):
-            raise ValueError("logprobs are not supported")
         return v
 
     @model_validator(mode="after")
