@@ -366,3 +366,18 @@ def test_gguf_static_cache_export(tiny_gguf, tmp_path):
     assert min(m.validation["greedy_equal_steps"]) == 8
     assert (tmp_path / "pair" / "target" / "gguf.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pair"]
+
+
+def test_a_vocabulary_mismatch_names_the_gguf_file_not_its_conversion(tiny_gguf, tmp_path):
+    """The pair check runs on the GGUF's converted folder, which is gone once the export
+    fails: the error names the GGUF file as given."""
+    from quickdraft.export import VocabularyMismatchError
+    from quickdraft.export.toy import make_random_model
+
+    draft = tmp_path / "draft997"
+    make_random_model("llama", draft, vocab_size=997, role="draft")
+    with pytest.raises(VocabularyMismatchError) as e:
+        export_pair(tiny_gguf[0], draft, tmp_path / "out", steps=2)
+    assert str(tiny_gguf[0]) in str(e.value) and "997" in str(e.value)
+    assert ".partial" not in str(e.value) and "gguf-0" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft997"]

@@ -337,6 +337,15 @@ def _local_sources(sources: Sequence[str | os.PathLike], out: Path, progress: Pr
         yield result
 
 
+def _as_given(error: ExportError, converted: Mapping[int, gguf.GGUFSource]) -> ExportError:
+    """``error`` with each converted folder it names replaced by the GGUF file given (the
+    folder is temporary: gone when the user reads the message); itself if it names none."""
+    message = str(error)
+    for g in converted.values():
+        message = message.replace(str(g.folder), g.source)
+    return error if message == str(error) else type(error)(message)
+
+
 def _mark_gguf(infos: Sequence[SourceInfo], converted: Mapping[int, gguf.GGUFSource]) -> None:
     """Name the GGUF file (not its converted folder) as the source of the converted ones."""
     for i, info in enumerate(infos):
@@ -360,14 +369,20 @@ def run_pair(target: str | os.PathLike, draft: str | os.PathLike, out: str | os.
                                                                                 converted):
         if precheck is not None:
             precheck(local)
-        if draft_draft is None:
-            emit(progress, "checking the pair")
-            with quiet():
-                infos = dict(zip(("target", "draft"), checks.check_pair(*local)))
-        else:
-            emit(progress, "checking the pair and the draft's draft")
-            with quiet():
-                infos = dict(zip(PAIR_ROLES, checks.check_three(*local)))
+        try:
+            if draft_draft is None:
+                emit(progress, "checking the pair")
+                with quiet():
+                    infos = dict(zip(("target", "draft"), checks.check_pair(*local)))
+            else:
+                emit(progress, "checking the pair and the draft's draft")
+                with quiet():
+                    infos = dict(zip(PAIR_ROLES, checks.check_three(*local)))
+        except ExportError as e:
+            named = _as_given(e, converted)
+            if named is e:
+                raise
+            raise named from None
         _mark_gguf(list(infos.values()), converted)
         export_into = prepare(list(infos.values()))
         return write_pair(infos, out_path, export_into, progress, start)
