@@ -144,7 +144,7 @@ def adjust_logits(logits: np.ndarray, config: SamplingConfig = SamplingConfig())
     if 0 < config.top_k < vocab:
         keep = np.stack([_top_k_row(row, config.top_k) for row in z.reshape(-1, vocab)])
         z = np.where(keep.reshape(z.shape), z, -np.inf)  # keeps the max (rank 0)
-    probs = _softmax_(z, 0.0)  # [..., V] the max already subtracted
+    probs = _softmax_(z)  # [..., V]
     if config.top_p < 1.0:
         keep = np.stack([_top_p_row(row, config.top_p) for row in probs.reshape(-1, vocab)])
         probs = np.where(keep.reshape(probs.shape), probs, 0.0)
@@ -206,10 +206,9 @@ def sample_token(probs: np.ndarray, u: float) -> int:
     return inverse_cdf_row(np.asarray(probs, dtype=np.float64), u)
 
 
-def _softmax_(z: np.ndarray, m) -> np.ndarray:
-    """softmax of z [..., V] with row maxima m [..., 1] (or 0 when already subtracted),
-    computed in z's memory; the sum is at least 1 (the max's term)."""
-    z -= m
+def _softmax_(z: np.ndarray) -> np.ndarray:
+    """softmax of z [..., V] whose row maxima are 0 (subtracted already), computed in z's
+    memory; each row's sum is at least 1 (the max's term)."""
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
     return z

@@ -453,8 +453,8 @@ def check_max_length(max_length) -> None:
 
 def cache_length(infos: Sequence[SourceInfo], max_length: int | None) -> int:
     """The static cache length of ``infos``: ``max_length``, which must fit every model's
-    context (the rotary tables end there), or by default the smallest context."""
-    check_max_length(max_length)
+    context (the rotary tables end there), or by default the smallest context
+    (``max_length`` itself was checked with the options: :func:`check_max_length`)."""
     contexts = [context_length(info.config) for info in infos]
     length = min(contexts) if max_length is None else int(max_length)
     for info, context in zip(infos, contexts):

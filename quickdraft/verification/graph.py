@@ -92,7 +92,7 @@ def _adjust(b: _Builder, z: str, sampling: SamplingConfig) -> str:
         keep = b.op("ScatterElements", [b.fill_like(z, 0.0), order, b.fill_like(order, 1.0)],
                     axis=-1)  # [R, V] 1 where rank < k
         z = b.op("Where", [b.op("Greater", [keep, b.const(0.5)]), z, b.const(-np.inf)])
-    probs = b.op("Softmax", [z], axis=-1)  # [R, V]   _softmax_(z, m)
+    probs = b.op("Softmax", [z], axis=-1)  # [R, V]   _softmax_(z)
     if sampling.top_p < 1.0:
         sorted_p, order = b.op("TopK", [probs, b.ints(vocab)], n_out=2, axis=-1, largest=1,
                                sorted=1)  # [R, V]
