@@ -61,7 +61,8 @@ def chain_model(d: int, n: int, t: int):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, d]),
          helper.make_tensor_value_info("mask_sum", TensorProto.INT64, [])],
         initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=9)  # readable by onnxruntime 1.31 (IR <= 13)
 
 
 def _median_us(times: list[float]) -> float:

@@ -471,13 +471,13 @@ class _CacheSlot:
                 "tokens; export with a larger --max-length or load with a larger cache_length"
             )
         self.check_lane_room(total)
-        mask = self.mask_host
+        self.end = total
+        step = self.steps.get(k)
+        mask = self.mask_host if step is None else step.mask()  # [1, T]
         mask[0, :total] = 1
         mask[0, total:] = 0
-        self.end = total
-        if self.on_device:  # on the CPU the bound buffer is the host array itself
-            self.mask.update_inplace(mask)  # bound by every binding of this slot
-        step = self.steps.get(k)
+        if mask is self.mask_host and self.on_device:  # on the CPU: the bound array itself
+            self.mask.update_inplace(mask)  # the slot's: generic and chained steps read it
         if step is not None:
             self.calls["captured_steps"] += 1
             return step.run(tokens, launch=launch)
@@ -519,7 +519,6 @@ class _Lanes:
 
     def __init__(self, model: StaticOrtModel, count: int):
         import onnx
-        import onnxruntime as ort
 
         from quickdraft.ort_backend.device import create_session, session_options
         from quickdraft.ort_backend.lanes_graph import lanes_graph
@@ -532,7 +531,6 @@ class _Lanes:
         if self.scratch >= model.cache_length:
             raise ValueError(f"lanes need a cache longer than the longest step "
                              f"({self.scratch}): load with a larger cache_length")
-        kind, dev = model.device.kind, model.device.device_id
         # captured by take(), on the thread that uses them
         self.slots = [model._new_slot(lane=b, capture=False) for b in range(count)]
         self.thread: threading.Thread | None = None  # the thread the lanes belong to
@@ -550,11 +548,7 @@ class _Lanes:
         self.session = create_session(proto.SerializeToString(), model.device, options,
                                       model._cuda_options,
                                       name=f"{model.folder} in {count} lanes")
-        T = model.cache_length
-        self.mask_host = np.ones((count, T), dtype=np.int64)  # [lanes, T]
-        self._positions = np.arange(T)  # [T]
-        self.mask = ort.OrtValue.ortvalue_from_numpy(self.mask_host, kind, dev)
-        self.on_device = kind != "cpu"
+        self._positions = np.arange(model.cache_length)  # [T]
         self.steps = {k: _LaneStep(self, k, LANES_GRAPH_IDS + i)
                       for i, k in enumerate(model.graph_steps)}
         self.chain = (_LaneChain(self, chain, LANES_GRAPH_IDS + len(self.steps))
@@ -588,15 +582,14 @@ class _Lanes:
                              f"{longest}")
         step = self.steps[k]
         ends = _idle_starts(self.slots, k) + k  # [lanes] idle lanes' scratch
-        step.ids_host[:] = 0
+        ids = step.inputs["ids"]  # [lanes, k]
+        ids[:] = 0
         for slot, toks, past in entries:
             b = slot.lane
-            step.ids_host[b, : len(toks)] = toks
+            ids[b, : len(toks)] = toks
             ends[b] = slot.end = past + k
-        self.mask_host[:] = self._positions[None, :] < ends[:, None]  # [lanes, T]
-        if self.on_device:  # on the CPU the bound buffers are the host arrays
-            self.mask.update_inplace(self.mask_host)
-            step.ids.update_inplace(step.ids_host)
+        step.inputs["mask"][:] = self._positions[None, :] < ends[:, None]  # [lanes, T]
+        step.inputs.upload()
         step.run()
         out: list = [None] * len(entries)
         ids = step.greedy.numpy() if any(greedy) and step.greedy is not None else None
@@ -619,27 +612,31 @@ class _Lanes:
 
 
 class _LaneStep:
-    """One step length of the lanes session: input_ids [lanes, k], logits [lanes, k, V] and
-    greedy tokens [lanes, k] buffers, and a binding of every lane's caches."""
+    """One step length of the lanes session: input_ids [lanes, k] and mask [lanes, T] in one
+    upload block, logits [lanes, k, V] and greedy tokens [lanes, k] buffers, and a binding
+    of every lane's caches."""
 
     def __init__(self, lanes: _Lanes, k: int, graph_id: int):
         import onnxruntime as ort
 
         from quickdraft.ort_backend.lanes_graph import lane_name
+        from quickdraft.ort_backend.uploads import UploadBlock
 
         model = lanes.model
         kind, dev = model.device.kind, model.device.device_id
         self.lanes, self.k = lanes, k
-        self.ids_host = np.zeros((lanes.count, k), dtype=np.int64)  # [lanes, k]
-        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
+        n = lanes.count
+        self.inputs = UploadBlock({"ids": ((n, k), np.int64),  # [lanes, k]
+                                   "mask": ((n, model.cache_length), np.int64)},  # [lanes, T]
+                                  model.device)
         V = model.manifest.vocab_size
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
             (lanes.count, k, V), model.np_dtype, kind, dev)  # [lanes, k, V]
         self.greedy = ort.OrtValue.ortvalue_from_shape_and_type(
             (lanes.count, k), np.int64, kind, dev) if model.has_greedy else None
         b = self.binding = lanes.session.io_binding()
-        b.bind_ortvalue_input(_INPUT_IDS, self.ids)
-        b.bind_ortvalue_input(_MASK, lanes.mask)
+        self.inputs.bind(b, _INPUT_IDS, "ids")
+        self.inputs.bind(b, _MASK, "mask")
         for lane, slot in enumerate(lanes.slots):
             for past, present, value in zip(model.past_names, model.present_names, slot.cache):
                 b.bind_ortvalue_input(lane_name(past, lane), value)
@@ -677,45 +674,50 @@ def _idle_starts(slots: Sequence[_CacheSlot], k: int) -> np.ndarray:
 
 class _LaneChain:
     """``length`` 1-token steps of the lanes session that feed each other on the device:
-    step j reads every lane's id at row j of ids [length + 1, lanes] and writes the lanes'
-    argmax ids to row j + 1, with its own mask [lanes, T], binding and graph id; one logits
-    buffer serves them all. So the greedy chains of every lane run as one chain, launched at
-    once and read back in one copy. A lane idle in a chain writes scratch positions past
-    its last write (at most T - length: the model's ``max_length`` keeps them free)."""
+    step 0 reads every lane's first id from the upload block, step j > 0 reads row j - 1 of
+    ids [length, lanes], and step j writes the lanes' argmax ids to row j, with its own
+    mask [lanes, T], binding and graph id; one logits buffer serves them all. So the greedy
+    chains of every lane run as one chain, launched after one upload and read back in one
+    copy. A lane idle in a chain writes scratch positions past its last write (at most
+    T - length: the model's ``max_length`` keeps them free)."""
 
     def __init__(self, lanes: _Lanes, length: int, first_graph_id: int):
         import onnxruntime as ort
 
         from quickdraft.ort_backend.lanes_graph import lane_name
+        from quickdraft.ort_backend.uploads import UploadBlock
 
         model = lanes.model
         kind, dev = model.device.kind, model.device.device_id
         n, T, V = lanes.count, model.cache_length, model.manifest.vocab_size
         self.lanes, self.length = lanes, length
-        self.ids_host = np.zeros((length + 1, n), dtype=np.int64)  # [length + 1, lanes]
-        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
-        self.masks_host = np.zeros((length, n, T), dtype=np.int64)  # [length, lanes, T]
-        self.masks = ort.OrtValue.ortvalue_from_numpy(self.masks_host, kind, dev)
+        self.inputs = UploadBlock({"tokens": ((n, 1), np.int64),  # [lanes, 1]
+                                   "masks": ((length, n, T), np.int64)},  # [length, lanes, T]
+                                  model.device)
+        self.ids = ort.OrtValue.ortvalue_from_shape_and_type(
+            (length, n), np.int64, kind, dev)  # [length, lanes] the ids the steps write
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
             (n, 1, V), model.np_dtype, kind, dev)  # [lanes, 1, V]
-        self.on_device = kind != "cpu"
-        ids_at, masks_at, item = self.ids.data_ptr(), self.masks.data_ptr(), 8  # int64
+        ids_at, item = self.ids.data_ptr(), 8  # int64
         self.bindings, self.options = [], []
         for j in range(length):
             b = lanes.session.io_binding()
-            b.bind_input(_INPUT_IDS, kind, dev, np.int64, [n, 1], ids_at + j * n * item)
-            b.bind_input(_MASK, kind, dev, np.int64, [n, T], masks_at + j * n * T * item)
+            if j == 0:
+                self.inputs.bind(b, _INPUT_IDS, "tokens")
+            else:
+                b.bind_input(_INPUT_IDS, kind, dev, np.int64, [n, 1],
+                             ids_at + (j - 1) * n * item)
+            self.inputs.bind(b, _MASK, "masks", (n, T), index=j * n * T)
             for lane, slot in enumerate(lanes.slots):
                 for past, present, value in zip(model.past_names, model.present_names,
                                                 slot.cache):
                     b.bind_ortvalue_input(lane_name(past, lane), value)
                     b.bind_ortvalue_output(lane_name(present, lane), value)
             b.bind_ortvalue_output(_LOGITS, self.logits)
-            b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [n, 1],
-                          ids_at + (j + 1) * n * item)
+            b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [n, 1], ids_at + j * n * item)
             self.bindings.append(b)
             self.options.append(_run_options(first_graph_id + j if model.cuda_graph else None,
-                                             no_sync=self.on_device))
+                                             no_sync=kind != "cpu"))
         self._positions = np.arange(T)  # [T]
 
     def capture(self) -> None:
@@ -727,21 +729,20 @@ class _LaneChain:
         """``length`` steps; ``entries``: (slot, first token, past length) of the lanes in
         the chain. -> the ids [length, lanes] each step wrote (idle lanes' are scratch)."""
         base = _idle_starts(self.lanes.slots, length)  # [lanes]
-        self.ids_host[0] = 0
+        tokens = self.inputs["tokens"]  # [lanes, 1]
+        tokens[:] = 0
         for slot, token, past in entries:
             base[slot.lane] = past
-            self.ids_host[0, slot.lane] = token
+            tokens[slot.lane, 0] = token
         ends = base[None, :] + 1 + np.arange(length)[:, None]  # [length, lanes] valid lengths
-        self.masks_host[:length] = self._positions[None, None, :] < ends[:, :, None]
-        if self.on_device:  # on the CPU the bound buffers are the host arrays
-            self.masks.update_inplace(self.masks_host)
-            self.ids.update_inplace(self.ids_host)
+        self.inputs["masks"][:length] = self._positions[None, None, :] < ends[:, :, None]
+        self.inputs.upload()
         for b, options in zip(self.bindings[:length], self.options[:length]):
             self.lanes.session.run_with_iobinding(b, options)
         self.bindings[length - 1].synchronize_outputs()
         for slot, _, past in entries:
             slot.end = past + length
-        return np.array(self.ids.numpy()[1 : length + 1])  # [length, lanes]
+        return np.array(self.ids.numpy()[:length])  # [length, lanes]
 
 
 class _StepBinding:
@@ -751,28 +752,42 @@ class _StepBinding:
     A 1-token step of a graph with ``greedy_tokens`` writes that output over its own
     ``input_ids`` buffer (the id is read by the embedding before the argmax is written), so
     in a greedy chain (draft tokens, autoregressive decoding) the next call's input is
-    already on the device: its upload is skipped when the host knows the buffer holds it.
+    already on the device: its upload is skipped when the host knows the buffer holds it,
+    and the call uploads only the slot's mask. Any other step has its ids and a mask of its
+    own in one upload block (``inputs``): one copy per call.
     """
 
     def __init__(self, slot: _CacheSlot, length: int, graph_id: int):
         import onnxruntime as ort
+
+        from quickdraft.ort_backend.uploads import UploadBlock
 
         model = slot.model
         kind, dev = model.device.kind, model.device.device_id
         self.slot = slot
         self.length = length
         self.graph_id = graph_id
-        self.ids_host = np.zeros((1, length), dtype=np.int64)  # [1, length]
-        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
         shape = (1, length, model.manifest.vocab_size)  # [1, length, V]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.np_dtype, kind, dev)
         self.session = model.session
         self.binding = model.session.io_binding()
-        self.binding.bind_ortvalue_input(_INPUT_IDS, self.ids)
-        slot.bind_common(self.binding)
+        self.chained = model.has_greedy and length == 1  # greedy output over input_ids
+        # chained: the ids buffer [1, 1] and the slot's mask; else one block of both
+        self.inputs: UploadBlock | None = None
+        if self.chained:
+            self.ids_host = np.zeros((1, length), dtype=np.int64)  # [1, length]
+            self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
+            self.binding.bind_ortvalue_input(_INPUT_IDS, self.ids)
+            self.binding.bind_ortvalue_input(_MASK, slot.mask)
+        else:
+            self.inputs = UploadBlock({"ids": ((1, length), np.int64),  # [1, length]
+                                       "mask": ((1, model.cache_length), np.int64)},  # [1, T]
+                                      model.device)
+            self.inputs.bind(self.binding, _INPUT_IDS, "ids")
+            self.inputs.bind(self.binding, _MASK, "mask")
+        slot.bind_caches(self.binding)
         self.binding.bind_ortvalue_output(_LOGITS, self.logits)
         self.greedy = None  # the greedy_tokens buffer [1, length] int64
-        self.chained = model.has_greedy and length == 1  # greedy output over input_ids
         if model.has_greedy:
             self.greedy = self.ids if self.chained else ort.OrtValue.ortvalue_from_shape_and_type(
                 (1, length), np.int64, kind, dev)
@@ -781,10 +796,19 @@ class _StepBinding:
         self.options = _run_options(graph)
         self.launch_options = _run_options(graph, no_sync=slot.on_device)
         self.runs = 0
-        self._on_device: list[int] | None = None  # the ids in the device buffer, if known
+        self._on_device: list[int] | None = None  # a chained step's device id, if known
+
+    def mask(self) -> np.ndarray:
+        """The host mask [1, T] this step reads: its own, or the slot's (a chained step)."""
+        return self.slot.mask_host if self.inputs is None else self.inputs["mask"]
 
     def run(self, tokens: list[int], *, launch: bool = False):
-        if not self.slot.on_device:  # on the CPU the bound buffer is ids_host itself
+        """Run on ``tokens`` with the mask already written to :meth:`mask` (uploaded for a
+        chained step, which reads the slot's)."""
+        if self.inputs is not None:
+            self.inputs["ids"][0, :] = tokens
+            self.inputs.upload()  # the ids and the mask, same device addresses
+        elif not self.slot.on_device:  # on the CPU the bound buffer is ids_host itself
             self.ids_host[0, :] = tokens
         elif tokens == self._on_device:  # a greedy chain: the last argmax is the input
             self.slot.calls["uploads_skipped"] += 1
@@ -794,8 +818,7 @@ class _StepBinding:
         self.session.run_with_iobinding(self.binding,
                                         self.launch_options if launch else self.options)
         self.runs += 1
-        # a chained step overwrote its input with the argmax, unknown until read
-        self._on_device = None if self.chained else tokens
+        self._on_device = None  # a chained step overwrote its input with the argmax
         return self.logits
 
     def synchronize(self) -> None:
@@ -817,10 +840,12 @@ class _StepBinding:
 class _Chain:
     """``length`` 1-token steps that feed each other on the device.
 
-    Step j reads its id at ``ids[j]`` and writes the next one to ``ids[j + 1]``, with its
-    own mask row, binding and graph id; one logits buffer serves them all (they run one
-    after the other on one stream). So a chain of up to ``length`` draft tokens is enqueued
-    at once, with no host round trip between its steps, and read back in one copy.
+    Step 0 reads the first id from the chain's upload block, step j > 0 reads ``ids[j - 1]``
+    and step j writes the next id to ``ids[j]``, with its own mask row, binding and graph
+    id; one logits buffer serves them all (they run one after the other on one stream).
+    So a chain of up to ``length`` draft tokens is enqueued at once after one upload (the
+    first id, every step's mask and a sampled chain's uniforms), with no host round trip
+    between its steps, and read back in one copy.
 
     Greedy (``sampled`` None): the next id is the graph's argmax. Sampled: ``session`` is
     the model with its draw appended (:func:`~quickdraft.verification.append_sample_graph`),
@@ -831,6 +856,7 @@ class _Chain:
                  session=None, compute: str | None = None):
         import onnxruntime as ort
 
+        from quickdraft.ort_backend.uploads import UploadBlock
         from quickdraft.verification.graph import SAMPLE_UNIFORM, SAMPLED_PROBS, SAMPLED_TOKEN
 
         model = slot.model
@@ -839,38 +865,39 @@ class _Chain:
         self.slot = slot
         self.length = length
         self.sampled = compute is not None
-        self.ids_host = np.zeros((1, length + 1), dtype=np.int64)  # [1, length + 1]
-        self.ids = ort.OrtValue.ortvalue_from_numpy(self.ids_host, kind, dev)
-        self.masks_host = np.zeros((length, T), dtype=np.int64)  # [length, T]
-        self.masks = ort.OrtValue.ortvalue_from_numpy(self.masks_host, kind, dev)
+        fields = {"token": ((1, 1), np.int64), "masks": ((length, T), np.int64)}
+        if self.sampled:
+            dtype = np.dtype(compute)
+            fields["uniforms"] = ((length,), dtype)
+        self.inputs = UploadBlock(fields, model.device)
+        self.ids = ort.OrtValue.ortvalue_from_shape_and_type(
+            (1, length), np.int64, kind, dev)  # [1, length] the ids the steps write
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
             (1, 1, V), model.np_dtype, kind, dev)  # [1, 1, V]
         self.session = session if session is not None else model.session
         if self.sampled:
-            dtype = np.dtype(compute)
-            self.uniforms_host = np.zeros(length, dtype=dtype)  # [length]
-            self.uniforms = ort.OrtValue.ortvalue_from_numpy(self.uniforms_host, kind, dev)
             self.rows = ort.OrtValue.ortvalue_from_shape_and_type(
                 (length, V), dtype.type, kind, dev)  # [length, V] q rows
             self.argmax = ort.OrtValue.ortvalue_from_shape_and_type(
                 (1, 1), np.int64, kind, dev)  # [1, 1] the graph's greedy output, unread
         self.bindings, self.options = [], []
-        ids_at, masks_at, item = self.ids.data_ptr(), self.masks.data_ptr(), 8  # int64
+        ids_at, item = self.ids.data_ptr(), 8  # int64
         for j in range(length):
             b = self.session.io_binding()
-            b.bind_input(_INPUT_IDS, kind, dev, np.int64, [1, 1], ids_at + j * item)
-            b.bind_input(_MASK, kind, dev, np.int64, [1, T], masks_at + j * T * item)
+            if j == 0:
+                self.inputs.bind(b, _INPUT_IDS, "token")
+            else:
+                b.bind_input(_INPUT_IDS, kind, dev, np.int64, [1, 1], ids_at + (j - 1) * item)
+            self.inputs.bind(b, _MASK, "masks", (1, T), index=j * T)
             slot.bind_caches(b)
             b.bind_ortvalue_output(_LOGITS, self.logits)
-            next_id = ids_at + (j + 1) * item
+            next_id = ids_at + j * item
             if self.sampled:
-                size = dtype.itemsize
-                b.bind_input(SAMPLE_UNIFORM, kind, dev, dtype.type, [1],
-                             self.uniforms.data_ptr() + j * size)
+                self.inputs.bind(b, SAMPLE_UNIFORM, "uniforms", (1,), index=j)
                 b.bind_ortvalue_output(GREEDY_OUTPUT, self.argmax)
                 b.bind_output(SAMPLED_TOKEN, kind, dev, np.int64, [1], next_id)
                 b.bind_output(SAMPLED_PROBS, kind, dev, dtype.type, [1, V],
-                              self.rows.data_ptr() + j * V * size)
+                              self.rows.data_ptr() + j * V * dtype.itemsize)
             else:
                 b.bind_output(GREEDY_OUTPUT, kind, dev, np.int64, [1, 1], next_id)
             self.bindings.append(b)
@@ -900,16 +927,13 @@ class _Chain:
             raise ValueError(
                 f"sequence of {past_length + length} tokens exceeds the static cache of "
                 f"{self.slot.model.cache_length} tokens; export with a larger --max-length")
+        inputs = self.inputs
         ends = past_length + 1 + np.arange(length)[:, None]  # [length, 1] valid lengths
-        self.masks_host[:length] = self._positions[None, :] < ends  # [length, T]
-        self.ids_host[0, 0] = token
+        inputs["masks"][:length] = self._positions[None, :] < ends  # [length, T]
+        inputs["token"][0, 0] = token
         if self.sampled:
-            self.uniforms_host[:length] = uniforms[:length]
-        if self.slot.on_device:  # on the CPU the bound buffers are the host arrays
-            self.masks.update_inplace(self.masks_host)
-            self.ids.update_inplace(self.ids_host)
-            if self.sampled:
-                self.uniforms.update_inplace(self.uniforms_host)
+            inputs["uniforms"][:length] = uniforms[:length]
+        inputs.upload()  # one copy: what every step reads
         for b, options in zip(self.bindings[:length], self.options[:length]):
             self.session.run_with_iobinding(b, options)
         self.slot.calls["captured_steps"] += length
@@ -918,7 +942,7 @@ class _Chain:
     def wait(self, length: int) -> np.ndarray:
         """The chain's ``length`` tokens [length] int64, once the device is done."""
         self.bindings[length - 1].synchronize_outputs()
-        return np.array(self.ids.numpy()[0, 1 : length + 1])  # [length]
+        return np.array(self.ids.numpy()[0, :length])  # [length]
 
 
 class Launched:

@@ -19,6 +19,7 @@ import numpy as np
 
 from quickdraft.generation import host_decide, host_verify
 from quickdraft.ort_backend.device import Device, create_session, helper_options
+from quickdraft.ort_backend.uploads import UploadBlock
 from quickdraft.protocols import (
     Candidates,
     DecodeState,
@@ -386,22 +387,25 @@ class DeviceVerifier(_CapturedHelper):
         self._q_rows = {"draft_probs": g - 1, "stand_in_probs": 1} if self.stand_in else \
             {"draft_probs": g}
         self._q_rows = {name: rows for name, rows in self._q_rows.items() if rows}
-        self._inputs = {  # host arrays of the inputs
-            **{name: np.zeros((rows, self.vocab), self.compute)  # [rows, V]
-               for name, rows in self._q_rows.items()},
-            "draft_tokens": np.zeros(g, np.int64),  # [gamma]
-            "accept_uniforms": np.zeros(g, self.compute),  # [gamma]
-            "sample_uniform": np.zeros(1, self.compute),  # [1]
-        }
+        # the small inputs in one upload block (one copy per call), bound once
+        self._small = UploadBlock({"draft_tokens": ((g,), np.int64),  # [gamma]
+                                   "accept_uniforms": ((g,), self.compute),  # [gamma]
+                                   "sample_uniform": ((1,), self.compute)},  # [1]
+                                  device)
+        for name in ("draft_tokens", "accept_uniforms", "sample_uniform"):
+            self._small.bind(self.binding, name, name)
+        # host arrays of the q inputs [rows, V]
+        self._inputs = {name: np.zeros((rows, self.vocab), self.compute)
+                        for name, rows in self._q_rows.items()}
         self._outputs = {
             "n": np.zeros(1, np.int64),  # [1]
             "next_token": np.zeros(1, np.int64),  # [1]
             "beta": np.zeros(g, self.compute),  # [gamma]
         }
-        # Inputs live on the graph's device, bound once: binding a host value to a CUDA
-        # session copies it at bind time, so later writes would not be seen. A call writes
-        # the host array and copies it into its device buffer (on the CPU the OrtValue is
-        # the host array's memory: nothing to copy).
+        # q inputs live on the graph's device too, bound once: binding a host value to a
+        # CUDA session copies it at bind time, so later writes would not be seen. A call
+        # writes the host array and copies it into its device buffer (on the CPU the
+        # OrtValue is the host array's memory: nothing to copy).
         self._on_device = device.kind != "cpu"
         self._in_values = {}
         for name, arr in self._inputs.items():
@@ -453,9 +457,11 @@ class DeviceVerifier(_CapturedHelper):
         in_place = {name for name in self._q_rows if self._bind_rows(name, given[name])}
         for name in self._q_rows.keys() - in_place:
             inputs[name][...] = np.reshape(np.asarray(given[name]), inputs[name].shape)
-        inputs["draft_tokens"][...] = np.reshape(draft_tokens, g)
-        inputs["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
-        inputs["sample_uniform"][0] = sample_uniform
+        small = self._small
+        small["draft_tokens"][...] = np.reshape(draft_tokens, g)
+        small["accept_uniforms"][...] = np.reshape(accept_uniforms, g)
+        small["sample_uniform"][0] = sample_uniform
+        small.upload()
         if self._on_device:
             for name, value in self._in_values.items():
                 if name not in in_place:
