@@ -34,6 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    AUTO_RATE,
     REPO,
     SCHEMA,
     dump_json,
@@ -111,14 +112,17 @@ def _names(s: str, allowed) -> list[str]:
     return out
 
 
-def parse_rates(s: str) -> list[float]:
-    """'0.3,0.5' -> [0.3, 0.5] (rates in [0, 1]); '' -> []."""
+def parse_rates(s: str) -> list[float | str]:
+    """'0.3,0.5,auto' -> [0.3, 0.5, 'auto'] (rates in [0, 1]; 'auto': the break-even rate
+    from the plain pipelined row's hidden share, quickdraft.theory.shadow_break_even);
+    '' -> []."""
+    words = [x.strip() for x in s.split(",") if x.strip()]
     try:
-        rates = [float(x) for x in s.split(",") if x.strip()]
+        rates = [x if x == AUTO_RATE else float(x) for x in words]
     except ValueError:
-        raise SystemExit(f"--shadow-keep-rates: {s!r} is not a comma list of numbers, e.g. "
-                         "0.3,0.5") from None
-    bad = [r for r in rates if not 0.0 <= r <= 1.0]
+        raise SystemExit(f"--shadow-keep-rates: {s!r} is not a comma list of numbers or "
+                         f"{AUTO_RATE!r}, e.g. 0.3,0.5,{AUTO_RATE}") from None
+    bad = [r for r in rates if r != AUTO_RATE and not 0.0 <= r <= 1.0]
     if bad:
         raise SystemExit(f"--shadow-keep-rates: {bad} outside [0, 1]")
     return rates
@@ -141,7 +145,9 @@ def add_measure_options(ap: argparse.ArgumentParser, *, samplings: str) -> None:
                     "drafting beside the verification), e.g. 4,8; '' for none")
     ap.add_argument("--shadow-keep-rates", default="",
                     help="pipelined rows again with a ShadowRule of each min_keep_rate "
-                    "(continuations only while the running keep rate reaches it), e.g. 0.3,0.5")
+                    "(continuations only while the running keep rate reaches it), e.g. "
+                    "0.3,0.5; 'auto': the break-even rate for the hidden share the plain "
+                    "pipelined row measured at the same gamma")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-repeats", type=int, default=1)

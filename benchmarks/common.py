@@ -22,6 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = 1
+# a --shadow-keep-rates entry: the break-even rate for the hidden share the plain pipelined
+# row measured at the same gamma (quickdraft.theory.shadow_break_even)
+AUTO_RATE = "auto"
 
 # The paper's Table 3 acceptance rates for its 97M target / 6M draft pair (LM1B).
 PAPER_ALPHA = {"T0": 0.88, "T1": 0.89}

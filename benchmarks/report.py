@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import PAPER_ALPHA, REPO  # noqa: E402
+from benchmarks.common import AUTO_RATE, PAPER_ALPHA, REPO  # noqa: E402
 
 DOCS_PAGE = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -468,7 +468,7 @@ def render(results: dict) -> str:
             for rule in r.get("pipelined_rules") or []:
                 ruled.append(["qd-fast", fmt(r.get("temperature"), ".2f"),
                               fmt(r.get("top_p"), ".2f"), fmt(rule.get("gamma"), "d"),
-                              fmt(rule.get("min_keep_rate"), ".2f"),
+                              _keep_rate(rule),
                               fmt((r.get("ar") or {}).get("tokens_per_s"), ".0f"),
                               fmt((r.get("spec") or {}).get("tokens_per_s"), ".0f"),
                               fmt((r.get("pipelined") or {}).get("tokens_per_s"), ".0f"),
@@ -486,7 +486,7 @@ def render(results: dict) -> str:
 
         piped = []
         for r in ((pair.get("systems") or {}).get("qd-fast") or {}).get("pipelined") or []:
-            piped.append([fmt(r.get("gamma"), "d"), fmt(r.get("min_keep_rate", 0.0), ".2f"),
+            piped.append([fmt(r.get("gamma"), "d"), _keep_rate(r),
                           fmt(r.get("tokens_per_s"), ".0f"),
                           fmt(r.get("sequential_tokens_per_s"), ".0f"),
                           fmt(r.get("speedup"), ".2f"), fmt(r.get("alpha"), ".3f"),
@@ -531,6 +531,12 @@ def _uncaptured(ar: dict, sp: dict) -> str:
     equal = "yes" if d.get("tokens_equal") and v.get("tokens_equal") else "NO"
     return (f"{fmt(d.get('tokens_per_s'), '.0f')} / {fmt(v.get('tokens_per_s'), '.0f')} "
             f"({equal})")
+
+
+def _keep_rate(row: dict) -> str:
+    """A pipelined row's min keep rate, marked where it was the break-even rate."""
+    text = fmt(row.get("min_keep_rate", 0.0), ".2f")
+    return f"{text} (break-even)" if row.get("rule") == AUTO_RATE else text
 
 
 def _rule_speedup(run: dict, rule: dict) -> float | None:

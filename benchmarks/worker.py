@@ -20,6 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    AUTO_RATE,
     GpuMemory,
     Record,
     Unavailable,
@@ -267,17 +268,27 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
         out["pipelined"] = _pipelined_row(runner, prompts, n, gamma, None, ar["tokens_per_s"],
                                           t_ms, d_ms, warmup, repeats, sp, seeded=True)
         out["pipelined_rules"] = [
-            _pipelined_row(_with_rule(runner, r), prompts, n, gamma, None, ar["tokens_per_s"],
-                           t_ms, d_ms, warmup, repeats, sp, seeded=True)
+            _pipelined_row(_with_rule(runner, r, gamma, out["pipelined"]), prompts, n, gamma,
+                           None, ar["tokens_per_s"], t_ms, d_ms, warmup, repeats, sp,
+                           seeded=True, rule=r)
             for r in rates]
     return out
 
 
-def _with_rule(runner, min_keep_rate: float):
-    """``runner`` pipelining with ShadowRule(min_keep_rate)."""
+def _with_rule(runner, rate, gamma: int, plain: dict | None):
+    """``runner`` pipelining with ShadowRule(min_keep_rate=rate); ``rate`` AUTO_RATE: the
+    break-even rate for the hidden share of ``plain``, the pipelined row without a rule
+    at ``gamma`` (None, or one without a hidden share: no rule row can be made)."""
     from quickdraft.pipelined import ShadowRule
 
-    return runner.variant(shadow_rule=ShadowRule(min_keep_rate=min_keep_rate))
+    if rate != AUTO_RATE:
+        return runner.variant(shadow_rule=ShadowRule(min_keep_rate=float(rate)))
+    hidden = (plain or {}).get("hidden_share")
+    if hidden is None:
+        raise Unavailable(f"--shadow-keep-rates {AUTO_RATE}: the plain pipelined row at gamma "
+                          f"{gamma} measured no hidden share")
+    rule = ShadowRule.for_hidden_share(gamma, min(1.0, max(0.0, hidden)))
+    return runner.variant(shadow_rule=rule)
 
 
 def _captures_helpers(runner) -> bool:
@@ -418,7 +429,8 @@ def task_qd(spec: dict, rec: Record) -> None:
             rec.set("sweep", sweep)
         _record_best_gamma(rec, sweep)
 
-    rates = [float(r) for r in spec.get("shadow_keep_rates") or []]  # pipelined rules
+    rates = [r if r == AUTO_RATE else float(r)  # pipelined rules
+             for r in spec.get("shadow_keep_rates") or []]
     samplings = [(t, p, int(g)) for t, p in spec.get("samplings") or []
                  for g in spec.get("sampling_gammas") or [gamma]]
     for temperature, top_p, g in samplings:
@@ -450,9 +462,13 @@ def task_qd(spec: dict, rec: Record) -> None:
         with rec.step(f"pipelined-{g}" + ("" if keep is None else f"-rule-{keep}")):
             sequential = [r for r in [rec.data.get("spec") or {}, *(rec.data.get("sweep") or [])]
                           if r.get("gamma") == g]
-            runner = pair.runner if keep is None else _with_rule(pair.runner, keep)
+            plain = next((r for r in rec.data.get("pipelined") or []
+                          if r.get("gamma") == g and r.get("rule") is None), None)
+            runner = pair.runner if keep is None else _with_rule(pair.runner, keep, int(g),
+                                                                 plain)
             row = _pipelined_row(runner, prompts, n, int(g), ref, ar_tps, t_ms, d_ms,
-                                 warmup, repeats, sequential[0] if sequential else None)
+                                 warmup, repeats, sequential[0] if sequential else None,
+                                 rule=keep)
             rec.set("pipelined", (rec.data.get("pipelined") or []) + [row])
             r = {k: _f(row.get(k)) for k in ("speedup", "sequential_tokens_per_s",
                                                "warm_share", "shadow_over_verify",
@@ -522,12 +538,14 @@ def greedy_check(target, prompts, toks, ref, ties: int = 2) -> dict:
 
 
 def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, warmup: int,
-                   repeats: int, sequential: dict | None, *, seeded: bool = False) -> dict:
+                   repeats: int, sequential: dict | None, *, seeded: bool = False,
+                   rule: float | str | None = None) -> dict:
     """Pipelined decoding at ``g`` with ``runner`` (an ``adapters.Runner``, greedy or
     sampled): rate, tokens equal to autoregressive decoding (``ref``, greedy; None: not
     compared), and where the iterations' time went against the calls measured alone
     (``t_ms`` / ``d_ms``: ms per target / draft call of k tokens, from the cost stage).
-    ``seeded``: prompt i runs with seed i, as the sampled rows beside it.
+    ``seeded``: prompt i runs with seed i, as the sampled rows beside it. ``rule``: the
+    ShadowRule's rate as asked for (None: no rule; AUTO_RATE: the break-even rate).
 
     ``effective_c``: (iteration ms - the verify call alone) / (g x one target step): the
     draft's time the verification did not hide (host work included), in Theorem 3.8's
@@ -545,7 +563,7 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
     total = lambda key: sum(float(s.get(key) or 0.0) for s in stats)  # noqa: E731
     iters = max(1.0, total("iterations"))
     row = {**rate(n * len(prompts), times), "gamma": g, "iterations": int(iters),
-           "min_keep_rate": runner.shadow_rule.min_keep_rate,
+           "min_keep_rate": runner.shadow_rule.min_keep_rate, "rule": rule,
            **greedy_check(runner.target, prompts, toks, ref),
            "warm_share": total("warm_iterations") / iters,
            "tokens_per_iteration": n * len(prompts) / iters,

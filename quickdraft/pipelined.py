@@ -36,7 +36,7 @@ from quickdraft.generation import (
 )
 from quickdraft.protocols import Candidates, DecodeState, Drafter, LanguageModel, advance
 from quickdraft.sampling import SamplingConfig, adjust_logits
-from quickdraft.theory import beta
+from quickdraft.theory import beta, shadow_break_even
 from quickdraft.verification import verify, verify_greedy
 
 __all__ = [
@@ -171,6 +171,13 @@ class ShadowRule:
             raise ValueError(f"memory must be in [0, 1), got {self.memory}")
         if not 0.0 <= self.start <= 1.0:
             raise ValueError(f"start must be in [0, 1], got {self.start}")
+
+    @classmethod
+    def for_hidden_share(cls, gamma: int, hidden: float, **fields) -> ShadowRule:
+        """The rule at the break-even keep rate for a continuation whose share ``hidden``
+        of draft time hides behind the verify call at ``gamma``
+        (:func:`quickdraft.theory.shadow_break_even`); ``fields``: ``memory``, ``start``."""
+        return cls(min_keep_rate=shadow_break_even(gamma, hidden), **fields)
 
     def shadow(self, rate: float) -> bool:
         """Draft a continuation at the running keep rate ``rate``?"""

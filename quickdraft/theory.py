@@ -18,6 +18,7 @@ __all__ = [
     "expected_tokens",
     "walltime_improvement",
     "pipelined_walltime_improvement",
+    "shadow_break_even",
     "best_gamma",
     "operations_factor",
     "improvement_lower_bound",
@@ -111,6 +112,24 @@ def pipelined_walltime_improvement(alpha: float, gamma: int, c: float, h: float)
     _check_cost("c", c)
     kept = alpha ** (gamma + 1)  # P(the next proposal is pre-drafted)
     return expected_tokens(alpha, gamma) / (gamma * c * (1.0 - h * kept) + 1.0)
+
+
+def shadow_break_even(gamma: int, h: float) -> float:
+    """The keep rate above which drafting a continuation in the target's shadow pays.
+
+    A continuation is gamma + 1 draft steps beside the verify call; the share 1 - h of
+    them not hidden lengthens the iteration by (1 - h)(gamma + 1) c target steps, whether
+    or not it is used. It is used, saving the next proposal's gamma c, only when the
+    iteration keeps every candidate, with probability P. It pays when
+    P gamma c > (1 - h)(gamma + 1) c: P > (1 - h)(gamma + 1) / gamma (capped at 1, at
+    which no continuation pays), whatever c. h is measured per pair and device
+    (``bench.py --pipelined``'s hidden share); :class:`quickdraft.pipelined.ShadowRule`
+    takes the result as its ``min_keep_rate``.
+    """
+    _check_gamma(gamma)
+    if not 0.0 <= h <= 1.0:
+        raise ValueError(f"h must be in [0, 1], got {h}")
+    return min(1.0, (1.0 - h) * (gamma + 1) / gamma)
 
 
 def best_gamma(alpha: float, c: float, max_gamma: int = 64) -> int:

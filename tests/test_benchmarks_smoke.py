@@ -938,7 +938,8 @@ def test_sampled_runs_are_parsed_and_reported():
     assert bench.parse_samplings("1.0:1.0,0.7:0.9") == [[1.0, 1.0], [0.7, 0.9]]
     assert bench.parse_samplings("0.8") == [[0.8, 1.0]] and bench.parse_samplings("none") == []
     assert bench.parse_rates("0.3, 0.5") == [0.3, 0.5] and bench.parse_rates("") == []
-    for bad in ("x", "1.5"):
+    assert bench.parse_rates("0.3,auto") == [0.3, "auto"]
+    for bad in ("x", "1.5", "automatic"):
         with pytest.raises(SystemExit, match="--shadow-keep-rates"):
             bench.parse_rates(bad)
     for bad in ("0:1", "0.7:1.5", "warm:0.9"):
@@ -973,10 +974,14 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     t_ms = adapters.step_costs(pair.target, prompts[0], [1, 2, 3], reps=2)
     d_ms = adapters.step_costs(pair.draft, prompts[0], [1], reps=2)
     row = worker._sampled_runs(pair, prompts, 10, 2, 0.8, 0.9, 0, 1, 0.1, (t_ms, d_ms),
-                               rates=(1.0,))
+                               rates=(1.0, "auto"))
     piped = row["pipelined"]
-    (ruled,) = row["pipelined_rules"]  # the same, continuations only until the first miss
+    # the same, continuations only until the first miss; then at the break-even rate
+    ruled, even = row["pipelined_rules"]
     assert piped["min_keep_rate"] == 0.0 and ruled["min_keep_rate"] == 1.0
+    assert piped["rule"] is None and ruled["rule"] == 1.0 and even["rule"] == "auto"
+    h = min(1.0, max(0.0, piped["hidden_share"]))
+    assert even["min_keep_rate"] == pytest.approx(min(1.0, (1 - h) * 3 / 2))
     assert ruled["shadow_draft_calls"] < piped["shadow_draft_calls"]
     assert piped["tokens_per_s"] > 0 and 0.0 <= piped["warm_share"] <= 1.0
     assert piped["greedy_equal"] is None and piped["sequential_tokens_per_s"] == \
@@ -994,8 +999,9 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     rule_rows = [[c.strip() for c in x.strip("|").split("|")] for x in
                  text.split("pipelined with a ShadowRule")[1].split("###")[0].splitlines()
                  if x.startswith("| qd-fast")]
-    (cells,) = rule_rows
+    cells, even_cells = rule_rows
     assert cells[:5] == ["qd-fast", "0.80", "0.90", "2", "1.00"]
+    assert even_cells[4] == f"{even['min_keep_rate']:.2f} (break-even)"
     assert cells[8] == f"{ruled['tokens_per_s']:.0f}"
     assert cells[9] == f"{ruled['tokens_per_s'] / row['ar']['tokens_per_s']:.2f}"
 

@@ -369,3 +369,109 @@ def test_static_export_refuses_the_head_size_up_front(fake, sources, tmp_path, c
     builder.check_head_sizes([sources["target"], sources["draft"]], "cpu")
     (sources["draft"] / "config.json").write_text(json.dumps(config))
     builder.check_head_sizes([sources["target"], sources["draft"]], "cuda")
+
+
+# -- sources checked before any heavy work ---------------------------------------------------
+
+
+def _folder(tmp_path, name: str, **config) -> Path:
+    folder = tmp_path / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**CONFIG, **config}))
+    return folder
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", "2"), ("vocab_size", 0),
+                                          ("hidden_size", True), ("n_embd", 1.5),
+                                          ("intermediate_size", -3)])
+def test_malformed_config_values_are_refused_naming_the_file_and_field(tmp_path, field,
+                                                                       value):
+    folder = _folder(tmp_path, "m", **{field: value})
+    with pytest.raises(checks.UnsupportedModelError) as err:
+        checks.check_model(folder)
+    assert str(folder / "config.json") in str(err.value) and f"sets {field} to" in str(err.value)
+    folder = _folder(tmp_path, "gqa", num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(checks.UnsupportedModelError, match="num_key_value_heads 3 does not"):
+        checks.check_model(folder)
+
+
+def _safetensors(path: Path) -> int:
+    """A valid two-tensor safetensors file at ``path``; its size in bytes."""
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.ones((4, 4), np.float32), "b": np.zeros(3, np.float32)}, str(path))
+    return path.stat().st_size
+
+
+def test_weight_files_that_cannot_be_read_whole_are_refused_naming_them(tmp_path):
+    folder = _folder(tmp_path, "w")
+    size = _safetensors(folder / "model.safetensors")
+    checks.check_weights(folder, "w")  # whole: nothing to say
+    whole = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(whole[: size - 10])  # a truncated copy
+    with pytest.raises(checks.UnsupportedModelError,
+                       match=r"model\.safetensors holds 76 bytes of tensors by its header, "
+                             r"but only 66 follow"):
+        checks.check_model(folder)
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(checks.UnsupportedModelError, match="not a safetensors table"):
+        checks.check_weights(folder, "w")
+    (folder / "model.safetensors").write_bytes(whole)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002.safetensors"}}))
+    with pytest.raises(checks.UnsupportedModelError,
+                       match="names shards the folder does not hold: model-00002.safetensors"):
+        checks.check_weights(folder, "w")
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(checks.UnsupportedModelError, match="neither a zip archive"):
+        checks.check_weights(folder, "w")
+
+
+def test_a_corrupt_draft_is_refused_before_the_target_is_exported(tmp_path, monkeypatch):
+    exported = []
+    monkeypatch.setattr(api, "_export_into", lambda info, folder, **kw: exported.append(info))
+    target, draft = _folder(tmp_path, "target"), _folder(tmp_path, "draft")
+    _safetensors(target / "model.safetensors")
+    size = _safetensors(draft / "model.safetensors")
+    with open(draft / "model.safetensors", "r+b") as fh:
+        fh.truncate(size - 1)
+    with pytest.raises(checks.UnsupportedModelError, match="draft: .*model.safetensors holds"):
+        export_pair(target, draft, tmp_path / "out")
+    assert exported == [] and not (tmp_path / "out").exists()
+
+
+def test_the_other_sources_are_checked_before_a_gguf_file_is_converted(tmp_path, monkeypatch):
+    from quickdraft.export import gguf
+
+    def convert(*args, **kwargs):
+        raise AssertionError("a GGUF file was converted before the draft was checked")
+
+    monkeypatch.setattr(gguf, "converted_sources", convert)
+    (tmp_path / "target.gguf").write_bytes(b"GGUF not converted here")
+    draft = _folder(tmp_path, "draft", num_hidden_layers="two")
+    with pytest.raises(checks.UnsupportedModelError, match="sets num_hidden_layers to 'two'"):
+        export_pair(tmp_path / "target.gguf", draft, tmp_path / "out")
+
+
+def test_a_failed_export_removes_the_new_parent_folders_it_made(fake, sources, tmp_path,
+                                                                monkeypatch):
+    def fail(info, folder, **kw):
+        raise ExportError(f"{info.source}: fails on purpose")
+
+    monkeypatch.setattr(api, "_export_into", fail)
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "deeper" / "out", tmp_path / "kept" / "new" / "out"):
+        with pytest.raises(ExportError, match="fails on purpose"):
+            export_pair(sources["target"], sources["draft"], out)
+        with pytest.raises(ExportError, match="fails on purpose"):
+            export_model(sources["draft"], out)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "kept" / "new").exists()
+    assert (tmp_path / "kept").is_dir()
+    (tmp_path / "kept" / "new").mkdir()
+    (tmp_path / "kept" / "new" / "other.txt").write_text("not the export's")
+    with pytest.raises(ExportError, match="fails on purpose"):
+        export_pair(sources["target"], sources["draft"], tmp_path / "kept" / "new" / "o" / "out")
+    assert (tmp_path / "kept" / "new" / "other.txt").is_file()
+    assert not (tmp_path / "kept" / "new" / "o").exists()

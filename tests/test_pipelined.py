@@ -117,6 +117,15 @@ def test_the_rule_decides_from_the_keep_rate():
     assert always.stats.shadow_draft_calls > 10
 
 
+def test_a_rule_for_the_hidden_share_starts_at_the_break_even_rate():
+    rule = ShadowRule.for_hidden_share(4, 0.76, memory=0.5)
+    assert rule.min_keep_rate == pytest.approx(0.3) and rule.memory == 0.5
+    assert ShadowRule.for_hidden_share(7, 0.57).min_keep_rate == pytest.approx(0.43 * 8 / 7)
+    assert ShadowRule.for_hidden_share(2, 0.0).min_keep_rate == 1.0  # nothing hides: never
+    with pytest.raises(ValueError, match="h must be in"):
+        ShadowRule.for_hidden_share(4, 1.2)
+
+
 def _unchecked_stand_in(p, q, x, u, s, *, validate=True):
     u = np.array(u, dtype=np.float64)
     u[-1] = 0.0  # the stand-in is always accepted

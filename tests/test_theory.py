@@ -125,6 +125,40 @@ def test_pipelined_improvement_by_hand():
     assert theory.pipelined_walltime_improvement(1.0, 4, 0.3, 1.0) == pytest.approx(5.0)
 
 
+def _iteration_cost(gamma: int, c: float, h: float, keep: float, shadow: bool) -> float:
+    """Expected target steps of an iteration and the next proposal: with a continuation,
+    its unhidden (1 - h)(gamma + 1) c always, the next proposal's gamma c when not kept."""
+    if not shadow:
+        return 1.0 + gamma * c
+    return 1.0 + (1.0 - h) * (gamma + 1) * c + (1.0 - keep) * gamma * c
+
+
+@given(st.integers(1, 16), st.floats(0.01, 2.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_the_shadow_break_even_rate_is_where_a_continuation_starts_to_pay(gamma, c, h, keep):
+    rate = theory.shadow_break_even(gamma, h)
+    assert 0.0 <= rate <= 1.0
+    if rate < 1.0:  # at the rate both costs are equal, whatever c
+        assert _iteration_cost(gamma, c, h, rate, True) == pytest.approx(
+            _iteration_cost(gamma, c, h, rate, False), rel=1e-12)
+    with_shadow = _iteration_cost(gamma, c, h, keep, True)
+    without = _iteration_cost(gamma, c, h, keep, False)
+    if keep > rate + 1e-9:
+        assert with_shadow < without
+    elif keep < rate - 1e-9:
+        assert with_shadow > without
+
+
+def test_shadow_break_even_by_hand():
+    assert theory.shadow_break_even(4, 0.76) == pytest.approx(0.3)  # 0.24 * 5 / 4
+    assert theory.shadow_break_even(8, 1.0) == 0.0  # all hidden: always worth drafting
+    assert theory.shadow_break_even(1, 0.0) == 1.0  # nothing hidden: never (capped)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="h must be in"):
+            theory.shadow_break_even(4, bad)
+    with pytest.raises(ValueError):
+        theory.shadow_break_even(0, 0.5)
+
+
 @pytest.mark.parametrize("h,c", [(-0.1, 0.1), (1.5, 0.1), (0.5, -1.0)])
 def test_pipelined_bad_arguments(h, c):
     with pytest.raises(ValueError):

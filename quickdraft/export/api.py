@@ -371,7 +371,12 @@ def _export_pair_int8(target, draft, out, *, device: str = "cpu", draft_draft=No
     import tempfile
 
     from quickdraft.export.int8 import snapped_copy, store_int8
-    from quickdraft.export.output import check_destination, resolve_out, write_marker
+    from quickdraft.export.output import (
+        check_destination,
+        removing_new_parents,
+        resolve_out,
+        write_marker,
+    )
     from quickdraft.manifest import load_manifest
 
     if device != "cpu":
@@ -384,23 +389,24 @@ def _export_pair_int8(target, draft, out, *, device: str = "cpu", draft_draft=No
     check_destination(out, list(sources.values()), overwrite)
     _check_int8_sources(sources, options.get("kv_cache", "dynamic"),
                         options.get("validate", True), options.get("max_length"))
-    out.parent.mkdir(parents=True, exist_ok=True)  # as the other exports make it
-    with tempfile.TemporaryDirectory(prefix=".quickdraft-int8-", dir=out.parent) as tmp:
-        snapped = {role: snapped_copy(src, Path(tmp) / "sources" / role)
-                   for role, src in sources.items()}
-        staged = Path(tmp) / "pair"
-        report = export_pair(snapped["target"], snapped["draft"], staged, "fp32", "cpu",
-                             draft_draft=snapped.get("draft_draft"), progress=progress,
-                             **options)
-        for r in report.models:
-            store_int8(r.path)
-            r.manifest = load_manifest(r.path)
-            r.manifest.source = r.source = str(sources[r.role])
-            r.manifest.save(r.path)
-        write_marker(staged, "pair", {r.role: r for r in report.models})
-        if out.exists():  # an earlier export that check_destination lets --overwrite replace
-            shutil.rmtree(out)
-        os.replace(staged, out)
+    with removing_new_parents(out):  # a failure leaves no folder it made
+        out.parent.mkdir(parents=True, exist_ok=True)  # as the other exports make it
+        with tempfile.TemporaryDirectory(prefix=".quickdraft-int8-", dir=out.parent) as tmp:
+            snapped = {role: snapped_copy(src, Path(tmp) / "sources" / role)
+                       for role, src in sources.items()}
+            staged = Path(tmp) / "pair"
+            report = export_pair(snapped["target"], snapped["draft"], staged, "fp32", "cpu",
+                                 draft_draft=snapped.get("draft_draft"), progress=progress,
+                                 **options)
+            for r in report.models:
+                store_int8(r.path)
+                r.manifest = load_manifest(r.path)
+                r.manifest.source = r.source = str(sources[r.role])
+                r.manifest.save(r.path)
+            write_marker(staged, "pair", {r.role: r for r in report.models})
+            if out.exists():  # an earlier export that check_destination lets --overwrite replace
+                shutil.rmtree(out)
+            os.replace(staged, out)
     for r in report.models:
         r.path = out / r.role
     report.out = out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ __all__ = [
     "resolve_source",
     "check_model",
     "check_config",
+    "check_weights",
     "is_gguf_source",
     "check_models",
     "check_pair",
@@ -43,6 +45,12 @@ _LIGHT_FILES = ["config.json", *TOKENIZER_FILES, "vocab.txt", "*.tiktoken"]
 
 
 GGUF_MAGIC = b"GGUF"  # the first bytes of a GGUF file
+# config.json fields that must be whole numbers >= 1 where they are given (not null): the
+# shapes the export reads, under the names of Llama-like and GPT-2-like configs
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                   "head_dim", "n_embd", "n_layer", "n_head", "n_positions", "n_inner")
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the largest header safetensors reads
 
 
 def is_gguf_source(source: str | os.PathLike | None) -> bool:
@@ -157,6 +165,7 @@ def _load_config(folder: Path, source: str):
             raise UnsupportedModelError(
                 f"{source}: {path} names no model_type (e.g. \"llama\"); save the model "
                 "again with save_pretrained, or add the field")
+        _check_config_values(raw, path, source)
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except ValueError as e:
@@ -169,6 +178,79 @@ def _load_config(folder: Path, source: str):
         raise FileNotFoundError(f"{source}: cannot read config.json ({e})") from e
 
 
+def _check_config_values(raw: dict, path: Path, source: str) -> None:
+    """Refuse a config.json whose shape fields are not whole numbers >= 1, or whose heads
+    do not divide into key-value groups, naming the file and the field (transformers
+    would fail later, deep inside the model's construction)."""
+    for field in POSITIVE_FIELDS:
+        value = raw.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise UnsupportedModelError(
+                f"{source}: {path} sets {field} to {value!r}; it must be a whole number "
+                ">= 1 (fix the field, or save the model again with save_pretrained)")
+    heads, groups = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
+    if heads is not None and groups is not None and heads % groups:
+        raise UnsupportedModelError(
+            f"{source}: {path} sets num_attention_heads {heads}, which num_key_value_heads "
+            f"{groups} does not divide; each key-value head serves a whole group of heads")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as a whole safetensors file (None: nothing); reads
+    its header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"has {size} bytes, fewer than a safetensors header's 8"
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            return f"declares a {n}-byte header in a file of {size} bytes"
+        try:
+            header = json.loads(fh.read(n))
+            ends = [int(t["data_offsets"][1]) for name, t in header.items()
+                    if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                UnicodeDecodeError):
+            return "has a header that is not a safetensors table of tensors"
+    data = size - 8 - n
+    if max(ends, default=0) > data:
+        return (f"holds {max(ends)} bytes of tensors by its header, but only {data} follow "
+                "it (a truncated download or copy?)")
+    return None
+
+
+def check_weights(folder: Path, source: str) -> None:
+    """Refuse (UnsupportedModelError) weight files of a local folder that cannot be read
+    whole, naming the file: a safetensors file whose header does not parse or whose tensors
+    run past its end, a shard that an index names but the folder lacks, a
+    ``pytorch_model*.bin`` that is neither a zip archive (torch's format) nor a pickle.
+    Headers only: a check made before any export starts, not a read of the weights."""
+    def refuse(path: Path, problem: str):
+        return UnsupportedModelError(f"{source}: {path} {problem}; download or save the "
+                                     "weights again")
+
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, TypeError, KeyError, AttributeError,
+                UnicodeDecodeError):
+            raise refuse(index, "is not an index of weight shards (no weight_map)") from None
+        missing = sorted(str(x) for x in shards if not (folder / str(x)).is_file())
+        if missing:
+            raise refuse(index, f"names shards the folder does not hold: {', '.join(missing)}")
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem is not None:
+            raise refuse(path, problem)
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        with open(path, "rb") as fh:
+            pickled = fh.read(1) == b"\x80"  # a pickle's protocol opcode (torch < 1.6)
+        if not pickled and not zipfile.is_zipfile(path):
+            raise refuse(path, "is neither a zip archive (torch.save's format) nor a pickle")
+
+
 def check_model(source: str | os.PathLike) -> SourceInfo:
     """Resolve ``source`` and check it is a decoder-only causal LM exportable with a KV cache.
 
@@ -179,6 +261,8 @@ def check_model(source: str | os.PathLike) -> SourceInfo:
     check_saved_format(folder, text)
     config = _load_config(folder, text)
     check_config(text, config)
+    if is_local:
+        check_weights(folder, text)
     return SourceInfo(source=text, folder=folder, is_local=is_local, config=config)
 
 

@@ -191,6 +191,37 @@ def remove_stale_partials(out: Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def removing_new_parents(out: Path):
+    """While the block runs, note the folders above ``out`` that do not exist yet; if the
+    block fails, remove those of them it created that are still empty (a failed export
+    into a new nested --out leaves nothing behind)."""
+    missing = []
+    parent = out.parent
+    while not parent.exists() and parent.parent != parent:
+        missing.append(parent)  # deepest first
+        parent = parent.parent
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not made by the block, or not empty: keep it and above
+                break
+        raise
+
+
+def _check_before_conversion(sources: Sequence[str | os.PathLike]) -> None:
+    """Converting a GGUF file takes a while: first check the sources that are not GGUF
+    files (config, tokenizer, weight headers), so a broken one is named at once."""
+    if any(checks.is_gguf_source(s) for s in sources):
+        with quiet():
+            for source in sources:
+                if not checks.is_gguf_source(source):
+                    checks.check_model(source)
+
+
 def _new_temp(final: Path) -> Path:
     """An empty folder next to ``final`` (same file system, so the last rename is atomic)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +350,8 @@ def run_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, prepare: Pr
     start = time.perf_counter()
     out = resolve_out(out_dir)
     check_destination(out, [src], overwrite)
-    with interrupt_on_sigterm(), _local_sources([src], out, progress) as (local, converted):
+    with interrupt_on_sigterm(), removing_new_parents(out), \
+            _local_sources([src], out, progress) as (local, converted):
         if precheck is not None:
             precheck(local)
         with quiet():
@@ -365,8 +397,9 @@ def run_pair(target: str | os.PathLike, draft: str | os.PathLike, out: str | os.
     out_path = resolve_out(out)
     sources = [target, draft] if draft_draft is None else [target, draft, draft_draft]
     check_destination(out_path, sources, overwrite)
-    with interrupt_on_sigterm(), _local_sources(sources, out_path, progress) as (local,
-                                                                                converted):
+    _check_before_conversion(sources)
+    with interrupt_on_sigterm(), removing_new_parents(out_path), \
+            _local_sources(sources, out_path, progress) as (local, converted):
         if precheck is not None:
             precheck(local)
         try:
