@@ -424,7 +424,13 @@ def test_weight_files_that_cannot_be_read_whole_are_refused_naming_them(tmp_path
                        match="names shards the folder does not hold: model-00002.safetensors"):
         checks.check_weights(folder, "w")
     (folder / "model.safetensors.index.json").unlink()
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "pytorch_model-00001.bin"}}))
+    checks.check_weights(folder, "w")  # beside safetensors a torch index is not read
+    (folder / "pytorch_model.bin.index.json").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 cut short")
+    checks.check_weights(folder, "w")  # unused beside the safetensors file
+    (folder / "model.safetensors").unlink()
     with pytest.raises(checks.UnsupportedModelError, match="neither a zip archive"):
         checks.check_weights(folder, "w")
 

@@ -225,13 +225,19 @@ def check_weights(folder: Path, source: str) -> None:
     """Refuse (UnsupportedModelError) weight files of a local folder that cannot be read
     whole, naming the file: a safetensors file whose header does not parse or whose tensors
     run past its end, a shard that an index names but the folder lacks, a
-    ``pytorch_model*.bin`` that is neither a zip archive (torch's format) nor a pickle.
+    ``pytorch_model*.bin`` that is neither a zip archive (torch's format) nor a pickle (torch
+    files beside safetensors files are not read: transformers loads the latter).
     Headers only: a check made before any export starts, not a read of the weights."""
     def refuse(path: Path, problem: str):
         return UnsupportedModelError(f"{source}: {path} {problem}; download or save the "
                                      "weights again")
 
-    for index in sorted(folder.glob("*.index.json")):
+    # transformers loads safetensors where there are any: torch files beside them are unused
+    torch_files = not any(folder.glob("*.safetensors"))
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if torch_files:
+        indexes += sorted(folder.glob("*.bin.index.json"))
+    for index in indexes:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, TypeError, KeyError, AttributeError,
@@ -244,7 +250,7 @@ def check_weights(folder: Path, source: str) -> None:
         problem = _safetensors_problem(path)
         if problem is not None:
             raise refuse(path, problem)
-    for path in sorted(folder.glob("pytorch_model*.bin")):
+    for path in sorted(folder.glob("pytorch_model*.bin")) if torch_files else []:
         with open(path, "rb") as fh:
             pickled = fh.read(1) == b"\x80"  # a pickle's protocol opcode (torch < 1.6)
         if not pickled and not zipfile.is_zipfile(path):
