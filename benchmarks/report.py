@@ -535,6 +535,8 @@ def _uncaptured(ar: dict, sp: dict) -> str:
 
 def _keep_rate(row: dict) -> str:
     """A pipelined row's min keep rate, marked where it was the break-even rate."""
+    if "error" in row:
+        return f"{row.get('rule')} (not run: {row['error']})"
     text = fmt(row.get("min_keep_rate", 0.0), ".2f")
     return f"{text} (break-even)" if row.get("rule") == AUTO_RATE else text
 

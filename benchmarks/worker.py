@@ -267,11 +267,16 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
         t_ms, d_ms = costs
         out["pipelined"] = _pipelined_row(runner, prompts, n, gamma, None, ar["tokens_per_s"],
                                           t_ms, d_ms, warmup, repeats, sp, seeded=True)
-        out["pipelined_rules"] = [
-            _pipelined_row(_with_rule(runner, r, gamma, out["pipelined"]), prompts, n, gamma,
-                           None, ar["tokens_per_s"], t_ms, d_ms, warmup, repeats, sp,
-                           seeded=True, rule=r)
-            for r in rates]
+        out["pipelined_rules"] = []
+        for r in rates:  # a rule that cannot be made is recorded, the other rows kept
+            try:
+                ruled = _with_rule(runner, r, gamma, out["pipelined"])
+            except Unavailable as e:
+                out["pipelined_rules"].append({"gamma": gamma, "rule": r, "error": str(e)})
+                continue
+            out["pipelined_rules"].append(_pipelined_row(
+                ruled, prompts, n, gamma, None, ar["tokens_per_s"], t_ms, d_ms, warmup,
+                repeats, sp, seeded=True, rule=r))
     return out
 
 
@@ -286,7 +291,9 @@ def _with_rule(runner, rate, gamma: int, plain: dict | None):
     hidden = (plain or {}).get("hidden_share")
     if hidden is None:
         raise Unavailable(f"--shadow-keep-rates {AUTO_RATE}: the plain pipelined row at gamma "
-                          f"{gamma} measured no hidden share")
+                          f"{gamma} has no hidden share, which needs the cost stage's ms per "
+                          f"target call of {gamma + 1} tokens and per draft call; run the "
+                          "systems stage with its per-call costs, or give a number")
     rule = ShadowRule.for_hidden_share(gamma, min(1.0, max(0.0, hidden)))
     return runner.variant(shadow_rule=rule)
 

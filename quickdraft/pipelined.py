@@ -176,8 +176,14 @@ class ShadowRule:
     def for_hidden_share(cls, gamma: int, hidden: float, **fields) -> ShadowRule:
         """The rule at the break-even keep rate for a continuation whose share ``hidden``
         of draft time hides behind the verify call at ``gamma``
-        (:func:`quickdraft.theory.shadow_break_even`); ``fields``: ``memory``, ``start``."""
-        return cls(min_keep_rate=shadow_break_even(gamma, hidden), **fields)
+        (:func:`quickdraft.theory.shadow_break_even`); ``fields``: ``memory``, ``start``.
+        Where no continuation pays (the rate is 1), the running rate starts at 0 unless
+        ``start`` is given, so none is drafted: from 0 it reaches 1 only after some 160
+        iterations in a row keep everything."""
+        rate = shadow_break_even(gamma, hidden)
+        if rate >= 1.0:
+            fields.setdefault("start", 0.0)
+        return cls(min_keep_rate=rate, **fields)
 
     def shadow(self, rate: float) -> bool:
         """Draft a continuation at the running keep rate ``rate``?"""

@@ -958,6 +958,15 @@ def test_sampled_runs_are_parsed_and_reported():
     assert cells[7] == "1.80"
 
 
+def test_a_break_even_rule_without_a_hidden_share_is_named_not_run():
+    from benchmarks import worker
+
+    with pytest.raises(worker.Unavailable, match="no hidden share.*cost stage"):
+        worker._with_rule(object(), "auto", 4, {"gamma": 4})
+    row = {"gamma": 4, "rule": "auto", "error": "no hidden share"}
+    assert report._keep_rate(row) == "auto (not run: no hidden share)"
+
+
 def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     """The harness's sampled rows on the bundled pair (CPU, tiny): with the cost stage's
     costs a pipelined row is timed beside the sequential ones, seeded as they are, and the

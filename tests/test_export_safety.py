@@ -418,21 +418,28 @@ def test_weight_files_that_cannot_be_read_whole_are_refused_naming_them(tmp_path
     with pytest.raises(checks.UnsupportedModelError, match="not a safetensors table"):
         checks.check_weights(folder, "w")
     (folder / "model.safetensors").write_bytes(whole)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model.safetensors", "b": "model-00002.safetensors"}}))
+    index = {"weight_map": {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "adapter_model.safetensors").write_bytes(b"not weights transformers loads")
+    checks.check_weights(folder, "w")  # the single file is what transformers loads
+    (folder / "model.safetensors").rename(folder / "model-00001.safetensors")
     with pytest.raises(checks.UnsupportedModelError,
                        match="names shards the folder does not hold: model-00002.safetensors"):
         checks.check_weights(folder, "w")
-    (folder / "model.safetensors.index.json").unlink()
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "pytorch_model-00001.bin"}}))
-    checks.check_weights(folder, "w")  # beside safetensors a torch index is not read
-    (folder / "pytorch_model.bin.index.json").unlink()
+    (folder / "model-00002.safetensors").write_bytes(whole[:20])
+    with pytest.raises(checks.UnsupportedModelError, match="model-00002.safetensors declares"):
+        checks.check_weights(folder, "w")
+    (folder / "model-00002.safetensors").write_bytes(
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 76\n")
+    with pytest.raises(checks.UnsupportedModelError, match="git-lfs pointer.*git lfs pull"):
+        checks.check_weights(folder, "w")
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
     (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 cut short")
-    checks.check_weights(folder, "w")  # unused beside the safetensors file
-    (folder / "model.safetensors").unlink()
     with pytest.raises(checks.UnsupportedModelError, match="neither a zip archive"):
         checks.check_weights(folder, "w")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02 a legacy pickle")
+    checks.check_weights(folder, "w")
 
 
 def test_a_corrupt_draft_is_refused_before_the_target_is_exported(tmp_path, monkeypatch):

@@ -121,7 +121,14 @@ def test_a_rule_for_the_hidden_share_starts_at_the_break_even_rate():
     rule = ShadowRule.for_hidden_share(4, 0.76, memory=0.5)
     assert rule.min_keep_rate == pytest.approx(0.3) and rule.memory == 0.5
     assert ShadowRule.for_hidden_share(7, 0.57).min_keep_rate == pytest.approx(0.43 * 8 / 7)
-    assert ShadowRule.for_hidden_share(2, 0.0).min_keep_rate == 1.0  # nothing hides: never
+    never = ShadowRule.for_hidden_share(2, 0.0)  # nothing hides: no continuation pays
+    assert never.min_keep_rate == 1.0 and not never.shadow(never.start)
+    target, draft = random_tables(6, 3, "random")
+    run = pipelined_generate(target, draft, [1], gamma=2, max_new_tokens=40,
+                             sampling=SamplingConfig(temperature=1.0),
+                             rng=np.random.default_rng(0), rule=never)
+    assert run.stats.shadow_draft_calls <= 1  # only a last stand-in, if any
+    assert rule.shadow(rule.start)  # a paying rate starts drafting
     with pytest.raises(ValueError, match="h must be in"):
         ShadowRule.for_hidden_share(4, 1.2)
 

@@ -1,8 +1,9 @@
 """One upload per call: an UploadBlock's arrays are read by a session at their addresses,
 and each fixed-length call of the fast path (a chain, a verify step, a lanes step or
-chain, the verification graph) copies its inputs with one upload. On the CPU the device
-buffer is the host memory, so these runs also check the layout: a wrong offset gives
-other tokens than the tests of the same calls in test_overlap.py and test_lanes.py."""
+chain, the verification graph) copies its inputs with one upload. With every block's
+bound buffer kept apart from its host arrays (as on a device), decoding gives the same
+tokens as with the CPU's shared memory: a missing or late upload, or a wrong offset,
+would change them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ for _name in ("onnxruntime", "onnx", "tokenizers"):
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-from quickdraft.ort_backend import load_pair  # noqa: E402
+from quickdraft.ort_backend import DecodeConfig, load_pair  # noqa: E402
 from quickdraft.ort_backend.cli import default_model_dir  # noqa: E402
 from quickdraft.ort_backend.device import Device  # noqa: E402
 from quickdraft.ort_backend.static import StaticOrtModel  # noqa: E402
@@ -128,8 +129,7 @@ def test_the_verification_graph_uploads_once(pair, uploads):
     verifier.run(logits, q, [1, 2, 3, 4], np.full(4, 0.5), 0.5)  # binds the rows
     uploads["block"] = uploads["single"] = 0
     n, token, _ = verifier.run(logits, q, [1, 2, 3, 4], np.full(4, 0.5), 0.5)
-    # the small inputs in one block; q rows given on the host are not in it (on the
-    # CPU they are bound where they lie)
+    # the small inputs in one block; q rows from the host have a buffer of their own
     assert uploads["block"] == 1 and 0 <= n <= 4 and 0 <= token < V
 
 
@@ -147,3 +147,44 @@ def test_lanes_steps_and_chains_upload_once(uploads):
     assert [len(c) for c in chains] == [3, 2]
     for s in states:
         s.close()
+
+
+class _ApartBlock(UploadBlock):
+    """A block whose bound buffer is a CPU buffer of its own, written only by upload()."""
+
+    def __init__(self, fields, device):
+        super().__init__(fields, device)
+        self._value = ort.OrtValue.ortvalue_from_shape_and_type((self.nbytes,), np.uint8,
+                                                                "cpu", 0)
+        self.on_device = True
+
+
+def _decodings(pair) -> list[list[int]]:
+    prompts = ["Once upon a time", "The little dog"]
+    out = []
+    for mode in ({}, {"pipelined": True}):
+        for sampling in (SamplingConfig(0.0), SamplingConfig(1.0)):
+            config = DecodeConfig(max_new_tokens=24, sampling=sampling, seed=3)
+            with pair.generator(config, gamma=4, **mode) as gen:
+                out += [gen.generate(p).tokens for p in prompts]
+    return out
+
+
+def test_blocks_apart_from_their_host_arrays_decode_the_same(monkeypatch, pair):
+    import quickdraft.ort_backend.uploads as uploads
+    import quickdraft.ort_backend.verify_graph as verify_graph
+
+    want = _decodings(pair)
+    V = pair.target.vocab_size
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, V)).astype(np.float32)  # [gamma + 1, V]
+    q = rng.dirichlet(np.ones(V), 4).astype(np.float32)  # [gamma, V]
+    args = (logits, q, [1, 2, 3, 4], rng.random(4), 0.3)
+    shared = DeviceVerifier(4, V, SamplingConfig(1.0)).run(*args)
+    monkeypatch.setattr(uploads, "UploadBlock", _ApartBlock)
+    monkeypatch.setattr(verify_graph, "UploadBlock", _ApartBlock)
+    apart = load_pair(default_model_dir(), device="cpu", max_gamma=4)
+    assert _decodings(apart) == want
+    kept_apart = DeviceVerifier(4, V, SamplingConfig(1.0)).run(*args)
+    assert shared[:2] == kept_apart[:2]
+    np.testing.assert_array_equal(shared[2], kept_apart[2])

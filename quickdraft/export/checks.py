@@ -193,7 +193,8 @@ def _check_config_values(raw: dict, path: Path, source: str) -> None:
     if heads is not None and groups is not None and heads % groups:
         raise UnsupportedModelError(
             f"{source}: {path} sets num_attention_heads {heads}, which num_key_value_heads "
-            f"{groups} does not divide; each key-value head serves a whole group of heads")
+            f"{groups} does not divide; each key-value head serves a whole group of heads "
+            "(set num_key_value_heads to a divisor of num_attention_heads)")
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -221,40 +222,63 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+# the weights transformers loads from a folder, in the order it looks for them: a file, or
+# an index of shards
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+LFS_POINTER = b"version https://git-lfs"  # what a clone without git-lfs holds instead
+
+
+def _torch_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as a torch checkpoint (None: nothing)."""
+    with open(path, "rb") as fh:
+        pickled = fh.read(1) == b"\x80"  # a pickle's protocol opcode (torch < 1.6)
+    if pickled or zipfile.is_zipfile(path):
+        return None
+    return "is neither a zip archive (torch.save's format) nor a pickle"
+
+
+def _weight_problem(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        if fh.read(len(LFS_POINTER)) == LFS_POINTER:
+            return ("is a git-lfs pointer, not the weights: run `git lfs pull` in the "
+                    "model's clone (or download it again)")
+    if path.name.endswith(".safetensors"):
+        return _safetensors_problem(path)
+    return _torch_problem(path)
+
+
 def check_weights(folder: Path, source: str) -> None:
-    """Refuse (UnsupportedModelError) weight files of a local folder that cannot be read
-    whole, naming the file: a safetensors file whose header does not parse or whose tensors
-    run past its end, a shard that an index names but the folder lacks, a
-    ``pytorch_model*.bin`` that is neither a zip archive (torch's format) nor a pickle (torch
-    files beside safetensors files are not read: transformers loads the latter).
-    Headers only: a check made before any export starts, not a read of the weights."""
+    """Refuse (UnsupportedModelError) the weights transformers would load from a local
+    folder (the first of :data:`WEIGHT_FILES` present, and an index's shards) when they
+    cannot be read whole, naming the file: a git-lfs pointer, a safetensors file whose
+    header does not parse or whose tensors run past its end, a shard that the index names
+    but the folder lacks, a torch checkpoint that is neither a zip archive nor a pickle.
+    Headers only: a check made before any export starts, not a read of the weights. Other
+    files (an unused index, adapters) are not looked at."""
     def refuse(path: Path, problem: str):
         return UnsupportedModelError(f"{source}: {path} {problem}; download or save the "
                                      "weights again")
 
-    # transformers loads safetensors where there are any: torch files beside them are unused
-    torch_files = not any(folder.glob("*.safetensors"))
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if torch_files:
-        indexes += sorted(folder.glob("*.bin.index.json"))
-    for index in indexes:
+    first = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if first is None:
+        return  # no weights to check here: the export says what it misses
+    files = [first]
+    if first.name.endswith(".index.json"):
         try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            shards = json.loads(first.read_text(encoding="utf-8"))["weight_map"].values()
+            shards = sorted({str(x) for x in shards})
         except (OSError, ValueError, TypeError, KeyError, AttributeError,
                 UnicodeDecodeError):
-            raise refuse(index, "is not an index of weight shards (no weight_map)") from None
-        missing = sorted(str(x) for x in shards if not (folder / str(x)).is_file())
+            raise refuse(first, "is not an index of weight shards (no weight_map)") from None
+        missing = [x for x in shards if not (folder / x).is_file()]
         if missing:
-            raise refuse(index, f"names shards the folder does not hold: {', '.join(missing)}")
-    for path in sorted(folder.glob("*.safetensors")):
-        problem = _safetensors_problem(path)
+            raise refuse(first, f"names shards the folder does not hold: {', '.join(missing)}")
+        files = [folder / x for x in shards]
+    for path in files:
+        problem = _weight_problem(path)
         if problem is not None:
             raise refuse(path, problem)
-    for path in sorted(folder.glob("pytorch_model*.bin")) if torch_files else []:
-        with open(path, "rb") as fh:
-            pickled = fh.read(1) == b"\x80"  # a pickle's protocol opcode (torch < 1.6)
-        if not pickled and not zipfile.is_zipfile(path):
-            raise refuse(path, "is neither a zip archive (torch.save's format) nor a pickle")
 
 
 def check_model(source: str | os.PathLike) -> SourceInfo:
