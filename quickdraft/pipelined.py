@@ -178,8 +178,9 @@ class ShadowRule:
         of draft time hides behind the verify call at ``gamma``
         (:func:`quickdraft.theory.shadow_break_even`); ``fields``: ``memory``, ``start``.
         Where no continuation pays (the rate is 1), the running rate starts at 0 unless
-        ``start`` is given, so none is drafted: from 0 it reaches 1 only after some 160
-        iterations in a row keep everything."""
+        ``start`` is given, so none is drafted: from 0, with the default memory 0.8, the rate
+        never rounds up to 1 however many iterations keep everything (with memory 0 one
+        kept iteration reaches it)."""
         rate = shadow_break_even(gamma, hidden)
         if rate >= 1.0:
             fields.setdefault("start", 0.0)

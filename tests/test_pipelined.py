@@ -123,6 +123,11 @@ def test_a_rule_for_the_hidden_share_starts_at_the_break_even_rate():
     assert ShadowRule.for_hidden_share(7, 0.57).min_keep_rate == pytest.approx(0.43 * 8 / 7)
     never = ShadowRule.for_hidden_share(2, 0.0)  # nothing hides: no continuation pays
     assert never.min_keep_rate == 1.0 and not never.shadow(never.start)
+    kept = pipelined.PipelinedStep([1, 2, 3], 3, 3, [1.0] * 3, None, False, 2, 3, 3)
+    rate = never.start
+    for _ in range(2000):  # every iteration keeps everything: still no continuation
+        rate = never.update(rate, kept)
+    assert not never.shadow(rate)
     target, draft = random_tables(6, 3, "random")
     run = pipelined_generate(target, draft, [1], gamma=2, max_new_tokens=40,
                              sampling=SamplingConfig(temperature=1.0),

@@ -59,7 +59,6 @@ def test_a_session_reads_each_array_of_a_block_at_its_address():
         np.testing.assert_array_equal(a, block["ids"])
         np.testing.assert_array_equal(b, block["u"][1:])
         np.testing.assert_array_equal(c, block["h"][:2])
-    assert block.uploads == 2
 
 
 def test_a_block_refuses_what_it_cannot_hold():

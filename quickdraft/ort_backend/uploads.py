@@ -30,8 +30,7 @@ class UploadBlock:
     :meth:`upload` copies the whole block to the device in one call (on the CPU the
     device buffer is the host memory itself and nothing is copied); :meth:`bind` binds
     an array, or a part of it, as a session input at its device address, which stays the
-    same for the block's life. ``uploads`` counts the calls of :meth:`upload` (one copy
-    each on a device, none on the CPU).
+    same for the block's life.
     """
 
     def __init__(self, fields: Mapping[str, tuple[Sequence[int], object]], device: Device):
@@ -40,28 +39,24 @@ class UploadBlock:
         if not fields:
             raise ValueError("an upload block needs at least one array")
         self.device = device
-        self._offsets: dict[str, int] = {}
-        self._dtypes: dict[str, np.dtype] = {}
+        spans = {}  # name -> (offset, bytes, dtype, shape)
         size = 0
         for name, (shape, dtype) in fields.items():
             dtype = np.dtype(dtype)
             if ALIGN % dtype.itemsize:
                 raise ValueError(f"{name}: elements of {dtype.itemsize} bytes do not align "
                                  f"in blocks of {ALIGN}")
-            self._offsets[name], self._dtypes[name] = size, dtype
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            spans[name] = size, nbytes, dtype, tuple(shape)
             size += -(-max(nbytes, 1) // ALIGN) * ALIGN  # rounded up to the alignment
         self._host = np.zeros(size, dtype=np.uint8)  # [bytes]
-        self._arrays = {
-            name: self._host[self._offsets[name]:][: int(np.prod(shape, dtype=np.int64))
-                                                  * self._dtypes[name].itemsize]
-            .view(self._dtypes[name]).reshape(tuple(shape))
-            for name, (shape, _) in fields.items()}
+        self._offsets = {name: offset for name, (offset, *_) in spans.items()}
+        self._arrays = {name: self._host[offset : offset + nbytes].view(dtype).reshape(shape)
+                        for name, (offset, nbytes, dtype, shape) in spans.items()}
         # on the CPU an OrtValue made from a NumPy array uses that array's memory
         self._value = ort.OrtValue.ortvalue_from_numpy(self._host, device.kind,
                                                        device.device_id)
         self.on_device = device.kind != "cpu"
-        self.uploads = 0
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
@@ -73,10 +68,10 @@ class UploadBlock:
 
     def address(self, name: str, index: int = 0) -> int:
         """The device address of element ``index`` (flat, C order) of array ``name``."""
-        size = self._arrays[name].size
-        if not 0 <= index < size:
-            raise IndexError(f"{name} has {size} elements, not {index + 1}")
-        return self._value.data_ptr() + self._offsets[name] + index * self._dtypes[name].itemsize
+        array = self._arrays[name]
+        if not 0 <= index < array.size:
+            raise IndexError(f"{name} has {array.size} elements, not {index + 1}")
+        return self._value.data_ptr() + self._offsets[name] + index * array.itemsize
 
     def bind(self, io, input_name: str, name: str, shape: Sequence[int] | None = None,
              index: int = 0) -> None:
@@ -92,6 +87,5 @@ class UploadBlock:
 
     def upload(self) -> None:
         """Copy every host array to the device, in one call (nothing to do on the CPU)."""
-        self.uploads += 1
         if self.on_device:
             self._value.update_inplace(self._host)
