@@ -390,6 +390,9 @@ def test_malformed_config_values_are_refused_naming_the_file_and_field(tmp_path,
     with pytest.raises(checks.UnsupportedModelError) as err:
         checks.check_model(folder)
     assert str(folder / "config.json") in str(err.value) and f"sets {field} to" in str(err.value)
+
+
+def test_heads_that_key_value_groups_do_not_divide_are_refused(tmp_path):
     folder = _folder(tmp_path, "gqa", num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(checks.UnsupportedModelError, match="num_key_value_heads 3 does not"):
         checks.check_model(folder)
