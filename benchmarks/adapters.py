@@ -39,8 +39,9 @@ def greedy():
 
 
 def export(path: str, hf_target: Path, hf_draft: Path, out: Path, *, device: str,
-           validate: bool = False) -> dict:
-    """Export the pair for ``path`` into ``out`` (replaced if present); a summary dict."""
+           validate: bool = False, fuse_gate_up: bool | None = None) -> dict:
+    """Export the pair for ``path`` into ``out`` (replaced if present); a summary dict.
+    ``fuse_gate_up``: the fast path's gate/up fusion (None: the export's default)."""
     t0 = time.perf_counter()
     dtype = dtype_for(device)
     if path not in ("generic", "fast"):
@@ -52,12 +53,17 @@ def export(path: str, hf_target: Path, hf_draft: Path, out: Path, *, device: str
     # the fast path is the static-cache export of the same weights
     report = export_pair(hf_target, hf_draft, out, dtype=dtype, device=device,
                          kv_cache="static" if path == "fast" else "dynamic",
-                         validate=validate, overwrite=True)
+                         validate=validate, overwrite=True,
+                         fuse_gate_up=fuse_gate_up if path == "fast" else None)
+    fused = None
+    if path == "fast":
+        from quickdraft.export.builder import FUSE_GATE_UP
+        fused = FUSE_GATE_UP if fuse_gate_up is None else bool(fuse_gate_up)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
              if p.is_file()}
     return {"path": path, "dtype": dtype, "device": device, "validated": validate,
             "seconds": round(time.perf_counter() - t0, 2), "bytes": sum(sizes.values()),
-            "report_seconds": getattr(report, "seconds", None)}
+            "report_seconds": getattr(report, "seconds", None), "fuse_gate_up": fused}
 
 
 def export_draft(hf_draft: Path, target_export: Path, out: Path, *, device: str) -> dict:
@@ -102,9 +108,10 @@ class LoadedPair:
 
 def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
          cuda_graph: bool = True, with_draft: bool = True,
-         cache_length: int | None = None) -> LoadedPair:
+         cache_length: int | None = None, attention: str | None = None) -> LoadedPair:
     """Load an exported pair for ``path``. ``cache_length``: tokens the fast path's static
-    caches hold (None: the export's default, its ``max_cache_length``)."""
+    caches hold (None: the export's default, its ``max_cache_length``); ``attention``: the
+    fast path's GroupQueryAttention kernel (None: ``load_pair``'s default)."""
     try:
         from quickdraft.ort_backend import StaticOrtModel, load_pair, resolve_device
     except ImportError as e:
@@ -115,20 +122,24 @@ def load(path: str, model_dir: Path, *, device: str, max_gamma: int = 8,
                           Runner(pair.target, pair.draft),
                           {"device_note": pair.device_note, "loop": "Generator"})
     if path == "fast":
+        from quickdraft.ort_backend.device import DEFAULT_ATTENTION
+
         dev, note = resolve_device(device)
         graphs = bool(cuda_graph and dev.kind == "cuda")
+        kernel = attention or DEFAULT_ATTENTION
         # the target's fixed step lengths: 1 (autoregressive) and gamma + 1 for every gamma
         # of the sweep; the draft's: 1, and 2 after an iteration that accepted everything
         target = StaticOrtModel(model_dir / "target", dev, cache_length=cache_length,
-                                graph_steps=tuple(range(1, max_gamma + 2)), cuda_graph=graphs)
+                                graph_steps=tuple(range(1, max_gamma + 2)), cuda_graph=graphs,
+                                attention=kernel)
         draft = None
         if with_draft:
             # chains of up to max_gamma + 1 steps: pipelined continuations
             draft = StaticOrtModel(model_dir / "draft", dev, cache_length=cache_length,
                                    graph_steps=(1, 2), cuda_graph=graphs,
-                                   chain_length=max_gamma + 1)
+                                   chain_length=max_gamma + 1, attention=kernel)
         return LoadedPair(path, str(dev), target, draft, Runner(target, draft),
-                          {"device_note": note, "cuda_graph": graphs,
+                          {"device_note": note, "cuda_graph": graphs, "attention": kernel,
                            "cache_length": target.max_length,
                            "loop": "Generator (verify auto: argmax ids when greedy)"})
     raise ValueError(f"unknown path {path!r}")

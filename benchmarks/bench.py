@@ -44,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
     log,
     run_worker,
 )
+from quickdraft.ort_backend.device import ATTENTION_KERNELS  # noqa: E402
 
 PAIRS = ("trained", "1b", "7b", "tiny")
 SYSTEMS = ("qd-fast", "qd-generic", "genai", "genai-graph", "genai-spec", "hf",
@@ -158,6 +159,12 @@ def add_measure_options(ap: argparse.ArgumentParser, *, samplings: str) -> None:
                          "default) or the export's default (its max_cache_length)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast path without CUDA graphs")
+    ap.add_argument("--attention", default=None, choices=sorted(ATTENTION_KERNELS),
+                    help="fast path: GroupQueryAttention's CUDA kernel (default: "
+                         "load_pair's)")
+    ap.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
+                    help="fast path's export: gate and up projections as one MatMul "
+                         "(default: the export's)")
 
 
 def parse_measure_options(args: argparse.Namespace) -> None:
@@ -278,7 +285,7 @@ def qd_spec(a: argparse.Namespace, pair_dir: Path, path: str, controlled: bool) 
             "sampling_gammas": a.sampling_gammas,
             "pipelined": a.pipelined if path == "fast" else [],
             "shadow_keep_rates": a.shadow_keep_rates if path == "fast" else [],
-            "cuda_graph": not a.no_cuda_graph, "seed": 0}
+            "cuda_graph": not a.no_cuda_graph, "attention": a.attention, "seed": 0}
 
 
 class Bench:
@@ -303,6 +310,12 @@ class Bench:
             "sampling_gammas", "hf_gammas",
             "warmup", "repeats", "sweep_repeats", "cost_reps", "agreement", "smoke")}
         r["settings"]["cuda_graph"] = not args.no_cuda_graph
+        from quickdraft.export.builder import FUSE_GATE_UP
+        from quickdraft.ort_backend.device import DEFAULT_ATTENTION
+
+        r["settings"]["attention"] = args.attention or DEFAULT_ATTENTION
+        r["settings"]["fuse_gate_up"] = (FUSE_GATE_UP if args.fuse_gate_up is None
+                                         else args.fuse_gate_up)
         self.first_error = len(r["errors"])  # errors of earlier calls are not this call's
         self.save()
 
@@ -419,7 +432,7 @@ class Bench:
             return
         res = self.run_task("export", f"{name}/export-{path}", {
             "pair_dir": str(d), "path": path, "device": a.device,
-            "validate": a.export_validate})
+            "validate": a.export_validate, "fuse_gate_up": a.fuse_gate_up})
         if res is not None:
             self.pair_entry(name)["tasks"][f"export-{path}"] = {
                 k: res.get(k) for k in ("status", "wall_seconds", "export", "errors")}

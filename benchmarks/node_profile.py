@@ -156,8 +156,9 @@ def ort_profile(folder: Path, device, steps: list[int], past: int, warmup: int,
 
 
 def cuda_kernels(folder: Path, device, steps: list[int], past: int, warmup: int,
-                 repeats: int, bandwidth_gb_s: float | None) -> dict:
-    """Kernels the GPU ran per fast-path step (CUDA graphs on), from CUPTI."""
+                 repeats: int, bandwidth_gb_s: float | None, attention: str = "auto") -> dict:
+    """Kernels the GPU ran per fast-path step (CUDA graphs on, ``attention``'s
+    GroupQueryAttention kernel), from CUPTI."""
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
@@ -168,7 +169,8 @@ def cuda_kernels(folder: Path, device, steps: list[int], past: int, warmup: int,
     from quickdraft.ort_backend.generator import load_model
 
     weight_bytes = sum(node_weight_bytes(folder / "model.onnx").values())
-    model = load_model(folder, device, graph_steps=tuple(steps), cuda_graph=True)
+    model = load_model(folder, device, graph_steps=tuple(steps), cuda_graph=True,
+                       attention=attention)
     rng = np.random.default_rng(0)
     prefix = [int(t) for t in rng.integers(0, model.vocab_size, size=past)]
     out = {}

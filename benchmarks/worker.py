@@ -142,7 +142,8 @@ def task_export(spec: dict, rec: Record) -> None:
     out = pair / f"qd-{spec['path']}"
     rec.set("export", adapters.export(spec["path"], pair / "hf" / "target", pair / "hf" / "draft",
                                       out, device=spec["device"],
-                                      validate=bool(spec.get("validate"))))
+                                      validate=bool(spec.get("validate")),
+                                      fuse_gate_up=spec.get("fuse_gate_up")))
 
 
 def task_distill(spec: dict, rec: Record) -> None:
@@ -349,7 +350,7 @@ def task_qd(spec: dict, rec: Record) -> None:
     t0 = time.perf_counter()
     pair = adapters.load(path, model_dir, device=device, max_gamma=max_gamma,
                          cuda_graph=bool(spec.get("cuda_graph", True)),
-                         cache_length=cache_length)
+                         cache_length=cache_length, attention=spec.get("attention"))
     rec.set("load", {"seconds": round(time.perf_counter() - t0, 2), **pair.info,
                      "device": pair.device})
     rec.set("memory", mem.mark("loaded"))

@@ -518,3 +518,84 @@ def test_a_gamma_the_static_cache_cannot_hold_is_refused_naming_gamma(static_lla
 
     with pytest.raises(ValueError, match=f"use --gamma <= {EXPORT_CACHE - 2}"):
         load_pair(static_llama_pair, device="cpu", max_gamma=EXPORT_CACHE - 1)
+
+
+def _op_counts(folder):
+    import collections
+
+    import onnx
+
+    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
+    return collections.Counter(n.op_type for n in graph.node)
+
+
+def test_fused_gate_up_export_has_a_matmul_fewer_per_layer_and_the_same_logits(
+        hf_pair_dirs, tmp_path):
+    hf = hf_pair_dirs["target"]
+    fused = export_static_model(hf, tmp_path / "fused", max_length=128, steps=4,
+                                fuse_gate_up=True)
+    export_static_model(hf, tmp_path / "plain", max_length=128, validate=False,
+                        fuse_gate_up=False)
+    layers = fused.manifest.num_layers
+    assert _op_counts(tmp_path / "plain")["MatMul"] - _op_counts(tmp_path / "fused")[
+        "MatMul"] == layers
+    assert fused.manifest.validation["static_diff_over_tolerance"] < 1
+    ids = [int(t) for t in np.random.default_rng(4).integers(0, 512, 20)]
+    got = StaticOrtModel(tmp_path / "fused", graph_steps=(1, 5)).new_state().append(ids)
+    assert np.abs(got - torch_logits(hf, ids)).max() < 1e-4
+
+
+def test_gate_up_fusion_is_refused_outside_the_static_export(hf_pair_dirs, tmp_path, capsys):
+    from quickdraft.export import export_pair
+
+    with pytest.raises(ValueError, match="fuse_gate_up.*static"):
+        export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], tmp_path / "out",
+                    fuse_gate_up=True)
+    assert cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
+                     str(hf_pair_dirs["draft"]), "--out", str(tmp_path / "cli"),
+                     "--fuse-gate-up"]) == 1
+    assert "fuse_gate_up" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+
+
+def test_an_attention_kernel_is_checked_and_scoped_to_session_creation(static_pair,
+                                                                       monkeypatch):
+    from quickdraft.ort_backend import device as qd_device
+
+    with pytest.raises(ValueError, match="attention must be one of auto, xqa"):
+        StaticOrtModel(static_pair / "target", attention="fast")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        load_pair(static_pair, attention="XQA")
+    monkeypatch.setenv("ORT_ENABLE_XQA", "7")
+    monkeypatch.delenv("ORT_ENABLE_CUDNN_FLASH_ATTENTION", raising=False)
+    with qd_device.attention_environment("cudnn"):
+        assert qd_device.os.environ["ORT_ENABLE_XQA"] == "0"
+        assert qd_device.os.environ["ORT_ENABLE_CUDNN_FLASH_ATTENTION"] == "1"
+    assert qd_device.os.environ["ORT_ENABLE_XQA"] == "7"  # restored, also when absent before
+    assert "ORT_ENABLE_CUDNN_FLASH_ATTENTION" not in qd_device.os.environ
+    with pytest.raises(RuntimeError), qd_device.attention_environment("flash"):
+        raise RuntimeError("a failed session")
+    assert qd_device.os.environ["ORT_ENABLE_XQA"] == "7"
+    # on the CPU the choice names no kernel: the environment is left as it is
+    import onnxruntime as ort
+
+    seen, session = [], ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        seen.append(qd_device.os.environ.get("ORT_ENABLE_XQA"))
+        if kwargs["providers"][0] == "CPUExecutionProvider":
+            return session(*args, **kwargs)
+
+        class Started:  # a CUDA session as create_session sees one
+            def get_providers(self):
+                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return Started()
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    model = StaticOrtModel(static_pair / "target", attention="cudnn")
+    assert model.attention == "cudnn" and seen == ["7"]
+    # on CUDA the session is made inside the kernel's environment
+    monkeypatch.setattr(qd_device, "cuda_problem", lambda: None)
+    qd_device.create_session(b"", qd_device.Device("cuda"), attention="cudnn")
+    qd_device.create_session(b"", qd_device.Device("cuda"))
+    assert seen == ["7", "0", "7"]

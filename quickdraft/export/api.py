@@ -257,6 +257,17 @@ def _check_steps(steps) -> None:
                          f"compares with the source), got {steps!r}")
 
 
+def _fusion(fuse_gate_up: bool | None) -> dict:
+    """The static export's keyword for ``fuse_gate_up`` (none: its default)."""
+    return {} if fuse_gate_up is None else {"fuse_gate_up": bool(fuse_gate_up)}
+
+
+def _check_fusion(kind: str, fuse_gate_up: bool | None) -> None:
+    if fuse_gate_up:
+        raise ValueError(f"fuse_gate_up is a setting of the static export's graph builder, "
+                         f"not of a {kind} export: use kv_cache='static' or leave it unset")
+
+
 def export_model(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -270,6 +281,7 @@ def export_model(
     overwrite: bool = False,
     progress: Progress | None = None,
     role: str = "model",
+    fuse_gate_up: bool | None = None,
 ) -> ModelReport:
     """Export one causal LM to ``out_dir`` (model.onnx, tokenizer files, quickdraft.json).
 
@@ -284,6 +296,9 @@ def export_model(
     weights, fp32 caches on the CPU, fp16 on CUDA). Written to a staging folder next to ``out_dir``
     and renamed into place, so a failed or interrupted export leaves nothing at ``out_dir``.
     ``overwrite`` replaces a previous export, never a folder of other files.
+    ``fuse_gate_up`` (static only; None: the builder's default there,
+    :data:`quickdraft.export.builder.FUSE_GATE_UP`): each gated MLP's gate and up
+    projections as one MatMul.
     """
     _check_steps(steps)
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
@@ -291,7 +306,8 @@ def export_model(
         from quickdraft.export.builder import export_static_model
 
         return export_static_model(src, out_dir, dtype, device, max_length, role=role,
-                                   **options)
+                                   **options, **_fusion(fuse_gate_up))
+    _check_fusion(kv_cache, fuse_gate_up)
     _check_dynamic(kv_cache, dtype, device, validate, max_length)
     prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
                                 validate=validate, steps=steps, progress=progress)
@@ -313,6 +329,7 @@ def export_pair(
     overwrite: bool = False,
     progress: Progress | None = None,
     draft_draft: str | os.PathLike | None = None,
+    fuse_gate_up: bool | None = None,
 ) -> ExportReport:
     """Export a target and a draft model to ``out/target`` and ``out/draft``, and
     ``draft_draft`` (the draft's own draft, for hierarchical speculative decoding: the
@@ -324,18 +341,21 @@ def export_pair(
     cache length, by default the smallest context). Checks first (before any export) that
     all are exportable causal LMs sharing one vocabulary. The whole of ``out`` appears at
     once when every export and its validation succeeded; on failure nothing is left
-    behind.
+    behind. ``fuse_gate_up`` as for :func:`export_model`.
     """
     _check_steps(steps)
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
                    draft_draft=draft_draft)
+    if kv_cache != "static" or dtype == "int8":
+        _check_fusion("dynamic" if kv_cache != "static" else "int8", fuse_gate_up)
     if dtype == "int8":  # int8 storage of fp32 weights: quickdraft.export.int8
         return _export_pair_int8(target, draft, out, device=device, kv_cache=kv_cache,
                                  max_length=max_length, **options)
     if kv_cache == "static":
         from quickdraft.export.builder import export_static_pair
 
-        return export_static_pair(target, draft, out, dtype, device, max_length, **options)
+        return export_static_pair(target, draft, out, dtype, device, max_length, **options,
+                                  **_fusion(fuse_gate_up))
     _check_dynamic(kv_cache, dtype, device, validate, max_length)
     prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
                                 validate=validate, steps=steps, progress=progress)

@@ -84,6 +84,8 @@ INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = {"cpu": 4}
 QUANTIZED_OP = "MatMulNBits"
 BUILDER_TIMEOUT_S = 3600
+# static exports fuse each gated MLP's gate and up projections into one MatMul by default
+FUSE_GATE_UP = False
 EXPORTER = "onnxruntime-genai model builder"
 ATTENTION = "GroupQueryAttention"
 BUILDER_PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnx-ir")
@@ -469,8 +471,9 @@ def cache_length(infos: Sequence[SourceInfo], max_length: int | None) -> int:
 
 def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
                 cache_length: int, validate: bool, steps: int, progress,
-                label: str) -> ModelManifest:
-    """Build, describe and validate the static graph of ``info`` in the empty ``folder``."""
+                label: str, fuse_gate_up: bool = False) -> ModelManifest:
+    """Build, describe and validate the static graph of ``info`` in the empty ``folder``;
+    ``fuse_gate_up``: each gated MLP's gate and up projections as one MatMul."""
     length = cache_length
     emit(progress, f"{label}: building a static {dtype} graph of {info.source} "
                     f"({info.model_type}) with onnxruntime-genai's model builder")
@@ -478,7 +481,8 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     cache = Path(tempfile.mkdtemp(prefix="quickdraft-builder-"))
     try:
         run_builder(info.folder if info.is_local else info.source, folder, dtype=dtype,
-                    device=device, cache_dir=cache, local=info.is_local)
+                    device=device, cache_dir=cache, local=info.is_local,
+                    extra_options=builder_options(fuse_gate_up))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     if not (folder / MODEL_FILE).is_file() or not (folder / "genai_config.json").is_file():
@@ -511,8 +515,15 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     return manifest
 
 
+def builder_options(fuse_gate_up: bool) -> dict[str, str]:
+    """The builder's extra options for quickdraft's settings. The builder tests the option's
+    presence, not its value, so an unset option is left out; an MLP without a gate (GPT-2's
+    fc layers) ignores it."""
+    return {"fuse_mlp_gate_up": "true"} if fuse_gate_up else {}
+
+
 def _static_options(dtype: str, device: str, max_length: int | None, validate: bool,
-                    steps: int, progress: Progress | None):
+                    steps: int, progress: Progress | None, fuse_gate_up: bool = False):
     """Check the options; return ``precheck`` and ``prepare`` for :mod:`.output`."""
     check_options(dtype, device)
     check_max_length(max_length)
@@ -528,7 +539,8 @@ def _static_options(dtype: str, device: str, max_length: int | None, validate: b
             check_source(info)
         length = cache_length(infos, max_length)  # refused before the builder runs
         return functools.partial(export_into, dtype=dtype, device=device, cache_length=length,
-                                 validate=validate, steps=steps, progress=progress)
+                                 validate=validate, steps=steps, progress=progress,
+                                 fuse_gate_up=bool(fuse_gate_up))
 
     return precheck, prepare
 
@@ -545,10 +557,13 @@ def export_static_model(
     overwrite: bool = False,
     progress: Progress | None = None,
     role: str = "model",
+    fuse_gate_up: bool = FUSE_GATE_UP,
 ) -> ModelReport:
     """:func:`quickdraft.export.export_model` with ``kv_cache="static"``: one causal LM as
-    a static-cache graph; ``max_length`` is its cache length (default: its context)."""
-    precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress)
+    a static-cache graph; ``max_length`` is its cache length (default: its context);
+    ``fuse_gate_up``: gate and up projections as one MatMul (same weights, same math)."""
+    precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress,
+                                        fuse_gate_up)
     return run_model(hf_dir, out_dir, prepare=prepare, precheck=precheck, overwrite=overwrite,
                      progress=progress, role=role)
 
@@ -566,11 +581,13 @@ def export_static_pair(
     overwrite: bool = False,
     progress: Progress | None = None,
     draft_draft: str | os.PathLike | None = None,
+    fuse_gate_up: bool = FUSE_GATE_UP,
 ) -> ExportReport:
     """:func:`quickdraft.export.export_pair` with ``kv_cache="static"``: the models (with
     ``draft_draft``, if given) share one cache length ``max_length`` (default: the
-    smallest context)."""
-    precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress)
+    smallest context); ``fuse_gate_up`` as for :func:`export_static_model`."""
+    precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress,
+                                        fuse_gate_up)
     return run_pair(target, draft, out, prepare=prepare, precheck=precheck,
                     overwrite=overwrite, progress=progress, draft_draft=draft_draft)
 

@@ -56,6 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "one preallocated buffer per layer (onnxruntime-genai's builder)")
     p.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                    help="static caches: tokens each cache holds (default: the models' context)")
+    p.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
+                   help="static caches: each gated MLP's gate and up projections as one "
+                   "MatMul (default: the builder's default in quickdraft)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds a previous quickdraft export")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
@@ -104,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=progress,
         draft_draft=args.draft_draft,
+        fuse_gate_up=args.fuse_gate_up,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

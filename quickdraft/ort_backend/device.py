@@ -6,9 +6,15 @@ the caller (the CLI prints it on stderr).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from dataclasses import dataclass
 
 __all__ = [
+    "ATTENTION_KERNELS",
+    "DEFAULT_ATTENTION",
+    "check_attention",
     "DEVICES",
     "CudaUnavailableError",
     "Device",
@@ -19,6 +25,18 @@ __all__ = [
 ]
 
 DEVICES = ("auto", "cuda", "cpu")
+
+# GroupQueryAttention's CUDA kernel -> the environment ONNX Runtime reads when a session's
+# kernels are made (no session or provider option selects XQA)
+ATTENTION_KERNELS: dict[str, dict[str, str]] = {
+    "auto": {},  # the environment as it is: onnxruntime picks (XQA for fp16 decode steps)
+    "xqa": {"ORT_ENABLE_XQA": "1"},  # TensorRT-LLM's decode kernel; other steps as "auto"
+    "cudnn": {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"},  # cuDNN SDPA
+    "flash": {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0",
+              "ORT_DISABLE_FLASH_ATTENTION": "0"},  # onnxruntime's flash attention
+}
+DEFAULT_ATTENTION = "auto"  # load_pair's kernel
+_environment_lock = threading.Lock()  # the process environment is shared by all threads
 
 _preloaded = False
 
@@ -123,9 +141,40 @@ def helper_options():
     return session_options(threads=1)
 
 
+def check_attention(attention: str) -> str:
+    """``attention`` if it names one of :data:`ATTENTION_KERNELS`, else a ValueError."""
+    if not isinstance(attention, str) or attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)} (the "
+                         f"CUDA kernel of GroupQueryAttention), got {attention!r}")
+    return attention
+
+
+@contextlib.contextmanager
+def attention_environment(attention: str):
+    """The process environment with ``attention``'s settings while a session is made,
+    restored after; one session at a time."""
+    changes = ATTENTION_KERNELS[check_attention(attention)]
+    if not changes:
+        yield
+        return
+    with _environment_lock:
+        saved = {k: os.environ.get(k) for k in changes}
+        os.environ.update(changes)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def create_session(model, device: Device, options=None, cuda_options: dict | None = None,
-                   name: str | None = None):
-    """An ``InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
+                   name: str | None = None, attention: str = "auto"):
+    """An ``InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``;
+    on CUDA its GroupQueryAttention nodes use ``attention``'s kernel
+    (:data:`ATTENTION_KERNELS`).
 
     Raises :class:`CudaUnavailableError` when CUDA is asked for but its execution provider
     is missing or does not start, and RuntimeError (naming ``name`` or the path) when ONNX
@@ -139,10 +188,12 @@ def create_session(model, device: Device, options=None, cuda_options: dict | Non
         if problem is not None:
             raise CudaUnavailableError(f"CUDA was requested but {problem}")
     source = model if isinstance(model, bytes) else str(model)
+    check_attention(attention)
     try:
-        session = ort.InferenceSession(
-            source, sess_options=options if options is not None else session_options(),
-            providers=device.provider_list(cuda_options))
+        with attention_environment(attention if device.kind == "cuda" else "auto"):
+            session = ort.InferenceSession(
+                source, sess_options=options if options is not None else session_options(),
+                providers=device.provider_list(cuda_options))
     except Exception as e:  # ORT raises its own exception types
         raise RuntimeError(
             f"onnxruntime could not load {what} on {device}: {type(e).__name__}: {e}"

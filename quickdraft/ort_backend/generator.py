@@ -35,8 +35,10 @@ from quickdraft.generation import (
 )
 from quickdraft.manifest import GREEDY_OUTPUT, KV_CACHES, load_manifest
 from quickdraft.ort_backend.device import (
+    DEFAULT_ATTENTION,
     CudaUnavailableError,
     Device,
+    check_attention,
     resolve_device,
     session_options,
 )
@@ -99,24 +101,27 @@ def _check_verify(verify: str) -> None:
 
 def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
                graph_steps: Sequence[int] = (1,), cuda_graph: bool = False,
-               chain_length: int = 0, lanes: int = 0, options=None):
+               chain_length: int = 0, lanes: int = 0, options=None,
+               attention: str = "auto"):
     """The loaded model for an exported folder, by its manifest's ``kv_cache``:
     :class:`OrtModel` (dynamic) or :class:`StaticOrtModel` (static; ``graph_steps`` get
     fixed bindings, captured as CUDA graphs with ``cuda_graph`` on CUDA, its states can
     launch greedy chains of up to ``chain_length`` steps, and ``lanes`` of them are
-    scored in one call). ``lanes`` needs a static export."""
+    scored in one call; ``attention``: its GroupQueryAttention's CUDA kernel, one of
+    :data:`~quickdraft.ort_backend.device.ATTENTION_KERNELS`). ``lanes`` needs a static
+    export."""
     m = load_manifest(folder)
     kind = m.kv_cache
     if kind == "static":
         return StaticOrtModel(folder, device, graph_steps=graph_steps,
                               cuda_graph=bool(cuda_graph and device.kind == "cuda"),
                               chain_length=chain_length if GREEDY_OUTPUT in m.output_names
-                              else 0, lanes=lanes, options=options)
+                              else 0, lanes=lanes, options=options, attention=attention)
     if lanes > 1:
         raise ValueError(f"{folder}: lanes (several sequences in one target call) need a "
                          "static export: export with --kv-cache static")
     if kind == "dynamic":
-        return OrtModel(folder, device, options=options)
+        return OrtModel(folder, device, options=options, attention=attention)
     raise ModelFolderError(
         f"{folder}: kv_cache {kind!r} in the manifest is none of {', '.join(KV_CACHES)}; "
         "re-export the model"
@@ -498,7 +503,7 @@ def _eos_ids(manifest) -> frozenset[int]:
 def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: int = 0,
               draft: bool = True, cuda_graph: bool = True, max_gamma: int = DEFAULT_MAX_GAMMA,
               draft_threads: int | None = DEFAULT_DRAFT_THREADS, lanes: int = 0,
-              draft_lanes: bool = True) -> Pair:
+              draft_lanes: bool = True, attention: str = DEFAULT_ATTENTION) -> Pair:
     """Load ``model_dir/target`` (and ``model_dir/draft``) written by ``quickdraft export``,
     dynamic or static caches alike (:func:`load_model`), with the tokenizer.
 
@@ -512,8 +517,11 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
     ``lanes`` >= 2: the target scores that many sequences' proposals in one call
     (:meth:`StaticOrtModel.score_lanes`; a static export), and, with ``draft_lanes``, the
     draft runs that many sequences' greedy proposals as one chain
-    (:meth:`StaticOrtModel.chain_lanes`); the server batches with them.
+    (:meth:`StaticOrtModel.chain_lanes`); the server batches with them. ``attention``: the
+    CUDA kernel of every model's GroupQueryAttention
+    (:data:`~quickdraft.ort_backend.device.ATTENTION_KERNELS`).
     """
+    check_attention(attention)
     if not _is_int(lanes) or lanes < 0:
         raise ValueError(f"lanes must be an integer >= 0, got {lanes!r}")
     if not _is_int(max_gamma) or max_gamma < 1:
@@ -554,7 +562,7 @@ def load_pair(model_dir: str | os.PathLike, *, device: str = "auto", device_id: 
         return load_model(root / role, where, graph_steps=steps, cuda_graph=cuda_graph,
                           chain_length=chain, lanes=lanes if role == "target" or (
                               role == "draft" and draft_lanes) else 0,
-                          options=options)
+                          options=options, attention=attention)
 
     note = None
     if device == "auto" and manifest.execution_provider == "cpu":

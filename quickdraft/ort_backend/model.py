@@ -26,6 +26,7 @@ from quickdraft.manifest import (
 from quickdraft.ort_backend.binding import Binder, python_ortvalue
 from quickdraft.ort_backend.device import (
     Device,
+    check_attention,
     create_session,
     helper_options,
     session_options,
@@ -69,8 +70,9 @@ class ExportedModel:
     MEM_PATTERN = False
 
     def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
-                 options=None, cuda_options: dict | None = None):
+                 options=None, cuda_options: dict | None = None, attention: str = "auto"):
         self.folder = Path(folder)
+        self.attention = check_attention(attention)  # GroupQueryAttention's CUDA kernel
         self.manifest: ModelManifest = load_manifest(self.folder, error=self.ERROR)
         self.device = device
         self._check_manifest()
@@ -79,7 +81,8 @@ class ExportedModel:
         if self.manifest.weights == "int8":  # fold the int8 matrices to fp32 at load
             self.options.add_session_config_entry(INT8_FOLD_OPTION, "1")
         path = self._model_path
-        self.session = create_session(path, device, self.options, cuda_options)
+        self.session = create_session(path, device, self.options, cuda_options,
+                                      attention=self.attention)
         _check_graph(self.manifest, self.session, self.folder, self.ERROR)
         self.past_names = self.manifest.past_names()
         self.present_names = self.manifest.present_names()
@@ -131,10 +134,10 @@ class OrtModel(ExportedModel):
     """
 
     def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
-                 options=None):
+                 options=None, attention: str = "auto"):
         import onnxruntime as ort
 
-        super().__init__(folder, device, options)
+        super().__init__(folder, device, options, attention=attention)
         m = self.manifest
         self._elem_type = ONNX_ELEMENT_TYPES[m.dtype]
         kind, dev_id = device.kind, device.device_id

@@ -64,6 +64,9 @@ class StaticOrtModel(ExportedModel):
             much shorter. 0 or 1: none.
         provider_options: extra CUDA execution provider options (strings), merged over
             ``device_id`` and ``enable_cuda_graph``.
+        attention: GroupQueryAttention's CUDA kernel, one of
+            :data:`~quickdraft.ort_backend.device.ATTENTION_KERNELS` ("auto": onnxruntime's
+            choice), for every session of the model.
         options (onnxruntime.SessionOptions | None): the session's options (default:
             quickdraft's).
 
@@ -93,12 +96,13 @@ class StaticOrtModel(ExportedModel):
         lanes: int = 0,
         provider_options: dict | None = None,
         options=None,
+        attention: str = "auto",
     ):
         if cuda_graph and device.kind != "cuda":
             raise ValueError("cuda_graph needs device cuda (CUDA graphs are a CUDA feature)")
         cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
         cuda_options.update(provider_options or {})
-        super().__init__(folder, device, options, cuda_options)
+        super().__init__(folder, device, options, cuda_options, attention)
         self._cuda_options = cuda_options
         # (sampling, compute) -> [the model with its draw appended, graph ids handed out]
         self._sampled: dict[tuple, list] = {}
@@ -323,7 +327,7 @@ class StaticOrtModel(ExportedModel):
                                             compute=compute)
                 entry = self._sampled[key] = [create_session(
                     proto.SerializeToString(), self.device, self.options, self._cuda_options,
-                    name=f"{self.folder} with its draw appended"), 0]
+                    name=f"{self.folder} with its draw appended", attention=self.attention), 0]
             entry[1] += steps
             return entry[0], entry[1] - steps + 1
 
@@ -547,7 +551,8 @@ class _Lanes:
         options.add_session_config_entry(EXTERNAL_FOLDER_OPTION, str(model.model_path.parent))
         self.session = create_session(proto.SerializeToString(), model.device, options,
                                       model._cuda_options,
-                                      name=f"{model.folder} in {count} lanes")
+                                      name=f"{model.folder} in {count} lanes",
+                                      attention=model.attention)
         self._positions = np.arange(model.cache_length)  # [T]
         self.steps = {k: _LaneStep(self, k, LANES_GRAPH_IDS + i)
                       for i, k in enumerate(model.graph_steps)}

@@ -1,0 +1,256 @@
+"""What a target step costs under variants of its graph and of its attention kernel.
+
+    python benchmarks/target_step.py HF_TARGET --work DIR \\
+        [--runs plain/xqa,plain/cudnn,gate_up/xqa,...] [--rounds 2] [--json OUT.json]
+
+Exports ``HF_TARGET`` (a Hugging Face folder) as a static fp16 CUDA graph (``plain``, the
+export's default) and builds variants of the same weights:
+
+* ``gate_up``: the model builder's ``fuse_mlp_gate_up``: each MLP's gate and up
+  projections as one MatMul and a Split (four matrix products per layer, not five);
+* ``trans_b``: every MatMul whose weight is an initializer [K, N] becomes a
+  ``com.microsoft.FusedMatMul`` with ``transB=1`` over the weight stored as [N, K], so
+  cuBLAS reads each output's weights as one contiguous row.
+
+Each ``VARIANT/KERNEL`` of ``--runs`` (KERNEL: GroupQueryAttention's CUDA kernel, one of
+``quickdraft.ort_backend.device.ATTENTION_KERNELS``, the models' ``attention`` option) runs
+in its own process, the runs in turn in each of ``--rounds`` rounds. A process times 1-
+and ``--gamma + 1``-token steps (CUDA graphs on, greedy ids to the host, each step rewound
+so every step sees ``--past`` cached tokens), records the GPU's kernels in the first round
+(``node_profile.cuda_kernels``), and decodes ``--check-steps`` greedy tokens and one step's
+logits, compared with the first run's. A run whose result file is in ``--work`` is not run
+again: a call cut short resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import dump_json, environment, log  # noqa: E402
+from quickdraft.ort_backend.device import ATTENTION_KERNELS  # noqa: E402
+
+VARIANTS = ("plain", "gate_up", "trans_b")
+RUNS = "plain/xqa,plain/cudnn,plain/flash,gate_up/xqa,gate_up/cudnn,trans_b/xqa"
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+
+
+# --device -> the export's dtype
+DTYPE = {"cuda": "fp16", "cpu": "fp32"}
+
+
+def export_plain(hf: Path, out: Path, max_length: int, device: str) -> None:
+    from quickdraft.export.builder import export_static_model
+
+    export_static_model(hf, out, dtype=DTYPE[device], device=device, max_length=max_length,
+                        validate=False)
+
+
+def build_gate_up(hf: Path, plain: Path, out: Path, device: str) -> None:
+    """The builder's graph with gate and up fused, beside the plain export's manifest."""
+    from quickdraft.export.builder import run_builder
+    from quickdraft.export.greedy import add_greedy_output
+
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as tmp:
+        run_builder(hf, tmp, dtype=DTYPE[device], device=device, cache_dir=cache,
+                    extra_options={"fuse_mlp_gate_up": "true"})
+        _copy_beside(plain, out)
+        for name in (MODEL_FILE, DATA_FILE):
+            shutil.move(os.path.join(tmp, name), out / name)
+    vocab = json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"]
+    add_greedy_output(out / MODEL_FILE, int(vocab))
+
+
+def build_trans_b(plain: Path, out: Path) -> int:
+    """The plain graph with each initializer MatMul as FusedMatMul(transB=1) over W^T;
+    returns how many were rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(plain / MODEL_FILE)  # with its external data
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2:
+            continue
+        w = numpy_helper.to_array(init)  # [K, N]
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), init.name))  # [N, K]
+        node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+        node.attribute.extend([helper.make_attribute("transA", 0),
+                               helper.make_attribute("transB", 1),
+                               helper.make_attribute("alpha", 1.0)])
+        done += 1
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _copy_beside(plain, out)
+    onnx.save(model, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
+    return done
+
+
+def _copy_beside(plain: Path, out: Path) -> None:
+    """Every file of the plain export but its graph and weights (manifest, tokenizer)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in plain.iterdir():
+        if f.is_file() and f.name not in (MODEL_FILE, DATA_FILE):
+            shutil.copy2(f, out / f.name)
+
+
+def measure(folder: Path, device_kind: str, steps: list[int], past: int, repeats: int,
+            check_steps: int, attention: str, kernels: bool) -> dict:
+    """Run in a child process: step times, greedy tokens and logits of ``folder`` (and its
+    kernels with ``kernels`` on CUDA)."""
+    from benchmarks.node_profile import cuda_kernels
+    from quickdraft.ort_backend.device import Device
+    from quickdraft.ort_backend.generator import load_model
+
+    device = Device(device_kind)
+    t0 = time.perf_counter()
+    model = load_model(folder, device, graph_steps=tuple(steps),
+                       cuda_graph=device_kind == "cuda", attention=attention)
+    rec: dict = {"load_s": round(time.perf_counter() - t0, 1), "step_ms": {}}
+    rng = np.random.default_rng(0)
+    prefix = [int(t) for t in rng.integers(0, model.vocab_size, size=past)]
+    state = model.new_state()
+    try:
+        state.append(prefix)
+        for k in steps:
+            ids = [int(t) for t in rng.integers(0, model.vocab_size, size=k)]
+            times = []
+            for i in range(3 + repeats):
+                t0 = time.perf_counter()
+                state.append_greedy(ids)
+                if i >= 3:
+                    times.append((time.perf_counter() - t0) * 1e3)
+                state.rewind(past)
+            rec["step_ms"][str(k)] = {"median": round(statistics.median(times), 4),
+                                      "min": round(min(times), 4)}
+        logits = state.append(prefix[:5])  # [5, V]
+        state.rewind(past)
+        tokens, last = [], prefix[-1:]
+        for _ in range(check_steps):
+            last = [int(state.append_greedy(last)[-1])]
+            tokens.append(last[0])
+        rec["tokens"] = tokens
+        rec["logits"] = logits.astype(np.float32).tolist()
+    finally:
+        state.close()
+    del model
+    rec["kernels"] = (cuda_kernels(folder, device, steps, past, 3, 10, 4240.0, attention)
+                      if kernels and device_kind == "cuda" else {})
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("hf", type=Path, help="the Hugging Face target folder")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--runs", default=RUNS, help="comma list of VARIANT/KERNEL")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--past", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--check-steps", type=int, default=24)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--device", choices=sorted(DTYPE), default="cuda")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-attention", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--child-kernels", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    steps = [1, args.gamma + 1]
+    if args.child is not None:  # one measurement, written to --json
+        dump_json(args.json, measure(args.child, args.device, steps, args.past, args.repeats,
+                                     args.check_steps, args.child_attention,
+                                     args.child_kernels))
+        return
+    pairs = [tuple(r.split("/")) for r in args.runs.split(",")]
+    for r in pairs:
+        if len(r) != 2 or r[0] not in VARIANTS or r[1] not in ATTENTION_KERNELS:
+            raise SystemExit(f"--runs: {'/'.join(r)!r} is not VARIANT/KERNEL with VARIANT "
+                             f"one of {', '.join(VARIANTS)} and KERNEL one of "
+                             f"{', '.join(ATTENTION_KERNELS)}")
+    variants = list(dict.fromkeys(v for v, _ in pairs))
+    work = args.work
+    folders = {v: work / v for v in VARIANTS}
+    built = {}
+    t0 = time.perf_counter()
+    if not (folders["plain"] / MODEL_FILE).is_file():
+        export_plain(args.hf, folders["plain"], args.max_length, args.device)
+    built["plain"] = round(time.perf_counter() - t0, 1)
+    if "gate_up" in variants and not (folders["gate_up"] / MODEL_FILE).is_file():
+        t0 = time.perf_counter()
+        build_gate_up(args.hf, folders["plain"], folders["gate_up"], args.device)
+        built["gate_up"] = round(time.perf_counter() - t0, 1)
+    if "trans_b" in variants and not (folders["trans_b"] / MODEL_FILE).is_file():
+        t0 = time.perf_counter()
+        built["trans_b_rewritten"] = build_trans_b(folders["plain"], folders["trans_b"])
+        built["trans_b"] = round(time.perf_counter() - t0, 1)
+    log(f"built {built}")
+    runs = []
+    for r in range(args.rounds):
+        for v, a in pairs:
+            out = work / f"run_{r}_{v}_{a}.json"
+            row = {"round": r, "variant": v, "attention": a}
+            if not out.is_file():
+                cmd = [sys.executable, __file__, str(args.hf), "--work", str(work),
+                       "--child", str(folders[v]), "--json", str(out), "--device",
+                       args.device, "--gamma", str(args.gamma), "--past", str(args.past),
+                       "--repeats", str(args.repeats), "--check-steps",
+                       str(args.check_steps), "--child-attention", a,
+                       *(["--child-kernels"] if r == 0 else [])]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    row["error"] = "\n".join((done.stdout + done.stderr).splitlines()[-6:])
+            if out.is_file():
+                row.update(json.loads(out.read_text()))
+            runs.append(row)
+            log(f"{v}/{a} round {r}: {row.get('step_ms', row.get('error'))}")
+    base = next((x for x in runs if "tokens" in x), None)
+    summary = []
+    for v, a in pairs:
+        rows = [x for x in runs if x["variant"] == v and x["attention"] == a
+                and "step_ms" in x]
+        if not rows:
+            continue
+        s = {"variant": v, "attention": a}
+        for k in steps:
+            s[f"ms_{k}"] = [x["step_ms"][str(k)]["median"] for x in rows]
+            kern = next((x["kernels"][str(k)] for x in rows
+                         if str(k) in x.get("kernels", {})), {})
+            s[f"kernels_{k}"] = kern.get("kernels_per_step")
+            s[f"gpu_us_{k}"] = kern.get("gpu_us_per_step")
+        if base is not None:
+            s["tokens_equal"] = all(x["tokens"] == base["tokens"] for x in rows)
+            s["max_logit_diff"] = max(float(np.max(np.abs(np.asarray(x["logits"]) -
+                                                          np.asarray(base["logits"]))))
+                                      for x in rows)
+        summary.append(s)
+    for x in runs:
+        x.pop("logits", None)
+    result = {"command": " ".join(sys.argv), "environment": environment(), "built": built,
+              "summary": summary, "runs": runs}
+    if args.json:
+        dump_json(args.json, result)
+    from tabulate import tabulate
+    print(tabulate(summary, headers="keys"))
+
+
+if __name__ == "__main__":
+    main()
