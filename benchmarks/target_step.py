@@ -6,8 +6,9 @@
 Exports ``HF_TARGET`` (a Hugging Face folder) as a static fp16 CUDA graph (``plain``, the
 export's default) and builds variants of the same weights:
 
-* ``gate_up``: the model builder's ``fuse_mlp_gate_up``: each MLP's gate and up
-  projections as one MatMul and a Split (four matrix products per layer, not five);
+* ``gate_up``: the export's ``fuse_gate_up`` (the model builder's ``fuse_mlp_gate_up``):
+  each MLP's gate and up projections as one MatMul (four matrix products per layer, not
+  five);
 * ``trans_b``: every MatMul whose weight is an initializer [K, N] becomes a
   ``com.microsoft.FusedMatMul`` with ``transB=1`` over the weight stored as [N, K], so
   cuBLAS reads each output's weights as one contiguous row.
@@ -26,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,26 +51,12 @@ MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 DTYPE = {"cuda": "fp16", "cpu": "fp32"}
 
 
-def export_plain(hf: Path, out: Path, max_length: int, device: str) -> None:
+def export_plain(hf: Path, out: Path, max_length: int, device: str,
+                 fuse_gate_up: bool = False) -> None:
     from quickdraft.export.builder import export_static_model
 
     export_static_model(hf, out, dtype=DTYPE[device], device=device, max_length=max_length,
-                        validate=False)
-
-
-def build_gate_up(hf: Path, plain: Path, out: Path, device: str) -> None:
-    """The builder's graph with gate and up fused, beside the plain export's manifest."""
-    from quickdraft.export.builder import run_builder
-    from quickdraft.export.greedy import add_greedy_output
-
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as tmp:
-        run_builder(hf, tmp, dtype=DTYPE[device], device=device, cache_dir=cache,
-                    extra_options={"fuse_mlp_gate_up": "true"})
-        _copy_beside(plain, out)
-        for name in (MODEL_FILE, DATA_FILE):
-            shutil.move(os.path.join(tmp, name), out / name)
-    vocab = json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"]
-    add_greedy_output(out / MODEL_FILE, int(vocab))
+                        validate=False, fuse_gate_up=fuse_gate_up)
 
 
 def build_trans_b(plain: Path, out: Path) -> int:
@@ -189,20 +174,28 @@ def main() -> None:
     variants = list(dict.fromkeys(v for v, _ in pairs))
     work = args.work
     folders = {v: work / v for v in VARIANTS}
+    builds = {
+        "plain": lambda: export_plain(args.hf, folders["plain"], args.max_length, args.device),
+        "gate_up": lambda: export_plain(args.hf, folders["gate_up"], args.max_length,
+                                        args.device, fuse_gate_up=True),
+        "trans_b": lambda: {"rewritten": build_trans_b(folders["plain"], folders["trans_b"])},
+    }
     built = {}
-    t0 = time.perf_counter()
-    if not (folders["plain"] / MODEL_FILE).is_file():
-        export_plain(args.hf, folders["plain"], args.max_length, args.device)
-    built["plain"] = round(time.perf_counter() - t0, 1)
-    if "gate_up" in variants and not (folders["gate_up"] / MODEL_FILE).is_file():
-        t0 = time.perf_counter()
-        build_gate_up(args.hf, folders["plain"], folders["gate_up"], args.device)
-        built["gate_up"] = round(time.perf_counter() - t0, 1)
-    if "trans_b" in variants and not (folders["trans_b"] / MODEL_FILE).is_file():
-        t0 = time.perf_counter()
-        built["trans_b_rewritten"] = build_trans_b(folders["plain"], folders["trans_b"])
-        built["trans_b"] = round(time.perf_counter() - t0, 1)
+    for v in ["plain", *[v for v in variants if v != "plain"]]:  # trans_b reads plain
+        done_file = folders[v] / "built.json"
+        if not done_file.is_file():
+            t0 = time.perf_counter()
+            try:
+                info = builds[v]() or {}
+            except Exception as e:  # a variant that cannot be built is reported, not run
+                shutil.rmtree(folders[v], ignore_errors=True)
+                built[v] = {"error": f"{type(e).__name__}: {e}"[-600:]}
+                log(f"{v}: not built: {built[v]['error']}")
+                continue
+            dump_json(done_file, {**info, "seconds": round(time.perf_counter() - t0, 1)})
+        built[v] = json.loads(done_file.read_text())
     log(f"built {built}")
+    pairs = [(v, a) for v, a in pairs if "error" not in built[v]]
     runs = []
     for r in range(args.rounds):
         for v, a in pairs:

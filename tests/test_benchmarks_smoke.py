@@ -1155,7 +1155,7 @@ def test_target_step_variants_decode_as_the_plain_export(tmp_path, hf_pair_dirs)
     for s in result["summary"]:
         assert s["tokens_equal"] and s["max_logit_diff"] < 1e-3
         assert s["ms_1"][0] > 0 and s["ms_5"][0] > 0
-    assert result["built"]["trans_b_rewritten"] == 11  # 2 layers x 5 matrices + lm_head
+    assert result["built"]["trans_b"]["rewritten"] == 11  # 2 layers x 5 matrices + lm_head
     first = (tmp_path / "work" / "run_0_plain_auto.json").stat().st_mtime_ns
     assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
     assert (tmp_path / "work" / "run_0_plain_auto.json").stat().st_mtime_ns == first
