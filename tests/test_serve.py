@@ -632,9 +632,11 @@ def test_cli_registers_serve():
     from quickdraft.serve.cli import _settings
 
     args = build_parser().parse_args(["serve", "--port", "0", "--gamma", "3",
-                                      "--max-concurrency", "2", "--timeout", "5"])
+                                      "--max-concurrency", "2", "--timeout", "5",
+                                      "--attention", "cudnn"])
     settings = _settings(args)
     assert settings.gamma == 3 and settings.max_concurrency == 2 and settings.timeout == 5
+    assert settings.attention == "cudnn"
     assert settings.served_name() == MODEL and settings.resolved_device() == "cpu"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-concurrency", "0"])

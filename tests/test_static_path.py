@@ -496,6 +496,35 @@ def test_generate_cli_on_a_static_export(static_pair, capsys):
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_generate_and_serve_pass_the_attention_kernel_on(static_pair, capsys, monkeypatch):
+    from quickdraft.ort_backend import generator
+    from quickdraft.serve.app import Engine
+    from quickdraft.serve.settings import ServeSettings
+
+    seen, real = [], generator.load_pair
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attention"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "load_pair", spy)
+    base = ["generate", "--model-dir", static_pair, "--prompt", "def main(",
+            "--max-new-tokens", 8, "--device", "cpu", "--json"]
+    rc, out, _ = _cli(capsys, *base)
+    rc2, out2, _ = _cli(capsys, *base, "--attention", "cudnn")
+    assert rc == rc2 == 0 and seen == ["auto", "cudnn"]
+    assert json.loads(out2)["tokens"] == json.loads(out)["tokens"]  # the CPU has one kernel
+    with pytest.raises(SystemExit):
+        _cli(capsys, *base, "--attention", "fast")
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="attention must be one of auto, xqa"):
+        ServeSettings(attention="XQA")
+    monkeypatch.setattr("quickdraft.serve.app.load_pair", spy)
+    Engine.load(ServeSettings(model_dir=str(static_pair), device="cpu",
+                              attention="flash")).close()
+    assert seen[-1] == "flash"
+
+
 def test_export_cli_kv_cache_errors(hf_pair_dirs, tmp_path, capsys):
     base = ["export", "--target", hf_pair_dirs["target"], "--draft", hf_pair_dirs["draft"],
             "--out", tmp_path / "out"]

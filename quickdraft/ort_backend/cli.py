@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from quickdraft.drafters import DRAFTERS
+from quickdraft.ort_backend.device import ATTENTION_KERNELS, DEFAULT_ATTENTION
 
 __all__ = ["add_parser", "run"]
 
@@ -97,6 +98,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(verify="auto")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="static caches on CUDA: run the steps without capturing CUDA graphs")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
+                   help="CUDA: GroupQueryAttention's kernel (default %(default)s; auto is "
+                   "ONNX Runtime's own choice)")
     p.add_argument("--compare", action="store_true",
                    help="also run autoregressive decoding with the same settings and report "
                    "the speedup (on by default for the bundled pair)")
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"quickdraft generate: lenience {config.lenience} is LOSSY: the output does not "
               "follow the target's distribution exactly", file=sys.stderr)
     pair = load_pair(model_dir, device=device, draft=not args.autoregressive,
-                     cuda_graph=args.cuda_graph,
+                     cuda_graph=args.cuda_graph, attention=args.attention,
                      max_gamma=DEFAULT_MAX_GAMMA if gamma == "auto" else gamma)
     if pair.device_note:
         print(f"quickdraft generate: {pair.device_note}", file=sys.stderr)

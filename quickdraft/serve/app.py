@@ -289,7 +289,8 @@ class Engine:
         gamma = settings.resolved_gamma()
         most = max(DEFAULT_MAX_GAMMA, gamma if isinstance(gamma, int) else 0)
         pair = load_pair(settings.resolved_model_dir(), device=settings.resolved_device(),
-                         max_gamma=most, lanes=settings.resolved_lanes(),
+                         attention=settings.attention, max_gamma=most,
+                         lanes=settings.resolved_lanes(),
                          draft_lanes=settings.draft_lanes)
         return cls(settings, pair)
 

@@ -7,6 +7,7 @@ import sys
 
 from quickdraft.drafters import DRAFTERS
 from quickdraft.ort_backend.cli import _gamma
+from quickdraft.ort_backend.device import ATTENTION_KERNELS, DEFAULT_ATTENTION
 
 __all__ = ["add_parser", "run"]
 
@@ -63,6 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="port (default 8000; 0: any free port)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default) uses CUDA when available (the bundled pair: the CPU)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
+                   help="CUDA: GroupQueryAttention's kernel (default %(default)s; auto is "
+                   "ONNX Runtime's own choice)")
     p.add_argument("--gamma", type=_gamma, default=None, metavar="N|auto",
                    help="default draft tokens per iteration, or auto (default 5; 2 for the "
                    "bundled pair); a request's gamma field overrides it")
@@ -100,7 +104,8 @@ def _settings(args):
     from quickdraft.serve.settings import ServeSettings
 
     return ServeSettings(model_dir=args.model_dir, model_name=args.model_name,
-                         device=args.device, gamma=args.gamma, drafter=args.drafter,
+                         device=args.device, attention=args.attention, gamma=args.gamma,
+                         drafter=args.drafter,
                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                          lanes=args.lanes, draft_lanes=args.draft_lanes,
                          timeout=args.timeout,

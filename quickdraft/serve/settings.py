@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from quickdraft.ort_backend.device import DEFAULT_ATTENTION, check_attention
+
 __all__ = ["ServeSettings", "BUNDLED_MODEL_NAME", "MAX_AUTO_LANES"]
 
 BUNDLED_MODEL_NAME = "quickdraft-default"  # the served name of the bundled pair
@@ -31,6 +33,7 @@ class ServeSettings:
     model_dir: str | None = None
     model_name: str | None = None  # None: "quickdraft-default" or the folder's name
     device: str = "auto"
+    attention: str = DEFAULT_ATTENTION  # CUDA: GroupQueryAttention's kernel (ATTENTION_KERNELS)
     gamma: int | str | None = None
     drafter: str = "model"
     max_concurrency: int = 8  # streams decoded at once (each its own Generator and caches)
@@ -49,6 +52,7 @@ class ServeSettings:
 
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_attention(self.attention)
         if self.gamma is not None:
             _check_gamma(self.gamma)
         if self.drafter not in DRAFTERS:
