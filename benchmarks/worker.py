@@ -480,11 +480,13 @@ def task_qd(spec: dict, rec: Record) -> None:
             rec.set("pipelined", (rec.data.get("pipelined") or []) + [row])
             r = {k: _f(row.get(k)) for k in ("speedup", "sequential_tokens_per_s",
                                                "warm_share", "shadow_over_verify",
-                                               "hidden_share", "effective_c")}
+                                               "shadow_rate", "hidden_share",
+                                               "effective_c")}
             log(f"qd-{path} pipelined gamma {g} (min keep rate {row['min_keep_rate']}): "
                 f"{row['tokens_per_s']:.0f} tok/s, speedup "
                 f"{r['speedup']:.2f} (sequential {r['sequential_tokens_per_s']:.0f} tok/s), "
-                f"warm {r['warm_share']:.2f}, shadow / verify {r['shadow_over_verify']:.2f}, "
+                f"warm {r['warm_share']:.2f}, continuations {r['shadow_rate']:.2f}, "
+                f"shadow / verify {r['shadow_over_verify']:.2f}, "
                 f"hidden {r['hidden_share']:.2f}, effective c {r['effective_c']:.3f}, "
                 f"greedy equal {row['greedy_equal']}")
 
@@ -557,8 +559,11 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
 
     ``effective_c``: (iteration ms - the verify call alone) / (g x one target step): the
     draft's time the verification did not hide (host work included), in Theorem 3.8's
-    units. ``hidden_share``: of the continuation's L = g + 1 draft steps, the share that
-    did not lengthen the shadow beyond the verify call alone."""
+    units. ``shadow_rate``: s, the share of iterations that drafted a continuation (1
+    without a rule). ``hidden_share``: of one continuation's L = g + 1 draft steps, the
+    share that did not lengthen the shadow beyond the verify call alone. An iteration
+    without a continuation waits for the verify call alone, so the shadow's excess over
+    it, averaged over all iterations, is divided by s (None where s = 0)."""
     from quickdraft import theory
 
     def run_all():
@@ -578,6 +583,7 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
            "alpha": total("beta_sum") / max(1.0, total("beta_count")),
            "open_draft_calls": int(total("open_draft_calls")),
            "shadow_draft_calls": int(total("shadow_draft_calls")),
+           "shadow_rate": total("shadow_iterations") / iters,
            "iteration_ms": 1e3 * total("decode_s") / iters,
            "open_ms_per_iteration": 1e3 * total("open_s") / iters,
            "shadow_ms_per_iteration": 1e3 * total("shadow_s") / iters,
@@ -590,11 +596,13 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
         verify, step, draft = t_ms[g + 1], t_ms[1], d_ms[1]
         row["verify_ms_alone"], row["draft_step_ms_alone"] = verify, draft
         row["shadow_over_verify"] = row["shadow_ms_per_iteration"] / verify
-        extra = row["shadow_ms_per_iteration"] - verify
-        row["hidden_share"] = 1.0 - extra / ((g + 1) * draft)
+        share = row["shadow_rate"]
+        extra = row["shadow_ms_per_iteration"] - verify  # per iteration, continuation or not
+        row["hidden_share"] = 1.0 - extra / (share * (g + 1) * draft) if share > 0 else None
         row["effective_c"] = (row["iteration_ms"] - verify) / (g * step)
-        h = min(1.0, max(0.0, row["hidden_share"]))
-        th = theory.pipelined_walltime_improvement(row["alpha"], g, draft / step, h)
+        h = 0.0 if share == 0 else min(1.0, max(0.0, row["hidden_share"]))  # s = 0: unused
+        th = theory.pipelined_walltime_improvement(row["alpha"], g, draft / step, h,
+                                                   shadow_rate=share)
         row["theoretical_improvement"] = th
         if "speedup" in row:
             row["realized_over_theoretical"] = row["speedup"] / th

@@ -71,6 +71,7 @@ class PipelinedStats(IterationRates):
     pre_drafted_kept: int = 0  # continuation tokens kept: stand-in and next proposal
     pre_drafted_discarded: int = 0  # continuation tokens thrown away by a rejection
     warm_iterations: int = 0  # iterations whose proposal was pre-drafted (no draft wait)
+    shadow_iterations: int = 0  # iterations that drafted a continuation (L > 0)
     accepted_per_iteration: list[int] = field(default_factory=list)  # candidates kept
     checked_per_iteration: list[int] = field(default_factory=list)  # candidates, k + 1
     beta_per_position: list[float] = field(default_factory=list)  # at positions reached
@@ -86,6 +87,7 @@ class PipelinedStats(IterationRates):
         else:
             self.pre_drafted_discarded += step.pre_drafted
         self.warm_iterations += step.warm
+        self.shadow_iterations += step.pre_drafted > 0
         self.accepted_per_iteration.append(step.n_accepted)
         self.checked_per_iteration.append(step.checked)
         self.beta_per_position.extend(step.betas)
@@ -105,6 +107,12 @@ class PipelinedStats(IterationRates):
         return self.new_tokens / self.iterations if self.iterations else float("nan")
 
     @property
+    def shadow_rate(self) -> float:
+        """s, the share of iterations that drafted a continuation
+        (:func:`quickdraft.theory.pipelined_walltime_improvement`'s ``shadow_rate``)."""
+        return self.shadow_iterations / self.iterations if self.iterations else float("nan")
+
+    @property
     def acceptance_rate(self) -> float:
         """Accepted candidates over checked candidates (stand-ins included)."""
         checked = sum(self.checked_per_iteration)
@@ -122,6 +130,8 @@ class PipelinedStats(IterationRates):
             "pre_drafted_kept": self.pre_drafted_kept,
             "pre_drafted_discarded": self.pre_drafted_discarded,
             "warm_iterations": self.warm_iterations,
+            "shadow_iterations": self.shadow_iterations,
+            "shadow_rate": self.shadow_rate,
             "acceptance_rate": self.acceptance_rate,
             "alpha": self.alpha,
             "tokens_per_iteration": self.tokens_per_iteration,

@@ -992,6 +992,18 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
     h = min(1.0, max(0.0, piped["hidden_share"]))
     assert even["min_keep_rate"] == pytest.approx(min(1.0, (1 - h) * 3 / 2))
     assert ruled["shadow_draft_calls"] < piped["shadow_draft_calls"]
+    # s: every iteration drafts a continuation without a rule, some with one; the theory
+    # charges each its unhidden share, h measured per continuation
+    assert piped["shadow_rate"] == 1.0 and 0.0 < ruled["shadow_rate"] < 1.0
+    for r in (piped, ruled):
+        share = r["shadow_rate"]
+        assert r["hidden_share"] == pytest.approx(1.0 - (
+            r["shadow_ms_per_iteration"] - r["verify_ms_alone"]) / (
+            share * 3 * r["draft_step_ms_alone"]))
+        assert r["theoretical_improvement"] == pytest.approx(
+            theory.pipelined_walltime_improvement(
+                r["alpha"], 2, r["draft_step_ms_alone"] / t_ms[1],
+                min(1.0, max(0.0, r["hidden_share"])), shadow_rate=share))
     assert piped["tokens_per_s"] > 0 and 0.0 <= piped["warm_share"] <= 1.0
     assert piped["greedy_equal"] is None and piped["sequential_tokens_per_s"] == \
         row["spec"]["tokens_per_s"]

@@ -3,6 +3,7 @@ equality, the accounting of pre-drafted tokens, input checks."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -328,3 +329,151 @@ def test_lengths_follow_the_budget():
     assert pipeline_lengths(5, 4, 4) == (4, 1)  # the stand-in fills the budget
     assert pipeline_lengths(1, 4, None) == (0, 1)  # the stand-in alone
     assert pipeline_lengths(3, 1, 0) == (0, 2)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES) + ["plain"])
+def test_shadow_iterations_count_the_iterations_that_drafted_a_continuation(rule):
+    """s for the walltime (theory.pipelined_walltime_improvement's shadow_rate): the
+    iterations the rule let draft a continuation, replayed from the keeps, plus a last one
+    whose proposal was empty (a stand-in alone); not the draft calls (L per continuation)."""
+    shadow_rule = RULES.get(rule, ShadowRule())
+    target, draft = random_tables(6, 3, "random")
+    s = pipelined_generate(target, draft, [1], gamma=3, max_new_tokens=60,
+                           sampling=SamplingConfig(temperature=1.0),
+                           rng=np.random.default_rng(4), rule=shadow_rule).stats
+    rate, asked = shadow_rule.start, []
+    for n, checked in zip(s.accepted_per_iteration, s.checked_per_iteration):
+        asked.append(shadow_rule.shadow(rate))
+        rate = shadow_rule.memory * rate + (1.0 - shadow_rule.memory) * float(n == checked)
+    assert sum(asked) <= s.shadow_iterations <= sum(asked) + (not asked[-1])
+    assert s.shadow_iterations <= s.shadow_draft_calls <= 4 * s.shadow_iterations
+    assert s.shadow_rate == s.shadow_iterations / s.iterations
+    assert s.as_dict()["shadow_iterations"] == s.shadow_iterations
+    if rule == "plain":
+        assert s.shadow_rate == 1.0
+    elif rule == "after misses":
+        assert 0 < s.shadow_iterations < s.iterations
+    else:  # memory 0: only right after an iteration that kept all its candidates
+        assert 0 < s.shadow_rate < 0.1
+
+
+def _exact_iteration(target, draft, gamma: int, cfg: SamplingConfig, *, warm: bool,
+                     shadow: bool) -> list[tuple[float, pipelined.PipelinedStep]]:
+    """Every outcome of one :func:`pipelined_step` far from the budget, with its
+    probability: integrated over the cells of every uniform (proposal, continuation,
+    accept, sample). ``warm``: the proposal is pre-drafted, drawn from q as the last
+    continuation's tail was (on unigram tables it does not depend on the keep that made it
+    warm); ``shadow``: the iteration drafts a continuation of gamma + 1 tokens."""
+    from exact import accept_cells, cells, draft_paths, sample_breakpoints
+
+    from quickdraft.sampling import adjust_logits
+
+    ids, k, L = [0], gamma, gamma + 1 if shadow else 0
+    out = []
+    for v_x, x, w_x in draft_paths(draft, ids, k, cfg):
+        drafter = ModelDrafter(draft, cfg, gamma + 1)
+        pending = drafter.get_candidates(ids, k, np.asarray(v_x)) if warm else None
+        v_open = np.zeros(0) if warm else np.asarray(v_x)
+        for v_y, y, w_y in draft_paths(draft, ids + x, L, cfg):
+            c = x + y[:1]  # [m] the candidates: the proposal, and the stand-in if any
+            p = adjust_logits(np.stack([target.score(ids + c[:i]) for i in range(len(c))]
+                                       + [target.score(ids + c)]), cfg)  # [m + 1, V]
+            q = adjust_logits(np.stack([draft.score(ids + c[:i]) for i in range(len(c))]),
+                              cfg)  # [m, V]
+            s_cells = cells(sample_breakpoints(p, q))
+            per_pos = [accept_cells(p[i, c[i]], q[i, c[i]]) for i in range(len(c))]
+            for combo in itertools.product(*per_pos):
+                u = np.array([a[0] for a in combo] + [0.5] * (k + 1 - len(c)))  # [k + 1]
+                w_u = float(np.prod([a[1] for a in combo]))
+                for s, w_s in zip(*s_cells):
+                    step = pipelined_step(target.new_state(), ModelDrafter(draft, cfg, gamma + 1),
+                                          ids, pending, cfg, v_open, np.asarray(v_y), u,
+                                          float(s))
+                    out.append((w_x * w_y * w_u * w_s, step))
+    return out
+
+
+@pytest.mark.parametrize("vocab,gamma", [(3, 1), (2, 2), (2, 3)])
+def test_the_walltime_model_is_the_loop_s_exact_long_run_rate(vocab, gamma):
+    """Exact, no Monte Carlo: on unigram tables (beta = alpha at every position) one iteration's
+    outcomes are integrated exactly, for each kind (cold or warm proposal, with or without
+    a continuation). They give the model's parts: Eq. 1 tokens in every kind, a keep with
+    probability alpha^(gamma + 1) with a continuation (alpha^gamma without), gamma draft
+    calls waited for when cold, gamma + 1 in the shadow with a continuation. Chained as a
+    Markov chain over (warm, running rate) by a rule that decides from the last keep, the
+    long-run tokens over the long-run cost (1 per target call, c per draft call waited for,
+    (1 - h) c per one in the shadow) is the walltime formula at the chain's share s of
+    iterations with a continuation: s = 1 plain, 0 < s < 1 with the rule, and s = 0 is
+    Theorem 3.8."""
+    from quickdraft import theory
+
+    rng = np.random.default_rng(vocab + 10 * gamma)
+    logits = rng.normal(size=vocab) * 1.5
+    target, draft = TableModel(logits), TableModel(logits + rng.normal(size=vocab))
+    cfg = SamplingConfig(temperature=1.0)
+    p, q = (np.exp(t.logits) / np.exp(t.logits).sum() for t in (target, draft))
+    alpha = float(theory.beta(p, q))
+    assert 0.2 < alpha < 0.99
+    kinds = {(w, s): _exact_iteration(target, draft, gamma, cfg, warm=w, shadow=s)
+             for w in (False, True) for s in (False, True)}
+    for (warm, shadow), outcomes in kinds.items():
+        assert sum(w for w, _ in outcomes) == pytest.approx(1.0, abs=1e-12)
+        tokens = sum(w * len(step.tokens) for w, step in outcomes)
+        assert tokens == pytest.approx(expected_tokens(alpha, gamma), rel=1e-12)
+        kept = sum(w for w, step in outcomes if step.n_accepted == step.checked)
+        assert kept == pytest.approx(alpha ** (gamma + shadow), rel=1e-12)
+        nxt = sum(w for w, step in outcomes if step.pending is not None)
+        assert nxt == pytest.approx(kept if shadow else 0.0, rel=1e-12, abs=1e-15)
+        assert {(step.warm, step.open_calls, step.shadow_calls, step.pre_drafted)
+                for _, step in outcomes} == {(warm, 0 if warm else gamma,
+                                            (gamma + 1) * shadow, (gamma + 1) * shadow)}
+
+    def long_run(rule, c, h):
+        """(tokens / cost, s) in the stationary law of the chain the rule makes."""
+        states, edges, todo = [], {}, [(False, rule.start)]
+        while todo:
+            state = todo.pop()
+            if state in edges:
+                continue
+            states.append(state)
+            warm, rate = state
+            edges[state] = [(w, (step.pending is not None, rule.update(rate, step)), step)
+                            for w, step in kinds[warm, rule.shadow(rate)]]
+            todo += [to for _, to, _ in edges[state] if to not in edges]
+        assert len(states) <= 4  # memory 0: the rate is 0 or 1
+        index = {state: i for i, state in enumerate(states)}
+        moves = np.zeros((len(states), len(states)))  # [from, to]
+        for state, out in edges.items():
+            for w, to, _ in out:
+                moves[index[state], index[to]] += w
+        # the stationary law: pi (moves - I) = 0, sum(pi) = 1
+        a = np.vstack([(moves - np.eye(len(states))).T, np.ones(len(states))])
+        pi = np.linalg.lstsq(a, np.append(np.zeros(len(states)), 1.0), rcond=None)[0]
+        tokens = cost = s = 0.0
+        for state, out in edges.items():
+            s += pi[index[state]] * rule.shadow(state[1])
+            for w, _, step in out:
+                tokens += pi[index[state]] * w * len(step.tokens)
+                cost += pi[index[state]] * w * (
+                    1.0 + c * step.open_calls + (1.0 - h) * c * step.shadow_calls)
+        return tokens / cost, s
+
+    plain = ShadowRule(min_keep_rate=0.0, memory=0.0)
+    after_a_keep = ShadowRule(min_keep_rate=1.0, memory=0.0)  # only right after a keep
+    for c, h in [(0.1, 0.0), (0.3, 0.5), (0.05, 0.9), (0.2, 1.0)]:
+        got, s = long_run(plain, c, h)
+        assert s == pytest.approx(1.0)
+        assert got == pytest.approx(theory.pipelined_walltime_improvement(
+            alpha, gamma, c, h), rel=1e-9)
+        got, s = long_run(after_a_keep, c, h)
+        # kept: alpha^(gamma + 1) after a continuation, alpha^gamma after none
+        assert s == pytest.approx(alpha ** gamma / (1 - alpha ** (gamma + 1) + alpha ** gamma))
+        assert got == pytest.approx(theory.pipelined_walltime_improvement(
+            alpha, gamma, c, h, shadow_rate=s), rel=1e-9)
+        # no continuation ever: every iteration is Algorithm 1's
+        cold = kinds[False, False]
+        got = sum(w * len(step.tokens) for w, step in cold) / sum(
+            w * (1.0 + c * step.open_calls) for w, step in cold)
+        assert got == pytest.approx(theory.walltime_improvement(alpha, gamma, c), rel=1e-12)
+        assert theory.pipelined_walltime_improvement(alpha, gamma, c, h, shadow_rate=0.0) == (
+            theory.walltime_improvement(alpha, gamma, c))

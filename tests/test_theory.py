@@ -103,26 +103,89 @@ def test_demo_cli_runs_on_ngram_models(capsys):
 # --- pipelined drafting ------------------------------------------------------------------
 
 
-@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0))
-def test_pipelined_without_overlap_is_theorem_3_8(alpha, gamma, c):
-    assert theory.pipelined_walltime_improvement(alpha, gamma, c, 0.0) == (
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0), st.floats(0.0, 1.0))
+def test_pipelined_without_continuations_is_theorem_3_8(alpha, gamma, c, h):
+    """s = 0: no iteration drafts a continuation, whatever h; equal to the last bit."""
+    assert theory.pipelined_walltime_improvement(alpha, gamma, c, h, shadow_rate=0.0) == (
         theory.walltime_improvement(alpha, gamma, c))
 
 
 @given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0), st.floats(0.0, 1.0),
-       st.floats(0.0, 1.0))
-def test_pipelined_improvement_grows_with_the_hidden_share(alpha, gamma, c, h1, h2):
+       st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_pipelined_improvement_grows_with_the_hidden_share(alpha, gamma, c, h1, h2, s):
     lo, hi = sorted((h1, h2))
-    f = lambda h: theory.pipelined_walltime_improvement(alpha, gamma, c, h)  # noqa: E731
+    f = lambda h: theory.pipelined_walltime_improvement(  # noqa: E731
+        alpha, gamma, c, h, shadow_rate=s)
     assert f(lo) <= f(hi) <= theory.expected_tokens(alpha, gamma)
 
 
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0))
+def test_fully_hidden_continuations_are_the_old_formula(alpha, gamma, c):
+    """h = 1, s = 1: only the warm proposals' draft time is saved, nothing is added; this
+    is what the model predicted before it charged continuations."""
+    kept = alpha ** (gamma + 1)
+    closed = (1.0 - kept) / (1.0 - alpha) if alpha < 1.0 else gamma + 1.0
+    want = closed / (1.0 + gamma * c * (1.0 - kept))
+    assert theory.pipelined_walltime_improvement(alpha, gamma, c, 1.0) == pytest.approx(
+        want, rel=1e-12)
+    assert theory.pipelined_walltime_improvement(alpha, gamma, c, 1.0, shadow_rate=1.0) == (
+        theory.expected_tokens(alpha, gamma) / (1.0 + gamma * c * (1.0 - kept)))
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.001, 2.0))
+def test_nothing_hidden_is_slower_than_the_sequential_loop(alpha, gamma, c):
+    """h = 0, s = 1 (the loop run sequentially, as on a CPU): every continuation costs its
+    gamma + 1 draft steps, more than the gamma c a kept one saves: the iteration costs
+    c ((gamma + 1) - gamma alpha^(gamma + 1)) more than Theorem 3.8's gamma c + 1."""
+    piped = theory.pipelined_walltime_improvement(alpha, gamma, c, 0.0)
+    assert piped < theory.walltime_improvement(alpha, gamma, c)
+    cost = theory.expected_tokens(alpha, gamma) / piped
+    assert cost - (gamma * c + 1.0) == pytest.approx(
+        c * ((gamma + 1) - gamma * alpha ** (gamma + 1)), rel=1e-9, abs=1e-12)
+
+
 def test_pipelined_improvement_by_hand():
-    # alpha^5 = 0.32768, Eq. 1 = 3.3616, cost 1 + 0.4 (1 - 0.5 * 0.32768) = 1.334464
+    # alpha^5 = 0.32768, Eq. 1 = 3.3616; cost 1 + 0.4 (1 - 0.32768) + 0.5 * 5 * 0.1
+    # = 1.518928 (the old model's 1 + 0.4 (1 - 0.5 * 0.32768) = 1.334464 gave 2.519)
     assert theory.pipelined_walltime_improvement(0.8, 4, 0.1, 0.5) == pytest.approx(
-        52525 / 20851, rel=1e-12)  # 2.51906...; Theorem 3.8 gives 2.40114
+        3.3616 / 1.518928, rel=1e-12)  # 2.21313...; Theorem 3.8 gives 2.40114
+    # half the iterations draft: 1 + 0.4 (1 - 0.16384) + 0.125 = 1.459464
+    assert theory.pipelined_walltime_improvement(
+        0.8, 4, 0.1, 0.5, shadow_rate=0.5) == pytest.approx(3.3616 / 1.459464, rel=1e-12)
+    # nothing hidden: 1 + 0.4 (1 - 0.32768) + 0.5 = 1.768928
+    assert theory.pipelined_walltime_improvement(0.8, 4, 0.1, 0.0) == pytest.approx(
+        3.3616 / 1.768928, rel=1e-12)
     # everything kept and everything hidden: the target alone, gamma + 1 tokens per call
     assert theory.pipelined_walltime_improvement(1.0, 4, 0.3, 1.0) == pytest.approx(5.0)
+
+
+@given(st.integers(1, 16), st.floats(0.01, 2.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
+       st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_continuations_pay_exactly_above_the_break_even_rate(gamma, c, h, alpha, s1, s2):
+    """The walltime model and shadow_break_even agree: with P = alpha^(gamma + 1), more
+    continuations (a larger s) help above the break-even rate, hurt below it, and change
+    nothing at it."""
+    lo, hi = sorted((s1, s2))
+    f = lambda s, a=alpha: theory.pipelined_walltime_improvement(  # noqa: E731
+        a, gamma, c, h, shadow_rate=s)
+    rate, keep = theory.shadow_break_even(gamma, h), alpha ** (gamma + 1)
+    if keep > rate + 1e-9:  # up to rounding: the two cost terms move in opposite ways
+        assert f(hi) >= f(lo) * (1 - 1e-12)
+    elif keep < rate - 1e-9:
+        assert f(hi) <= f(lo) * (1 + 1e-12)
+    if 0.0 < rate < 1.0:  # at the rate: s does not matter
+        even = rate ** (1.0 / (gamma + 1))
+        assert f(hi, even) == pytest.approx(f(lo, even), rel=1e-9)
+        assert f(hi, even) == pytest.approx(theory.walltime_improvement(even, gamma, c),
+                                            rel=1e-9)
+
+
+def test_the_break_even_rate_by_hand_in_the_walltime():
+    # gamma 4, h 0.76: rate 0.3; alpha = 0.3^(1/5) keeps all five candidates 30% of the time
+    alpha = 0.3 ** 0.2
+    at = [theory.pipelined_walltime_improvement(alpha, 4, 0.1, 0.76, shadow_rate=s)
+          for s in (0.0, 0.5, 1.0)]
+    assert at == pytest.approx([theory.walltime_improvement(alpha, 4, 0.1)] * 3, rel=1e-12)
 
 
 def _iteration_cost(gamma: int, c: float, h: float, keep: float, shadow: bool) -> float:
@@ -163,6 +226,12 @@ def test_shadow_break_even_by_hand():
 def test_pipelined_bad_arguments(h, c):
     with pytest.raises(ValueError):
         theory.pipelined_walltime_improvement(0.5, 3, c, h)
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.5, float("nan"), float("inf")])
+def test_a_shadow_rate_outside_0_1_is_refused(s):
+    with pytest.raises(ValueError, match=r"shadow_rate .* must be in \[0, 1\]"):
+        theory.pipelined_walltime_improvement(0.5, 3, 0.1, 0.5, shadow_rate=s)
 
 
 @pytest.mark.parametrize("c", [-1.0, float("nan"), float("inf")])
