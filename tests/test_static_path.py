@@ -511,8 +511,8 @@ def test_generate_and_serve_pass_the_attention_kernel_on(static_pair, capsys, mo
     base = ["generate", "--model-dir", static_pair, "--prompt", "def main(",
             "--max-new-tokens", 8, "--device", "cpu", "--json"]
     rc, out, _ = _cli(capsys, *base)
-    rc2, out2, _ = _cli(capsys, *base, "--attention", "cudnn")
-    assert rc == rc2 == 0 and seen == ["auto", "cudnn"]
+    rc2, out2, _ = _cli(capsys, *base, "--attention", "xqa")
+    assert rc == rc2 == 0 and seen == ["cudnn", "xqa"]  # the default, then the flag's
     assert json.loads(out2)["tokens"] == json.loads(out)["tokens"]  # the CPU has one kernel
     with pytest.raises(SystemExit):
         _cli(capsys, *base, "--attention", "fast")
@@ -626,5 +626,5 @@ def test_an_attention_kernel_is_checked_and_scoped_to_session_creation(static_pa
     # on CUDA the session is made inside the kernel's environment
     monkeypatch.setattr(qd_device, "cuda_problem", lambda: None)
     qd_device.create_session(b"", qd_device.Device("cuda"), attention="cudnn")
-    qd_device.create_session(b"", qd_device.Device("cuda"))
+    qd_device.create_session(b"", qd_device.Device("cuda"), attention="auto")
     assert seen == ["7", "0", "7"]

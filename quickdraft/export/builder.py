@@ -85,7 +85,7 @@ INT4_ACCURACY_LEVEL = {"cpu": 4}
 QUANTIZED_OP = "MatMulNBits"
 BUILDER_TIMEOUT_S = 3600
 # static exports fuse each gated MLP's gate and up projections into one MatMul by default
-FUSE_GATE_UP = False
+FUSE_GATE_UP = True
 EXPORTER = "onnxruntime-genai model builder"
 ATTENTION = "GroupQueryAttention"
 BUILDER_PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnx-ir")

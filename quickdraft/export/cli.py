@@ -58,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="static caches: tokens each cache holds (default: the models' context)")
     p.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
                    help="static caches: each gated MLP's gate and up projections as one "
-                   "MatMul (default: the builder's default in quickdraft)")
+                   "MatMul (default: on; the dynamic export refuses it)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds a previous quickdraft export")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")

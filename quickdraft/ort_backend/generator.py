@@ -102,7 +102,7 @@ def _check_verify(verify: str) -> None:
 def load_model(folder: str | os.PathLike, device: Device = Device("cpu"), *,
                graph_steps: Sequence[int] = (1,), cuda_graph: bool = False,
                chain_length: int = 0, lanes: int = 0, options=None,
-               attention: str = "auto"):
+               attention: str = DEFAULT_ATTENTION):
     """The loaded model for an exported folder, by its manifest's ``kv_cache``:
     :class:`OrtModel` (dynamic) or :class:`StaticOrtModel` (static; ``graph_steps`` get
     fixed bindings, captured as CUDA graphs with ``cuda_graph`` on CUDA, its states can

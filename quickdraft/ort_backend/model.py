@@ -25,6 +25,7 @@ from quickdraft.manifest import (
 )
 from quickdraft.ort_backend.binding import Binder, python_ortvalue
 from quickdraft.ort_backend.device import (
+    DEFAULT_ATTENTION,
     Device,
     check_attention,
     create_session,
@@ -70,7 +71,8 @@ class ExportedModel:
     MEM_PATTERN = False
 
     def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
-                 options=None, cuda_options: dict | None = None, attention: str = "auto"):
+                 options=None, cuda_options: dict | None = None,
+                 attention: str = DEFAULT_ATTENTION):
         self.folder = Path(folder)
         self.attention = check_attention(attention)  # GroupQueryAttention's CUDA kernel
         self.manifest: ModelManifest = load_manifest(self.folder, error=self.ERROR)
@@ -134,7 +136,7 @@ class OrtModel(ExportedModel):
     """
 
     def __init__(self, folder: str | os.PathLike, device: Device = Device("cpu"),
-                 options=None, attention: str = "auto"):
+                 options=None, attention: str = DEFAULT_ATTENTION):
         import onnxruntime as ort
 
         super().__init__(folder, device, options, attention=attention)

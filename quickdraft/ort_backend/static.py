@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from quickdraft.manifest import GREEDY_OUTPUT, INT8_FOLD_OPTION
-from quickdraft.ort_backend.device import Device
+from quickdraft.ort_backend.device import DEFAULT_ATTENTION, Device
 from quickdraft.ort_backend.model import ExportedModel, ModelFolderError, TokenState
 
 __all__ = ["StaticOrtModel", "StaticDecodeState", "StaticModelError", "Launched"]
@@ -96,7 +96,7 @@ class StaticOrtModel(ExportedModel):
         lanes: int = 0,
         provider_options: dict | None = None,
         options=None,
-        attention: str = "auto",
+        attention: str = DEFAULT_ATTENTION,
     ):
         if cuda_graph and device.kind != "cuda":
             raise ValueError("cuda_graph needs device cuda (CUDA graphs are a CUDA feature)")
