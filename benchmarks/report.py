@@ -490,7 +490,7 @@ def render(results: dict) -> str:
                           fmt(r.get("tokens_per_s"), ".0f"),
                           fmt(r.get("sequential_tokens_per_s"), ".0f"),
                           fmt(r.get("speedup"), ".2f"), fmt(r.get("alpha"), ".3f"),
-                          fmt(r.get("warm_share"), ".2f"),
+                          fmt(r.get("warm_share"), ".2f"), fmt(r.get("shadow_rate"), ".2f"),
                           fmt(r.get("open_ms_per_iteration"), ".2f"),
                           f"{fmt(r.get('shadow_ms_per_iteration'), '.2f')} / "
                           f"{fmt(r.get('verify_ms_alone'), '.2f')}",
@@ -503,9 +503,9 @@ def render(results: dict) -> str:
                          "beside the verify call)\n\n" + table(
                              ["gamma", "min keep rate", "tok/s", "sequential tok/s",
                               "speedup", "alpha",
-                              "warm", "open ms/iter", "shadow / verify alone ms",
-                              "hidden", "effective c", "theory", "realized / theory",
-                              "greedy equal"], piped))
+                              "warm", "continuations", "open ms/iter",
+                              "shadow / verify alone ms", "hidden", "effective c", "theory",
+                              "realized / theory", "greedy equal"], piped))
 
     gl = goals(results)
     if gl:
