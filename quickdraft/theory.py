@@ -102,36 +102,15 @@ def pipelined_walltime_improvement(alpha: float, gamma: int, c: float, h: float,
                                    shadow_rate: float = 1.0) -> float:
     """Theorem 3.8 for pipelined drafting (:mod:`quickdraft.pipelined`).
 
-    Each iteration emits Eq. (1) tokens, with a continuation or without, and costs, in
-    target calls, 1 + gamma c (1 - s alpha^(gamma + 1)) + s (1 - h)(gamma + 1) c:
-    the verify call; its proposal's gamma draft steps unless it was pre-drafted (the last
-    iteration drafted a continuation, share s = ``shadow_rate``, and kept all gamma + 1
-    candidates, alpha^(gamma + 1)); and, in the share s of iterations that draft a
-    continuation, the part 1 - h of its gamma + 1 draft steps not hidden behind the verify
-    call, spent whether the continuation is kept or discarded. So
-
-        improvement = (1 - alpha^(gamma + 1)) / ((1 - alpha)
-                      (1 + gamma c (1 - s alpha^(gamma + 1)) + s (1 - h)(gamma + 1) c)).
-
-    h in [0, 1] is the hidden share of one continuation's gamma + 1 draft steps
-    (``bench.py --pipelined``'s hidden share); s in [0, 1] is 1 for plain pipelining and
-    below 1 under a :class:`~quickdraft.pipelined.ShadowRule`. The rule decides from
-    earlier iterations and, with i.i.d. acceptance, an iteration's keep does not depend on
-    them, so an iteration is pre-drafted with probability s alpha^(gamma + 1) whatever the
-    rule; on text, where acceptance comes in runs, a rule that drafts after keeps is warm
-    more often than that. The last iterations of a budget (shorter ones) are neglected.
-
-    s = 0 is :func:`walltime_improvement` (Theorem 3.8) exactly; s = 1, h = 1 costs
-    1 + gamma c (1 - alpha^(gamma + 1)); s = 1, h = 0 (nothing hidden, as on a CPU) costs
-    c ((gamma + 1) - gamma alpha^(gamma + 1)) more than Theorem 3.8's gamma c + 1, so it
-    is slower whenever c > 0.
-
-    d cost / d s = c ((1 - h)(gamma + 1) - gamma alpha^(gamma + 1)): drafting
-    continuations neither helps nor hurts exactly when alpha^(gamma + 1) equals
-    :func:`shadow_break_even` (gamma, h), and pays above it. The rule's running rate is a
-    per-iteration keep rate, not alpha^(gamma + 1): an iteration without a continuation
-    counts as kept when its gamma candidates were (alpha^gamma), so the rule at the
-    break-even rate matches this model only while it drafts continuations.
+    Each iteration emits Eq. (1) tokens and costs, in target calls,
+    1 + gamma c (1 - s alpha^(gamma + 1)) + s (1 - h)(gamma + 1) c: the verify call; the
+    proposal's gamma draft steps unless it was pre-drafted (the last iteration drafted a
+    continuation and kept all gamma + 1 candidates); and the unhidden part of a
+    continuation's gamma + 1 draft steps, kept or discarded. s = ``shadow_rate`` is the
+    share of iterations that draft a continuation (1 for plain pipelining, less under a
+    :class:`~quickdraft.pipelined.ShadowRule`); h in [0, 1] the hidden share of one
+    continuation's draft time. s = 0 is :func:`walltime_improvement` exactly. The
+    derivation and its assumptions: ``docs/explanation/pipelined.md``.
     """
     if not 0.0 <= h <= 1.0:
         raise ValueError(f"h must be in [0, 1], got {h}")

@@ -498,6 +498,7 @@ def test_generate_cli_on_a_static_export(static_pair, capsys):
 
 def test_generate_and_serve_pass_the_attention_kernel_on(static_pair, capsys, monkeypatch):
     from quickdraft.ort_backend import generator
+    from quickdraft.ort_backend.device import DEFAULT_ATTENTION
     from quickdraft.serve.app import Engine
     from quickdraft.serve.settings import ServeSettings
 
@@ -512,7 +513,7 @@ def test_generate_and_serve_pass_the_attention_kernel_on(static_pair, capsys, mo
             "--max-new-tokens", 8, "--device", "cpu", "--json"]
     rc, out, _ = _cli(capsys, *base)
     rc2, out2, _ = _cli(capsys, *base, "--attention", "xqa")
-    assert rc == rc2 == 0 and seen == ["cudnn", "xqa"]  # the default, then the flag's
+    assert rc == rc2 == 0 and seen == [DEFAULT_ATTENTION, "xqa"]  # the default, the flag's
     assert json.loads(out2)["tokens"] == json.loads(out)["tokens"]  # the CPU has one kernel
     with pytest.raises(SystemExit):
         _cli(capsys, *base, "--attention", "fast")

@@ -34,6 +34,13 @@ def _gamma(text: str):
     return value
 
 
+def add_attention_option(p: argparse.ArgumentParser) -> None:
+    """``--attention``, as ``generate`` and ``serve`` take it."""
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
+                   help="CUDA: GroupQueryAttention's kernel (default %(default)s; auto is "
+                   "ONNX Runtime's own choice)")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
@@ -98,9 +105,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(verify="auto")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="static caches on CUDA: run the steps without capturing CUDA graphs")
-    p.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
-                   help="CUDA: GroupQueryAttention's kernel (default %(default)s; auto is "
-                   "ONNX Runtime's own choice)")
+    add_attention_option(p)
     p.add_argument("--compare", action="store_true",
                    help="also run autoregressive decoding with the same settings and report "
                    "the speedup (on by default for the bundled pair)")

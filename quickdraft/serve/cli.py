@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from quickdraft.drafters import DRAFTERS
-from quickdraft.ort_backend.cli import _gamma
-from quickdraft.ort_backend.device import ATTENTION_KERNELS, DEFAULT_ATTENTION
+from quickdraft.ort_backend.cli import _gamma, add_attention_option
 
 __all__ = ["add_parser", "run"]
 
@@ -64,9 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="port (default 8000; 0: any free port)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default) uses CUDA when available (the bundled pair: the CPU)")
-    p.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
-                   help="CUDA: GroupQueryAttention's kernel (default %(default)s; auto is "
-                   "ONNX Runtime's own choice)")
+    add_attention_option(p)
     p.add_argument("--gamma", type=_gamma, default=None, metavar="N|auto",
                    help="default draft tokens per iteration, or auto (default 5; 2 for the "
                    "bundled pair); a request's gamma field overrides it")
