@@ -43,8 +43,12 @@ class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a daemon thread."""
 
     def __init__(self, app, start_timeout: float = 60.0):
+        # a module's client keeps its connection across tests that run other servers for
+        # seconds: with uvicorn's 5 s keep-alive the server could close it as the client
+        # reused it (a disconnect without a response, the client not retrying)
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=10)
+                                lifespan="on", timeout_graceful_shutdown=10,
+                                timeout_keep_alive=300)
         self.app = app
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
