@@ -39,9 +39,11 @@ def greedy():
 
 
 def export(path: str, hf_target: Path, hf_draft: Path, out: Path, *, device: str,
-           validate: bool = False, fuse_gate_up: bool | None = None) -> dict:
+           validate: bool = False, fuse_gate_up: bool | None = None,
+           transpose_weights: bool | None = None) -> dict:
     """Export the pair for ``path`` into ``out`` (replaced if present); a summary dict.
-    ``fuse_gate_up``: the fast path's gate/up fusion (None: the export's default)."""
+    ``fuse_gate_up``, ``transpose_weights``: the fast path's graph settings (None: the
+    export's defaults)."""
     t0 = time.perf_counter()
     dtype = dtype_for(device)
     if path not in ("generic", "fast"):
@@ -54,16 +56,19 @@ def export(path: str, hf_target: Path, hf_draft: Path, out: Path, *, device: str
     report = export_pair(hf_target, hf_draft, out, dtype=dtype, device=device,
                          kv_cache="static" if path == "fast" else "dynamic",
                          validate=validate, overwrite=True,
-                         fuse_gate_up=fuse_gate_up if path == "fast" else None)
-    fused = None
+                         fuse_gate_up=fuse_gate_up if path == "fast" else None,
+                         transpose_weights=transpose_weights if path == "fast" else None)
+    fused = transposed = None
     if path == "fast":
-        from quickdraft.export.builder import FUSE_GATE_UP
+        from quickdraft.export.builder import FUSE_GATE_UP, TRANSPOSE_WEIGHTS
         fused = FUSE_GATE_UP if fuse_gate_up is None else bool(fuse_gate_up)
+        transposed = TRANSPOSE_WEIGHTS if transpose_weights is None else bool(transpose_weights)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
              if p.is_file()}
     return {"path": path, "dtype": dtype, "device": device, "validated": validate,
             "seconds": round(time.perf_counter() - t0, 2), "bytes": sum(sizes.values()),
-            "report_seconds": getattr(report, "seconds", None), "fuse_gate_up": fused}
+            "report_seconds": getattr(report, "seconds", None), "fuse_gate_up": fused,
+            "transpose_weights": transposed}
 
 
 def export_draft(hf_draft: Path, target_export: Path, out: Path, *, device: str) -> dict:

@@ -165,6 +165,9 @@ def add_measure_options(ap: argparse.ArgumentParser, *, samplings: str) -> None:
     ap.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
                     help="fast path's export: gate and up projections as one MatMul "
                          "(default: the export's)")
+    ap.add_argument("--transpose-weights", action=argparse.BooleanOptionalAction,
+                    default=None, help="fast path's export: MatMul weights stored "
+                    "transposed, FusedMatMul(transB=1) (default: the export's)")
 
 
 def parse_measure_options(args: argparse.Namespace) -> None:
@@ -310,12 +313,15 @@ class Bench:
             "sampling_gammas", "hf_gammas",
             "warmup", "repeats", "sweep_repeats", "cost_reps", "agreement", "smoke")}
         r["settings"]["cuda_graph"] = not args.no_cuda_graph
-        from quickdraft.export.builder import FUSE_GATE_UP
+        from quickdraft.export.builder import FUSE_GATE_UP, TRANSPOSE_WEIGHTS
         from quickdraft.ort_backend.device import DEFAULT_ATTENTION
 
         r["settings"]["attention"] = args.attention or DEFAULT_ATTENTION
         r["settings"]["fuse_gate_up"] = (FUSE_GATE_UP if args.fuse_gate_up is None
                                          else args.fuse_gate_up)
+        r["settings"]["transpose_weights"] = (TRANSPOSE_WEIGHTS
+                                              if args.transpose_weights is None
+                                              else args.transpose_weights)
         self.first_error = len(r["errors"])  # errors of earlier calls are not this call's
         self.save()
 
@@ -432,7 +438,8 @@ class Bench:
             return
         res = self.run_task("export", f"{name}/export-{path}", {
             "pair_dir": str(d), "path": path, "device": a.device,
-            "validate": a.export_validate, "fuse_gate_up": a.fuse_gate_up})
+            "validate": a.export_validate, "fuse_gate_up": a.fuse_gate_up,
+            "transpose_weights": a.transpose_weights})
         if res is not None:
             self.pair_entry(name)["tasks"][f"export-{path}"] = {
                 k: res.get(k) for k in ("status", "wall_seconds", "export", "errors")}

@@ -3,24 +3,25 @@
     python benchmarks/target_step.py HF_TARGET --work DIR \\
         [--runs plain/xqa,plain/cudnn,gate_up/xqa,...] [--rounds 2] [--json OUT.json]
 
-Exports ``HF_TARGET`` (a Hugging Face folder) as a static fp16 CUDA graph (``plain``, the
-export's default) and builds variants of the same weights:
+Exports ``HF_TARGET`` (a Hugging Face folder) as static fp16 CUDA graphs of the same
+weights, one per variant of the export's graph settings:
 
-* ``gate_up``: the export's ``fuse_gate_up`` (the model builder's ``fuse_mlp_gate_up``):
-  each MLP's gate and up projections as one MatMul (four matrix products per layer, not
-  five);
-* ``trans_b``: every MatMul whose weight is an initializer [K, N] becomes a
-  ``com.microsoft.FusedMatMul`` with ``transB=1`` over the weight stored as [N, K], so
-  cuBLAS reads each output's weights as one contiguous row.
+* ``plain``: neither setting;
+* ``gate_up``: ``fuse_gate_up`` (the model builder's ``fuse_mlp_gate_up``): each MLP's gate
+  and up projections as one MatMul (four matrix products per layer, not five);
+* ``trans_b``: ``transpose_weights``: every MatMul weight stored [N, K] under a
+  ``com.microsoft.FusedMatMul`` with ``transB=1`` (:mod:`quickdraft.export.transpose`), so
+  cuBLAS reads each output's weights as one contiguous row;
+* ``gate_up_trans_b``: both.
 
 Each ``VARIANT/KERNEL`` of ``--runs`` (KERNEL: GroupQueryAttention's CUDA kernel, one of
 ``quickdraft.ort_backend.device.ATTENTION_KERNELS``, the models' ``attention`` option) runs
 in its own process, the runs in turn in each of ``--rounds`` rounds. A process times 1-
 and ``--gamma + 1``-token steps (CUDA graphs on, greedy ids to the host, each step rewound
 so every step sees ``--past`` cached tokens), records the GPU's kernels in the first round
-(``node_profile.cuda_kernels``), and decodes ``--check-steps`` greedy tokens and one step's
-logits, compared with the first run's. A run whose result file is in ``--work`` is not run
-again: a call cut short resumes where it stopped.
+(``node_profile.cuda_kernels``), and decodes ``--check-steps`` greedy tokens and one
+step's logits, compared with the first of ``--runs``. A run whose result file is in
+``--work`` is not run again: a call cut short resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -42,59 +43,25 @@ if __package__ in (None, ""):
 from benchmarks.common import dump_json, environment, log  # noqa: E402
 from quickdraft.ort_backend.device import ATTENTION_KERNELS  # noqa: E402
 
-VARIANTS = ("plain", "gate_up", "trans_b")
-RUNS = "plain/xqa,plain/cudnn,plain/flash,gate_up/xqa,gate_up/cudnn,trans_b/xqa"
-MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+# variant -> the export's graph settings
+VARIANTS = {
+    "plain": {"fuse_gate_up": False, "transpose_weights": False},
+    "gate_up": {"fuse_gate_up": True, "transpose_weights": False},
+    "trans_b": {"fuse_gate_up": False, "transpose_weights": True},
+    "gate_up_trans_b": {"fuse_gate_up": True, "transpose_weights": True},
+}
+RUNS = "plain/xqa,plain/cudnn,gate_up/cudnn,trans_b/cudnn,gate_up_trans_b/cudnn"
 
 
 # --device -> the export's dtype
 DTYPE = {"cuda": "fp16", "cpu": "fp32"}
 
 
-def export_plain(hf: Path, out: Path, max_length: int, device: str,
-                 fuse_gate_up: bool = False) -> None:
+def export_variant(hf: Path, out: Path, max_length: int, device: str, variant: str) -> None:
     from quickdraft.export.builder import export_static_model
 
     export_static_model(hf, out, dtype=DTYPE[device], device=device, max_length=max_length,
-                        validate=False, fuse_gate_up=fuse_gate_up)
-
-
-def build_trans_b(plain: Path, out: Path) -> int:
-    """The plain graph with each initializer MatMul as FusedMatMul(transB=1) over W^T;
-    returns how many were rewritten."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(plain / MODEL_FILE)  # with its external data
-    inits = {t.name: t for t in model.graph.initializer}
-    done = 0
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        init = inits[node.input[1]]
-        if len(init.dims) != 2:
-            continue
-        w = numpy_helper.to_array(init)  # [K, N]
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), init.name))  # [N, K]
-        node.op_type, node.domain = "FusedMatMul", "com.microsoft"
-        node.attribute.extend([helper.make_attribute("transA", 0),
-                               helper.make_attribute("transB", 1),
-                               helper.make_attribute("alpha", 1.0)])
-        done += 1
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _copy_beside(plain, out)
-    onnx.save(model, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-              location=DATA_FILE, size_threshold=1024)
-    return done
-
-
-def _copy_beside(plain: Path, out: Path) -> None:
-    """Every file of the plain export but its graph and weights (manifest, tokenizer)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in plain.iterdir():
-        if f.is_file() and f.name not in (MODEL_FILE, DATA_FILE):
-            shutil.copy2(f, out / f.name)
+                        validate=False, **VARIANTS[variant])
 
 
 def measure(folder: Path, device_kind: str, steps: list[int], past: int, repeats: int,
@@ -174,19 +141,14 @@ def main() -> None:
     variants = list(dict.fromkeys(v for v, _ in pairs))
     work = args.work
     folders = {v: work / v for v in VARIANTS}
-    builds = {
-        "plain": lambda: export_plain(args.hf, folders["plain"], args.max_length, args.device),
-        "gate_up": lambda: export_plain(args.hf, folders["gate_up"], args.max_length,
-                                        args.device, fuse_gate_up=True),
-        "trans_b": lambda: {"rewritten": build_trans_b(folders["plain"], folders["trans_b"])},
-    }
     built = {}
-    for v in ["plain", *[v for v in variants if v != "plain"]]:  # trans_b reads plain
+    for v in variants:
         done_file = folders[v] / "built.json"
         if not done_file.is_file():
             t0 = time.perf_counter()
             try:
-                info = builds[v]() or {}
+                export_variant(args.hf, folders[v], args.max_length, args.device, v)
+                info = dict(VARIANTS[v])
             except Exception as e:  # a variant that cannot be built is reported, not run
                 shutil.rmtree(folders[v], ignore_errors=True)
                 built[v] = {"error": f"{type(e).__name__}: {e}"[-600:]}

@@ -143,7 +143,8 @@ def task_export(spec: dict, rec: Record) -> None:
     rec.set("export", adapters.export(spec["path"], pair / "hf" / "target", pair / "hf" / "draft",
                                       out, device=spec["device"],
                                       validate=bool(spec.get("validate")),
-                                      fuse_gate_up=spec.get("fuse_gate_up")))
+                                      fuse_gate_up=spec.get("fuse_gate_up"),
+                                      transpose_weights=spec.get("transpose_weights")))
 
 
 def task_distill(spec: dict, rec: Record) -> None:

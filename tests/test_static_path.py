@@ -571,20 +571,33 @@ def test_fused_gate_up_export_has_a_matmul_fewer_per_layer_and_the_same_logits(
         "MatMul"] == layers
     assert fused.manifest.validation["static_diff_over_tolerance"] < 1
     ids = [int(t) for t in np.random.default_rng(4).integers(0, 512, 20)]
+    want = torch_logits(hf, ids)
     got = StaticOrtModel(tmp_path / "fused", graph_steps=(1, 5)).new_state().append(ids)
-    assert np.abs(got - torch_logits(hf, ids)).max() < 1e-4
+    assert np.abs(got - want).max() < 1e-4
+    # every weight of the fused graph stored transposed: FusedMatMul(transB=1), validated
+    both = export_static_model(hf, tmp_path / "both", max_length=128, steps=4,
+                               fuse_gate_up=True, transpose_weights=True)
+    ops = _op_counts(tmp_path / "both")
+    assert ops["MatMul"] == 0 and ops["FusedMatMul"] == _op_counts(tmp_path / "fused")["MatMul"]
+    assert both.manifest.validation["static_diff_over_tolerance"] < 1
+    assert (tmp_path / "both" / "model.onnx.data").stat().st_size == \
+        (tmp_path / "fused" / "model.onnx.data").stat().st_size
+    got = StaticOrtModel(tmp_path / "both", graph_steps=(1, 5)).new_state().append(ids)
+    assert np.abs(got - want).max() < 1e-4
 
 
-def test_gate_up_fusion_is_refused_outside_the_static_export(hf_pair_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["fuse_gate_up", "transpose_weights"])
+def test_graph_options_are_refused_outside_the_static_export(hf_pair_dirs, tmp_path, capsys,
+                                                             option):
     from quickdraft.export import export_pair
 
-    with pytest.raises(ValueError, match="fuse_gate_up.*static"):
+    with pytest.raises(ValueError, match=f"{option}.*static"):
         export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], tmp_path / "out",
-                    fuse_gate_up=True)
+                    **{option: True})
     assert cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
                      str(hf_pair_dirs["draft"]), "--out", str(tmp_path / "cli"),
-                     "--fuse-gate-up"]) == 1
-    assert "fuse_gate_up" in capsys.readouterr().err
+                     "--" + option.replace("_", "-")]) == 1
+    assert option in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
 
 

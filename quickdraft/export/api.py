@@ -257,15 +257,18 @@ def _check_steps(steps) -> None:
                          f"compares with the source), got {steps!r}")
 
 
-def _fusion(fuse_gate_up: bool | None) -> dict:
-    """The static export's keyword for ``fuse_gate_up`` (none: its default)."""
-    return {} if fuse_gate_up is None else {"fuse_gate_up": bool(fuse_gate_up)}
+def _graph_options(**options: bool | None) -> dict:
+    """The static export's keywords of its graph settings (None: left at its default)."""
+    return {name: bool(value) for name, value in options.items() if value is not None}
 
 
-def _check_fusion(kind: str, fuse_gate_up: bool | None) -> None:
-    if fuse_gate_up:
-        raise ValueError(f"fuse_gate_up is a setting of the static export's graph builder, "
-                         f"not of a {kind} export: use kv_cache='static' or leave it unset")
+def _check_graph_options(kind: str, **options: bool | None) -> None:
+    """Refuse a static graph setting (fuse_gate_up, transpose_weights) set for ``kind``."""
+    for name, value in options.items():
+        if value:
+            raise ValueError(f"{name} is a setting of the static export's graph builder, "
+                             f"not of a {kind} export: use kv_cache='static' or leave it "
+                             f"unset")
 
 
 def export_model(
@@ -282,6 +285,7 @@ def export_model(
     progress: Progress | None = None,
     role: str = "model",
     fuse_gate_up: bool | None = None,
+    transpose_weights: bool | None = None,
 ) -> ModelReport:
     """Export one causal LM to ``out_dir`` (model.onnx, tokenizer files, quickdraft.json).
 
@@ -298,16 +302,19 @@ def export_model(
     ``overwrite`` replaces a previous export, never a folder of other files.
     ``fuse_gate_up`` (static only; None: the builder's default there,
     :data:`quickdraft.export.builder.FUSE_GATE_UP`): each gated MLP's gate and up
-    projections as one MatMul.
+    projections as one MatMul. ``transpose_weights`` (static only; None: off,
+    :data:`quickdraft.export.builder.TRANSPOSE_WEIGHTS`): every MatMul weight stored
+    transposed and multiplied as ``FusedMatMul(transB=1)``, the same products.
     """
+    graph = dict(fuse_gate_up=fuse_gate_up, transpose_weights=transpose_weights)
     _check_steps(steps)
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress)
     if kv_cache == "static":
         from quickdraft.export.builder import export_static_model
 
         return export_static_model(src, out_dir, dtype, device, max_length, role=role,
-                                   **options, **_fusion(fuse_gate_up))
-    _check_fusion(kv_cache, fuse_gate_up)
+                                   **options, **_graph_options(**graph))
+    _check_graph_options(kv_cache, **graph)
     _check_dynamic(kv_cache, dtype, device, validate, max_length)
     prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
                                 validate=validate, steps=steps, progress=progress)
@@ -330,6 +337,7 @@ def export_pair(
     progress: Progress | None = None,
     draft_draft: str | os.PathLike | None = None,
     fuse_gate_up: bool | None = None,
+    transpose_weights: bool | None = None,
 ) -> ExportReport:
     """Export a target and a draft model to ``out/target`` and ``out/draft``, and
     ``draft_draft`` (the draft's own draft, for hierarchical speculative decoding: the
@@ -341,13 +349,14 @@ def export_pair(
     cache length, by default the smallest context). Checks first (before any export) that
     all are exportable causal LMs sharing one vocabulary. The whole of ``out`` appears at
     once when every export and its validation succeeded; on failure nothing is left
-    behind. ``fuse_gate_up`` as for :func:`export_model`.
+    behind. ``fuse_gate_up`` and ``transpose_weights`` as for :func:`export_model`.
     """
+    graph = dict(fuse_gate_up=fuse_gate_up, transpose_weights=transpose_weights)
     _check_steps(steps)
     options = dict(validate=validate, steps=steps, overwrite=overwrite, progress=progress,
                    draft_draft=draft_draft)
     if kv_cache != "static" or dtype == "int8":
-        _check_fusion("dynamic" if kv_cache != "static" else "int8", fuse_gate_up)
+        _check_graph_options("dynamic" if kv_cache != "static" else "int8", **graph)
     if dtype == "int8":  # int8 storage of fp32 weights: quickdraft.export.int8
         return _export_pair_int8(target, draft, out, device=device, kv_cache=kv_cache,
                                  max_length=max_length, **options)
@@ -355,7 +364,7 @@ def export_pair(
         from quickdraft.export.builder import export_static_pair
 
         return export_static_pair(target, draft, out, dtype, device, max_length, **options,
-                                  **_fusion(fuse_gate_up))
+                                  **_graph_options(**graph))
     _check_dynamic(kv_cache, dtype, device, validate, max_length)
     prepare = functools.partial(_prepare_dynamic, dtype=dtype, device=device,
                                 validate=validate, steps=steps, progress=progress)

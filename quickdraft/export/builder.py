@@ -45,6 +45,7 @@ from quickdraft.export.common import (
 )
 from quickdraft.export.greedy import add_greedy_output
 from quickdraft.export.output import run_model, run_pair
+from quickdraft.export.transpose import transpose_matmul_weights
 from quickdraft.manifest import ONNX_ELEMENT_TYPES, ModelManifest
 
 __all__ = [
@@ -86,6 +87,8 @@ QUANTIZED_OP = "MatMulNBits"
 BUILDER_TIMEOUT_S = 3600
 # static exports fuse each gated MLP's gate and up projections into one MatMul by default
 FUSE_GATE_UP = True
+# static exports keep MatMul weights as the builder stores them ([K, N]) by default
+TRANSPOSE_WEIGHTS = False
 EXPORTER = "onnxruntime-genai model builder"
 ATTENTION = "GroupQueryAttention"
 BUILDER_PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnx-ir")
@@ -471,9 +474,12 @@ def cache_length(infos: Sequence[SourceInfo], max_length: int | None) -> int:
 
 def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
                 cache_length: int, validate: bool, steps: int, progress,
-                label: str, fuse_gate_up: bool = False) -> ModelManifest:
+                label: str, fuse_gate_up: bool = False,
+                transpose_weights: bool = False) -> ModelManifest:
     """Build, describe and validate the static graph of ``info`` in the empty ``folder``;
-    ``fuse_gate_up``: each gated MLP's gate and up projections as one MatMul."""
+    ``fuse_gate_up``: each gated MLP's gate and up projections as one MatMul;
+    ``transpose_weights``: MatMul weights stored [N, K], multiplied as FusedMatMul(transB)
+    (:mod:`quickdraft.export.transpose`)."""
     length = cache_length
     emit(progress, f"{label}: building a static {dtype} graph of {info.source} "
                     f"({info.model_type}) with onnxruntime-genai's model builder")
@@ -490,6 +496,9 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     emit(progress, f"{label}: graph written in {time.perf_counter() - t0:.1f} s")
     vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
     add_greedy_output(folder / MODEL_FILE, vocab)  # greedy decoding reads argmax ids only
+    if transpose_weights:
+        count = transpose_matmul_weights(folder / MODEL_FILE)
+        emit(progress, f"{label}: {count} MatMul weights stored transposed")
     ensure_tokenizer(info, folder)
     manifest = static_manifest(folder, info.config, dtype, length, device)
     manifest.source = info.source
@@ -523,7 +532,8 @@ def builder_options(fuse_gate_up: bool) -> dict[str, str]:
 
 
 def _static_options(dtype: str, device: str, max_length: int | None, validate: bool,
-                    steps: int, progress: Progress | None, fuse_gate_up: bool = False):
+                    steps: int, progress: Progress | None, fuse_gate_up: bool = False,
+                    transpose_weights: bool = False):
     """Check the options; return ``precheck`` and ``prepare`` for :mod:`.output`."""
     check_options(dtype, device)
     check_max_length(max_length)
@@ -540,7 +550,8 @@ def _static_options(dtype: str, device: str, max_length: int | None, validate: b
         length = cache_length(infos, max_length)  # refused before the builder runs
         return functools.partial(export_into, dtype=dtype, device=device, cache_length=length,
                                  validate=validate, steps=steps, progress=progress,
-                                 fuse_gate_up=bool(fuse_gate_up))
+                                 fuse_gate_up=bool(fuse_gate_up),
+                                 transpose_weights=bool(transpose_weights))
 
     return precheck, prepare
 
@@ -558,12 +569,14 @@ def export_static_model(
     progress: Progress | None = None,
     role: str = "model",
     fuse_gate_up: bool = FUSE_GATE_UP,
+    transpose_weights: bool = TRANSPOSE_WEIGHTS,
 ) -> ModelReport:
     """:func:`quickdraft.export.export_model` with ``kv_cache="static"``: one causal LM as
     a static-cache graph; ``max_length`` is its cache length (default: its context);
-    ``fuse_gate_up``: gate and up projections as one MatMul (same weights, same math)."""
+    ``fuse_gate_up``: gate and up projections as one MatMul (same weights, same math);
+    ``transpose_weights``: every MatMul weight stored transposed (the same products)."""
     precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress,
-                                        fuse_gate_up)
+                                        fuse_gate_up, transpose_weights)
     return run_model(hf_dir, out_dir, prepare=prepare, precheck=precheck, overwrite=overwrite,
                      progress=progress, role=role)
 
@@ -582,12 +595,14 @@ def export_static_pair(
     progress: Progress | None = None,
     draft_draft: str | os.PathLike | None = None,
     fuse_gate_up: bool = FUSE_GATE_UP,
+    transpose_weights: bool = TRANSPOSE_WEIGHTS,
 ) -> ExportReport:
     """:func:`quickdraft.export.export_pair` with ``kv_cache="static"``: the models (with
     ``draft_draft``, if given) share one cache length ``max_length`` (default: the
-    smallest context); ``fuse_gate_up`` as for :func:`export_static_model`."""
+    smallest context); ``fuse_gate_up`` and ``transpose_weights`` as for
+    :func:`export_static_model`."""
     precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress,
-                                        fuse_gate_up)
+                                        fuse_gate_up, transpose_weights)
     return run_pair(target, draft, out, prepare=prepare, precheck=precheck,
                     overwrite=overwrite, progress=progress, draft_draft=draft_draft)
 

@@ -59,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
                    help="static caches: each gated MLP's gate and up projections as one "
                    "MatMul (default: on; the dynamic export refuses it)")
+    p.add_argument("--transpose-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="static caches: every MatMul weight stored transposed, multiplied as "
+                   "FusedMatMul(transB=1) (default: off; the dynamic export refuses it)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds a previous quickdraft export")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
@@ -108,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=progress,
         draft_draft=args.draft_draft,
         fuse_gate_up=args.fuse_gate_up,
+        transpose_weights=args.transpose_weights,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

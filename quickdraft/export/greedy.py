@@ -1,5 +1,5 @@
 """A ``greedy_tokens`` output [B, S] int64 added to an exported decoder graph: the argmax of
-each position's logits (the first on ties), plus V for a row with a NaN or an infinity
+each position's logits (the first on ties), or V for a row with a NaN or an infinity
 (``ReduceSum(logits * 0)`` is NaN exactly then), so greedy decoding copies one int64 per
 position instead of a row of logits. docs/explanation/fast-path.md explains its use.
 """
@@ -34,8 +34,7 @@ def greedy_nodes(graph, vocab_size: int, logits: str = _LOGITS, prefix: str = "q
         numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
         numpy_helper.from_array(np.array(vocab_size, dtype=np.int64), vocab),
     ])
-    t = {name: f"{prefix}_{name}" for name in ("argmax", "zeroed", "sum", "bad", "bad64",
-                                                 "penalty")}
+    t = {name: f"{prefix}_{name}" for name in ("argmax", "zeroed", "sum", "bad")}
     graph.node.extend([
         helper.make_node("ArgMax", [logits], [t["argmax"]], name=f"{prefix}_ArgMax",
                          axis=-1, keepdims=0, select_last_index=0),  # [B, S]
@@ -43,11 +42,8 @@ def greedy_nodes(graph, vocab_size: int, logits: str = _LOGITS, prefix: str = "q
         helper.make_node("ReduceSum", [t["zeroed"], axes], [t["sum"]],
                          name=f"{prefix}_ReduceSum", keepdims=0),  # [B, S]: 0 or NaN
         helper.make_node("IsNaN", [t["sum"]], [t["bad"]], name=f"{prefix}_IsNaN"),
-        helper.make_node("Cast", [t["bad"]], [t["bad64"]], name=f"{prefix}_Cast",
-                         to=TensorProto.INT64),
-        helper.make_node("Mul", [t["bad64"], vocab], [t["penalty"]], name=f"{prefix}_MulV"),
-        helper.make_node("Add", [t["argmax"], t["penalty"]], [GREEDY_OUTPUT],
-                         name=f"{prefix}_Add"),
+        helper.make_node("Where", [t["bad"], vocab, t["argmax"]], [GREEDY_OUTPUT],
+                         name=f"{prefix}_Where"),  # [B, S]: V where the row is not finite
     ])
     dims = outputs[logits].type.tensor_type.shape.dim
     shape = ([d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
