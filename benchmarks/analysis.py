@@ -1,5 +1,6 @@
 """Turning raw runs into the reported quantities: alpha, c, tokens per iteration against
-Eq. 1, realized against theoretical walltime improvement (Theorem 3.8). NumPy only."""
+Eq. 1, realized against theoretical walltime improvement (Theorem 3.8, and the same with
+the measured verify cost). NumPy only."""
 
 from __future__ import annotations
 
@@ -51,15 +52,29 @@ def summarize_spec(stats: list[dict], gamma: int) -> dict:
     return out
 
 
-def theoretical(alpha, gamma: int, c) -> float | None:
-    """Theorem 3.8's walltime improvement, or None without finite alpha and c."""
+def measured_verify(verify) -> bool:
+    """Whether ``verify`` is a usable verify cost: a finite number > 0."""
+    return _finite(verify) and not isinstance(verify, bool) and verify > 0
+
+
+def theoretical(alpha, gamma: int, c, verify=None) -> float | None:
+    """Theorem 3.8's walltime improvement, or None without finite alpha and c; with
+    ``verify`` (the target's call on gamma + 1 tokens over its 1-token step, finite and
+    > 0), the improvement with that verify cost (None for any other ``verify``)."""
     if not (_finite(alpha) and _finite(c)) or not 0 <= alpha <= 1 or c < 0:
         return None
-    return theory.walltime_improvement(float(alpha), int(gamma), float(c))
+    if verify is None:
+        return theory.walltime_improvement(float(alpha), int(gamma), float(c))
+    if not measured_verify(verify):
+        return None
+    return theory.walltime_improvement(float(alpha), int(gamma), float(c), float(verify))
 
 
-def compare(ar_tokens_per_s, spec_tokens_per_s, alpha, gamma: int, c) -> dict:
-    """Realized speedup over the autoregressive baseline and its ratio to the theory."""
+def compare(ar_tokens_per_s, spec_tokens_per_s, alpha, gamma: int, c, verify=None) -> dict:
+    """Realized speedup over the autoregressive baseline and its ratio to Theorem 3.8
+    (``theoretical_improvement``, ``realized_over_theoretical``); with a measured
+    ``verify`` cost (finite, > 0) also to the theory with it (``theoretical_with_verify``,
+    ``realized_over_theoretical_with_verify``)."""
     out: dict = {}
     if _finite(ar_tokens_per_s) and _finite(spec_tokens_per_s) and ar_tokens_per_s > 0:
         out["speedup"] = spec_tokens_per_s / ar_tokens_per_s
@@ -68,6 +83,11 @@ def compare(ar_tokens_per_s, spec_tokens_per_s, alpha, gamma: int, c) -> dict:
         out["theoretical_improvement"] = th
         if "speedup" in out:
             out["realized_over_theoretical"] = out["speedup"] / th
+    th_v = theoretical(alpha, gamma, c, verify) if measured_verify(verify) else None
+    if th_v is not None:
+        out["theoretical_with_verify"] = th_v
+        if "speedup" in out:
+            out["realized_over_theoretical_with_verify"] = out["speedup"] / th_v
     if _finite(alpha) and _finite(c) and 0 <= alpha <= 1 and c >= 0:
         out["best_gamma_theory"] = theory.best_gamma(float(alpha), float(c), max_gamma=16)
     return out

@@ -224,12 +224,22 @@ def _check_len(tokens_list, n):
         raise AssertionError(f"expected {n} new tokens per prompt, got {bad}")
 
 
+def _verify_cost(t_ms: dict | None, g: int) -> float | None:
+    """The target's call on g + 1 tokens over its 1-token step, from the cost stage's ms
+    per target call of k tokens (None where either was not measured)."""
+    if not t_ms or g + 1 not in t_ms or not t_ms.get(1):
+        return None
+    return t_ms[g + 1] / t_ms[1]
+
+
 def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: float,
-                  warmup: int, repeats: int, c, costs=None, rates=()) -> dict:
+                  warmup: int, repeats: int, c, costs=None, rates=(), verify=None) -> dict:
     """Autoregressive and speculative sampling at ``temperature`` / ``top_p``, each prompt
     with its own seed, timed side by side as the greedy runs are; with ``costs`` (the cost
     stage's ms per target and draft call), pipelined sampling at ``gamma`` too, and again
-    with a ShadowRule of each min_keep_rate in ``rates``."""
+    with a ShadowRule of each min_keep_rate in ``rates``. ``verify``: the target's call on
+    gamma + 1 tokens over its 1-token step (None: from ``costs`` where given), for the
+    theory with the measured verify cost."""
     from benchmarks.analysis import compare, summarize_spec
     from quickdraft.sampling import SamplingConfig
 
@@ -249,8 +259,10 @@ def _sampled_runs(pair, prompts, n: int, gamma: int, temperature: float, top_p: 
     sp = {**rate(total, spec_times), **summarize_spec([s for _, s in outs], gamma)}
     sp["cost_ratio_c_loop"] = sp.pop("cost_ratio_c", None)
     sp["cost_ratio_c"] = c if c is not None else sp["cost_ratio_c_loop"]
+    if verify is None and costs is not None:
+        verify = _verify_cost(costs[0], gamma)
     sp.update(compare(ar["tokens_per_s"], sp["tokens_per_s"], sp.get("alpha"), gamma,
-                      sp.get("cost_ratio_c")))
+                      sp.get("cost_ratio_c"), verify))
     if _captures_helpers(runner):  # side by side: the draws and verdicts uncaptured
         plain = runner.variant(capture_helpers=False)
         plain_ar, plain_ar_times = timed_runs(
@@ -412,7 +424,7 @@ def task_qd(spec: dict, rec: Record) -> None:
         res = {**rate(total, times), **summary, **greedy_check(pair.target, prompts, toks, ref),
                "stats": _slim(outs[0][1])}
         res.update(compare(ar_tps, res["tokens_per_s"], res.get("alpha"), g,
-                           res.get("cost_ratio_c")))
+                           res.get("cost_ratio_c"), _verify_cost(t_ms, g)))
         return res
 
     with rec.step("spec"):
@@ -448,7 +460,7 @@ def task_qd(spec: dict, rec: Record) -> None:
             sampled.append(_sampled_runs(pair, prompts, n, g, float(temperature),
                                          float(top_p), warmup, repeats, c_protocol,
                                          (t_ms, d_ms) if spec.get("pipelined") else None,
-                                         rates))
+                                         rates, _verify_cost(t_ms, g)))
             rec.set("sampled", sampled)
             r = sampled[-1]
             log(f"qd-{path} T={temperature} top_p={top_p} gamma {g}: AR "
@@ -505,14 +517,18 @@ def task_qd(spec: dict, rec: Record) -> None:
 
                 r = spec_runs(g, repeats, drafter_for)
                 r["alpha_nominal"] = a
-                r["theoretical_at_nominal_alpha"] = theory.walltime_improvement(
-                    a, g, float(r.get("cost_ratio_c") or 0.0))
+                c_row, verify = float(r.get("cost_ratio_c") or 0.0), _verify_cost(t_ms, g)
+                r["theoretical_at_nominal_alpha"] = theory.walltime_improvement(a, g, c_row)
+                if verify is not None:
+                    r["theoretical_at_nominal_alpha_with_verify"] = theory.walltime_improvement(
+                        a, g, c_row, verify)
                 controlled.append(r)
                 rec.set("controlled", controlled)
                 log(f"qd-{path} controlled alpha {a}: gamma {g}, measured alpha "
                     f"{_f(r.get('alpha')):.3f}, speedup {_f(r.get('speedup')):.2f} vs theory "
                     f"{_f(r.get('theoretical_improvement')):.2f} (realized / theory "
-                    f"{_f(r.get('realized_over_theoretical')):.2f})")
+                    f"{_f(r.get('realized_over_theoretical')):.2f}; with the measured verify "
+                    f"cost {_f(r.get('realized_over_theoretical_with_verify')):.2f})")
     rec.set("memory", mem.mark("end"))
 
 
@@ -564,7 +580,9 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
     without a rule). ``hidden_share``: of one continuation's L = g + 1 draft steps, the
     share that did not lengthen the shadow beyond the verify call alone. An iteration
     without a continuation waits for the verify call alone, so the shadow's excess over
-    it, averaged over all iterations, is divided by s (None where s = 0)."""
+    it, averaged over all iterations, is divided by s (None where s = 0).
+    ``theoretical_with_verify``: the theory with the verify call costing what it was
+    measured to, t_ms[g + 1] / t_ms[1] target steps, not 1."""
     from quickdraft import theory
 
     def run_all():
@@ -604,9 +622,13 @@ def _pipelined_row(runner, prompts, n: int, g: int, ref, ar_tps, t_ms, d_ms, war
         h = 0.0 if share == 0 else min(1.0, max(0.0, row["hidden_share"]))  # s = 0: unused
         th = theory.pipelined_walltime_improvement(row["alpha"], g, draft / step, h,
                                                    shadow_rate=share)
+        th_v = theory.pipelined_walltime_improvement(row["alpha"], g, draft / step, h,
+                                                     shadow_rate=share, verify=verify / step)
         row["theoretical_improvement"] = th
+        row["theoretical_with_verify"] = th_v
         if "speedup" in row:
             row["realized_over_theoretical"] = row["speedup"] / th
+            row["realized_over_theoretical_with_verify"] = row["speedup"] / th_v
     return row
 
 

@@ -2,12 +2,14 @@
 
 alpha is the expected acceptance rate E[beta], beta = sum_x min(p(x), q(x)); gamma the
 number of draft tokens per iteration; c the cost of one draft call relative to one
-target call; c_hat the ratio of arithmetic operations per token (draft over target).
+target call; c_hat the ratio of arithmetic operations per token (draft over target);
+verify the cost of the target's call on gamma + 1 tokens in 1-token target calls (1 in
+the paper).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +39,12 @@ def _check_alpha(alpha: float) -> None:
 def _check_cost(name: str, c: float) -> None:
     if not 0.0 <= c < np.inf:  # NaN fails too
         raise ValueError(f"{name} must be a finite number >= 0, got {c}")
+
+
+def _check_verify(verify: float) -> None:
+    if not 0.0 < verify < np.inf:  # NaN fails too
+        raise ValueError(f"verify (the cost of the target's call on gamma + 1 tokens, in "
+                         f"1-token target steps) must be a finite number > 0, got {verify}")
 
 
 def _check_gamma(gamma: int) -> None:
@@ -89,28 +97,33 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def walltime_improvement(alpha: float, gamma: int, c: float) -> float:
+def walltime_improvement(alpha: float, gamma: int, c: float, verify: float = 1.0) -> float:
     """Expected walltime improvement over autoregressive decoding, Theorem 3.8.
 
-    (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + 1)).
+    (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + verify)), ``verify`` the cost of p's
+    call on gamma + 1 tokens in 1-token steps of p. The paper takes it as one step:
+    ``verify=1`` is Theorem 3.8 exactly.
     """
     _check_cost("c", c)
-    return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
+    _check_verify(verify)
+    return expected_tokens(alpha, gamma) / (gamma * c + verify)
 
 
 def pipelined_walltime_improvement(alpha: float, gamma: int, c: float, h: float, *,
-                                   shadow_rate: float = 1.0) -> float:
+                                   shadow_rate: float = 1.0, verify: float = 1.0) -> float:
     """Theorem 3.8 for pipelined drafting (:mod:`quickdraft.pipelined`).
 
     Each iteration emits Eq. (1) tokens and costs, in target calls,
-    1 + gamma c (1 - s alpha^(gamma + 1)) + s (1 - h)(gamma + 1) c: the verify call; the
-    proposal's gamma draft steps unless it was pre-drafted (the last iteration drafted a
-    continuation and kept all gamma + 1 candidates); and the unhidden part of a
-    continuation's gamma + 1 draft steps, kept or discarded. s = ``shadow_rate`` is the
-    share of iterations that draft a continuation (1 for plain pipelining, less under a
+    verify + gamma c (1 - s alpha^(gamma + 1)) + s (1 - h)(gamma + 1) c: the verify call
+    (``verify`` 1-token target steps, 1 in the paper's model); the proposal's gamma draft
+    steps unless it was pre-drafted (the last iteration drafted a continuation and kept
+    all gamma + 1 candidates); and the unhidden part of a continuation's gamma + 1 draft
+    steps, kept or discarded. s = ``shadow_rate`` is the share of iterations that draft a
+    continuation (1 for plain pipelining, less under a
     :class:`~quickdraft.pipelined.ShadowRule`); h in [0, 1] the hidden share of one
-    continuation's draft time. s = 0 is :func:`walltime_improvement` exactly. The
-    derivation and its assumptions: ``docs/explanation/pipelined.md``.
+    continuation's draft time. s = 0 is :func:`walltime_improvement` with the same
+    ``verify`` exactly. The derivation and its assumptions:
+    ``docs/explanation/pipelined.md``.
     """
     if not 0.0 <= h <= 1.0:
         raise ValueError(f"h must be in [0, 1], got {h}")
@@ -118,11 +131,12 @@ def pipelined_walltime_improvement(alpha: float, gamma: int, c: float, h: float,
         raise ValueError(f"shadow_rate (the share of iterations that draft a continuation) "
                          f"must be in [0, 1], got {shadow_rate}")
     _check_cost("c", c)
+    _check_verify(verify)
     tokens = expected_tokens(alpha, gamma)  # checks alpha and gamma
     s = shadow_rate
     warm = s * alpha ** (gamma + 1)  # P(the proposal was pre-drafted)
     unhidden = s * (1.0 - h) * (gamma + 1) * c  # continuations' time beyond the verify call
-    return tokens / (1.0 + gamma * c * (1.0 - warm) + unhidden)
+    return tokens / (verify + gamma * c * (1.0 - warm) + unhidden)
 
 
 def shadow_break_even(gamma: int, h: float) -> float:
@@ -143,11 +157,18 @@ def shadow_break_even(gamma: int, h: float) -> float:
     return min(1.0, (1.0 - h) * (gamma + 1) / gamma)
 
 
-def best_gamma(alpha: float, c: float, max_gamma: int = 64) -> int:
-    """The integer gamma in [1, max_gamma] that maximises :func:`walltime_improvement`."""
+def best_gamma(alpha: float, c: float, max_gamma: int = 64,
+               verify: Callable[[int], float] | None = None) -> int:
+    """The integer gamma in [1, max_gamma] that maximises :func:`walltime_improvement`.
+
+    ``verify``: gamma -> the cost of p's call on gamma + 1 tokens in 1-token steps of p
+    (None: 1 at every gamma, Theorem 3.8).
+    """
     _check_gamma(max_gamma)
     gammas = range(1, max_gamma + 1)
-    return max(gammas, key=lambda g: walltime_improvement(alpha, g, c))
+    if verify is None:
+        return max(gammas, key=lambda g: walltime_improvement(alpha, g, c))
+    return max(gammas, key=lambda g: walltime_improvement(alpha, g, c, verify(g)))
 
 
 def operations_factor(alpha: float, gamma: int, c_hat: float = 0.0) -> float:

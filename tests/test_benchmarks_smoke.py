@@ -187,6 +187,27 @@ def test_summarize_and_compare():
     assert analysis.compare(None, 1.0, None, 4, None) == {}
 
 
+def test_analysis_compare_with_the_measured_verify_cost():
+    """Theorem 3.8's fields keep their meaning; a measured verify cost adds the theory with
+    it beside them, and one that is not a finite number > 0 adds nothing."""
+    plain = analysis.compare(100.0, 250.0, 0.8, 4, 0.05)
+    c = analysis.compare(100.0, 250.0, 0.8, 4, 0.05, verify=1.14)
+    assert {k: c[k] for k in plain} == plain  # bit-identical, verify or not
+    want = theory.expected_tokens(0.8, 4) / (4 * 0.05 + 1.14)
+    assert c["theoretical_with_verify"] == pytest.approx(want, rel=1e-12)
+    assert c["realized_over_theoretical_with_verify"] == pytest.approx(2.5 / want, rel=1e-12)
+    assert c["realized_over_theoretical_with_verify"] > c["realized_over_theoretical"]
+    assert analysis.theoretical(0.8, 4, 0.05, 1.14) == c["theoretical_with_verify"]
+    assert analysis.theoretical(0.8, 4, 0.05) == plain["theoretical_improvement"]
+    for bad in (0.0, -1.0, float("nan"), float("inf"), None, True):
+        assert "theoretical_with_verify" not in analysis.compare(100.0, 250.0, 0.8, 4, 0.05,
+                                                                 verify=bad)
+    assert analysis.theoretical(0.8, 4, 0.05, float("nan")) is None
+    only_theory = analysis.compare(None, 250.0, 0.8, 4, 0.05, verify=1.14)  # no baseline
+    assert "theoretical_with_verify" in only_theory
+    assert "realized_over_theoretical_with_verify" not in only_theory
+
+
 def _results() -> dict:
     qd = {"status": "ok", "ar": {"tokens_per_s": 200.0, "ms_per_token": 5.0},
           "spec": {"gamma": 4, "tokens_per_s": 500.0, "ms_per_token": 2.0, "speedup": 2.5,
@@ -270,6 +291,66 @@ def test_goals_count_pipelined_and_sampled_rows():
     assert c7["value"] == 0.03 and c7["passed"] is False  # > 0.025
     worst = goals["realized / theoretical walltime improvement (worst quickdraft row)"]
     assert worst["value"] == 0.7
+
+
+def test_report_computes_the_verify_ratio_for_old_results(tmp_path):
+    """Results written before the rows recorded the theory with the measured verify cost:
+    the report computes it from costs.verify_over_step at the row's gamma, its alpha and c,
+    speedup / (Eq. 1 / (gamma c + verify)); a pipelined row's recorded theory gets the
+    verify call's cost in place of its leading 1. Rows that recorded it keep their own."""
+    pytest.importorskip("tabulate")
+    r = _results()  # spec: gamma 4, alpha 0.8, c 0.05, speedup 2.5; verify_over_step 4: 1.1
+    qd = r["pairs"]["7b"]["systems"]["qd-fast"]
+    qd["controlled"][0]["gamma"] = 4  # the costs have verify_over_step at gamma 4 only
+    qd["pipelined"] = [{"gamma": 4, "alpha": 0.8, "speedup": 2.2, "tokens_per_s": 440.0,
+                        "theoretical_improvement": 2.4, "realized_over_theoretical": 2.2 / 2.4}]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(r))  # string keys, as a results file has them
+    r = json.loads(path.read_text())
+    qd = r["pairs"]["7b"]["systems"]["qd-fast"]
+    tokens = theory.expected_tokens(0.8, 4)
+    spec_ratio = 2.5 / (tokens / (4 * 0.05 + 1.1))
+    got = report.with_verify(qd["spec"], qd["costs"])
+    assert got["theory"] == pytest.approx(tokens / 1.3, rel=1e-12)
+    assert got["realized"] == pytest.approx(spec_ratio, rel=1e-12)
+    ctl_ratio = 2.8 / (theory.expected_tokens(0.79, 4) / (4 * 0.05 + 1.1))
+    assert report.with_verify(qd["controlled"][0], qd["costs"])["realized"] == pytest.approx(
+        ctl_ratio, rel=1e-12)
+    piped = report.with_verify(qd["pipelined"][0], qd["costs"], pipelined=True)
+    assert piped["theory"] == pytest.approx(tokens / (tokens / 2.4 + 0.1), rel=1e-12)
+    # no verify cost at the row's gamma, or no costs: nothing
+    assert report.with_verify({**qd["spec"], "gamma": 7}, qd["costs"])["realized"] is None
+    assert report.with_verify(qd["spec"], None) == {"theory": None, "realized": None}
+    # a row that recorded its own is read, not recomputed
+    own = {**qd["spec"], "theoretical_with_verify": 2.0,
+           "realized_over_theoretical_with_verify": 1.25}
+    assert report.with_verify(own, qd["costs"]) == {"theory": 2.0, "realized": 1.25}
+
+    goals = {g["goal"]: g for g in report.goals(r)}
+    plain = goals["realized / theoretical walltime improvement (worst quickdraft row)"]
+    assert plain["value"] == 0.89  # unchanged: Theorem 3.8's fields, the spec row's
+    worst = goals["realized / theoretical walltime improvement with the measured verify cost "
+                  "(worst quickdraft row)"]
+    want = min(spec_ratio, ctl_ratio, 2.2 / piped["theory"])
+    assert worst["value"] == pytest.approx(want, rel=1e-12) and worst["value"] > plain["value"]
+
+    text = report.render(r)
+    assert "realized / theory with verify" in text
+    cells = next(c for c in ([c.strip() for c in x.strip("|").split("|")]
+                             for x in text.splitlines() if x.startswith("| quickdraft fast"))
+                 if c[1] == "speculative")
+    assert cells[10] == "2.50 / 2.80 = 0.89"  # Theorem 3.8's cell as recorded, kept
+    assert cells[11] == f"2.50 / {tokens / 1.3:.2f} = {spec_ratio:.2f}"
+    ctl = next(x for x in text.split("controlled alpha")[1].splitlines()
+               if x.startswith("| qd-fast"))
+    cells = [c.strip() for c in ctl.strip("|").split("|")]
+    assert cells[7:11] == ["3.00", "0.93", f"{2.8 / ctl_ratio:.2f}", f"{ctl_ratio:.2f}"]
+    targets = text.split("### Targets")[1]
+    assert "with the measured verify cost (worst quickdraft row)" in targets
+    del qd["costs"]["verify_over_step"]  # nothing to compute it from: not measured
+    goals = {g["goal"]: g for g in report.goals(r)}
+    assert goals["realized / theoretical walltime improvement with the measured verify cost "
+                 "(worst quickdraft row)"]["value"] is None
 
 
 def test_draft_shapes_rows_read_the_measured_results():
@@ -1009,6 +1090,21 @@ def test_sampled_runs_time_pipelined_sampling_beside_them(monkeypatch):
         row["spec"]["tokens_per_s"]
     assert piped["stats"]["mode"] == "pipelined"
     assert "effective_c" in piped and "realized_over_theoretical" in piped
+    # the theory with the measured verify cost beside Theorem 3.8's: t_ms[3] / t_ms[1]
+    verify = t_ms[3] / t_ms[1]
+    for r in (piped, ruled):
+        assert r["theoretical_with_verify"] == pytest.approx(
+            theory.pipelined_walltime_improvement(
+                r["alpha"], 2, r["draft_step_ms_alone"] / t_ms[1],
+                min(1.0, max(0.0, r["hidden_share"])), shadow_rate=r["shadow_rate"],
+                verify=verify))
+        assert r["realized_over_theoretical_with_verify"] == pytest.approx(
+            r["speedup"] / r["theoretical_with_verify"])
+    sp = row["spec"]
+    assert sp["theoretical_with_verify"] == pytest.approx(
+        theory.walltime_improvement(sp["alpha"], 2, 0.1, verify))
+    assert sp["theoretical_improvement"] == pytest.approx(
+        theory.walltime_improvement(sp["alpha"], 2, 0.1))
     draws, verdicts = row["ar"]["uncaptured_draws"], row["spec"]["uncaptured_verdicts"]
     assert draws["tokens_equal"] and verdicts["tokens_equal"]  # the same seeds, same tokens
     assert draws["tokens_per_s"] > 0 and verdicts["tokens_per_s"] > 0

@@ -244,3 +244,86 @@ def test_a_cost_ratio_that_is_not_a_finite_number_at_least_0_is_refused(c):
                  lambda: theory.best_gamma(0.8, c)):
         with pytest.raises(ValueError, match="must be a finite number >= 0"):
             call()
+
+
+# --- the measured verify cost --------------------------------------------------------------
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 32), st.floats(0.0, 2.0))
+def test_verify_1_is_theorem_3_8_to_the_last_bit(alpha, gamma, c):
+    want = theory.expected_tokens(alpha, gamma) / (gamma * c + 1.0)  # Theorem 3.8 as it was
+    assert theory.walltime_improvement(alpha, gamma, c) == want
+    assert theory.walltime_improvement(alpha, gamma, c, verify=1.0) == want
+    assert theory.walltime_improvement(alpha, gamma, c, 1) == want
+
+
+@pytest.mark.parametrize("alpha,gamma,c,verify", [
+    (0.8, 4, 0.1, 1.14), (0.6, 2, 0.05, 1.02), (0.9, 8, 0.02, 1.21), (0.7, 3, 0.2, 0.95),
+    (0.0, 5, 0.1, 1.5), (1.0, 4, 0.3, 1.1)])
+def test_the_verify_cost_adds_to_the_iteration_cost(alpha, gamma, c, verify):
+    """Eq. 1 / (gamma c + verify), Eq. 1 summed term by term."""
+    tokens = sum(alpha**k for k in range(gamma + 1))
+    got = theory.walltime_improvement(alpha, gamma, c, verify=verify)
+    assert got == pytest.approx(tokens / (gamma * c + verify), rel=1e-12)
+    if verify > 1.0:  # a dearer verify call predicts less
+        assert got < theory.walltime_improvement(alpha, gamma, c)
+
+
+def test_the_verify_cost_by_hand():
+    # alpha 0.8, gamma 4: Eq. 1 = 3.3616; 4 x 0.1 + 1.14 = 1.54 (Theorem 3.8: 1.4)
+    assert theory.walltime_improvement(0.8, 4, 0.1, verify=1.14) == pytest.approx(
+        3.3616 / 1.54, rel=1e-12)  # 2.18286, against 2.40114
+    # pipelined, h 0.5, s 1: 1.14 + 0.4 (1 - 0.32768) + 0.5 * 5 * 0.1 = 1.658928
+    assert theory.pipelined_walltime_improvement(0.8, 4, 0.1, 0.5, verify=1.14) == (
+        pytest.approx(3.3616 / 1.658928, rel=1e-12))
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0), st.floats(0.0, 1.0),
+       st.floats(0.5, 2.0))
+def test_pipelined_without_continuations_is_the_walltime_with_the_same_verify(alpha, gamma, c,
+                                                                              h, verify):
+    assert theory.pipelined_walltime_improvement(
+        alpha, gamma, c, h, shadow_rate=0.0, verify=verify) == theory.walltime_improvement(
+        alpha, gamma, c, verify=verify)
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 16), st.floats(0.0, 2.0), st.floats(0.0, 1.0),
+       st.floats(0.0, 1.0), st.floats(0.5, 2.0))
+def test_pipelined_verify_replaces_the_leading_1(alpha, gamma, c, h, s, verify):
+    """verify 1 is the formula without it exactly; any verify shifts the iteration's cost
+    by verify - 1 target steps."""
+    f = lambda v=1.0: theory.pipelined_walltime_improvement(  # noqa: E731
+        alpha, gamma, c, h, shadow_rate=s, verify=v)
+    assert f() == theory.pipelined_walltime_improvement(alpha, gamma, c, h, shadow_rate=s)
+    tokens = theory.expected_tokens(alpha, gamma)
+    assert tokens / f(verify) - tokens / f() == pytest.approx(verify - 1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("verify", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_verify_cost_that_is_not_a_finite_number_above_0_is_refused(verify):
+    for call in (lambda: theory.walltime_improvement(0.8, 4, 0.1, verify),
+                 lambda: theory.pipelined_walltime_improvement(0.8, 4, 0.1, 0.5, verify=verify),
+                 lambda: theory.best_gamma(0.8, 0.1, 8, verify=lambda g: verify)):
+        with pytest.raises(ValueError, match=r"verify \(the cost of the target's call on "
+                                             r"gamma \+ 1 tokens.*must be a finite number > 0"):
+            call()
+
+
+@given(st.floats(0.0, 0.99), st.floats(0.0, 1.0), st.floats(0.0, 0.2))
+def test_best_gamma_with_a_verify_cost_is_the_argmax_of_it(alpha, c, slope):
+    def verify(g):
+        return 1.0 + slope * g  # a verify call dearer with every token
+
+    g = theory.best_gamma(alpha, c, 24, verify=verify)
+    best = theory.walltime_improvement(alpha, g, c, verify(g))
+    assert all(best >= theory.walltime_improvement(alpha, k, c, verify(k)) for k in range(1, 25))
+    assert theory.best_gamma(alpha, c, 24, verify=lambda k: 1.0) == theory.best_gamma(
+        alpha, c, 24)
+
+
+def test_best_gamma_with_a_verify_cost_by_hand():
+    # alpha 0.8, c 0.05: Theorem 3.8's best is 8 (3.09x); a verify call costing 1 + 0.05
+    # gamma is gamma 0.1 + 1 in all: Theorem 3.8 at c 0.1, whose best is 6
+    assert theory.best_gamma(0.8, 0.05) == 8
+    assert theory.best_gamma(0.8, 0.05, verify=lambda g: 1.0 + 0.05 * g) == 6
+    assert theory.best_gamma(0.8, 0.1) == 6
