@@ -18,8 +18,9 @@
 #   bash benchmarks/h200_trained.sh check    # the exported pair with CUDA graphs against
 #                                            # without (greedy, sampled: captured verdicts)
 #   bash benchmarks/h200_trained.sh host     # host time per iteration on the exported pair
-#                                            # (greedy and T=1, gamma 4), with a cProfile
-#                                            # of where it goes
+#                                            # (greedy and T=1, gamma 4, XQA attention or
+#                                            # HOST_ATTENTION), with a cProfile of where
+#                                            # it goes
 #   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
 #                                            # layer; the target's first 1 and 2 layers, from
 #                                            # its weights): held-out alpha, c, speedups;
@@ -83,8 +84,10 @@ case ${1:?pair, base, genai, check, host, shapes, train or finish} in
   check)
     python3 benchmarks/cuda_graph_check.py "$pair/qd-fast" --json "$out/cuda_graph_check.json" ;;
   host)
+    # XQA: cuDNN's attention (the default) changes a seeded T=1 output between runs
     python3 benchmarks/host_overhead.py --pairs static --static-dir "$pair/qd-fast" \
-        --device cuda --gammas 4 --temperatures 0 1 --repeats 5 --profile 3 \
+        --device cuda --attention "${HOST_ATTENTION:-xqa}" --gammas 4 --temperatures 0 1 \
+        --repeats 5 --profile 3 \
         --json "$out/host_overhead.json" ;;
   shapes)
     length=(--draft-seconds "${SHAPE_SECONDS:-90}")  # or a fixed step count

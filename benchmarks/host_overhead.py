@@ -170,7 +170,7 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
     from quickdraft.ort_backend import DecodeConfig, load_pair
     from quickdraft.sampling import SamplingConfig
 
-    pair = load_pair(folder, device=args.device)
+    pair = load_pair(folder, device=args.device, attention=args.attention)
     clock = OrtClock()
     vocab = pair.target.vocab_size
     rng = np.random.default_rng(args.seed)
@@ -200,7 +200,9 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
         for label in runs:
             rs = runs[label]
             if len({tuple(r["tokens"]) for r in rs}) != 1:
-                raise SystemExit(f"{name} {label} T={temperature}: output changed between runs")
+                raise SystemExit(f"{name} {label} T={temperature}: output changed between runs "
+                                 f"(attention {args.attention}; on CUDA cuDNN's attention "
+                                 "is not deterministic run to run: pass --attention xqa)")
             if temperature == 0 and rs[0]["tokens"] != runs["AR"][0]["tokens"]:
                 raise SystemExit(f"{name} {label}: greedy output differs from autoregressive")
             it = rs[0]["iterations"]
@@ -273,6 +275,8 @@ def compare(before: dict, after: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from quickdraft.ort_backend.device import ATTENTION_KERNELS, DEFAULT_ATTENTION
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", nargs="+", default=["default", "static"],
                     choices=["default", "static"])
@@ -280,6 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--static-dir", type=Path,
                     default=Path(os.environ.get("TMPDIR", "/tmp")) / "quickdraft-host-static")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
+                    help="CUDA: GroupQueryAttention's kernel (default %(default)s)")
     ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -1,12 +1,14 @@
 """Whether a seeded sampled generation repeats itself, per attention kernel.
 
     python benchmarks/seeded_repeat.py MODEL_DIR --device cuda [--attention auto,cudnn]
-        [--runs 8] [--new-tokens 128] [--temperature 1] [--gammas 4] [--json OUT.json]
+        [--runs 8] [--new-tokens 128] [--temperature 1] [--gammas 4] [--interleave]
+        [--json OUT.json]
 
 One generator per system (autoregressive, speculative at each gamma) decodes the same
-prompt ``--runs`` times with one seed. Each row counts the distinct outputs and, for each
-run, the index of its first token that differs from the first run's (None: equal). The
-draws come from the same uniforms every run, so a difference is the logits differing
+random prompt ``--runs`` times with one seed (``--interleave``: the generators alive
+together, one run of each in turn). Each row counts the distinct outputs and, for each
+later run, the index of its first token that differs from the first run's (None: equal).
+The draws come from the same uniforms every run, so a difference is the logits differing
 between runs: a kernel that is not deterministic in floating point.
 """
 
@@ -19,11 +21,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 from benchmarks.common import dump_results, log  # noqa: E402
 from benchmarks.cuda_graph_check import first_difference  # noqa: E402
 
 
 def repeats(gen, prompt: list[int], runs: int) -> list[list[int]]:
+    """``runs`` whole generations of ``prompt`` on one generator."""
     outs = []
     for _ in range(runs):
         gen.prefill(prompt)
@@ -33,11 +38,40 @@ def repeats(gen, prompt: list[int], runs: int) -> list[list[int]]:
     return outs
 
 
-def main(argv=None) -> int:
-    from tabulate import tabulate
-
+def collect(model_dir: Path, *, device: str, attention: list[str], runs: int,
+            new_tokens: int, temperature: float, gammas: list[int], seed: int,
+            prompt_tokens: int, interleave: bool) -> list[dict]:
     from quickdraft.ort_backend import DecodeConfig, load_pair
     from quickdraft.sampling import SamplingConfig
+
+    config = DecodeConfig(max_new_tokens=new_tokens, seed=seed,
+                          sampling=SamplingConfig(temperature=temperature))
+    rows = []
+    for kernel in attention:
+        pair = load_pair(model_dir, device=device, attention=kernel)
+        rng = np.random.default_rng(seed)  # a random prompt, as host_overhead.py draws one
+        prompt = [int(t) for t in rng.integers(2, pair.target.vocab_size, prompt_tokens)]
+        systems = {("AR" if g is None else f"SD g={g}"):
+                   (pair.generator(config) if g is None else pair.generator(config, gamma=g))
+                   for g in [None, *gammas]}
+        if interleave:
+            outs = {name: [] for name in systems}
+            for _ in range(runs):
+                for name, gen in systems.items():
+                    outs[name] += repeats(gen, prompt, 1)
+        else:
+            outs = {name: repeats(gen, prompt, runs) for name, gen in systems.items()}
+        for name, gen in systems.items():
+            gen.close()
+            o = outs[name]
+            rows.append({"attention": kernel, "system": name, "distinct": len(set(map(tuple, o))),
+                         "first_difference": [first_difference(o[0], x) for x in o[1:]]})
+            log(f"{kernel} {name}: {rows[-1]['distinct']} distinct of {runs}")
+    return rows
+
+
+def main(argv=None) -> int:
+    from tabulate import tabulate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", type=Path)
@@ -47,29 +81,19 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--gammas", default="4")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the sampling seed and the prompt's")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length")
+    ap.add_argument("--interleave", action="store_true",
+                    help="every system's generator alive at once, their runs in turn")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    gammas = [int(g) for g in args.gammas.split(",") if g]
-    config = DecodeConfig(max_new_tokens=args.new_tokens, seed=args.seed,
-                          sampling=SamplingConfig(temperature=args.temperature))
-    rows = []
-    for attention in args.attention.split(","):
-        pair = load_pair(args.model_dir, device=args.device, attention=attention)
-        prompt = list(range(2, 18))
-        for gamma in [None, *gammas]:
-            gen = pair.generator(config) if gamma is None else pair.generator(config, gamma=gamma)
-            outs = repeats(gen, prompt, args.runs)
-            gen.close()
-            system = "AR" if gamma is None else f"SD g={gamma}"
-            rows.append({"attention": attention, "system": system,
-                         "distinct": len({tuple(o) for o in outs}),
-                         "first_difference": [first_difference(outs[0], o) for o in outs[1:]]})
-            log(f"{attention} {rows[-1]['system']}: {rows[-1]['distinct']} distinct")
+    rows = collect(args.model_dir, device=args.device, attention=args.attention.split(","),
+                   runs=args.runs, new_tokens=args.new_tokens, temperature=args.temperature,
+                   gammas=[int(g) for g in args.gammas.split(",") if g], seed=args.seed,
+                   prompt_tokens=args.prompt_tokens, interleave=args.interleave)
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if args.json:
-        dump_results(args.json, settings=vars(args) | {"model_dir": str(args.model_dir),
-                                                        "json": str(args.json)}, rows=rows)
+        dump_results(args.json, rows=rows)
     return 0
 
 

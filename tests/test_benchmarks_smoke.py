@@ -1176,6 +1176,25 @@ def test_host_profile_finds_the_run_calls_of_a_generation():
     assert "calls/it" in text and rows[0]["function"] in text
 
 
+def test_seeded_repeat_counts_the_distinct_outputs_of_a_seed():
+    """benchmarks/seeded_repeat.py on the bundled pair (CPU): sampled at T=1 with one seed,
+    every run of each system gives one output, interleaved or not; a first difference is
+    its index, or the shorter length when one output is a prefix of the other."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import seeded_repeat
+    from benchmarks.cuda_graph_check import first_difference
+    from quickdraft.ort_backend.cli import default_model_dir
+
+    for interleave in ([], ["--interleave"]):
+        out = seeded_repeat.collect(default_model_dir(), device="cpu", attention=["auto"],
+                                    runs=3, new_tokens=12, temperature=1.0, gammas=[3],
+                                    seed=5, prompt_tokens=8, interleave=bool(interleave))
+        assert [(r["system"], r["distinct"]) for r in out] == [("AR", 1), ("SD g=3", 1)]
+        assert all(r["first_difference"] == [None, None] for r in out)
+    assert first_difference([1, 2, 3], [1, 4, 3]) == 1
+    assert first_difference([1, 2, 3], [1, 2]) == 2
+
+
 def test_node_profile_counts_the_bundled_draft_step():
     """benchmarks/node_profile.py on the CPU: every node of a draft step is in ONNX
     Runtime's profile, and the weight bytes its matrix products read, folded int8 storage

@@ -206,7 +206,8 @@ class DecodeConfig:
 
     max_new_tokens: int = 64  # stop after this many new tokens (or at EOS)
     sampling: SamplingConfig = GREEDY  # applied to p and q alike
-    seed: int | None = None  # None: fresh entropy; an int: the same output every time
+    seed: int | None = None  # None: fresh entropy; an int: the same draws every time (the
+    # same output where the kernels are deterministic: not cuDNN attention on CUDA)
     lenience: float = 1.0  # 1: exact; below 1 the lossy rule of appendix A.5
 
     def __post_init__(self) -> None:
