@@ -13,6 +13,9 @@ python -m pip install -q torch==2.13.0        # CPU build; install before anythi
 python -m pip install -q -e ".[test,export,ort,docs,bench,serve]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
+# one OpenMP thread per pytest worker: two workers' torch thread pools on two cores wait on
+# each other at every barrier (a 3 s training test took 80 s beside the other worker)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 ruff check quickdraft tests benchmarks scripts
 # two workers (pytest-xdist), each taking whole files: a file's fixtures are built once
 python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci -n 2 --dist loadfile "$@"
@@ -39,4 +42,4 @@ done
 echo "again with onnxruntime $ORT_LOWEST: ${ort_tests[*]}"
 # the statistical tests of a sampler's law (thousands of generations) run once, above
 PYTHONPATH="$lowest" python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci \
-    -k "not follows_the_target" "${ort_tests[@]}"
+    -n 2 --dist loadfile -k "not follows_the_target" "${ort_tests[@]}"
