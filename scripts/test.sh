@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 ORT_LOWEST=1.31.0
 python3 -m venv .venv
 . .venv/bin/activate
-# --no-compile: a module's bytecode is written when it is first imported, not for all of
-# torch at install time (half a minute)
-python -m pip install -q --no-compile --upgrade pip
-python -m pip install -q --no-compile torch==2.13.0   # CPU build; before anything needing torch
-python -m pip install -q --no-compile -e ".[test,export,ort,docs,bench,serve]"
+# byte-compiled at install: this machine sets PYTHONDONTWRITEBYTECODE, so a module left
+# uncompiled is compiled again by every process that imports it
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0        # CPU build; install before anything that needs torch
+python -m pip install -q -e ".[test,export,ort,docs,bench,serve]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
 # one OpenMP thread per pytest worker: two workers' torch thread pools on two cores wait on
@@ -30,7 +30,7 @@ fi
 # builder) inherit PYTHONPATH, so they see the same onnxruntime.
 lowest="$(mktemp -d)"
 trap 'rm -rf "$lowest"' EXIT
-python -m pip install -q --no-compile --no-deps --target "$lowest" "onnxruntime==$ORT_LOWEST"
+python -m pip install -q --no-deps --target "$lowest" "onnxruntime==$ORT_LOWEST"
 PYTHONPATH="$lowest" python -c "import onnxruntime, sys; v = onnxruntime.__version__; \
 sys.exit(0 if v == '$ORT_LOWEST' else f'expected onnxruntime $ORT_LOWEST, got {v}')"
 ort_tests=()
