@@ -27,17 +27,6 @@ from benchmarks.common import dump_results, log  # noqa: E402
 from benchmarks.cuda_graph_check import first_difference  # noqa: E402
 
 
-def repeats(gen, prompt: list[int], runs: int) -> list[list[int]]:
-    """``runs`` whole generations of ``prompt`` on one generator."""
-    outs = []
-    for _ in range(runs):
-        gen.prefill(prompt)
-        while not gen.done:
-            gen.step()
-        outs.append(list(gen.new_tokens))
-    return outs
-
-
 def collect(model_dir: Path, *, device: str, attention: list[str], runs: int,
             new_tokens: int, temperature: float, gammas: list[int], seed: int,
             prompt_tokens: int, interleave: bool) -> list[dict]:
@@ -58,9 +47,10 @@ def collect(model_dir: Path, *, device: str, attention: list[str], runs: int,
             outs = {name: [] for name in systems}
             for _ in range(runs):
                 for name, gen in systems.items():
-                    outs[name] += repeats(gen, prompt, 1)
+                    outs[name].append(gen.generate(prompt).tokens)
         else:
-            outs = {name: repeats(gen, prompt, runs) for name, gen in systems.items()}
+            outs = {name: [gen.generate(prompt).tokens for _ in range(runs)]
+                    for name, gen in systems.items()}
         for name, gen in systems.items():
             gen.close()
             o = outs[name]

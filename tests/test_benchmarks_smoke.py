@@ -1185,10 +1185,10 @@ def test_seeded_repeat_counts_the_distinct_outputs_of_a_seed():
     from benchmarks.cuda_graph_check import first_difference
     from quickdraft.ort_backend.cli import default_model_dir
 
-    for interleave in ([], ["--interleave"]):
+    for interleave in (False, True):
         out = seeded_repeat.collect(default_model_dir(), device="cpu", attention=["auto"],
                                     runs=3, new_tokens=12, temperature=1.0, gammas=[3],
-                                    seed=5, prompt_tokens=8, interleave=bool(interleave))
+                                    seed=5, prompt_tokens=8, interleave=interleave)
         assert [(r["system"], r["distinct"]) for r in out] == [("AR", 1), ("SD g=3", 1)]
         assert all(r["first_difference"] == [None, None] for r in out)
     assert first_difference([1, 2, 3], [1, 4, 3]) == 1
