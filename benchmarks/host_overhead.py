@@ -16,7 +16,9 @@ Pairs:
   buffers), verification on the device (the ONNX graph, here on the CPU provider). Built
   into ``--static-dir`` on first use (needs the ``export`` extra).
 
-Systems, for each temperature: autoregressive and speculative at each gamma, interleaved
+Systems, for each temperature: autoregressive and speculative at each gamma (on the static
+pair also pipelined at each ``--pipelined`` gamma, plain and with each
+``--shadow-keep-rates`` ShadowRule), interleaved
 round by round (``--repeats`` rounds, one generation of each system per round, the same
 seed every round); the table shows medians. Prefill is excluded.
 
@@ -168,6 +170,7 @@ def host_profile(gen, prompt, runs: int, top: int = 15) -> list[dict]:
 
 def measure_pair(name: str, folder: Path, args) -> list[dict]:
     from quickdraft.ort_backend import DecodeConfig, load_pair
+    from quickdraft.pipelined import ShadowRule
     from quickdraft.sampling import SamplingConfig
 
     pair = load_pair(folder, device=args.device, attention=args.attention)
@@ -185,6 +188,13 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
         # sequence); each generation starts from its prompt, the prefill is not timed
         systems = [("AR", pair.generator(config))]
         systems += [(f"SD g={g}", pair.generator(config, gamma=g)) for g in args.gammas]
+        if name == "static":  # pipelining needs static caches
+            systems += [(f"PL g={g}", pair.generator(config, gamma=g, pipelined=True))
+                        for g in args.pipelined]
+            systems += [(f"PL g={g} keep>={rate:g}",
+                         pair.generator(config, gamma=g, pipelined=True,
+                                        shadow_rule=ShadowRule(min_keep_rate=rate)))
+                        for g in args.pipelined for rate in args.shadow_keep_rates]
         for _, gen in systems:  # warm-up: sessions, verification graphs, caches
             run_once(gen, prompt, clock)
             clock.wrap_all(gen)
@@ -287,6 +297,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION,
                     help="CUDA: GroupQueryAttention's kernel (default %(default)s)")
     ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--pipelined", type=int, nargs="*", default=[], metavar="GAMMA",
+                    help="static pair: pipelined systems at these gammas too")
+    ap.add_argument("--shadow-keep-rates", type=float, nargs="*", default=[], metavar="RATE",
+                    help="and each pipelined gamma again with a ShadowRule of this min_keep_rate")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main(argv):\n    ")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 # before anything imports transformers or huggingface_hub (they read these at import time)
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -24,8 +25,6 @@ import pytest  # noqa: E402
 def _fingerprint(source) -> tuple:
     """A model source as the builder sees it: a local folder's files (names, sizes, mtimes),
     else the name."""
-    from pathlib import Path
-
     folder = Path(source)
     if not folder.is_dir():
         return (str(source),)
@@ -34,11 +33,41 @@ def _fingerprint(source) -> tuple:
         if p.is_file())
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """A folder of this run that every pytest-xdist worker sees (the workers' temporary
+    folders share a parent), so a fixture built by one worker is not built again by the
+    other."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` run once per test run for ``name`` (under a lock, the other workers
+    waiting for it), its folder then shared; a build that failed is run again."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = _shared_root(tmp_path_factory)
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if path.exists():
+                shutil.rmtree(path)
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_builder_run_per_input(tmp_path_factory):
-    """onnxruntime-genai's model builder (a child process of a few seconds) runs once per
-    distinct source and settings in a session; a later identical run gets a copy of its
-    output. What quickdraft does with that output is still done, and tested, every time."""
+    """onnxruntime-genai's model builder (a child process of about 10 s here) runs once per
+    distinct source and settings in a test run, whichever worker asks first; a later
+    identical run gets a copy of its output. What quickdraft does with that output is
+    still done, and tested, every time."""
+    import hashlib
     import shutil
 
     try:
@@ -47,23 +76,22 @@ def one_builder_run_per_input(tmp_path_factory):
         yield
         return
     real = builder.run_builder
-    store = tmp_path_factory.mktemp("builder-outputs")
-    done: dict = {}
 
     def run_once(source, out_dir, *, dtype, device, cache_dir, local=True,
                  extra_options=None, **kwargs):
         key = (_fingerprint(source), dtype, device, local,
                tuple(sorted((extra_options or {}).items())))
-        if key not in done:
+        name = "builder-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+        def build(snapshot: Path) -> None:
             output = real(source, out_dir, dtype=dtype, device=device, cache_dir=cache_dir,
                           local=local, extra_options=extra_options, **kwargs)
-            snapshot = store / str(len(done))
-            shutil.copytree(out_dir, snapshot)
-            done[key] = (snapshot, output)
-            return output
-        snapshot, output = done[key]
-        shutil.copytree(snapshot, out_dir, dirs_exist_ok=True)
-        return output
+            shutil.copytree(out_dir, snapshot / "out")
+            (snapshot / "output.txt").write_text(output)
+
+        snapshot = built_once(tmp_path_factory, name, build)
+        shutil.copytree(snapshot / "out", out_dir, dirs_exist_ok=True)
+        return (snapshot / "output.txt").read_text()
 
     patch = pytest.MonkeyPatch()
     patch.setattr(builder, "run_builder", run_once)
@@ -83,20 +111,19 @@ def tiny_tokenizer_dir(tmp_path_factory):
     pytest.importorskip("transformers")
     from quickdraft.export.toy import train_tokenizer
 
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(path, vocab_size=512)
-    return path
+    return built_once(tmp_path_factory, "tokenizer",
+                      lambda path: train_tokenizer(path, vocab_size=512))
 
 
 def _make_pair(tmp_path_factory, tokenizer_dir, arch: str):
     from quickdraft.export.toy import make_random_model
 
-    root = tmp_path_factory.mktemp(f"hf-{arch}")
-    dirs = {}
-    for role, seed in (("target", 0), ("draft", 1)):
-        dirs[role] = root / role
-        make_random_model(arch, dirs[role], tokenizer_dir, role=role, seed=seed)
-    return dirs
+    def build(root: Path) -> None:
+        for role, seed in (("target", 0), ("draft", 1)):
+            make_random_model(arch, root / role, tokenizer_dir, role=role, seed=seed)
+
+    root = built_once(tmp_path_factory, f"hf-{arch}", build)
+    return {role: root / role for role in ("target", "draft")}
 
 
 @pytest.fixture(scope="session")
@@ -125,9 +152,10 @@ def exported_llama_pair(tmp_path_factory, hf_pair_dirs):
     """OUT folder of the exported (and validated) tiny Llama pair: OUT/target, OUT/draft."""
     from quickdraft.export import export_pair
 
-    out = tmp_path_factory.mktemp("onnx-llama") / "pair"
-    export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], out)
-    return out
+    def build(folder: Path) -> None:
+        export_pair(hf_pair_dirs["target"], hf_pair_dirs["draft"], folder / "pair")
+
+    return built_once(tmp_path_factory, "onnx-llama", build) / "pair"
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +166,10 @@ def static_llama_pair(tmp_path_factory, hf_pair_dirs):
         pytest.importorskip(name)
     from quickdraft.cli import main as cli_main
 
-    out = tmp_path_factory.mktemp("static") / "pair"
-    rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
-                   str(hf_pair_dirs["draft"]), "--out", str(out), "--kv-cache", "static",
-                   "--max-length", "200", "--steps", "8"])
-    assert rc == 0
-    return out
+    def build(folder: Path) -> None:
+        rc = cli_main(["export", "--target", str(hf_pair_dirs["target"]), "--draft",
+                       str(hf_pair_dirs["draft"]), "--out", str(folder / "pair"), "--kv-cache",
+                       "static", "--max-length", "200", "--steps", "8"])
+        assert rc == 0
+
+    return built_once(tmp_path_factory, "static", build) / "pair"
