@@ -177,14 +177,33 @@ def test_unwritable_parent_is_refused_up_front(fake, sources, tmp_path, monkeypa
     assert list(parent.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_parent_for_real(fake, sources, tmp_path):
+    """A folder whose mode (555) really refuses writes. Root writes into it regardless, so
+    as root the export runs in a child process without the capability that overrides
+    file modes (util-linux's setpriv drops CAP_DAC_OVERRIDE), where the mode binds."""
     parent = tmp_path / "ro"
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        with pytest.raises(ExportError, match="cannot write to"):
-            export_pair(sources["target"], sources["draft"], parent / "out")
+        if os.geteuid() != 0:
+            with pytest.raises(ExportError, match="cannot write to"):
+                export_pair(sources["target"], sources["draft"], parent / "out")
+            return
+        code = textwrap.dedent(f"""
+            import sys
+            from quickdraft.export import ExportError, export_pair
+            try:
+                export_pair({str(sources["target"])!r}, {str(sources["draft"])!r},
+                            {str(parent / "out")!r})
+            except ExportError as e:
+                print(e)
+                sys.exit(3)
+            """)
+        done = subprocess.run(["setpriv", "--bounding-set=-dac_override", sys.executable,
+                               "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert f"cannot write to {parent}" in done.stdout
+        assert list(parent.iterdir()) == []
     finally:
         parent.chmod(0o755)
 
