@@ -18,6 +18,12 @@ export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
 # one OpenMP thread per pytest worker: two workers' torch thread pools on two cores wait on
 # each other at every barrier (a 3 s training test took 80 s beside the other worker)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+# the test fixtures that do not depend on onnxruntime's version (the tokenizer, the random
+# Hugging Face models, the model builder's graphs) are built once for both pytest runs
+shared="$(mktemp -d)"
+lowest="$(mktemp -d)"
+trap 'rm -rf "$shared" "$lowest"' EXIT
+export QUICKDRAFT_TEST_SHARED="$shared"
 ruff check quickdraft tests benchmarks scripts
 # two workers (pytest-xdist), each taking whole files: a file's fixtures are built once
 python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci -n 2 --dist loadfile "$@"
@@ -28,8 +34,6 @@ fi
 # The lowest onnxruntime shadows the installed one through PYTHONPATH (its dependencies are
 # the installed ones' too): one wheel, no second environment. Child processes (the model
 # builder) inherit PYTHONPATH, so they see the same onnxruntime.
-lowest="$(mktemp -d)"
-trap 'rm -rf "$lowest"' EXIT
 python -m pip install -q --no-deps --target "$lowest" "onnxruntime==$ORT_LOWEST"
 PYTHONPATH="$lowest" python -c "import onnxruntime, sys; v = onnxruntime.__version__; \
 sys.exit(0 if v == '$ORT_LOWEST' else f'expected onnxruntime $ORT_LOWEST, got {v}')"

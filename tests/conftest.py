@@ -33,24 +33,34 @@ def _fingerprint(source) -> tuple:
         if p.is_file())
 
 
-def _shared_root(tmp_path_factory) -> Path:
+# a folder that several pytest runs share (scripts/test.sh sets it for its two runs): the
+# fixtures that do not depend on onnxruntime's version are built there once
+ACROSS_RUNS = os.environ.get("QUICKDRAFT_TEST_SHARED")
+
+
+def _shared_root(tmp_path_factory, across_runs: bool = False) -> Path:
     """A folder of this run that every pytest-xdist worker sees (the workers' temporary
     folders share a parent), so a fixture built by one worker is not built again by the
-    other."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
-    root.mkdir(exist_ok=True)
+    other; with ``across_runs``, :data:`ACROSS_RUNS` where it is set."""
+    if across_runs and ACROSS_RUNS:
+        root = Path(ACROSS_RUNS)
+    else:
+        base = tmp_path_factory.getbasetemp()
+        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def built_once(tmp_path_factory, name: str, build) -> Path:
+def built_once(tmp_path_factory, name: str, build, *, across_runs: bool = False) -> Path:
     """``build(path)`` run once per test run for ``name`` (under a lock, the other workers
-    waiting for it), its folder then shared; a build that failed is run again."""
+    waiting for it), its folder then shared; a build that failed is run again.
+    ``across_runs``: once for the runs sharing :data:`ACROSS_RUNS` (what ``build`` makes
+    must not depend on the onnxruntime installed)."""
     import shutil
 
     from filelock import FileLock
 
-    root = _shared_root(tmp_path_factory)
+    root = _shared_root(tmp_path_factory, across_runs)
     path, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
@@ -89,7 +99,7 @@ def one_builder_run_per_input(tmp_path_factory):
             shutil.copytree(out_dir, snapshot / "out")
             (snapshot / "output.txt").write_text(output)
 
-        snapshot = built_once(tmp_path_factory, name, build)
+        snapshot = built_once(tmp_path_factory, name, build, across_runs=True)
         shutil.copytree(snapshot / "out", out_dir, dirs_exist_ok=True)
         return (snapshot / "output.txt").read_text()
 
@@ -112,7 +122,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
     from quickdraft.export.toy import train_tokenizer
 
     return built_once(tmp_path_factory, "tokenizer",
-                      lambda path: train_tokenizer(path, vocab_size=512))
+                      lambda path: train_tokenizer(path, vocab_size=512), across_runs=True)
 
 
 def _make_pair(tmp_path_factory, tokenizer_dir, arch: str):
@@ -122,7 +132,7 @@ def _make_pair(tmp_path_factory, tokenizer_dir, arch: str):
         for role, seed in (("target", 0), ("draft", 1)):
             make_random_model(arch, root / role, tokenizer_dir, role=role, seed=seed)
 
-    root = built_once(tmp_path_factory, f"hf-{arch}", build)
+    root = built_once(tmp_path_factory, f"hf-{arch}", build, across_runs=True)
     return {role: root / role for role in ("target", "draft")}
 
 
