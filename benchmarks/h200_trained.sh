@@ -20,7 +20,8 @@
 #   bash benchmarks/h200_trained.sh host     # host time per iteration on the exported pair
 #                                            # (greedy and T=1, gamma 4, XQA attention or
 #                                            # HOST_ATTENTION), with a cProfile of where
-#                                            # it goes
+#                                            # it goes; pipelined too, at HOST_PIPELINED
+#                                            # (default 4), plain and with KEEP_RATES
 #   bash benchmarks/h200_trained.sh shapes   # other drafts for the same target (one wider
 #                                            # layer; the target's first 1 and 2 layers, from
 #                                            # its weights): held-out alpha, c, speedups;
@@ -34,6 +35,7 @@
 # with a checkpoint, exit status 3; the second continues and, once the pair is trained,
 # exports and measures as `pair` does). `pair` and `train` start from an empty work folder:
 #   bash benchmarks/h200_trained.sh train; bash benchmarks/h200_trained.sh finish
+# PIPELINED: the pipelined gammas the systems are measured at (default 4,7).
 # DRAFT_SHAPE picks the draft (train_pair.py --draft-shape; default the paper's 256x2):
 # DRAFT_SHAPE=targetx2 DRAFT_SECONDS=400 starts it from the target's first two layers, the
 # fastest draft measured for this target (held-out alpha 0.833). That does not fit one call
@@ -64,7 +66,7 @@ systems() {
   cp "$pair/pair.json" "$out/pair.json"
   python3 benchmarks/bench.py --work "$work" --pairs trained \
       --stages bandwidth,export,build,systems --num-prompts "${PROMPTS:-8}" \
-      --systems qd-fast,genai-graph,genai-spec-graph --pipelined 4,7 \
+      --systems qd-fast,genai-graph,genai-spec-graph --pipelined "${PIPELINED:-4,7}" \
       --shadow-keep-rates "${KEEP_RATES:-0.3}" \
       --samplings "${SAMPLINGS:-1.0:1.0}" --sampling-gammas "${SAMPLING_GAMMAS:-4,7}" --tag trained \
       --budget "$((${CALL_LIMIT:-580} - SECONDS))" --out "$out/trained"
@@ -87,6 +89,8 @@ case ${1:?pair, base, genai, check, host, shapes, train or finish} in
     # XQA: cuDNN's attention (the default) changes a seeded T=1 output between runs
     python3 benchmarks/host_overhead.py --pairs static --static-dir "$pair/qd-fast" \
         --device cuda --attention "${HOST_ATTENTION:-xqa}" --gammas 4 --temperatures 0 1 \
+        --pipelined $(tr , ' ' <<< "${HOST_PIPELINED:-4}") \
+        --shadow-keep-rates $(tr , ' ' <<< "${KEEP_RATES:-0.3}") \
         --repeats 5 --profile 3 \
         --json "$out/host_overhead.json" ;;
   shapes)

@@ -1176,6 +1176,23 @@ def test_host_profile_finds_the_run_calls_of_a_generation():
     assert "calls/it" in text and rows[0]["function"] in text
 
 
+def test_host_overhead_times_pipelined_systems_on_a_static_pair(static_llama_pair, tmp_path):
+    """benchmarks/host_overhead.py --pipelined / --shadow-keep-rates: each pipelined system
+    (plain and under a ShadowRule) gets a row beside autoregressive and speculative
+    decoding, greedy output checked equal to autoregressive decoding's."""
+    from benchmarks import host_overhead
+
+    out = tmp_path / "host.json"
+    assert host_overhead.main([
+        "--pairs", "static", "--static-dir", str(static_llama_pair), "--gammas", "2",
+        "--pipelined", "2", "--shadow-keep-rates", "0.3", "--temperatures", "0",
+        "--repeats", "1", "--new-tokens", "12", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["system"] for r in rows] == ["AR", "SD g=2", "PL g=2", "PL g=2 keep>=0.3"]
+    assert all(r["tokens"] == rows[0]["tokens"] and r["new_tokens"] == 12 for r in rows)
+    assert all(r["ms_per_iteration"] >= r["host_ms_per_iteration"] > 0 for r in rows)
+
+
 def test_seeded_repeat_counts_the_distinct_outputs_of_a_seed():
     """benchmarks/seeded_repeat.py on the bundled pair (CPU): sampled at T=1 with one seed,
     every run of each system gives one output, interleaved or not; a first difference is
