@@ -320,6 +320,14 @@ def _captures_helpers(runner) -> bool:
             else captures_helpers(runner.target))
 
 
+def max_gamma_of(spec: dict) -> int:
+    """The longest proposal a qd task's systems make (sweep, sampled and pipelined gammas):
+    the pair is loaded for it (verify steps of up to gamma + 1 tokens, draft chains of
+    gamma + 1 steps)."""
+    return max([int(g) for g in spec["gammas"]] + [int(spec["gamma"])]
+               + [int(g) for key in ("sampling_gammas", "pipelined") for g in spec.get(key) or []])
+
+
 def task_qd(spec: dict, rec: Record) -> None:
     """quickdraft on one path: autoregressive, per-call costs, speculative at gamma, a
     gamma sweep and (optionally) the controlled-alpha drafter."""
@@ -341,7 +349,7 @@ def task_qd(spec: dict, rec: Record) -> None:
     total = n * len(prompts)
     gammas = [int(g) for g in spec["gammas"]]
     gamma = int(spec["gamma"])
-    max_gamma = max(gammas + [gamma] + [int(g) for g in spec.get("sampling_gammas") or []])
+    max_gamma = max_gamma_of(spec)
     warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
     sweep_repeats = int(spec.get("sweep_repeats", max(1, repeats - 1)))
     rec.set("config", {k: spec[k] for k in ("path", "device", "new_tokens", "gamma", "gammas",

@@ -266,6 +266,17 @@ def test_report_renders_tables_goals_and_records():
     assert "### 7b: systems" not in empty
 
 
+def test_a_qd_task_loads_its_pair_for_its_longest_proposal():
+    """The pair is loaded for the longest gamma of the sweep, the sampled rows and the
+    pipelined rows (a pipelined gamma 16 needs draft chains of 17 steps)."""
+    from benchmarks.worker import max_gamma_of
+
+    spec = {"gammas": [1, 4, 8], "gamma": 4, "sampling_gammas": [4, 7], "pipelined": None}
+    assert max_gamma_of(spec) == 8
+    assert max_gamma_of({**spec, "pipelined": [8, 12, 16]}) == 16
+    assert max_gamma_of({**spec, "sampling_gammas": [10]}) == 10
+
+
 def test_goals_count_pipelined_and_sampled_rows():
     """The best 7B rate includes pipelined rows; the T=1 goal takes the better of the
     sampled speculative and pipelined speedups at top-p 1 only; effective c is the least
