@@ -77,6 +77,7 @@ def one_builder_run_per_input(tmp_path_factory):
     distinct source and settings in a test run, whichever worker asks first; a later
     identical run gets a copy of its output. What quickdraft does with that output is
     still done, and tested, every time."""
+    import functools
     import hashlib
     import shutil
 
@@ -87,6 +88,7 @@ def one_builder_run_per_input(tmp_path_factory):
         return
     real = builder.run_builder
 
+    @functools.wraps(real)  # inspect.unwrap(builder.run_builder): the real one
     def run_once(source, out_dir, *, dtype, device, cache_dir, local=True,
                  extra_options=None, **kwargs):
         key = (_fingerprint(source), dtype, device, local,
@@ -107,6 +109,20 @@ def one_builder_run_per_input(tmp_path_factory):
     patch.setattr(builder, "run_builder", run_once)
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_builder_child():
+    """Every builder job of this pytest worker runs in one child process (torch,
+    transformers and the builder imported once, about 7 s, not once per job); started at
+    the worker's first job, ended with the session."""
+    try:
+        from quickdraft.export.builder import builder_session
+    except ImportError:
+        yield None
+        return
+    with builder_session() as session:
+        yield session
 
 
 def _needs_export_stack():

@@ -5,23 +5,27 @@ The same folder layout as the dynamic export (``quickdraft.json`` says ``kv_cach
 (:mod:`quickdraft.export.greedy`). fp32 graphs run on the CPU, fp16 on CUDA; int4 graphs
 (4-bit MatMulNBits weights, ``weights: "int4"`` in the manifest) on either, with fp32 (CPU)
 or fp16 (CUDA) caches and logits, the manifest's ``dtype``. The builder runs in a child
-process that adapts transformers 4.x to it (:func:`_patch_transformers`).
+process that adapts transformers 4.x to it (:func:`_patch_transformers`); inside a
+:func:`builder_session` (every static export opens one) one child runs all the models.
 docs/explanation/fast-path.md describes the graph and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import numbers
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from quickdraft.export.checks import (
@@ -62,6 +66,9 @@ __all__ = [
     "cache_length",
     "export_into",
     "run_builder",
+    "builder_argv",
+    "BuilderProcess",
+    "builder_session",
     "export_static_model",
     "export_static_pair",
     "validate_static",
@@ -91,6 +98,8 @@ FUSE_GATE_UP = True
 TRANSPOSE_WEIGHTS = False
 EXPORTER = "onnxruntime-genai model builder"
 ATTENTION = "GroupQueryAttention"
+# the module whose __main__ runs the builder in a child process
+_MODULE = "quickdraft.export.builder"
 BUILDER_PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnx-ir")
 
 
@@ -193,37 +202,260 @@ def run_builder(
     """Run onnxruntime-genai's model builder in a child process; return its output.
 
     ``source`` is a local Hugging Face folder (``local=True``) or a hub id; ``dtype`` the
-    builder's precision (fp32, fp16 or int4), built for :func:`execution_provider`.
+    builder's precision (fp32, fp16 or int4), built for :func:`execution_provider`. Inside
+    :func:`builder_session` the session's child runs it, else a child of its own.
     Raises ExportError with the builder's last lines when it fails.
     """
     problem = builder_problem()
     if problem is not None:
         raise ExportError(problem)
     provider = execution_provider(dtype, device)
-    if dtype in QUANTIZED_DTYPES:
-        extra_options = {"block_size": str(INT4_BLOCK_SIZE),
-                         **({"accuracy_level": str(INT4_ACCURACY_LEVEL[provider])}
-                            if provider in INT4_ACCURACY_LEVEL else {}),
-                         **(extra_options or {})}
-    args = [sys.executable, "-m", "quickdraft.export.builder", "--builder",
-            "-i" if local else "-m", os.fspath(source), "-o", os.fspath(out_dir),
-            "-p", dtype, "-e", provider, "-c", os.fspath(cache_dir)]
-    if extra_options:
-        args += ["--extra_options", *[f"{k}={v}" for k, v in extra_options.items()]]
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = builder_argv(source, out_dir, dtype=dtype, provider=provider,
+                        cache_dir=cache_dir, local=local, extra_options=extra_options)
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+        if _SESSION is not None:
+            returncode, output = _SESSION.run(argv, timeout)
+        else:
+            returncode, output = _run_once(argv, timeout)
     except subprocess.TimeoutExpired as e:
         raise ExportError(f"{source}: the model builder ran past {timeout:.0f} s") from e
-    output = (done.stdout or "") + (done.stderr or "")
-    if done.returncode != 0:
+    if returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-8:])
         raise ExportError(
             f"{source}: onnxruntime-genai's model builder failed ({dtype}, "
             f"{provider}):\n{tail}"
         )
     return output
+
+
+def builder_argv(source, out_dir, *, dtype: str, provider: str, cache_dir, local: bool,
+                 extra_options: dict[str, str] | None) -> list[str]:
+    """The builder's command-line arguments (int4: quickdraft's MatMulNBits options first,
+    ``extra_options`` over them)."""
+    if dtype in QUANTIZED_DTYPES:
+        extra_options = {"block_size": str(INT4_BLOCK_SIZE),
+                         **({"accuracy_level": str(INT4_ACCURACY_LEVEL[provider])}
+                            if provider in INT4_ACCURACY_LEVEL else {}),
+                         **(extra_options or {})}
+    argv = ["-i" if local else "-m", os.fspath(source), "-o", os.fspath(out_dir),
+            "-p", dtype, "-e", provider, "-c", os.fspath(cache_dir)]
+    if extra_options:
+        argv += ["--extra_options", *[f"{k}={v}" for k, v in extra_options.items()]]
+    return argv
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a builder child: this one, tokenizers' thread pool off."""
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _run_once(argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run one builder job in a child of its own: (its exit status, its output)."""
+    done = subprocess.run([sys.executable, "-m", _MODULE, "--builder", *argv],
+                          capture_output=True, text=True, timeout=timeout, env=_child_env())
+    return done.returncode, (done.stdout or "") + (done.stderr or "")
+
+
+# -- a builder child that serves several jobs ------------------------------------------------
+
+
+class BuilderProcess:
+    """One child process (``python -m quickdraft.export.builder --serve``) that runs
+    builder jobs one after another, so torch, transformers and the builder are imported
+    once, not once per model.
+
+    Jobs go to the child's stdin and replies come from its stdout, one JSON line each; the
+    child moved both away from fds 0-2 at start, and writes each job's output (Python and
+    native) to a file named by the job. A child that died is replaced by the next job; one
+    past its timeout is killed. Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        """No child yet: :meth:`start`, :meth:`preload` or the first :meth:`run` starts it."""
+        self._proc: subprocess.Popen | None = None
+        self._replies: queue.Queue | None = None
+        self._log: Path | None = None
+        self._log_read = 0
+        self._lock = threading.Lock()
+        self.starts = 0  # children started so far
+
+    def __enter__(self) -> BuilderProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None when none runs)."""
+        return self._proc.pid if self._alive() else None
+
+    def _alive(self) -> bool:
+        """Whether a child was started and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start a child unless one runs (it imports the builder at its first job)."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        """:meth:`start`, the lock held."""
+        if self._alive():
+            return
+        self._stop()
+        fd, log = tempfile.mkstemp(prefix="quickdraft-builder-", suffix=".log")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", _MODULE, "--serve"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=fd, env=_child_env(), text=True,
+                encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            os.unlink(log)
+            raise
+        os.close(fd)
+        self._log, self._log_read = Path(log), 0
+        self._replies = queue.Queue()
+        threading.Thread(target=_pump, args=(self._proc.stdout, self._replies),
+                         daemon=True).start()
+        self.starts += 1
+
+    def preload(self) -> None:
+        """Start a child and have it import the builder now, while this process works on."""
+        with self._lock:
+            self._start()
+            self._send({"preload": True})
+
+    def run(self, argv: Sequence[str], timeout: float = BUILDER_TIMEOUT_S, *,
+            script: str | os.PathLike | None = None) -> tuple[int, str]:
+        """Run the builder with ``argv`` (or the Python file ``script``, for tests) in the
+        child: (its exit status, its output). Raises subprocess.TimeoutExpired, with the
+        child killed, past ``timeout`` seconds."""
+        with self._lock:
+            fd, path = tempfile.mkstemp(prefix="quickdraft-builder-job-", suffix=".log")
+            os.close(fd)
+            try:
+                job = {"argv": list(argv), "output": path, "cwd": os.getcwd(),
+                       "script": None if script is None else os.fspath(script)}
+                status = self._job(job, time.monotonic() + timeout, timeout)
+                output = self._read_log() + Path(path).read_text(errors="replace")
+                if status is None:  # the child ended during the job
+                    status = self._reap()
+                    output += f"\n(the model builder's process ended with status {status})"
+                return status, output
+            finally:
+                os.unlink(path)
+
+    def _job(self, job: dict, deadline: float, timeout: float) -> int | None:
+        """Send ``job`` and wait for its status (None: the child ended during it). A child
+        that ended before taking the job is replaced once."""
+        for attempt in range(2):
+            self._start()
+            if self._send(job) and self._reply(deadline, job, timeout) == "started":
+                reply = self._reply(deadline, job, timeout)
+                return None if reply is None else int(reply)
+            if attempt == 0:
+                self._reap()  # its log is dropped: the next child's says the same
+        return None
+
+    def _send(self, message: dict) -> bool:
+        """Write one message to the child; False when its stdin is closed."""
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _reply(self, deadline: float, job: dict, timeout: float):
+        """The child's next reply ("started" or a status; None at its end); past the
+        deadline the child is killed and subprocess.TimeoutExpired raised."""
+        try:
+            line = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self._stop()
+            raise subprocess.TimeoutExpired(job["argv"], timeout) from None
+        if line is None:
+            return None
+        return json.loads(line)["reply"]
+
+    def _read_log(self) -> str:
+        """What the child wrote outside its jobs since the last call (startup errors)."""
+        if self._log is None or not self._log.exists():
+            return ""
+        with open(self._log, "rb") as f:
+            f.seek(self._log_read)
+            data = f.read()
+        self._log_read += len(data)
+        return data.decode(errors="replace")
+
+    def _reap(self) -> int:
+        """Wait for a child that ended (killing it if it did not); its exit status, never 0."""
+        proc = self._proc
+        if proc is None:
+            return 1
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait()
+        return code or 1
+
+    def _stop(self) -> None:
+        """Kill the child, if any, and forget it and its log."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            for stream in (self._proc.stdin, self._proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if self._log is not None:
+            self._log.unlink(missing_ok=True)
+        self._proc, self._log = None, None
+
+    def close(self) -> None:
+        """End the child now: it holds nothing between jobs (killed rather than waited for,
+        since it may still be importing the builder)."""
+        with self._lock:
+            self._stop()
+
+
+def _pump(stream, replies: queue.Queue) -> None:
+    """Move the child's reply lines into ``replies``; None when its stdout ends."""
+    try:
+        for line in stream:
+            replies.put(line)
+    except (OSError, ValueError):
+        pass
+    replies.put(None)
+
+
+# the builder child of the open builder_session (None: each run_builder starts its own)
+_SESSION: BuilderProcess | None = None
+
+
+@contextlib.contextmanager
+def builder_session(*, preload: bool = False) -> Iterator[BuilderProcess]:
+    """Run every :func:`run_builder` of the block in one builder child (started at the
+    first job, or now with ``preload``); a session inside another reuses the outer one's
+    child. The child ends with the outermost block."""
+    global _SESSION
+    if _SESSION is not None:
+        yield _SESSION
+        return
+    process = BuilderProcess()
+    _SESSION = process
+    try:
+        if preload and builder_problem() is None:
+            process.preload()
+        yield process
+    finally:
+        _SESSION = None
+        process.close()
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -577,8 +809,9 @@ def export_static_model(
     ``transpose_weights``: every MatMul weight stored transposed (the same products)."""
     precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress,
                                         fuse_gate_up, transpose_weights)
-    return run_model(hf_dir, out_dir, prepare=prepare, precheck=precheck, overwrite=overwrite,
-                     progress=progress, role=role)
+    with builder_session(preload=True):
+        return run_model(hf_dir, out_dir, prepare=prepare, precheck=precheck,
+                         overwrite=overwrite, progress=progress, role=role)
 
 
 def export_static_pair(
@@ -603,8 +836,9 @@ def export_static_pair(
     :func:`export_static_model`."""
     precheck, prepare = _static_options(dtype, device, max_length, validate, steps, progress,
                                         fuse_gate_up, transpose_weights)
-    return run_pair(target, draft, out, prepare=prepare, precheck=precheck,
-                    overwrite=overwrite, progress=progress, draft_draft=draft_draft)
+    with builder_session(preload=True):  # one builder child for the two or three models
+        return run_pair(target, draft, out, prepare=prepare, precheck=precheck,
+                        overwrite=overwrite, progress=progress, draft_draft=draft_draft)
 
 # -- the child process that runs the builder -----------------------------------------------
 
@@ -661,19 +895,144 @@ def _import_builder():
     raise ImportError("could not import the model builder")
 
 
+@functools.cache
+def _patched() -> list[str]:
+    """:func:`_patch_transformers`, once per process."""
+    return _patch_transformers()
+
+
+@functools.cache
+def _builder_folder() -> str:
+    """Patch transformers and import the builder, once per process (again after a failed
+    import); the builder's folder."""
+    _patched()
+    return _import_builder()
+
+
 def _builder_main(argv: list[str]) -> None:
+    """Run the builder once with ``argv`` (``--builder``: one job, then this process ends)."""
     import runpy
 
-    _patch_transformers()
-    folder = _import_builder()
+    folder = _builder_folder()
     sys.argv = ["builder.py", *argv]
     runpy.run_path(os.path.join(folder, "builder.py"), run_name="__main__")
 
 
+def _exit_status(exit: SystemExit) -> int:
+    """The exit status Python gives a ``sys.exit(code)`` (a message: printed, status 1)."""
+    if exit.code is None or isinstance(exit.code, int):
+        return exit.code or 0
+    print(exit.code, file=sys.stderr)
+    return 1
+
+
+def _run_script(argv: list[str], script: str | None, cwd: str) -> int:
+    """Run the builder (or the Python file ``script``) with ``argv`` as its __main__, in
+    the folder ``cwd``; its exit status (an exception: its traceback printed, status 1)."""
+    import runpy
+    import traceback
+
+    try:
+        os.chdir(cwd)  # the parent's, for relative paths
+        path = script or os.path.join(_builder_folder(), "builder.py")
+        sys.argv = [os.path.basename(path), *argv]
+        runpy.run_path(path, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return _exit_status(e)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Free what the job's model and graph held before the next job (CUDA's cache too)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _flush_native() -> None:
+    """Flush C stdio buffers (native libraries' printf) before fds 1 and 2 move."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass  # no C library to ask (Windows): nothing buffered there to lose
+
+
+@contextlib.contextmanager
+def _output_to(path: str) -> Iterator[None]:
+    """Point fds 1 and 2 (Python's and native writes alike) at the file ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _flush_native()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _flush_native()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for each in (fd, *saved):
+            os.close(each)
+
+
+def _serve() -> None:
+    """``--serve``: run the jobs read from stdin one by one, replying on stdout (see
+    :class:`BuilderProcess`); ends when stdin does."""
+    jobs = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)  # outside jobs, prints go to the parent's log of this child
+
+    def reply(value) -> None:
+        replies.write(json.dumps({"reply": value}) + "\n")
+        replies.flush()
+
+    for line in jobs:
+        job = json.loads(line)
+        if job.get("preload"):
+            _preload()
+            continue
+        reply("started")
+        with _output_to(job["output"]):
+            status = _run_script(job["argv"], job.get("script"), job["cwd"])
+        reply(status)
+
+
+def _preload() -> None:
+    """Import the builder before the first job asks for it (a failure is printed to the
+    log; the job that needs the builder then fails with it in its output)."""
+    import traceback
+
+    try:
+        _builder_folder()
+    except Exception:
+        traceback.print_exc()
+
+
+USAGE = ("usage: python -m quickdraft.export.builder --builder BUILDER_ARGS... | --serve\n"
+         "(use quickdraft.export.builder.export_static_pair from Python)")
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--builder":
         _builder_main(sys.argv[2:])
+    elif sys.argv[1:] == ["--serve"]:
+        _serve()
     else:
-        print("usage: python -m quickdraft.export.builder --builder BUILDER_ARGS...\n"
-              "(use quickdraft.export.builder.export_static_pair from Python)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         sys.exit(2)
