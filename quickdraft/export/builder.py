@@ -13,6 +13,7 @@ docs/explanation/fast-path.md describes the graph and why.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import json
@@ -66,9 +67,9 @@ __all__ = [
     "cache_length",
     "export_into",
     "run_builder",
-    "builder_argv",
     "BuilderProcess",
     "builder_session",
+    "STARTUP_VARIABLES",
     "export_static_model",
     "export_static_pair",
     "validate_static",
@@ -210,25 +211,31 @@ def run_builder(
     if problem is not None:
         raise ExportError(problem)
     provider = execution_provider(dtype, device)
-    argv = builder_argv(source, out_dir, dtype=dtype, provider=provider,
+    argv = _builder_argv(source, out_dir, dtype=dtype, provider=provider,
                         cache_dir=cache_dir, local=local, extra_options=extra_options)
+    session = _SESSION.get()
     try:
-        if _SESSION is not None:
-            returncode, output = _SESSION.run(argv, timeout)
+        if session is not None:
+            returncode, output = session.run(argv, timeout)
         else:
             returncode, output = _run_once(argv, timeout)
     except subprocess.TimeoutExpired as e:
-        raise ExportError(f"{source}: the model builder ran past {timeout:.0f} s") from e
+        raise ExportError(
+            f"{source}: the model builder ran past its timeout of {timeout:.0f} s and was "
+            f"stopped; for a model this large call run_builder with a larger timeout"
+        ) from e
     if returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-8:])
+        how = (f"killed by signal {-returncode}" if returncode < 0
+               else f"exit status {returncode}")
         raise ExportError(
             f"{source}: onnxruntime-genai's model builder failed ({dtype}, "
-            f"{provider}):\n{tail}"
+            f"{provider}, {how}):\n{tail}"
         )
     return output
 
 
-def builder_argv(source, out_dir, *, dtype: str, provider: str, cache_dir, local: bool,
+def _builder_argv(source, out_dir, *, dtype: str, provider: str, cache_dir, local: bool,
                  extra_options: dict[str, str] | None) -> list[str]:
     """The builder's command-line arguments (int4: quickdraft's MatMulNBits options first,
     ``extra_options`` over them)."""
@@ -251,6 +258,20 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+# variables read once, when Python, its native libraries (OpenMP, CUDA) or the hub client
+# start: a builder child started with other values is replaced; the rest are set per job
+STARTUP_VARIABLES = (
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "LD_LIBRARY_PATH",
+    "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HOME",
+    "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME",
+)
+
+
+def _startup_part(env: dict[str, str]) -> dict[str, str]:
+    """The :data:`STARTUP_VARIABLES` of ``env``."""
+    return {k: env[k] for k in STARTUP_VARIABLES if k in env}
+
+
 def _run_once(argv: list[str], timeout: float) -> tuple[int, str]:
     """Run one builder job in a child of its own: (its exit status, its output)."""
     done = subprocess.run([sys.executable, "-m", _MODULE, "--builder", *argv],
@@ -268,16 +289,21 @@ class BuilderProcess:
 
     Jobs go to the child's stdin and replies come from its stdout, one JSON line each; the
     child moved both away from fds 0-2 at start, and writes each job's output (Python and
-    native) to a file named by the job. A child that died is replaced by the next job; one
-    past its timeout is killed. Use it as a context manager, or call :meth:`close`.
+    native) to a file named by the job, in a folder of its own that ends with it. Each job
+    runs with this process's environment as it is then; a child that died, or was started
+    with other :data:`STARTUP_VARIABLES` than this process has now, is replaced by the
+    next job; one past its timeout, or whose job was interrupted, is killed. Jobs from several threads run one at a time. Use it as a context manager, or
+    call :meth:`close`.
     """
 
     def __init__(self) -> None:
         """No child yet: :meth:`start`, :meth:`preload` or the first :meth:`run` starts it."""
         self._proc: subprocess.Popen | None = None
         self._replies: queue.Queue | None = None
-        self._log: Path | None = None
+        self._folder: Path | None = None  # the child's log and its jobs' outputs
         self._log_read = 0
+        self._env: dict[str, str] | None = None  # the environment the child started with
+        self._jobs = 0
         self._lock = threading.Lock()
         self.starts = 0  # children started so far
 
@@ -290,7 +316,8 @@ class BuilderProcess:
     @property
     def pid(self) -> int | None:
         """The running child's process id (None when none runs)."""
-        return self._proc.pid if self._alive() else None
+        with self._lock:
+            return self._proc.pid if self._alive() else None
 
     def _alive(self) -> bool:
         """Whether a child was started and has not exited."""
@@ -303,21 +330,21 @@ class BuilderProcess:
 
     def _start(self) -> None:
         """:meth:`start`, the lock held."""
-        if self._alive():
+        env = _child_env()
+        if self._alive() and _startup_part(env) == _startup_part(self._env or {}):
             return
         self._stop()
-        fd, log = tempfile.mkstemp(prefix="quickdraft-builder-", suffix=".log")
+        folder = Path(tempfile.mkdtemp(prefix="quickdraft-builder-"))
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", _MODULE, "--serve"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=fd, env=_child_env(), text=True,
-                encoding="utf-8")
+            with open(folder / "child.log", "wb") as log:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", _MODULE, "--serve"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+                    encoding="utf-8")
         except BaseException:
-            os.close(fd)
-            os.unlink(log)
+            shutil.rmtree(folder, ignore_errors=True)
             raise
-        os.close(fd)
-        self._log, self._log_read = Path(log), 0
+        self._folder, self._log_read, self._env = folder, 0, env
         self._replies = queue.Queue()
         threading.Thread(target=_pump, args=(self._proc.stdout, self._replies),
                          daemon=True).start()
@@ -331,35 +358,39 @@ class BuilderProcess:
 
     def run(self, argv: Sequence[str], timeout: float = BUILDER_TIMEOUT_S, *,
             script: str | os.PathLike | None = None) -> tuple[int, str]:
-        """Run the builder with ``argv`` (or the Python file ``script``, for tests) in the
-        child: (its exit status, its output). Raises subprocess.TimeoutExpired, with the
-        child killed, past ``timeout`` seconds."""
+        """Run the builder with ``argv`` in the child: (its exit status, negative for a
+        signal, and its output). ``script`` runs that Python file instead of the builder
+        (the tests' stand-in). Raises subprocess.TimeoutExpired, with the child killed,
+        past ``timeout`` seconds; any other interruption kills the child too, so no job
+        goes on writing after its caller gave up on it."""
         with self._lock:
-            fd, path = tempfile.mkstemp(prefix="quickdraft-builder-job-", suffix=".log")
-            os.close(fd)
             try:
-                job = {"argv": list(argv), "output": path, "cwd": os.getcwd(),
-                       "script": None if script is None else os.fspath(script)}
-                status = self._job(job, time.monotonic() + timeout, timeout)
-                output = self._read_log() + Path(path).read_text(errors="replace")
-                if status is None:  # the child ended during the job
-                    status = self._reap()
-                    output += f"\n(the model builder's process ended with status {status})"
-                return status, output
-            finally:
-                os.unlink(path)
+                return self._run(list(argv), timeout, script)
+            except BaseException:
+                self._stop()
+                raise
 
-    def _job(self, job: dict, deadline: float, timeout: float) -> int | None:
-        """Send ``job`` and wait for its status (None: the child ended during it). A child
-        that ended before taking the job is replaced once."""
+    def _run(self, argv: list[str], timeout: float, script) -> tuple[int, str]:
+        """:meth:`run`, the lock held."""
+        deadline = time.monotonic() + timeout
         for attempt in range(2):
             self._start()
+            self._jobs += 1
+            output = self._folder / f"job-{self._jobs}.log"
+            job = {"argv": argv, "output": os.fspath(output), "cwd": os.getcwd(),
+                   "env": _child_env(),
+                   "script": None if script is None else os.fspath(script)}
             if self._send(job) and self._reply(deadline, job, timeout) == "started":
                 reply = self._reply(deadline, job, timeout)
-                return None if reply is None else int(reply)
+                text = self._read_log() + _read_text(output)
+                if reply is not None:
+                    return int(reply), text
+                status = self._reap()  # the child ended during the job
+                return status, text + f"\n(the model builder's process {_ended(status)})"
             if attempt == 0:
                 self._reap()  # its log is dropped: the next child's says the same
-        return None
+        status = self._reap()
+        return status, self._read_log() + f"\n(the model builder's process {_ended(status)})"
 
     def _send(self, message: dict) -> bool:
         """Write one message to the child; False when its stdin is closed."""
@@ -372,11 +403,10 @@ class BuilderProcess:
 
     def _reply(self, deadline: float, job: dict, timeout: float):
         """The child's next reply ("started" or a status; None at its end); past the
-        deadline the child is killed and subprocess.TimeoutExpired raised."""
+        deadline subprocess.TimeoutExpired is raised (and :meth:`run` kills the child)."""
         try:
             line = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            self._stop()
             raise subprocess.TimeoutExpired(job["argv"], timeout) from None
         if line is None:
             return None
@@ -384,16 +414,20 @@ class BuilderProcess:
 
     def _read_log(self) -> str:
         """What the child wrote outside its jobs since the last call (startup errors)."""
-        if self._log is None or not self._log.exists():
+        if self._folder is None:
             return ""
-        with open(self._log, "rb") as f:
-            f.seek(self._log_read)
-            data = f.read()
+        try:
+            with open(self._folder / "child.log", "rb") as f:
+                f.seek(self._log_read)
+                data = f.read()
+        except OSError:
+            return ""
         self._log_read += len(data)
         return data.decode(errors="replace")
 
     def _reap(self) -> int:
-        """Wait for a child that ended (killing it if it did not); its exit status, never 0."""
+        """Wait for a child that ended (killing it if it did not); its exit status
+        (negative: the signal that ended it), never 0."""
         proc = self._proc
         if proc is None:
             return 1
@@ -403,7 +437,7 @@ class BuilderProcess:
         return code or 1
 
     def _stop(self) -> None:
-        """Kill the child, if any, and forget it and its log."""
+        """Kill the child, if any, and remove its folder."""
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.kill()
@@ -413,15 +447,28 @@ class BuilderProcess:
                     stream.close()
                 except OSError:
                     pass
-        if self._log is not None:
-            self._log.unlink(missing_ok=True)
-        self._proc, self._log = None, None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._proc, self._folder, self._env = None, None, None
 
     def close(self) -> None:
         """End the child now: it holds nothing between jobs (killed rather than waited for,
         since it may still be importing the builder)."""
         with self._lock:
             self._stop()
+
+
+def _ended(status: int) -> str:
+    """How a child ended, for an error message."""
+    return f"was killed by signal {-status}" if status < 0 else f"ended with status {status}"
+
+
+def _read_text(path: Path) -> str:
+    """A job's output file ('' when the job never opened it)."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _pump(stream, replies: queue.Queue) -> None:
@@ -434,28 +481,34 @@ def _pump(stream, replies: queue.Queue) -> None:
     replies.put(None)
 
 
-# the builder child of the open builder_session (None: each run_builder starts its own)
-_SESSION: BuilderProcess | None = None
+# the builder child of the builder_session open in this thread (or asyncio task): None
+# there, each run_builder starts its own; a thread started inside a session has none
+_SESSION: contextvars.ContextVar[BuilderProcess | None] = contextvars.ContextVar(
+    "quickdraft_builder_session", default=None)
 
 
 @contextlib.contextmanager
-def builder_session(*, preload: bool = False) -> Iterator[BuilderProcess]:
-    """Run every :func:`run_builder` of the block in one builder child (started at the
-    first job, or now with ``preload``); a session inside another reuses the outer one's
-    child. The child ends with the outermost block."""
-    global _SESSION
-    if _SESSION is not None:
-        yield _SESSION
+def builder_session(*, preload: bool = False,
+                    process: BuilderProcess | None = None) -> Iterator[BuilderProcess]:
+    """Run every :func:`run_builder` of the block (in this thread) in one builder child,
+    started at the first job, or now with ``preload``; ``process`` runs them in that
+    :class:`BuilderProcess` instead, left open at the end. A session inside another reuses
+    the outer one's child. The child ends with the outermost block."""
+    outer = _SESSION.get()
+    if outer is not None and process is None:
+        yield outer
         return
-    process = BuilderProcess()
-    _SESSION = process
+    owned = process is None
+    process = BuilderProcess() if owned else process
+    token = _SESSION.set(process)
     try:
         if preload and builder_problem() is None:
             process.preload()
         yield process
     finally:
-        _SESSION = None
-        process.close()
+        _SESSION.reset(token)
+        if owned:
+            process.close()
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -1009,6 +1062,8 @@ def _serve() -> None:
             _preload()
             continue
         reply("started")
+        os.environ.clear()
+        os.environ.update(job["env"])
         with _output_to(job["output"]):
             status = _run_script(job["argv"], job.get("script"), job["cwd"])
         reply(status)
