@@ -86,11 +86,14 @@ case ${1:?pair, base, genai, check, host, shapes, train or finish} in
   check)
     python3 benchmarks/cuda_graph_check.py "$pair/qd-fast" --json "$out/cuda_graph_check.json" ;;
   host)
-    # XQA: cuDNN's attention (the default) changes a seeded T=1 output between runs
+    # XQA: cuDNN's attention (the default) changes a seeded T=1 output between runs;
+    # HOST_PIPELINED= (empty) times no pipelined system, KEEP_RATES= none with a ShadowRule
+    pipelined=($(tr , ' ' <<< "${HOST_PIPELINED-4}"))
+    keep=()
+    [ "${#pipelined[@]}" -eq 0 ] || keep=(--shadow-keep-rates $(tr , ' ' <<< "${KEEP_RATES-0.3}"))
     python3 benchmarks/host_overhead.py --pairs static --static-dir "$pair/qd-fast" \
         --device cuda --attention "${HOST_ATTENTION:-xqa}" --gammas 4 --temperatures 0 1 \
-        --pipelined $(tr , ' ' <<< "${HOST_PIPELINED:-4}") \
-        --shadow-keep-rates $(tr , ' ' <<< "${KEEP_RATES:-0.3}") \
+        --pipelined "${pipelined[@]}" "${keep[@]}" \
         --repeats 5 --profile 3 \
         --json "$out/host_overhead.json" ;;
   shapes)

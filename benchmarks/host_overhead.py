@@ -173,7 +173,9 @@ def measure_pair(name: str, folder: Path, args) -> list[dict]:
     from quickdraft.pipelined import ShadowRule
     from quickdraft.sampling import SamplingConfig
 
-    pair = load_pair(folder, device=args.device, attention=args.attention)
+    pipelined = args.pipelined if name == "static" else []
+    pair = load_pair(folder, device=args.device, attention=args.attention,
+                     max_gamma=max(args.gammas + pipelined))
     clock = OrtClock()
     vocab = pair.target.vocab_size
     rng = np.random.default_rng(args.seed)
@@ -313,6 +315,12 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"),
                     help="print two --json results side by side and exit")
     args = ap.parse_args(argv)
+    if args.shadow_keep_rates and not args.pipelined:
+        ap.error("--shadow-keep-rates sets the ShadowRule of pipelined systems: give "
+                 "--pipelined GAMMA too")
+    if args.pipelined and "static" not in args.pairs:
+        ap.error("--pipelined needs static caches: add --pairs static (the default pair's "
+                 "caches grow)")
     if args.compare:
         before, after = (json.loads(path.read_text()) for path in args.compare)
         print(compare(before, after))

@@ -18,8 +18,10 @@ export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}"
 # one OpenMP thread per pytest worker: two workers' torch thread pools on two cores wait on
 # each other at every barrier (a 3 s training test took 80 s beside the other worker)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-# the test fixtures that do not depend on onnxruntime's version (the tokenizer, the random
-# Hugging Face models, the model builder's graphs) are built once for both pytest runs
+# some test fixtures (the tokenizer, the random Hugging Face models, the model builder's
+# graphs) are built once, in a folder new to each invocation, for both pytest runs: the
+# second run tests the lowest onnxruntime on graphs the builder made with the newest one
+# (it imports onnxruntime.quantization), the graphs a user of either version can get
 shared="$(mktemp -d)"
 lowest="$(mktemp -d)"
 trap 'rm -rf "$shared" "$lowest"' EXIT

@@ -33,8 +33,9 @@ def _fingerprint(source) -> tuple:
         if p.is_file())
 
 
-# a folder that several pytest runs share (scripts/test.sh sets it for its two runs): the
-# fixtures that do not depend on onnxruntime's version are built there once
+# a folder that several pytest runs share (scripts/test.sh sets it, new, for its two runs):
+# the fixtures built there once serve both; a later run gets the model builder's graphs as
+# the first run's onnxruntime made them, so the folder must not outlive one invocation
 ACROSS_RUNS = os.environ.get("QUICKDRAFT_TEST_SHARED")
 
 
@@ -54,8 +55,7 @@ def _shared_root(tmp_path_factory, across_runs: bool = False) -> Path:
 def built_once(tmp_path_factory, name: str, build, *, across_runs: bool = False) -> Path:
     """``build(path)`` run once per test run for ``name`` (under a lock, the other workers
     waiting for it), its folder then shared; a build that failed is run again.
-    ``across_runs``: once for the runs sharing :data:`ACROSS_RUNS` (what ``build`` makes
-    must not depend on the onnxruntime installed)."""
+    ``across_runs``: once for the runs sharing :data:`ACROSS_RUNS`."""
     import shutil
 
     from filelock import FileLock

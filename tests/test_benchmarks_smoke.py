@@ -1204,6 +1204,18 @@ def test_host_overhead_times_pipelined_systems_on_a_static_pair(static_llama_pai
     assert all(r["ms_per_iteration"] >= r["host_ms_per_iteration"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("argv, names", [
+    (["--pairs", "static", "--shadow-keep-rates", "0.3"], "--pipelined GAMMA"),
+    (["--pairs", "default", "--pipelined", "4"], "--pairs static"),
+])
+def test_host_overhead_refuses_options_that_would_time_nothing(argv, names, capsys):
+    from benchmarks import host_overhead
+
+    with pytest.raises(SystemExit) as refused:
+        host_overhead.main(argv)
+    assert refused.value.code == 2 and names in capsys.readouterr().err
+
+
 def test_seeded_repeat_counts_the_distinct_outputs_of_a_seed():
     """benchmarks/seeded_repeat.py on the bundled pair (CPU): sampled at T=1 with one seed,
     every run of each system gives one output, interleaved or not; a first difference is

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,30 @@ def test_unwritable_parent_is_refused_up_front(fake, sources, tmp_path, monkeypa
     assert list(parent.iterdir()) == []
 
 
+def _without_dac_override(parent) -> list[str]:
+    """The command prefix that runs a child without CAP_DAC_OVERRIDE (dropped from the
+    bounding and inheritable sets, so root's exec cannot regain it), after checking that
+    such a child really cannot write into ``parent``; a skip, with the reason, where this
+    machine cannot make one."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux's setpriv: a folder's mode does "
+                    "not bind root, and nothing here can drop CAP_DAC_OVERRIDE")
+    prefix = [setpriv, "--bounding-set=-dac_override", "--inh-caps=-dac_override"]
+    probe = ("import sys\ntry:\n    open(sys.argv[1], 'w')\nexcept PermissionError:\n"
+             "    sys.exit(0)\nsys.exit(5)\n")
+    done = subprocess.run([*prefix, sys.executable, "-c", probe, str(parent / "probe")],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode == 5:
+        (parent / "probe").unlink()
+        pytest.skip("a child without CAP_DAC_OVERRIDE still wrote into a mode-555 folder "
+                    "(another capability, or a file system that ignores modes)")
+    if done.returncode != 0:
+        pytest.skip(f"setpriv could not drop CAP_DAC_OVERRIDE here: "
+                    f"{(done.stderr or done.stdout).strip()[-300:]}")
+    return prefix
+
+
 def test_read_only_parent_for_real(fake, sources, tmp_path):
     """A folder whose mode (555) really refuses writes. Root writes into it regardless, so
     as root the export runs in a child process without the capability that overrides
@@ -189,6 +214,7 @@ def test_read_only_parent_for_real(fake, sources, tmp_path):
             with pytest.raises(ExportError, match="cannot write to"):
                 export_pair(sources["target"], sources["draft"], parent / "out")
             return
+        drop = _without_dac_override(parent)
         code = textwrap.dedent(f"""
             import sys
             from quickdraft.export import ExportError, export_pair
@@ -199,8 +225,8 @@ def test_read_only_parent_for_real(fake, sources, tmp_path):
                 print(e)
                 sys.exit(3)
             """)
-        done = subprocess.run(["setpriv", "--bounding-set=-dac_override", sys.executable,
-                               "-c", code], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*drop, sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=120)
         assert done.returncode == 3, done.stdout + done.stderr
         assert f"cannot write to {parent}" in done.stdout
         assert list(parent.iterdir()) == []

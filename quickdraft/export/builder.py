@@ -292,8 +292,8 @@ class BuilderProcess:
     native) to a file named by the job, in a folder of its own that ends with it. Each job
     runs with this process's environment as it is then; a child that died, or was started
     with other :data:`STARTUP_VARIABLES` than this process has now, is replaced by the
-    next job; one past its timeout, or whose job was interrupted, is killed. Jobs from several threads run one at a time. Use it as a context manager, or
-    call :meth:`close`.
+    next job; one past its timeout, or whose job was interrupted, is killed. Jobs from
+    several threads run one at a time. Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(self) -> None:
