@@ -87,10 +87,12 @@ case ${1:?pair, base, genai, check, host, shapes, train or finish} in
     python3 benchmarks/cuda_graph_check.py "$pair/qd-fast" --json "$out/cuda_graph_check.json" ;;
   host)
     # XQA: cuDNN's attention (the default) changes a seeded T=1 output between runs;
-    # HOST_PIPELINED= (empty) times no pipelined system, KEEP_RATES= none with a ShadowRule
-    pipelined=($(tr , ' ' <<< "${HOST_PIPELINED-4}"))
+    # here HOST_PIPELINED= (empty) times no pipelined system, KEEP_RATES= none with a
+    # ShadowRule (the `pair` step's KEEP_RATES= means the default, 0.3)
+    IFS=, read -ra pipelined <<< "${HOST_PIPELINED-4}"
+    IFS=, read -ra rates <<< "${KEEP_RATES-0.3}"
     keep=()
-    [ "${#pipelined[@]}" -eq 0 ] || keep=(--shadow-keep-rates $(tr , ' ' <<< "${KEEP_RATES-0.3}"))
+    [ "${#pipelined[@]}" -eq 0 ] || keep=(--shadow-keep-rates "${rates[@]}")
     python3 benchmarks/host_overhead.py --pairs static --static-dir "$pair/qd-fast" \
         --device cuda --attention "${HOST_ATTENTION:-xqa}" --gammas 4 --temperatures 0 1 \
         --pipelined "${pipelined[@]}" "${keep[@]}" \

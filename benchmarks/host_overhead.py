@@ -315,16 +315,18 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"),
                     help="print two --json results side by side and exit")
     args = ap.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(path.read_text()) for path in args.compare)
+        print(compare(before, after))
+        return 0
+    if any(g < 1 for g in args.gammas + args.pipelined):
+        ap.error("--gammas and --pipelined take gammas >= 1")
     if args.shadow_keep_rates and not args.pipelined:
         ap.error("--shadow-keep-rates sets the ShadowRule of pipelined systems: give "
                  "--pipelined GAMMA too")
     if args.pipelined and "static" not in args.pairs:
         ap.error("--pipelined needs static caches: add --pairs static (the default pair's "
                  "caches grow)")
-    if args.compare:
-        before, after = (json.loads(path.read_text()) for path in args.compare)
-        print(compare(before, after))
-        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1207,6 +1207,7 @@ def test_host_overhead_times_pipelined_systems_on_a_static_pair(static_llama_pai
 @pytest.mark.parametrize("argv, names", [
     (["--pairs", "static", "--shadow-keep-rates", "0.3"], "--pipelined GAMMA"),
     (["--pairs", "default", "--pipelined", "4"], "--pairs static"),
+    (["--pairs", "static", "--pipelined", "0"], "gammas >= 1"),
 ])
 def test_host_overhead_refuses_options_that_would_time_nothing(argv, names, capsys):
     from benchmarks import host_overhead

@@ -6,6 +6,7 @@ still gets a child of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -36,14 +38,21 @@ print("to stderr", file=sys.stderr)
 what = os.path.basename(sys.argv[2]) if sys.argv[1:2] == ["-i"] else (sys.argv[1:] or [""])[0]
 if what == "exit":
     sys.exit(3)
+if what == "exit-1":
+    sys.exit(-1)
+if what == "exit0":
+    os._exit(0)
 if what == "raise":
     raise RuntimeError("boom")
 if what == "die":
     os._exit(7)
 if what == "sleep":
+    if os.environ.get("QUICKDRAFT_TEST_STARTED"):  # tell the test the job runs
+        open(os.environ["QUICKDRAFT_TEST_STARTED"], "w").close()
     time.sleep(60)
 if what == "env":
     print("QUICKDRAFT_TEST_VALUE=" + os.environ.get("QUICKDRAFT_TEST_VALUE", "unset"))
+    os.environ["QUICKDRAFT_TEST_VALUE"] = "set by the job"
 print("done", what)
 '''
 
@@ -62,7 +71,7 @@ class ScriptProcess(BuilderProcess):
         super().__init__()
         self.script = script
 
-    def run(self, argv, timeout=builder.BUILDER_TIMEOUT_S, *, script=None):
+    def run(self, argv, timeout=None, *, script=None):
         return super().run(argv, timeout, script=self.script)
 
 
@@ -86,6 +95,31 @@ class Interrupted(Exception):
     pass
 
 
+@contextlib.contextmanager
+def once_the_job_runs(monkeypatch, tmp_path, action):
+    """``action()`` from another thread as soon as NOISY's sleep job has started (it marks
+    a file); the thread is joined at the end, whatever happened."""
+    marker = tmp_path / "started"
+    monkeypatch.setenv("QUICKDRAFT_TEST_STARTED", str(marker))
+    gave_up = threading.Event()
+
+    def wait_then_act():
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            if gave_up.is_set() or time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        action()
+
+    thread = threading.Thread(target=wait_then_act)
+    thread.start()
+    try:
+        yield
+    finally:
+        gave_up.set()
+        thread.join()
+
+
 # -- the protocol, with a stand-in script ----------------------------------------------------
 
 
@@ -106,6 +140,7 @@ def test_exits_and_exceptions_are_failed_jobs_in_the_same_child(noisy):
         status, output = process.run(["exit"], 60, script=noisy)
         pid = process.pid
         assert status == 3 and "to stderr" in output
+        assert process.run(["exit-1"], 60, script=noisy)[0] == 255  # as Python exits
         status, output = process.run(["raise"], 60, script=noisy)
         assert status == 1 and "RuntimeError: boom" in output.splitlines()[-1]
         assert process.run(["ok"], 60, script=noisy)[0] == 0
@@ -138,28 +173,36 @@ def test_a_child_that_dies_in_a_job_fails_it_and_the_next_job_gets_a_new_one(
         assert process.starts == 2
 
 
-def test_a_child_killed_by_a_signal_in_a_job_says_which(noisy):
+def test_a_child_killed_by_a_signal_in_a_job_says_which(noisy, monkeypatch, tmp_path):
     with BuilderProcess() as process:
-        assert process.run(["ok"], 60, script=noisy)[0] == 0  # started: the next job runs now
+        assert process.run(["ok"], 60, script=noisy)[0] == 0
         pid = process.pid
-        threading.Timer(1.0, os.kill, (pid, signal.SIGTERM)).start()
-        status, output = process.run(["sleep"], 30, script=noisy)
+        with once_the_job_runs(monkeypatch, tmp_path, lambda: os.kill(pid, signal.SIGTERM)):
+            status, output = process.run(["sleep"], 30, script=noisy)
         assert status == -signal.SIGTERM
-        assert f"was killed by signal {int(signal.SIGTERM)}" in output
+        assert f"was killed by signal {int(signal.SIGTERM)} (SIGTERM)" in output
         assert process.run(["ok"], 60, script=noisy)[0] == 0 and process.starts == 2
 
 
-def test_a_job_past_its_timeout_is_killed(noisy, tmp_path):
+def test_a_child_that_exits_0_in_a_job_fails_it_and_says_so(noisy):
+    with BuilderProcess() as process:
+        status, output = process.run(["exit0"], 60, script=noisy)
+        assert status == 1 and "process ended with status 0" in output
+
+
+def test_a_job_past_its_timeout_is_killed(noisy, tmp_path, monkeypatch):
     _needs_builder()
     with ScriptProcess(noisy) as process:
         with pytest.raises(subprocess.TimeoutExpired):
             process.run(["sleep"], 1)
         assert process.pid is None
+        monkeypatch.setattr(builder, "BUILDER_TIMEOUT_S", 1)  # read at the call
         with builder_session(process=process):
             with pytest.raises(ExportError, match=r"ran past its timeout of 1 s") as late:
                 real_run_builder()(tmp_path / "sleep", tmp_path / "out", dtype="fp32",
-                                   device="cpu", cache_dir=tmp_path / "cache", timeout=1)
-            assert "larger timeout" in str(late.value)
+                                   device="cpu", cache_dir=tmp_path / "cache")
+            assert "set quickdraft.export.builder.BUILDER_TIMEOUT_S higher" in str(late.value)
+        monkeypatch.undo()
         assert process.run(["ok"], 60)[0] == 0
         assert process.starts == 3
 
@@ -174,15 +217,15 @@ def test_an_interrupted_job_kills_its_child_and_its_folder_goes(noisy, monkeypat
         raise Interrupted
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the child's folder goes
+    main = threading.main_thread().ident
     previous = signal.signal(signal.SIGUSR1, interrupt)
     try:
         with BuilderProcess() as process:
             assert process.run(["ok"], 60, script=noisy)[0] == 0
             pid = process.pid
             assert len(list(tmp_path.glob("quickdraft-builder-*"))) == 1
-            main = threading.main_thread().ident
-            threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGUSR1)).start()
-            with pytest.raises(Interrupted):
+            with pytest.raises(Interrupted), once_the_job_runs(
+                    monkeypatch, tmp_path, lambda: signal.pthread_kill(main, signal.SIGUSR1)):
                 process.run(["sleep"], 30, script=noisy)
             assert process.pid is None
             with pytest.raises(ProcessLookupError):
@@ -191,7 +234,19 @@ def test_an_interrupted_job_kills_its_child_and_its_folder_goes(noisy, monkeypat
             assert process.run(["ok"], 60, script=noisy)[0] == 0 and process.starts == 2
         assert not list(tmp_path.glob("quickdraft-builder-*"))
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGUSR1, previous)  # after the signalling thread's join
+
+
+def test_close_from_another_thread_ends_a_running_job_now(noisy, monkeypatch, tmp_path):
+    with BuilderProcess() as process:
+        started = time.monotonic()
+        with once_the_job_runs(monkeypatch, tmp_path, process.close):
+            status, output = process.run(["sleep"], 30, script=noisy)
+        assert time.monotonic() - started < 20  # not the job's 60 s
+        assert status == -signal.SIGKILL and "(SIGKILL)" in output
+        assert process.closed and process.pid is None
+        with pytest.raises(RuntimeError, match="was closed"):
+            process.run(["ok"], 60, script=noisy)
 
 
 def test_each_job_sees_the_callers_environment(noisy, monkeypatch):
@@ -200,6 +255,9 @@ def test_each_job_sees_the_callers_environment(noisy, monkeypatch):
         assert "QUICKDRAFT_TEST_VALUE=unset" in process.run(["env"], 60, script=noisy)[1]
         monkeypatch.setenv("QUICKDRAFT_TEST_VALUE", "1")
         assert "QUICKDRAFT_TEST_VALUE=1" in process.run(["env"], 60, script=noisy)[1]
+        assert "QUICKDRAFT_TEST_VALUE=1" in process.run(["env"], 60, script=noisy)[1]
+        monkeypatch.delenv("QUICKDRAFT_TEST_VALUE")  # the job's own setting is gone too
+        assert "QUICKDRAFT_TEST_VALUE=unset" in process.run(["env"], 60, script=noisy)[1]
         assert process.starts == 1  # set in the child, which goes on serving
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
             filter(None, [os.environ.get("PYTHONPATH"), os.fspath(noisy.parent)])))
@@ -221,6 +279,26 @@ def test_sessions_nest_and_end_their_child(noisy):
     pid = outside_any_session(body)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_closed_session_is_not_used(monkeypatch, tmp_path):
+    """A context copied from inside a session (a thread from asyncio.to_thread, say) that
+    runs a job after the session ended gets a child of its own, not the closed one."""
+    _needs_builder()
+    own = []
+    monkeypatch.setattr(builder, "_run_once",
+                        lambda argv, timeout: own.append(argv) or (0, "a child of its own"))
+
+    def body():
+        with builder_session() as session:
+            inside = contextvars.copy_context()
+        assert session.closed
+        return session, inside.run(real_run_builder(), tmp_path / "src", tmp_path / "out",
+                                   dtype="fp32", device="cpu", cache_dir=tmp_path / "cache")
+
+    session, output = outside_any_session(body)
+    assert output == "a child of its own" and len(own) == 1
+    assert session.starts == 0 and session.pid is None
 
 
 def test_a_given_process_is_left_open(noisy):

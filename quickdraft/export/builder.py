@@ -21,6 +21,7 @@ import numbers
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,13 +199,14 @@ def run_builder(
     cache_dir: str | os.PathLike,
     local: bool = True,
     extra_options: dict[str, str] | None = None,
-    timeout: float = BUILDER_TIMEOUT_S,
+    timeout: float | None = None,
 ) -> str:
     """Run onnxruntime-genai's model builder in a child process; return its output.
 
     ``source`` is a local Hugging Face folder (``local=True``) or a hub id; ``dtype`` the
     builder's precision (fp32, fp16 or int4), built for :func:`execution_provider`. Inside
     :func:`builder_session` the session's child runs it, else a child of its own.
+    ``timeout``: seconds (None: :data:`BUILDER_TIMEOUT_S` as it is at the call).
     Raises ExportError with the builder's last lines when it fails.
     """
     problem = builder_problem()
@@ -213,20 +215,22 @@ def run_builder(
     provider = execution_provider(dtype, device)
     argv = _builder_argv(source, out_dir, dtype=dtype, provider=provider,
                         cache_dir=cache_dir, local=local, extra_options=extra_options)
+    timeout = BUILDER_TIMEOUT_S if timeout is None else timeout
     session = _SESSION.get()
     try:
-        if session is not None:
+        if session is not None and not session.closed:
             returncode, output = session.run(argv, timeout)
         else:
             returncode, output = _run_once(argv, timeout)
     except subprocess.TimeoutExpired as e:
         raise ExportError(
             f"{source}: the model builder ran past its timeout of {timeout:.0f} s and was "
-            f"stopped; for a model this large call run_builder with a larger timeout"
+            f"stopped; for a model this large set quickdraft.export.builder."
+            f"BUILDER_TIMEOUT_S higher before exporting"
         ) from e
     if returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-8:])
-        how = (f"killed by signal {-returncode}" if returncode < 0
+        how = (f"killed by {_signal_name(-returncode)}" if returncode < 0
                else f"exit status {returncode}")
         raise ExportError(
             f"{source}: onnxruntime-genai's model builder failed ({dtype}, "
@@ -258,18 +262,18 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-# variables read once, when Python, its native libraries (OpenMP, CUDA) or the hub client
-# start: a builder child started with other values is replaced; the rest are set per job
+# the variables that Python, its native libraries (OpenMP, CUDA, torch) or the hub
+# clients read once, when they start or are imported, by prefix: a builder child started
+# with other values of these is replaced; every other variable is set per job
 STARTUP_VARIABLES = (
-    "PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "LD_LIBRARY_PATH",
-    "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HOME",
-    "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME",
+    "PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "CUDA_", "NVIDIA_", "PYTORCH_", "TORCH_",
+    "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "ORT_", "XDG_", "TMPDIR",
 )
 
 
 def _startup_part(env: dict[str, str]) -> dict[str, str]:
-    """The :data:`STARTUP_VARIABLES` of ``env``."""
-    return {k: env[k] for k in STARTUP_VARIABLES if k in env}
+    """The variables of ``env`` named with a :data:`STARTUP_VARIABLES` prefix."""
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_VARIABLES)}
 
 
 def _run_once(argv: list[str], timeout: float) -> tuple[int, str]:
@@ -291,9 +295,10 @@ class BuilderProcess:
     child moved both away from fds 0-2 at start, and writes each job's output (Python and
     native) to a file named by the job, in a folder of its own that ends with it. Each job
     runs with this process's environment as it is then; a child that died, or was started
-    with other :data:`STARTUP_VARIABLES` than this process has now, is replaced by the
-    next job; one past its timeout, or whose job was interrupted, is killed. Jobs from
-    several threads run one at a time. Use it as a context manager, or call :meth:`close`.
+    with other values of the :data:`STARTUP_VARIABLES` than this process has now, is
+    replaced by the next job; one past its timeout, or whose job was interrupted, is
+    killed. Jobs from several threads run one at a time. Use it as a context manager, or
+    call :meth:`close`; a closed one runs no more jobs.
     """
 
     def __init__(self) -> None:
@@ -305,6 +310,7 @@ class BuilderProcess:
         self._env: dict[str, str] | None = None  # the environment the child started with
         self._jobs = 0
         self._lock = threading.Lock()
+        self._closed = False
         self.starts = 0  # children started so far
 
     def __enter__(self) -> BuilderProcess:
@@ -312,6 +318,11 @@ class BuilderProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: no more jobs."""
+        return self._closed
 
     @property
     def pid(self) -> int | None:
@@ -330,6 +341,9 @@ class BuilderProcess:
 
     def _start(self) -> None:
         """:meth:`start`, the lock held."""
+        if self._closed:
+            raise RuntimeError("this BuilderProcess was closed: make a new one for more "
+                               "builder jobs")
         env = _child_env()
         if self._alive() and _startup_part(env) == _startup_part(self._env or {}):
             return
@@ -356,13 +370,13 @@ class BuilderProcess:
             self._start()
             self._send({"preload": True})
 
-    def run(self, argv: Sequence[str], timeout: float = BUILDER_TIMEOUT_S, *,
+    def run(self, argv: Sequence[str], timeout: float | None = None, *,
             script: str | os.PathLike | None = None) -> tuple[int, str]:
         """Run the builder with ``argv`` in the child: (its exit status, negative for a
         signal, and its output). ``script`` runs that Python file instead of the builder
         (the tests' stand-in). Raises subprocess.TimeoutExpired, with the child killed,
-        past ``timeout`` seconds; any other interruption kills the child too, so no job
-        goes on writing after its caller gave up on it."""
+        past ``timeout`` seconds (None: :data:`BUILDER_TIMEOUT_S`); any other interruption
+        kills the child too, so no job goes on writing after its caller gave up on it."""
         with self._lock:
             try:
                 return self._run(list(argv), timeout, script)
@@ -370,8 +384,9 @@ class BuilderProcess:
                 self._stop()
                 raise
 
-    def _run(self, argv: list[str], timeout: float, script) -> tuple[int, str]:
+    def _run(self, argv: list[str], timeout: float | None, script) -> tuple[int, str]:
         """:meth:`run`, the lock held."""
+        timeout = BUILDER_TIMEOUT_S if timeout is None else timeout
         deadline = time.monotonic() + timeout
         for attempt in range(2):
             self._start()
@@ -385,12 +400,12 @@ class BuilderProcess:
                 text = self._read_log() + _read_text(output)
                 if reply is not None:
                     return int(reply), text
-                status = self._reap()  # the child ended during the job
-                return status, text + f"\n(the model builder's process {_ended(status)})"
+                code = self._reap()  # the child ended during the job
+                return code or 1, text + f"\n(the model builder's process {_ended(code)})"
             if attempt == 0:
                 self._reap()  # its log is dropped: the next child's says the same
-        status = self._reap()
-        return status, self._read_log() + f"\n(the model builder's process {_ended(status)})"
+        code = self._reap()
+        return code or 1, self._read_log() + f"\n(the model builder's process {_ended(code)})"
 
     def _send(self, message: dict) -> bool:
         """Write one message to the child; False when its stdin is closed."""
@@ -427,14 +442,13 @@ class BuilderProcess:
 
     def _reap(self) -> int:
         """Wait for a child that ended (killing it if it did not); its exit status
-        (negative: the signal that ended it), never 0."""
+        (negative: the signal that ended it; 1 when none was running)."""
         proc = self._proc
         if proc is None:
             return 1
         if proc.poll() is None:
             proc.kill()
-        code = proc.wait()
-        return code or 1
+        return proc.wait()
 
     def _stop(self) -> None:
         """Kill the child, if any, and remove its folder."""
@@ -452,15 +466,28 @@ class BuilderProcess:
         self._proc, self._folder, self._env = None, None, None
 
     def close(self) -> None:
-        """End the child now: it holds nothing between jobs (killed rather than waited for,
-        since it may still be importing the builder)."""
+        """End the child now, a running job with it (killed rather than waited for: between
+        jobs it holds nothing, and it may still be importing the builder); no more jobs."""
+        self._closed = True
+        proc = self._proc  # killed before the lock: a job holding it then ends at once
+        if proc is not None and proc.poll() is None:
+            proc.kill()
         with self._lock:
             self._stop()
 
 
+def _signal_name(number: int) -> str:
+    """'signal 15 (SIGTERM)', for an error message."""
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
+
+
 def _ended(status: int) -> str:
     """How a child ended, for an error message."""
-    return f"was killed by signal {-status}" if status < 0 else f"ended with status {status}"
+    return (f"was killed by {_signal_name(-status)}" if status < 0
+            else f"ended with status {status}")
 
 
 def _read_text(path: Path) -> str:
@@ -481,8 +508,9 @@ def _pump(stream, replies: queue.Queue) -> None:
     replies.put(None)
 
 
-# the builder child of the builder_session open in this thread (or asyncio task): None
-# there, each run_builder starts its own; a thread started inside a session has none
+# the builder child of the builder_session open in this context (a thread's, or an asyncio
+# task's, or one copied from them); None: each run_builder starts its own, and so it does
+# where the session it names has closed
 _SESSION: contextvars.ContextVar[BuilderProcess | None] = contextvars.ContextVar(
     "quickdraft_builder_session", default=None)
 
@@ -506,9 +534,11 @@ def builder_session(*, preload: bool = False,
             process.preload()
         yield process
     finally:
-        _SESSION.reset(token)
-        if owned:
-            process.close()
+        try:
+            _SESSION.reset(token)
+        finally:
+            if owned:
+                process.close()
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -769,7 +799,7 @@ def export_into(info: SourceInfo, folder: Path, *, dtype: str, device: str,
     emit(progress, f"{label}: building a static {dtype} graph of {info.source} "
                     f"({info.model_type}) with onnxruntime-genai's model builder")
     t0 = time.perf_counter()
-    cache = Path(tempfile.mkdtemp(prefix="quickdraft-builder-"))
+    cache = Path(tempfile.mkdtemp(prefix="quickdraft-builder-cache-"))
     try:
         run_builder(info.folder if info.is_local else info.source, folder, dtype=dtype,
                     device=device, cache_dir=cache, local=info.is_local,
@@ -972,9 +1002,10 @@ def _builder_main(argv: list[str]) -> None:
 
 
 def _exit_status(exit: SystemExit) -> int:
-    """The exit status Python gives a ``sys.exit(code)`` (a message: printed, status 1)."""
+    """The exit status Python gives a ``sys.exit(code)``: an integer modulo 256 (None: 0; a
+    message: printed, status 1)."""
     if exit.code is None or isinstance(exit.code, int):
-        return exit.code or 0
+        return int(exit.code or 0) & 0xFF
     print(exit.code, file=sys.stderr)
     return 1
 
@@ -1008,6 +1039,12 @@ def _release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    try:  # glibc keeps freed heap pages: give them back while the child waits
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _flush_native() -> None:
@@ -1062,11 +1099,19 @@ def _serve() -> None:
             _preload()
             continue
         reply("started")
-        os.environ.clear()
-        os.environ.update(job["env"])
+        _set_environment(job["env"])
         with _output_to(job["output"]):
             status = _run_script(job["argv"], job.get("script"), job["cwd"])
         reply(status)
+
+
+def _set_environment(env: dict[str, str]) -> None:
+    """Make ``os.environ`` equal ``env``, touching only the variables that differ."""
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def _preload() -> None:
