@@ -48,6 +48,14 @@ SHAPES = {
         "mid": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                     num_key_value_heads=4, intermediate_size=5632),
     },
+    # the trained pair's shapes (benchmarks/train_pair.py: a 97M target, and the draft
+    # made of its first two layers), random weights: for cost measurements
+    "97m": {
+        "target": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, intermediate_size=2048),
+        "draft": dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
+                      num_key_value_heads=12, intermediate_size=2048),
+    },
     # for --smoke on a CPU
     "tiny": {
         "mid": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2,
@@ -58,8 +66,8 @@ SHAPES = {
                       num_key_value_heads=2, intermediate_size=128),
     },
 }
-VOCAB = {"1b": 32000, "7b": 32000, "tiny": 1000}
-CONTEXT = {"1b": 2048, "7b": 2048, "tiny": 512}
+VOCAB = {"1b": 32000, "7b": 32000, "97m": 8192, "tiny": 1000}
+CONTEXT = {"1b": 2048, "7b": 2048, "97m": 1024, "tiny": 512}
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 MID_AGREEMENT = 0.9  # the optional third model ("mid", a larger draft) agrees this often
 

@@ -1217,6 +1217,37 @@ def test_host_overhead_refuses_options_that_would_time_nothing(argv, names, caps
     assert refused.value.code == 2 and names in capsys.readouterr().err
 
 
+def test_stream_priority_times_both_launches_alone_and_together(static_llama_pair, tmp_path):
+    """benchmarks/stream_priority.py on the CPU (where only ONNX Runtime's own streams
+    exist): per gamma the verify call, the draft's chain and both, each rewound so the
+    states end where they began; a stream priority on the CPU, or a malformed setting, is
+    refused."""
+    from benchmarks import stream_priority
+
+    out = tmp_path / "sp.json"
+    assert stream_priority.main([str(static_llama_pair), "--device", "cpu", "--gammas", "2,4",
+                                 "--settings", "default/default", "--repeats", "3",
+                                 "--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gamma"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["verify_ms"] > 0 and r["chain_ms"] > 0 and r["both_ms"] > 0
+        assert r["sequential_ms"] == pytest.approx(r["verify_ms"] + r["chain_ms"])
+    with pytest.raises(ValueError, match="only default/default"):
+        stream_priority.measure_setting(static_llama_pair, "cpu", ("high", "normal"), [2],
+                                        repeats=1, warmup=0, prompt_tokens=4, seed=0)
+    with pytest.raises(ValueError, match="TARGET/DRAFT"):
+        stream_priority.parse_settings("high")
+
+
+def test_cuda_stream_options_name_a_priority():
+    from quickdraft.ort_backend.streams import cuda_stream_options
+
+    assert cuda_stream_options("default") == {}  # ONNX Runtime makes the stream
+    with pytest.raises(ValueError, match="one of default, normal, high"):
+        cuda_stream_options("urgent")
+
+
 def test_seeded_repeat_counts_the_distinct_outputs_of_a_seed():
     """benchmarks/seeded_repeat.py on the bundled pair (CPU): sampled at T=1 with one seed,
     every run of each system gives one output, interleaved or not; a first difference is
