@@ -12,11 +12,15 @@
 #                                               # cost per call, blocked against one-level;
 #                                               # a whole verdict with and without a CUDA
 #                                               # graph of the verification graph
+#   bash benchmarks/h200_pipelined.sh streams   # the verify call and the draft's chain
+#                                               # alone and together, by the priority of
+#                                               # each model's CUDA stream: random pairs
+#                                               # of the trained pair's shapes (97m), 1b
 set -euo pipefail
 out=${OUT:-runs/h200}
 mkdir -p "$out"
 systems=qd-fast,genai-graph,genai-spec-graph
-case ${1:?1b, checks, 7b or sampling} in
+case ${1:?1b, checks, 7b, sampling or streams} in
   1b)
     python3 benchmarks/bench.py --pairs 1b --num-prompts 2 --systems "$systems" \
         --pipelined 4,8 --shadow-keep-rates 0.3 --samplings 1.0:1.0,0.7:0.9 \
@@ -34,5 +38,10 @@ case ${1:?1b, checks, 7b or sampling} in
   sampling)
     python3 benchmarks/device_sampling_cost.py --device cuda --vocab 8192 32000 49152 \
         --json "$out/device_sampling_cost.json" ;;
-  *) echo "unknown step $1: 1b, checks, 7b or sampling" >&2; exit 2 ;;
+  streams)
+    python3 benchmarks/stream_priority.py --make 97m --work /tmp/sp97 --device cuda \
+        --gammas 3,5,7 --repeats 200 --json "$out/stream_priority_97m.json"
+    python3 benchmarks/stream_priority.py --make 1b --work /tmp/sp1b --device cuda \
+        --gammas 4,8 --repeats 100 --json "$out/stream_priority_1b.json" ;;
+  *) echo "unknown step $1: 1b, checks, 7b, sampling or streams" >&2; exit 2 ;;
 esac
