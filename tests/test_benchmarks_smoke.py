@@ -1246,6 +1246,13 @@ def test_cuda_stream_options_name_a_priority():
     assert cuda_stream_options("default") == {}  # ONNX Runtime makes the stream
     with pytest.raises(ValueError, match="one of default, normal, high"):
         cuda_stream_options("urgent")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        from quickdraft.ort_backend.streams import StreamError
+
+        with pytest.raises(StreamError, match="needs CUDA.*onnxruntime-gpu"):
+            cuda_stream_options("high")
 
 
 def test_seeded_repeat_counts_the_distinct_outputs_of_a_seed():

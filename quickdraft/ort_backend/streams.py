@@ -32,9 +32,11 @@ class StreamError(RuntimeError):
 
 def _cudart():
     """The CUDA runtime ONNX Runtime loaded (its NVIDIA packages, after preload)."""
-    from quickdraft.ort_backend.device import _preload_cuda
+    from quickdraft.ort_backend.device import cuda_problem
 
-    _preload_cuda()
+    problem = cuda_problem()  # also loads the NVIDIA packages' libraries
+    if problem is not None:
+        raise StreamError(f"a CUDA stream needs CUDA, but {problem}")
     problems = []
     for name in _CUDART_NAMES:
         try:
